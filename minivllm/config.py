@@ -1,0 +1,229 @@
+"""Configuration: one validated dataclass per concern.
+
+`ArchConfig` is what a checkpoint says about the network's shape (read from config.json, GGUF
+metadata or a dummy preset). `ModelConfig`, `CacheConfig` and `SchedulerConfig` are what the
+user chooses. Every dataclass validates itself on construction and raises `ValueError` naming
+the field at fault.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ArchConfig:
+    """The network's shape: the subset of a Hugging Face config.json that the models read."""
+
+    architecture: str  # "llama" or "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama 3.1 style {"rope_type": "llama3", ...} or None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"  # the checkpoint's own dtype, used by dtype="auto"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            _positive(name, getattr(self, name))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ArchConfig":
+        """Build from a Hugging Face config.json dictionary."""
+        archs = cfg.get("architectures") or []
+        model_type = cfg.get("model_type", "")
+        if model_type in ("llama", "mistral") or any("Llama" in a for a in archs):
+            arch = "llama"
+        elif model_type == "qwen2" or any("Qwen2" in a for a in archs):
+            arch = "qwen2"
+        else:
+            raise ValueError(f"unsupported model: model_type={model_type!r} architectures={archs}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        try:
+            heads = cfg["num_attention_heads"]
+            hidden = cfg["hidden_size"]
+            eos = cfg.get("eos_token_id")
+            return cls(
+                architecture=arch,
+                vocab_size=cfg["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=cfg["intermediate_size"],
+                num_hidden_layers=cfg["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or hidden // heads,
+                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=(cfg.get("rope_parameters") or {}).get("rope_theta")
+                or cfg.get("rope_theta", 10000.0),
+                rope_scaling=_rope_scaling(cfg),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                attention_bias=cfg.get("attention_bias", arch == "qwen2"),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=tuple(eos) if isinstance(eos, list) else
+                (() if eos is None else (eos,)),
+                torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict:
+        """The Hugging Face config.json equivalent (for the transformers oracle in tests)."""
+        cfg = {
+            "architectures": ["LlamaForCausalLM" if self.architecture == "llama"
+                              else "Qwen2ForCausalLM"],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) or None,
+            "torch_dtype": self.torch_dtype,
+        }
+        if self.architecture == "llama":
+            cfg["attention_bias"] = self.attention_bias
+            cfg["mlp_bias"] = False
+        if self.rope_scaling:
+            cfg["rope_scaling"] = self.rope_scaling
+        return cfg
+
+
+def _rope_scaling(cfg: dict) -> Optional[dict]:
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: llama3")
+    return dict(rs, rope_type="llama3")
+
+
+def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
+    """`auto` takes the checkpoint's dtype, except float16 on CPU (slow there) becomes float32."""
+    if dtype == "auto":
+        name = arch.torch_dtype if arch.torch_dtype in _DTYPES else "float32"
+        if device.type == "cpu" and name == "float16":
+            name = "float32"
+        return _DTYPES[name]
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to load, and how. `model=None` means the embedded SmolLM2-135M-Instruct."""
+
+    model: Optional[str] = None
+    load_format: str = "auto"  # auto | hf | gguf | dummy
+    dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    max_model_len: Optional[int] = None  # default: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "hf", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, hf, gguf or dummy; got {self.load_format!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache. On GPU the budget is a fraction of free memory; on CPU it is bytes."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 1 << 30
+    num_blocks: Optional[int] = None  # overrides both budgets (tests, benchmarks)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        _positive("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes)
+        if self.num_blocks is not None:
+            _positive("num_blocks", self.num_blocks)
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching knobs (see DESIGN.md, "The engine step")."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "decode-first"  # decode-first | prefill-first
+    batch_wait_ms: float = 0.0
+    priority: str = "fcfs"  # fcfs | priority
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.policy not in ("decode-first", "prefill-first"):
+            raise ValueError(f"policy must be decode-first or prefill-first; got {self.policy!r}")
+        if self.priority not in ("fcfs", "priority"):
+            raise ValueError(f"priority must be fcfs or priority; got {self.priority!r}")
+        if not (isinstance(self.batch_wait_ms, (int, float)) and math.isfinite(self.batch_wait_ms)
+                and self.batch_wait_ms >= 0):
+            raise ValueError(f"batch_wait_ms must be a finite number >= 0, got {self.batch_wait_ms!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, in one place."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
