@@ -1,0 +1,63 @@
+"""Request: what the scheduler knows of one sequence (the reference scheduler's state)."""
+from __future__ import annotations
+
+import enum
+from typing import Optional, Sequence
+
+import numpy as np
+
+from minivllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                 eos_token_ids: Sequence[int], max_model_len: int, arrival_seq: int,
+                 arrival_time: float, priority: int = 0) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.priority = priority
+        self.arrival_seq = arrival_seq  # tie-breaker: earlier arrivals go first, are preempted last
+        self.arrival_time = arrival_time
+        self.num_prompt_tokens = len(prompt_token_ids)
+        max_new = params.max_tokens or max_model_len
+        self.max_total_tokens = min(max_model_len, self.num_prompt_tokens + max_new)
+        # One buffer for prompt + output: prefix hashing and recompute read token ids from here.
+        self.token_ids = np.zeros(self.max_total_tokens, dtype=np.int64)
+        self.token_ids[:self.num_prompt_tokens] = prompt_token_ids
+        self.num_tokens = self.num_prompt_tokens
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
+        self.slot = -1
+        self.status = RequestStatus.WAITING
+        self.finish_reason: Optional[str] = None
+        self.eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)
+        self.stop_ids = frozenset(params.stop_token_ids)
+
+    @property
+    def output_token_ids(self) -> np.ndarray:
+        return self.token_ids[self.num_prompt_tokens:self.num_tokens]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (self.priority, self.arrival_seq)
+
+    def append_token(self, token: int) -> Optional[str]:
+        """Record a sampled token; return the finish reason if the request is now done."""
+        self.token_ids[self.num_tokens] = token
+        self.num_tokens += 1
+        if self.num_output_tokens >= self.params.min_tokens and \
+                (token in self.eos_ids or token in self.stop_ids):
+            return "stop"
+        if self.num_tokens >= self.max_total_tokens:
+            return "length"
+        return None

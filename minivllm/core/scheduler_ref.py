@@ -1,0 +1,217 @@
+"""The scheduler's policy in plain Python: the readable specification of continuous batching.
+
+Each step gives every scheduled request a number of new tokens to compute (1 for a decode, a
+chunk for a prefill) within a token budget, allocates their KV blocks (preempting by recompute
+when blocks run out), and emits the step as a `ScheduledBatch` of numpy arrays. `update()` takes
+the sampled tokens back, applies the stop rules and frees what finished.
+
+Policies: `decode-first` gives every running decode its token before prefill chunks fill the
+rest of the budget (steady inter-token latency); `prefill-first` admits and prefills new work
+first and advances decodes round-robin in what remains (shorter time to first token).
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from minivllm.config import SchedulerConfig
+from minivllm.core.batch import ScheduledBatch
+from minivllm.core.request import Request, RequestStatus
+
+StepResult = tuple[Request, int, Optional[str]]  # request, new token, finish reason
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator, max_model_len: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.max_model_len = max_model_len
+        self.clock = clock
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # pop() takes slot 0 first
+        self.num_preemptions = 0
+        self._scheduled: list[tuple[Request, int]] = []
+        self._rr = 0  # round-robin start of decodes under prefill-first
+
+    # ---- queue management -------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self._enqueue(req, front=False)
+
+    def abort(self, request_id: str) -> Optional[Request]:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        else:
+            self.running.remove(req)
+            self._release(req)
+        self._finish(req, "abort")
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------
+    def schedule(self) -> tuple[Optional[ScheduledBatch], list[Request]]:
+        """Pick this step's work. Returns (batch or None, requests that just got a slot)."""
+        self._scheduled, admitted = [], []
+        if self._in_batch_window():
+            return None, admitted
+        budget = self.config.max_num_batched_tokens
+        if self.config.policy == "decode-first":
+            budget = self._schedule_running(budget, decodes_first=True)
+            self._admit_waiting(budget, admitted)
+        else:
+            budget = self._schedule_running(budget, prefills_only=True)
+            budget = self._admit_waiting(budget, admitted)
+            self._schedule_running(budget, decodes_only=True)
+        admitted = [r for r in admitted if r.status is RequestStatus.RUNNING]
+        if not self._scheduled:
+            return None, admitted
+        return self._build_batch(), admitted
+
+    def update(self, sampled: np.ndarray) -> list[StepResult]:
+        """Apply this step's sampled tokens (one per sampling row, in row order)."""
+        results, i = [], 0
+        for req, n in self._scheduled:
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted or aborted after it was scheduled
+            req.num_computed_tokens += n
+            self.allocator.commit(req.slot, req.token_ids, req.num_computed_tokens)
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prefill chunk that does not reach the end samples nothing
+            token = int(sampled[i])
+            i += 1
+            reason = req.append_token(token)
+            if reason is not None:
+                self.running.remove(req)
+                self._release(req)
+                self._finish(req, reason)
+            results.append((req, token, reason))
+        self._scheduled = []
+        return results
+
+    # ---- policy ------------------------------------------------------------------------
+    def _schedule_running(self, budget: int, decodes_first: bool = False,
+                          prefills_only: bool = False, decodes_only: bool = False) -> int:
+        order = list(self.running)
+        if decodes_first:
+            order.sort(key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        if decodes_only and order:
+            start = self._rr % len(order)
+            order = order[start:] + order[:start]
+            self._rr += 1
+        for req in order:
+            if budget == 0:
+                break
+            remaining = req.num_tokens - req.num_computed_tokens
+            if req.status is not RequestStatus.RUNNING or any(r is req for r, _ in self._scheduled) \
+                    or (prefills_only and remaining == 1) or (decodes_only and remaining > 1):
+                continue
+            n = self._chunk(remaining, budget)
+            if n and self._allocate_or_preempt(req, n):
+                self._scheduled.append((req, n))
+                budget -= n
+        return budget
+
+    def _admit_waiting(self, budget: int, admitted: list[Request]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            req.slot = self.free_slots.pop()
+            cached = self.allocator.match_prefix(req.slot, req.token_ids, req.num_tokens)
+            n = self._chunk(req.num_tokens - cached, budget)
+            if not n or not self.allocator.allocate(req.slot, cached + n):
+                self._release(req)  # no room now: it stays first in line
+                break
+            self.waiting.pop(0)
+            if req.num_output_tokens == 0:
+                req.num_cached_tokens = cached
+            req.num_computed_tokens = cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._scheduled.append((req, n))
+            admitted.append(req)
+            budget -= n
+        return budget
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens to compute this step; 0 when an unchunked prefill does not fit."""
+        if remaining <= budget:
+            return remaining
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _allocate_or_preempt(self, req: Request, n: int) -> bool:
+        """Find blocks for n more tokens, preempting the lowest-priority, latest request."""
+        while not self.allocator.allocate(req.slot, req.num_computed_tokens + n):
+            scheduled = {id(r) for r, _ in self._scheduled}
+            victim = max((r for r in self.running if id(r) not in scheduled), key=lambda r: r.sort_key)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        self._enqueue(req, front=True)
+
+    def _in_batch_window(self) -> bool:
+        """An idle engine waits for more arrivals before its first prefill (dynamic batching)."""
+        wait_s = self.config.batch_wait_ms / 1000.0
+        return (wait_s > 0 and not self.running and 0 < len(self.waiting) < self.config.max_num_seqs
+                and self.clock() - self.waiting[0].arrival_time < wait_s)
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def _enqueue(self, req: Request, front: bool) -> None:
+        if self.config.priority == "priority":
+            bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
+        elif front:
+            self.waiting.insert(0, req)
+        else:
+            self.waiting.append(req)
+
+    def _release(self, req: Request) -> None:
+        if req.slot >= 0:
+            self.allocator.free(req.slot)
+            self.free_slots.append(req.slot)
+            req.slot = -1
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+
+    def _build_batch(self) -> ScheduledBatch:
+        reqs = [r for r, _ in self._scheduled]
+        qlens = np.array([n for _, n in self._scheduled], dtype=np.int64)
+        starts = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
+        seq_lens = starts + qlens
+        slots = np.array([r.slot for r in reqs], dtype=np.int64)
+        query_start = np.zeros(len(reqs) + 1, dtype=np.int64)
+        np.cumsum(qlens, out=query_start[1:])
+        row = np.repeat(np.arange(len(reqs)), qlens)
+        positions = np.arange(query_start[-1]) - query_start[row] + starts[row]
+        max_blocks = int(-(-seq_lens.max() // self.block_size))
+        tables = self.allocator.block_tables[slots, :max_blocks]
+        slot_mapping = tables[row, positions // self.block_size].astype(np.int64) * self.block_size \
+            + positions % self.block_size
+        input_ids = np.concatenate([r.token_ids[s:s + n] for r, (s, n) in
+                                    zip(reqs, zip(starts.tolist(), qlens.tolist()))])
+        sample_rows = np.flatnonzero(seq_lens == np.array([r.num_tokens for r in reqs]))
+        return ScheduledBatch(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+                              query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,
+                              slots=slots, sample_rows=sample_rows)

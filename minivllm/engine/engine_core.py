@@ -1,0 +1,119 @@
+"""EngineCore: the step loop. Read it top to bottom: ingest, schedule, execute, update, publish.
+
+This in-process core is what the offline `LLM` drives; the engine process of a later issue runs
+the same `step()` behind shared-memory rings.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from minivllm.config import EngineConfig
+from minivllm.core.block_allocator import BlockAllocator
+from minivllm.core.request import Request
+from minivllm.core.scheduler_ref import Scheduler
+from minivllm.engine.model_runner import ModelRunner
+from minivllm.layers.sampler import SamplerOutput
+from minivllm.loader import load_tokenizer, resolve_model
+from minivllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineOutput:
+    """One new token of one request (a step emits one per sampled request)."""
+
+    request_id: str
+    token_id: int
+    finish_reason: Optional[str]
+    logprobs: Optional[dict[int, float]] = None  # sampled token and top-N, when asked
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        t0 = time.perf_counter()
+        self.source = resolve_model(config.model.model, config.model.load_format)
+        self.tokenizer = load_tokenizer(self.source)
+        self.runner = ModelRunner(config, self.source)
+        self.max_model_len = self.runner.max_model_len
+        spec = self.runner.kv_spec
+        self.allocator = BlockAllocator(
+            spec.num_blocks, spec.block_size, config.scheduler.max_num_seqs,
+            -(-self.max_model_len // spec.block_size), config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.allocator, self.max_model_len)
+        eos = set(self.source.arch.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self._arrivals = 0
+        logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens",
+                    time.perf_counter() - t0, self.source.name, self.runner.device,
+                    self.runner.dtype, spec.num_blocks, spec.block_size, spec.num_tokens)
+
+    # ---- ingest -----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    params: SamplingParams, priority: int = 0) -> Request:
+        self._check_prompt(prompt_token_ids)
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids,
+                      self.max_model_len, self._arrivals, time.monotonic(), priority)
+        self._arrivals += 1
+        self.scheduler.add_request(req)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> list[EngineOutput]:
+        batch, admitted = self.scheduler.schedule()
+        for req in admitted:
+            self.runner.sampler.add_request(req.slot, req.params,
+                                            req.token_ids[:req.num_prompt_tokens],
+                                            req.eos_ids, req.output_token_ids)
+        if batch is None:
+            return []
+        sampled = self.runner.execute(batch)
+        token_ids = sampled.token_ids.cpu().numpy()  # the step's one device->host sync
+        results = self.scheduler.update(token_ids)
+        logprobs = _logprob_rows(sampled, [r.params.logprobs for r, _, _ in results])
+        return [EngineOutput(req.request_id, token, reason, lp)
+                for (req, token, reason), lp in zip(results, logprobs)]
+
+    # ---- validation ---------------------------------------------------------------------
+    def _check_prompt(self, ids: Sequence[int]) -> None:
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, the context holds "
+                             f"{self.max_model_len}: shorten it to at most "
+                             f"{self.max_model_len - 1} tokens")
+        arr = np.asarray(ids)
+        vocab = self.source.arch.vocab_size
+        if arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= vocab:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+
+
+def _logprob_rows(out: SamplerOutput, asked: list[Optional[int]]) -> list[Optional[dict]]:
+    """Per sampled row: {token: logprob} for the sampled token and the top-N, if asked."""
+    if out.logprobs is None or all(n is None for n in asked):
+        return [None] * len(asked)
+    chosen, lp = out.token_ids.tolist(), out.logprobs.tolist()
+    top_ids, top_lp = out.top_ids.tolist(), out.top_logprobs.tolist()
+    rows = []
+    for i, n in enumerate(asked):
+        if n is None:
+            rows.append(None)
+            continue
+        row = dict(zip(top_ids[i][:n], top_lp[i][:n]))
+        row[chosen[i]] = lp[i]
+        rows.append(row)
+    return rows

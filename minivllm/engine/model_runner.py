@@ -1,0 +1,102 @@
+"""ModelRunner: owns the model, its paged KV cache and the sampler; runs one step's forward."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minivllm.config import EngineConfig, resolve_dtype
+from minivllm.core.batch import ScheduledBatch
+from minivllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+from minivllm.layers.sampler import Sampler, SamplerOutput
+from minivllm.loader import ModelSource, load_weights
+from minivllm.models import MODEL_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KVCacheSpec:
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        arch = source.arch
+        self.device = config.model.torch_device()
+        self.dtype = resolve_dtype(config.model.dtype, arch, self.device)
+        self.max_model_len = max_model_len(config, source)
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = MODEL_REGISTRY[arch.architecture](
+                arch, TorchAttentionBackend(), max_position=self.max_model_len)
+        self.model.load_weights(load_weights(source, self.dtype, self.device, config.model.seed))
+        self.model.eval()
+        self.kv_spec = self._allocate_kv_cache(config)
+        self.sampler = Sampler(config.scheduler.max_num_seqs, arch.vocab_size, self.device,
+                               seed=config.model.seed)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
+                    self.kv_spec.num_blocks, self.kv_spec.block_size, self.kv_spec.num_tokens,
+                    self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)
+
+    def _allocate_kv_cache(self, config: EngineConfig) -> KVCacheSpec:
+        arch, cache = self.model.arch, config.cache
+        per_block = (2 * arch.num_hidden_layers * cache.block_size * arch.num_key_value_heads
+                     * arch.head_dim * torch.finfo(self.dtype).bits // 8)
+        if cache.num_blocks is not None:
+            num_blocks = cache.num_blocks
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_blocks = int(free * cache.gpu_memory_utilization) // per_block
+        else:
+            num_blocks = cache.cpu_kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV-cache budget holds no block of {per_block} bytes: "
+                             f"raise cpu_kv_cache_bytes or gpu_memory_utilization")
+        shape = (2, arch.num_hidden_layers, num_blocks, cache.block_size,
+                 arch.num_key_value_heads, arch.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.model.bind_kv_cache(list(self.kv_cache[0]), list(self.kv_cache[1]))
+        return KVCacheSpec(num_blocks, cache.block_size, per_block)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> SamplerOutput:
+        """Forward the batch and sample one token for each row in `batch.sample_rows`."""
+        dev = self.device
+        to_dev = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
+        query_start = batch.query_start_loc
+        meta = AttentionMetadata(
+            slot_mapping=to_dev(batch.slot_mapping), query_start_loc=to_dev(query_start),
+            seq_lens=to_dev(batch.seq_lens), block_tables=to_dev(batch.block_tables),
+            query_start_host=query_start, seq_lens_host=batch.seq_lens,
+            max_query_len=int(np.diff(query_start).max()), max_seq_len=int(batch.seq_lens.max()))
+        hidden = self.model(to_dev(batch.input_ids), to_dev(batch.positions), meta)
+        last_tokens = to_dev(query_start[batch.sample_rows + 1] - 1)
+        logits = self.model.compute_logits(hidden[last_tokens])
+        return self.sampler.sample(logits, to_dev(batch.slots[batch.sample_rows]))
+
+
+def max_model_len(config: EngineConfig, source: ModelSource) -> int:
+    limit = source.arch.max_position_embeddings
+    want = config.model.max_model_len or limit
+    if want > limit:
+        raise ValueError(f"max_model_len {want} exceeds the model's context of {limit} tokens")
+    return want

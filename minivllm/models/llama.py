@@ -1,0 +1,152 @@
+"""Llama (SmolLM2, Llama 2/3) on the paged KV cache. Qwen2 is the same network with q/k/v biases.
+
+Input is one flattened varlen batch: `input_ids` and `positions` are [T] for all sequences of
+the step together; attention finds each sequence's run through `AttentionMetadata`.
+q/k/v and gate/up projections are fused into one matmul each (fewer, larger GEMMs); the
+loader's Hugging Face names are mapped onto the fused weights in `load_weights`.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minivllm.config import ArchConfig
+from minivllm.layers.attention import AttentionBackend, AttentionMetadata
+from minivllm.layers.norm import RMSNorm
+from minivllm.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = arch.num_attention_heads, arch.num_key_value_heads
+        self.head_dim = arch.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=arch.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.rotary, self.backend = rotary, backend
+        self.scale = self.head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata):
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q.view(T, self.num_heads, self.head_dim),
+                           k.view(T, self.num_kv_heads, self.head_dim))
+        out = self.backend.forward(q, k, v.view(T, self.num_kv_heads, self.head_dim),
+                                   self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = Attention(arch, rotary, backend)
+        self.mlp = MLP(arch)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, positions, x, residual, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # Hugging Face name fragment -> (our fused parameter, shard index)
+    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, arch: ArchConfig, backend: AttentionBackend, max_position: int) -> None:
+        super().__init__()
+        self.arch = arch
+        rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling)
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, backend)
+                                    for _ in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = None if arch.tie_word_embeddings else \
+            nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """[T] token ids and positions -> [T, hidden] final hidden states."""
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        for layer, k, v in zip(self.layers, k_caches, v_caches):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into our (fused) parameters; every one must be filled."""
+        params = dict(self.named_parameters())
+        filled: set[str] = set()
+        for hf_name, tensor in weights:
+            name, shard = self._our_name(hf_name)
+            if name is None:
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in this model")
+            param = params[name]
+            target = param.data if shard is None else self._shard(name, param, shard)
+            if target.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(target.shape)}")
+            target.copy_(tensor)
+            filled.add(name if shard is None else f"{name}#{shard}")
+        self._check_filled(params, filled)
+
+    def _our_name(self, hf_name: str):
+        if hf_name.startswith("model."):
+            hf_name = hf_name[len("model."):]
+        if "rotary_emb" in hf_name or (hf_name == "lm_head.weight" and self.lm_head is None):
+            return None, None  # derived buffers; a tied head that a checkpoint still ships
+        for part, (fused, shard) in self._FUSED.items():
+            if f".{part}." in hf_name:
+                return hf_name.replace(part, fused), shard
+        return hf_name, None
+
+    def _shard(self, name: str, param: torch.Tensor, shard: int) -> torch.Tensor:
+        if "qkv_proj" in name:
+            attn = self.layers[0].self_attn
+            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+        else:
+            sizes = [self.arch.intermediate_size] * 2
+        return param.data.split(sizes, dim=0)[shard]
+
+    def _check_filled(self, params: dict, filled: set[str]) -> None:
+        missing = []
+        for name in params:
+            shards = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 0
+            want = [f"{name}#{i}" for i in range(shards)] if shards else [name]
+            missing += [w for w in want if w not in filled]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

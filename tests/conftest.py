@@ -1,0 +1,74 @@
+"""Shared fixtures: the embedded GGUF, and tiny random Hugging Face model directories."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+from minivllm.loader.embedded import embedded_gguf_path
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf() -> str:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF."""
+    return embedded_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, embedded_gguf) -> Callable[..., str]:
+    """Factory: `tiny_hf_dir("llama" | "qwen2", dtype=..., max_shard_size=..., seed=..., **config)`
+    saves a tiny random transformers model (safetensors; norms and biases perturbed) with the embedded model's tokenizer and
+    returns the directory. The vocabulary is the tokenizer's, so the model can generate text.
+    Directories are made once per session for each distinct set of arguments."""
+    made: dict = {}
+
+    def make(architecture: str = "llama", *, dtype: torch.dtype = torch.float32,
+             max_shard_size: Optional[str] = None, seed: int = 0, **config) -> str:
+        key = (architecture, dtype, max_shard_size, seed, tuple(sorted(config.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{architecture}")
+            _save_tiny_model(str(path), architecture, dtype, max_shard_size, seed, config)
+            _save_tokenizer(str(path), embedded_gguf)
+            made[key] = str(path)
+        return made[key]
+
+    return make
+
+
+def _save_tiny_model(path: str, architecture: str, dtype: torch.dtype,
+                     max_shard_size: Optional[str], seed: int, overrides: dict) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
+    config = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=architecture == "qwen2", bos_token_id=1, eos_token_id=2)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**config))
+    # transformers initialises norms to ones and biases to zeros; perturb them so a loader that
+    # mixes them up, or drops them, is caught.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+            elif name.endswith(".bias"):
+                param.copy_(torch.randn_like(param) * 0.02)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+
+
+def _save_tokenizer(path: str, gguf_path: str) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from minivllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(gguf_path)
+    PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<|im_start|>",
+                            eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                            pad_token="<|im_end|>", chat_template=tok.chat_template
+                            ).save_pretrained(path)
