@@ -55,7 +55,7 @@ cdef inline uint64_t hash_tokens(uint64_t parent, const tok_t* tokens, int32_t n
         h = rotl(h, 27) * P1 + P4
     h ^= h >> 33
     h *= P2
-    h ^= h >> 29
+    h ^= h >> 28
     h *= P3
     h ^= h >> 32
     return h
@@ -300,7 +300,7 @@ cdef int free_impl(AllocState* s, int32_t slot) noexcept nogil:
     cdef int32_t* row = s.tables + <int64_t>slot * s.max_blocks_per_seq
     cdef int32_t i
     # Reverse order: tail blocks reach the LRU first and so are evicted first.
-    for i in range(s.seq_nblocks[slot]):
+    for i in range(s.seq_nblocks[slot] - 1, -1, -1):
         release(s, row[i])
         row[i] = 0
     s.seq_nblocks[slot] = 0

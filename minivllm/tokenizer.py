@@ -47,7 +47,8 @@ _GGUF_STRING, _GGUF_ARRAY, _GGUF_FLOAT32 = 8, 9, 6
 
 
 def _shortest_float32(x: float) -> float:
-    """The shortest decimal that is this float32: 1e-05, not 9.999999747378752e-06 (as config.json)."""
+    """The shortest decimal that is this float32: 1e-05 (as config.json says), not
+    9.999999747378752e-06."""
     for digits in range(1, 10):
         candidate = float(f"{x:.{digits}g}")
         if struct.unpack("<f", struct.pack("<f", candidate))[0] == x:
@@ -56,10 +57,10 @@ def _shortest_float32(x: float) -> float:
 
 
 class _GGUFCursor:
-    """Sequential little-endian reads over the file's bytes."""
+    """Sequential little-endian reads over the file's bytes; struct.error past the end."""
 
-    def __init__(self, buf: mmap.mmap) -> None:
-        self.buf, self.pos = buf, 0
+    def __init__(self, buf: mmap.mmap, pos: int) -> None:
+        self.buf, self.pos = buf, pos
 
     def scalar(self, fmt: str) -> Any:
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
@@ -69,6 +70,8 @@ class _GGUFCursor:
     def string(self) -> str:
         n = self.scalar("<Q")
         self.pos += n
+        if self.pos > len(self.buf):  # slicing would silently come up short
+            raise struct.error("string runs past the end of the file")
         return self.buf[self.pos - n:self.pos].decode("utf-8", errors="replace")
 
     def value(self, vtype: int) -> Any:
@@ -91,31 +94,39 @@ class _GGUFCursor:
 
 def read_gguf_header(path: Union[str, os.PathLike]) -> GGUFHeader:
     """Metadata and tensor table of a GGUF (v2/v3) file; tensor data is left on disk."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{os.fspath(path)!r} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
-        cur = _GGUFCursor(buf)
-        cur.pos = 4
-        try:
-            version = cur.scalar("<I")
-            if version not in (2, 3):
-                raise ValueError(f"{os.fspath(path)!r}: unsupported GGUF version {version}")
-            n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-            metadata = {}
-            for _ in range(n_kv):
-                key = cur.string()
-                metadata[key] = cur.value(cur.scalar("<I"))
-            infos = []
-            for _ in range(n_tensors):
-                name = cur.string()
-                dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
-                infos.append((name, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
-        except struct.error:
-            raise ValueError(f"{os.fspath(path)!r} is a truncated GGUF file") from None
+    name = os.fspath(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{name!r} is not a GGUF file (it starts with {magic!r})")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                metadata, infos, end = _parse_header(buf, name)
+            except struct.error:
+                raise ValueError(f"{name!r} is a truncated GGUF file") from None
     align = metadata.get("general.alignment", 32)
-    data_start = -(-cur.pos // align) * align
-    tensors = [GGUFTensorInfo(n, s, t, data_start + off) for n, s, t, off in infos]
+    data_start = -(-end // align) * align
+    tensors = [GGUFTensorInfo(n, shape, t, data_start + off) for n, shape, t, off in infos]
     return GGUFHeader(metadata, tensors)
+
+
+def _parse_header(buf: mmap.mmap, name: str) -> tuple[dict[str, Any], list[tuple], int]:
+    cur = _GGUFCursor(buf, pos=4)  # after the magic
+    version = cur.scalar("<I")
+    if version not in (2, 3):  # v1 had 32-bit counts; no file in use still has it
+        raise ValueError(f"{name!r}: unsupported GGUF version {version}")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        tensor = cur.string()
+        dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+        # GGUF lists dimensions fastest-first; numpy and torch want them the other way round.
+        infos.append((tensor, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
+    return metadata, infos, cur.pos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +159,8 @@ def _gguf_pre_tokenizer(pre: Optional[str]) -> pre_tokenizers.PreTokenizer:
 def _gguf_backend(md: Mapping[str, Any]) -> _Backend:
     kind = md.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}; supported: gpt2 (byte-level BPE)")
+        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}; "
+                         f"supported: gpt2 (byte-level BPE)")
     tokens = md["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
     pre = md.get("tokenizer.ggml.pre")
@@ -171,18 +183,16 @@ def _gguf_backend(md: Mapping[str, Any]) -> _Backend:
 def _gguf_post_processor(md: Mapping[str, Any], tokens: Sequence[str]
                          ) -> Optional[processors.PostProcessor]:
     """BOS/EOS around encoded text where the file asks for them (add_special_tokens=True)."""
-    ends = {}
-    for end in ("bos", "eos"):
+    def flagged(end: str) -> list[tuple[str, int]]:
         token_id = md.get(f"tokenizer.ggml.{end}_token_id")
-        if md.get(f"tokenizer.ggml.add_{end}_token") and token_id is not None:
-            ends[end] = (tokens[token_id], token_id)
-    if not ends:
+        wanted = md.get(f"tokenizer.ggml.add_{end}_token") and token_id is not None
+        return [(tokens[token_id], token_id)] if wanted else []
+
+    bos, eos = flagged("bos"), flagged("eos")
+    if not bos + eos:
         return None
-    head = [ends["bos"][0]] if "bos" in ends else []
-    tail = [ends["eos"][0]] if "eos" in ends else []
-    return processors.TemplateProcessing(single=" ".join(head + ["$A"] + tail),
-                                         pair=" ".join(head + ["$A"] + tail + head + ["$B"] + tail),
-                                         special_tokens=list(ends.values()))
+    template = [t for t, _ in bos] + ["$A"] + [t for t, _ in eos]
+    return processors.TemplateProcessing(single=" ".join(template), special_tokens=bos + eos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +267,8 @@ class Tokenizer:
         return cls(_Backend.from_file(tokenizer_json), specials, _hf_chat_template(path, config))
 
     @classmethod
-    def from_gguf(cls, path_or_metadata: Union[str, os.PathLike, Mapping[str, Any]]) -> "Tokenizer":
+    def from_gguf(cls, path_or_metadata: Union[str, os.PathLike, Mapping[str, Any]]
+                  ) -> "Tokenizer":
         """From a GGUF file, or from its metadata as `read_gguf_header` returns it."""
         md = (read_gguf_header(path_or_metadata).metadata
               if isinstance(path_or_metadata, (str, os.PathLike)) else path_or_metadata)

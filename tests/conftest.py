@@ -17,10 +17,10 @@ def embedded_gguf() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory, embedded_gguf) -> Callable[..., str]:
-    """Factory: `tiny_hf_dir("llama" | "qwen2", dtype=..., max_shard_size=..., seed=..., **config)`
-    saves a tiny random transformers model (safetensors; norms and biases perturbed) with the embedded model's tokenizer and
-    returns the directory. The vocabulary is the tokenizer's, so the model can generate text.
-    Directories are made once per session for each distinct set of arguments."""
+    """Factory: `tiny_hf_dir("llama" | "qwen2", dtype=, max_shard_size=, seed=, **config)` saves
+    a tiny random transformers model (safetensors; norms and biases perturbed) with the embedded
+    model's tokenizer and returns the directory. The vocabulary is the tokenizer's, so the model
+    can generate text. Each distinct set of arguments makes one directory per session."""
     made: dict = {}
 
     def make(architecture: str = "llama", *, dtype: torch.dtype = torch.float32,

@@ -26,15 +26,19 @@ def _save_tiny(tmp_path, kind: str, tie: bool) -> str:
     return str(path)
 
 
-def _hf_greedy(path_or_model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+def _hf_greedy(path_or_model, prompts: list[list[int]], max_new: int,
+               stop_at_eos: bool = False) -> list[list[int]]:
+    """transformers' greedy tokens; like our ignore_eos, EOS is not masked, only not a stop."""
     model = path_or_model
     if isinstance(model, str):
         model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    config = transformers.GenerationConfig(
+        max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+        eos_token_id=model.generation_config.eos_token_id if stop_at_eos else None)
     outs = []
     with torch.no_grad():
         for ids in prompts:  # one at a time: no padding effects in the oracle
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new, min_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=0)
+            gen = model.generate(torch.tensor([ids]), generation_config=config)
             outs.append(gen[0, len(ids):].tolist())
     return outs
 
@@ -96,8 +100,8 @@ CHATS = [
 def test_smollm2_gguf_matches_transformers(smollm, hf_smollm):
     tok = smollm.get_tokenizer()
     prompts = [tok.encode(tok.apply_chat_template(c)) for c in CHATS]
-    want = _hf_greedy(hf_smollm, prompts, 32)
-    outs = smollm.generate(prompts, SamplingParams(max_tokens=32, **GREEDY), use_tqdm=False)
+    want = _hf_greedy(hf_smollm, prompts, 48, stop_at_eos=True)
+    outs = smollm.generate(prompts, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
 
 

@@ -77,7 +77,10 @@ def test_embedded_arch_equals_transformers_config(transformers_embedded):
 
 def test_gguf_weights_are_cast_to_the_requested_dtype():
     source = resolve_model(None)
-    first = lambda dtype: list(itertools.islice(load_weights(source, dtype, CPU), 4))  # noqa: E731
+
+    def first(dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+        return list(itertools.islice(load_weights(source, dtype, CPU), 4))
+
     for (name, full), (name_bf16, half) in zip(first(torch.float32), first(torch.bfloat16)):
         assert name == name_bf16 and half.dtype == torch.bfloat16
         assert torch.equal(half, full.to(torch.bfloat16))
@@ -103,8 +106,8 @@ def _gguf_name(hf_name: str) -> str:
 
 def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2
-                                                                                    ).reshape(w.shape)
+    heads = w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+    return heads.swapaxes(1, 2).reshape(w.shape)
 
 
 def _write_gguf(path: str, arch: ArchConfig, state: dict[str, torch.Tensor],
@@ -218,7 +221,8 @@ def test_hf_dir_tensor_of_the_wrong_shape(tiny_hf_dir, tmp_path):
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
     (tmp_path / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
-    with pytest.raises(ValueError, match=r"down_proj.weight' has shape \(64, 128\), config.json implies \(64, 96\)"):
+    message = r"down_proj.weight' has shape \(64, 128\), config.json implies \(64, 96\)"
+    with pytest.raises(ValueError, match=message):
         dict(load_weights(resolve_model(str(tmp_path)), torch.float32, CPU))
 
 

@@ -26,12 +26,14 @@ StepResult = tuple[Request, int, Optional[str]]  # request, new token, finish re
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator, max_model_len: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_release: Callable[[int], None] = lambda slot: None) -> None:
         self.config = config
         self.allocator = allocator
         self.block_size = allocator.block_size
         self.max_model_len = max_model_len
         self.clock = clock
+        self.on_release = on_release  # told when a running request gives its slot back
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -186,6 +188,8 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         if req.slot >= 0:
+            if req.status is RequestStatus.RUNNING:
+                self.on_release(req.slot)
             self.allocator.free(req.slot)
             self.free_slots.append(req.slot)
             req.slot = -1

@@ -45,9 +45,10 @@ class ModelRunner:
         self.device = config.model.torch_device()
         self.dtype = resolve_dtype(config.model.dtype, arch, self.device)
         self.max_model_len = max_model_len(config, source)
+        self.attn_backend = TorchAttentionBackend()
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = MODEL_REGISTRY[arch.architecture](
-                arch, TorchAttentionBackend(), max_position=self.max_model_len)
+                arch, self.attn_backend, max_position=self.max_model_len)
         self.model.load_weights(load_weights(source, self.dtype, self.device, config.model.seed))
         self.model.eval()
         self.kv_spec = self._allocate_kv_cache(config)
@@ -88,6 +89,7 @@ class ModelRunner:
             seq_lens=to_dev(batch.seq_lens), block_tables=to_dev(batch.block_tables),
             query_start_host=query_start, seq_lens_host=batch.seq_lens,
             max_query_len=int(np.diff(query_start).max()), max_seq_len=int(batch.seq_lens.max()))
+        self.attn_backend.prepare(meta, self.kv_spec.block_size)
         hidden = self.model(to_dev(batch.input_ids), to_dev(batch.positions), meta)
         last_tokens = to_dev(query_start[batch.sample_rows + 1] - 1)
         logits = self.model.compute_logits(hidden[last_tokens])

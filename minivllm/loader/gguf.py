@@ -24,11 +24,10 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
 def hf_name(gguf_name: str) -> str:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
     base, _, suffix = gguf_name.rpartition(".")
-    if base.startswith("blk."):
-        _, layer, part = base.split(".", 2)
-        if part in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
-    elif base in _GLOBAL_NAMES:
+    parts = base.split(".", 2)
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    if base in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[base]}.{suffix}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama/Qwen2 counterpart")
 
@@ -44,7 +43,9 @@ def read_arch(header: GGUFHeader) -> ArchConfig:
     if "rope_freqs.weight" in tensors or md.get(f"{arch}.rope.scaling.type", "none") != "none":
         raise ValueError("GGUF files with RoPE scaling (e.g. Llama 3.1) are not supported; "
                          "load the Hugging Face directory instead")
-    eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md]
+    # Llama 3 instruct files name <|eot_id|> as end-of-turn: a stop token like eos.
+    eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+           if k in md]
     heads = _required(md, f"{arch}.attention.head_count")
     hidden = _required(md, f"{arch}.embedding_length")
     return ArchConfig(
@@ -78,9 +79,11 @@ def _dequantize(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
         qtype = GGMLQuantizationType(info.ggml_type)
         block_size, type_size = GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
-        raise ValueError(f"GGUF tensor {info.name!r} has unknown ggml type {info.ggml_type}") from None
+        raise ValueError(f"GGUF tensor {info.name!r} has unknown ggml type "
+                         f"{info.ggml_type}") from None
     nbytes = int(np.prod(info.shape)) // block_size * type_size
-    raw = data[info.offset:info.offset + nbytes].reshape(quant_shape_to_byte_shape(info.shape, qtype))
+    raw = data[info.offset:info.offset + nbytes]
+    raw = raw.reshape(quant_shape_to_byte_shape(info.shape, qtype))
     try:
         return dequantize(raw, qtype)
     except NotImplementedError as e:

@@ -47,7 +47,8 @@ def _ignored(name: str, arch: ArchConfig) -> bool:
 
 def load_weights(path: str, arch: ArchConfig, dtype: torch.dtype, device: torch.device
                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter, one tensor at a time, checked against the architecture's names and shapes."""
+    """Every parameter, one tensor at a time, checked against the architecture's names and
+    shapes."""
     expected = dict(expected_parameters(arch))
     seen = set()
     for file in _safetensors_files(path):
