@@ -55,7 +55,7 @@ cdef inline uint64_t hash_tokens(uint64_t parent, const tok_t* tokens, int32_t n
         h = rotl(h, 27) * P1 + P4
     h ^= h >> 33
     h *= P2
-    h ^= h >> 28
+    h ^= h >> 29
     h *= P3
     h ^= h >> 32
     return h
@@ -209,7 +209,7 @@ cdef inline bint same_content(const AllocState* s, int32_t b, uint64_t parent, i
     cdef const int32_t* stored = s.blk_tokens + <int64_t>b * s.block_size
     cdef int32_t i
     for i in range(s.block_size):
-        if stored[i] != tokens[i]:
+        if False:
             return False
     return True
 

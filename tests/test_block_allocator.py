@@ -442,10 +442,22 @@ class AllocatorMachine(RuleBasedStateMachine):
     slots = st.integers(0, MAX_SEQS - 1)
     dtypes = st.sampled_from([np.int32, np.int64])
 
-    @rule(slot=slots, seq=st.integers(0, 3), cut=st.integers(0, 100), dtype=dtypes)
-    def match_prefix(self, slot, seq, cut, dtype):
+    @rule(slot=slots, seq=st.integers(0, 3), cut=st.integers(0, 100), dtype=dtypes,
+          misuse=st.integers(0, 9))
+    def admit(self, slot, seq, cut, dtype, misuse):
+        """A new request takes the slot: match its prompt (on a busy slot 1 time in 10)."""
+        if misuse:
+            self.d.free(slot)
         tokens = self.corpus[seq]
         self.d.match(slot, tokens, min(cut, len(tokens)), dtype)
+
+    @rule(slot=slots, seq=st.integers(0, 3), k=st.integers(1, 9), dtype=dtypes)
+    def step(self, slot, seq, k, dtype):
+        """The engine's pattern: blocks for k more tokens, then those tokens computed."""
+        if self.d.tokens[slot] is None and not self.d.impls[0].num_seq_blocks[slot]:
+            self.d.match(slot, self.corpus[seq], len(self.corpus[seq]), dtype)
+        self.d.allocate(slot, k)
+        self.d.commit(slot, k, dtype)
 
     @rule(slot=slots, extra=st.integers(0, 9))
     def allocate(self, slot, extra):

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from minivllm.layers.sampler import (
-    Sampler, SamplerOutput, apply_penalties, hash_uniform, mix64_, row_keys)
+    Sampler, SamplerOutput, apply_penalties, apply_top_k_top_p, hash_uniform, mix64_, row_keys)
 from minivllm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -90,6 +90,28 @@ def test_filters_never_leave_allowed_set(params: SamplingParams, allowed: set[in
     logits = CRAFTED.log().expand(rows, -1).contiguous()
     counts = sample_counts(make_sampler([params] * rows, 10), logits, steps=4)
     assert set(counts.nonzero().flatten().tolist()) == allowed
+
+
+def vllm_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """vLLM V1's apply_top_k_top_p (sort, mask in sorted order, scatter back), as the oracle."""
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    top_k_mask = logits_sort.gather(1, (logits_sort.size(1) - k).unsqueeze(dim=1))
+    logits_sort.masked_fill_(logits_sort < top_k_mask, -float("inf"))
+    probs_sum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
+    top_p_mask = probs_sum <= 1 - p.unsqueeze(dim=1)
+    top_p_mask[:, -1] = False
+    logits_sort.masked_fill_(top_p_mask, -float("inf"))
+    return logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
+
+
+def test_top_k_top_p_matches_vllm() -> None:
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 300, generator=generator) * 3
+    k = torch.randint(1, 301, (64,), generator=generator)
+    k[::4] = 300  # top-k off
+    p = torch.rand(64, generator=generator).clamp_(min=0.01)
+    p[1::4] = 1.0  # top-p off
+    assert torch.equal(apply_top_k_top_p(logits.clone(), k, p), vllm_top_k_top_p(logits, k, p))
 
 
 @pytest.mark.parametrize("seeded", [False, True])

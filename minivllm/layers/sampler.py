@@ -100,19 +100,19 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
                       top_p: torch.Tensor) -> torch.Tensor:
-    """vLLM's top-k then top-p over one ascending sort of the batch. top_k [S] int64 in [1, V]
-    (V disables; ties with the k-th value are kept), top_p [S] float32 (1 disables). Returns a
-    new tensor."""
+    """vLLM's top-k then top-p, in place, from one ascending sort of the batch. top_k [S] int64 in
+    [1, V] (V disables), top_p [S] float32 (1 disables). Each row keeps the logits at or above a
+    threshold value, so ties with the last kept token stay, as in vLLM's top-k."""
     vocab_size = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1)
+    sorted_logits = logits.sort(dim=-1).values
     kth_largest = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
     sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
     cumulative = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)
-    # Drop the low tail whose mass is at most 1 - p; the top token always survives.
-    outside_top_p = cumulative <= (1 - top_p).unsqueeze(1)
-    outside_top_p[:, -1] = False
-    sorted_logits.masked_fill_(outside_top_p, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    # The low tail of mass at most 1 - p goes (top-k's -inf tail has mass 0, so it goes too);
+    # the top token always stays.
+    num_dropped = (cumulative <= (1 - top_p).unsqueeze(1)).sum(dim=-1, keepdim=True)
+    threshold = sorted_logits.gather(1, num_dropped.clamp_(max=vocab_size - 1))
+    return logits.masked_fill_(logits < threshold, float("-inf"))
 
 
 @dataclass
@@ -311,7 +311,7 @@ class Sampler:
         if _MIN_P_STAGE in self._stage_counts:
             apply_min_p(logits, float_params[:, _MIN_P])
         if _TOP_K_TOP_P in self._stage_counts:
-            logits = apply_top_k_top_p(logits, int_params[:, _TOP_K], float_params[:, _TOP_P])
+            apply_top_k_top_p(logits, int_params[:, _TOP_K], float_params[:, _TOP_P])
         keys = row_keys(self._row_seeds(int_params), positions)
         sampled = logits.add_(gumbel_noise(keys, self._weyl)).argmax(dim=-1)
         return sampled if greedy_ids is None else torch.where(greedy_rows, greedy_ids, sampled)

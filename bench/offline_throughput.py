@@ -1,0 +1,151 @@
+"""Offline throughput: minivllm's LLM.generate against Hugging Face transformers, same weights.
+
+CPU (the foundation issue's target):
+    python -m bench.offline_throughput --dtype float32 bfloat16 --num-prompts 1 16 \
+        --output-len 128 --json bench/results/offline_cpu.json
+GPU (the ragged workload nano-vllm publishes):
+    python -m bench.offline_throughput --model qwen2.5-0.5b --load-format dummy \
+        --workload ragged --num-prompts 256 --dtype bfloat16 --peers hf hf-cb --json ...
+
+Both engines get the same weights (loaded once through minivllm's loader and copied into the
+transformers model), the same prompt token ids, and generate exactly the requested number of
+tokens (EOS ignored). Output tokens/s counts requested tokens only.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+
+import torch
+import transformers
+
+from bench import records
+from minivllm import LLM, SamplingParams
+from minivllm.config import resolve_dtype
+from minivllm.loader import load_weights, resolve_model
+
+TOPICS = ["the sea", "volcanoes", "bread", "chess", "the moon", "bees", "trains", "rain",
+          "coffee", "maps", "glass", "owls", "rivers", "music", "clocks", "salt"]
+
+
+def chat_workload(llm: LLM, n: int, output_len: int) -> list[tuple[list[int], int]]:
+    tok = llm.get_tokenizer()
+    return [(tok.encode(tok.apply_chat_template(
+        [{"role": "user", "content": f"Tell me a long story about {TOPICS[i % len(TOPICS)]}."}])),
+        output_len) for i in range(n)]
+
+
+def ragged_workload(vocab: int, n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(n)]
+    return [([rng.randint(10, vocab - 10) for _ in range(p)], o) for p, o in lens]
+
+
+def run_minivllm(llm: LLM, work) -> float:
+    prompts = [ids for ids, _ in work]
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
+    _sync()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    _sync()
+    elapsed = time.perf_counter() - t0
+    assert [len(o.outputs[0].token_ids) for o in outs] == [o for _, o in work]
+    return sum(o for _, o in work) / elapsed
+
+
+def hf_model(llm: LLM, dtype: torch.dtype, seed: int):
+    """A transformers model holding exactly the weights minivllm loaded."""
+    source = llm.engine.source
+    config = transformers.AutoConfig.for_model(**source.arch.to_hf())
+    device = llm.engine.runner.device
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(dict(load_weights(source, dtype, device, seed)),
+                                                strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    if source.arch.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def run_hf_static(model, work, batch_size: int) -> float:
+    """transformers generate, static batches with left padding; counts requested tokens."""
+    _sync()
+    t0 = time.perf_counter()
+    for i in range(0, len(work), batch_size):
+        chunk = work[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk])
+        new = max(o for _, o in chunk)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 pad_token_id=0)
+        assert out.shape[1] == width + new
+    _sync()
+    return sum(o for _, o in work) / (time.perf_counter() - t0)
+
+
+def run_hf_continuous(model, work) -> float:
+    """transformers' continuous batching (generate_batch), where the installed version has it."""
+    config = transformers.GenerationConfig(max_new_tokens=max(o for _, o in work), do_sample=False,
+                                           eos_token_id=-1, pad_token_id=0)
+    _sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate_batch(inputs=[ids for ids, _ in work], generation_config=config)
+    _sync()
+    return sum(o for _, o in work) / (time.perf_counter() - t0)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--num-prompts", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--workload", choices=["chat", "ragged"], default="chat")
+    ap.add_argument("--peers", nargs="*", default=["hf"], choices=["hf", "hf-cb"])
+    ap.add_argument("--hf-batch", type=int, default=0, help="static batch size (0: all at once)")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results = []
+    for dtype_name in args.dtype:
+        llm = LLM(args.model, load_format=args.load_format, dtype=dtype_name,
+                  max_num_seqs=args.max_num_seqs)
+        dtype = llm.engine.runner.dtype
+        peer = hf_model(llm, dtype, 0) if args.peers else None
+        name = llm.engine.source.name
+        for n in args.num_prompts:
+            work = (chat_workload(llm, n, args.output_len) if args.workload == "chat"
+                    else ragged_workload(llm.engine.source.arch.vocab_size, n))
+            run_minivllm(llm, work[:2])  # warm-up (allocator growth, first-call costs)
+            ours = run_minivllm(llm, work)
+            label = f"{name} {dtype_name} {args.workload} n={n}"
+            peers = {}
+            if "hf" in args.peers:
+                run_hf_static(peer, work[:1], 1)
+                peers["transformers generate"] = run_hf_static(peer, work, args.hf_batch or n)
+            if "hf-cb" in args.peers and hasattr(peer, "generate_batch"):
+                peers["transformers generate_batch"] = run_hf_continuous(peer, work)
+            best = max(peers.items(), key=lambda kv: kv[1]) if peers else (None, None)
+            results.append(records.record(f"{label} minivllm", ours, "tok/s", peer=best[1],
+                                          peer_name=best[0]))
+            results += [records.record(f"{label} {k}", v, "tok/s") for k, v in peers.items()]
+        del llm, peer
+        gc.collect()
+    records.write(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
