@@ -10,6 +10,7 @@ import torch
 
 from minivllm.config import EngineConfig, resolve_dtype
 from minivllm.core.batch import ScheduledBatch
+from minivllm.layers.cpu_linear import OneDNNLinear, use_onednn_linears
 from minivllm.layers.attention import AttentionMetadata, TorchAttentionBackend
 from minivllm.layers.sampler import Sampler, SamplerOutput
 from minivllm.loader import ModelSource, load_weights
@@ -51,6 +52,10 @@ class ModelRunner:
                 arch, self.attn_backend, max_position=self.max_model_len)
         self.model.load_weights(load_weights(source, self.dtype, self.device, config.model.seed))
         self.model.eval()
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            if self.model.lm_head is None:  # a tied head gets its own prepacked copy
+                self.model.lm_head = OneDNNLinear(self.model.embed_tokens.weight, None)
+            use_onednn_linears(self.model)
         self.kv_spec = self._allocate_kv_cache(config)
         self.sampler = Sampler(config.scheduler.max_num_seqs, arch.vocab_size, self.device,
                                seed=config.model.seed)

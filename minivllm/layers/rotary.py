@@ -34,12 +34,20 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_pos, D] float32
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self._memo: tuple = (None, None, None)  # every layer rotates the same positions
+
+    def _lookup(self, positions: torch.Tensor, dtype: torch.dtype):
+        pos, cos, sin = self._memo
+        if pos is not positions or cos.dtype != dtype:
+            cos = self.cos[positions].to(dtype).unsqueeze(1)
+            sin = self.sin[positions].to(dtype).unsqueeze(1)
+            self._memo = (positions, cos, sin)
+        return cos, sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D], k [T, KVH, D] -> rotated copies, in the inputs' dtype."""
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        cos, sin = self._lookup(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
