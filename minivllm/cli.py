@@ -46,7 +46,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     llm = _make_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    prompts = [args.message] if args.message else None
+    prompts = list(args.message) if args.message else None
     while True:
         if prompts is not None:
             if not prompts:

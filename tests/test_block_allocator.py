@@ -405,11 +405,14 @@ class Differential:
 
 
 def make_corpus(rng_or_data, length, alphabet, n):
-    """Sequences sharing prefixes: a trunk, and branches leaving it at random points."""
+    """Sequences sharing prefixes: a trunk, and branches leaving it at random points.
+
+    The first branch leaves at 0 (an unrelated prompt), so first blocks differ too.
+    """
     trunk = [rng_or_data.randrange(alphabet) for _ in range(length)]
     corpus = [np.array(trunk, dtype=np.int64)]
-    for _ in range(n - 1):
-        cut = rng_or_data.randrange(length + 1)
+    for j in range(n - 1):
+        cut = 0 if j == 0 else rng_or_data.randrange(length + 1)
         tail = [rng_or_data.randrange(alphabet) for _ in range(length - cut)]
         corpus.append(np.array(trunk[:cut] + tail, dtype=np.int64))
     return corpus
