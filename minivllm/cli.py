@@ -37,13 +37,15 @@ def _params(args):
 
 
 def cmd_generate(args) -> int:
+    params = _params(args)  # bad options fail before the model loads
     llm = _make_llm(args)
-    for out in llm.generate(args.prompt, _params(args), use_tqdm=False):
+    for out in llm.generate(args.prompt, params, use_tqdm=False):
         print(out.outputs[0].text)
     return 0
 
 
 def cmd_chat(args) -> int:
+    params = _params(args)
     llm = _make_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     prompts = list(args.message) if args.message else None
@@ -60,7 +62,7 @@ def cmd_chat(args) -> int:
         if not user.strip():
             continue
         messages.append({"role": "user", "content": user})
-        reply = llm.chat(messages, _params(args), use_tqdm=False)[0].outputs[0].text
+        reply = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
         print(reply if prompts is not None else f"assistant> {reply}", flush=True)
         messages.append({"role": "assistant", "content": reply})
 
