@@ -209,7 +209,7 @@ cdef inline bint same_content(const AllocState* s, int32_t b, uint64_t parent, i
     cdef const int32_t* stored = s.blk_tokens + <int64_t>b * s.block_size
     cdef int32_t i
     for i in range(s.block_size):
-        if False:
+        if stored[i] != tokens[i]:
             return False
     return True
 
@@ -317,7 +317,8 @@ cdef cnp.ndarray _as_token_array(object token_ids):
     cdef cnp.ndarray arr
     if cnp.PyArray_Check(token_ids):
         arr = <cnp.ndarray>token_ids
-        if (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(arr)
+        # Read in place only if C can: contiguous, aligned, native byte order.
+        if (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_ISCARRAY_RO(arr)
                 and (cnp.PyArray_TYPE(arr) == cnp.NPY_INT32 or cnp.PyArray_TYPE(arr) == cnp.NPY_INT64)):
             return arr
     arr = np.asarray(token_ids)

@@ -307,6 +307,32 @@ def test_colliding_hash_with_other_tokens_is_not_reused(impl):
     check_invariants(a)
 
 
+def _child_collision(mask: int, child: np.ndarray):
+    """Two first blocks whose hashes differ but whose children (same tokens) collide."""
+    a0 = toks(1, 1)
+    ha = ref_hash(0, a0) & mask
+    for v in range(2, 100_000):
+        b0 = toks(v, v)
+        hb = ref_hash(0, b0) & mask
+        if hb != ha and ref_hash(ha, child) & mask == ref_hash(hb, child) & mask:
+            return a0, b0
+    raise AssertionError("no collision found")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_under_another_parent_is_not_reused(impl):
+    """Same tokens, same position, same (colliding) hash, but another prefix: a miss."""
+    mask, child = 0xFF, toks(7, 8)
+    a0, b0 = _child_collision(mask, child)
+    a = impl(num_blocks=16, block_size=2, max_seqs=3, max_blocks_per_seq=4)
+    a._hash_mask = mask
+    A, B = np.concatenate([a0, child, [5]]), np.concatenate([b0, child, [5]])
+    run_request(a, 0, A)     # registers A0 and A1
+    run_request(a, 1, B)     # registers B0; B1's hash is taken by A1 (first mapping kept)
+    assert a.match_prefix(2, B, 5) == 2   # B0 hits; A1 is rejected: its parent is A0, not B0
+    check_invariants(a)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_caching_disabled(impl):
     a = impl(num_blocks=8, block_size=2, max_seqs=2, max_blocks_per_seq=4,
@@ -317,6 +343,18 @@ def test_caching_disabled(impl):
     assert a.match_prefix(0, p, 7) == 0
     assert a.num_cached_blocks == 0 and a.prefix_queries == 0 and a.prefix_hits == 0
     check_invariants(a)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_arrays_of_any_layout(impl):
+    """Non-contiguous, byte-swapped, unsigned or list inputs behave like the plain array."""
+    base = np.arange(100, 113, dtype=np.int64)
+    variants = [base, base.astype(np.int32), base.astype(">i4"), base.astype(">i8"),
+                base.astype(np.uint16), np.repeat(base, 2)[::2], base.tolist()]
+    for v in variants:
+        a = impl(num_blocks=16, block_size=4, max_seqs=2, max_blocks_per_seq=4)
+        run_request(a, 0, v)
+        assert a.match_prefix(1, base, 13) == 12, type(v)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

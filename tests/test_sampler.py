@@ -142,7 +142,7 @@ def test_temperature_sharpens_and_flattens() -> None:
 
 SEEDED = [SamplingParams(temperature=1.0, seed=7),
           SamplingParams(temperature=0.7, top_p=0.9, seed=-3),
-          SamplingParams(temperature=1.2, top_k=5, min_p=0.05, seed=2 ** 70 + 11)]
+          SamplingParams(temperature=1.2, top_k=5, min_p=0.05, seed=2 ** 64 - 11)]
 OTHERS = [SamplingParams(temperature=0.9), SamplingParams(temperature=0.0),
           SamplingParams(temperature=1.0, frequency_penalty=1.5, repetition_penalty=1.3),
           SamplingParams(temperature=0.8, min_tokens=4, logprobs=2),
@@ -373,7 +373,7 @@ params_strategy = st.builds(
     top_k=st.sampled_from([-1, 1, 2, 7, 100]),
     top_p=st.sampled_from([1.0, 0.9, 0.3, 1e-3]),
     min_p=st.sampled_from([0.0, 0.05, 0.9, 1.0]),
-    seed=st.one_of(st.none(), st.integers(-2 ** 70, 2 ** 70)),
+    seed=st.one_of(st.none(), st.integers(-2 ** 63, 2 ** 64 - 1)),
     repetition_penalty=st.sampled_from([1.0, 0.5, 1.7]),
     presence_penalty=st.sampled_from([0.0, -2.0, 1.0]),
     frequency_penalty=st.sampled_from([0.0, 2.0, -0.5]),

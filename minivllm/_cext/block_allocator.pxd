@@ -12,6 +12,11 @@ and report misuse through their return value instead of raising:
     c_blocks_needed  -> additional blocks (>= 0), or -1 on a bad slot / negative num_tokens
 
 Token pointers must address at least num_tokens valid ids. The *_i64 variants take int64 ids.
+Not thread-safe: nogil lets the caller release the GIL around a batch of calls, but calls on one
+allocator must not run concurrently.
+
+This file sits in the package (not csrc/) because Cython finds a module's .pxd by the module's
+qualified name, minivllm._cext.block_allocator; csrc/block_allocator.pyx picks it up from here.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 

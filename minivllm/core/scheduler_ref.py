@@ -87,11 +87,13 @@ class Scheduler:
         """Apply this step's sampled tokens (one per sampling row, in row order)."""
         results, i = [], 0
         for req, n in self._scheduled:
+            samples = req.num_computed_tokens + n == req.num_tokens
             if req.status is not RequestStatus.RUNNING:
-                continue  # preempted or aborted after it was scheduled
+                i += samples  # aborted after it was scheduled: its row was sampled all the same
+                continue
             req.num_computed_tokens += n
             self.allocator.commit(req.slot, req.token_ids, req.num_computed_tokens)
-            if req.num_computed_tokens < req.num_tokens:
+            if not samples:
                 continue  # a prefill chunk that does not reach the end samples nothing
             token = int(sampled[i])
             i += 1

@@ -14,8 +14,7 @@ import numpy as np
 
 from minivllm.config import EngineConfig
 from minivllm.core.block_allocator import BlockAllocator
-from minivllm.core.request import Request
-from minivllm.core.scheduler_ref import Scheduler
+from minivllm.core.scheduler import Request, Scheduler
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.layers.sampler import SamplerOutput
 from minivllm.loader import load_tokenizer, resolve_model

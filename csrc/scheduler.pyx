@@ -1,0 +1,818 @@
+# cython: language_level=3
+"""The scheduler's policy compiled: continuous batching over C data, for the engine's step loop.
+
+The readable specification is minivllm/core/scheduler_ref.py (with core/request.py): this module
+must behave exactly like it -- the same batches, admissions, results, block tables and
+preemptions for any sequence of calls; tests/test_scheduler.py drives both side by side. Read the
+reference first; comments here explain how the C version gets the same result without
+per-request Python work.
+
+How the state is kept
+- `Request` is a cdef class with the reference's attribute names. What the step loops read (token
+  counts, slot, priority, stop ids, the token buffer) are C fields; the Python-facing objects
+  (the id, params, the frozensets, the numpy token buffer) ride along for the engine.
+- The waiting and running queues are C ring buffers of *borrowed* Request pointers. The owning
+  references live in `requests` (id -> Request), which holds every unfinished request; a request
+  leaves it only after it has left both queues. The one other place a request can be named is
+  this step's rows: a request aborted between schedule() and update() is kept alive in
+  `_aborted_rows` until the rows are cleared.
+- This step's rows (request, tokens to compute) are C arrays; each Request remembers its row
+  (-1 when not scheduled), which answers the reference's "is it already scheduled" in O(1).
+- schedule() writes the batch into buffers preallocated for the largest possible step; the
+  ScheduledBatch holds views of them, valid until the next schedule(). update() writes each
+  sampled row's slot, token and finish code into preallocated arrays as well (`out_slots`,
+  `out_tokens`, `out_finish`, codes indexing FINISH_REASONS), for publishers that want no tuples.
+- The allocator is the Cython BlockAllocator, driven through its nogil C API.
+"""
+cimport cython
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport PyObject
+from libc.stdint cimport int8_t, int32_t, int64_t
+from libc.string cimport memcpy
+
+import time
+
+import numpy as np
+cimport numpy as cnp
+
+from minivllm._cext.block_allocator cimport BlockAllocator
+
+from minivllm.core.batch import ScheduledBatch
+from minivllm.core.request import RequestStatus
+
+cnp.import_array()
+
+# Request states; the `status` property maps them to RequestStatus members.
+cdef enum:
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+_STATUS = (RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.FINISHED)
+
+# Finish codes, as update() writes them into `out_finish`; FINISH_REASONS[code] is the string.
+cdef enum:
+    NOT_FINISHED = 0
+    STOP = 1
+    LENGTH = 2
+    ABORT = 3
+
+cdef tuple REASONS = (None, "stop", "length", "abort")  # typed: indexed in C on the hot path
+FINISH_REASONS = REASONS
+
+# The three passes over the running queue (the reference's _schedule_running flags).
+cdef enum:
+    DECODES_FIRST = 0
+    PREFILLS_ONLY = 1
+    DECODES_ONLY = 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Request
+# ------------------------------------------------------------------------------------------------
+@cython.final
+cdef class Request:
+    """One sequence's scheduling state. Constructor and attributes: core/request.py's Request.
+
+    The counters are read-only from Python: the scheduler owns them, and its C loops trust them
+    (num_tokens indexes the token buffer). The fields every step reads come first, so that
+    they share the object's first cache lines.
+    """
+    cdef int64_t* tokens                   # token_ids' data
+    cdef readonly int64_t num_tokens
+    cdef readonly int64_t num_computed_tokens
+    cdef readonly int32_t slot
+    cdef int state                         # WAITING, RUNNING or FINISHED
+    cdef Py_ssize_t row                    # row in this step's batch, or -1
+    cdef readonly int64_t num_prompt_tokens
+    cdef readonly int64_t max_total_tokens
+    cdef int64_t min_tokens
+    cdef const int64_t* stop_tokens        # eos_ids | stop_ids, in C
+    cdef Py_ssize_t num_stop_tokens
+    cdef readonly int64_t priority
+    cdef readonly int64_t arrival_seq      # tie-breaker: earlier arrivals go first
+
+    cdef readonly int64_t num_cached_tokens
+    cdef readonly double arrival_time
+    cdef readonly object request_id
+    cdef readonly object params
+    cdef readonly cnp.ndarray token_ids    # int64 [max_total_tokens]: the prompt, then outputs
+    cdef readonly object finish_reason
+    cdef readonly frozenset eos_ids
+    cdef readonly frozenset stop_ids
+    cdef cnp.ndarray _stop_array           # owns stop_tokens
+
+    def __init__(self, request_id, prompt_token_ids, params, eos_token_ids,
+                 int64_t max_model_len, int64_t arrival_seq, double arrival_time,
+                 int64_t priority=0):
+        self.request_id = request_id
+        self.params = params
+        self.priority = priority
+        self.arrival_seq = arrival_seq
+        self.arrival_time = arrival_time
+        self.num_prompt_tokens = len(prompt_token_ids)
+        max_new = params.max_tokens or max_model_len
+        self.max_total_tokens = min(max_model_len, self.num_prompt_tokens + max_new)
+        self.token_ids = np.zeros(self.max_total_tokens, dtype=np.int64)
+        self.token_ids[:self.num_prompt_tokens] = prompt_token_ids
+        self.tokens = <int64_t*>cnp.PyArray_DATA(self.token_ids)
+        self.num_tokens = self.num_prompt_tokens
+        self.slot = -1
+        self.state = WAITING
+        self.row = -1
+        self.eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)
+        self.stop_ids = frozenset(params.stop_token_ids)
+        # eos and stop ids end a request alike: one C array serves the check.
+        self._stop_array = np.array(sorted(self.eos_ids | self.stop_ids), dtype=np.int64)
+        self.stop_tokens = <const int64_t*>cnp.PyArray_DATA(self._stop_array)
+        self.num_stop_tokens = len(self._stop_array)
+        self.min_tokens = params.min_tokens
+
+    @property
+    def status(self):
+        return _STATUS[self.state]
+
+    @property
+    def output_token_ids(self):
+        return self.token_ids[self.num_prompt_tokens:self.num_tokens]
+
+    @property
+    def num_output_tokens(self):
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def sort_key(self):
+        return (self.priority, self.arrival_seq)
+
+    def append_token(self, int64_t token):
+        """Record a sampled token; return the finish reason if the request is now done."""
+        if self.num_tokens >= self.max_total_tokens:
+            raise IndexError(f"request {self.request_id!r} already holds {self.num_tokens} tokens")
+        return REASONS[self.append(token)]
+
+    cdef inline int append(self, int64_t token) noexcept:
+        """append_token's C core: the caller guarantees room in the buffer."""
+        self.tokens[self.num_tokens] = token
+        self.num_tokens += 1
+        if self.num_tokens - self.num_prompt_tokens >= self.min_tokens and self.is_stop(token):
+            return STOP
+        if self.num_tokens >= self.max_total_tokens:
+            return LENGTH
+        return NOT_FINISHED
+
+    cdef inline bint is_stop(self, int64_t token) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.num_stop_tokens):  # a handful of ids: a scan beats a hash
+            if self.stop_tokens[i] == token:
+                return True
+        return False
+
+    cdef inline int64_t remaining(self) noexcept:
+        """Tokens not computed yet: 1 for a decode, more for a prefill."""
+        return self.num_tokens - self.num_computed_tokens
+
+
+cdef inline bint goes_before(Request a, Request b) noexcept:
+    """a.sort_key < b.sort_key: lower priority value, then earlier arrival, goes first."""
+    return a.priority < b.priority or (a.priority == b.priority and a.arrival_seq < b.arrival_seq)
+
+
+# ------------------------------------------------------------------------------------------------
+# Queue: an order-keeping ring buffer of borrowed Request pointers. O(1) at both ends (admission
+# pops the front, preemption pushes it, arrivals append); a removal inside shifts the tail, as
+# the reference's list.remove does.
+# ------------------------------------------------------------------------------------------------
+cdef struct Queue:
+    PyObject** items
+    Py_ssize_t cap      # a power of two, so that an index wraps with a mask
+    Py_ssize_t head     # where item 0 is
+    Py_ssize_t size
+
+
+cdef int q_init(Queue* q, Py_ssize_t min_cap) except -1:
+    q.cap = 1
+    while q.cap < min_cap:
+        q.cap <<= 1
+    q.items = <PyObject**>PyMem_Malloc(q.cap * sizeof(PyObject*))
+    if q.items == NULL:
+        raise MemoryError()
+    q.head = 0
+    q.size = 0
+    return 0
+
+
+cdef inline PyObject* q_at(const Queue* q, Py_ssize_t i) noexcept nogil:
+    return q.items[(q.head + i) & (q.cap - 1)]
+
+
+cdef inline void q_set(Queue* q, Py_ssize_t i, PyObject* x) noexcept nogil:
+    q.items[(q.head + i) & (q.cap - 1)] = x
+
+
+cdef int q_grow(Queue* q) except -1:
+    """Double the capacity, unrolling the ring so that item 0 lands at index 0."""
+    cdef PyObject** items = <PyObject**>PyMem_Malloc(2 * q.cap * sizeof(PyObject*))
+    if items == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t i
+    for i in range(q.size):
+        items[i] = q_at(q, i)
+    PyMem_Free(q.items)
+    q.items = items
+    q.cap *= 2
+    q.head = 0
+    return 0
+
+
+cdef int q_insert(Queue* q, Py_ssize_t i, PyObject* x) except -1:
+    """Insert x before item i (i == size appends)."""
+    if q.size == q.cap:
+        q_grow(q)
+    cdef Py_ssize_t j
+    if i == 0:
+        q.head = (q.head - 1) & (q.cap - 1)
+    else:
+        for j in range(q.size, i, -1):
+            q_set(q, j, q_at(q, j - 1))
+    q_set(q, i, x)
+    q.size += 1
+    return 0
+
+
+cdef void q_remove_at(Queue* q, Py_ssize_t i) noexcept nogil:
+    cdef Py_ssize_t j
+    if i == 0:
+        q.head = (q.head + 1) & (q.cap - 1)
+    else:
+        for j in range(i, q.size - 1):
+            q_set(q, j, q_at(q, j + 1))
+    q.size -= 1
+
+
+cdef void q_remove(Queue* q, PyObject* x) noexcept nogil:
+    """Remove x, known to be queued."""
+    cdef Py_ssize_t i = 0
+    while q_at(q, i) != x:
+        i += 1
+    q_remove_at(q, i)
+
+
+cdef list q_list(const Queue* q):
+    return [<object>q_at(q, i) for i in range(q.size)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Scheduler
+# ------------------------------------------------------------------------------------------------
+def _ignore_release(slot):
+    pass
+
+
+cdef inline int64_t* i64(cnp.ndarray a) noexcept:
+    return <int64_t*>cnp.PyArray_DATA(a)
+
+
+@cython.final
+cdef class Scheduler:
+    """Continuous batching with the reference's policy (API: scheduler_ref.Scheduler)."""
+    cdef readonly object config
+    cdef readonly BlockAllocator allocator
+    cdef readonly int32_t block_size
+    cdef readonly int64_t max_model_len
+    cdef public object clock
+    cdef public object on_release          # told when a running request gives its slot back
+    cdef readonly dict requests            # id -> Request: owns every unfinished request
+    cdef readonly int64_t num_preemptions
+
+    # The policy knobs, read once from config.
+    cdef Py_ssize_t max_num_seqs
+    cdef int64_t token_budget
+    cdef bint chunked_prefill, decode_first, by_priority
+    cdef double batch_wait_s
+    cdef int64_t max_blocks_per_seq
+    cdef const int32_t* alloc_tables       # the allocator's block_tables, [max_seqs, max_blocks]
+    cdef const int32_t* alloc_num_blocks   # the allocator's num_seq_blocks, [max_seqs]
+
+    cdef Queue waiting_q, running_q
+    cdef int32_t* free_slots               # a stack: slot 0 comes out first
+    cdef Py_ssize_t num_free_slots
+    cdef int64_t rr                        # round-robin start of decodes under prefill-first
+    cdef PyObject** order                  # scratch: one pass's visiting order
+
+    # This step's rows: the request and how many tokens it computes.
+    cdef PyObject** row_req
+    cdef int64_t* row_len
+    cdef Py_ssize_t num_rows
+    cdef Py_ssize_t num_samples            # rows that sample a token (update() expects as many)
+    cdef list _aborted_rows                # keeps requests aborted mid-step alive for update()
+
+    # The batch buffers (numpy, so the ScheduledBatch can hold views) and their data.
+    cdef cnp.ndarray _input_ids, _positions, _slot_mapping, _query_start, _seq_lens
+    cdef cnp.ndarray _block_tables, _slots, _sample_rows
+    cdef int64_t* input_ids
+    cdef int64_t* positions
+    cdef int64_t* slot_mapping
+    cdef int64_t* query_start
+    cdef int64_t* seq_lens
+    cdef int32_t* block_tables
+    cdef int64_t* slots
+    cdef int64_t* sample_rows
+
+    # What each row of the block-table buffer already holds (see _write_block_tables): the
+    # first `copied` entries of one slot tenancy's table, at one width. A slot's tenancy number
+    # grows each time the slot is released.
+    cdef int64_t* slot_tenancy
+    cdef int64_t* held_slot
+    cdef int64_t* held_tenancy
+    cdef int64_t* held_width
+    cdef int64_t* held_copied
+
+    # update()'s outputs, one entry per sampled row.
+    cdef cnp.ndarray _out_slots, _out_tokens, _out_finish
+    cdef Py_ssize_t num_out
+
+    def __init__(self, config, BlockAllocator allocator not None, int64_t max_model_len,
+                 clock=time.monotonic, on_release=_ignore_release):
+        if allocator.max_seqs < config.max_num_seqs:
+            raise ValueError(f"the allocator has {allocator.max_seqs} slots, fewer than "
+                             f"max_num_seqs={config.max_num_seqs}")
+        self.config = config
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.max_model_len = max_model_len
+        self.clock = clock
+        self.on_release = on_release
+        self.requests = {}
+        self._aborted_rows = []
+        self.max_num_seqs = config.max_num_seqs
+        self.token_budget = config.max_num_batched_tokens
+        self.chunked_prefill = config.enable_chunked_prefill
+        self.decode_first = config.policy == "decode-first"
+        self.by_priority = config.priority == "priority"
+        self.batch_wait_s = config.batch_wait_ms / 1000.0
+        self.max_blocks_per_seq = allocator.max_blocks_per_seq
+        self.alloc_tables = <const int32_t*>cnp.PyArray_DATA(allocator.block_tables)
+        self.alloc_num_blocks = <const int32_t*>cnp.PyArray_DATA(allocator.num_seq_blocks)
+        self._init_state()
+        self._init_buffers()
+
+    cdef int _init_state(self) except -1:
+        cdef Py_ssize_t n = self.max_num_seqs, i
+        q_init(&self.waiting_q, n)
+        q_init(&self.running_q, n)  # never grows: at most max_num_seqs run
+        self.free_slots = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
+        self.order = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
+        self.row_req = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
+        self.row_len = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.slot_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.held_slot = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.held_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.held_width = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.held_copied = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        if not (self.free_slots and self.order and self.row_req and self.row_len
+                and self.slot_tenancy and self.held_slot and self.held_tenancy
+                and self.held_width and self.held_copied):
+            raise MemoryError()
+        for i in range(n):
+            self.free_slots[i] = <int32_t>(n - 1 - i)
+            self.slot_tenancy[i] = 0
+            self.held_slot[i] = -1  # holds nothing yet
+        self.num_free_slots = n
+        return 0
+
+    cdef int _init_buffers(self) except -1:
+        """Sized for the largest step: every row a request, every budget token scheduled."""
+        cdef Py_ssize_t rows = self.max_num_seqs, tokens = self.token_budget
+        self._input_ids = np.zeros(tokens, np.int64)
+        self._positions = np.zeros(tokens, np.int64)
+        self._slot_mapping = np.zeros(tokens, np.int64)
+        self._query_start = np.zeros(rows + 1, np.int64)
+        self._seq_lens = np.zeros(rows, np.int64)
+        # Flat, so that the [rows, max_blocks] view of a step is contiguous.
+        self._block_tables = np.zeros(rows * self.max_blocks_per_seq, np.int32)
+        self._slots = np.zeros(rows, np.int64)
+        self._sample_rows = np.zeros(rows, np.int64)
+        self.input_ids = i64(self._input_ids)
+        self.positions = i64(self._positions)
+        self.slot_mapping = i64(self._slot_mapping)
+        self.query_start = i64(self._query_start)
+        self.seq_lens = i64(self._seq_lens)
+        self.block_tables = <int32_t*>cnp.PyArray_DATA(self._block_tables)
+        self.slots = i64(self._slots)
+        self.sample_rows = i64(self._sample_rows)
+        self._out_slots = np.zeros(rows, np.int64)
+        self._out_tokens = np.zeros(rows, np.int64)
+        self._out_finish = np.zeros(rows, np.int8)
+        return 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.waiting_q.items)
+        PyMem_Free(self.running_q.items)
+        PyMem_Free(self.free_slots)
+        PyMem_Free(self.order)
+        PyMem_Free(self.row_req)
+        PyMem_Free(self.row_len)
+        PyMem_Free(self.slot_tenancy)
+        PyMem_Free(self.held_slot)
+        PyMem_Free(self.held_tenancy)
+        PyMem_Free(self.held_width)
+        PyMem_Free(self.held_copied)
+
+    # ---- inspection ---------------------------------------------------------------------------
+    @property
+    def waiting(self):
+        return q_list(&self.waiting_q)
+
+    @property
+    def running(self):
+        return q_list(&self.running_q)
+
+    @property
+    def out_slots(self):
+        """Slot of each row sampled by the last update() (the slot it held during the step)."""
+        return self._out_slots[:self.num_out]
+
+    @property
+    def out_tokens(self):
+        return self._out_tokens[:self.num_out]
+
+    @property
+    def out_finish(self):
+        """Finish code of each sampled row: FINISH_REASONS[code] is the reason (0: none)."""
+        return self._out_finish[:self.num_out]
+
+    # ---- queue management ---------------------------------------------------------------------
+    def add_request(self, Request req not None):
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.state != WAITING or req.slot >= 0:
+            raise ValueError(f"request {req.request_id!r} was already scheduled once")
+        if req.num_tokens >= req.max_total_tokens:  # the C loops write outputs without checks
+            raise ValueError(f"request {req.request_id!r}: its prompt leaves no room for output")
+        self.requests[req.request_id] = req
+        self._enqueue(req, False)
+
+    def abort(self, request_id):
+        cdef Request req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.state == WAITING:
+            q_remove(&self.waiting_q, <PyObject*>req)
+        else:
+            q_remove(&self.running_q, <PyObject*>req)
+            self._release(req)
+        if req.row >= 0:
+            self._aborted_rows.append(req)
+        self._finish(req, ABORT)
+        return req
+
+    def has_unfinished(self):
+        return self.waiting_q.size > 0 or self.running_q.size > 0
+
+    # ---- one step -----------------------------------------------------------------------------
+    def schedule(self):
+        """Pick this step's work. Returns (batch or None, requests that just got a slot)."""
+        cdef list admitted = []
+        self._clear_rows()
+        if self._in_batch_window():
+            return None, admitted
+        cdef int64_t budget = self.token_budget
+        if self.decode_first:
+            budget = self._schedule_running(budget, DECODES_FIRST)
+            self._admit_waiting(budget, admitted)
+        else:
+            budget = self._schedule_running(budget, PREFILLS_ONLY)
+            budget = self._admit_waiting(budget, admitted)
+            self._schedule_running(budget, DECODES_ONLY)
+        # Unlike the reference, no filter of `admitted`: an admitted request is a row of this
+        # step, and rows are never preempted, so every admitted request is still running.
+        if self.num_rows == 0:
+            return None, admitted
+        return self._build_batch(), admitted
+
+    def update(self, sampled):
+        """Apply this step's sampled tokens (one per sampling row, in row order).
+
+        Returns one (request, token, finish reason) per sampled row; `out_slots`, `out_tokens`
+        and `out_finish` hold the same as arrays.
+        """
+        cdef list results = []
+        self._apply_sampled(sampled, results)
+        return results
+
+    def update_arrays(self, sampled):
+        """update() without the result tuples: returns the number of sampled rows, whose slots,
+        tokens and finish codes are in `out_slots`, `out_tokens` and `out_finish`."""
+        return self._apply_sampled(sampled, None)
+
+    # ---- policy -------------------------------------------------------------------------------
+    cdef int64_t _schedule_running(self, int64_t budget, int mode) except -1:
+        cdef Py_ssize_t i, n = self._order_running(mode)
+        cdef int64_t remaining, chunk
+        cdef Request req
+        for i in range(n):
+            if budget == 0:
+                break
+            req = <Request>self.order[i]
+            remaining = req.remaining()
+            if req.state != RUNNING or req.row >= 0 \
+                    or (mode == PREFILLS_ONLY and remaining == 1) \
+                    or (mode == DECODES_ONLY and remaining > 1):
+                continue  # preempted earlier in this pass, already scheduled, or not this pass's
+            chunk = self._chunk(remaining, budget)
+            if chunk and self._allocate_or_preempt(req, chunk):
+                self._add_row(req, chunk)
+                budget -= chunk
+        return budget
+
+    cdef Py_ssize_t _order_running(self, int mode) noexcept:
+        """Copy the running queue into `order` in the pass's visiting order: a snapshot, since
+        preemption edits the queue during the pass (the reference iterates a copy too)."""
+        cdef Queue* q = &self.running_q
+        cdef Py_ssize_t i, k = 0, n = q.size, start
+        if mode == DECODES_FIRST:
+            # The reference's stable sort on "is a prefill": decodes, then prefills, each in
+            # queue order.
+            for i in range(n):
+                if (<Request>q_at(q, i)).remaining() <= 1:
+                    self.order[k] = q_at(q, i)
+                    k += 1
+            for i in range(n if k < n else 0):  # steady decode has no prefill to look for
+                if (<Request>q_at(q, i)).remaining() > 1:
+                    self.order[k] = q_at(q, i)
+                    k += 1
+        elif mode == DECODES_ONLY and n > 0:
+            start = self.rr % n  # round robin: a different decode first each step
+            self.rr += 1
+            for i in range(n):
+                self.order[i] = q_at(q, (start + i) % n)
+        else:
+            for i in range(n):
+                self.order[i] = q_at(q, i)
+        return n
+
+    cdef int64_t _admit_waiting(self, int64_t budget, list admitted) except -1:
+        cdef Request req
+        cdef int64_t cached, chunk
+        while self.waiting_q.size and budget > 0 and self.running_q.size < self.max_num_seqs:
+            req = <Request>q_at(&self.waiting_q, 0)
+            self.num_free_slots -= 1  # fewer than max_num_seqs run, so a slot is free
+            req.slot = self.free_slots[self.num_free_slots]
+            cached = self._match_prefix(req)
+            chunk = self._chunk(req.num_tokens - cached, budget)
+            if not chunk or not self._allocate(req.slot, cached + chunk):
+                self._release(req)  # no room now: it stays first in line
+                break
+            q_remove_at(&self.waiting_q, 0)
+            if req.num_tokens == req.num_prompt_tokens:  # not a resumed preemption
+                req.num_cached_tokens = cached
+            req.num_computed_tokens = cached
+            req.state = RUNNING
+            q_insert(&self.running_q, self.running_q.size, <PyObject*>req)
+            self._add_row(req, chunk)
+            admitted.append(req)
+            budget -= chunk
+        return budget
+
+    cdef inline int64_t _chunk(self, int64_t remaining, int64_t budget) noexcept:
+        """Tokens to compute this step; 0 when an unchunked prefill does not fit."""
+        if remaining <= budget:
+            return remaining
+        return budget if self.chunked_prefill else 0
+
+    cdef int _allocate_or_preempt(self, Request req, int64_t n) except -1:
+        """Find blocks for n more tokens, preempting the lowest-priority, latest request."""
+        cdef Request victim
+        while not self._allocate(req.slot, req.num_computed_tokens + n):
+            victim = self._pick_victim()
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    cdef Request _pick_victim(self):
+        """The running request with the largest sort key, among those not scheduled yet (the
+        first such on ties, as max() picks). The requester itself is one, so there is one."""
+        cdef Request victim = None, req
+        cdef Py_ssize_t i
+        for i in range(self.running_q.size):
+            req = <Request>q_at(&self.running_q, i)
+            if req.row < 0 and (victim is None or goes_before(victim, req)):
+                victim = req
+        return victim
+
+    cdef int _preempt(self, Request req) except -1:
+        q_remove(&self.running_q, <PyObject*>req)
+        self._release(req)
+        req.num_computed_tokens = 0
+        req.state = WAITING
+        self.num_preemptions += 1
+        self._enqueue(req, True)
+        return 0
+
+    cdef bint _in_batch_window(self) except -1:
+        """An idle engine waits for more arrivals before its first prefill (dynamic batching)."""
+        if not (self.batch_wait_s > 0 and self.running_q.size == 0
+                and 0 < self.waiting_q.size < self.max_num_seqs):
+            return False
+        cdef Request first = <Request>q_at(&self.waiting_q, 0)
+        return self.clock() - first.arrival_time < self.batch_wait_s
+
+    # ---- allocator calls (its C API reports misuse by return value; here that is a bug) ---------
+    cdef int64_t _match_prefix(self, Request req) except -1:
+        cdef int64_t cached = self.allocator.c_match_prefix_i64(req.slot, req.tokens, req.num_tokens)
+        if cached < 0:
+            raise RuntimeError(f"match_prefix refused slot {req.slot}")
+        return cached
+
+    cdef bint _allocate(self, int32_t slot, int64_t num_tokens) except -1:
+        cdef int rc = self.allocator.c_allocate(slot, num_tokens)
+        if rc < 0:
+            raise ValueError(f"{num_tokens} tokens exceed max_blocks_per_seq="
+                             f"{self.max_blocks_per_seq} blocks of {self.block_size}")
+        return rc
+
+    cdef int _commit(self, Request req) except -1:
+        if self.allocator.c_commit_i64(req.slot, req.tokens, req.num_computed_tokens) < 0:
+            raise RuntimeError(f"commit refused slot {req.slot}")
+        return 0
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+    cdef int _enqueue(self, Request req, bint front) except -1:
+        if self.by_priority:
+            q_insert(&self.waiting_q, self._insort_index(req), <PyObject*>req)
+        elif front:
+            q_insert(&self.waiting_q, 0, <PyObject*>req)
+        else:
+            q_insert(&self.waiting_q, self.waiting_q.size, <PyObject*>req)
+        return 0
+
+    cdef Py_ssize_t _insort_index(self, Request req) noexcept:
+        """bisect.insort's position by sort key: after the equal keys (the same bisection, so
+        the same answer even on a queue that is not sorted)."""
+        cdef Py_ssize_t lo = 0, hi = self.waiting_q.size, mid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if goes_before(req, <Request>q_at(&self.waiting_q, mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    cdef int _release(self, Request req) except -1:
+        if req.slot >= 0:
+            if req.state == RUNNING:
+                self.on_release(req.slot)
+            self.allocator.c_free(req.slot)
+            self.slot_tenancy[req.slot] += 1
+            self.free_slots[self.num_free_slots] = req.slot
+            self.num_free_slots += 1
+            req.slot = -1
+        return 0
+
+    cdef int _finish(self, Request req, int code) except -1:
+        req.state = FINISHED
+        req.finish_reason = REASONS[code]
+        del self.requests[req.request_id]
+        return 0
+
+    cdef inline void _add_row(self, Request req, int64_t n) noexcept:
+        self.row_req[self.num_rows] = <PyObject*>req
+        self.row_len[self.num_rows] = n
+        req.row = self.num_rows
+        self.num_rows += 1
+
+    cdef int _clear_rows(self) except -1:
+        """Forget the last step's rows (update() normally did already)."""
+        cdef Py_ssize_t i
+        for i in range(self.num_rows):
+            (<Request>self.row_req[i]).row = -1
+        self.num_rows = 0
+        self.num_samples = 0
+        if self._aborted_rows:
+            self._aborted_rows.clear()
+        return 0
+
+    # ---- the batch ----------------------------------------------------------------------------
+    cdef object _build_batch(self):
+        """Write this step's rows into the batch buffers; return views of them."""
+        cdef Py_ssize_t i, rows = self.num_rows
+        cdef int64_t t = 0, start, n, end, max_len = 0, num_blocks
+        cdef Request req
+        for i in range(rows):
+            req = <Request>self.row_req[i]
+            n = self.row_len[i]
+            start = req.num_computed_tokens
+            end = start + n
+            self.query_start[i] = t
+            self.seq_lens[i] = end
+            self.slots[i] = req.slot
+            self._write_tokens(req, start, n, t)
+            if end == req.num_tokens:
+                self.sample_rows[self.num_samples] = i
+                self.num_samples += 1
+            if end > max_len:
+                max_len = end
+            t += n
+        self.query_start[rows] = t
+        num_blocks = (max_len + self.block_size - 1) // self.block_size
+        self._write_block_tables(num_blocks)
+        return ScheduledBatch(
+            input_ids=self._input_ids[:t], positions=self._positions[:t],
+            slot_mapping=self._slot_mapping[:t], query_start_loc=self._query_start[:rows + 1],
+            seq_lens=self._seq_lens[:rows],
+            block_tables=self._block_tables[:rows * num_blocks].reshape(rows, num_blocks),
+            slots=self._slots[:rows], sample_rows=self._sample_rows[:self.num_samples])
+
+    cdef inline void _write_tokens(self, Request req, int64_t start, int64_t n,
+                                   int64_t t) noexcept:
+        """The request's tokens start..start+n-1, their positions and KV-cache slots, from
+        token t of the batch. (A loop, not memcpy: most rows are one decode token.)"""
+        cdef const int32_t* table = self.alloc_tables + <int64_t>req.slot * self.max_blocks_per_seq
+        cdef int64_t j, bs = self.block_size
+        cdef int64_t block = start // bs, offset = start % bs  # then counted, not divided
+        for j in range(n):
+            self.input_ids[t + j] = req.tokens[start + j]
+            self.positions[t + j] = start + j
+            self.slot_mapping[t + j] = <int64_t>table[block] * bs + offset
+            offset += 1
+            if offset == bs:
+                offset = 0
+                block += 1
+
+    cdef void _write_block_tables(self, int64_t width) noexcept nogil:
+        """Each row's first `width` table entries, rows packed (a [rows, width] array).
+
+        The buffer persists across steps, and a slot's table only grows at its end until the
+        slot is released. So a row that holds the same slot tenancy at the same width as before
+        needs only the entries appended since -- in steady decode none or one, not the row.
+        """
+        cdef Py_ssize_t i
+        cdef int64_t slot, have, now
+        cdef int32_t* dst
+        cdef const int32_t* src
+        for i in range(self.num_rows):
+            slot = self.slots[i]
+            dst = self.block_tables + i * width
+            src = self.alloc_tables + slot * self.max_blocks_per_seq
+            now = min(<int64_t>self.alloc_num_blocks[slot], width)
+            if (self.held_slot[i] == slot and self.held_tenancy[i] == self.slot_tenancy[slot]
+                    and self.held_width[i] == width):
+                have = self.held_copied[i]
+                if now > have:
+                    memcpy(dst + have, src + have, (now - have) * sizeof(int32_t))
+            else:
+                memcpy(dst, src, width * sizeof(int32_t))  # zeros past the table's end too
+                self.held_slot[i] = slot
+                self.held_tenancy[i] = self.slot_tenancy[slot]
+                self.held_width[i] = width
+            self.held_copied[i] = now
+
+    # ---- update -------------------------------------------------------------------------------
+    cdef Py_ssize_t _apply_sampled(self, sampled, list results) except -1:
+        """update()'s loop: advance every row, append sampled tokens, finish what stops.
+        Appends result tuples to `results` unless it is None."""
+        cdef cnp.ndarray arr = np.ascontiguousarray(sampled, dtype=np.int64)
+        if arr.ndim != 1 or arr.shape[0] < self.num_samples:
+            raise ValueError(f"update() needs {self.num_samples} sampled tokens in a 1-D array, "
+                             f"got shape {np.shape(sampled)}")
+        cdef const int64_t* tokens = i64(arr)
+        cdef int64_t* out_slots = i64(self._out_slots)
+        cdef int64_t* out_tokens = i64(self._out_tokens)
+        cdef int8_t* out_finish = <int8_t*>cnp.PyArray_DATA(self._out_finish)
+        cdef Py_ssize_t i, k = 0, m = 0
+        cdef int64_t n, token
+        cdef bint samples
+        cdef int code
+        cdef Request req
+        for i in range(self.num_rows):
+            req = <Request>self.row_req[i]
+            n = self.row_len[i]
+            req.row = -1
+            samples = req.num_computed_tokens + n == req.num_tokens
+            if req.state != RUNNING:
+                k += samples  # aborted after it was scheduled: its row was sampled all the same
+                continue
+            req.num_computed_tokens += n
+            self._commit(req)
+            if not samples:
+                continue  # a prefill chunk that does not reach the end samples nothing
+            token = tokens[k]
+            k += 1
+            code = req.append(token)
+            out_slots[m] = req.slot
+            out_tokens[m] = token
+            out_finish[m] = code
+            m += 1
+            if code != NOT_FINISHED:
+                q_remove(&self.running_q, <PyObject*>req)
+                self._release(req)
+                self._finish(req, code)  # `req` (a local reference) keeps it alive here
+            if results is not None:
+                results.append((req, token, REASONS[code]))
+        self.num_rows = 0
+        self.num_samples = 0
+        self.num_out = m
+        if self._aborted_rows:
+            self._aborted_rows.clear()
+        return m

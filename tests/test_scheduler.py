@@ -1,0 +1,460 @@
+"""Scheduler: the Cython version against its pure-Python reference, plus directed tests.
+
+The differential test drives both schedulers (each over its own allocator: Cython over Cython,
+reference over reference) with the same random workload -- arrivals between steps, shared
+prefixes, stop rules, aborts at any point, priorities, both policies, chunked prefill on and off,
+KV budgets small enough to preempt, prefix caching on and off -- and requires identical batches,
+admissions, results, block tables, allocator state and preemption counts after every step, and
+the scheduler's invariants. Tokens come from a deterministic "sampler": a function of the request
+and the position, so both sides (and any rerun) see the same stream. Directed tests run on both
+implementations.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from minivllm.config import SchedulerConfig
+from minivllm.core import request as ref_request
+from minivllm.core import scheduler_ref
+from minivllm.core.batch import ScheduledBatch
+from minivllm.core.block_allocator_ref import BlockAllocator as RefAllocator
+from minivllm.core.request import RequestStatus
+from minivllm.sampling_params import SamplingParams
+
+cext = pytest.importorskip("minivllm._cext.scheduler",
+                           reason="Cython extension not built (python setup.py build_ext --inplace)")
+from minivllm._cext.block_allocator import BlockAllocator as CAllocator  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    scheduler: type
+    allocator: type
+    request: type
+
+
+REF = Impl(scheduler_ref.Scheduler, RefAllocator, ref_request.Request)
+CYTHON = Impl(cext.Scheduler, CAllocator, cext.Request)
+IMPLS = [pytest.param(REF, id="ref"), pytest.param(CYTHON, id="cython")]
+
+VOCAB = 10  # small, so that sampled tokens hit eos and stop ids often
+EOS = 1
+
+
+def fake_token(request_id: str, position: int) -> int:
+    """The test's sampler: a fixed function of (request, position of the new token)."""
+    x = (zlib.crc32(request_id.encode()) * 0x9E3779B1 + position * 0x85EBCA77) & 0xFFFFFFFF
+    return (x ^ (x >> 13)) % VOCAB
+
+
+class Side:
+    """One implementation's scheduler, allocator and release log, driven by the test."""
+
+    def __init__(self, impl: Impl, config: SchedulerConfig, alloc_kw: dict, max_model_len: int,
+                 clock) -> None:
+        self.impl = impl
+        self.allocator = impl.allocator(**alloc_kw)
+        self.released: list[int] = []
+        self.scheduler = impl.scheduler(config, self.allocator, max_model_len, clock=clock,
+                                        on_release=self.released.append)
+        self.max_model_len = max_model_len
+
+    def add(self, rid: str, prompt: list[int], params: SamplingParams, seq: int, now: float,
+            priority: int):
+        req = self.impl.request(rid, prompt, params, (EOS,), self.max_model_len, seq, now,
+                                priority)
+        self.scheduler.add_request(req)
+        return req
+
+    def sampled(self, batch: ScheduledBatch) -> np.ndarray:
+        """The sampler's tokens for the batch's sampling rows."""
+        by_slot = {r.slot: r.request_id for r in self.scheduler.running}
+        return np.array([fake_token(by_slot[int(batch.slots[row])], int(batch.seq_lens[row]))
+                         for row in batch.sample_rows], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# what is compared, and what must always hold
+# ------------------------------------------------------------------------------------------------
+def batch_view(batch):
+    if batch is None:
+        return None
+    return {f.name: (getattr(batch, f.name).dtype.str, getattr(batch, f.name).shape,
+                     getattr(batch, f.name).tolist()) for f in dataclasses.fields(batch)}
+
+
+def request_view(r) -> tuple:
+    return (r.request_id, r.priority, r.arrival_seq, r.num_prompt_tokens, r.max_total_tokens,
+            r.token_ids.tolist(), r.num_tokens, r.num_computed_tokens, r.num_cached_tokens,
+            r.slot, r.status, r.finish_reason, r.output_token_ids.tolist(), r.sort_key)
+
+
+def side_view(side: Side) -> tuple:
+    s, a = side.scheduler, side.allocator
+    free, lru = a._check_consistency()
+    return ([r.request_id for r in s.waiting], [r.request_id for r in s.running],
+            sorted(request_view(r) for r in s.requests.values()), s.num_preemptions,
+            list(side.released), a.block_tables.tolist(), a.num_seq_blocks.tolist(),
+            a.ref_counts.tolist(), free, lru, a.num_used_blocks, a.num_free_blocks,
+            a.num_cached_blocks, a.prefix_queries, a.prefix_hits)
+
+
+def check_invariants(side: Side) -> None:
+    s, a = side.scheduler, side.allocator
+    bs, tables, nblocks, refs = a.block_size, a.block_tables, a.num_seq_blocks, a.ref_counts
+    running, waiting = s.running, s.waiting
+    assert all(r.status is RequestStatus.RUNNING for r in running)
+    assert all(r.status is RequestStatus.WAITING and r.slot == -1 for r in waiting)
+    assert len(running) <= s.config.max_num_seqs
+    assert {r.request_id for r in running + waiting} == set(s.requests)
+    slots = {r.slot: r for r in running}
+    assert len(slots) == len(running) and all(0 <= x < a.max_seqs for x in slots)
+    for slot in range(a.max_seqs):
+        if slot not in slots:
+            assert nblocks[slot] == 0, f"slot {slot} holds blocks but no running request"
+    for r in running:
+        assert r.num_computed_tokens < r.num_tokens <= r.max_total_tokens
+        assert nblocks[r.slot] * bs >= r.num_computed_tokens
+    # Ref counts equal table references; a block in several tables is a shared prefix block:
+    # at the same index in each, holding the same tokens there.
+    holders: dict[int, list[tuple[int, int]]] = {}
+    for slot in range(a.max_seqs):
+        for i, b in enumerate(tables[slot, :nblocks[slot]].tolist()):
+            holders.setdefault(b, []).append((slot, i))
+        assert not tables[slot, nblocks[slot]:].any()
+    for b in range(a.num_blocks):
+        assert refs[b] == len(holders.get(b, ())), f"block {b}: ref count != table references"
+    for b, where in holders.items():
+        if len(where) > 1:
+            assert len({i for _, i in where}) == 1, f"block {b} shared at different positions"
+            i = where[0][1]
+            contents = {tuple(slots[slot].token_ids[i * bs:(i + 1) * bs].tolist())
+                        for slot, _ in where}
+            assert len(contents) == 1, f"block {b} shared by different prefixes"
+    used = int((refs > 0).sum())
+    cached = a.num_cached_blocks
+    assert a.num_used_blocks == used
+    assert used + (a.num_free_blocks - cached) + cached == a.num_blocks  # used + free + cached
+    assert 0 <= a.prefix_hits <= a.prefix_queries
+
+
+def check_drained(side: Side) -> None:
+    s, a = side.scheduler, side.allocator
+    assert not s.has_unfinished() and not s.requests
+    assert a.num_used_blocks == 0 and not a.ref_counts.any() and not a.block_tables.any()
+    assert a.num_free_blocks == a.num_blocks
+
+
+# ------------------------------------------------------------------------------------------------
+# the differential test
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def setups(draw):
+    block_size = draw(st.sampled_from([1, 2, 4, 8]))
+    max_model_len = draw(st.integers(8, 64))
+    config = SchedulerConfig(
+        max_num_seqs=draw(st.integers(1, 6)),
+        max_num_batched_tokens=draw(st.integers(1, 48)),
+        enable_chunked_prefill=draw(st.booleans()),
+        policy=draw(st.sampled_from(["decode-first", "prefill-first"])),
+        priority=draw(st.sampled_from(["fcfs", "priority"])),
+        batch_wait_ms=draw(st.sampled_from([0.0, 0.0, 3.0])))
+    kv_tokens = draw(st.one_of(st.integers(4, 64), st.integers(64, 256)))  # small: preemption
+    alloc_kw = dict(num_blocks=max(1, kv_tokens // block_size), block_size=block_size,
+                    max_seqs=config.max_num_seqs,
+                    max_blocks_per_seq=-(-max_model_len // block_size),
+                    enable_prefix_caching=draw(st.booleans()))
+    prefix = st.integers(0, 24).flatmap(
+        lambda n: st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n))
+    prefixes = draw(st.lists(prefix, min_size=1, max_size=3))
+    return config, alloc_kw, max_model_len, prefixes
+
+
+def draw_request(data, prefixes: list[list[int]], max_model_len: int):
+    prefix = data.draw(st.sampled_from(prefixes))
+    suffix = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=16))
+    max_tokens = data.draw(st.one_of(st.none(), st.integers(1, 12)))
+    params = SamplingParams(
+        max_tokens=max_tokens, min_tokens=data.draw(st.integers(0, max_tokens or 4)),
+        ignore_eos=data.draw(st.booleans()),
+        stop_token_ids=data.draw(st.lists(st.integers(0, VOCAB - 1), max_size=2)))
+    return (prefix + suffix)[-(max_model_len - 1):], params, data.draw(st.integers(0, 3))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(setup=setups(), data=st.data())
+def test_cython_scheduler_matches_reference(setup, data):
+    config, alloc_kw, max_model_len, prefixes = setup
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    ref, cy = (Side(impl, config, alloc_kw, max_model_len, clock) for impl in (REF, CYTHON))
+    ids: list[str] = []
+    reasons: set[str] = set()
+    num_steps = data.draw(st.integers(1, 40), label="steps with arrivals")
+    idle = 0
+    for step in range(num_steps + 200):
+        arriving = step < num_steps
+        if arriving:
+            for _ in range(data.draw(st.integers(0, 3), label="arrivals")):
+                prompt, params, priority = draw_request(data, prefixes, max_model_len)
+                rid = f"r{len(ids)}"
+                for side in (ref, cy):
+                    side.add(rid, prompt, params, len(ids), now[0], priority)
+                ids.append(rid)
+            abort_both(ref, cy, data, ids)
+        (batch_r, adm_r), (batch_c, adm_c) = ref.scheduler.schedule(), cy.scheduler.schedule()
+        assert batch_view(batch_c) == batch_view(batch_r)
+        assert [r.request_id for r in adm_c] == [r.request_id for r in adm_r]
+        if batch_r is not None:
+            sampled = ref.sampled(batch_r)
+            if arriving:
+                abort_both(ref, cy, data, ids)  # between schedule() and update()
+            res_r, res_c = ref.scheduler.update(sampled), cy.scheduler.update(sampled)
+            assert [(r.request_id, t, f) for r, t, f in res_c] == \
+                [(r.request_id, t, f) for r, t, f in res_r]
+            assert all(type(t) is int for _, t, _ in res_c)
+            reasons.update(f for _, _, f in res_r if f)
+            assert cy.scheduler.out_tokens.tolist() == [t for _, t, _ in res_c]
+            assert [cext.FINISH_REASONS[c] for c in cy.scheduler.out_finish] == \
+                [f for _, _, f in res_c]
+        assert side_view(cy) == side_view(ref)
+        check_invariants(ref)
+        check_invariants(cy)
+        now[0] += 0.001
+        idle = idle + 1 if batch_r is None else 0
+        if not arriving and (not ref.scheduler.has_unfinished() or idle > 10):
+            break  # done, or stuck (a prompt that never fits): the aborts below end it
+    event(f"preempted: {ref.scheduler.num_preemptions > 0}")
+    event(f"left unfinished: {ref.scheduler.has_unfinished()}")
+    event(f"prefix cache hits: {ref.allocator.prefix_hits > 0}")
+    event(f"finish reasons: {sorted(reasons)}")
+    for rid in ids:
+        assert (cy.scheduler.abort(rid) is None) == (ref.scheduler.abort(rid) is None)
+    assert side_view(cy) == side_view(ref)
+    check_drained(ref)
+    check_drained(cy)
+
+
+def abort_both(ref: Side, cy: Side, data, ids: list[str]) -> None:
+    if ids and data.draw(st.integers(0, 4), label="abort?") == 0:
+        rid = data.draw(st.sampled_from(ids), label="abort id")
+        got_r, got_c = ref.scheduler.abort(rid), cy.scheduler.abort(rid)
+        assert (got_c is None) == (got_r is None)
+        if got_r is not None:
+            event(f"aborted a {'scheduled' if got_r in [r for r, _ in ref.scheduler._scheduled] else 'queued'} request")
+            assert request_view(got_c) == request_view(got_r)
+
+
+# ------------------------------------------------------------------------------------------------
+# directed tests, on both implementations
+# ------------------------------------------------------------------------------------------------
+def make_side(impl: Impl, clock=lambda: 0.0, num_blocks: int = 64, block_size: int = 4,
+              max_model_len: int = 128, prefix_caching: bool = True, **sched) -> Side:
+    config = SchedulerConfig(**{"max_num_seqs": 4, "max_num_batched_tokens": 64, **sched})
+    alloc_kw = dict(num_blocks=num_blocks, block_size=block_size, max_seqs=config.max_num_seqs,
+                    max_blocks_per_seq=-(-max_model_len // block_size),
+                    enable_prefix_caching=prefix_caching)
+    return Side(impl, config, alloc_kw, max_model_len, clock)
+
+
+def run_to_end(side: Side, max_steps: int = 1000) -> tuple[dict[str, list[int]], int]:
+    """Step until nothing is left; return each request's output tokens and the number of
+    prompt tokens scheduled (computed, not served by the prefix cache)."""
+    outputs: dict[str, list[int]] = {}
+    prefill_tokens = 0
+    for _ in range(max_steps):
+        if not side.scheduler.has_unfinished():
+            return outputs, prefill_tokens
+        batch, _ = side.scheduler.schedule()
+        if batch is None:
+            continue
+        prefill_tokens += int(np.diff(batch.query_start_loc)[np.diff(batch.query_start_loc) > 1]
+                              .sum())
+        for req, token, _ in side.scheduler.update(side.sampled(batch)):
+            outputs.setdefault(req.request_id, []).append(token)
+    raise AssertionError("requests did not finish")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prefix_cache_skips_a_repeated_long_prefix(impl):
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(2, VOCAB, 64).tolist()
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    cold = make_side(impl)
+    cold.add("a", prefix + [3, 4], params, 0, 0.0, 0)
+    _, cold_tokens = run_to_end(cold)
+    hits_before = cold.allocator.prefix_hits
+    second = cold.add("b", prefix + [5, 6, 7], params, 1, 0.0, 0)
+    _, warm_tokens = run_to_end(cold)
+    assert cold_tokens == 66
+    assert second.num_cached_tokens == 64  # every full block of the shared prefix
+    assert warm_tokens == 3
+    assert cold.allocator.prefix_hits - hits_before == 16  # 64 tokens / 4 per block
+    check_drained(cold)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prefix_caching_off_recomputes(impl):
+    side = make_side(impl, prefix_caching=False)
+    prompt = list(range(2, 10)) * 4
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    side.add("a", prompt, params, 0, 0.0, 0)
+    side.add("b", prompt, params, 1, 0.0, 0)
+    _, tokens = run_to_end(side)
+    assert tokens == 2 * len(prompt) and side.allocator.prefix_hits == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_window_waits_then_releases_on_arrivals(impl):
+    now = [100.0]
+    side = make_side(impl, clock=lambda: now[0], batch_wait_ms=10.0, max_num_seqs=3)
+    params = SamplingParams(max_tokens=2)
+    side.add("a", [2, 3, 4], params, 0, now[0], 0)
+    assert side.scheduler.schedule() == (None, [])
+    now[0] += 0.005
+    side.add("b", [2, 3, 5], params, 1, now[0], 0)
+    assert side.scheduler.schedule() == (None, [])  # 5 ms of 10, 2 arrivals of 3
+    side.add("c", [2, 3, 6], params, 2, now[0], 0)  # max_num_seqs arrivals: go at once
+    batch, admitted = side.scheduler.schedule()
+    assert [r.request_id for r in admitted] == ["a", "b", "c"] and batch.num_seqs == 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_window_releases_at_the_deadline(impl):
+    now = [100.0]
+    side = make_side(impl, clock=lambda: now[0], batch_wait_ms=10.0)
+    side.add("a", [2, 3, 4], SamplingParams(max_tokens=2), 0, now[0], 0)
+    now[0] += 0.0099
+    assert side.scheduler.schedule() == (None, [])
+    now[0] += 0.0002
+    batch, admitted = side.scheduler.schedule()
+    assert [r.request_id for r in admitted] == ["a"] and batch.num_seqs == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tight_kv_budget_preempts_and_every_request_completes(impl):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(2, VOCAB, int(n)).tolist() for n in rng.integers(10, 26, 6)]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    results = []
+    for num_blocks in (256, 16):  # roomy, then 64 tokens for ~300 needed
+        side = make_side(impl, num_blocks=num_blocks)
+        for i, p in enumerate(prompts):
+            side.add(f"r{i}", p, params, i, 0.0, 0)
+        outputs, _ = run_to_end(side)
+        results.append((outputs, side.scheduler.num_preemptions))
+        check_drained(side)
+    (roomy, roomy_preempted), (tight, tight_preempted) = results
+    assert roomy_preempted == 0 and tight_preempted > 0
+    assert tight == roomy and all(len(v) == 30 for v in tight.values())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_abort_between_schedule_and_update_keeps_rows_aligned(impl):
+    side = make_side(impl)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    side.add("a", [2, 3, 4], params, 0, 0.0, 0)
+    side.add("b", [5, 6, 7], params, 1, 0.0, 0)
+    batch, _ = side.scheduler.schedule()
+    assert batch.sample_rows.tolist() == [0, 1]
+    side.scheduler.abort("a")
+    results = side.scheduler.update(np.array([8, 9]))
+    assert [(r.request_id, t) for r, t, _ in results] == [("b", 9)]  # b's row, not a's token
+    assert side.released == [0]
+    run_to_end(side)
+    check_drained(side)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stop_rules(impl):
+    side = make_side(impl)
+    side.add("eos", [2, 3], SamplingParams(max_tokens=10), 0, 0.0, 0)
+    side.add("min", [2, 3], SamplingParams(max_tokens=10, min_tokens=2), 1, 0.0, 0)
+    side.add("stop", [2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), 2, 0.0, 0)
+    side.add("len", [2, 3], SamplingParams(max_tokens=2, ignore_eos=True), 3, 0.0, 0)
+    side.scheduler.schedule()
+    got = {r.request_id: (t, f) for r, t, f in side.scheduler.update(np.array([1, 1, 3, 1]))}
+    assert got == {"eos": (1, "stop"), "min": (1, None), "stop": (3, None), "len": (1, None)}
+    side.scheduler.schedule()
+    got = {r.request_id: (t, f) for r, t, f in side.scheduler.update(np.array([1, 7, 4]))}
+    assert got == {"min": (1, "stop"), "stop": (7, "stop"), "len": (4, "length")}
+    check_drained(side)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_priority_orders_the_waiting_queue(impl):
+    side = make_side(impl, priority="priority", max_num_seqs=1)
+    params = SamplingParams(max_tokens=1)
+    for i, prio in enumerate([2, 0, 1, 0]):
+        side.add(f"r{i}", [2, 3], params, i, 0.0, prio)
+    assert [r.request_id for r in side.scheduler.waiting] == ["r1", "r3", "r2", "r0"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_duplicate_request_id_is_refused(impl):
+    side = make_side(impl)
+    side.add("a", [2, 3], SamplingParams(), 0, 0.0, 0)
+    with pytest.raises(ValueError, match="already in use"):
+        side.add("a", [2, 3], SamplingParams(), 1, 0.0, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Cython Request and Scheduler's own surface
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(), dict(max_tokens=None), dict(ignore_eos=True),
+                                    dict(stop_token_ids=[4, 5], min_tokens=2, max_tokens=3)])
+def test_request_matches_reference(kwargs):
+    params = SamplingParams(**kwargs)
+    args = ("x", [5, 6, 7], params, (4, 9), 12, 3, 1.5, 2)
+    ref, cy = ref_request.Request(*args), cext.Request(*args)
+    assert request_view(cy) == request_view(ref)
+    assert (cy.eos_ids, cy.stop_ids, cy.params, cy.arrival_time) == \
+        (ref.eos_ids, ref.stop_ids, ref.params, ref.arrival_time)
+    for token in [4, 5, 9, 4, 1, 2, 3, 4, 5]:
+        if ref.num_tokens == ref.max_total_tokens:
+            break
+        assert cy.append_token(token) == ref.append_token(token)
+        assert request_view(cy) == request_view(ref)
+
+
+def test_cython_request_counters_are_read_only():
+    req = cext.Request("x", [1, 2], SamplingParams(), (), 8, 0, 0.0)
+    with pytest.raises(AttributeError):
+        req.num_tokens = 100
+
+
+def test_cython_scheduler_needs_the_cython_allocator():
+    with pytest.raises(TypeError):
+        cext.Scheduler(SchedulerConfig(), RefAllocator(8, 4, 256, 4), 16)
+
+
+def test_cython_scheduler_refuses_a_prompt_with_no_room_for_output():
+    side = make_side(CYTHON, max_model_len=8)
+    with pytest.raises(ValueError, match="no room"):
+        side.add("a", list(range(8)), SamplingParams(), 0, 0.0, 0)
+
+
+def test_cython_update_checks_the_sampled_array():
+    side = make_side(CYTHON)
+    side.add("a", [2, 3], SamplingParams(), 0, 0.0, 0)
+    side.scheduler.schedule()
+    with pytest.raises(ValueError, match="needs 1 sampled"):
+        side.scheduler.update(np.array([], dtype=np.int64))
+
+
+def test_cython_update_arrays_publishes_without_tuples():
+    side = make_side(CYTHON)
+    side.add("a", [2, 3], SamplingParams(max_tokens=1), 0, 0.0, 0)
+    side.add("b", [2, 4, 5], SamplingParams(max_tokens=4), 1, 0.0, 0)
+    side.scheduler.schedule()
+    assert side.scheduler.update_arrays(np.array([7, 8])) == 2
+    assert side.scheduler.out_slots.tolist() == [0, 1]
+    assert side.scheduler.out_tokens.tolist() == [7, 8]
+    assert [cext.FINISH_REASONS[c] for c in side.scheduler.out_finish] == ["length", None]
+    assert side.scheduler.has_unfinished() and list(side.scheduler.requests) == ["b"]
