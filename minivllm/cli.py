@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
@@ -79,7 +78,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _engine_args(p)
         _sampling_args(p)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
     except ValueError as e:

@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence, Union
 
 from tqdm import tqdm
 
+from minivllm import logger
 from minivllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from minivllm.core.request import Request
 from minivllm.engine.engine_core import EngineCore, EngineOutput
@@ -36,6 +37,7 @@ class LLM:
     """An engine in this process. `LLM()` loads the embedded SmolLM2-135M-Instruct."""
 
     def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
+        logger.configure()
         self.engine = EngineCore(build_engine_config(model, **kwargs))
         self._next_id = 0
 
