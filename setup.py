@@ -3,7 +3,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["block_allocator", "scheduler"]
+MODULES = ["block_allocator", "scheduler", "cpu_kernels"]
 
 extensions = [
     Extension(

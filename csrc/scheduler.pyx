@@ -12,14 +12,15 @@ How the state is kept
   counts, slot, priority, stop ids, the token buffer) are C fields; the Python-facing objects
   (the id, params, the frozensets, the numpy token buffer) ride along for the engine.
 - The waiting and running queues are C ring buffers of *borrowed* Request pointers. The owning
-  references live in `requests` (id -> Request), which holds every unfinished request; a request
-  leaves it only after it has left both queues. The one other place a request can be named is
+  references live in the dict `_requests` (id -> Request; `requests` is a read-only view), which
+  holds every unfinished request; a request leaves it only after it has left both queues. The one other place a request can be named is
   this step's rows: a request aborted between schedule() and update() is kept alive in
   `_aborted_rows` until the rows are cleared.
 - This step's rows (request, tokens to compute) are C arrays; each Request remembers its row
   (-1 when not scheduled), which answers the reference's "is it already scheduled" in O(1).
 - schedule() writes the batch into buffers preallocated for the largest possible step; the
-  ScheduledBatch holds views of them, valid until the next schedule(). update() writes each
+  ScheduledBatch holds views of them, valid until the next schedule() and read-only by
+  contract (the block-table rows are reused from step to step). update() writes each
   sampled row's slot, token and finish code into preallocated arrays as well (`out_slots`,
   `out_tokens`, `out_finish`, codes indexing FINISH_REASONS), for publishers that want no tuples.
 - The allocator is the Cython BlockAllocator, driven through its nogil C API.
@@ -31,6 +32,7 @@ from libc.stdint cimport int8_t, int32_t, int64_t
 from libc.string cimport memcpy
 
 import time
+from types import MappingProxyType
 
 import numpy as np
 cimport numpy as cnp
@@ -152,11 +154,12 @@ cdef class Request:
 
     cdef inline int append(self, int64_t token) noexcept:
         """append_token's C core: the caller guarantees room in the buffer."""
-        self.tokens[self.num_tokens] = token
-        self.num_tokens += 1
-        if self.num_tokens - self.num_prompt_tokens >= self.min_tokens and self.is_stop(token):
+        cdef int64_t n = self.num_tokens + 1  # a local: the store below may alias any field
+        self.tokens[n - 1] = token
+        self.num_tokens = n
+        if n - self.num_prompt_tokens >= self.min_tokens and self.is_stop(token):
             return STOP
-        if self.num_tokens >= self.max_total_tokens:
+        if n >= self.max_total_tokens:
             return LENGTH
         return NOT_FINISHED
 
@@ -272,6 +275,15 @@ cdef inline int64_t* i64(cnp.ndarray a) noexcept:
     return <int64_t*>cnp.PyArray_DATA(a)
 
 
+cdef cnp.ndarray as_int64_array(obj):
+    """obj as an array C can read as int64 (contiguous, aligned, native order); copies only if
+    it must."""
+    if (cnp.PyArray_Check(obj) and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>obj)
+            and cnp.PyArray_TYPE(<cnp.ndarray>obj) == cnp.NPY_INT64):
+        return <cnp.ndarray>obj
+    return np.require(obj, np.int64, "CA")
+
+
 @cython.final
 cdef class Scheduler:
     """Continuous batching with the reference's policy (API: scheduler_ref.Scheduler)."""
@@ -280,8 +292,10 @@ cdef class Scheduler:
     cdef readonly int32_t block_size
     cdef readonly int64_t max_model_len
     cdef public object clock
-    cdef public object on_release          # told when a running request gives its slot back
-    cdef readonly dict requests            # id -> Request: owns every unfinished request
+    cdef public object on_release          # told when a running request gives its slot back;
+                                           # it must not call back into the scheduler
+    cdef dict _requests                    # id -> Request: owns every unfinished request
+    cdef readonly object requests          # a read-only view of it: the queues borrow from it
     cdef readonly int64_t num_preemptions
 
     # The policy knobs, read once from config.
@@ -319,12 +333,14 @@ cdef class Scheduler:
     cdef int64_t* sample_rows
 
     # What each row of the block-table buffer already holds (see _write_block_tables): the
-    # first `copied` entries of one slot tenancy's table, at one width. A slot's tenancy number
-    # grows each time the slot is released.
+    # first `copied` entries of one slot tenancy's table, written in one width epoch. A slot's
+    # tenancy number grows each time the slot is released; the width epoch, each time a step's
+    # table width differs from the last step's.
     cdef int64_t* slot_tenancy
+    cdef int64_t table_width, width_epoch
     cdef int64_t* held_slot
     cdef int64_t* held_tenancy
-    cdef int64_t* held_width
+    cdef int64_t* held_epoch
     cdef int64_t* held_copied
 
     # update()'s outputs, one entry per sampled row.
@@ -342,7 +358,8 @@ cdef class Scheduler:
         self.max_model_len = max_model_len
         self.clock = clock
         self.on_release = on_release
-        self.requests = {}
+        self._requests = {}
+        self.requests = MappingProxyType(self._requests)
         self._aborted_rows = []
         self.max_num_seqs = config.max_num_seqs
         self.token_budget = config.max_num_batched_tokens
@@ -367,16 +384,16 @@ cdef class Scheduler:
         self.slot_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.held_slot = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.held_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.held_width = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.held_epoch = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.held_copied = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         if not (self.free_slots and self.order and self.row_req and self.row_len
                 and self.slot_tenancy and self.held_slot and self.held_tenancy
-                and self.held_width and self.held_copied):
+                and self.held_epoch and self.held_copied):
             raise MemoryError()
         for i in range(n):
             self.free_slots[i] = <int32_t>(n - 1 - i)
             self.slot_tenancy[i] = 0
-            self.held_slot[i] = -1  # holds nothing yet
+            self.held_epoch[i] = 0  # holds nothing: the first step starts epoch 1
         self.num_free_slots = n
         return 0
 
@@ -415,7 +432,7 @@ cdef class Scheduler:
         PyMem_Free(self.slot_tenancy)
         PyMem_Free(self.held_slot)
         PyMem_Free(self.held_tenancy)
-        PyMem_Free(self.held_width)
+        PyMem_Free(self.held_epoch)
         PyMem_Free(self.held_copied)
 
     # ---- inspection ---------------------------------------------------------------------------
@@ -443,17 +460,17 @@ cdef class Scheduler:
 
     # ---- queue management ---------------------------------------------------------------------
     def add_request(self, Request req not None):
-        if req.request_id in self.requests:
+        if req.request_id in self._requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         if req.state != WAITING or req.slot >= 0:
-            raise ValueError(f"request {req.request_id!r} was already scheduled once")
+            raise ValueError(f"request {req.request_id!r} is {req.status.value}: add new ones only")
         if req.num_tokens >= req.max_total_tokens:  # the C loops write outputs without checks
             raise ValueError(f"request {req.request_id!r}: its prompt leaves no room for output")
-        self.requests[req.request_id] = req
+        self._requests[req.request_id] = req
         self._enqueue(req, False)
 
     def abort(self, request_id):
-        cdef Request req = self.requests.get(request_id)
+        cdef Request req = self._requests.get(request_id)
         if req is None:
             return None
         if req.state == WAITING:
@@ -583,6 +600,8 @@ cdef class Scheduler:
     cdef int _allocate_or_preempt(self, Request req, int64_t n) except -1:
         """Find blocks for n more tokens, preempting the lowest-priority, latest request."""
         cdef Request victim
+        if req.num_computed_tokens + n <= <int64_t>self.alloc_num_blocks[req.slot] * self.block_size:
+            return True  # its blocks cover it already (most decodes): no allocator call
         while not self._allocate(req.slot, req.num_computed_tokens + n):
             victim = self._pick_victim()
             self._preempt(victim)
@@ -673,7 +692,7 @@ cdef class Scheduler:
     cdef int _finish(self, Request req, int code) except -1:
         req.state = FINISHED
         req.finish_reason = REASONS[code]
-        del self.requests[req.request_id]
+        del self._requests[req.request_id]
         return 0
 
     cdef inline void _add_row(self, Request req, int64_t n) noexcept:
@@ -744,20 +763,25 @@ cdef class Scheduler:
         """Each row's first `width` table entries, rows packed (a [rows, width] array).
 
         The buffer persists across steps, and a slot's table only grows at its end until the
-        slot is released. So a row that holds the same slot tenancy at the same width as before
+        slot is released. So a row that holds the same slot tenancy, written at the same width,
         needs only the entries appended since -- in steady decode none or one, not the row.
+        A change of width starts a new epoch: rows written at another width are stale, and
+        their writes may have overrun the rows of this width's layout.
         """
         cdef Py_ssize_t i
         cdef int64_t slot, have, now
         cdef int32_t* dst
         cdef const int32_t* src
+        if width != self.table_width:
+            self.table_width = width
+            self.width_epoch += 1
         for i in range(self.num_rows):
             slot = self.slots[i]
             dst = self.block_tables + i * width
             src = self.alloc_tables + slot * self.max_blocks_per_seq
             now = min(<int64_t>self.alloc_num_blocks[slot], width)
-            if (self.held_slot[i] == slot and self.held_tenancy[i] == self.slot_tenancy[slot]
-                    and self.held_width[i] == width):
+            if (self.held_epoch[i] == self.width_epoch and self.held_slot[i] == slot
+                    and self.held_tenancy[i] == self.slot_tenancy[slot]):
                 have = self.held_copied[i]
                 if now > have:
                     memcpy(dst + have, src + have, (now - have) * sizeof(int32_t))
@@ -765,14 +789,14 @@ cdef class Scheduler:
                 memcpy(dst, src, width * sizeof(int32_t))  # zeros past the table's end too
                 self.held_slot[i] = slot
                 self.held_tenancy[i] = self.slot_tenancy[slot]
-                self.held_width[i] = width
+                self.held_epoch[i] = self.width_epoch
             self.held_copied[i] = now
 
     # ---- update -------------------------------------------------------------------------------
     cdef Py_ssize_t _apply_sampled(self, sampled, list results) except -1:
         """update()'s loop: advance every row, append sampled tokens, finish what stops.
         Appends result tuples to `results` unless it is None."""
-        cdef cnp.ndarray arr = np.ascontiguousarray(sampled, dtype=np.int64)
+        cdef cnp.ndarray arr = as_int64_array(sampled)
         if arr.ndim != 1 or arr.shape[0] < self.num_samples:
             raise ValueError(f"update() needs {self.num_samples} sampled tokens in a 1-D array, "
                              f"got shape {np.shape(sampled)}")
@@ -794,7 +818,8 @@ cdef class Scheduler:
                 k += samples  # aborted after it was scheduled: its row was sampled all the same
                 continue
             req.num_computed_tokens += n
-            self._commit(req)
+            if req.num_computed_tokens % self.block_size < n:
+                self._commit(req)  # a block filled up (commit registers only full blocks)
             if not samples:
                 continue  # a prefill chunk that does not reach the end samples nothing
             token = tokens[k]

@@ -144,6 +144,12 @@ def check_invariants(side: Side) -> None:
     assert 0 <= a.prefix_hits <= a.prefix_queries
 
 
+def check_batch_tables(side: Side, batch: ScheduledBatch) -> None:
+    width = batch.block_tables.shape[1]
+    np.testing.assert_array_equal(batch.block_tables,
+                                  side.allocator.block_tables[batch.slots, :width])
+
+
 def check_drained(side: Side) -> None:
     s, a = side.scheduler, side.allocator
     assert not s.has_unfinished() and not s.requests
@@ -210,6 +216,8 @@ def test_cython_scheduler_matches_reference(setup, data):
             abort_both(ref, cy, data, ids)
         (batch_r, adm_r), (batch_c, adm_c) = ref.scheduler.schedule(), cy.scheduler.schedule()
         assert batch_view(batch_c) == batch_view(batch_r)
+        if batch_c is not None:
+            check_batch_tables(cy, batch_c)
         assert [r.request_id for r in adm_c] == [r.request_id for r in adm_r]
         if batch_r is not None:
             sampled = ref.sampled(batch_r)
@@ -372,6 +380,27 @@ def test_abort_between_schedule_and_update_keeps_rows_aligned(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_block_tables_stay_right_when_the_batch_width_changes(impl):
+    """Rows of a narrower step, a wider step with fewer rows between: the wide row overwrites
+    where the narrow layout kept a row that comes back (a trap for a copy-saving scheduler)."""
+    side = make_side(impl, policy="prefill-first", max_num_batched_tokens=10)
+    long = SamplingParams(max_tokens=20, ignore_eos=True)
+    side.add("a", [2, 3, 4, 5], long, 0, 0.0, 0)
+    side.add("b", [6, 7, 8, 9], long, 1, 0.0, 0)
+    widths = []
+    for step in range(3):
+        if step == 2:  # a 10-token prefill takes the whole budget, then finishes
+            side.add("c", [3] * 10, SamplingParams(max_tokens=1), 2, 0.0, 0)
+        batch, _ = side.scheduler.schedule()
+        widths.append((batch.num_seqs, batch.block_tables.shape[1]))
+        check_batch_tables(side, batch)
+        side.scheduler.update(side.sampled(batch))
+    batch, _ = side.scheduler.schedule()
+    check_batch_tables(side, batch)
+    assert widths == [(2, 1), (2, 2), (1, 3)] and batch.block_tables.shape == (2, 2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_stop_rules(impl):
     side = make_side(impl)
     side.add("eos", [2, 3], SamplingParams(max_tokens=10), 0, 0.0, 0)
@@ -423,10 +452,16 @@ def test_request_matches_reference(kwargs):
         assert request_view(cy) == request_view(ref)
 
 
-def test_cython_request_counters_are_read_only():
-    req = cext.Request("x", [1, 2], SamplingParams(), (), 8, 0, 0.0)
+def test_cython_state_the_c_loops_trust_is_read_only():
+    side = make_side(CYTHON)
+    req = side.add("x", [1, 2], SamplingParams(), 0, 0.0, 0)
     with pytest.raises(AttributeError):
         req.num_tokens = 100
+    with pytest.raises(TypeError):
+        del side.scheduler.requests["x"]  # the queues borrow their references from it
+    side.scheduler.abort("x")
+    with pytest.raises(ValueError, match="finished"):
+        side.scheduler.add_request(req)
 
 
 def test_cython_scheduler_needs_the_cython_allocator():

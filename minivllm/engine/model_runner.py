@@ -10,8 +10,10 @@ import torch
 
 from minivllm.config import EngineConfig, resolve_dtype
 from minivllm.core.batch import ScheduledBatch
-from minivllm.layers.cpu_linear import OneDNNLinear, use_onednn_linears
-from minivllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+from minivllm.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from minivllm.layers.cpu_attention import SUPPORTED_HEAD_DIMS, CpuAttentionBackend
+from minivllm.layers.cpu_dispatch import cpu_kernels_apply
+from minivllm.layers.cpu_linear import CpuLinear, cpu_linears_apply, use_cpu_linears
 from minivllm.layers.sampler import Sampler, SamplerOutput
 from minivllm.loader import ModelSource, load_weights
 from minivllm.models import MODEL_REGISTRY
@@ -46,22 +48,27 @@ class ModelRunner:
         self.device = config.model.torch_device()
         self.dtype = resolve_dtype(config.model.dtype, arch, self.device)
         self.max_model_len = max_model_len(config, source)
-        self.attn_backend = TorchAttentionBackend()
+        self.attn_backend = self._attention_backend(arch)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = MODEL_REGISTRY[arch.architecture](
                 arch, self.attn_backend, max_position=self.max_model_len)
         self.model.load_weights(load_weights(source, self.dtype, self.device, config.model.seed))
         self.model.eval()
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            if self.model.lm_head is None:  # a tied head gets its own prepacked copy
-                self.model.lm_head = OneDNNLinear(self.model.embed_tokens.weight, None)
-            use_onednn_linears(self.model)
+        if cpu_linears_apply(self.device, self.dtype):
+            if self.model.lm_head is None:  # a tied head gets its own packed copy
+                self.model.lm_head = CpuLinear(self.model.embed_tokens.weight, None)
+            use_cpu_linears(self.model)
         self.kv_spec = self._allocate_kv_cache(config)
         self.sampler = Sampler(config.scheduler.max_num_seqs, arch.vocab_size, self.device,
                                seed=config.model.seed)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
                     self.kv_spec.num_blocks, self.kv_spec.block_size, self.kv_spec.num_tokens,
                     self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)
+
+    def _attention_backend(self, arch) -> AttentionBackend:
+        if cpu_kernels_apply(self.device, self.dtype) and arch.head_dim in SUPPORTED_HEAD_DIMS:
+            return CpuAttentionBackend()
+        return TorchAttentionBackend()
 
     def _allocate_kv_cache(self, config: EngineConfig) -> KVCacheSpec:
         arch, cache = self.model.arch, config.cache

@@ -6,15 +6,26 @@ from typing import Optional
 import torch
 from torch import nn
 
+from minivllm._cext import cpu_kernels
+from minivllm.layers.cpu_dispatch import cpu_kernels_for_new_layer
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.use_cpu_kernel = cpu_kernels_for_new_layer()
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        """Returns norm(x) alone, or (norm(x + residual), x + residual) when given a residual."""
+        """Returns norm(x) alone, or (norm(x + residual), x + residual) when given a residual.
+        x is [T, hidden]; the CPU kernel writes x + residual into `residual` in place."""
+        if self.use_cpu_kernel:
+            out = cpu_kernels.rms_norm_(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         if residual is not None:
             x = x + residual
             residual = x

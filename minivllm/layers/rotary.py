@@ -7,6 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from minivllm._cext import cpu_kernels
+from minivllm.layers.cpu_dispatch import cpu_kernels_for_new_layer
+
 
 def _inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -35,6 +38,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_pos, D] float32
         self.register_buffer("sin", emb.sin(), persistent=False)
         self._memo: tuple = (None, None, None)  # every layer rotates the same positions
+        self.use_cpu_kernel = cpu_kernels_for_new_layer()
 
     def _lookup(self, positions: torch.Tensor, dtype: torch.dtype):
         pos, cos, sin = self._memo
@@ -46,7 +50,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, H, D], k [T, KVH, D] -> rotated copies, in the inputs' dtype."""
+        """q [T, H, D], k [T, KVH, D] -> rotated, in the inputs' dtype: in place (the same
+        tensors back) with the CPU kernel, as new tensors otherwise."""
+        if self.use_cpu_kernel:
+            cpu_kernels.rotary_(positions, self.cos, self.sin, q, k)
+            return q, k
+        return self.forward_native(positions, q, k)
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._lookup(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 

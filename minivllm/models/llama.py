@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.config import ArchConfig
+from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import AttentionBackend, AttentionMetadata
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
@@ -48,10 +49,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

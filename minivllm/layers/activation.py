@@ -1,0 +1,26 @@
+"""SiLU-and-multiply, the gated MLP's activation: silu(gate) * up from one fused projection."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minivllm._cext import cpu_kernels
+from minivllm.layers.cpu_dispatch import cpu_kernels_for_new_layer
+
+
+class SiluAndMul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_cpu_kernel = cpu_kernels_for_new_layer()
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2F] (gate | up) -> [T, F]."""
+        if self.use_cpu_kernel:
+            return cpu_kernels.silu_and_mul_(gate_up)
+        return self.forward_native(gate_up)
+
+    @staticmethod
+    def forward_native(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up

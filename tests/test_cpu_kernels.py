@@ -1,0 +1,176 @@
+"""The CPU kernels (csrc/cpu_kernels.pyx) against the torch reference paths they replace."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minivllm._cext import cpu_kernels
+from minivllm.layers.activation import SiluAndMul
+from minivllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+from minivllm.layers.cpu_attention import CpuAttentionBackend
+from minivllm.layers.cpu_linear import CpuLinear
+from minivllm.layers.norm import RMSNorm
+from minivllm.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.supported(), reason="needs AVX-512")
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not cpu_kernels.supported(bf16=True), reason="needs AVX512-BF16"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("n,k,bias", [(40, 64, True), (576, 96, False), (16, 1536, False)])
+def test_linear_matches_f_linear(dtype, m, n, k, bias):
+    torch.manual_seed(m * n)
+    weight = torch.randn(n, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    x = torch.randn(m, k).to(dtype)
+    got = CpuLinear(weight, b)(x)
+    assert got.dtype == dtype and got.shape == (m, n)
+    # The reference in fp32 from the same (rounded) inputs; the kernel rounds its output once.
+    want = F.linear(x.float(), weight.float(), None if b is None else b.float())
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, atol=tol * k ** 0.5, rtol=tol)
+
+
+def test_linear_writes_float32_logits_from_bf16():
+    if not cpu_kernels.supported(bf16=True):
+        pytest.skip("needs AVX512-BF16")
+    weight, x = torch.randn(100, 64).bfloat16(), torch.randn(3, 64).bfloat16()
+    got = CpuLinear(weight, None, out_dtype=torch.float32)(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x.float(), weight.float()), atol=1e-3, rtol=1e-4)
+
+
+def test_linear_accepts_strided_rows():
+    weight, x = torch.randn(48, 32), torch.randn(7, 80)[:, 8:40]
+    torch.testing.assert_close(CpuLinear(weight, None)(x), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 576, 100])
+def test_rms_norm_matches_native(dtype, hidden):
+    torch.manual_seed(hidden)
+    norm = RMSNorm(hidden, 1e-5)
+    assert norm.use_cpu_kernel
+    norm.weight.data = (1 + 0.1 * torch.randn(hidden)).to(dtype)
+    x, residual = torch.randn(9, hidden).to(dtype), torch.randn(9, hidden).to(dtype)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(norm(x), norm.forward_native(x), **tol)
+    want_out, want_residual = norm.forward_native(x, residual)
+    got_out, got_residual = norm(x, residual.clone())
+    assert torch.equal(got_residual, want_residual)  # one rounded add, exactly as torch's
+    torch.testing.assert_close(got_out, want_out, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 64, 40])
+def test_rotary_matches_native_exactly(dtype, head_dim):
+    torch.manual_seed(head_dim)
+    rope = RotaryEmbedding(head_dim, 512, 10000.0)
+    assert rope.use_cpu_kernel
+    qkv = torch.randn(11, (4 + 2 * 2) * head_dim).to(dtype)
+    q = qkv[:, :4 * head_dim].view(11, 4, head_dim)
+    k = qkv[:, 4 * head_dim:6 * head_dim].view(11, 2, head_dim)
+    positions = torch.randint(0, 512, (11,))
+    want_q, want_k = rope.forward_native(positions, q, k)
+    got_q, got_k = rope(positions, q, k)  # in place
+    assert got_q.data_ptr() == q.data_ptr()
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_native(dtype):
+    torch.manual_seed(0)
+    act = SiluAndMul()
+    assert act.use_cpu_kernel
+    gate_up = (torch.randn(13, 2 * 200) * 4).to(dtype)
+    gate_up[0, :4] = torch.tensor([-200.0, -80.0, 80.0, 0.0])  # exp's range ends
+    tol = dict(atol=1e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(act(gate_up), act.forward_native(gate_up), **tol)
+
+
+# ---- attention: random ragged steps against the reference backend ---------------------------
+
+def _ragged_step(rng: random.Random, block_size: int, num_blocks: int):
+    """Rows of one step: decodes, prefill chunks after a cached prefix, whole prompts; context
+    lengths on and around block boundaries. Returns (cached, query) lengths and block tables."""
+    rows = []
+    for _ in range(rng.randint(1, 7)):
+        kind = rng.choice(["decode", "chunk", "prompt"])
+        edge = block_size * rng.randint(1, 4) + rng.choice([-1, 0, 1])
+        if kind == "decode":
+            rows.append((max(edge, 1) - 1 + rng.choice([0, 17]), 1))
+        elif kind == "chunk":
+            rows.append((max(edge, 1), rng.randint(2, 2 * block_size + 3)))
+        else:
+            rows.append((0, rng.randint(2, 3 * block_size)))
+    need = [-(-(c + q) // block_size) for c, q in rows]
+    blocks = rng.sample(range(num_blocks), sum(need))
+    tables = np.zeros((len(rows), max(need) + 2), dtype=np.int32)  # padded, as the scheduler's
+    for i, n in enumerate(need):
+        tables[i, :n], blocks = blocks[:n], blocks[n:]
+    return rows, tables
+
+
+def _metadata(rows, tables, block_size) -> AttentionMetadata:
+    qlens = np.array([q for _, q in rows])
+    seq_lens = np.array([c + q for c, q in rows], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int64)
+    slots = np.concatenate([
+        [tables[i, p // block_size] * block_size + p % block_size for p in range(c, c + q)]
+        for i, (c, q) in enumerate(rows)]).astype(np.int64)
+    t = torch.from_numpy
+    return AttentionMetadata(t(slots), t(starts), t(seq_lens), t(tables), starts, seq_lens,
+                             int(qlens.max()), int(seq_lens.max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (4, 2, 16, 4), (9, 3, 64, 16), (8, 8, 32, 16), (14, 2, 64, 16), (4, 1, 128, 8)])
+def test_cpu_attention_matches_reference(dtype, heads, kv_heads, head_dim, block_size):
+    rng = random.Random(heads * 1000 + head_dim + block_size)
+    torch.manual_seed(rng.randrange(1 << 30))
+    num_blocks = 64
+    for _ in range(6):
+        rows, tables = _ragged_step(rng, block_size, num_blocks)
+        T = sum(q for _, q in rows)
+        # Cached prefixes: random values everywhere; the step writes its own tokens' slots.
+        cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim)
+        # q/k/v as the model passes them: strided views into one fused projection output.
+        qkv = torch.randn(T, (heads + 2 * kv_heads) * head_dim)
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+        shapes = ((T, heads, head_dim), (T, kv_heads, head_dim), (T, kv_heads, head_dim))
+        want_cache = cache.clone()
+        ref, fast = TorchAttentionBackend(), CpuAttentionBackend()
+        meta_ref, meta_fast = (_metadata(rows, tables, block_size) for _ in range(2))
+        ref.prepare(meta_ref, block_size)
+        fast.prepare(meta_fast, block_size)
+        want = ref.forward(*(x.view(s) for x, s in zip((q, k, v), shapes)), want_cache[0],
+                           want_cache[1], meta_ref, head_dim ** -0.5)
+        got_cache = cache.to(dtype)
+        qkv_d = qkv.to(dtype)
+        qd, kd, vd = qkv_d.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+        got = fast.forward(*(x.view(s) for x, s in zip((qd, kd, vd), shapes)), got_cache[0],
+                           got_cache[1], meta_fast, head_dim ** -0.5)
+        assert got.dtype == dtype and got.shape == want.shape
+        if dtype == torch.float32:
+            assert torch.equal(got_cache, want_cache)
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        else:  # the reference in fp32 from bf16-rounded inputs; the kernel rounds once at the end
+            torch.testing.assert_close(got_cache, want_cache.to(dtype))
+            torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_model_runner_picks_cpu_kernels(tiny_hf_dir):
+    from minivllm import LLM
+
+    llm = LLM(tiny_hf_dir("llama"), dtype="float32", num_blocks=16)
+    runner = llm.engine.runner
+    assert isinstance(runner.attn_backend, CpuAttentionBackend)
+    assert isinstance(runner.model.lm_head, CpuLinear)
+    assert isinstance(runner.model.layers[0].self_attn.qkv_proj, CpuLinear)
