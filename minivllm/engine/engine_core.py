@@ -14,7 +14,7 @@ import numpy as np
 
 from minivllm.config import EngineConfig
 from minivllm.core.block_allocator import BlockAllocator
-from minivllm.core.scheduler import Request, Scheduler
+from minivllm.core.scheduler import FINISH_REASONS, Request, Scheduler
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.layers.sampler import SamplerOutput
 from minivllm.loader import load_tokenizer, resolve_model
@@ -52,6 +52,7 @@ class EngineCore:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self._arrivals = 0
+        self._by_slot: list[Optional[Request]] = [None] * config.scheduler.max_num_seqs
         logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens",
                     time.perf_counter() - t0, self.source.name, self.runner.device,
                     self.runner.dtype, spec.num_blocks, spec.block_size, spec.num_tokens)
@@ -76,6 +77,7 @@ class EngineCore:
     def step(self) -> list[EngineOutput]:
         batch, admitted = self.scheduler.schedule()
         for req in admitted:
+            self._by_slot[req.slot] = req
             self.runner.sampler.add_request(req.slot, req.params,
                                             req.token_ids[:req.num_prompt_tokens],
                                             req.eos_ids, req.output_token_ids)
@@ -83,10 +85,14 @@ class EngineCore:
             return []
         sampled = self.runner.execute(batch)
         token_ids = sampled.token_ids.cpu().numpy()  # the step's one device->host sync
-        results = self.scheduler.update(token_ids)
-        logprobs = _logprob_rows(sampled, [r.params.logprobs for r, _, _ in results])
-        return [EngineOutput(req.request_id, token, reason, lp)
-                for (req, token, reason), lp in zip(results, logprobs)]
+        # The array form of update(): no result tuples in the scheduler; rows name slots, and
+        # a finished request stays in _by_slot until its slot is admitted again.
+        self.scheduler.update_arrays(token_ids)
+        reqs = [self._by_slot[s] for s in self.scheduler.out_slots.tolist()]
+        logprobs = _logprob_rows(sampled, [r.params.logprobs for r in reqs])
+        return [EngineOutput(req.request_id, token, FINISH_REASONS[code], lp)
+                for req, token, code, lp in zip(reqs, self.scheduler.out_tokens.tolist(),
+                                                 self.scheduler.out_finish.tolist(), logprobs)]
 
     # ---- validation ---------------------------------------------------------------------
     def _check_prompt(self, ids: Sequence[int]) -> None:
