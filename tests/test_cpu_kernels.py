@@ -46,7 +46,7 @@ def test_linear_matches_f_linear(dtype, m, n, k, bias):
 
 def test_linear_writes_float32_logits_from_bf16():
     if not cpu_kernels.supported(bf16=True):
-        pytest.skip("needs AVX512-BF16")
+        pytest.skip(reason="the bf16 kernels need a CPU with AVX512-BF16")
     weight, x = torch.randn(100, 64).bfloat16(), torch.randn(3, 64).bfloat16()
     got = _linear(weight, None, torch.float32)(x)
     assert got.dtype == torch.float32
