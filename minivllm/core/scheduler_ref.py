@@ -40,6 +40,7 @@ class Scheduler:
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # pop() takes slot 0 first
         self.num_preemptions = 0
         self._scheduled: list[tuple[Request, int]] = []
+        self._scheduled_ids: set[int] = set()  # id() of the requests in _scheduled
         self._rr = 0  # round-robin start of decodes under prefill-first
 
     # ---- queue management -------------------------------------------------------------
@@ -67,7 +68,7 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> tuple[Optional[ScheduledBatch], list[Request]]:
         """Pick this step's work. Returns (batch or None, requests that just got a slot)."""
-        self._scheduled, admitted = [], []
+        self._scheduled, self._scheduled_ids, admitted = [], set(), []
         if self._in_batch_window():
             return None, admitted
         budget = self.config.max_num_batched_tokens
@@ -103,7 +104,7 @@ class Scheduler:
                 self._release(req)
                 self._finish(req, reason)
             results.append((req, token, reason))
-        self._scheduled = []
+        self._scheduled, self._scheduled_ids = [], set()
         return results
 
     # ---- policy ------------------------------------------------------------------------
@@ -120,12 +121,12 @@ class Scheduler:
             if budget == 0:
                 break
             remaining = req.num_tokens - req.num_computed_tokens
-            if req.status is not RequestStatus.RUNNING or any(r is req for r, _ in self._scheduled) \
+            if req.status is not RequestStatus.RUNNING or id(req) in self._scheduled_ids \
                     or (prefills_only and remaining == 1) or (decodes_only and remaining > 1):
                 continue
             n = self._chunk(remaining, budget)
             if n and self._allocate_or_preempt(req, n):
-                self._scheduled.append((req, n))
+                self._add_scheduled(req, n)
                 budget -= n
         return budget
 
@@ -144,7 +145,7 @@ class Scheduler:
             req.num_computed_tokens = cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            self._scheduled.append((req, n))
+            self._add_scheduled(req, n)
             admitted.append(req)
             budget -= n
         return budget
@@ -158,12 +159,16 @@ class Scheduler:
     def _allocate_or_preempt(self, req: Request, n: int) -> bool:
         """Find blocks for n more tokens, preempting the lowest-priority, latest request."""
         while not self.allocator.allocate(req.slot, req.num_computed_tokens + n):
-            scheduled = {id(r) for r, _ in self._scheduled}
-            victim = max((r for r in self.running if id(r) not in scheduled), key=lambda r: r.sort_key)
+            victim = max((r for r in self.running if id(r) not in self._scheduled_ids),
+                         key=lambda r: r.sort_key)
             self._preempt(victim)
             if victim is req:
                 return False
         return True
+
+    def _add_scheduled(self, req: Request, n: int) -> None:
+        self._scheduled.append((req, n))
+        self._scheduled_ids.add(id(req))
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
