@@ -33,6 +33,20 @@ class EngineOutput:
     logprobs: Optional[dict[int, float]] = None  # sampled token and top-N, when asked
 
 
+@dataclass
+class StepResult:
+    """A step's sampled rows as arrays (views valid until the next step)."""
+
+    admitted: list[Request]  # requests that got a slot this step
+    slots: np.ndarray        # slot of each sampled row
+    token_ids: np.ndarray    # its new token
+    finish: np.ndarray       # its finish code: FINISH_REASONS[code]
+    sampled: Optional[SamplerOutput]  # logprobs, when any row asked
+
+
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -74,7 +88,9 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     # ---- the step -----------------------------------------------------------------------
-    def step(self) -> list[EngineOutput]:
+    def step_arrays(self) -> StepResult:
+        """One step: schedule, forward and sample, update. The result is arrays, one entry per
+        sampled row; the engine process publishes them without a Python object per token."""
         batch, admitted = self.scheduler.schedule()
         for req in admitted:
             self._by_slot[req.slot] = req
@@ -82,17 +98,28 @@ class EngineCore:
                                             req.token_ids[:req.num_prompt_tokens],
                                             req.eos_ids, req.output_token_ids)
         if batch is None:
-            return []
+            return StepResult(admitted, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
         sampled = self.runner.execute(batch)
         token_ids = sampled.token_ids.cpu().numpy()  # the step's one device->host sync
-        # The array form of update(): no result tuples in the scheduler; rows name slots, and
-        # a finished request stays in _by_slot until its slot is admitted again.
+        # No result tuples from the scheduler: rows name slots, and a finished request stays
+        # in _by_slot until its slot is admitted again.
         self.scheduler.update_arrays(token_ids)
-        reqs = [self._by_slot[s] for s in self.scheduler.out_slots.tolist()]
-        logprobs = _logprob_rows(sampled, [r.params.logprobs for r in reqs])
+        return StepResult(admitted, self.scheduler.out_slots, self.scheduler.out_tokens,
+                          self.scheduler.out_finish, sampled)
+
+    def step(self) -> list[EngineOutput]:
+        """step_arrays() as one EngineOutput per new token (the offline API's form)."""
+        result = self.step_arrays()
+        reqs = [self._by_slot[s] for s in result.slots.tolist()]
+        if not reqs:
+            return []
+        logprobs = _logprob_rows(result.sampled, [r.params.logprobs for r in reqs])
         return [EngineOutput(req.request_id, token, FINISH_REASONS[code], lp)
-                for req, token, code, lp in zip(reqs, self.scheduler.out_tokens.tolist(),
-                                                 self.scheduler.out_finish.tolist(), logprobs)]
+                for req, token, code, lp in zip(reqs, result.token_ids.tolist(),
+                                                 result.finish.tolist(), logprobs)]
+
+    def request_in_slot(self, slot: int) -> Optional[Request]:
+        return self._by_slot[slot]
 
     # ---- validation ---------------------------------------------------------------------
     def _check_prompt(self, ids: Sequence[int]) -> None:

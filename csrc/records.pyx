@@ -1,0 +1,514 @@
+# cython: language_level=3
+"""Record codecs: the structs of ipc/minivllm_ipc.h to and from Python, in C.
+
+Writers (`put_*`) fill a record in place wherever a `RecordSink` hands out bytes: straight into
+a shared-memory ring, or into a bytes object for a ZeroMQ frame (`encode_*`). Readers
+(`decode`, `read_record`) check every length and count against the bytes actually there before
+they trust it, copy arrays out with memcpy into fresh numpy arrays, and raise `ProtocolError`
+for anything malformed; the frame is consumed either way, so the reader keeps serving.
+
+No pickling, no per-token Python objects: a step output of n tokens is three numpy arrays.
+"""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from libc.math cimport NAN
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+
+import numpy as np
+cimport numpy as cnp
+
+from minivllm._cext.ring cimport BytesSink, RecordSink, Ring
+
+cnp.import_array()
+
+cdef extern from "minivllm_ipc.h" nogil:
+    uint32_t MV_MAGIC, MV_VERSION
+    uint32_t MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR
+    uint32_t MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
+    uint32_t MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
+    uint32_t MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
+    uint32_t MV_ERR_MALFORMED
+    ctypedef struct mv_header:
+        uint32_t magic
+        uint16_t version
+        uint16_t kind
+        uint32_t size
+        uint32_t flags
+    ctypedef struct mv_sampling:
+        double temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
+        int32_t top_k, max_tokens, min_tokens, logprobs
+        uint64_t seed
+        uint32_t flags
+        int32_t priority
+    ctypedef struct mv_submit:
+        mv_header header
+        uint64_t request_id
+        mv_sampling sampling
+        uint32_t num_prompt_tokens
+        uint32_t num_stop_token_ids
+    ctypedef struct mv_abort:
+        mv_header header
+        uint64_t request_id
+    ctypedef struct mv_step_output:
+        mv_header header
+        uint64_t step
+        uint32_t num_entries
+        uint32_t num_top_logprobs
+    ctypedef struct mv_error:
+        mv_header header
+        uint64_t request_id
+        uint32_t code
+        uint32_t message_len
+
+cdef extern from "records_layout.h" nogil:
+    ctypedef struct mv_field_layout:
+        const char* record
+        const char* field
+        size_t offset
+        size_t size
+    const mv_field_layout* MV_LAYOUT
+    size_t MV_LAYOUT_LEN
+
+MAGIC, VERSION = MV_MAGIC, MV_VERSION
+KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = (
+    MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR)
+MAX_RECORD_BYTES, MAX_TOP_LOGPROBS = MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
+
+
+def layout() -> list:
+    """(struct, field, offset, size) for every field of the header, as compiled."""
+    return [(MV_LAYOUT[i].record.decode(), MV_LAYOUT[i].field.decode(), MV_LAYOUT[i].offset,
+             MV_LAYOUT[i].size) for i in range(MV_LAYOUT_LEN)]
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid record; `code` is the MV_ERR_* to answer with."""
+
+    def __init__(self, message: str, code: int = MV_ERR_MALFORMED, request_id=None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+cdef inline uint64_t _pad8(uint64_t n) noexcept nogil:
+    return (n + 7) & ~(<uint64_t>7)
+
+
+cdef inline void _header(char* p, uint32_t kind, uint64_t size, uint32_t flags) noexcept nogil:
+    cdef mv_header* h = <mv_header*>p
+    h.magic, h.version, h.kind, h.size, h.flags = MV_MAGIC, MV_VERSION, kind, <uint32_t>size, flags
+
+
+cdef inline object _array(cnp.NPY_TYPES typenum, cnp.npy_intp n, const char* src, size_t itemsize):
+    cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, &n, typenum, 0)
+    if n:
+        memcpy(cnp.PyArray_DATA(arr), src, n * itemsize)
+    return arr
+
+
+cdef inline object _matrix(cnp.NPY_TYPES typenum, cnp.npy_intp n, cnp.npy_intp k, const char* src):
+    cdef cnp.npy_intp dims[2]
+    dims[0], dims[1] = n, k
+    cdef cnp.ndarray arr = cnp.PyArray_EMPTY(2, dims, typenum, 0)
+    if n * k:
+        memcpy(cnp.PyArray_DATA(arr), src, n * k * 4)
+    return arr
+
+
+# ---- token lists: Python lists without a numpy round trip, arrays without a copy ------------
+cdef object _as_int32_array(object ids, str what):
+    """A contiguous int32 array of ids, or raises naming `what`."""
+    if isinstance(ids, np.ndarray) and (<cnp.ndarray>ids).dtype == np.int32 \
+            and (<cnp.ndarray>ids).flags.c_contiguous and (<cnp.ndarray>ids).ndim == 1:
+        return ids
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be a sequence of token ids: {exc}") from None
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(f"{what} must be a flat sequence of integer token ids")
+    if arr.size and (arr.min() < -2**31 or arr.max() >= 2**31):
+        raise ValueError(f"{what} holds a token id outside int32")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+cdef Py_ssize_t _copy_ids(char* dst, object ids, str what) except -1:
+    """Copy token ids into dst as int32; a list of ints takes the fast path."""
+    cdef Py_ssize_t i, n
+    cdef int32_t* out = <int32_t*>dst
+    cdef const int32_t[::1] view
+    if type(ids) is list:
+        n = PyList_GET_SIZE(ids)
+        for i in range(n):
+            item = <object>PyList_GET_ITEM(ids, i)
+            if type(item) is not int:
+                raise ValueError(f"{what}[{i}] must be an int, got {type(item).__name__}")
+            try:
+                out[i] = item  # Cython's conversion: inline for small ints, range-checked
+            except OverflowError:
+                raise ValueError(f"{what}[{i}] = {item} is outside int32") from None
+        return n
+    view = ids
+    n = view.shape[0]
+    if n:
+        memcpy(dst, &view[0], n * 4)
+    return n
+
+
+cdef inline object _ids_for_copy(object ids, str what):
+    """Lists go to _copy_ids as they are; anything else becomes an int32 array first."""
+    if type(ids) is list:
+        return ids
+    return _as_int32_array(ids, what)
+
+
+# ---- records ----------------------------------------------------------------------------------
+cdef class Submit:
+    """A decoded MV_KIND_SUBMIT: a request and its sampling parameters."""
+    cdef readonly uint64_t request_id
+    cdef readonly object prompt_token_ids  # int32 array
+    cdef readonly object stop_token_ids    # int32 array
+    cdef readonly double temperature, top_p, min_p
+    cdef readonly double repetition_penalty, presence_penalty, frequency_penalty
+    cdef readonly int top_k, max_tokens, min_tokens, logprobs, priority
+    cdef readonly object seed
+    cdef readonly bint ignore_eos
+
+    def sampling_params(self):
+        """The SamplingParams this record carries (validated: raises ValueError on bad values)."""
+        from minivllm.sampling_params import SamplingParams
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            seed=self.seed, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            max_tokens=self.max_tokens or None, min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids.tolist(), ignore_eos=self.ignore_eos,
+            logprobs=None if self.logprobs < 0 else self.logprobs)
+
+    def __repr__(self) -> str:
+        return (f"Submit(request_id={self.request_id}, "
+                f"{len(self.prompt_token_ids)} prompt tokens)")
+
+
+cdef class Abort:
+    """A decoded MV_KIND_ABORT."""
+    cdef readonly uint64_t request_id
+
+    def __init__(self, uint64_t request_id) -> None:
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return f"Abort(request_id={self.request_id})"
+
+
+cdef class StepOutput:
+    """A decoded MV_KIND_STEP_OUTPUT: entry i is token token_ids[i] of request request_ids[i]."""
+    cdef readonly uint64_t step
+    cdef readonly object request_ids     # uint64 [n]
+    cdef readonly object token_ids       # int32 [n]
+    cdef readonly object finish_reasons  # uint8 [n], MV_FINISH_*
+    cdef readonly object logprobs        # float32 [n] or None
+    cdef readonly object top_token_ids   # int32 [n, k] or None
+    cdef readonly object top_logprobs    # float32 [n, k] or None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return f"StepOutput(step={self.step}, {len(self.token_ids)} tokens)"
+
+
+cdef class ErrorRecord:
+    """A decoded MV_KIND_ERROR."""
+    cdef readonly object request_id  # int, or None when the error is about no one request
+    cdef readonly uint32_t code
+    cdef readonly str message
+
+    def __init__(self, uint32_t code, str message, request_id=None) -> None:
+        self.code, self.message, self.request_id = code, message, request_id
+
+    def __repr__(self) -> str:
+        return f"ErrorRecord(code={self.code}, request_id={self.request_id}, {self.message!r})"
+
+
+# ---- writers ----------------------------------------------------------------------------------
+def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
+               int priority=0, double timeout=5.0) -> None:
+    """Write a submit record of `prompt_token_ids` (list or int array) and `params`
+    (a SamplingParams; its `stop` strings stay with the frontend)."""
+    prompt = _ids_for_copy(prompt_token_ids, "prompt_token_ids")
+    stop = _ids_for_copy(params.stop_token_ids, "stop_token_ids")
+    cdef uint64_t n_prompt = len(prompt), n_stop = len(stop)
+    if n_prompt == 0:
+        raise ValueError("prompt_token_ids is empty: give at least one token")
+    cdef uint64_t size = _pad8(sizeof(mv_submit) + 4 * (n_prompt + n_stop))
+    if size > MV_MAX_RECORD_BYTES:
+        raise ValueError(f"a prompt of {n_prompt} tokens exceeds the "
+                         f"{MV_MAX_RECORD_BYTES}-byte record limit")
+    cdef mv_sampling s
+    s.temperature, s.top_p, s.min_p = params.temperature, params.top_p, params.min_p
+    s.repetition_penalty = params.repetition_penalty
+    s.presence_penalty, s.frequency_penalty = params.presence_penalty, params.frequency_penalty
+    s.top_k, s.min_tokens = params.top_k, params.min_tokens
+    max_tokens, logprobs, seed = params.max_tokens, params.logprobs, params.seed
+    s.max_tokens = 0 if max_tokens is None else max_tokens
+    s.logprobs = -1 if logprobs is None else logprobs
+    s.flags = MV_SAMPLING_IGNORE_EOS if params.ignore_eos else 0
+    s.seed = 0
+    if seed is not None:
+        s.seed = <uint64_t>(seed & 0xFFFFFFFFFFFFFFFF)
+        s.flags |= MV_SAMPLING_HAS_SEED
+    s.priority = priority
+    cdef char* p = sink.reserve(size, timeout)
+    cdef mv_submit* rec = <mv_submit*>p
+    _header(p, MV_KIND_SUBMIT, size, 0)
+    rec.request_id, rec.sampling = request_id, s
+    rec.num_prompt_tokens, rec.num_stop_token_ids = <uint32_t>n_prompt, <uint32_t>n_stop
+    # A bad id raises before commit(): the reservation is simply not published.
+    _copy_ids(p + sizeof(mv_submit), prompt, "prompt_token_ids")
+    _copy_ids(p + sizeof(mv_submit) + 4 * n_prompt, stop, "stop_token_ids")
+    memset(p + sizeof(mv_submit) + 4 * (n_prompt + n_stop), 0,
+           size - sizeof(mv_submit) - 4 * (n_prompt + n_stop))
+    sink.commit()
+
+
+def put_abort(RecordSink sink, uint64_t request_id, double timeout=5.0) -> None:
+    cdef char* p = sink.reserve(sizeof(mv_abort), timeout)
+    _header(p, MV_KIND_ABORT, sizeof(mv_abort), 0)
+    (<mv_abort*>p).request_id = request_id
+    sink.commit()
+
+
+cdef inline cnp.ndarray _c_array(object a, object dtype, int ndim, str name):
+    """`a` itself when it already is a C-contiguous `dtype` array (the engine's case), else a
+    converted copy; raises naming `name` when it cannot be one."""
+    if (isinstance(a, np.ndarray) and cnp.PyArray_TYPE(<cnp.ndarray>a) == (<cnp.dtype>dtype).type_num
+            and cnp.PyArray_NDIM(<cnp.ndarray>a) == ndim
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
+        return <cnp.ndarray>a
+    arr = np.ascontiguousarray(a, dtype=dtype)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
+    return arr
+
+
+cdef object U64 = np.dtype(np.uint64), I32 = np.dtype(np.int32), U8 = np.dtype(np.uint8)
+cdef object F32 = np.dtype(np.float32)
+
+
+def put_step_output(RecordSink sink, uint64_t step, request_ids, token_ids, finish_reasons,
+                    logprobs=None, top_token_ids=None, top_logprobs=None,
+                    double timeout=5.0) -> None:
+    """Write one step's tokens: uint64 request ids, int32 token ids, uint8 MV_FINISH_* codes,
+    and optionally float32 logprobs [n], int32 top ids [n, k], float32 top logprobs [n, k]
+    (all three or none)."""
+    cdef cnp.ndarray ids = _c_array(request_ids, U64, 1, "request_ids")
+    cdef cnp.ndarray toks = _c_array(token_ids, I32, 1, "token_ids")
+    cdef cnp.ndarray fin = _c_array(finish_reasons, U8, 1, "finish_reasons")
+    cdef cnp.ndarray lp = None, tid = None, tlp = None
+    cdef uint64_t n = cnp.PyArray_DIM(ids, 0), k = 0
+    if <uint64_t>cnp.PyArray_DIM(toks, 0) != n or <uint64_t>cnp.PyArray_DIM(fin, 0) != n:
+        raise ValueError("request_ids, token_ids and finish_reasons must have one entry each")
+    cdef bint has_lp = logprobs is not None
+    if has_lp != (top_token_ids is not None) or has_lp != (top_logprobs is not None):
+        raise ValueError("logprobs, top_token_ids and top_logprobs go together")
+    if has_lp:
+        lp = _c_array(logprobs, F32, 1, "logprobs")
+        tid = _c_array(top_token_ids, I32, 2, "top_token_ids")
+        tlp = _c_array(top_logprobs, F32, 2, "top_logprobs")
+        k = cnp.PyArray_DIM(tid, 1)
+        if (<uint64_t>cnp.PyArray_DIM(lp, 0) != n or <uint64_t>cnp.PyArray_DIM(tid, 0) != n
+                or <uint64_t>cnp.PyArray_DIM(tlp, 0) != n
+                or <uint64_t>cnp.PyArray_DIM(tlp, 1) != k):
+            raise ValueError("logprob arrays must have one row per entry and equal widths")
+        if k > MV_MAX_TOP_LOGPROBS:
+            raise ValueError(f"at most {MV_MAX_TOP_LOGPROBS} top logprobs per token, got {k}")
+    cdef uint64_t o_tok = sizeof(mv_step_output) + 8 * n
+    cdef uint64_t o_fin = o_tok + _pad8(4 * n)
+    cdef uint64_t o_lp = o_fin + _pad8(n)
+    cdef uint64_t o_tid = o_lp + _pad8(4 * n)
+    cdef uint64_t o_tlp = o_tid + _pad8(4 * n * k)
+    cdef uint64_t size = o_tlp + _pad8(4 * n * k) if has_lp else o_lp
+    if size > MV_MAX_RECORD_BYTES:
+        raise ValueError(f"a step output of {n} tokens exceeds the record limit")
+    cdef char* p = sink.reserve(size, timeout)
+    memset(p, 0, size)
+    _header(p, MV_KIND_STEP_OUTPUT, size, MV_STEP_HAS_LOGPROBS if has_lp else 0)
+    cdef mv_step_output* rec = <mv_step_output*>p
+    rec.step, rec.num_entries, rec.num_top_logprobs = step, <uint32_t>n, <uint32_t>k
+    memcpy(p + sizeof(mv_step_output), cnp.PyArray_DATA(ids), 8 * n)
+    memcpy(p + o_tok, cnp.PyArray_DATA(toks), 4 * n)
+    memcpy(p + o_fin, cnp.PyArray_DATA(fin), n)
+    if has_lp:
+        memcpy(p + o_lp, cnp.PyArray_DATA(lp), 4 * n)
+        memcpy(p + o_tid, cnp.PyArray_DATA(tid), 4 * n * k)
+        memcpy(p + o_tlp, cnp.PyArray_DATA(tlp), 4 * n * k)
+    sink.commit()
+
+
+def put_error(RecordSink sink, uint32_t code, str message, request_id=None,
+              double timeout=5.0) -> None:
+    cdef bytes text = message.encode("utf-8", "replace")[:65536]
+    cdef uint64_t n = len(text)
+    cdef uint64_t size = _pad8(sizeof(mv_error) + n)
+    cdef char* p = sink.reserve(size, timeout)
+    memset(p, 0, size)
+    _header(p, MV_KIND_ERROR, size, 0 if request_id is None else MV_ERROR_HAS_REQUEST)
+    cdef mv_error* rec = <mv_error*>p
+    rec.request_id = 0 if request_id is None else request_id
+    rec.code, rec.message_len = code, <uint32_t>n
+    if n:
+        memcpy(p + sizeof(mv_error), <const char*>text, n)
+    sink.commit()
+
+
+def encode_submit(uint64_t request_id, prompt_token_ids, params, int priority=0) -> bytes:
+    cdef BytesSink sink = BytesSink()
+    put_submit(sink, request_id, prompt_token_ids, params, priority)
+    return sink.take()
+
+
+def encode_abort(uint64_t request_id) -> bytes:
+    cdef BytesSink sink = BytesSink()
+    put_abort(sink, request_id)
+    return sink.take()
+
+
+def encode_step_output(uint64_t step, request_ids, token_ids, finish_reasons, logprobs=None,
+                       top_token_ids=None, top_logprobs=None) -> bytes:
+    cdef BytesSink sink = BytesSink()
+    put_step_output(sink, step, request_ids, token_ids, finish_reasons, logprobs,
+                    top_token_ids, top_logprobs)
+    return sink.take()
+
+
+def encode_error(uint32_t code, str message, request_id=None) -> bytes:
+    cdef BytesSink sink = BytesSink()
+    put_error(sink, code, message, request_id)
+    return sink.take()
+
+
+# ---- readers ----------------------------------------------------------------------------------
+cdef object _decode(const char* p, uint64_t n):
+    """The record in p[0:n], or raises ProtocolError saying what is wrong."""
+    cdef mv_header h
+    if n < sizeof(mv_header):
+        raise ProtocolError(f"truncated record: {n} bytes, a header alone is {sizeof(mv_header)}")
+    memcpy(&h, p, sizeof(mv_header))
+    if h.magic != MV_MAGIC:
+        raise ProtocolError(f"bad magic 0x{h.magic:08x}: not a minivllm record "
+                            f"(expected 0x{MV_MAGIC:08x}, little-endian)")
+    if h.version != MV_VERSION:
+        raise ProtocolError(f"protocol version {h.version} is not supported (this engine "
+                            f"speaks version {MV_VERSION})")
+    if h.size != n:
+        raise ProtocolError(f"the header says {h.size} bytes but the frame holds {n}")
+    if n % 8 or n > MV_MAX_RECORD_BYTES:
+        raise ProtocolError(f"record size {n} must be a multiple of 8 and at most "
+                            f"{MV_MAX_RECORD_BYTES}")
+    if h.kind == MV_KIND_SUBMIT:
+        return _decode_submit(p, n, h)
+    if h.kind == MV_KIND_STEP_OUTPUT:
+        return _decode_step_output(p, n, h)
+    if h.kind == MV_KIND_ABORT:
+        if n != sizeof(mv_abort) or h.flags:
+            raise ProtocolError(f"an abort record is {sizeof(mv_abort)} bytes with no flags")
+        return Abort((<const mv_abort*>p).request_id)
+    if h.kind == MV_KIND_ERROR:
+        return _decode_error(p, n, h)
+    raise ProtocolError(f"unknown record kind {h.kind}")
+
+
+cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
+    cdef mv_submit rec
+    if n < sizeof(mv_submit):
+        raise ProtocolError(f"truncated submit record: {n} bytes, its fixed part is "
+                            f"{sizeof(mv_submit)}")
+    memcpy(&rec, p, sizeof(mv_submit))
+    cdef uint64_t n_prompt = rec.num_prompt_tokens, n_stop = rec.num_stop_token_ids
+    if h.flags or rec.sampling.flags & ~(MV_SAMPLING_HAS_SEED | MV_SAMPLING_IGNORE_EOS):
+        raise ProtocolError("submit record with unknown flag bits set", request_id=rec.request_id)
+    if _pad8(sizeof(mv_submit) + 4 * (n_prompt + n_stop)) != n:
+        raise ProtocolError(f"submit record of {n} bytes cannot hold the {n_prompt} prompt and "
+                            f"{n_stop} stop token ids it announces", request_id=rec.request_id)
+    cdef Submit out = Submit.__new__(Submit)
+    cdef const mv_sampling* s = &rec.sampling
+    out.request_id = rec.request_id
+    out.prompt_token_ids = _array(cnp.NPY_INT32, n_prompt, p + sizeof(mv_submit), 4)
+    out.stop_token_ids = _array(cnp.NPY_INT32, n_stop, p + sizeof(mv_submit) + 4 * n_prompt, 4)
+    out.temperature, out.top_p, out.min_p = s.temperature, s.top_p, s.min_p
+    out.repetition_penalty = s.repetition_penalty
+    out.presence_penalty, out.frequency_penalty = s.presence_penalty, s.frequency_penalty
+    out.top_k, out.max_tokens, out.min_tokens = s.top_k, s.max_tokens, s.min_tokens
+    out.logprobs, out.priority = s.logprobs, s.priority
+    out.seed = s.seed if s.flags & MV_SAMPLING_HAS_SEED else None
+    out.ignore_eos = (s.flags & MV_SAMPLING_IGNORE_EOS) != 0
+    return out
+
+
+cdef StepOutput _decode_step_output(const char* p, uint64_t n, mv_header h):
+    cdef mv_step_output rec
+    if n < sizeof(mv_step_output):
+        raise ProtocolError(f"truncated step output: {n} bytes")
+    if h.flags & ~MV_STEP_HAS_LOGPROBS:
+        raise ProtocolError("step output with unknown flag bits set")
+    memcpy(&rec, p, sizeof(mv_step_output))
+    cdef uint64_t m = rec.num_entries, k = rec.num_top_logprobs
+    cdef bint has_lp = (h.flags & MV_STEP_HAS_LOGPROBS) != 0
+    if k > MV_MAX_TOP_LOGPROBS or (k and not has_lp):
+        raise ProtocolError(f"step output announces {k} top logprobs per token")
+    cdef uint64_t o_tok = sizeof(mv_step_output) + 8 * m
+    cdef uint64_t o_fin = o_tok + _pad8(4 * m)
+    cdef uint64_t o_lp = o_fin + _pad8(m)
+    cdef uint64_t o_tid = o_lp + _pad8(4 * m)
+    cdef uint64_t o_tlp = o_tid + _pad8(4 * m * k)
+    cdef uint64_t size = o_tlp + _pad8(4 * m * k) if has_lp else o_lp
+    if size != n:
+        raise ProtocolError(f"step output of {n} bytes cannot hold the {m} entries it announces")
+    cdef StepOutput out = StepOutput.__new__(StepOutput)
+    out.step = rec.step
+    out.request_ids = _array(cnp.NPY_UINT64, m, p + sizeof(mv_step_output), 8)
+    out.token_ids = _array(cnp.NPY_INT32, m, p + o_tok, 4)
+    out.finish_reasons = _array(cnp.NPY_UINT8, m, p + o_fin, 1)
+    if has_lp:
+        out.logprobs = _array(cnp.NPY_FLOAT32, m, p + o_lp, 4)
+        out.top_token_ids = _matrix(cnp.NPY_INT32, m, k, p + o_tid)
+        out.top_logprobs = _matrix(cnp.NPY_FLOAT32, m, k, p + o_tlp)
+    return out
+
+
+cdef ErrorRecord _decode_error(const char* p, uint64_t n, mv_header h):
+    cdef mv_error rec
+    if n < sizeof(mv_error):
+        raise ProtocolError(f"truncated error record: {n} bytes")
+    if h.flags & ~MV_ERROR_HAS_REQUEST:
+        raise ProtocolError("error record with unknown flag bits set")
+    memcpy(&rec, p, sizeof(mv_error))
+    if _pad8(sizeof(mv_error) + <uint64_t>rec.message_len) != n:
+        raise ProtocolError(f"error record of {n} bytes cannot hold a "
+                            f"{rec.message_len}-byte message")
+    message = p[sizeof(mv_error):sizeof(mv_error) + rec.message_len].decode("utf-8", "replace")
+    return ErrorRecord(rec.code, message,
+                       rec.request_id if h.flags & MV_ERROR_HAS_REQUEST else None)
+
+
+def decode(const unsigned char[::1] buffer):
+    """The record in `buffer` (a whole ZeroMQ frame); raises ProtocolError if malformed."""
+    if buffer.shape[0] == 0:
+        raise ProtocolError("empty frame: a record has at least a 16-byte header")
+    return _decode(<const char*>&buffer[0], buffer.shape[0])
+
+
+def read_record(Ring ring):
+    """The next record in `ring`, None when it is empty. A malformed record is consumed and
+    raises ProtocolError, so the next call reads on."""
+    cdef uint32_t n
+    if ring.closed:
+        raise ValueError(f"ring {ring.name} is closed")
+    cdef const char* p = ring.peek(&n)
+    if p == NULL:
+        return None
+    try:
+        return _decode(p, n)
+    finally:
+        ring.advance()

@@ -1,0 +1,43 @@
+/* The record layouts as the compiler lays them out, as a table that Python can read:
+ * minivllm/transport/protocol.py compares it with the offsets PROTOCOL.md gives. */
+#ifndef MINIVLLM_RECORDS_LAYOUT_H
+#define MINIVLLM_RECORDS_LAYOUT_H
+
+#include "minivllm_ipc.h"
+
+typedef struct mv_field_layout {
+    const char *record; /* struct name */
+    const char *field;  /* "" for the whole struct */
+    size_t offset;
+    size_t size;
+} mv_field_layout;
+
+#define MV_STRUCT(T) {#T, "", 0, sizeof(T)}
+#define MV_FIELD(T, f) {#T, #f, offsetof(T, f), sizeof(((T *)0)->f)}
+
+static const mv_field_layout MV_LAYOUT[] = {
+    MV_STRUCT(mv_header),
+    MV_FIELD(mv_header, magic), MV_FIELD(mv_header, version), MV_FIELD(mv_header, kind),
+    MV_FIELD(mv_header, size), MV_FIELD(mv_header, flags),
+    MV_STRUCT(mv_sampling),
+    MV_FIELD(mv_sampling, temperature), MV_FIELD(mv_sampling, top_p),
+    MV_FIELD(mv_sampling, min_p), MV_FIELD(mv_sampling, repetition_penalty),
+    MV_FIELD(mv_sampling, presence_penalty), MV_FIELD(mv_sampling, frequency_penalty),
+    MV_FIELD(mv_sampling, top_k), MV_FIELD(mv_sampling, max_tokens),
+    MV_FIELD(mv_sampling, min_tokens), MV_FIELD(mv_sampling, logprobs),
+    MV_FIELD(mv_sampling, seed), MV_FIELD(mv_sampling, flags), MV_FIELD(mv_sampling, priority),
+    MV_STRUCT(mv_submit),
+    MV_FIELD(mv_submit, header), MV_FIELD(mv_submit, request_id), MV_FIELD(mv_submit, sampling),
+    MV_FIELD(mv_submit, num_prompt_tokens), MV_FIELD(mv_submit, num_stop_token_ids),
+    MV_STRUCT(mv_abort),
+    MV_FIELD(mv_abort, header), MV_FIELD(mv_abort, request_id),
+    MV_STRUCT(mv_step_output),
+    MV_FIELD(mv_step_output, header), MV_FIELD(mv_step_output, step),
+    MV_FIELD(mv_step_output, num_entries), MV_FIELD(mv_step_output, num_top_logprobs),
+    MV_STRUCT(mv_error),
+    MV_FIELD(mv_error, header), MV_FIELD(mv_error, request_id), MV_FIELD(mv_error, code),
+    MV_FIELD(mv_error, message_len),
+};
+#define MV_LAYOUT_LEN (sizeof(MV_LAYOUT) / sizeof(MV_LAYOUT[0]))
+
+#endif /* MINIVLLM_RECORDS_LAYOUT_H */

@@ -1,0 +1,130 @@
+/* minivllm wire contract, version 1: every record that crosses a process boundary.
+ *
+ * The same bytes travel in the shared-memory rings (one record per ring frame) and as ZeroMQ
+ * frames at the endpoint for other languages. ipc/PROTOCOL.md documents every field; the
+ * Cython codecs (csrc/records.pyx) include this header, and minivllm/transport/protocol.py
+ * checks these sizes and offsets at import.
+ *
+ * All integers and floats are little-endian. Every struct is naturally aligned with explicit
+ * padding, and every record's total size is a multiple of 8, so records can be read in place
+ * from an 8-aligned buffer.
+ */
+#ifndef MINIVLLM_IPC_H
+#define MINIVLLM_IPC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MV_MAGIC 0x5049564Du /* the bytes "MVIP" */
+#define MV_VERSION 1u
+
+/* Record kinds (mv_header.kind). */
+#define MV_KIND_SUBMIT 1u      /* frontend -> engine: a new request */
+#define MV_KIND_ABORT 2u       /* frontend -> engine: stop a request */
+#define MV_KIND_STEP_OUTPUT 3u /* engine -> frontend: the new tokens of one engine step */
+#define MV_KIND_ERROR 4u       /* either way: a record could not be served */
+
+/* Hard bounds a decoder enforces before trusting a count. */
+#define MV_MAX_RECORD_BYTES (64u << 20)
+#define MV_MAX_TOP_LOGPROBS 20u
+
+typedef struct mv_header {
+    uint32_t magic;   /* MV_MAGIC */
+    uint16_t version; /* MV_VERSION */
+    uint16_t kind;    /* MV_KIND_* */
+    uint32_t size;    /* bytes of the whole record, header and padding included; multiple of 8 */
+    uint32_t flags;   /* kind-specific bits, below; unknown bits must be 0 */
+} mv_header;
+
+/* mv_sampling.flags */
+#define MV_SAMPLING_HAS_SEED 1u
+#define MV_SAMPLING_IGNORE_EOS 2u
+
+typedef struct mv_sampling {
+    /* Doubles, not floats: the engine rebuilds exactly the values the client sent, so a
+     * seeded request samples the same tokens served as offline. */
+    double temperature;        /* 0 = greedy */
+    double top_p;              /* (0, 1] */
+    double min_p;              /* [0, 1] */
+    double repetition_penalty; /* > 0, 1 = off */
+    double presence_penalty;   /* [-2, 2] */
+    double frequency_penalty;  /* [-2, 2] */
+    int32_t top_k;             /* -1 = off, else >= 1 */
+    int32_t max_tokens;        /* >= 1, or 0 = until the context is full */
+    int32_t min_tokens;        /* >= 0 */
+    int32_t logprobs;          /* -1 = none, else top-N in [0, 20] */
+    uint64_t seed;             /* used when MV_SAMPLING_HAS_SEED */
+    uint32_t flags;            /* MV_SAMPLING_* */
+    int32_t priority;          /* lower is served first under the priority policy */
+} mv_sampling;
+
+/* MV_KIND_SUBMIT. Followed by int32 prompt_token_ids[num_prompt_tokens], then int32
+ * stop_token_ids[num_stop_token_ids], then zero padding to a multiple of 8. */
+typedef struct mv_submit {
+    mv_header header;
+    uint64_t request_id; /* chosen by the sender, unique among its unfinished requests */
+    mv_sampling sampling;
+    uint32_t num_prompt_tokens;  /* >= 1 */
+    uint32_t num_stop_token_ids;
+} mv_submit;
+
+/* MV_KIND_ABORT. */
+typedef struct mv_abort {
+    mv_header header;
+    uint64_t request_id;
+} mv_abort;
+
+/* mv_step_output header.flags */
+#define MV_STEP_HAS_LOGPROBS 1u
+
+/* MV_KIND_STEP_OUTPUT: one entry per new token. Followed by these arrays, each starting on an
+ * 8-byte boundary (zero padding between them), n = num_entries, k = num_top_logprobs:
+ *   uint64 request_id[n]
+ *   int32  token_id[n]
+ *   uint8  finish_reason[n]      MV_FINISH_*
+ * and, when header.flags has MV_STEP_HAS_LOGPROBS:
+ *   float  logprob[n]            the sampled token's; NaN for a request that asked none
+ *   int32  top_token_id[n * k]   row-major; -1 past what a request asked
+ *   float  top_logprob[n * k]
+ */
+typedef struct mv_step_output {
+    mv_header header;
+    uint64_t step;             /* the engine's step counter */
+    uint32_t num_entries;
+    uint32_t num_top_logprobs; /* k; 0 when no entry asked for top logprobs */
+} mv_step_output;
+
+#define MV_FINISH_NONE 0u   /* still running */
+#define MV_FINISH_STOP 1u   /* EOS or a stop token id */
+#define MV_FINISH_LENGTH 2u /* max_tokens or the context limit */
+#define MV_FINISH_ABORT 3u  /* aborted by the client or by the engine */
+
+/* mv_error header.flags */
+#define MV_ERROR_HAS_REQUEST 1u /* request_id names the request that failed (it is finished) */
+
+/* MV_KIND_ERROR. Followed by message_len bytes of UTF-8 (no terminator), zero padded to 8. */
+typedef struct mv_error {
+    mv_header header;
+    uint64_t request_id;
+    uint32_t code; /* MV_ERR_* */
+    uint32_t message_len;
+} mv_error;
+
+#define MV_ERR_MALFORMED 1u        /* bytes that are no valid record (magic, version, sizes) */
+#define MV_ERR_INVALID_REQUEST 2u  /* a field out of range, an empty or too long prompt */
+#define MV_ERR_DUPLICATE_ID 3u     /* the request id is already in flight */
+#define MV_ERR_OVERLOADED 4u       /* too many requests pending; retry later */
+#define MV_ERR_DRAINING 5u         /* the engine is shutting down and takes no new requests */
+#define MV_ERR_INTERNAL 6u         /* the engine failed serving this request */
+
+/* Layout checks: a compiler that pads differently fails here, not on the wire. */
+#define MV_STATIC_ASSERT(cond, msg) typedef char mv_static_assert_##msg[(cond) ? 1 : -1]
+MV_STATIC_ASSERT(sizeof(mv_header) == 16, header_size);
+MV_STATIC_ASSERT(sizeof(mv_sampling) == 80, sampling_size);
+MV_STATIC_ASSERT(sizeof(mv_submit) == 112, submit_size);
+MV_STATIC_ASSERT(offsetof(mv_submit, sampling) == 24, submit_sampling_offset);
+MV_STATIC_ASSERT(sizeof(mv_abort) == 24, abort_size);
+MV_STATIC_ASSERT(sizeof(mv_step_output) == 32, step_output_size);
+MV_STATIC_ASSERT(sizeof(mv_error) == 32, error_size);
+
+#endif /* MINIVLLM_IPC_H */

@@ -1,0 +1,501 @@
+"""The engine process: EngineCore's step loop behind the transport. Read `run()` top to bottom.
+
+    loop:
+      ingest()   every frontend's request ring, the ZeroMQ endpoint, the control socket
+      step       EngineCore.step_arrays(): schedule, forward + sample, update (arrays)
+      publish()  one step-output record per client with new tokens; bells only for sleepers
+      idle?      spin briefly on the rings, then sleep on the doorbells and sockets
+
+A client is a frontend process (its own request and output rings, registered over the control
+channel) or a peer of the ZeroMQ ROUTER endpoint. Requests are keyed (client, request id), so
+clients choose their ids independently. Every accepted request ends with a finishing entry or
+an error record; a client that dies has its requests aborted and its blocks freed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Optional
+
+import numpy as np
+import zmq
+
+from minivllm.config import TransportConfig
+from minivllm.engine.engine_core import EngineCore, StepResult
+from minivllm.transport import control, protocol, shm
+from minivllm.transport.doorbell import Bell, BellListener
+from minivllm.transport.protocol import ProtocolError
+from minivllm._cext.ring import RingFullError
+
+logger = logging.getLogger(__name__)
+
+NO_TOKEN = -1  # token id of an entry that only reports a finish (an abort)
+
+
+class Client:
+    """Where one client's records go, and which of its requests are in flight."""
+
+    def __init__(self, key: int, name: str) -> None:
+        self.key, self.name = key, name
+        self.requests: set[int] = set()
+
+    def send_step(self, step: int, *arrays) -> None:
+        raise NotImplementedError
+
+    def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FrontendClient(Client):
+    """A frontend process: records go into its output ring; a full ring (a frontend that reads
+    slowly) queues them here instead of stalling the step loop."""
+
+    def __init__(self, key: int, name: str, pid: int, request_ring, output_ring,
+                 bell: Bell) -> None:
+        super().__init__(key, name)
+        self.pid, self.request_ring, self.output_ring, self.bell = pid, request_ring, output_ring, bell
+        self.output_ring.bell = bell
+        self.backlog: deque[bytes] = deque()
+
+    def _put(self, put, encode, *args) -> None:
+        if not self.backlog:
+            try:
+                put(self.output_ring, *args, timeout=0.0)
+                return
+            except RingFullError:
+                pass
+        self.backlog.append(encode(*args))
+
+    def flush(self) -> None:
+        while self.backlog:
+            try:
+                self.output_ring.write(self.backlog[0], timeout=0.0)
+            except RingFullError:
+                return
+            self.backlog.popleft()
+
+    def send_step(self, step: int, *arrays) -> None:
+        self._put(protocol.put_step_output, protocol.encode_step_output, step, *arrays)
+
+    def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
+        self._put(protocol.put_error, protocol.encode_error, code, message, request_id)
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def close(self, unlink: bool = False) -> None:
+        names = (self.request_ring.name, self.output_ring.name)
+        self.request_ring.close()
+        self.output_ring.close()
+        self.bell.close()
+        if unlink:  # the frontend died: its segments are ours to remove
+            for name in names:
+                shm.unlink_segment(name)
+
+
+class RouterClient(Client):
+    """A peer of the ZeroMQ endpoint: records go out as frames."""
+
+    def __init__(self, key: int, identity: bytes, socket: zmq.Socket) -> None:
+        super().__init__(key, f"zmq:{identity.hex()}")
+        self.identity, self.socket = identity, socket
+
+    def _send(self, frame: bytes) -> None:
+        self.socket.send_multipart([self.identity, frame])
+
+    def send_step(self, step: int, *arrays) -> None:
+        self._send(protocol.encode_step_output(step, *arrays))
+
+    def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
+        self._send(protocol.encode_error(code, message, request_id))
+
+
+class EngineProc:
+    def __init__(self, core: EngineCore, transport: TransportConfig) -> None:
+        self.core, self.transport = core, transport
+        shm.cleanup_stale()
+        self.ctx = zmq.Context()
+        self.control_endpoint = transport.control or shm.socket_endpoint("control")
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(self.control_endpoint)
+        self.bells = BellListener(self.ctx, shm.socket_endpoint("bell"))
+        self.router: Optional[zmq.Socket] = None
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.bells.socket, zmq.POLLIN)
+        if transport.zmq_endpoint:
+            self.router = self.ctx.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.setsockopt(zmq.SNDHWM, 0)  # never drop a token for a slow peer
+            self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone peer raises, not vanishes
+            self.router.bind(transport.zmq_endpoint)
+            self.poller.register(self.router, zmq.POLLIN)
+        self.clients: dict[int, Client] = {}
+        self.frontends: dict[str, FrontendClient] = {}
+        self.peers: dict[bytes, RouterClient] = {}
+        self._next_key = 0
+        n = core.config.scheduler.max_num_seqs
+        self.slot_client = np.full(n, -1, np.int64)
+        self.slot_request = np.zeros(n, np.uint64)
+        self.slot_logprobs = np.full(n, -1, np.int64)
+        self.step_count = 0
+        self.draining = False
+        self.stopping = False
+        self.drain_deadline: Optional[float] = None
+        self.counters = dict(requests=0, finished=0, aborted=0, errors=0, prompt_tokens=0,
+                             generation_tokens=0)
+        self._next_check = time.monotonic()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        logger.info("engine process %d serving: control %s%s", os.getpid(),
+                    self.control_endpoint,
+                    f", zmq endpoint {self.transport.zmq_endpoint}" if self.router else "")
+        try:
+            while not self.stopping:
+                self.ingest()
+                if self.core.has_unfinished():
+                    self.publish(self.core.step_arrays())
+                elif self.draining and self.stop_when_drained:
+                    break
+                else:
+                    self.wait_for_work()
+                self._check_frontends()
+                self._check_drain_deadline()
+        finally:
+            self.close()
+
+    # ---- ingest ---------------------------------------------------------------------------
+    def ingest(self) -> None:
+        for client in list(self.frontends.values()):
+            self._read_ring(client)
+        if self.router is not None:
+            self._read_router()
+        self._read_control()
+
+    def _read_ring(self, client: FrontendClient) -> None:
+        for _ in range(4096):  # bounded: a flood from one frontend must not starve the step
+            try:
+                record = protocol.read_record(client.request_ring)
+            except ProtocolError as exc:
+                client.send_error(exc.code, str(exc), exc.request_id)
+                continue
+            if record is None:
+                return
+            self._handle(client, record)
+
+    def _read_router(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            client = self.peers.get(identity)
+            if client is None:
+                client = self.peers[identity] = RouterClient(self._new_key(), identity,
+                                                             self.router)
+                self.clients[client.key] = client
+            if len(frames) != 2:
+                client.send_error(protocol.ERR_MALFORMED,
+                                  f"expected one record per message, got {len(frames) - 1} frames")
+                continue
+            try:
+                record = protocol.decode(frames[1])
+            except ProtocolError as exc:
+                client.send_error(exc.code, str(exc), exc.request_id)
+                continue
+            self._handle(client, record)
+
+    def _handle(self, client: Client, record) -> None:
+        if isinstance(record, protocol.Submit):
+            self._submit(client, record)
+        elif isinstance(record, protocol.Abort):
+            self._abort(client, record.request_id)
+        else:
+            client.send_error(protocol.ERR_MALFORMED,
+                              f"the engine takes submit and abort records, not {record!r}")
+
+    def _submit(self, client: Client, rec: protocol.Submit) -> None:
+        rid = rec.request_id
+        if self.draining:
+            client.send_error(protocol.ERR_DRAINING,
+                              "the engine is draining and takes no new requests", rid)
+            return
+        if rid in client.requests:
+            client.send_error(protocol.ERR_DUPLICATE_ID,
+                              f"request id {rid} is already in flight", rid)
+            return
+        try:
+            params = rec.sampling_params()
+            self.core.add_request((client.key, rid), rec.prompt_token_ids, params,
+                                  priority=rec.priority)
+        except ValueError as exc:
+            self.counters["errors"] += 1
+            client.send_error(protocol.ERR_INVALID_REQUEST, str(exc), rid)
+            return
+        client.requests.add(rid)
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(rec.prompt_token_ids)
+
+    def _abort(self, client: Client, rid: int, notify: bool = True) -> None:
+        if not self.core.abort_request((client.key, rid)):
+            return  # finished already: its last entry is on its way
+        client.requests.discard(rid)
+        self.counters["aborted"] += 1
+        if notify:
+            client.send_step(self.step_count, np.array([rid], np.uint64),
+                             np.array([NO_TOKEN], np.int32),
+                             np.array([protocol.FINISH_ABORT], np.uint8))
+
+    # ---- publish --------------------------------------------------------------------------
+    def publish(self, result: StepResult) -> None:
+        self.step_count += 1
+        for req in result.admitted:
+            key, rid = req.request_id
+            self.slot_client[req.slot], self.slot_request[req.slot] = key, rid
+            n = req.params.logprobs
+            self.slot_logprobs[req.slot] = -1 if n is None else n
+        slots = result.slots
+        if len(slots):
+            owners = self.slot_client[slots]
+            request_ids = self.slot_request[slots]
+            token_ids = result.token_ids.astype(np.int32)
+            finish = result.finish.astype(np.uint8)
+            logprobs = self._logprob_arrays(result, slots)
+            self.counters["generation_tokens"] += len(slots)
+            first = owners[0]
+            if (owners == first).all():  # the common case: one client this step
+                self._send(int(first), request_ids, token_ids, finish, logprobs)
+            else:
+                for key in np.unique(owners).tolist():
+                    rows = np.flatnonzero(owners == key)
+                    self._send(key, request_ids[rows], token_ids[rows], finish[rows],
+                               None if logprobs is None else tuple(a[rows] for a in logprobs))
+            for i in np.flatnonzero(finish).tolist():
+                client = self.clients.get(int(owners[i]))
+                if client is not None:
+                    client.requests.discard(int(request_ids[i]))
+                    self.counters["finished"] += 1
+        for client in self.frontends.values():
+            client.flush()
+
+    def _send(self, key: int, request_ids, token_ids, finish, logprobs) -> None:
+        client = self.clients.get(key)
+        if client is None:
+            return  # gone: its requests were aborted, these are the step's stragglers
+        try:
+            client.send_step(self.step_count, request_ids, token_ids, finish,
+                             *(logprobs or ()))
+        except zmq.ZMQError as exc:  # a ROUTER peer that disconnected
+            logger.info("client %s is gone (%s): aborting its requests", client.name, exc)
+            self._drop(client)
+
+    def _logprob_arrays(self, result: StepResult, slots):
+        """(logprob [n], top ids [n, k], top logprobs [n, k]) for the rows that asked, or None.
+        Rows that asked for none get NaN and -1; k is the most any row asked for."""
+        asked = self.slot_logprobs[slots]
+        out = result.sampled
+        if out is None or out.logprobs is None or (asked < 0).all():
+            return None
+        k = int(asked.max())
+        lp = out.logprobs.float().cpu().numpy().astype(np.float32)
+        top_ids = out.top_ids[:, :k].cpu().numpy().astype(np.int32)
+        top_lp = out.top_logprobs[:, :k].float().cpu().numpy().astype(np.float32)
+        beyond = np.arange(k)[None, :] >= asked[:, None]
+        top_ids[beyond], top_lp[beyond] = -1, np.nan
+        lp[asked < 0] = np.nan
+        return lp, top_ids, top_lp
+
+    # ---- idle -----------------------------------------------------------------------------
+    def wait_for_work(self) -> None:
+        """Spin on the rings for spin_us, then sleep on the bells and sockets (no busy CPU)."""
+        rings = [c.request_ring for c in self.frontends.values()]
+        deadline = time.perf_counter() + self.transport.spin_us * 1e-6
+        while time.perf_counter() < deadline:
+            if any(r.readable() for r in rings):
+                return
+        if not all(r.prepare_sleep() for r in rings):
+            for r in rings:
+                r.awake()
+            return
+        timeout = self.transport.frontend_check_s
+        if self.drain_deadline is not None:
+            timeout = min(timeout, max(0.0, self.drain_deadline - time.monotonic()))
+        events = dict(self.poller.poll(int(timeout * 1000) + 1))
+        for r in rings:
+            r.awake()
+        if self.bells.socket in events:
+            self.bells.drain()
+
+    # ---- clients --------------------------------------------------------------------------
+    def _new_key(self) -> int:
+        self._next_key += 1
+        return self._next_key
+
+    def _drop(self, client: Client, unlink: bool = False) -> None:
+        for rid in list(client.requests):
+            self._abort(client, rid, notify=False)
+        self.clients.pop(client.key, None)
+        if isinstance(client, FrontendClient):
+            self.frontends.pop(client.name, None)
+            client.close(unlink=unlink)
+        elif isinstance(client, RouterClient):
+            self.peers.pop(client.identity, None)
+
+    def _check_frontends(self) -> None:
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.transport.frontend_check_s
+        for client in list(self.frontends.values()):
+            if not client.alive():
+                logger.warning("frontend %s (pid %d) died: aborting its %d requests",
+                               client.name, client.pid, len(client.requests))
+                self._drop(client, unlink=True)
+
+    # ---- control --------------------------------------------------------------------------
+    def _read_control(self) -> None:
+        while True:
+            try:
+                identity, *_, frame = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue  # fewer than two frames: nothing to answer to
+            seq = None
+            try:
+                message = control.decode(frame)
+                seq = message.get("seq")
+                reply = {"ok": True, **self._control_op(message)}
+            except KeyError as exc:
+                reply = {"ok": False, "error": f"{message.get('op')!r} needs the field {exc}"}
+            except (ValueError, TypeError, OSError) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            self.control.send_multipart([identity, b"", control.encode({**reply, "seq": seq})])
+
+    def _control_op(self, m: dict) -> dict:
+        op = m.get("op")
+        if op == "register":
+            return self._register(m)
+        if op == "unregister":
+            client = self.frontends.get(m["frontend"])
+            if client is not None:
+                self._drop(client)
+            return {}
+        if op == "abort":
+            client = self.frontends.get(m["frontend"])
+            if client is None:
+                raise ValueError(f"no frontend named {m['frontend']!r} is registered")
+            for rid in m["request_ids"]:
+                self._abort(client, int(rid))
+            return {}
+        if op == "stats":
+            return self.stats()
+        if op == "health":
+            return {"state": "draining" if self.draining else "ready", "pid": os.getpid()}
+        if op == "drain":
+            self._start_drain(m.get("timeout"))
+            return {}
+        if op == "shutdown":
+            if m.get("drain", True):
+                self._start_drain(m.get("timeout"))
+                self.stop_when_drained = True
+            else:
+                self.stopping = True
+            return {}
+        raise ValueError(f"unknown control op {op!r}: expected one of {', '.join(control.OPS)}")
+
+    def _register(self, m: dict) -> dict:
+        name = str(m["frontend"])
+        if name in self.frontends:
+            self._drop(self.frontends[name])
+        request_ring = shm.attach_ring(m["request_ring"])
+        try:
+            output_ring = shm.attach_ring(m["output_ring"])
+        except BaseException:
+            request_ring.close()
+            raise
+        client = FrontendClient(self._new_key(), name, int(m["pid"]), request_ring, output_ring,
+                                Bell(self.ctx, m["bell"]))
+        self.clients[client.key] = client
+        self.frontends[name] = client
+        logger.info("frontend %s (pid %d) registered", name, client.pid)
+        core = self.core
+        return {"bell": self.bells.endpoint, "pid": os.getpid(), "model": core.source.name,
+                "max_model_len": core.max_model_len,
+                "vocab_size": core.source.arch.vocab_size,
+                "eos_token_ids": list(core.eos_token_ids)}
+
+    def stats(self) -> dict:
+        alloc, sched = self.core.allocator, self.core.scheduler
+        return {"step": self.step_count, "running": len(sched.running),
+                "waiting": len(sched.waiting), "num_blocks": alloc.num_blocks,
+                "free_blocks": alloc.num_free_blocks, "kv_usage": alloc.usage,
+                "prefix_queries": alloc.prefix_queries, "prefix_hits": alloc.prefix_hits,
+                "preemptions": sched.num_preemptions, "frontends": sorted(self.frontends),
+                "zmq_peers": len(self.peers), **self.counters}
+
+    # ---- drain and stop -------------------------------------------------------------------
+    stop_when_drained = False
+
+    def _start_drain(self, timeout: Optional[float]) -> None:
+        self.draining = True
+        if timeout is not None:
+            self.drain_deadline = time.monotonic() + float(timeout)
+
+    def _check_drain_deadline(self) -> None:
+        if self.drain_deadline is not None and time.monotonic() > self.drain_deadline:
+            for client in list(self.clients.values()):
+                for rid in list(client.requests):
+                    self._abort(client, rid)
+            self.drain_deadline = None
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            for rid in list(client.requests):
+                self._abort(client, rid)
+            if isinstance(client, FrontendClient):
+                client.flush()
+                client.close()
+        self.clients.clear()
+        self.frontends.clear()
+        self.peers.clear()
+        self.bells.close()
+        self.control.close(linger=0)
+        shm.remove_endpoint(self.control_endpoint)
+        if self.router is not None:
+            self.router.close(linger=100)
+        self.ctx.term()
+        logger.info("engine process %d stopped", os.getpid())
+
+
+def run_engine(engine_config, transport: TransportConfig) -> None:
+    """The engine process's main: load the model, then serve until told to stop. SIGTERM and
+    SIGINT drain (finish in-flight requests, refuse new ones) and stop."""
+    import signal
+
+    from minivllm import logger as log_setup
+
+    log_setup.configure()
+    proc = EngineProc(EngineCore(engine_config), transport)
+
+    def on_signal(signum, frame):
+        proc._start_drain(None)
+        proc.stop_when_drained = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    proc.run()

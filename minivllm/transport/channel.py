@@ -1,0 +1,117 @@
+"""A frontend's connection to the engine process: two rings, a doorbell, the control socket.
+
+The frontend owns its rings (it creates and unlinks them): the request ring it writes, the
+output ring the engine writes. It registers them over the control channel; the reply names the
+engine's doorbell, which the request ring rings when the engine sleeps. Reading is the
+consumer's side of the doorbell protocol: `wait()` spins for `spin_us`, then sets the output
+ring's `sleeping` flag and blocks on this frontend's own doorbell.
+
+This is the synchronous core the asyncio client and the benchmarks build on; it imports no
+torch and runs no model code.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Optional, Sequence
+
+import zmq
+
+from minivllm.config import TransportConfig
+from minivllm.transport import protocol, shm
+from minivllm.transport.control import ControlClient
+from minivllm.transport.doorbell import Bell, BellListener
+
+
+class EngineChannel:
+    def __init__(self, control_endpoint: str, config: Optional[TransportConfig] = None,
+                 name: Optional[str] = None, register_timeout: float = 30.0) -> None:
+        self.config = config or TransportConfig()
+        self.name = name or f"frontend-{os.getpid()}-{secrets.token_hex(2)}"
+        shm.cleanup_stale()
+        self.ctx = zmq.Context()
+        self.request_ring = self.output_ring = None
+        self.listener = self.control = self.engine_bell = None
+        try:
+            self.request_ring = shm.create_ring("req", self.config.ring_capacity)
+            self.output_ring = shm.create_ring("out", self.config.ring_capacity)
+            self.listener = BellListener(self.ctx, shm.socket_endpoint("fbell"))
+            self.control = ControlClient(self.ctx, control_endpoint)
+            self.info = self.register(register_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def register(self, timeout: float = 30.0) -> dict:
+        """Attach this frontend's rings to the engine (again, after an engine restart: the
+        rings are emptied first, since whatever they held belonged to the dead engine)."""
+        self.request_ring.reset()
+        self.output_ring.reset()
+        info = self.control.call("register", timeout=timeout, frontend=self.name,
+                                 pid=os.getpid(), request_ring=self.request_ring.name,
+                                 output_ring=self.output_ring.name, bell=self.listener.endpoint)
+        if self.engine_bell is not None:
+            self.engine_bell.close()
+        self.engine_bell = Bell(self.ctx, info["bell"])
+        self.request_ring.bell = self.engine_bell
+        return info
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(self, request_id: int, prompt_token_ids: Sequence[int], params,
+               priority: int = 0) -> None:
+        protocol.put_submit(self.request_ring, request_id, prompt_token_ids, params, priority,
+                            timeout=self.config.ring_timeout_s)
+
+    def abort(self, request_id: int) -> None:
+        protocol.put_abort(self.request_ring, request_id, timeout=self.config.ring_timeout_s)
+
+    # ---- outputs --------------------------------------------------------------------------
+    def read(self):
+        """The next record from the engine (StepOutput or ErrorRecord), or None."""
+        return protocol.read_record(self.output_ring)
+
+    def wait(self, timeout: float) -> bool:
+        """Until the output ring has a record (True) or `timeout` seconds pass (False)."""
+        ring = self.output_ring
+        if ring.spin(min(self.config.spin_us * 1e-6, timeout)):
+            return True
+        if not ring.prepare_sleep():
+            return True
+        try:
+            woke = self.listener.socket.poll(max(1, int(timeout * 1000)))
+        finally:
+            ring.awake()
+        if woke:
+            self.listener.drain()
+        return ring.readable()
+
+    @property
+    def fileno(self) -> int:
+        """The doorbell's file descriptor, for an event loop to watch (see zmq.FD)."""
+        return self.listener.socket.getsockopt(zmq.FD)
+
+    # ---- control --------------------------------------------------------------------------
+    def call(self, op: str, timeout: float = 10.0, **args) -> dict:
+        return self.control.call(op, timeout=timeout, **args)
+
+    def close(self, unregister: bool = True) -> None:
+        """Detach from the engine and remove this frontend's rings and sockets. Idempotent."""
+        if self.control is not None and unregister and self.request_ring is not None:
+            try:
+                self.control.call("unregister", timeout=1.0, frontend=self.name)
+            except Exception:  # noqa: BLE001  (the engine may be gone: we clean up regardless)
+                pass
+        for part in (self.engine_bell, self.listener, self.control, self.request_ring,
+                     self.output_ring):
+            if part is not None:
+                part.close()
+        self.engine_bell = self.listener = self.control = None
+        self.request_ring = self.output_ring = None
+        if not self.ctx.closed:
+            self.ctx.term()
+
+    def __enter__(self) -> "EngineChannel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
