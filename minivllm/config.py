@@ -4,17 +4,21 @@
 metadata or a dummy preset). `ModelConfig`, `CacheConfig` and `SchedulerConfig` are what the
 user chooses. Every dataclass validates itself on construction and raises `ValueError` naming
 the field at fault.
+
+torch is imported only where a torch object is made: frontends and the API server read these
+dataclasses and must not pay for (or depend on) torch.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -140,14 +144,15 @@ def _rope_scaling(cfg: dict) -> Optional[dict]:
 
 def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
     """`auto` takes the checkpoint's dtype, except float16 on CPU (slow there) becomes float32."""
+    import torch
+
     if dtype == "auto":
-        name = arch.torch_dtype if arch.torch_dtype in _DTYPES else "float32"
-        if device.type == "cpu" and name == "float16":
-            name = "float32"
-        return _DTYPES[name]
+        dtype = arch.torch_dtype if arch.torch_dtype in _DTYPES else "float32"
+        if device.type == "cpu" and dtype == "float16":
+            dtype = "float32"
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 @dataclass
@@ -160,10 +165,21 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     max_model_len: Optional[int] = None  # default: the model's max_position_embeddings
+    # auto: the CPU kernels on CPU (where built), Triton on CUDA (where installed), else torch.
+    # torch is the reference backend, selectable everywhere (A/B runs, debugging).
+    attention_backend: str = "auto"  # auto | torch | triton
+    # True: no CUDA graphs, every step runs eagerly (as vLLM's enforce_eager). Graphs need the
+    # Triton backend, whose kernels read every length from device memory.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "hf", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, hf, gguf or dummy; got {self.load_format!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton; "
+                             f"got {self.attention_backend!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -172,6 +188,8 @@ class ModelConfig:
             _positive("max_model_len", self.max_model_len)
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -227,3 +245,32 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class TransportConfig:
+    """How frontends reach the engine process (see ipc/PROTOCOL.md).
+
+    `control` is the engine's control socket (a fresh ipc:// path when None); `zmq_endpoint` the
+    ROUTER socket for other-language clients (None: off). A consumer with empty rings busy-polls
+    for `spin_us` before it sleeps on its doorbell: a steady stream never pays a wake-up, and a
+    pause costs at most this much CPU (on 2 cores a frontend spinning for long steals the
+    engine's). A producer facing a full ring waits `ring_timeout_s` before it gives up.
+    """
+
+    control: Optional[str] = None
+    zmq_endpoint: Optional[str] = None
+    ring_capacity: int = 1 << 22
+    spin_us: float = 50.0
+    ring_timeout_s: float = 10.0
+    frontend_check_s: float = 0.5  # how often the engine checks that its frontends still live
+
+    def __post_init__(self) -> None:
+        cap = self.ring_capacity
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 4096 or cap & (cap - 1):
+            raise ValueError(f"ring_capacity must be a power of two >= 4096, got {cap!r}")
+        for name in ("spin_us", "ring_timeout_s", "frontend_check_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
