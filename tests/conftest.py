@@ -72,3 +72,56 @@ def _save_tokenizer(path: str, gguf_path: str) -> None:
                             eos_token="<|im_end|>", unk_token="<|endoftext|>",
                             pad_token="<|im_end|>", chat_template=tok.chat_template
                             ).save_pretrained(path)
+
+
+class EngineServer:
+    """A real engine process (spawned) serving the embedded model over the transport."""
+
+    def __init__(self, **engine_options) -> None:
+        import multiprocessing as mp
+
+        from minivllm.config import TransportConfig
+        from minivllm.engine.engine_proc import run_engine
+        from minivllm.llm import build_engine_config
+        from minivllm.transport import shm
+
+        self.transport = TransportConfig(control=shm.socket_endpoint("control"),
+                                         zmq_endpoint=shm.socket_endpoint("zmq"))
+        config = build_engine_config(None, **{"dtype": "float32", "num_blocks": 512,
+                                              **engine_options})
+        self.process = mp.get_context("spawn").Process(
+            target=run_engine, args=(config, self.transport), daemon=True)
+        self.process.start()
+        self.control = self.transport.control
+        self.zmq_endpoint = self.transport.zmq_endpoint
+
+    def channel(self, **kwargs):
+        from minivllm.transport.channel import EngineChannel
+
+        return EngineChannel(self.control, self.transport, register_timeout=120, **kwargs)
+
+    def stop(self) -> None:
+        from minivllm.transport.control import ControlClient
+        import zmq
+
+        if self.process.is_alive():
+            ctx = zmq.Context()
+            client = ControlClient(ctx, self.control)
+            try:
+                client.call("shutdown", timeout=5, drain=False)
+            except Exception:  # noqa: BLE001  (killed below if it did not answer)
+                pass
+            client.close()
+            ctx.term()
+            self.process.join(20)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+@pytest.fixture(scope="module")
+def engine_server():
+    """One engine process per test module (embedded SmolLM2, fp32, 512 KV blocks)."""
+    server = EngineServer()
+    yield server
+    server.stop()

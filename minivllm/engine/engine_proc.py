@@ -478,6 +478,7 @@ class EngineProc:
         shm.remove_endpoint(self.control_endpoint)
         if self.router is not None:
             self.router.close(linger=100)
+            shm.remove_endpoint(self.transport.zmq_endpoint)
         self.ctx.term()
         logger.info("engine process %d stopped", os.getpid())
 
