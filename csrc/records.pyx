@@ -507,6 +507,9 @@ def read_record(Ring ring):
         raise ValueError(f"ring {ring.name} is closed")
     cdef const char* p = ring.peek(&n)
     if p == NULL:
+        if ring.discarded_bytes:
+            raise ProtocolError(f"ring {ring.name}: a frame's length runs past the published "
+                                f"data; {ring.take_discarded()} bytes discarded")
         return None
     try:
         return _decode(p, n)

@@ -108,9 +108,9 @@ cdef class Ring(RecordSink):
         elif self.hdr.magic != MV_RING_MAGIC or self.hdr.version != MV_RING_VERSION:
             raise ValueError(f"shared-memory segment {self.name} is not a version "
                              f"{MV_RING_VERSION} minivllm ring")
-        elif self.hdr.capacity > capacity:
-            raise ValueError(f"ring {self.name} claims {self.hdr.capacity} bytes of data but "
-                             f"the segment holds {capacity}")
+        elif self.hdr.capacity > capacity or self.hdr.capacity & (self.hdr.capacity - 1):
+            raise ValueError(f"ring {self.name} claims {self.hdr.capacity} bytes of data: not a "
+                             f"power of two within the segment's {capacity}")
         self.capacity = self.hdr.capacity
         self.mask = self.capacity - 1
         self.head = self.head_seen = mv_load_head(self.hdr)
@@ -200,20 +200,35 @@ cdef class Ring(RecordSink):
 
     # ---- consumer ------------------------------------------------------------------------
     cdef const char* peek(self, uint32_t* length):
-        """The next record, or NULL when the ring is empty; valid until advance()."""
+        """The next record, or NULL when the ring is empty; valid until advance().
+
+        A frame whose length runs past what the producer published (a corrupt or hostile
+        producer) is never read: everything published so far is discarded, counted in
+        `discarded_bytes`, and NULL returned, so the consumer stays inside the segment."""
         cdef mv_frame* frame
+        cdef uint64_t offset, need
         while True:
             if self.tail == self.head_seen:
                 self.head_seen = mv_load_head(self.hdr)
                 if self.tail == self.head_seen:
                     return NULL
-            frame = <mv_frame*>(self.data + (self.tail & self.mask))
+            offset = self.tail & self.mask
+            frame = <mv_frame*>(self.data + offset)
             if frame.length == MV_FRAME_PAD:
-                self.tail += self.capacity - (self.tail & self.mask)
+                need = self.capacity - offset
+            else:
+                need = _frame_bytes(frame.length)
+            if need > self.head_seen - self.tail or offset + need > self.capacity:
+                self.discarded_bytes += self.head_seen - self.tail
+                self.tail = self.head_seen
+                mv_store_tail(self.hdr, self.tail)
+                return NULL
+            if frame.length == MV_FRAME_PAD:
+                self.tail += need
                 mv_store_tail(self.hdr, self.tail)
                 continue
             length[0] = frame.length
-            self.frame_len = _frame_bytes(frame.length)
+            self.frame_len = need
             return <char*>frame + MV_FRAME_HEADER_BYTES
 
     cdef void advance(self):
@@ -226,10 +241,18 @@ cdef class Ring(RecordSink):
         cdef uint32_t n
         cdef const char* src = self.peek(&n)
         if src == NULL:
+            if self.discarded_bytes:
+                raise ValueError(f"ring {self.name}: a frame length ran past the published "
+                                 f"data; {self.take_discarded()} bytes discarded")
             return None
         out = PyBytes_FromStringAndSize(src, n)
         self.advance()
         return out
+
+    def take_discarded(self) -> int:
+        """Bytes dropped as corrupt since the last call (see peek)."""
+        n, self.discarded_bytes = self.discarded_bytes, 0
+        return n
 
     def readable(self) -> bool:
         """True when a record is waiting (one shared load at most)."""

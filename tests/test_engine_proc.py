@@ -248,3 +248,45 @@ def test_shutdown_leaves_no_process_segment_or_socket():
     assert not shm.list_segments(pid=engine_pid, directory=shm.SOCKET_DIR)  # its bell
     for endpoint in (server.control, server.zmq_endpoint):  # sockets it bound
         assert not os.path.exists(endpoint[len("ipc://"):])
+
+
+def test_zmq_peers_that_vanish_are_forgotten_and_the_engine_keeps_serving(engine_server,
+                                                                         offline_tokens):
+    ctx = zmq.Context()
+    with engine_server.channel() as ch:
+        ch.submit(1, PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        for i in range(5):  # junk, a request, then gone: answers go to vanished peers
+            sock = _dealer(ctx, engine_server.zmq_endpoint)
+            sock.send(b"junk" * 4)
+            sock.send(protocol.encode_submit(i, PROMPTS[0], GREEDY))
+            time.sleep(0.05)
+            sock.close()
+        tokens, finished, errors = collect(ch, 1)
+        assert len(tokens[1]) == 40 and not errors
+        deadline = time.monotonic() + 10
+        while (stats := ch.call("stats"))["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stats["zmq_peers"] == 0 and stats["free_blocks"] == stats["num_blocks"]
+    ctx.term()
+
+
+def test_c_client_streams_the_same_greedy_tokens_as_the_python_client(engine_server,
+                                                                      offline_tokens,
+                                                                      tmp_path):
+    import subprocess
+
+    from test_c_client_codec import _compiler_missing, _make
+
+    missing = _compiler_missing()
+    if missing:
+        pytest.skip(reason=missing)
+    binary = _make(tmp_path)
+    for prompt, expected in zip(PROMPTS, offline_tokens):
+        out = subprocess.run([str(binary), "--endpoint", engine_server.zmq_endpoint,
+                              "--max-tokens", "12", "--temperature", "0", "--ignore-eos",
+                              "--", *map(str, prompt)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.split("\n")
+        assert [int(line.split()[1]) for line in lines if line.startswith("token ")] == expected
+        assert "finish length" in lines

@@ -199,3 +199,22 @@ def test_no_lost_wakeup_under_a_million_records_with_random_pauses():
     assert lost == 0
     assert sleeps > 100  # the handshake was exercised, not just the busy path
     assert writer.bells_rung > 100
+
+
+def test_a_lying_frame_length_is_discarded_not_followed(pair):
+    from multiprocessing import shared_memory
+
+    from minivllm.transport import protocol
+
+    writer, reader = pair
+    writer.write(b"a" * 16)
+    raw = shared_memory.SharedMemory(writer.name)
+    try:
+        struct.pack_into("<I", raw.buf, 256, 1_000_000)  # the first frame's length word
+        with pytest.raises(protocol.ProtocolError, match="24 bytes discarded"):
+            protocol.read_record(reader)
+        assert reader.read() is None
+        writer.write(b"b" * 8)  # the ring goes on working
+        assert reader.read() == b"b" * 8
+    finally:
+        raw.close()

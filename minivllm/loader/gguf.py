@@ -1,10 +1,14 @@
 """A GGUF file (llama.cpp): architecture from its metadata, weights dequantized to HF layout."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import torch
+
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
@@ -99,6 +103,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def load_weights(path: str, header: GGUFHeader, arch: ArchConfig, dtype: torch.dtype,
                  device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor dequantized to float32, un-permuted, then cast to `dtype` on `device`."""
+    import torch
+
     data = np.memmap(path, dtype=np.uint8, mode="r")
     expected = dict(expected_parameters(arch))
     # Only llama.cpp's llama converter permutes q/k; its qwen2 converter does not.

@@ -1,12 +1,16 @@
 """A Hugging Face model directory: config.json and *.safetensors (sharded or not)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import torch
+
 import glob
 import json
 import os
 from typing import Iterator
 
-import torch
 from safetensors import safe_open
 
 from minivllm.config import ArchConfig
@@ -49,6 +53,8 @@ def load_weights(path: str, arch: ArchConfig, dtype: torch.dtype, device: torch.
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter, one tensor at a time, checked against the architecture's names and
     shapes."""
+    import torch
+
     expected = dict(expected_parameters(arch))
     seen = set()
     for file in _safetensors_files(path):
