@@ -274,3 +274,29 @@ class TransportConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass
+class SupervisorConfig:
+    """How `minivllm serve` keeps the engine process up.
+
+    The engine gets `start_timeout_s` to load its model and answer. When it dies it is
+    restarted after `backoff_s`, doubling per consecutive failure up to `backoff_max_s`; more
+    than `restart_limit` restarts within `restart_window_s` and the supervisor gives up.
+    """
+
+    start_timeout_s: float = 600.0
+    restart_limit: int = 5
+    restart_window_s: float = 300.0
+    backoff_s: float = 0.5
+    backoff_max_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("start_timeout_s", "restart_window_s", "backoff_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.restart_limit, bool) or not isinstance(self.restart_limit, int) \
+                or self.restart_limit < 0:
+            raise ValueError(f"restart_limit must be an integer >= 0, got {self.restart_limit!r}")

@@ -10,10 +10,9 @@ from minivllm import logger
 from minivllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from minivllm.core.request import Request
 from minivllm.engine.engine_core import EngineCore, EngineOutput
+from minivllm.inputs import PromptType, parse_prompt
 from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
-
-PromptType = Union[str, Sequence[int], dict]
 
 _SCHEDULER_ALIASES = {"scheduling_policy": "policy"}
 
@@ -76,16 +75,7 @@ class LLM:
 
     # ---- internals -----------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt.get("prompt")
-        if isinstance(prompt, str):
-            return prompt, self._need_tokenizer("text prompts").encode(prompt)
-        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"a prompt must be a string, a list of token ids or a dict with "
-                         f"'prompt' or 'prompt_token_ids'; got {type(prompt).__name__}")
+        return parse_prompt(prompt, self.engine.tokenizer)
 
     def _need_tokenizer(self, what: str):
         if self.engine.tokenizer is None:

@@ -15,6 +15,9 @@ class CompletionOutput:
     cumulative_logprob: Optional[float] = None
     # One dict per generated token: token id -> logprob, holding the sampled token and the top-N.
     logprobs: Optional[list[dict[int, float]]] = None
+    # Streaming (AsyncEngineClient): what this output adds to the previous one of its request.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

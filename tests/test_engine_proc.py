@@ -290,3 +290,13 @@ def test_c_client_streams_the_same_greedy_tokens_as_the_python_client(engine_ser
         lines = out.stdout.split("\n")
         assert [int(line.split()[1]) for line in lines if line.startswith("token ")] == expected
         assert "finish length" in lines
+
+
+def test_a_request_done_in_its_first_step_still_gets_its_token(engine_server):
+    # "What is the capital of France?" without a chat template: SmolLM2's first token is EOS,
+    # so the request is admitted, sampled and finished within one step.
+    with engine_server.channel() as ch:
+        ch.submit(1, [1780, 314, 260, 3575, 282, 4649, 47],
+                  SamplingParams(temperature=0, max_tokens=20))
+        tokens, finished, errors = collect(ch, 1)
+    assert tokens[1] == [2] and finished[1] == protocol.FINISH_STOP and not errors

@@ -16,6 +16,7 @@ from minivllm.config import EngineConfig
 from minivllm.core.block_allocator import BlockAllocator
 from minivllm.core.scheduler import FINISH_REASONS, Request, Scheduler
 from minivllm.engine.model_runner import ModelRunner
+from minivllm.inputs import check_prompt
 from minivllm.layers.sampler import SamplerOutput
 from minivllm.loader import load_tokenizer, resolve_model
 from minivllm.sampling_params import SamplingParams
@@ -38,6 +39,7 @@ class StepResult:
     """A step's sampled rows as arrays (views valid until the next step)."""
 
     admitted: list[Request]  # requests that got a slot this step
+    admitted_slots: list[int]  # their slots (a request done in its first step has none left)
     slots: np.ndarray        # slot of each sampled row
     token_ids: np.ndarray    # its new token
     finish: np.ndarray       # its finish code: FINISH_REASONS[code]
@@ -74,7 +76,7 @@ class EngineCore:
     # ---- ingest -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
                     params: SamplingParams, priority: int = 0) -> Request:
-        self._check_prompt(prompt_token_ids)
+        check_prompt(prompt_token_ids, self.max_model_len, self.source.arch.vocab_size)
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids,
                       self.max_model_len, self._arrivals, time.monotonic(), priority)
         self._arrivals += 1
@@ -92,19 +94,20 @@ class EngineCore:
         """One step: schedule, forward and sample, update. The result is arrays, one entry per
         sampled row; the engine process publishes them without a Python object per token."""
         batch, admitted = self.scheduler.schedule()
+        slots = [req.slot for req in admitted]
         for req in admitted:
             self._by_slot[req.slot] = req
             self.runner.sampler.add_request(req.slot, req.params,
                                             req.token_ids[:req.num_prompt_tokens],
                                             req.eos_ids, req.output_token_ids)
         if batch is None:
-            return StepResult(admitted, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
+            return StepResult(admitted, slots, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
         sampled = self.runner.execute(batch)
         token_ids = sampled.token_ids.cpu().numpy()  # the step's one device->host sync
         # No result tuples from the scheduler: rows name slots, and a finished request stays
         # in _by_slot until its slot is admitted again.
         self.scheduler.update_arrays(token_ids)
-        return StepResult(admitted, self.scheduler.out_slots, self.scheduler.out_tokens,
+        return StepResult(admitted, slots, self.scheduler.out_slots, self.scheduler.out_tokens,
                           self.scheduler.out_finish, sampled)
 
     def step(self) -> list[EngineOutput]:
@@ -120,20 +123,6 @@ class EngineCore:
 
     def request_in_slot(self, slot: int) -> Optional[Request]:
         return self._by_slot[slot]
-
-    # ---- validation ---------------------------------------------------------------------
-    def _check_prompt(self, ids: Sequence[int]) -> None:
-        if len(ids) == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, the context holds "
-                             f"{self.max_model_len}: shorten it to at most "
-                             f"{self.max_model_len - 1} tokens")
-        arr = np.asarray(ids)
-        vocab = self.source.arch.vocab_size
-        if arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= vocab:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-
 
 def _logprob_rows(out: SamplerOutput, asked: list[Optional[int]]) -> list[Optional[dict]]:
     """Per sampled row: {token: logprob} for the sampled token and the top-N, if asked."""

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import zmq
@@ -86,13 +86,7 @@ class FrontendClient(Client):
         self._put(protocol.put_error, protocol.encode_error, code, message, request_id)
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+        return shm.pid_alive(self.pid)
 
     def close(self, unlink: bool = False) -> None:
         names = (self.request_ring.name, self.output_ring.name)
@@ -272,11 +266,11 @@ class EngineProc:
     # ---- publish --------------------------------------------------------------------------
     def publish(self, result: StepResult) -> None:
         self.step_count += 1
-        for req in result.admitted:
+        for req, slot in zip(result.admitted, result.admitted_slots):
             key, rid = req.request_id
-            self.slot_client[req.slot], self.slot_request[req.slot] = key, rid
+            self.slot_client[slot], self.slot_request[slot] = key, rid
             n = req.params.logprobs
-            self.slot_logprobs[req.slot] = -1 if n is None else n
+            self.slot_logprobs[slot] = -1 if n is None else n
         slots = result.slots
         if len(slots):
             owners = self.slot_client[slots]
@@ -417,11 +411,11 @@ class EngineProc:
         if op == "health":
             return {"state": "draining" if self.draining else "ready", "pid": os.getpid()}
         if op == "drain":
-            self._start_drain(m.get("timeout"))
+            self._start_drain(m.get("timeout_s"))
             return {}
         if op == "shutdown":
             if m.get("drain", True):
-                self._start_drain(m.get("timeout"))
+                self._start_drain(m.get("timeout_s"))
                 self.stop_when_drained = True
             else:
                 self.stopping = True
@@ -493,15 +487,19 @@ class EngineProc:
         logger.info("engine process %d stopped", os.getpid())
 
 
-def run_engine(engine_config, transport: TransportConfig) -> None:
-    """The engine process's main: load the model, then serve until told to stop. SIGTERM and
-    SIGINT drain (finish in-flight requests, refuse new ones) and stop."""
+def run_engine(engine_config, transport: TransportConfig,
+               ready: Optional[Callable[[], None]] = None) -> None:
+    """The engine process's main: load the model, bind the sockets, call `ready`, then serve
+    until told to stop. SIGTERM and SIGINT drain (finish in-flight requests, refuse new ones)
+    and stop."""
     import signal
 
     from minivllm import logger as log_setup
 
     log_setup.configure()
     proc = EngineProc(EngineCore(engine_config), transport)
+    if ready is not None:
+        ready()
 
     def on_signal(signum, frame):
         proc._start_drain(None)

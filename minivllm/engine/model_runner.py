@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from minivllm.config import EngineConfig, resolve_dtype
 from minivllm.core.batch import ScheduledBatch
-from minivllm.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from minivllm.engine.cuda_graphs import DecodeGraphs
+from minivllm.engine.step_inputs import StepStaging, cpu_inputs
+from minivllm.layers.attention import AttentionBackend, TorchAttentionBackend
 from minivllm.layers.cpu_attention import SUPPORTED_HEAD_DIMS, CpuAttentionBackend
 from minivllm.layers.cpu_dispatch import cpu_kernels_apply
 from minivllm.layers.cpu_linear import cpu_linears_apply, use_cpu_linears
@@ -48,7 +51,7 @@ class ModelRunner:
         self.device = config.model.torch_device()
         self.dtype = resolve_dtype(config.model.dtype, arch, self.device)
         self.max_model_len = max_model_len(config, source)
-        self.attn_backend = self._attention_backend(arch)
+        self.attn_backend = self._attention_backend(arch, config.model.attention_backend)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = MODEL_REGISTRY[arch.architecture](
                 arch, self.attn_backend, max_position=self.max_model_len)
@@ -62,6 +65,13 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
                     self.kv_spec.num_blocks, self.kv_spec.block_size, self.kv_spec.num_tokens,
                     self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)
+        self.staging = (StepStaging(self.device) if self.device.type == "cuda" else None)
+        self.graphs = None
+        if (self.device.type == "cuda" and not config.model.enforce_eager
+                and self.attn_backend.cuda_graph_safe):
+            max_blocks = -(-self.max_model_len // self.kv_spec.block_size)
+            self.graphs = DecodeGraphs(self.model, self.attn_backend, self.kv_spec.block_size,
+                                       config.scheduler.max_num_seqs, max_blocks, self.device)
 
     def _use_cpu_linears(self) -> None:
         model, head = self.model, self.model.lm_head
@@ -73,8 +83,26 @@ class ModelRunner:
         model.lm_head = None  # packed with the others, as the last weight
         use_cpu_linears(model, head=(weight, bias))
 
-    def _attention_backend(self, arch) -> AttentionBackend:
-        if cpu_kernels_apply(self.device, self.dtype) and arch.head_dim in SUPPORTED_HEAD_DIMS:
+    def _attention_backend(self, arch, choice: str) -> AttentionBackend:
+        """`ModelConfig.attention_backend`: auto picks the fastest backend that runs here."""
+        on_cuda = self.device.type == "cuda"
+        have_triton = importlib.util.find_spec("triton") is not None
+        if choice == "triton" or (choice == "auto" and on_cuda and have_triton
+                                  and triton_supports(arch.head_dim)):
+            if not have_triton:
+                raise ValueError("attention_backend='triton' needs triton (pip install triton)")
+            if not triton_supports(arch.head_dim):
+                raise ValueError(f"the Triton attention backend needs a power-of-two head_dim "
+                                 f">= 16; this model has {arch.head_dim}")
+            if not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+                raise ValueError("the Triton attention backend runs on CUDA devices "
+                                 "(on CPU only under TRITON_INTERPRET=1, for tests)")
+            # Imported here: importing triton costs CPU-only runs time, and its interpreter
+            # switch (TRITON_INTERPRET) is read when the kernels are defined.
+            from minivllm.layers.triton_attention import TritonAttentionBackend
+            return TritonAttentionBackend()
+        if (choice == "auto" and cpu_kernels_apply(self.device, self.dtype)
+                and arch.head_dim in SUPPORTED_HEAD_DIMS):
             return CpuAttentionBackend()
         return TorchAttentionBackend()
 
@@ -101,19 +129,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> SamplerOutput:
         """Forward the batch and sample one token for each row in `batch.sample_rows`."""
-        dev = self.device
-        to_dev = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
-        query_start = batch.query_start_loc
-        meta = AttentionMetadata(
-            slot_mapping=to_dev(batch.slot_mapping), query_start_loc=to_dev(query_start),
-            seq_lens=to_dev(batch.seq_lens), block_tables=to_dev(batch.block_tables),
-            query_start_host=query_start, seq_lens_host=batch.seq_lens,
-            max_query_len=int(np.diff(query_start).max()), max_seq_len=int(batch.seq_lens.max()))
-        self.attn_backend.prepare(meta, self.kv_spec.block_size)
-        hidden = self.model(to_dev(batch.input_ids), to_dev(batch.positions), meta)
-        last_tokens = to_dev(query_start[batch.sample_rows + 1] - 1)
-        logits = self.model.compute_logits(hidden[last_tokens])
-        return self.sampler.sample(logits, to_dev(batch.slots[batch.sample_rows]))
+        if self.graphs is not None and self.graphs.serves(batch):
+            hidden, sample_index, sample_slots = self.graphs.run(batch)
+        else:
+            inputs = (self.staging.stage(batch) if self.staging is not None
+                      else cpu_inputs(batch))
+            self.attn_backend.prepare(inputs.meta, self.kv_spec.block_size)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            sample_index, sample_slots = inputs.sample_index, inputs.sample_slots
+        if sample_index is not None:  # None: every token is sampled (a step of decodes)
+            hidden = hidden[sample_index]
+        return self.sampler.sample(self.model.compute_logits(hidden), sample_slots)
+
+def triton_supports(head_dim: int) -> bool:
+    """The Triton kernels tile the head dimension whole: a power of two, at least tl.dot's 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def max_model_len(config: EngineConfig, source: ModelSource) -> int:

@@ -90,14 +90,20 @@ def remove_endpoint(endpoint: str) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 def list_segments(pid: int | None = None, directory: str = SHM_DIR) -> list[str]:
@@ -115,7 +121,7 @@ def cleanup_stale() -> list[str]:
     removed = []
     for directory in (SHM_DIR, SOCKET_DIR):
         for name in list_segments(directory=directory):
-            if not _alive(int(_NAME.match(name).group(1))):
+            if not pid_alive(int(_NAME.match(name).group(1))):
                 try:
                     os.unlink(os.path.join(directory, name))
                     removed.append(name)

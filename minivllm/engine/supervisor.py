@@ -1,0 +1,179 @@
+"""Supervisor: starts the engine process, waits until it is ready, restarts it when it dies.
+
+    sup = Supervisor(engine_config, transport)   # transport.control: where frontends connect
+    sup.start()          # raises EngineStartError (with the engine's traceback) if it fails
+    ...                  # sup.state: starting | ready | restarting | failed | stopped
+    sup.shutdown()       # drain, stop, reap; nothing left behind
+
+The engine reports "ready" (or its start-up traceback) over a pipe. A watcher thread reaps it
+when it exits; unless a shutdown was asked for, it is restarted on the same control endpoint
+after a backoff that doubles per consecutive failure, up to a limit. Frontends notice the
+death on their own (they watch the engine's pid), fail their requests with EngineDeadError,
+and re-register with the new engine once it answers.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Optional
+
+from minivllm.config import EngineConfig, SupervisorConfig, TransportConfig
+from minivllm.transport import shm
+from minivllm.transport.control import ControlClient
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStartError(RuntimeError):
+    """The engine process did not come up (its own error is in the message)."""
+
+
+def _engine_main(engine_config: EngineConfig, transport: TransportConfig, conn) -> None:
+    from minivllm.engine.engine_proc import run_engine
+
+    try:
+        run_engine(engine_config, transport, ready=lambda: conn.send(("ready", None)))
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        raise
+
+
+class Supervisor:
+    def __init__(self, engine_config: EngineConfig, transport: Optional[TransportConfig] = None,
+                 config: Optional[SupervisorConfig] = None) -> None:
+        self.engine_config = engine_config
+        self.transport = transport or TransportConfig()
+        if self.transport.control is None:  # fixed now: restarts must bind the same endpoint
+            self.transport.control = shm.socket_endpoint("control")
+        self.config = config or SupervisorConfig()
+        self.state = "stopped"
+        self.process: Optional[mp.Process] = None
+        self.restarts = 0
+        self._restart_times: deque[float] = deque()
+        self._stopping = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
+
+    @property
+    def control(self) -> str:
+        return self.transport.control
+
+    @property
+    def engine_pid(self) -> Optional[int]:
+        return None if self.process is None else self.process.pid
+
+    def start(self) -> None:
+        self.state = "starting"
+        try:
+            self._spawn()
+        except EngineStartError:
+            self.state = "failed"
+            raise
+        self.state = "ready"
+        self._watcher = threading.Thread(target=self._watch, name="engine-watcher", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> None:
+        """Start an engine process and wait for its ready message; raises EngineStartError."""
+        ctx = mp.get_context("spawn")
+        receiver, sender = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_engine_main, name="minivllm-engine",
+                                   args=(self.engine_config, self.transport, sender))
+        self.process.start()
+        sender.close()
+        deadline = time.monotonic() + self.config.start_timeout_s
+        try:
+            while True:
+                if receiver.poll(0.1):
+                    kind, detail = receiver.recv()
+                    if kind == "ready":
+                        logger.info("engine process %d ready", self.process.pid)
+                        return
+                    raise EngineStartError(f"the engine failed to start: "
+                                           f"{detail.strip().splitlines()[-1]}\n{detail}")
+                if not self.process.is_alive():
+                    raise EngineStartError(f"the engine process exited with code "
+                                           f"{self.process.exitcode} before it was ready")
+                if time.monotonic() > deadline:
+                    raise EngineStartError(f"the engine was not ready within "
+                                           f"{self.config.start_timeout_s:g} s")
+        except (EngineStartError, EOFError) as exc:
+            self._kill()
+            if isinstance(exc, EOFError):
+                raise EngineStartError(f"the engine process exited with code "
+                                       f"{self.process.exitcode} before it was ready") from None
+            raise
+        finally:
+            receiver.close()
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            self.process.join(0.1)
+            if self.process.is_alive() or self._stopping.is_set():
+                continue
+            logger.error("engine process %d exited with code %s", self.process.pid,
+                         self.process.exitcode)
+            self.state = "restarting"
+            if not self._restart():
+                self.state = "failed"
+                logger.error("engine restarts exhausted (%d within %g s): giving up",
+                             self.config.restart_limit, self.config.restart_window_s)
+                return
+            self.state = "ready"
+
+    def _restart(self) -> bool:
+        """Restart with backoff until one start succeeds or the limit is reached."""
+        failures = 0
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            while self._restart_times and now - self._restart_times[0] > \
+                    self.config.restart_window_s:
+                self._restart_times.popleft()
+            if len(self._restart_times) >= self.config.restart_limit:
+                return False
+            self._restart_times.append(now)
+            delay = min(self.config.backoff_s * 2 ** failures, self.config.backoff_max_s)
+            if self._stopping.wait(delay):
+                return False
+            try:
+                self._spawn()
+            except EngineStartError as exc:
+                logger.error("engine restart failed: %s", str(exc).splitlines()[0])
+                failures += 1
+                continue
+            self.restarts += 1
+            return True
+        return False
+
+    def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Drain (finish in-flight requests, up to `timeout` s) and stop the engine."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
+        if self.process is not None and self.process.is_alive():
+            import zmq
+
+            ctx = zmq.Context()
+            client = ControlClient(ctx, self.control)
+            try:
+                client.call("shutdown", timeout=5.0, drain=drain, timeout_s=timeout)
+            except (TimeoutError, RuntimeError) as exc:
+                logger.warning("engine did not take the shutdown request: %s", exc)
+            finally:
+                client.close()
+                ctx.term()
+            self.process.join(timeout + 5)
+        self._kill()
+        shm.remove_endpoint(self.control)
+        self.state = "stopped"
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)

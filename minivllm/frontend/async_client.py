@@ -1,0 +1,337 @@
+"""AsyncEngineClient: the frontend's asyncio face of the engine process (no torch here).
+
+    client = await AsyncEngineClient.connect(control_endpoint)
+    async for out in client.generate("Hello", SamplingParams(max_tokens=32)):
+        print(out.outputs[0].delta_text, end="")
+    final = await client.submit([1, 2, 3], params)       # the same path, as a future
+
+One reader task drains the output ring and feeds per-request state; a consumer wakes once per
+engine step however many tokens arrived (`RequestState` coalesces them). Requests go out as
+submit records into the request ring. The reader spins `spin_us` when the ring runs dry, then
+sleeps on the doorbell; every `ENGINE_CHECK_S` it checks that the engine process still lives.
+If it died, every request in flight fails with EngineDeadError at once, new ones are refused
+with it, and the client re-attaches as soon as a (restarted) engine answers on the control
+socket.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from typing import AsyncIterator, Optional
+
+import zmq
+import zmq.asyncio
+
+from minivllm.config import TransportConfig
+from minivllm.frontend.output_processor import CompletionStream, RequestState
+from minivllm.inputs import PromptType, check_prompt, parse_prompt
+from minivllm.outputs import RequestOutput
+from minivllm.sampling_params import SamplingParams
+from minivllm.transport import protocol
+from minivllm.transport.channel import EngineChannel
+from minivllm.transport.shm import pid_alive
+
+logger = logging.getLogger(__name__)
+
+ENGINE_CHECK_S = 0.1    # how often the reader checks that the engine process lives
+RECONNECT_POLL_S = 0.2  # how often a client whose engine died asks for a new one
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve a request; `code` is the protocol's MV_ERR_*."""
+
+    def __init__(self, message: str, code: int = protocol.ERR_INTERNAL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The engine rejected the request's contents (a field out of range, a prompt too long)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine process died (or is restarting): the request cannot complete."""
+
+
+class EngineDrainingError(EngineError):
+    """The engine is shutting down and takes no new requests."""
+
+
+_ERRORS = {protocol.ERR_INVALID_REQUEST: InvalidRequestError,
+           protocol.ERR_DUPLICATE_ID: InvalidRequestError,
+           protocol.ERR_DRAINING: EngineDrainingError}
+
+
+class AsyncEngineClient:
+    def __init__(self, channel: EngineChannel, tokenizer) -> None:
+        self.channel = channel
+        self.tokenizer = tokenizer
+        self._apply_info(channel.info)
+        self._wire_ids = itertools.count(1)
+        self._streams: dict[int, tuple[CompletionStream, RequestState]] = {}
+        self._requests: dict[str, RequestState] = {}
+        self._request_ids = itertools.count()
+        self._events: dict[int, asyncio.Event] = {}  # id(state) -> its consumer's wake-up
+        self.state = "ready"  # ready | dead (the engine died; re-attaching) | closed
+        self._control_lock = asyncio.Lock()
+        self._reader: Optional[asyncio.Task] = None
+        self._reconnect: Optional[asyncio.Task] = None
+        self._bell = zmq.asyncio.Socket.from_socket(channel.listener.socket)
+
+    @classmethod
+    async def connect(cls, control: str, model: Optional[str] = None, load_format: str = "auto",
+                      transport: Optional[TransportConfig] = None, name: Optional[str] = None,
+                      timeout: float = 120.0, tokenizer=None) -> "AsyncEngineClient":
+        """Register with the engine at `control`; load `model`'s tokenizer (not its weights)
+        unless one is given."""
+        loop = asyncio.get_running_loop()
+        if tokenizer is None:
+            from minivllm.loader import load_tokenizer, resolve_model
+
+            tokenizer = await loop.run_in_executor(
+                None, lambda: load_tokenizer(resolve_model(model, load_format)))
+        channel = await loop.run_in_executor(
+            None, lambda: EngineChannel(control, transport, name, register_timeout=timeout))
+        client = cls(channel, tokenizer)
+        client._reader = asyncio.create_task(client._read_loop())
+        return client
+
+    def _apply_info(self, info: dict) -> None:
+        self.engine_pid = info["pid"]
+        self.model_name = info["model"]
+        self.max_model_len = info["max_model_len"]
+        self.vocab_size = info["vocab_size"]
+        self.eos_token_ids = tuple(info["eos_token_ids"])
+
+    # ---- requests -------------------------------------------------------------------------
+    async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every engine step that advanced it; the last one
+        is finished. Cancelling the consumer (or closing the generator) aborts the request."""
+        state = self._add(prompt, params or SamplingParams(), request_id)
+        async for out in self._stream(state):
+            yield out
+
+    def submit(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+               request_id: Optional[str] = None) -> "asyncio.Task[RequestOutput]":
+        """The request's final output, as a task (cancel it to abort the request). Bad input
+        raises here, before anything is sent."""
+        state = self._add(prompt, params or SamplingParams(), request_id)
+
+        async def last() -> RequestOutput:
+            async for out in self._stream(state):
+                pass
+            return out
+        return asyncio.ensure_future(last())
+
+    async def _stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+        event = self._events[id(state)]
+        try:
+            while True:
+                await event.wait()
+                event.clear()
+                if state.error is not None:
+                    raise state.error
+                out = state.snapshot()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._release(state)
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request by id; its consumer gets a last output with reason "abort"."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return False
+        for stream in state.streams:
+            if not stream.finished:
+                self._abort_stream(stream)
+        self._wake(state)
+        return True
+
+    def _add(self, prompt: PromptType, params: SamplingParams,
+             request_id: Optional[str]) -> RequestState:
+        if self.state != "ready":
+            raise EngineDeadError(f"the engine is not available ({self.state}): retry once it "
+                                  f"has restarted", protocol.ERR_INTERNAL)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = parse_prompt(prompt, self.tokenizer)
+        check_prompt(ids, self.max_model_len, self.vocab_size)
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        streams = [CompletionStream(i, p, self.tokenizer, ids, self.eos_token_ids)
+                   for i, p in enumerate(_per_completion(params))]
+        state = RequestState(request_id, text, ids, streams)
+        self._requests[request_id] = state
+        self._events[id(state)] = asyncio.Event()
+        for stream in streams:
+            stream.wire_id = next(self._wire_ids)
+            self._streams[stream.wire_id] = (stream, state)
+            self.channel.submit(stream.wire_id, ids, stream.params)
+        return state
+
+    def _release(self, state: RequestState) -> None:
+        for stream in state.streams:
+            if not stream.finished and self.state == "ready":
+                self._abort_stream(stream)
+            self._streams.pop(stream.wire_id, None)
+        self._requests.pop(state.request_id, None)
+        self._events.pop(id(state), None)
+
+    def _abort_stream(self, stream: CompletionStream) -> None:
+        stream.fail("abort")
+        self._streams.pop(stream.wire_id, None)
+        try:
+            self.channel.abort(stream.wire_id)
+        except Exception:  # noqa: BLE001  (a dead engine: nothing left to abort)
+            logger.debug("abort of wire request %d not sent", stream.wire_id)
+
+    def _wake(self, state: RequestState) -> None:
+        event = self._events.get(id(state))
+        if event is not None:
+            event.set()
+
+    # ---- the reader -----------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        ring = self.channel.output_ring
+        spin_s = self.channel.config.spin_us * 1e-6
+        next_check = time.monotonic() + ENGINE_CHECK_S
+        while self.state != "closed":
+            if self.state == "ready" and self._drain():
+                await asyncio.sleep(0)  # let the consumers run, then read on
+            elif self.state == "ready" and ring.spin(spin_s):
+                pass
+            elif ring.prepare_sleep():
+                try:
+                    await self._bell.poll(int(ENGINE_CHECK_S * 1000))
+                finally:
+                    ring.awake()
+                self.channel.listener.drain()
+            else:
+                ring.awake()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + ENGINE_CHECK_S
+                if self.state == "ready" and not pid_alive(self.engine_pid):
+                    self._engine_died()
+
+    def _drain(self) -> bool:
+        got = False
+        for _ in range(256):  # then yield to the consumers
+            try:
+                record = self.channel.read()
+            except protocol.ProtocolError as exc:
+                logger.error("dropped a malformed record from the engine: %s", exc)
+                continue
+            if record is None:
+                break
+            got = True
+            if isinstance(record, protocol.StepOutput):
+                self._on_step(record)
+            else:
+                self._on_error(record)
+        return got
+
+    def _on_step(self, rec: protocol.StepOutput) -> None:
+        rows = zip(rec.request_ids.tolist(), rec.token_ids.tolist(), rec.finish_reasons.tolist())
+        for i, (wire_id, token, finish) in enumerate(rows):
+            entry = self._streams.get(wire_id)
+            if entry is None:
+                continue  # released, or finished by a stop string: stragglers
+            stream, state = entry
+            logprobs = None
+            if rec.logprobs is not None and stream.params.logprobs is not None and token >= 0:
+                k = stream.params.logprobs
+                logprobs = dict(zip(rec.top_token_ids[i, :k].tolist(),
+                                    rec.top_logprobs[i, :k].tolist()))
+                logprobs[token] = float(rec.logprobs[i])
+            if stream.add(token, finish, logprobs):
+                self._abort_stream(stream)  # a stop string matched
+            elif stream.finished:
+                del self._streams[wire_id]
+            self._wake(state)
+
+    def _on_error(self, rec: protocol.ErrorRecord) -> None:
+        entry = self._streams.get(rec.request_id) if rec.request_id is not None else None
+        if entry is None:
+            logger.error("engine error (code %d): %s", rec.code, rec.message)
+            return
+        stream, state = entry
+        del self._streams[rec.request_id]
+        stream.fail("error")
+        state.error = _ERRORS.get(rec.code, EngineError)(rec.message, rec.code)
+        for other in state.streams:  # the request fails as a whole
+            if not other.finished:
+                self._abort_stream(other)
+        self._wake(state)
+
+    # ---- engine death and re-attachment ---------------------------------------------------
+    def _engine_died(self) -> None:
+        logger.error("the engine process %d died: failing %d requests in flight",
+                     self.engine_pid, len(self._requests))
+        self.state = "dead"
+        for stream, state in list(self._streams.values()):
+            stream.fail("error")
+            if state.error is None:
+                state.error = EngineDeadError("the engine process died while serving this "
+                                              "request")
+            self._wake(state)
+        self._streams.clear()
+        self._reconnect = asyncio.create_task(self._reattach())
+
+    async def _reattach(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.state == "dead":
+            try:
+                async with self._control_lock:
+                    health = await loop.run_in_executor(
+                        None, lambda: self.channel.call("health", timeout=RECONNECT_POLL_S))
+                    if health["pid"] == self.engine_pid or health["state"] != "ready":
+                        raise TimeoutError("not restarted yet")
+                    info = await loop.run_in_executor(None, self.channel.register)
+            except (TimeoutError, RuntimeError):
+                await asyncio.sleep(RECONNECT_POLL_S)
+                continue
+            self._apply_info(info)
+            self.state = "ready"
+            logger.info("re-attached to the restarted engine (pid %d)", self.engine_pid)
+
+    # ---- control --------------------------------------------------------------------------
+    async def call(self, op: str, timeout: float = 5.0, **args) -> dict:
+        """A control-channel request (stats, health, drain, ...), off the event loop."""
+        async with self._control_lock:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.channel.call(op, timeout=timeout, **args))
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._requests)
+
+    async def shutdown(self) -> None:
+        """Abort what is in flight, detach from the engine, remove this frontend's rings."""
+        if self.state == "closed":
+            return
+        for state in list(self._requests.values()):
+            await self.abort(state.request_id)
+        self.state = "closed"
+        for task in (self._reader, self._reconnect):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._reader, self._reconnect) if t is not None),
+                             return_exceptions=True)
+        async with self._control_lock:
+            await asyncio.get_running_loop().run_in_executor(None, self.channel.close)
+
+
+def _per_completion(params: SamplingParams) -> list[SamplingParams]:
+    """n completions are n engine requests; seeded ones get seed + i (as the offline path)."""
+    if params.n == 1:
+        return [params]
+    return [dataclasses.replace(params, n=1,
+                                seed=None if params.seed is None else params.seed + i)
+            for i in range(params.n)]
