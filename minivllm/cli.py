@@ -1,4 +1,4 @@
-"""Command line: `minivllm generate "prompt"` and `minivllm chat` (serve and bench come later)."""
+"""Command line: `minivllm generate "prompt"`, `minivllm chat`, `minivllm serve`."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +6,13 @@ import sys
 from typing import Optional, Sequence
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF directory, .gguf file, or dummy preset "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+_MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
+               "SmolLM2-135M-Instruct)")
+
+
+def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    if model_flag:
+        p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
@@ -66,6 +70,44 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def _scheduler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--policy", default="decode-first", choices=["decode-first", "prefill-first"])
+    p.add_argument("--batch-wait-ms", type=float, default=0.0)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: "
+                   "from --cpu-kv-cache-bytes or --gpu-memory-utilization)")
+    p.add_argument("--cpu-kv-cache-bytes", type=int, default=1 << 30)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+
+
+def cmd_serve(args) -> int:
+    from minivllm.config import ServerConfig, SupervisorConfig, TransportConfig
+    from minivllm.llm import build_engine_config
+    from minivllm.server.launcher import Launcher
+
+    engine = build_engine_config(
+        args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, seed=args.seed, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,
+        batch_wait_ms=args.batch_wait_ms, block_size=args.block_size,
+        num_blocks=args.num_blocks, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching)
+    server = ServerConfig(host=args.host, port=args.port, api_servers=args.api_servers,
+                          max_pending=args.max_pending, drain_timeout_s=args.drain_timeout,
+                          api_key=args.api_key, served_model_name=args.served_model_name)
+    transport = TransportConfig(zmq_endpoint=args.zmq_endpoint)
+    from minivllm import logger as log_setup
+
+    log_setup.configure()
+    return Launcher(engine, server, transport, SupervisorConfig()).run()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="minivllm")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,9 +119,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for p in (gen, chat):
         _engine_args(p)
         _sampling_args(p)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
+    _engine_args(serve, model_flag=False)
+    _scheduler_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-servers", type=int, default=1,
+                       help="API-server processes sharing the port, each a frontend")
+    serve.add_argument("--max-pending", type=int, default=1024,
+                       help="requests in flight per API server before 429")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--zmq-endpoint", default=None,
+                       help="also serve the binary protocol here (ipc/PROTOCOL.md), e.g. "
+                            "tcp://127.0.0.1:5557")
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

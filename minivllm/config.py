@@ -300,3 +300,41 @@ class SupervisorConfig:
         if isinstance(self.restart_limit, bool) or not isinstance(self.restart_limit, int) \
                 or self.restart_limit < 0:
             raise ValueError(f"restart_limit must be an integer >= 0, got {self.restart_limit!r}")
+
+
+@dataclass
+class ServerConfig:
+    """The OpenAI-compatible HTTP server (`minivllm serve`).
+
+    `max_pending` bounds the requests in flight (accepted, not finished) per API-server process;
+    past it a request gets 429 with Retry-After. On SIGTERM/SIGINT new requests get 503 and
+    in-flight ones get `drain_timeout_s` to finish. With `api_key` set, /v1 and the tokenizer
+    endpoints need `Authorization: Bearer <key>`.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_servers: int = 1
+    max_pending: int = 1024
+    drain_timeout_s: float = 30.0
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None
+    max_body_bytes: int = 8 << 20
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("port", "api_servers", "max_pending", "max_body_bytes", "retry_after_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.port > 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        _positive("api_servers", self.api_servers)
+        _positive("max_pending", self.max_pending)
+        if isinstance(self.drain_timeout_s, bool) or not isinstance(self.drain_timeout_s,
+                                                                    (int, float)) \
+                or not math.isfinite(self.drain_timeout_s) or self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be a finite number >= 0, "
+                             f"got {self.drain_timeout_s!r}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be a non-empty string or None")

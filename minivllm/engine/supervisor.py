@@ -151,6 +151,10 @@ class Supervisor:
             return True
         return False
 
+    def begin_shutdown(self) -> None:
+        """From now on an engine that exits is not restarted (its frontends are stopping)."""
+        self._stopping.set()
+
     def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Drain (finish in-flight requests, up to `timeout` s) and stop the engine."""
         self._stopping.set()

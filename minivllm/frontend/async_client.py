@@ -111,36 +111,30 @@ class AsyncEngineClient:
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every engine step that advanced it; the last one
         is finished. Cancelling the consumer (or closing the generator) aborts the request."""
-        state = self._add(prompt, params or SamplingParams(), request_id)
-        async for out in self._stream(state):
-            yield out
+        stream = self.open(prompt, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def open(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+             request_id: Optional[str] = None) -> "RequestStream":
+        """generate(), but the request is checked and sent now (a server answers 400 before
+        it starts a response); close() the stream if you stop reading before it finishes."""
+        return RequestStream(self, self._add(prompt, params or SamplingParams(), request_id))
 
     def submit(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                request_id: Optional[str] = None) -> "asyncio.Task[RequestOutput]":
         """The request's final output, as a task (cancel it to abort the request). Bad input
         raises here, before anything is sent."""
-        state = self._add(prompt, params or SamplingParams(), request_id)
+        stream = self.open(prompt, params, request_id)
 
         async def last() -> RequestOutput:
-            async for out in self._stream(state):
+            async for out in stream:
                 pass
             return out
         return asyncio.ensure_future(last())
-
-    async def _stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
-        event = self._events[id(state)]
-        try:
-            while True:
-                await event.wait()
-                event.clear()
-                if state.error is not None:
-                    raise state.error
-                out = state.snapshot()
-                yield out
-                if out.finished:
-                    return
-        finally:
-            self._release(state)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request by id; its consumer gets a last output with reason "abort"."""
@@ -326,6 +320,45 @@ class AsyncEngineClient:
                              return_exceptions=True)
         async with self._control_lock:
             await asyncio.get_running_loop().run_in_executor(None, self.channel.close)
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator. Cancelling a wait on it, close(), or
+    an error aborts what is still running in the engine and forgets the request."""
+
+    def __init__(self, client: AsyncEngineClient, state: RequestState) -> None:
+        self.client, self.state = client, state
+        self.request_id = state.request_id
+        self._event = client._events[id(state)]
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            await self._event.wait()
+        except BaseException:
+            self.close()
+            raise
+        self._event.clear()
+        if self.state.error is not None:
+            self.close()
+            raise self.state.error
+        out = self.state.snapshot()
+        if out.finished:
+            self.close()
+        return out
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.client._release(self.state)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def _per_completion(params: SamplingParams) -> list[SamplingParams]:

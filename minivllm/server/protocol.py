@@ -1,0 +1,204 @@
+"""OpenAI's request shapes, validated strictly, and its error shape.
+
+Requests are pydantic models in strict mode with unknown fields forbidden, as OpenAI's API
+answers: a string where a number belongs, a float where an integer belongs, or a field it does
+not know is a 400 naming the field. vLLM's extra sampling fields (top_k, min_p,
+repetition_penalty, ignore_eos, ...) are accepted too. Ranges are checked once, by
+SamplingParams, whose ValueError names the field.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from minivllm.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, headers: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.status}}
+
+
+_UNION_HINTS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+}
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """The first problem pydantic found, as a 400 naming the field."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {err['msg']}")
+    if err["type"] == "model_type" or not loc:
+        return APIError(400, "the body must be a JSON object")
+    field = loc[0]
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {field}", param=field)
+    if err["type"] == "missing":
+        return APIError(400, f"'{field}' is a required property", param=field)
+    if field in _UNION_HINTS:
+        return APIError(400, f"'{field}' must be {_UNION_HINTS[field]}", param=field)
+    path = ".".join(p for p in loc if not p.startswith(("list[", "str", "int")))
+    return APIError(400, f"'{path}': {err['msg']}", param=field)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """The fields both endpoints share (OpenAI's, then vLLM's extras)."""
+
+    model: Optional[str] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
+    # vLLM's extra sampling parameters
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+        """SamplingParams for this request; out-of-range values raise APIError naming the
+        field."""
+        values: dict[str, Any] = dict(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, seed=self.seed, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens)
+        try:
+            # None means "the default", except max_tokens, where it means "up to the context"
+            return SamplingParams(**{k: v for k, v in values.items()
+                                     if v is not None or k == "max_tokens"})
+        except ValueError as exc:
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), param=field) from None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+
+    def check_supported(self) -> None:
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
+            raise APIError(400, f"logprobs must be in [0, 5], got {self.logprobs}",
+                           param="logprobs")
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[str, list[dict], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        """Text content; a list of parts may hold text parts only (no images here)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, "only text content parts are supported",
+                               param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    logit_bias: Optional[dict[str, float]] = None
+    tools: Optional[list[dict]] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    response_format: Optional[dict] = None
+    add_generation_prompt: bool = True
+
+    def check_supported(self) -> None:
+        if not self.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if self.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise APIError(400, "only response_format {'type': 'text'} is supported",
+                           param="response_format")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            if not 0 <= self.top_logprobs <= 20:
+                raise APIError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
+                               param="top_logprobs")
+
+    def completion_limit(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    def num_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(_Strict):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: Optional[str] = None
+    tokens: list[int]
