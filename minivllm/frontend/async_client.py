@@ -76,6 +76,7 @@ class AsyncEngineClient:
         self._request_ids = itertools.count()
         self._events: dict[int, asyncio.Event] = {}  # id(state) -> its consumer's wake-up
         self.state = "ready"  # ready | dead (the engine died; re-attaching) | closed
+        self.restarts = 0     # engine restarts this client re-attached after
         self._control_lock = asyncio.Lock()
         self._reader: Optional[asyncio.Task] = None
         self._reconnect: Optional[asyncio.Task] = None
@@ -292,6 +293,7 @@ class AsyncEngineClient:
                 await asyncio.sleep(RECONNECT_POLL_S)
                 continue
             self._apply_info(info)
+            self.restarts += 1
             self.state = "ready"
             logger.info("re-attached to the restarted engine (pid %d)", self.engine_pid)
 

@@ -11,17 +11,21 @@ from torch import nn
 
 from minivllm._cext import cpu_kernels
 from minivllm.layers.cpu_dispatch import cpu_kernels_for_new_layer
+from minivllm.layers.gpu_dispatch import triton_kernels_for_new_layer
 
 
 class SiluAndMul(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.use_cpu_kernel = cpu_kernels_for_new_layer()
+        self.triton_kernels = triton_kernels_for_new_layer()  # None: not on the GPU
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2F] (gate | up) -> [T, F]."""
         if self.use_cpu_kernel:
             return cpu_kernels.silu_and_mul(gate_up)
+        if self.triton_kernels is not None:
+            return self.triton_kernels.silu_and_mul(gate_up)
         return self.forward_native(gate_up)
 
     @staticmethod

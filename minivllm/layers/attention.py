@@ -35,6 +35,11 @@ class AttentionMetadata:
 class AttentionBackend:
     """Writes this step's keys/values into the cache, then attends each query to its context."""
 
+    # Whether a decode step's forward can be captured in a CUDA graph and replayed for other
+    # lengths and block tables: true when the backend reads them all from device memory and
+    # launches the same kernels whatever their values (no host-side loops or shapes).
+    cuda_graph_safe = False
+
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         """Derive per-step index tensors once, before the layers run (stored in meta.prepared)."""
 

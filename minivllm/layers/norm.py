@@ -12,6 +12,7 @@ from torch import nn
 
 from minivllm._cext import cpu_kernels
 from minivllm.layers.cpu_dispatch import cpu_kernels_for_new_layer
+from minivllm.layers.gpu_dispatch import triton_kernels_for_new_layer
 
 
 class RMSNorm(nn.Module):
@@ -20,12 +21,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
         self.use_cpu_kernel = cpu_kernels_for_new_layer()
+        self.triton_kernels = triton_kernels_for_new_layer()  # None: not on the GPU
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Returns norm(x) alone, or (norm(x + residual), x + residual) when given a residual.
         x is [T, hidden]; the CPU kernel writes x + residual into `residual` in place."""
         if self.use_cpu_kernel:
             out = cpu_kernels.rms_norm_(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
+        if self.triton_kernels is not None:  # likewise in place on the residual
+            out = self.triton_kernels.rms_norm(x, residual, self.weight, self.eps)
             return out if residual is None else (out, residual)
         return self.forward_native(x, residual)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from minivllm._cext import cpu_kernels
 from minivllm.layers.cpu_dispatch import cpu_kernels_for_new_layer
+from minivllm.layers.gpu_dispatch import triton_kernels_for_new_layer
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
@@ -44,6 +45,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
         self._memo: tuple = (None, None, None)  # every layer rotates the same positions
         self.use_cpu_kernel = cpu_kernels_for_new_layer()
+        self.triton_kernels = triton_kernels_for_new_layer()  # None: not on the GPU
 
     def _lookup(self, positions: torch.Tensor, dtype: torch.dtype):
         pos, cos, sin = self._memo
@@ -59,6 +61,9 @@ class RotaryEmbedding(nn.Module):
         tensors back) with the CPU kernel, as new tensors otherwise."""
         if self.use_cpu_kernel:
             cpu_kernels.rotary_(positions, self.cos, self.sin, q, k)
+            return q, k
+        if self.triton_kernels is not None:
+            self.triton_kernels.rotary_(positions, self.cos, self.sin, q, k)
             return q, k
         return self.forward_native(positions, q, k)
 

@@ -121,7 +121,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         if state.ready:
-            return {"status": "ok"}
+            return {"status": "ok", "engine_pid": state.client.engine_pid}
         status = "draining" if state.draining else (
             "starting" if state.client is None else "engine_" + state.client.state)
         return JSONResponse({"status": status}, status_code=503)
@@ -129,6 +129,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics_endpoint():
         stats = None
+        if state.client is not None:
+            metrics.restarts.set(state.client.restarts)
         if state.client is not None and state.client.state == "ready":
             try:
                 stats = await state.client.call("stats", timeout=2.0)

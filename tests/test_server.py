@@ -1,0 +1,369 @@
+"""`minivllm serve` as users run it (a subprocess on 127.0.0.1), driven by the official openai
+client, curl and httpx: OpenAI shapes, streaming, every error row, overload, disconnects,
+metrics across two API servers, engine crash, and SIGTERM under load."""
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from minivllm.transport import shm
+
+KEY = "test-key"
+MODEL = "SmolLM2-135M-Instruct"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _cmdline(pid) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Server:
+    """A real `minivllm serve` process (its children: the engine and the API servers; the
+    multiprocessing resource tracker is left out)."""
+
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ, MINIVLLM_LOG_LEVEL="WARNING")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "minivllm.cli", "serve", "--port", "0", "--dtype", "float32",
+             "--num-blocks", "1024", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        match = re.search(r"http://([\d.]+):(\d+)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line}{self.proc.stderr.read()[-3000:]}")
+        self.url = f"http://{match.group(1)}:{match.group(2)}"
+
+    def children(self) -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid == self.proc.pid and "resource_tracker" not in _cmdline(entry):
+                    pids.append(int(entry))
+        return pids
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server("--api-servers", "2", "--api-key", KEY, "--max-pending", "8")
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    from minivllm import LLM, SamplingParams
+
+    llm = LLM(dtype="float32", num_blocks=1024)
+    params = SamplingParams(temperature=0, max_tokens=16)
+    return {"chat": llm.chat(CHAT, params, use_tqdm=False)[0].outputs[0].text,
+            "completion": llm.generate("The capital of France is", params,
+                                       use_tqdm=False)[0].outputs[0].text}
+
+
+def post(server, path, body=None, key=KEY, **kwargs):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    return httpx.post(server.url + path, content=body, headers=headers, timeout=60, **kwargs)
+
+
+# ---- the openai client ----------------------------------------------------------------------
+def test_openai_client_chat_and_completions_equal_offline_greedy(oai, offline):
+    chat = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
+    assert chat.choices[0].message.content == offline["chat"]
+    assert chat.usage.completion_tokens > 0 and chat.usage.total_tokens == \
+        chat.usage.prompt_tokens + chat.usage.completion_tokens
+    comp = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16,
+                                  temperature=0)
+    assert comp.choices[0].text == offline["completion"]
+    assert comp.usage.prompt_tokens == 5
+
+    stream = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16,
+                                         temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == offline["chat"] and chunks[-1].usage.completion_tokens > 0
+    stream = oai.completions.create(model=MODEL, prompt="The capital of France is",
+                                    max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == offline["completion"]
+
+
+def test_n_logprobs_stop_and_seed(oai):
+    out = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, n=3,
+                                 temperature=1.0, seed=5, logprobs=2)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    for c in out.choices:
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) > 0
+        assert all(len(top) <= 2 for top in c.logprobs.top_logprobs)
+    again = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, n=3,
+                                   temperature=1.0, seed=5, logprobs=2)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+    chat = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16,
+                                       temperature=0, logprobs=True, top_logprobs=3,
+                                       stop=["Paris"])
+    choice = chat.choices[0]
+    assert "Paris" not in choice.message.content and choice.finish_reason == "stop"
+    assert all(len(t.top_logprobs) == 3 for t in choice.logprobs.content)
+    extra = oai.completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0.5,
+                                   extra_body={"top_k": 5, "min_p": 0.1, "ignore_eos": True,
+                                               "repetition_penalty": 1.2})
+    assert len(extra.choices[0].text) > 0 and extra.usage.completion_tokens == 5
+
+
+def test_models_tokenize_detokenize_version(server):
+    models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert models.json()["data"][0]["id"] == MODEL
+    tok = post(server, "/tokenize", {"prompt": "Hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 8192
+    assert post(server, "/detokenize", {"tokens": tok["tokens"]}).json()["prompt"] == \
+        "Hello world"
+    assert httpx.get(server.url + "/version").json()["version"]
+
+
+# ---- curl streams as tokens are made ---------------------------------------------------------
+def test_curl_streams_sse_chunks_as_they_are_produced(server):
+    if shutil.which("curl") is None:
+        pytest.skip(reason="needs curl")
+    body = json.dumps({"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 48,
+                       "temperature": 0, "ignore_eos": True, "stream": True})
+    proc = subprocess.Popen(["curl", "-sN", server.url + "/v1/completions",
+                             "-H", "Content-Type: application/json",
+                             "-H", f"Authorization: Bearer {KEY}", "-d", body],
+                            stdout=subprocess.PIPE, text=True)
+    arrivals = []
+    for line in proc.stdout:
+        if line.startswith("data: "):
+            arrivals.append((time.monotonic(), line[6:].strip()))
+    proc.wait(30)
+    assert arrivals[-1][1] == "[DONE]"
+    chunks = [json.loads(p) for _, p in arrivals[:-1]]
+    assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 40
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # One by one: the first token arrived well before the last, not in one burst at the end.
+    times = [t for t, _ in arrivals[:-1]]
+    assert times[-1] - times[0] > 0.2
+    assert len({round(t, 3) for t in times}) > len(times) // 2
+
+
+# ---- every error row ------------------------------------------------------------------------
+@pytest.mark.parametrize("body, status, fragment", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "8"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "n": 1.5}, 400, "'n'"),
+    ({"model": MODEL, "prompt": 7}, 400, "prompt"),
+    ({"model": MODEL}, 400, "'prompt' is a required property"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature must be >= 0"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 9}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "frobnicate": True}, 400,
+     "Unrecognized request argument supplied: frobnicate"),
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "The model `gpt-4` does not exist"),
+    ({"model": MODEL, "prompt": "hi " * 9000}, 400, "context holds 8192"),
+])
+def test_completion_errors_in_openai_shape(server, body, status, fragment):
+    resp = post(server, "/v1/completions", body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert fragment in err["message"] and err["code"] == status and "type" in err
+
+
+def test_chat_errors_name_the_field(server):
+    cases = [({"model": MODEL, "messages": []}, "messages must not be empty"),
+             ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "role"),
+             ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, "needs logprobs"),
+             ({"model": MODEL, "messages": CHAT, "max_completion_tokens": -3}, "max_tokens"),
+             ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools")]
+    for body, fragment in cases:
+        resp = post(server, "/v1/chat/completions", body)
+        assert resp.status_code == 400 and fragment in resp.json()["error"]["message"], resp.text
+
+
+def test_body_too_large_and_missing_key(server):
+    resp = post(server, "/v1/completions", b'{"prompt": "' + b"a" * (9 << 20) + b'"}')
+    assert resp.status_code == 413 and "limit" in resp.json()["error"]["message"]
+    resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=None)
+    assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
+    resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key="wrong")
+    assert resp.status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
+
+
+def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(server):
+    async def one(client):
+        body = {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 64,
+                "temperature": 0, "ignore_eos": True}
+        return await client.post("/v1/completions", json=body,
+                                 headers={"Authorization": f"Bearer {KEY}"})
+
+    async def go():
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
+            return await asyncio.gather(*(one(c) for _ in range(40)))
+    responses = asyncio.run(go())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) <= 16
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 64
+
+
+# ---- disconnects and metrics ----------------------------------------------------------------
+def _metrics(server) -> dict:
+    text = httpx.get(server.url + "/metrics").text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + ("" if not sample.labels else
+                                 str(sorted(sample.labels.items())))
+            values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+def _wait_engine_idle(server, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(server)
+        if m["minivllm:num_requests_running"] == 0 and m["minivllm:kv_cache_usage_perc"] == 0:
+            return m
+        assert time.monotonic() < deadline, "the engine did not go idle"
+        time.sleep(0.1)
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
+    before = _metrics(server)
+    body = {"model": MODEL, "prompt": "Write a long essay.", "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i > 5:
+                break
+    after = _wait_engine_idle(server)
+    key = "minivllm:requests_aborted_total[('reason', 'disconnect')]"
+    assert after.get(key, 0) == before.get(key, 0) + 1
+
+
+def test_metrics_parse_and_count_the_requests_sent(server, oai):
+    before = _wait_engine_idle(server)
+    usages = []
+    for i in range(6):  # spread over both API servers by the kernel
+        out = oai.completions.create(model=MODEL, prompt=f"Number {i}:", max_tokens=4 + i,
+                                     temperature=0, extra_body={"ignore_eos": True})
+        usages.append(out.usage)
+    after = _metrics(server)
+    length = "minivllm:request_success_total[('finished_reason', 'length')]"
+    assert after[length] - before.get(length, 0) == 6
+    assert after["minivllm:generation_tokens_total"] - before["minivllm:generation_tokens_total"] \
+        == sum(u.completion_tokens for u in usages)
+    assert after["minivllm:prompt_tokens_total"] - before["minivllm:prompt_tokens_total"] == \
+        sum(u.prompt_tokens for u in usages)
+    assert after["minivllm:time_to_first_token_seconds_count"] - \
+        before["minivllm:time_to_first_token_seconds_count"] == 6
+    for name in ("minivllm:e2e_request_latency_seconds_count",
+                 "minivllm:inter_token_latency_seconds_count", "minivllm:num_requests_waiting",
+                 "minivllm:prefix_cache_hit_rate", "minivllm:num_preemptions_total"):
+        assert name in after
+
+
+def test_api_servers_run_no_torch(server):
+    engine_pid = httpx.get(server.url + "/health").json()["engine_pid"]
+    api_pids = [p for p in server.children() if p != engine_pid]
+    assert len(api_pids) == 2
+    for pid in api_pids:
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+        assert "libtorch" not in maps and "/torch/" not in maps
+    with open(f"/proc/{engine_pid}/maps") as f:
+        assert "libtorch" in f.read()  # the check can see torch where it is
+
+
+# ---- faults: engine crash, then SIGTERM under load -------------------------------------------
+def test_engine_crash_then_sigterm_under_load():
+    srv = Server("--drain-timeout", "60")
+    try:
+        engine_pid = httpx.get(srv.url + "/health").json()["engine_pid"]
+        body = {"model": MODEL, "prompt": "Write a long essay.", "max_tokens": 4000,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            os.kill(engine_pid, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert '"error"' in rest[-2] and rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["code"] == 503
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503
+        refused = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi"}, timeout=30)
+        assert refused.status_code == 503
+        deadline = time.monotonic() + 120
+        while httpx.get(srv.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "the engine did not come back"
+            time.sleep(0.2)
+        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4},
+                        timeout=60)
+        assert ok.status_code == 200
+        assert _metrics(srv)["minivllm:engine_restarts"] == 1
+        pids = srv.children()
+
+        async def load():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                req = {"prompt": "Count to a hundred:", "max_tokens": 256, "ignore_eos": True}
+                tasks = [asyncio.ensure_future(c.post("/v1/completions", json=req))
+                         for _ in range(6)]
+                await asyncio.sleep(1.0)
+                srv.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                late = await c.post("/v1/completions", json=req)
+                return await asyncio.gather(*tasks), late
+        done, late = asyncio.run(load())
+        assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 256
+                   for r in done)
+        assert late.status_code == 503
+        assert srv.proc.wait(60) == 0
+    finally:
+        srv.stop()
+    assert not srv.children()
+    assert not any(shm.list_segments(pid=p) for p in pids + [srv.proc.pid])
+    assert not any(shm.list_segments(pid=p, directory=shm.SOCKET_DIR) for p in pids)
