@@ -342,7 +342,7 @@ async def _sse(shape, merged, timing: _Timing, include_usage: bool,
 
 
 def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 # ---- OpenAI shapes --------------------------------------------------------------------------
