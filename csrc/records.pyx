@@ -18,6 +18,7 @@ import numpy as np
 cimport numpy as cnp
 
 from minivllm._cext.ring cimport BytesSink, RecordSink, Ring
+from minivllm._cext.ring import RingCorruptError
 
 cnp.import_array()
 
@@ -92,6 +93,22 @@ class ProtocolError(ValueError):
 
 cdef inline uint64_t _pad8(uint64_t n) noexcept nogil:
     return (n + 7) & ~(<uint64_t>7)
+
+
+cdef struct StepLayout:
+    uint64_t tokens, finish, logprob, top_ids, top_logprobs, size
+
+
+cdef inline StepLayout _step_layout(uint64_t n, uint64_t k, bint has_lp) noexcept nogil:
+    """Offsets of a step output's arrays (PROTOCOL.md, "Step output"), and its size."""
+    cdef StepLayout at
+    at.tokens = sizeof(mv_step_output) + 8 * n
+    at.finish = at.tokens + _pad8(4 * n)
+    at.logprob = at.finish + _pad8(n)
+    at.top_ids = at.logprob + _pad8(4 * n)
+    at.top_logprobs = at.top_ids + _pad8(4 * n * k)
+    at.size = at.top_logprobs + _pad8(4 * n * k) if has_lp else at.logprob
+    return at
 
 
 cdef inline void _header(char* p, uint32_t kind, uint64_t size, uint32_t flags) noexcept nogil:
@@ -323,26 +340,21 @@ def put_step_output(RecordSink sink, uint64_t step, request_ids, token_ids, fini
             raise ValueError("logprob arrays must have one row per entry and equal widths")
         if k > MV_MAX_TOP_LOGPROBS:
             raise ValueError(f"at most {MV_MAX_TOP_LOGPROBS} top logprobs per token, got {k}")
-    cdef uint64_t o_tok = sizeof(mv_step_output) + 8 * n
-    cdef uint64_t o_fin = o_tok + _pad8(4 * n)
-    cdef uint64_t o_lp = o_fin + _pad8(n)
-    cdef uint64_t o_tid = o_lp + _pad8(4 * n)
-    cdef uint64_t o_tlp = o_tid + _pad8(4 * n * k)
-    cdef uint64_t size = o_tlp + _pad8(4 * n * k) if has_lp else o_lp
-    if size > MV_MAX_RECORD_BYTES:
+    cdef StepLayout at = _step_layout(n, k, has_lp)
+    if at.size > MV_MAX_RECORD_BYTES:
         raise ValueError(f"a step output of {n} tokens exceeds the record limit")
-    cdef char* p = sink.reserve(size, timeout)
-    memset(p, 0, size)
-    _header(p, MV_KIND_STEP_OUTPUT, size, MV_STEP_HAS_LOGPROBS if has_lp else 0)
+    cdef char* p = sink.reserve(at.size, timeout)
+    memset(p, 0, at.size)
+    _header(p, MV_KIND_STEP_OUTPUT, at.size, MV_STEP_HAS_LOGPROBS if has_lp else 0)
     cdef mv_step_output* rec = <mv_step_output*>p
     rec.step, rec.num_entries, rec.num_top_logprobs = step, <uint32_t>n, <uint32_t>k
     memcpy(p + sizeof(mv_step_output), cnp.PyArray_DATA(ids), 8 * n)
-    memcpy(p + o_tok, cnp.PyArray_DATA(toks), 4 * n)
-    memcpy(p + o_fin, cnp.PyArray_DATA(fin), n)
+    memcpy(p + at.tokens, cnp.PyArray_DATA(toks), 4 * n)
+    memcpy(p + at.finish, cnp.PyArray_DATA(fin), n)
     if has_lp:
-        memcpy(p + o_lp, cnp.PyArray_DATA(lp), 4 * n)
-        memcpy(p + o_tid, cnp.PyArray_DATA(tid), 4 * n * k)
-        memcpy(p + o_tlp, cnp.PyArray_DATA(tlp), 4 * n * k)
+        memcpy(p + at.logprob, cnp.PyArray_DATA(lp), 4 * n)
+        memcpy(p + at.top_ids, cnp.PyArray_DATA(tid), 4 * n * k)
+        memcpy(p + at.top_logprobs, cnp.PyArray_DATA(tlp), 4 * n * k)
     sink.commit()
 
 
@@ -457,23 +469,18 @@ cdef StepOutput _decode_step_output(const char* p, uint64_t n, mv_header h):
     cdef bint has_lp = (h.flags & MV_STEP_HAS_LOGPROBS) != 0
     if k > MV_MAX_TOP_LOGPROBS or (k and not has_lp):
         raise ProtocolError(f"step output announces {k} top logprobs per token")
-    cdef uint64_t o_tok = sizeof(mv_step_output) + 8 * m
-    cdef uint64_t o_fin = o_tok + _pad8(4 * m)
-    cdef uint64_t o_lp = o_fin + _pad8(m)
-    cdef uint64_t o_tid = o_lp + _pad8(4 * m)
-    cdef uint64_t o_tlp = o_tid + _pad8(4 * m * k)
-    cdef uint64_t size = o_tlp + _pad8(4 * m * k) if has_lp else o_lp
-    if size != n:
+    cdef StepLayout at = _step_layout(m, k, has_lp)
+    if at.size != n:
         raise ProtocolError(f"step output of {n} bytes cannot hold the {m} entries it announces")
     cdef StepOutput out = StepOutput.__new__(StepOutput)
     out.step = rec.step
     out.request_ids = _array(cnp.NPY_UINT64, m, p + sizeof(mv_step_output), 8)
-    out.token_ids = _array(cnp.NPY_INT32, m, p + o_tok, 4)
-    out.finish_reasons = _array(cnp.NPY_UINT8, m, p + o_fin, 1)
+    out.token_ids = _array(cnp.NPY_INT32, m, p + at.tokens, 4)
+    out.finish_reasons = _array(cnp.NPY_UINT8, m, p + at.finish, 1)
     if has_lp:
-        out.logprobs = _array(cnp.NPY_FLOAT32, m, p + o_lp, 4)
-        out.top_token_ids = _matrix(cnp.NPY_INT32, m, k, p + o_tid)
-        out.top_logprobs = _matrix(cnp.NPY_FLOAT32, m, k, p + o_tlp)
+        out.logprobs = _array(cnp.NPY_FLOAT32, m, p + at.logprob, 4)
+        out.top_token_ids = _matrix(cnp.NPY_INT32, m, k, p + at.top_ids)
+        out.top_logprobs = _matrix(cnp.NPY_FLOAT32, m, k, p + at.top_logprobs)
     return out
 
 
@@ -505,11 +512,12 @@ def read_record(Ring ring):
     cdef uint32_t n
     if ring.closed:
         raise ValueError(f"ring {ring.name} is closed")
-    cdef const char* p = ring.peek(&n)
+    cdef const char* p
+    try:
+        p = ring.peek(&n)
+    except RingCorruptError as exc:
+        raise ProtocolError(str(exc)) from None
     if p == NULL:
-        if ring.discarded_bytes:
-            raise ProtocolError(f"ring {ring.name}: a frame's length runs past the published "
-                                f"data; {ring.take_discarded()} bytes discarded")
         return None
     try:
         return _decode(p, n)

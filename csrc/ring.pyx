@@ -47,6 +47,10 @@ class RingFullError(TimeoutError):
     """The consumer did not make room in time: it is stuck, dead, or far behind."""
 
 
+class RingCorruptError(ValueError):
+    """A frame that cannot be what the producer wrote (see Ring.peek)."""
+
+
 class RecordTooLargeError(ValueError):
     """A record that can never fit in the ring (or a frame)."""
 
@@ -199,14 +203,15 @@ cdef class Ring(RecordSink):
         self.commit()
 
     # ---- consumer ------------------------------------------------------------------------
-    cdef const char* peek(self, uint32_t* length):
+    cdef const char* peek(self, uint32_t* length) except? NULL:
         """The next record, or NULL when the ring is empty; valid until advance().
 
         A frame whose length runs past what the producer published (a corrupt or hostile
-        producer) is never read: everything published so far is discarded, counted in
-        `discarded_bytes`, and NULL returned, so the consumer stays inside the segment."""
+        producer) is never read: everything published so far is discarded (counted in
+        `discarded_bytes`) and RingCorruptError raised; the consumer stays inside the segment
+        and reads on."""
         cdef mv_frame* frame
-        cdef uint64_t offset, need
+        cdef uint64_t offset, need, dropped
         while True:
             if self.tail == self.head_seen:
                 self.head_seen = mv_load_head(self.hdr)
@@ -219,10 +224,12 @@ cdef class Ring(RecordSink):
             else:
                 need = _frame_bytes(frame.length)
             if need > self.head_seen - self.tail or offset + need > self.capacity:
-                self.discarded_bytes += self.head_seen - self.tail
+                dropped = self.head_seen - self.tail
+                self.discarded_bytes += dropped
                 self.tail = self.head_seen
                 mv_store_tail(self.hdr, self.tail)
-                return NULL
+                raise RingCorruptError(f"ring {self.name}: a frame's length runs past the "
+                                       f"published data; {dropped} bytes discarded")
             if frame.length == MV_FRAME_PAD:
                 self.tail += need
                 mv_store_tail(self.hdr, self.tail)
@@ -241,18 +248,10 @@ cdef class Ring(RecordSink):
         cdef uint32_t n
         cdef const char* src = self.peek(&n)
         if src == NULL:
-            if self.discarded_bytes:
-                raise ValueError(f"ring {self.name}: a frame length ran past the published "
-                                 f"data; {self.take_discarded()} bytes discarded")
             return None
         out = PyBytes_FromStringAndSize(src, n)
         self.advance()
         return out
-
-    def take_discarded(self) -> int:
-        """Bytes dropped as corrupt since the last call (see peek)."""
-        n, self.discarded_bytes = self.discarded_bytes, 0
-        return n
 
     def readable(self) -> bool:
         """True when a record is waiting (one shared load at most)."""

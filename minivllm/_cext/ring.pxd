@@ -48,5 +48,5 @@ cdef class Ring(RecordSink):
     cdef readonly uint64_t discarded_bytes  # consumer: corrupt frames skipped (see peek)
 
     cdef int _wait_room(self, uint64_t need, double timeout) except -1
-    cdef const char* peek(self, uint32_t* length)
+    cdef const char* peek(self, uint32_t* length) except? NULL
     cdef void advance(self)
