@@ -40,7 +40,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "minivllm.cli", "serve", "--port", "0", "--dtype", "float32",
              "--num-blocks", "1024", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True)  # its own process group, as a terminal would give it
         line = self.proc.stdout.readline()
         match = re.search(r"http://([\d.]+):(\d+)", line)
         if not match:
@@ -366,4 +367,20 @@ def test_engine_crash_then_sigterm_under_load():
         srv.stop()
     assert not srv.children()
     assert not any(shm.list_segments(pid=p) for p in pids + [srv.proc.pid])
-    assert not any(shm.list_segments(pid=p, directory=shm.SOCKET_DIR) for p in pids)
+    assert not any(shm.list_segments(pid=p, directory=shm.SOCKET_DIR)
+                   for p in pids + [srv.proc.pid])
+
+
+def test_ctrl_c_stops_everything_cleanly():
+    srv = Server("--api-servers", "2")
+    pids = srv.children()
+    assert len(pids) == 3
+    ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4},
+                    timeout=60)
+    assert ok.status_code == 200
+    os.killpg(srv.proc.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to the whole group
+    assert srv.proc.wait(60) == 0
+    assert not any(shm.pid_alive(p) for p in pids)
+    assert not any(shm.list_segments(pid=p) for p in pids + [srv.proc.pid])
+    assert not any(shm.list_segments(pid=p, directory=shm.SOCKET_DIR)
+                   for p in pids + [srv.proc.pid])
