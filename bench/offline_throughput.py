@@ -90,15 +90,35 @@ def run_hf_static(model, work, batch_size: int) -> float:
 
 
 def run_hf_continuous(model, work) -> float:
-    """transformers' continuous batching (generate_batch), where the installed version has it."""
+    """transformers' continuous batching through its manager, each request with its own output
+    length (generate_batch gives every request the longest one). Not under inference_mode: the
+    manager's thread updates tensors in place outside it."""
     config = transformers.GenerationConfig(max_new_tokens=max(o for _, o in work), do_sample=False,
                                            eos_token_id=-1, pad_token_id=0)
-    _sync()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model.generate_batch(inputs=[ids for ids, _ in work], generation_config=config)
-    _sync()
-    return sum(o for _, o in work) / (time.perf_counter() - t0)
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    done = {}
+    try:
+        _sync()
+        t0 = time.perf_counter()
+        for i, (ids, out_len) in enumerate(work):
+            manager.add_request(ids, request_id=f"r{i}", max_new_tokens=out_len)
+        while len(done) < len(work):
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers' continuous batching thread stopped")
+            elif result.is_finished():
+                done[result.request_id] = result
+        _sync()
+        elapsed = time.perf_counter() - t0
+    finally:
+        manager.stop(block=True)
+    for i, (_, out_len) in enumerate(work):
+        result = done[f"r{i}"]
+        assert result.error is None and len(result.generated_tokens) == out_len, \
+            (i, result.error, len(result.generated_tokens), out_len)
+    return sum(o for _, o in work) / elapsed
 
 
 def _sync() -> None:
@@ -117,27 +137,42 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=["hf"], choices=["hf", "hf-cb"])
     ap.add_argument("--hf-batch", type=int, default=0, help="static batch size (0: all at once)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    # Our KV cache takes this fraction of free GPU memory; the peers run in the same process
+    # after us and need room for their own caches.
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = []
     for dtype_name in args.dtype:
         llm = LLM(args.model, load_format=args.load_format, dtype=dtype_name,
-                  max_num_seqs=args.max_num_seqs)
+                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                  attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                  gpu_memory_utilization=args.gpu_memory_utilization)
         dtype = llm.engine.runner.dtype
         peer = hf_model(llm, dtype, 0) if args.peers else None
         name = llm.engine.source.name
         for n in args.num_prompts:
             work = (chat_workload(llm, n, args.output_len) if args.workload == "chat"
                     else ragged_workload(llm.engine.source.arch.vocab_size, n))
-            run_minivllm(llm, work[:2])  # warm-up (allocator growth, first-call costs)
+            # Warm-up: a whole run of the same shape on other prompts (the workload's own would
+            # be served from the prefix cache in the timed run). A short one leaves first-use
+            # costs in the timed run: on the H100 a ragged run after a 2-prompt warm-up gave
+            # 15.8k tok/s, the next run of fresh prompts 38.7k (Triton compiling kernel
+            # variants, allocator growth).
+            run_minivllm(llm, chat_workload(llm, 2, 16) if args.workload == "chat"
+                         else ragged_workload(llm.engine.source.arch.vocab_size, n, seed=1))
             ours = run_minivllm(llm, work)
             label = f"{name} {dtype_name} {args.workload} n={n}"
             peers = {}
             if "hf" in args.peers:
                 run_hf_static(peer, work[:1], 1)
                 peers["transformers generate"] = run_hf_static(peer, work, args.hf_batch or n)
-            if "hf-cb" in args.peers and hasattr(peer, "generate_batch"):
-                peers["transformers generate_batch"] = run_hf_continuous(peer, work)
+            if "hf-cb" in args.peers and hasattr(peer, "init_continuous_batching"):
+                run_hf_continuous(peer, [(ids, 16) for ids, _ in work[:4]])  # warm-up
+                peers["transformers continuous batching"] = run_hf_continuous(peer, work)
             best = max(peers.items(), key=lambda kv: kv[1]) if peers else (None, None)
             results.append(records.record(f"{label} minivllm", ours, "tok/s", peer=best[1],
                                           peer_name=best[0]))

@@ -125,3 +125,30 @@ def engine_server():
     server = EngineServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_token_model(tmp_path_factory) -> Callable[..., str]:
+    """Factory: `tiny_token_model("llama" | "qwen2", head_dim=16)` saves a small random
+    transformers model without a tokenizer (prompts are token ids; vocabulary 1024; GQA with
+    groups of 2; biases on Qwen2's q/k/v) and returns the directory. Needs no embedded model,
+    so it serves on the GPU machine too."""
+    made: dict = {}
+
+    def make(architecture: str = "llama", head_dim: int = 16) -> str:
+        from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+        if (architecture, head_dim) not in made:
+            config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                     "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
+            torch.manual_seed(3)
+            model = model_cls(config_cls(
+                vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                max_position_embeddings=512, tie_word_embeddings=architecture == "qwen2"))
+            path = tmp_path_factory.mktemp(f"tiny-{architecture}-{head_dim}")
+            model.save_pretrained(path)
+            made[architecture, head_dim] = str(path)
+        return made[architecture, head_dim]
+
+    return make

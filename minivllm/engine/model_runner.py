@@ -1,4 +1,9 @@
-"""ModelRunner: owns the model, its paged KV cache and the sampler; runs one step's forward."""
+"""ModelRunner: owns the model, its paged KV cache and the sampler; runs one step's forward.
+
+On CUDA a step's inputs go through pinned staging buffers in one asynchronous copy
+(step_inputs.py), and steps of decodes replay CUDA graphs captured at start-up (cuda_graphs.py);
+other steps (prefill chunks) run eagerly. The attention backend is `ModelConfig.attention_backend`.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -65,7 +70,9 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
                     self.kv_spec.num_blocks, self.kv_spec.block_size, self.kv_spec.num_tokens,
                     self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)
-        self.staging = (StepStaging(self.device) if self.device.type == "cuda" else None)
+        self.staging = StepStaging(self.device) if self.device.type == "cuda" else None
+        # Captured after the KV cache is allocated: the graphs' memory comes out of what the
+        # cache budget left free.
         self.graphs = None
         if (self.device.type == "cuda" and not config.model.enforce_eager
                 and self.attn_backend.cuda_graph_safe):

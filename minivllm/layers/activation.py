@@ -2,6 +2,7 @@
 
 On CPU one kernel call replaces chunk + silu + mul: per step of 16 decode rows, 30 calls took
 0.56 ms as torch ops, 0.27 ms as the kernel (fp32; bf16 0.69 -> 0.43).
+On CUDA the layer runs a fused Triton kernel instead (triton_fused.py; gains measured there).
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 On CPU one kernel call does the add and the norm (7 torch ops otherwise): per step of 16 decode
 rows, 60 calls took 1.47 ms as torch ops, 0.47 ms as the kernel (fp32; bf16 2.64 -> 0.60).
+On CUDA the layer runs a fused Triton kernel instead (triton_fused.py; gains measured there).
 """
 from __future__ import annotations
 

@@ -207,6 +207,6 @@ class TritonAttentionBackend(AttentionBackend):
             grid = (triton.cdiv(meta.max_query_len, self.BLOCK_M), num_seqs, heads)
             _prefill_kernel[grid](
                 *common, GROUP=group, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
-                BLOCK_SIZE=block_size, BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, PRECISION=precision,
-                DOT=dot, num_warps=4, num_stages=2)
+                BLOCK_SIZE=block_size, BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N,
+                PRECISION=precision, DOT=dot, num_warps=4, num_stages=2)
         return out

@@ -1,0 +1,173 @@
+"""GPU decode: step time against the memory-bandwidth floor, and the GPU's idle gap between steps.
+
+    python -m bench.decode_bench --model llama-3-8b --batch 1 --json PATH
+    python -m bench.decode_bench --model qwen2.5-0.5b --batch 256 --json PATH
+
+Dummy weights (bf16), random prompts, greedy, EOS ignored; the engine's own step loop
+(EngineCore.step) is timed, so the host path (schedule, stage inputs, replay, sample, update)
+is in the numbers. Decode steps only: timing starts once every request has its first token.
+
+- Floor: the bytes one decode step must read (every weight except the embedding table, of
+  which it reads B rows, plus the KV cache of the batch's contexts) over the HBM bandwidth
+  measured here (a device-to-device copy of 4 GiB, bytes read + written). MBU = floor / step.
+- Idle gap: the torch profiler records every kernel of a window of steps (graph replays
+  included); idle = the window's wall time not covered by any kernel, per step.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from bench import records
+from minivllm import LLM, SamplingParams
+
+
+def hbm_bandwidth() -> float:
+    """Bytes/s of a 4 GiB device-to-device copy (read + write), median of 10."""
+    src = torch.empty(1 << 31, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 32) / statistics.median(times[2:])
+
+
+def step_bytes(llm: LLM, batch: int, context: float) -> float:
+    """Bytes a decode step of `batch` rows of mean context `context` reads at the least."""
+    model = llm.engine.runner.model
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                  if n != "embed_tokens.weight")
+    if model.lm_head is None:  # tied: the logits read the embedding table whole
+        weights += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    spec = llm.engine.runner.kv_spec
+    kv_per_token = spec.bytes_per_block / spec.block_size
+    return weights + batch * context * kv_per_token
+
+
+def host_breakdown(engine, steps: int) -> dict[str, float]:
+    """Medians (s) over `steps` decode steps of where a step's wall time goes: the model
+    runner's host work (staging, graph replay and sampler launches), the wait for the GPU after
+    it, and the rest of EngineCore.step (schedule, update, outputs). The wait moves from the
+    engine's token copy into this wrapper; the step's total is unchanged."""
+    execute = engine.runner.execute
+    phases: dict[str, list[float]] = {"execute": [], "wait": [], "step": []}
+
+    def timed_execute(batch):
+        t0 = time.perf_counter()
+        out = execute(batch)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        phases["execute"].append(t1 - t0)
+        phases["wait"].append(time.perf_counter() - t1)
+        return out
+
+    engine.runner.execute = timed_execute
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            phases["step"].append(time.perf_counter() - t0)
+    finally:
+        engine.runner.execute = execute
+    med = {k: statistics.median(v) for k, v in phases.items()}
+    med["rest"] = med["step"] - med["execute"] - med["wait"]
+    return med
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=128, help="decode steps timed")
+    ap.add_argument("--profile-steps", type=int, default=30)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tag", default="", help="appended to the record names (A/B runs)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bandwidth = hbm_bandwidth()
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=max(args.batch, 1),
+              max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=args.enforce_eager)
+    engine = llm.engine
+    vocab = engine.source.arch.vocab_size
+    rng = random.Random(0)
+    total = 8 + 2 * args.steps + args.profile_steps + 8  # warm-up, timed, profiled, breakdown
+    for i in range(args.batch):
+        engine.add_request(str(i), [rng.randrange(10, vocab - 10) for _ in range(args.prompt_len)],
+                           SamplingParams(temperature=0, max_tokens=total, ignore_eos=True))
+    started: set[str] = set()
+    while len(started) < args.batch:  # prefill until every request has its first token
+        started.update(o.request_id for o in engine.step())
+    for _ in range(8):  # warm-up decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        assert len(engine.step()) == args.batch  # the step waits for its sampled tokens
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    context = args.prompt_len + 8 + args.steps / 2
+    floor = step_bytes(llm, args.batch, context) / bandwidth
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.profile_steps):
+            engine.step()
+        wall = time.perf_counter() - t0
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == DeviceType.CUDA)
+    if not kernels:
+        raise RuntimeError("the profiler recorded no GPU activity")
+    busy, cur_start, cur_end = 0.0, None, None
+    for s, e in kernels:  # union of kernel intervals (us)
+        if cur_end is None or s > cur_end:
+            if cur_end is not None:
+                busy += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    busy += cur_end - cur_start
+    span = kernels[-1][1] - kernels[0][0]
+    idle_per_step = (span - busy) / args.profile_steps / 1e3  # ms
+    gpu_per_step = busy / args.profile_steps / 1e3
+    host = host_breakdown(engine, args.steps)  # after the profile: it adds a sync per step
+
+    name = (f"{args.model} bf16 decode batch {args.batch}"
+            f"{' eager' if args.enforce_eager else ''}{args.tag}")
+    recs = [
+        records.record(f"{name}: step time (median of {args.steps})", step * 1e3, "ms",
+                       context=context),
+        records.record(f"{name}: bandwidth floor", floor * 1e3, "ms",
+                       bytes=step_bytes(llm, args.batch, context), hbm_bytes_per_s=bandwidth),
+        records.record(f"{name}: MBU (floor / step)", floor / step, "fraction"),
+        records.record(f"{name}: output tokens/s", args.batch / step, "tok/s"),
+        records.record(f"{name}: GPU busy per step (profiler)", gpu_per_step, "ms"),
+        records.record(f"{name}: GPU idle gap per step (profiler)", idle_per_step, "ms",
+                       fraction=idle_per_step / (idle_per_step + gpu_per_step),
+                       profiled_wall_per_step_ms=wall / args.profile_steps * 1e3),
+        # The profiler slows the host; without it the gap is the step's wall time less the
+        # GPU's busy time (kernel durations barely change under the profiler).
+        records.record(f"{name}: GPU idle gap per step (unprofiled step - busy)",
+                       step * 1e3 - gpu_per_step, "ms",
+                       fraction=(step * 1e3 - gpu_per_step) / (step * 1e3)),
+    ] + [records.record(f"{name}: host breakdown: {k}", v * 1e3, "ms")
+         for k, v in host.items()]
+    records.write(args.json, recs)
+
+
+if __name__ == "__main__":
+    main()

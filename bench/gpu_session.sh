@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: set up, then the stages named as arguments, logs under $OUT.
+#   bash bench/gpu_session.sh setup tests parity quick   (repository root; .whl carried, see
+#   ../shared/gpu-wheels.sh); results come back packed in $OUT/session.tgz
+# Stages: setup (wheels, the Cython modules the engine needs), tests (GPU runs of the Triton and
+# engine tests), tests-fused (the kernel tests alone), parity (greedy vs transformers,
+# both models), quick (our throughput alone), bench-smollm, bench-qwen (ragged 256 against
+# transformers static and continuous batching), decode (batch-1 llama-3-8b MBU, batch-256 idle
+# gap), decode-256, decode-ab (the fused Triton kernels off).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+# Logs and results gather in $W and are packed into $OUT/session.tgz after every stage (what
+# comes back from the machine is limited to 8 files; a stage killed at the limit keeps the rest).
+W=/tmp/work
+RES="$W/results"
+mkdir -p "$OUT" "$RES"
+run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, keep going on failure
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$W/$name.log" 2>&1
+  echo "=== $name: rc=$? in $((SECONDS - t0)) s"
+  tail -n "${TAILN:-8}" "$W/$name.log"
+  tar czf "$OUT/session.tgz" -C "$W" .
+}
+RAGGED="--load-format dummy --workload ragged --num-prompts 256 --dtype bfloat16"
+for stage in "$@"; do
+  case $stage in
+    setup)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >/dev/null 2>&1
+      export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+      python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+      if ! ls minivllm/_cext/scheduler.cpython-312* >/dev/null 2>&1; then
+        # Only the modules the offline engine imports (not the IPC ring and records).
+        run build 300 python3 -c "
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+names = ['block_allocator', 'scheduler', 'cpu_kernels']
+exts = [Extension(f'minivllm._cext.{n}', [f'csrc/{n}.pyx'], include_dirs=['csrc', 'ipc', np.get_include()],
+                  extra_compile_args=['-O3'], define_macros=[('NPY_NO_DEPRECATED_API', 'NPY_1_7_API_VERSION')]) for n in names]
+setup(script_args=['build_ext', '--inplace', '-j', '8'], ext_modules=cythonize(exts, nthreads=8,
+      compiler_directives={'language_level': 3, 'boundscheck': False, 'wraparound': False,
+                           'cdivision': True, 'initializedcheck': False}))"
+        mkdir -p "$W/cext" && cp minivllm/_cext/*cpython-312*.so "$W/cext/"
+      fi ;;
+    tests)
+      run tests 420 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+        tests/test_triton_fused.py tests/test_gpu_engine.py tests/test_generate.py \
+        -k 'not smollm and not embedded and not stop_rules and not seeded and not bad_' ;;
+    tests-fused)
+      run tests-fused 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_fused.py \
+        tests/test_triton_attention.py ;;
+    decode-256)
+      run decode-256 300 python3 -m bench.decode_bench --model qwen2.5-0.5b --batch 256 \
+        --json "$RES/decode_qwen2.5-0.5b_bs256.json" ;;
+    parity)
+      run parity-qwen 240 python3 -m bench.gpu_parity --model qwen2.5-0.5b --dtype bfloat16 \
+        --json "$RES/gpu_parity_qwen2.5-0.5b_bf16.json"
+      run parity-smollm 240 python3 -m bench.gpu_parity --model smollm2-135m --dtype bfloat16 \
+        --json "$RES/gpu_parity_smollm2-135m_bf16.json" ;;
+    quick)
+      TAILN=4 run quick-qwen 240 python3 -m bench.offline_throughput --model qwen2.5-0.5b $RAGGED \
+        --peers --gpu-memory-utilization 0.5 --json "$RES/quick_qwen.json" ;;
+    bench-smollm)
+      TAILN=6 run bench-smollm 590 python3 -m bench.offline_throughput --model smollm2-135m $RAGGED \
+        --peers hf hf-cb --gpu-memory-utilization 0.4 \
+        --json "$RES/offline_gpu_smollm2-135m.json" ;;
+    bench-qwen)
+      TAILN=6 run bench-qwen 590 python3 -m bench.offline_throughput --model qwen2.5-0.5b $RAGGED \
+        --peers hf hf-cb --gpu-memory-utilization 0.4 --json "$RES/offline_gpu_qwen2.5-0.5b.json" ;;
+    decode-ab)  # the fused Triton kernels off (plain torch RMSNorm, rotary, SiLU-and-mul)
+      MINIVLLM_TRITON_KERNELS=0 run decode-8b-nofused 300 python3 -m bench.decode_bench \
+        --model llama-3-8b --batch 1 --tag " (fused kernels off)" \
+        --json "$RES/decode_llama-3-8b_bs1_nofused.json"
+      MINIVLLM_TRITON_KERNELS=0 run decode-256-nofused 300 python3 -m bench.decode_bench \
+        --model qwen2.5-0.5b --batch 256 --tag " (fused kernels off)" \
+        --json "$RES/decode_qwen2.5-0.5b_bs256_nofused.json" ;;
+    decode)
+      run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
+        --json "$RES/decode_llama-3-8b_bs1.json"
+      run decode-256 300 python3 -m bench.decode_bench --model qwen2.5-0.5b --batch 256 \
+        --json "$RES/decode_qwen2.5-0.5b_bs256.json" ;;
+  esac
+done
