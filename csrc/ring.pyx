@@ -261,7 +261,16 @@ cdef class Ring(RecordSink):
         return self.tail != self.head_seen
 
     def spin(self, double seconds) -> bool:
-        """Busy-poll for up to `seconds`; True as soon as a record is waiting."""
+        """Busy-poll for up to `seconds` (without the GIL: other threads of this process run
+        meanwhile); True as soon as a record is waiting."""
+        if self.hdr == NULL:
+            raise ValueError(f"ring {self.name} is closed")
+        cdef bint found
+        with nogil:
+            found = self._spin(seconds)
+        return found
+
+    cdef bint _spin(self, double seconds) noexcept nogil:
         cdef double deadline = _now() + seconds
         cdef int i
         while True:
@@ -292,6 +301,9 @@ cdef class Ring(RecordSink):
         mv_consumer_awake(self.hdr)
 
     # ---- lifetime ------------------------------------------------------------------------
+    def __dealloc__(self):
+        self.view = None  # release our export first, so the segment can close cleanly
+
     def close(self) -> None:
         """Unmap the segment (and unlink it, on the creating side). Idempotent."""
         if self.shm is None:

@@ -49,4 +49,5 @@ cdef class Ring(RecordSink):
 
     cdef int _wait_room(self, uint64_t need, double timeout) except -1
     cdef const char* peek(self, uint32_t* length) except? NULL
+    cdef bint _spin(self, double seconds) noexcept nogil
     cdef void advance(self)

@@ -78,11 +78,9 @@ class EngineChannel:
         if not ring.prepare_sleep():
             return True
         try:
-            woke = self.listener.socket.poll(max(1, int(timeout * 1000)))
+            self.listener.wait(timeout)
         finally:
             ring.awake()
-        if woke:
-            self.listener.drain()
         return ring.readable()
 
     @property

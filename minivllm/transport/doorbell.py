@@ -14,20 +14,31 @@ from minivllm.transport.shm import remove_endpoint
 
 
 class Bell:
-    """The producer's end: `bell()` sends one empty message, never blocking."""
+    """The producer's end: `bell()` sends one empty message.
+
+    A ring calls it once per sleep of its consumer (it claims the `sleeping` flag), so bells
+    never pile up; but ZeroMQ updates a sender's credit lazily, so even a drained peer can make
+    a non-blocking send fail. A failed send is retried after letting ZeroMQ process its
+    commands, then sent blocking for up to a second: a dropped bell would be a hung request.
+    """
 
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self.socket = ctx.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SNDHWM, 64)
+        self.socket.setsockopt(zmq.SNDTIMEO, 1000)
         self.socket.connect(endpoint)
         self.endpoint = endpoint
 
     def __call__(self) -> None:
         try:
             self.socket.send(b"", zmq.NOBLOCK)
+            return
         except zmq.Again:
-            pass  # 64 bells already queued: the consumer is bound to wake and read the ring
+            self.socket.getsockopt(zmq.EVENTS)  # process pending credit updates
+        try:
+            self.socket.send(b"")
+        except zmq.Again:  # a consumer stuck for a second is dead or gone: nobody to wake
+            pass
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -45,12 +56,21 @@ class BellListener:
     def drain(self) -> int:
         """Swallow the bells that woke us (the rings are read next); returns how many."""
         n = 0
-        while True:
-            try:
-                self.socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return n
+        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.socket.recv(zmq.NOBLOCK)
             n += 1
+        return n
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a bell (True) or `timeout` seconds (False). A blocking recv wakes
+        faster than poll-then-recv: one trip through ZeroMQ instead of two."""
+        self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(timeout * 1000)))
+        try:
+            self.socket.recv()
+        except zmq.Again:
+            return False
+        self.drain()
+        return True
 
     def close(self) -> None:
         self.socket.close(linger=0)
