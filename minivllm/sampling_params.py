@@ -12,6 +12,11 @@ def _finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+# The submit record's integer fields are int32 (ipc/minivllm_ipc.h): larger values must be
+# refused here, by name, not by the codec's OverflowError deep in a frontend.
+_INT32_MAX = 2**31 - 1
+
+
 def _is_int(value: object) -> bool:
     """Integers, numpy's included; bools are not (True as a token count is a caller's bug)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -52,7 +57,7 @@ class SamplingParams:
         _finite("top_p", self.top_p)
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not _is_int(self.top_k) or self.top_k == 0 or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k == 0 or not -1 <= self.top_k <= _INT32_MAX:
             raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
         _finite("min_p", self.min_p)
         if not (0.0 <= self.min_p <= 1.0):
@@ -67,10 +72,13 @@ class SamplingParams:
             _finite(name, value)
             if not (-2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens)
+                                            or not 1 <= self.max_tokens <= _INT32_MAX):
+            raise ValueError(f"max_tokens must be an integer in [1, {_INT32_MAX}] or None, "
+                             f"got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= _INT32_MAX:
+            raise ValueError(f"min_tokens must be an integer in [0, {_INT32_MAX}], "
+                             f"got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed "
                              f"max_tokens ({self.max_tokens})")
@@ -80,8 +88,8 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, "
+        if any(not _is_int(t) or not 0 <= t <= _INT32_MAX for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integers in [0, {_INT32_MAX}], "
                              f"got {self.stop_token_ids!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not (0 <= self.logprobs <= 20)):

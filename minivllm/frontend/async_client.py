@@ -165,10 +165,16 @@ class AsyncEngineClient:
         state = RequestState(request_id, text, ids, streams)
         self._requests[request_id] = state
         self._events[id(state)] = asyncio.Event()
-        for stream in streams:
-            stream.wire_id = next(self._wire_ids)
-            self._streams[stream.wire_id] = (stream, state)
-            self.channel.submit(stream.wire_id, ids, stream.params)
+        try:
+            for stream in streams:
+                stream.wire_id = next(self._wire_ids)
+                self._streams[stream.wire_id] = (stream, state)
+                self.channel.submit(stream.wire_id, ids, stream.params)
+        except BaseException:
+            # Nobody holds a stream of this request to close it: forget it here (aborting
+            # what was sent), or it stays in _requests/_streams/_events for good.
+            self._release(state)
+            raise
         return state
 
     def _release(self, state: RequestState) -> None:

@@ -28,6 +28,11 @@ from minivllm.server.protocol import (APIError, ChatCompletionRequest, Completio
                                       DetokenizeRequest, TokenizeRequest, validation_error)
 
 
+# One request takes one --max-pending slot however many sequences it asks for (n x prompts),
+# so that number needs its own bound: OpenAI's cap on n.
+MAX_SEQUENCES_PER_REQUEST = 128
+
+
 class ServerState:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -184,6 +189,10 @@ def _chat_prompt(state: ServerState, messages, add_generation_prompt: bool) -> s
 async def _serve(state: ServerState, request: Request, req, params: SamplingParams,
                  prompts: list, chat: bool):
     start = time.monotonic()
+    if len(prompts) * params.n > MAX_SEQUENCES_PER_REQUEST:
+        raise APIError(400, f"this request asks for {len(prompts) * params.n} sequences (n x "
+                            f"prompts); the limit is {MAX_SEQUENCES_PER_REQUEST}",
+                       param="n" if len(prompts) == 1 else "prompt")
     state.admit()
     streams: list = []
     try:

@@ -1,0 +1,230 @@
+"""A real `minivllm serve` subprocess for benchmarks and chaos runs, and the checks that it
+left nothing behind (KV blocks, shared-memory segments, socket files, processes).
+
+    srv = ServeProcess(["--max-num-seqs", "8"])      # --port 0: the port it prints is used
+    ... load against srv.url ...
+    idle = wait_engine_idle(srv.url)                 # running == 0 and KV usage == 0, or raises
+    pids = srv.process_tree()                        # before stopping: who to look for after
+    code = srv.stop()                                # SIGTERM, drain, exit status
+    print(leftovers(srv, pids))                      # {"processes": [], "shm": [], "sockets": []}
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional, Sequence
+
+import httpx
+
+SHM_DIR = "/dev/shm"
+# The transport's names: mvl_<creator pid>_<random>_<role> (minivllm/transport/shm.py).
+_SEGMENT = re.compile(r"^mvl_(\d+)_[0-9a-f]+_\w+?(\.sock)?$")
+SOCKET_DIR = os.path.join(tempfile.gettempdir(), f"minivllm-{os.getuid()}")
+
+
+def _ppid(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (a zombie holds no resources; its parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            ppid = _ppid(int(entry))
+            if ppid is not None:
+                children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def segments(pids: Sequence[int], directory: str = SHM_DIR) -> list[str]:
+    """The transport's segments (or socket files) created by any of `pids`."""
+    wanted = set(pids)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if (m := _SEGMENT.match(n)) and int(m.group(1)) in wanted)
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM it (a graceful stop) when the bench that started it
+    dies, however it dies, so a killed bench leaves no server behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ServeProcess:
+    """`python -m minivllm.cli serve --port 0 ARGS` with its URL parsed from the line it prints
+    when every API server is up. Its stderr is drained by a thread (a full pipe would block the
+    server's logging, which would look like a hang) and kept for reports."""
+
+    def __init__(self, args: Sequence[str] | str = (), start_timeout: float = 300.0,
+                 env: Optional[dict] = None) -> None:
+        if isinstance(args, str):
+            args = shlex.split(args)
+        self.args = list(args)
+        env = dict(os.environ, MINIVLLM_LOG_LEVEL="WARNING", **(env or {}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "minivllm.cli", "serve", "--port", "0", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True,  # a Ctrl-C of the bench is not also the server's SIGINT
+            preexec_fn=_stop_with_parent)
+        self.stderr: list[str] = []
+        threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr),
+                         daemon=True).start()
+        self.url = self._wait_url(start_timeout)
+        threading.Thread(target=self._drain, args=(self.proc.stdout, []), daemon=True).start()
+
+    @staticmethod
+    def _drain(stream, sink: list) -> None:
+        for line in stream:
+            sink.append(line)
+            del sink[:-200]
+
+    def _wait_url(self, timeout: float) -> str:
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        match = re.search(r"http://([\w.:\[\]-]+):(\d+)", box[0]) if box else None
+        if not match:
+            self.kill()
+            raise RuntimeError("the server did not start: " + (box[0] if box else "(silent)")
+                               + "".join(self.stderr)[-3000:])
+        return f"http://{match.group(1)}:{match.group(2)}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def engine_pid(self) -> int:
+        return httpx.get(self.url + "/health", timeout=10).json()["engine_pid"]
+
+    def process_tree(self) -> list[int]:
+        """This process and every descendant (engine, API servers, resource tracker)."""
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def api_server_pids(self) -> list[int]:
+        engine = self.engine_pid()
+        return [p for p in descendants(self.proc.pid) if _ppid(p) == self.proc.pid
+                and p != engine and "resource_tracker" not in _cmdline(p)]
+
+    def stop(self, timeout: float = 90.0) -> Optional[int]:
+        """SIGTERM (graceful drain); its exit status, or None if it had to be killed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree (a failed run must not leave an engine behind)."""
+        for pid in [*descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def metrics(url: str) -> dict[str, float]:
+    """/metrics as {name: value}, labelled samples summed under their bare name too."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            if sample.labels:
+                key = sample.name + "{" + ",".join(f"{k}={v}" for k, v in
+                                                   sorted(sample.labels.items())) + "}"
+                values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+def wait_engine_idle(url: str, timeout: float = 60.0) -> dict[str, float]:
+    """Poll /metrics until the engine runs nothing and holds no KV block; raise if it never
+    does (a leaked request or block). Needs the engine up (its stats come over control)."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        try:
+            last = metrics(url)
+        except httpx.HTTPError:
+            last = {}
+        if last.get("minivllm:num_requests_running") == 0 and \
+                last.get("minivllm:num_requests_waiting") == 0 and \
+                last.get("minivllm:kv_cache_usage_perc") == 0:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"the engine did not go idle within {timeout:g} s: running="
+                         f"{last.get('minivllm:num_requests_running')} waiting="
+                         f"{last.get('minivllm:num_requests_waiting')} kv_usage="
+                         f"{last.get('minivllm:kv_cache_usage_perc')}")
+
+
+def wait_healthy(url: str, timeout: float = 120.0, engine_pid: Optional[int] = None) -> int:
+    """Wait for /health 200 (with an engine other than `engine_pid`, after a restart)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            resp = httpx.get(url + "/health", timeout=5)
+            if resp.status_code == 200 and resp.json()["engine_pid"] != engine_pid:
+                return resp.json()["engine_pid"]
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} was not healthy within {timeout:g} s")
+
+
+def leftovers(pids: Sequence[int], settle: float = 10.0) -> dict[str, list]:
+    """What the given processes left once stopped: any still running, their /dev/shm segments
+    and their ZeroMQ socket files. Processes get `settle` seconds to finish exiting."""
+    deadline = time.monotonic() + settle
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {"processes": [p for p in pids if _alive(p)], "shm": segments(pids),
+            "sockets": segments(pids, SOCKET_DIR)}
