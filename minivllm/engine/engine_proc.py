@@ -34,6 +34,12 @@ logger = logging.getLogger(__name__)
 NO_TOKEN = -1  # token id of an entry that only reports a finish (an abort)
 
 
+def _readable(socket: zmq.Socket) -> bool:
+    """A message waits (ZMQ_EVENTS: no exception and no receive attempt on the step loop's
+    every pass, as recv(NOBLOCK) + zmq.Again costs)."""
+    return bool(socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+
 class Client:
     """Where one client's records go, and which of its requests are in flight."""
 
@@ -195,11 +201,8 @@ class EngineProc:
             self._handle(client, record)
 
     def _read_router(self) -> None:
-        while True:
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        while _readable(self.router):
+            frames = self.router.recv_multipart(zmq.NOBLOCK)
             identity = frames[0]
             client = self.peers.get(identity)
             if client is None:
@@ -293,11 +296,9 @@ class EngineProc:
                     client.requests.discard(int(request_ids[i]))
                     self.counters["finished"] += 1
                     self._forget_idle_peer(client)
-            for key in np.unique(owners).tolist():  # peers that vanished mid-stream
-                client = self.clients.get(key)
-                if isinstance(client, RouterClient) and client.gone:
-                    logger.info("client %s is gone: aborting its requests", client.name)
-                    self._drop(client)
+            for client in [p for p in self.peers.values() if p.gone]:  # vanished mid-stream
+                logger.info("client %s is gone: aborting its requests", client.name)
+                self._drop(client)
         for client in self.frontends.values():
             client.flush()
 
@@ -372,11 +373,9 @@ class EngineProc:
 
     # ---- control --------------------------------------------------------------------------
     def _read_control(self) -> None:
-        while True:
+        while _readable(self.control):
             try:
                 identity, *_, frame = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
             except ValueError:
                 continue  # fewer than two frames: nothing to answer to
             seq = None
