@@ -2,6 +2,7 @@
 
     python -m bench.decode_bench --model llama-3-8b --batch 1 --json PATH
     python -m bench.decode_bench --model qwen2.5-0.5b --batch 256 --json PATH
+    python -m bench.decode_bench --model qwen2.5-0.5b --batch 256 --no-async-scheduling ...
 
 Dummy weights (bf16), random prompts, greedy, EOS ignored; the engine's own step loop
 (EngineCore.step) is timed, so the host path (schedule, stage inputs, replay, sample, update)
@@ -12,6 +13,9 @@ is in the numbers. Decode steps only: timing starts once every request has its f
   measured here (a device-to-device copy of 4 GiB, bytes read + written). MBU = floor / step.
 - Idle gap: the torch profiler records every kernel of a window of steps (graph replays
   included); idle = the window's wall time not covered by any kernel, per step.
+- Async scheduling (the engine's default on CUDA) runs the host's work for step k+1 while the
+  GPU runs step k; `--no-async-scheduling` measures the synchronous loop. The host breakdown
+  (which waits for the GPU inside each step) is taken for the synchronous loop only.
 """
 from __future__ import annotations
 
@@ -95,12 +99,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=128, help="decode steps timed")
     ap.add_argument("--profile-steps", type=int, default=30)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tag", default="", help="appended to the record names (A/B runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     bandwidth = hbm_bandwidth()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=max(args.batch, 1),
-              max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=args.enforce_eager)
+              max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=args.enforce_eager,
+              async_scheduling=args.async_scheduling)
     engine = llm.engine
     vocab = engine.source.arch.vocab_size
     rng = random.Random(0)
@@ -144,10 +150,12 @@ def main() -> None:
     span = kernels[-1][1] - kernels[0][0]
     idle_per_step = (span - busy) / args.profile_steps / 1e3  # ms
     gpu_per_step = busy / args.profile_steps / 1e3
-    host = host_breakdown(engine, args.steps)  # after the profile: it adds a sync per step
+    # After the profile: it adds a sync per step.
+    host = {} if args.async_scheduling else host_breakdown(engine, args.steps)
 
     name = (f"{args.model} bf16 decode batch {args.batch}"
-            f"{' eager' if args.enforce_eager else ''}{args.tag}")
+            f"{' eager' if args.enforce_eager else ''}"
+            f"{' async' if args.async_scheduling else ' sync'} scheduling{args.tag}")
     recs = [
         records.record(f"{name}: step time (median of {args.steps})", step * 1e3, "ms",
                        context=context),

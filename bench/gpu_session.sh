@@ -6,7 +6,10 @@
 # engine tests), tests-fused (the kernel tests alone), parity (greedy vs transformers,
 # both models), quick (our throughput alone), bench-smollm, bench-qwen (ragged 256 against
 # transformers static and continuous batching), decode (batch-1 llama-3-8b MBU, batch-256 idle
-# gap), decode-256, decode-ab (the fused Triton kernels off).
+# gap), decode-256, decode-ab (the fused Triton kernels off), decode-async (batch-256 idle gap
+# with and without async scheduling, Llama-3-8B batch 1), sweep (tokens/s per batch size against
+# transformers), ragged-ab (the ragged 256 run, async scheduling on and off, ours alone),
+# batching (the serving batching table: a capacity probe, then bench.batching_table at 60%).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -33,24 +36,32 @@ for stage in "$@"; do
       export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-      if ! ls minivllm/_cext/scheduler.cpython-312* >/dev/null 2>&1; then
-        # Only the modules the offline engine imports (not the IPC ring and records).
-        run build 300 python3 -c "
+      # One module at a time: one that fails to compile leaves the others usable. A module is
+      # rebuilt when its sources changed since the build kept on a warm machine.
+      for name in block_allocator scheduler cpu_kernels ring records; do
+        stamp=/tmp/stamps/$name && mkdir -p /tmp/stamps
+        sum=$(cat csrc/$name.pyx csrc/*.h csrc/*.pxd ipc/*.h minivllm/_cext/*.pxd 2>/dev/null | sha1sum)
+        [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ] && continue
+        rm -f minivllm/_cext/$name.cpython-312*.so
+        run build-$name 300 python3 -c "
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
-names = ['block_allocator', 'scheduler', 'cpu_kernels']
-exts = [Extension(f'minivllm._cext.{n}', [f'csrc/{n}.pyx'], include_dirs=['csrc', 'ipc', np.get_include()],
-                  extra_compile_args=['-O3'], define_macros=[('NPY_NO_DEPRECATED_API', 'NPY_1_7_API_VERSION')]) for n in names]
-setup(script_args=['build_ext', '--inplace', '-j', '8'], ext_modules=cythonize(exts, nthreads=8,
+ext = Extension('minivllm._cext.$name', ['csrc/$name.pyx'], include_dirs=['csrc', 'ipc', np.get_include()],
+                extra_compile_args=['-O3'], define_macros=[('NPY_NO_DEPRECATED_API', 'NPY_1_7_API_VERSION')])
+setup(script_args=['build_ext', '--inplace'], ext_modules=cythonize([ext],
       compiler_directives={'language_level': 3, 'boundscheck': False, 'wraparound': False,
                            'cdivision': True, 'initializedcheck': False}))"
-        mkdir -p "$W/cext" && cp minivllm/_cext/*cpython-312*.so "$W/cext/"
-      fi ;;
+        ls minivllm/_cext/$name.cpython-312*.so >/dev/null 2>&1 && echo "$sum" > "$stamp"
+      done
+      mkdir -p "$W/cext" && cp minivllm/_cext/*cpython-312*.so "$W/cext/" ;;
     tests)
       run tests 420 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
         tests/test_triton_fused.py tests/test_gpu_engine.py tests/test_generate.py \
         -k 'not smollm and not embedded and not stop_rules and not seeded and not bad_' ;;
+    tests-async)
+      run tests-async 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
+        tests/test_generate.py -k 'async or graphs' ;;
     tests-fused)
       run tests-fused 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_fused.py \
         tests/test_triton_attention.py ;;
@@ -79,6 +90,34 @@ setup(script_args=['build_ext', '--inplace', '-j', '8'], ext_modules=cythonize(e
       MINIVLLM_TRITON_KERNELS=0 run decode-256-nofused 300 python3 -m bench.decode_bench \
         --model qwen2.5-0.5b --batch 256 --tag " (fused kernels off)" \
         --json "$RES/decode_qwen2.5-0.5b_bs256_nofused.json" ;;
+    decode-async)
+      for mode in async no-async; do
+        run decode-256-$mode 300 python3 -m bench.decode_bench --model qwen2.5-0.5b --batch 256 \
+          --$mode-scheduling --json "$RES/decode_qwen2.5-0.5b_bs256_$mode.json"
+      done
+      run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
+        --json "$RES/decode_llama-3-8b_bs1.json" ;;
+    sweep)
+      TAILN=14 run sweep 420 python3 -m bench.offline_throughput --model qwen2.5-0.5b \
+        --load-format dummy --workload fixed --prompt-len 128 --output-len 128 \
+        --num-prompts 1 4 16 64 128 256 --dtype bfloat16 --peers hf \
+        --gpu-memory-utilization 0.4 --json "$RES/batch_sweep_h100.json" ;;
+    ragged-ab)
+      for mode in async no-async; do
+        TAILN=3 run ragged-$mode 240 python3 -m bench.offline_throughput --model qwen2.5-0.5b \
+          $RAGGED --peers --gpu-memory-utilization 0.5 --$mode-scheduling \
+          --json "$RES/ragged_qwen_$mode.json"
+      done ;;
+    batching)
+      SERVE="--model qwen2.5-0.5b --load-format dummy --dtype bfloat16"
+      LENS="--prompt-len uniform:32:256 --output-len uniform:16:64"
+      TAILN=12 run probe 240 python3 -m bench.serve_load --serve-args "$SERVE --max-num-seqs 128" \
+        --num-requests 600 $LENS --no-progress --json "$RES/batching_probe_h100.json"
+      RATE=$(python3 -c "import json; r=json.load(open('$RES/batching_probe_h100.json'))['runs'][0]; print(round(0.6 * r['request_throughput'], 1))")
+      echo "capacity probe -> rate $RATE req/s"
+      TAILN=30 run batching 590 python3 -m bench.batching_table --tag h100 --max-num-seqs 128 \
+        --num-requests 600 --rate "$RATE" --serve-common "$SERVE" ${BATCHING_ROWS:+--rows $BATCHING_ROWS}
+      cp bench/results/batching_h100.* "$RES/" 2>/dev/null ;;
     decode)
       run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
         --json "$RES/decode_llama-3-8b_bs1.json"

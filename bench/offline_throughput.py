@@ -6,6 +6,11 @@ CPU (the foundation issue's target):
 GPU (the ragged workload nano-vllm publishes):
     python -m bench.offline_throughput --model qwen2.5-0.5b --load-format dummy \
         --workload ragged --num-prompts 256 --dtype bfloat16 --peers hf hf-cb --json ...
+GPU batch-size sweep (every request 128 prompt + 128 output tokens, so that a static batch
+wastes nothing on padding; plotted by `bench.plot_gpu --by-batch`):
+    python -m bench.offline_throughput --model qwen2.5-0.5b --load-format dummy \
+        --workload fixed --prompt-len 128 --output-len 128 --num-prompts 1 4 16 64 128 256 \
+        --dtype bfloat16 --peers hf --json ...
 
 Both engines get the same weights (loaded once through minivllm's loader and copied into the
 transformers model), the same prompt token ids, and generate exactly the requested number of
@@ -41,6 +46,22 @@ def ragged_workload(vocab: int, n: int, seed: int = 0) -> list[tuple[list[int], 
     rng = random.Random(seed)
     lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(n)]
     return [([rng.randint(10, vocab - 10) for _ in range(p)], o) for p, o in lens]
+
+
+def fixed_workload(vocab: int, n: int, prompt_len: int, output_len: int,
+                   seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randint(10, vocab - 10) for _ in range(prompt_len)], output_len)
+            for _ in range(n)]
+
+
+def make_workload(args, llm: LLM, n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    vocab = llm.engine.source.arch.vocab_size
+    if args.workload == "chat":
+        return chat_workload(llm, n, args.output_len)
+    if args.workload == "ragged":
+        return ragged_workload(vocab, n, seed)
+    return fixed_workload(vocab, n, args.prompt_len, args.output_len, seed)
 
 
 def run_minivllm(llm: LLM, work) -> float:
@@ -133,13 +154,16 @@ def main() -> None:
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--num-prompts", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--workload", choices=["chat", "ragged"], default="chat")
+    ap.add_argument("--workload", choices=["chat", "ragged", "fixed"], default="chat")
+    ap.add_argument("--prompt-len", type=int, default=128, help="the fixed workload's prompts")
     ap.add_argument("--peers", nargs="*", default=["hf"], choices=["hf", "hf-cb"])
     ap.add_argument("--hf-batch", type=int, default=0, help="static batch size (0: all at once)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: the engine's (on for CUDA)")
     # Our KV cache takes this fraction of free GPU memory; the peers run in the same process
     # after us and need room for their own caches.
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -150,20 +174,20 @@ def main() -> None:
         llm = LLM(args.model, load_format=args.load_format, dtype=dtype_name,
                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                   attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-                  gpu_memory_utilization=args.gpu_memory_utilization)
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  async_scheduling=args.async_scheduling)
         dtype = llm.engine.runner.dtype
         peer = hf_model(llm, dtype, 0) if args.peers else None
         name = llm.engine.source.name
         for n in args.num_prompts:
-            work = (chat_workload(llm, n, args.output_len) if args.workload == "chat"
-                    else ragged_workload(llm.engine.source.arch.vocab_size, n))
+            work = make_workload(args, llm, n)
             # Warm-up: a whole run of the same shape on other prompts (the workload's own would
             # be served from the prefix cache in the timed run). A short one leaves first-use
             # costs in the timed run: on the H100 a ragged run after a 2-prompt warm-up gave
             # 15.8k tok/s, the next run of fresh prompts 38.7k (Triton compiling kernel
             # variants, allocator growth).
             run_minivllm(llm, chat_workload(llm, 2, 16) if args.workload == "chat"
-                         else ragged_workload(llm.engine.source.arch.vocab_size, n, seed=1))
+                         else make_workload(args, llm, n, seed=1))
             ours = run_minivllm(llm, work)
             label = f"{name} {dtype_name} {args.workload} n={n}"
             peers = {}
@@ -175,8 +199,10 @@ def main() -> None:
                 peers["transformers continuous batching"] = run_hf_continuous(peer, work)
             best = max(peers.items(), key=lambda kv: kv[1]) if peers else (None, None)
             results.append(records.record(f"{label} minivllm", ours, "tok/s", peer=best[1],
-                                          peer_name=best[0]))
-            results += [records.record(f"{label} {k}", v, "tok/s") for k, v in peers.items()]
+                                          peer_name=best[0], num_prompts=n,
+                                          async_scheduling=llm.engine.overlap))
+            results += [records.record(f"{label} {k}", v, "tok/s", num_prompts=n)
+                        for k, v in peers.items()]
         del llm, peer
         gc.collect()
     records.write(args.json, results)

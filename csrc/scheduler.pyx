@@ -24,10 +24,14 @@ How the state is kept
   sampled row's slot, token and finish code into preallocated arrays as well (`out_slots`,
   `out_tokens`, `out_finish`, codes indexing FINISH_REASONS), for publishers that want no tuples.
 - The allocator is the Cython BlockAllocator, driven through its nogil C API.
+- Overlap (defer/resolve, see the reference): a deferred step's rows are C arrays too, holding
+  *owned* references to their requests until resolve(), since a request may finish or be
+  aborted while its row is in flight.
 """
 cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdint cimport int8_t, int32_t, int64_t
 from libc.string cimport memcpy
 
@@ -62,6 +66,12 @@ cdef enum:
 cdef tuple REASONS = (None, "stop", "length", "abort")  # typed: indexed in C on the hot path
 FINISH_REASONS = REASONS
 
+# Deferred rows: flags, and the token a sampled row holds until resolve() (as the reference).
+cdef enum:
+    SAMPLES = 1
+    LIVE = 2
+cdef int64_t PLACEHOLDER = -1
+
 # The three passes over the running queue (the reference's _schedule_running flags).
 cdef enum:
     DECODES_FIRST = 0
@@ -94,6 +104,7 @@ cdef class Request:
     cdef readonly int64_t priority
     cdef readonly int64_t arrival_seq      # tie-breaker: earlier arrivals go first
 
+    cdef int in_flight                     # rows of a deferred step not resolved yet
     cdef readonly int64_t num_cached_tokens
     cdef readonly double arrival_time
     cdef readonly object request_id
@@ -154,12 +165,15 @@ cdef class Request:
 
     cdef inline int append(self, int64_t token) noexcept:
         """append_token's C core: the caller guarantees room in the buffer."""
-        cdef int64_t n = self.num_tokens + 1  # a local: the store below may alias any field
-        self.tokens[n - 1] = token
-        self.num_tokens = n
-        if n - self.num_prompt_tokens >= self.min_tokens and self.is_stop(token):
+        self.num_tokens += 1
+        return self.set_token(self.num_tokens - 1, token)
+
+    cdef inline int set_token(self, int64_t index, int64_t token) noexcept:
+        """Write the token at `index`, the last one held; its finish code."""
+        self.tokens[index] = token
+        if index + 1 - self.num_prompt_tokens >= self.min_tokens and self.is_stop(token):
             return STOP
-        if n >= self.max_total_tokens:
+        if index + 1 >= self.max_total_tokens:
             return LENGTH
         return NOT_FINISHED
 
@@ -347,6 +361,19 @@ cdef class Scheduler:
     cdef cnp.ndarray _out_slots, _out_tokens, _out_finish
     cdef Py_ssize_t num_out
 
+    # The deferred step (defer() .. resolve()): per row its request (an owned reference), the
+    # tokens it computed, its slot, the request's computed count after it, where its token
+    # goes, SAMPLES | LIVE; and the slots released while in flight, free again at resolve().
+    cdef PyObject** d_req
+    cdef int64_t* d_n
+    cdef int32_t* d_slot
+    cdef int64_t* d_computed
+    cdef int64_t* d_index
+    cdef int8_t* d_flags
+    cdef Py_ssize_t num_deferred
+    cdef int32_t* held_slots
+    cdef Py_ssize_t num_held
+
     def __init__(self, config, BlockAllocator allocator not None, int64_t max_model_len,
                  clock=time.monotonic, on_release=_ignore_release):
         if allocator.max_seqs < config.max_num_seqs:
@@ -386,9 +413,18 @@ cdef class Scheduler:
         self.held_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.held_epoch = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.held_copied = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.d_req = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
+        self.d_n = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.d_slot = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
+        self.d_computed = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.d_index = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.d_flags = <int8_t*>PyMem_Malloc(n * sizeof(int8_t))
+        self.held_slots = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
         if not (self.free_slots and self.order and self.row_req and self.row_len
                 and self.slot_tenancy and self.held_slot and self.held_tenancy
-                and self.held_epoch and self.held_copied):
+                and self.held_epoch and self.held_copied and self.d_req and self.d_n
+                and self.d_slot and self.d_computed and self.d_index and self.d_flags
+                and self.held_slots):
             raise MemoryError()
         for i in range(n):
             self.free_slots[i] = <int32_t>(n - 1 - i)
@@ -423,6 +459,17 @@ cdef class Scheduler:
         return 0
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.d_req != NULL:
+            for i in range(self.num_deferred):
+                Py_XDECREF(self.d_req[i])
+        PyMem_Free(self.d_req)
+        PyMem_Free(self.d_n)
+        PyMem_Free(self.d_slot)
+        PyMem_Free(self.d_computed)
+        PyMem_Free(self.d_index)
+        PyMem_Free(self.d_flags)
+        PyMem_Free(self.held_slots)
         PyMem_Free(self.waiting_q.items)
         PyMem_Free(self.running_q.items)
         PyMem_Free(self.free_slots)
@@ -484,7 +531,7 @@ cdef class Scheduler:
         return req
 
     def has_unfinished(self):
-        return self.waiting_q.size > 0 or self.running_q.size > 0
+        return self.waiting_q.size > 0 or self.running_q.size > 0 or self.num_deferred > 0
 
     # ---- one step -----------------------------------------------------------------------------
     def schedule(self):
@@ -522,6 +569,49 @@ cdef class Scheduler:
         tokens and finish codes are in `out_slots`, `out_tokens` and `out_finish`."""
         return self._apply_sampled(sampled, None)
 
+    def defer(self):
+        """update() for a step whose tokens are still on the device (see the reference)."""
+        cdef Py_ssize_t i
+        cdef int64_t n
+        cdef bint samples
+        cdef Request req
+        for i in range(self.num_rows):
+            req = <Request>self.row_req[i]
+            n = self.row_len[i]
+            req.row = -1
+            samples = req.num_computed_tokens + n == req.num_tokens
+            Py_INCREF(req)
+            self.d_req[i] = <PyObject*>req
+            self.d_n[i] = n
+            self.d_slot[i] = req.slot
+            self.d_flags[i] = SAMPLES if samples else 0
+            if req.state != RUNNING:
+                continue  # finished or aborted after it was scheduled: sampled all the same
+            self.d_flags[i] |= LIVE
+            req.num_computed_tokens += n
+            self.d_computed[i] = req.num_computed_tokens
+            if samples:
+                self.d_index[i] = req.num_tokens
+                req.tokens[req.num_tokens] = PLACEHOLDER
+                req.num_tokens += 1
+            req.in_flight += 1
+        self.num_deferred = self.num_rows
+        self.num_rows = 0
+        self.num_samples = 0
+        if self._aborted_rows:
+            self._aborted_rows.clear()
+
+    def resolve(self, sampled):
+        """The deferred step's tokens (one per sampling row, in row order). Returns update()'s
+        tuples; `out_slots`, `out_tokens` and `out_finish` hold the same as arrays."""
+        cdef list results = []
+        self._resolve(sampled, results)
+        return results
+
+    def resolve_arrays(self, sampled):
+        """resolve() without the result tuples: returns the number of sampled rows."""
+        return self._resolve(sampled, None)
+
     # ---- policy -------------------------------------------------------------------------------
     cdef int64_t _schedule_running(self, int64_t budget, int mode) except -1:
         cdef Py_ssize_t i, n = self._order_running(mode)
@@ -534,8 +624,10 @@ cdef class Scheduler:
             remaining = req.remaining()
             if req.state != RUNNING or req.row >= 0 \
                     or (mode == PREFILLS_ONLY and remaining == 1) \
-                    or (mode == DECODES_ONLY and remaining > 1):
-                continue  # preempted earlier in this pass, already scheduled, or not this pass's
+                    or (mode == DECODES_ONLY and remaining > 1) \
+                    or req.num_tokens == req.max_total_tokens:
+                continue  # preempted earlier in this pass, already scheduled, not this pass's,
+                          # or full (deferred: it ends when its last token resolves)
             chunk = self._chunk(remaining, budget)
             if chunk and self._allocate_or_preempt(req, chunk):
                 self._add_row(req, chunk)
@@ -571,9 +663,11 @@ cdef class Scheduler:
     cdef int64_t _admit_waiting(self, int64_t budget, list admitted) except -1:
         cdef Request req
         cdef int64_t cached, chunk
-        while self.waiting_q.size and budget > 0 and self.running_q.size < self.max_num_seqs:
+        while self.waiting_q.size and budget > 0 and self.num_free_slots:
             req = <Request>q_at(&self.waiting_q, 0)
-            self.num_free_slots -= 1  # fewer than max_num_seqs run, so a slot is free
+            if req.in_flight:
+                break  # preempted while in flight: readmitted after its tokens resolve
+            self.num_free_slots -= 1
             req.slot = self.free_slots[self.num_free_slots]
             cached = self._match_prefix(req)
             chunk = self._chunk(req.num_tokens - cached, budget)
@@ -651,8 +745,8 @@ cdef class Scheduler:
                              f"{self.max_blocks_per_seq} blocks of {self.block_size}")
         return rc
 
-    cdef int _commit(self, Request req) except -1:
-        if self.allocator.c_commit_i64(req.slot, req.tokens, req.num_computed_tokens) < 0:
+    cdef int _commit(self, Request req, int64_t num_tokens) except -1:
+        if self.allocator.c_commit_i64(req.slot, req.tokens, num_tokens) < 0:
             raise RuntimeError(f"commit refused slot {req.slot}")
         return 0
 
@@ -684,8 +778,12 @@ cdef class Scheduler:
                 self.on_release(req.slot)
             self.allocator.c_free(req.slot)
             self.slot_tenancy[req.slot] += 1
-            self.free_slots[self.num_free_slots] = req.slot
-            self.num_free_slots += 1
+            if req.in_flight:  # its deferred outputs name this slot: free after resolve()
+                self.held_slots[self.num_held] = req.slot
+                self.num_held += 1
+            else:
+                self.free_slots[self.num_free_slots] = req.slot
+                self.num_free_slots += 1
             req.slot = -1
         return 0
 
@@ -752,6 +850,8 @@ cdef class Scheduler:
         cdef int64_t block = start // bs, offset = start % bs  # then counted, not divided
         for j in range(n):
             self.input_ids[t + j] = req.tokens[start + j]
+            if self.input_ids[t + j] == PLACEHOLDER:  # the runner takes it from the device
+                self.input_ids[t + j] = -1 - req.slot
             self.positions[t + j] = start + j
             self.slot_mapping[t + j] = <int64_t>table[block] * bs + offset
             offset += 1
@@ -819,7 +919,7 @@ cdef class Scheduler:
                 continue
             req.num_computed_tokens += n
             if req.num_computed_tokens % self.block_size < n:
-                self._commit(req)  # a block filled up (commit registers only full blocks)
+                self._commit(req, req.num_computed_tokens)  # a block filled up (commit registers only full blocks)
             if not samples:
                 continue  # a prefill chunk that does not reach the end samples nothing
             token = tokens[k]
@@ -840,4 +940,59 @@ cdef class Scheduler:
         self.num_out = m
         if self._aborted_rows:
             self._aborted_rows.clear()
+        return m
+
+    # ---- resolve ------------------------------------------------------------------------------
+    cdef Py_ssize_t _resolve(self, sampled, list results) except -1:
+        """resolve()'s loop (the reference's, with update()'s outputs)."""
+        cdef cnp.ndarray arr = as_int64_array(sampled)
+        cdef Py_ssize_t i, k = 0, m = 0, needed = 0
+        for i in range(self.num_deferred):
+            needed += self.d_flags[i] & SAMPLES
+        if arr.ndim != 1 or arr.shape[0] < needed:
+            raise ValueError(f"resolve() needs {needed} sampled tokens in a 1-D array, "
+                             f"got shape {np.shape(sampled)}")
+        cdef const int64_t* tokens = i64(arr)
+        cdef int64_t* out_slots = i64(self._out_slots)
+        cdef int64_t* out_tokens = i64(self._out_tokens)
+        cdef int8_t* out_finish = <int8_t*>cnp.PyArray_DATA(self._out_finish)
+        cdef int64_t token = 0
+        cdef int code
+        cdef Request req
+        for i in range(self.num_deferred):
+            req = <Request>self.d_req[i]
+            if self.d_flags[i] & SAMPLES:
+                token = tokens[k]
+                k += 1
+            if not self.d_flags[i] & LIVE:
+                continue
+            req.in_flight -= 1
+            if req.state == FINISHED:
+                continue  # aborted while in flight
+            if req.state == RUNNING and self.d_computed[i] % self.block_size < self.d_n[i]:
+                self._commit(req, self.d_computed[i])  # not preempted since, and a block filled
+            if not self.d_flags[i] & SAMPLES:
+                continue
+            code = req.set_token(self.d_index[i], token)
+            out_slots[m] = self.d_slot[i]
+            out_tokens[m] = token
+            out_finish[m] = code
+            m += 1
+            if code != NOT_FINISHED:
+                q_remove(&self.running_q if req.state == RUNNING else &self.waiting_q,
+                         <PyObject*>req)
+                self._release(req)
+                if req.row >= 0:  # it has a row in the step being launched: keep it alive
+                    self._aborted_rows.append(req)
+                self._finish(req, code)
+            if results is not None:
+                results.append((req, token, REASONS[code]))
+        for i in range(self.num_deferred):
+            Py_XDECREF(self.d_req[i])
+        self.num_deferred = 0
+        for i in range(self.num_held):
+            self.free_slots[self.num_free_slots] = self.held_slots[i]
+            self.num_free_slots += 1
+        self.num_held = 0
+        self.num_out = m
         return m

@@ -76,6 +76,8 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     p.add_argument("--policy", default="decode-first", choices=["decode-first", "prefill-first"])
     p.add_argument("--batch-wait-ms", type=float, default=0.0)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the GPU runs this one (default: on CUDA)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: "
                    "from --cpu-kv-cache-bytes or --gpu-memory-utilization)")
@@ -94,7 +96,8 @@ def cmd_serve(args) -> int:
         max_model_len=args.max_model_len, seed=args.seed, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,
-        batch_wait_ms=args.batch_wait_ms, block_size=args.block_size,
+        batch_wait_ms=args.batch_wait_ms, async_scheduling=args.async_scheduling,
+        block_size=args.block_size,
         num_blocks=args.num_blocks, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching)

@@ -225,8 +225,15 @@ class SchedulerConfig:
     policy: str = "decode-first"  # decode-first | prefill-first
     batch_wait_ms: float = 0.0
     priority: str = "fcfs"  # fcfs | priority
+    # Overlap: build step k+1 while the device runs step k (stop checks lag one step, and a
+    # finished request computes one wasted token). None: on where steps run asynchronously
+    # (CUDA); on the CPU a step is synchronous, so there is nothing to overlap.
+    async_scheduling: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None (auto), "
+                             f"got {self.async_scheduling!r}")
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.policy not in ("decode-first", "prefill-first"):

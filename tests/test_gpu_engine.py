@@ -1,6 +1,6 @@
-"""The GPU host path: decode CUDA graphs (padding to the captured sizes) and the pinned-buffer
-staging of eager steps, against eager execution. Needs CUDA and triton; the ladder of captured
-sizes is checked everywhere."""
+"""The GPU host path: decode CUDA graphs (padding to the captured sizes), the pinned-buffer
+staging of eager steps and async scheduling, against eager synchronous execution. Needs CUDA
+and triton; the ladder of captured sizes is checked everywhere."""
 from __future__ import annotations
 
 import importlib.util
@@ -62,11 +62,13 @@ def test_graphs_give_the_eager_tokens(tiny_token_model, architecture):
               for _ in prompts]
     path = tiny_token_model(architecture)
     tokens = {}
-    for eager in (True, False):
+    # (eager, async scheduling): the graphs and the eager path each take placeholder input ids
+    # from the device under async scheduling.
+    for eager, overlap in ((True, False), (True, True), (False, False), (False, True)):
         llm = LLM(path, dtype="float32", device="cuda", block_size=4,
                   num_blocks=256, max_num_batched_tokens=32, max_num_seqs=16,
-                  enforce_eager=eager)
+                  enforce_eager=eager, async_scheduling=overlap)
         assert (llm.engine.runner.graphs is None) == eager
-        tokens[eager] = [o.outputs[0].token_ids
-                         for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert tokens[False] == tokens[True]
+        tokens[eager, overlap] = [o.outputs[0].token_ids
+                                  for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert len(set(map(str, tokens.values()))) == 1, tokens

@@ -195,7 +195,10 @@ def draw_request(data, prefixes: list[list[int]], max_model_len: int):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(setup=setups(), data=st.data())
-def test_cython_scheduler_matches_reference(setup, data):
+@pytest.mark.parametrize("deferred", [False, True], ids=["update", "defer-resolve"])
+def test_cython_scheduler_matches_reference(deferred, setup, data):
+    """update(): each step's tokens applied at once. defer-resolve: the overlap loop, step k's
+    tokens applied after step k+1 is scheduled (schedule, resolve(k), defer)."""
     config, alloc_kw, max_model_len, prefixes = setup
     now = [0.0]
     clock = lambda: now[0]  # noqa: E731
@@ -204,6 +207,7 @@ def test_cython_scheduler_matches_reference(setup, data):
     reasons: set[str] = set()
     num_steps = data.draw(st.integers(1, 40), label="steps with arrivals")
     idle = 0
+    in_flight = None  # the deferred step's tokens
     for step in range(num_steps + 200):
         arriving = step < num_steps
         if arriving:
@@ -219,18 +223,20 @@ def test_cython_scheduler_matches_reference(setup, data):
         if batch_c is not None:
             check_batch_tables(cy, batch_c)
         assert [r.request_id for r in adm_c] == [r.request_id for r in adm_r]
-        if batch_r is not None:
-            sampled = ref.sampled(batch_r)
-            if arriving:
-                abort_both(ref, cy, data, ids)  # between schedule() and update()
-            res_r, res_c = ref.scheduler.update(sampled), cy.scheduler.update(sampled)
-            assert [(r.request_id, t, f) for r, t, f in res_c] == \
-                [(r.request_id, t, f) for r, t, f in res_r]
-            assert all(type(t) is int for _, t, _ in res_c)
-            reasons.update(f for _, _, f in res_r if f)
-            assert cy.scheduler.out_tokens.tolist() == [t for _, t, _ in res_c]
-            assert [cext.FINISH_REASONS[c] for c in cy.scheduler.out_finish] == \
-                [f for _, _, f in res_c]
+        sampled = None if batch_r is None else ref.sampled(batch_r)
+        if arriving:
+            abort_both(ref, cy, data, ids)  # between schedule() and update() / resolve()
+        if not deferred and sampled is not None:
+            compare_results(cy, ref.scheduler.update(sampled), cy.scheduler.update(sampled),
+                            reasons)
+        if deferred:
+            if in_flight is not None:
+                compare_results(cy, ref.scheduler.resolve(in_flight),
+                                cy.scheduler.resolve(in_flight), reasons)
+            if batch_r is not None:
+                ref.scheduler.defer()
+                cy.scheduler.defer()
+            in_flight = sampled
         assert side_view(cy) == side_view(ref)
         check_invariants(ref)
         check_invariants(cy)
@@ -244,9 +250,19 @@ def test_cython_scheduler_matches_reference(setup, data):
     event(f"finish reasons: {sorted(reasons)}")
     for rid in ids:
         assert (cy.scheduler.abort(rid) is None) == (ref.scheduler.abort(rid) is None)
+    if in_flight is not None:  # the last deferred step: only aborted requests left in it
+        assert ref.scheduler.resolve(in_flight) == [] == cy.scheduler.resolve(in_flight)
     assert side_view(cy) == side_view(ref)
     check_drained(ref)
     check_drained(cy)
+
+
+def compare_results(cy: Side, res_r: list, res_c: list, reasons: set) -> None:
+    assert [(r.request_id, t, f) for r, t, f in res_c] == [(r.request_id, t, f) for r, t, f in res_r]
+    assert all(type(t) is int for _, t, _ in res_c)
+    reasons.update(f for _, _, f in res_r if f)
+    assert cy.scheduler.out_tokens.tolist() == [t for _, t, _ in res_c]
+    assert [cext.FINISH_REASONS[c] for c in cy.scheduler.out_finish] == [f for _, _, f in res_c]
 
 
 def abort_both(ref: Side, cy: Side, data, ids: list[str]) -> None:
@@ -271,20 +287,30 @@ def make_side(impl: Impl, clock=lambda: 0.0, num_blocks: int = 64, block_size: i
     return Side(impl, config, alloc_kw, max_model_len, clock)
 
 
-def run_to_end(side: Side, max_steps: int = 1000) -> tuple[dict[str, list[int]], int]:
+def run_to_end(side: Side, max_steps: int = 1000,
+               deferred: bool = False) -> tuple[dict[str, list[int]], int]:
     """Step until nothing is left; return each request's output tokens and the number of
-    prompt tokens scheduled (computed, not served by the prefix cache)."""
+    prompt tokens scheduled (computed, not served by the prefix cache). `deferred`: the
+    overlap loop (schedule k+1, resolve k, defer k+1)."""
     outputs: dict[str, list[int]] = {}
     prefill_tokens = 0
+    in_flight = None
     for _ in range(max_steps):
         if not side.scheduler.has_unfinished():
             return outputs, prefill_tokens
         batch, _ = side.scheduler.schedule()
-        if batch is None:
-            continue
-        prefill_tokens += int(np.diff(batch.query_start_loc)[np.diff(batch.query_start_loc) > 1]
-                              .sum())
-        for req, token, _ in side.scheduler.update(side.sampled(batch)):
+        sampled = None if batch is None else side.sampled(batch)
+        if batch is not None:
+            qlens = np.diff(batch.query_start_loc)
+            prefill_tokens += int(qlens[qlens > 1].sum())
+        if deferred:
+            results = [] if in_flight is None else side.scheduler.resolve(in_flight)
+            if batch is not None:
+                side.scheduler.defer()
+            in_flight = sampled
+        else:
+            results = [] if batch is None else side.scheduler.update(sampled)
+        for req, token, _ in results:
             outputs.setdefault(req.request_id, []).append(token)
     raise AssertionError("requests did not finish")
 
@@ -361,6 +387,46 @@ def test_tight_kv_budget_preempts_and_every_request_completes(impl):
     (roomy, roomy_preempted), (tight, tight_preempted) = results
     assert roomy_preempted == 0 and tight_preempted > 0
     assert tight == roomy and all(len(v) == 30 for v in tight.values())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_deferred_steps_give_the_same_tokens(impl):
+    """The overlap loop samples each request's tokens at the same positions as update(): the
+    same outputs and finish points (stop ids, eos, length), under preemption too; a request's
+    one wasted row after its stop changes nothing."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(2, VOCAB, int(n)).tolist() for n in rng.integers(10, 26, 8)]
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 30)), ignore_eos=bool(i % 2),
+                             stop_token_ids=[int(i % 3) + 2] if i % 3 else [])
+              for i in range(len(prompts))]
+    for num_blocks in (256, 16):
+        runs = []
+        for deferred in (False, True):
+            side = make_side(impl, num_blocks=num_blocks)
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                side.add(f"r{i}", p, sp, i, 0.0, 0)
+            runs.append(run_to_end(side, deferred=deferred)[0])
+            check_drained(side)
+            if num_blocks == 16:
+                assert side.scheduler.num_preemptions > 0
+        assert runs[1] == runs[0] and len(runs[0]) == len(prompts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_deferred_placeholders_name_their_slot(impl):
+    side = make_side(impl)
+    side.add("a", [2, 3, 4], SamplingParams(max_tokens=5, ignore_eos=True), 0, 0.0, 0)
+    batch, _ = side.scheduler.schedule()
+    side.scheduler.defer()
+    batch, _ = side.scheduler.schedule()  # a's decode, before its first token is known
+    slot = int(batch.slots[0])
+    assert batch.input_ids.tolist() == [-1 - slot] and batch.positions.tolist() == [3]
+    assert side.scheduler.resolve(np.array([7])) == [(side.scheduler.requests["a"], 7, None)]
+    side.scheduler.defer()
+    batch, _ = side.scheduler.schedule()
+    assert batch.input_ids.tolist() == [-1 - slot]  # the token of the step in flight again
+    side.scheduler.resolve(np.array([8]))
+    assert side.scheduler.requests["a"].output_token_ids.tolist() == [7, 8]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -38,6 +38,7 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)
         self.stop_ids = frozenset(params.stop_token_ids)
+        self.in_flight = 0  # rows of a deferred step not resolved yet (Scheduler.defer)
 
     @property
     def output_token_ids(self) -> np.ndarray:
@@ -53,11 +54,16 @@ class Request:
 
     def append_token(self, token: int) -> Optional[str]:
         """Record a sampled token; return the finish reason if the request is now done."""
-        self.token_ids[self.num_tokens] = token
         self.num_tokens += 1
-        if self.num_output_tokens >= self.params.min_tokens and \
+        return self.set_token(self.num_tokens - 1, token)
+
+    def set_token(self, index: int, token: int) -> Optional[str]:
+        """Write the token at `index`, the last one held (a deferred step's placeholder, or
+        the one just appended); return the finish reason if the request ends there."""
+        self.token_ids[index] = token
+        if index + 1 - self.num_prompt_tokens >= self.params.min_tokens and \
                 (token in self.eos_ids or token in self.stop_ids):
             return "stop"
-        if self.num_tokens >= self.max_total_tokens:
+        if index + 1 >= self.max_total_tokens:
             return "length"
         return None

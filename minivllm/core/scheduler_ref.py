@@ -8,11 +8,21 @@ the sampled tokens back, applies the stop rules and frees what finished.
 Policies: `decode-first` gives every running decode its token before prefill chunks fill the
 rest of the budget (steady inter-token latency); `prefill-first` admits and prefills new work
 first and advances decodes round-robin in what remains (shorter time to first token).
+
+Overlap (async scheduling): on a GPU the engine builds step k+1 while the GPU runs step k, so
+step k's tokens are unknown when step k+1 is scheduled. `defer()` stands in for `update()` in
+that loop: the step's counts advance and each sampled row gets a placeholder token, which the
+next batch carries as `-1 - slot` for the model runner to take from the device (the token
+sampled there for that slot). `resolve(tokens)` then writes the real tokens, applies the stop
+rules and commits filled blocks. The engine calls schedule(k+1), launch, resolve(k), defer(k+1).
+While a request has rows in flight its slot is not reused (a preempted or aborted one's slot
+waits for the resolve: outputs name slots) and a preempted one is not readmitted.
 """
 from __future__ import annotations
 
 import bisect
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,6 +32,18 @@ from minivllm.core.batch import ScheduledBatch
 from minivllm.core.request import Request, RequestStatus
 
 StepResult = tuple[Request, int, Optional[str]]  # request, new token, finish reason
+PLACEHOLDER = -1  # a deferred step's token, until resolve()
+
+
+@dataclass
+class _Deferred:
+    """One row of a deferred step: what resolve() needs once its tokens are known."""
+
+    req: Request
+    computed: int  # the request's computed tokens after the row
+    samples: bool  # False: a prefill chunk short of the end
+    index: int     # where its sampled token goes
+    live: bool     # False: it was finished or aborted before the step was deferred
 
 
 class Scheduler:
@@ -42,6 +64,8 @@ class Scheduler:
         self._scheduled: list[tuple[Request, int]] = []
         self._scheduled_ids: set[int] = set()  # id() of the requests in _scheduled
         self._rr = 0  # round-robin start of decodes under prefill-first
+        self._deferred: list[_Deferred] = []  # the step in flight (defer() .. resolve())
+        self._held_slots: list[int] = []  # released while in flight: free again at resolve()
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -63,7 +87,7 @@ class Scheduler:
         return req
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._deferred)
 
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> tuple[Optional[ScheduledBatch], list[Request]]:
@@ -107,6 +131,56 @@ class Scheduler:
         self._scheduled, self._scheduled_ids = [], set()
         return results
 
+    def defer(self) -> None:
+        """update() for a step whose tokens are still on the device: advance the counts and
+        hold a placeholder per sampled row until resolve()."""
+        deferred = []
+        for req, n in self._scheduled:
+            samples = req.num_computed_tokens + n == req.num_tokens
+            if req.status is not RequestStatus.RUNNING:  # its row is sampled all the same
+                deferred.append(_Deferred(req, 0, samples, -1, False))
+                continue
+            req.num_computed_tokens += n
+            index = -1
+            if samples:
+                index = req.num_tokens
+                req.num_tokens += 1
+                req.token_ids[index] = PLACEHOLDER
+            req.in_flight += 1
+            deferred.append(_Deferred(req, req.num_computed_tokens, samples, index, True))
+        self._deferred = deferred
+        self._scheduled, self._scheduled_ids = [], set()
+
+    def resolve(self, sampled: np.ndarray) -> list[StepResult]:
+        """The deferred step's tokens (one per sampling row, in row order): write them, apply
+        the stop rules, commit the blocks its rows filled."""
+        results, i = [], 0
+        for d in self._deferred:
+            req, token = d.req, None
+            if d.samples:
+                token = int(sampled[i])
+                i += 1
+            if not d.live:
+                continue
+            req.in_flight -= 1
+            if req.status is RequestStatus.FINISHED:
+                continue  # aborted while in flight
+            if req.status is RequestStatus.RUNNING:  # not preempted since
+                self.allocator.commit(req.slot, req.token_ids, d.computed)
+            if token is None:
+                continue
+            reason = req.set_token(d.index, token)
+            if reason is not None:
+                queue = self.running if req.status is RequestStatus.RUNNING else self.waiting
+                queue.remove(req)
+                self._release(req)
+                self._finish(req, reason)
+            results.append((req, token, reason))
+        self._deferred = []
+        self.free_slots += self._held_slots
+        self._held_slots = []
+        return results
+
     # ---- policy ------------------------------------------------------------------------
     def _schedule_running(self, budget: int, decodes_first: bool = False,
                           prefills_only: bool = False, decodes_only: bool = False) -> int:
@@ -122,7 +196,8 @@ class Scheduler:
                 break
             remaining = req.num_tokens - req.num_computed_tokens
             if req.status is not RequestStatus.RUNNING or id(req) in self._scheduled_ids \
-                    or (prefills_only and remaining == 1) or (decodes_only and remaining > 1):
+                    or (prefills_only and remaining == 1) or (decodes_only and remaining > 1) \
+                    or req.num_tokens == req.max_total_tokens:  # full: ends when it resolves
                 continue
             n = self._chunk(remaining, budget)
             if n and self._allocate_or_preempt(req, n):
@@ -131,8 +206,10 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, budget: int, admitted: list[Request]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self.free_slots:
             req = self.waiting[0]
+            if req.in_flight:
+                break  # preempted while in flight: readmitted after its tokens resolve
             req.slot = self.free_slots.pop()
             cached = self.allocator.match_prefix(req.slot, req.token_ids, req.num_tokens)
             n = self._chunk(req.num_tokens - cached, budget)
@@ -198,7 +275,7 @@ class Scheduler:
             if req.status is RequestStatus.RUNNING:
                 self.on_release(req.slot)
             self.allocator.free(req.slot)
-            self.free_slots.append(req.slot)
+            (self._held_slots if req.in_flight else self.free_slots).append(req.slot)
             req.slot = -1
 
     def _finish(self, req: Request, reason: str) -> None:
@@ -222,6 +299,7 @@ class Scheduler:
             + positions % self.block_size
         input_ids = np.concatenate([r.token_ids[s:s + n] for r, (s, n) in
                                     zip(reqs, zip(starts.tolist(), qlens.tolist()))])
+        input_ids = np.where(input_ids == PLACEHOLDER, -1 - slots[row], input_ids)
         sample_rows = np.flatnonzero(seq_lens == np.array([r.num_tokens for r in reqs]))
         return ScheduledBatch(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
                               query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,

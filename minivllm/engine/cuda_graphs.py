@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Optional
 
 import numpy as np
 import torch
 
 from minivllm.core.batch import ScheduledBatch
+from minivllm.engine.step_inputs import fill_placeholders
 from minivllm.layers.attention import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ class DecodeGraphs:
     _IDS, _POS, _SLOTS, _SEQ_LENS, _SAMPLE_SLOTS, _SAMPLE_ROWS, _QUERY_START = range(7)
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, block_size: int,
-                 max_num_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+                 max_num_seqs: int, max_blocks_per_seq: int, device: torch.device,
+                 last_tokens: Optional[torch.Tensor] = None) -> None:
         self.sizes = capture_sizes(max_num_seqs)
         self._n = n = self.sizes[-1]
         self._block_size = block_size
@@ -55,6 +58,8 @@ class DecodeGraphs:
         self._tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self._copied = torch.cuda.Event()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Async scheduling: the graphs take placeholder input ids from the device themselves.
+        self._last_tokens = last_tokens
         t0 = time.perf_counter()
         self._capture(model, backend)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
@@ -80,13 +85,19 @@ class DecodeGraphs:
             meta = self._metadata(size)
             backend.prepare(meta, self._block_size)
             ids, pos = self._region(self._IDS, size), self._region(self._POS, size)
-            model(ids, pos, meta)  # warm-up: Triton compilation, cuBLAS handles, outside capture
-            torch.cuda.synchronize()
+            self._forward(model, ids, pos, meta)  # warm-up: Triton compilation, cuBLAS
+            torch.cuda.synchronize()                # handles, outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = model(ids, pos, meta)
+                hidden = self._forward(model, ids, pos, meta)
             self._graphs[size] = (graph, hidden)
         torch.cuda.synchronize()
+
+    def _forward(self, model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        if self._last_tokens is not None:
+            ids = fill_placeholders(ids, self._last_tokens)
+        return model(ids, pos, meta)
 
     def serves(self, batch: ScheduledBatch) -> bool:
         """A step of decodes (one query per row) no larger than the largest graph."""

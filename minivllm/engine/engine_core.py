@@ -1,7 +1,13 @@
 """EngineCore: the step loop. Read it top to bottom: ingest, schedule, execute, update, publish.
 
-This in-process core is what the offline `LLM` drives; the engine process of a later issue runs
-the same `step()` behind shared-memory rings.
+This in-process core is what the offline `LLM` drives; the engine process runs the same
+`step_arrays()` behind shared-memory rings.
+
+Async scheduling (on CUDA by default) overlaps the host with the GPU: a call schedules and
+launches step k+1, then waits for step k's tokens, applies them (Scheduler.resolve) and returns
+them, so the GPU runs step k+1 while the host applies step k, publishes it and schedules k+2.
+Outputs come one call later, and a request that stops at step k has computed one wasted token
+in step k+1 (discarded).
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import numpy as np
 from minivllm.config import EngineConfig
 from minivllm.core.block_allocator import BlockAllocator
 from minivllm.core.scheduler import FINISH_REASONS, Request, Scheduler
-from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.model_runner import InFlight, ModelRunner
 from minivllm.inputs import check_prompt
 from minivllm.layers.sampler import SamplerOutput
 from minivllm.loader import load_tokenizer, resolve_model
@@ -55,7 +61,12 @@ class EngineCore:
         t0 = time.perf_counter()
         self.source = resolve_model(config.model.model, config.model.load_format)
         self.tokenizer = load_tokenizer(self.source)
-        self.runner = ModelRunner(config, self.source)
+        overlap = config.scheduler.async_scheduling
+        if overlap is None:
+            overlap = config.model.torch_device().type == "cuda"
+        self.overlap = overlap
+        self.runner = ModelRunner(config, self.source, overlap)
+        self._in_flight: Optional[InFlight] = None  # async scheduling: the step launched last
         self.max_model_len = self.runner.max_model_len
         spec = self.runner.kv_spec
         self.allocator = BlockAllocator(
@@ -69,9 +80,10 @@ class EngineCore:
         self.eos_token_ids = tuple(sorted(eos))
         self._arrivals = 0
         self._by_slot: list[Optional[Request]] = [None] * config.scheduler.max_num_seqs
-        logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens",
+        logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens%s",
                     time.perf_counter() - t0, self.source.name, self.runner.device,
-                    self.runner.dtype, spec.num_blocks, spec.block_size, spec.num_tokens)
+                    self.runner.dtype, spec.num_blocks, spec.block_size, spec.num_tokens,
+                    ", async scheduling" if overlap else "")
 
     # ---- ingest -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
@@ -100,6 +112,8 @@ class EngineCore:
             self.runner.sampler.add_request(req.slot, req.params,
                                             req.token_ids[:req.num_prompt_tokens],
                                             req.eos_ids, req.output_token_ids)
+        if self.overlap:
+            return self._step_overlapped(batch, admitted, slots)
         if batch is None:
             return StepResult(admitted, slots, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
         sampled = self.runner.execute(batch)
@@ -107,6 +121,22 @@ class EngineCore:
         # No result tuples from the scheduler: rows name slots, and a finished request stays
         # in _by_slot until its slot is admitted again.
         self.scheduler.update_arrays(token_ids)
+        return self._result(admitted, slots, sampled)
+
+    def _step_overlapped(self, batch, admitted: list[Request], slots: list[int]) -> StepResult:
+        """Launch this step, then apply the previous one's tokens while the GPU runs it."""
+        done = self._in_flight
+        self._in_flight = None if batch is None else self.runner.launch(batch)
+        if done is not None:
+            self.scheduler.resolve_arrays(done.tokens())
+        if batch is not None:
+            self.scheduler.defer()
+        if done is None:
+            return StepResult(admitted, slots, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
+        return self._result(admitted, slots, done.sampled)
+
+    def _result(self, admitted: list[Request], slots: list[int],
+                sampled: SamplerOutput) -> StepResult:
         return StepResult(admitted, slots, self.scheduler.out_slots, self.scheduler.out_tokens,
                           self.scheduler.out_finish, sampled)
 

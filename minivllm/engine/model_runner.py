@@ -3,6 +3,10 @@
 On CUDA a step's inputs go through pinned staging buffers in one asynchronous copy
 (step_inputs.py), and steps of decodes replay CUDA graphs captured at start-up (cuda_graphs.py);
 other steps (prefill chunks) run eagerly. The attention backend is `ModelConfig.attention_backend`.
+
+Under async scheduling `launch()` returns at once with the step in flight: its tokens land in a
+pinned host buffer, and on the device in `last_tokens[slot]`, where the next step, built
+before they were known, takes its decodes' input tokens.
 """
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 
 from minivllm.config import EngineConfig, resolve_dtype
 from minivllm.core.batch import ScheduledBatch
 from minivllm.engine.cuda_graphs import DecodeGraphs
-from minivllm.engine.step_inputs import StepStaging, cpu_inputs
+from minivllm.engine.step_inputs import StepStaging, cpu_inputs, fill_placeholders
 from minivllm.layers.attention import AttentionBackend, TorchAttentionBackend
 from minivllm.layers.cpu_attention import SUPPORTED_HEAD_DIMS, CpuAttentionBackend
 from minivllm.layers.cpu_dispatch import cpu_kernels_apply
@@ -40,6 +46,27 @@ class KVCacheSpec:
         return self.num_blocks * self.block_size
 
 
+class InFlight:
+    """A launched step: its sampler output on the device, its tokens on their way to the host."""
+
+    def __init__(self, sampled: SamplerOutput, host: Optional[torch.Tensor]) -> None:
+        self.sampled = sampled
+        n = sampled.token_ids.shape[0]
+        if host is None:  # on the CPU the step is done already
+            self._tokens, self._event = sampled.token_ids.numpy(), None
+            return
+        host[:n].copy_(sampled.token_ids, non_blocking=True)
+        self._tokens = host.numpy()[:n]
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def tokens(self) -> np.ndarray:
+        """The sampled tokens, once the step is done (the loop's one wait for the device)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._tokens
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
@@ -51,7 +78,7 @@ def _default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, overlap: bool = False) -> None:
         arch = source.arch
         self.device = config.model.torch_device()
         self.dtype = resolve_dtype(config.model.dtype, arch, self.device)
@@ -71,6 +98,14 @@ class ModelRunner:
                     self.kv_spec.num_blocks, self.kv_spec.block_size, self.kv_spec.num_tokens,
                     self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)
         self.staging = StepStaging(self.device) if self.device.type == "cuda" else None
+        n = config.scheduler.max_num_seqs
+        # Async scheduling: each slot's last sampled token, and two pinned buffers the tokens
+        # of the two steps that can be unresolved at once come back in.
+        self.last_tokens = torch.zeros(n, dtype=torch.int64, device=self.device) if overlap \
+            else None
+        self._token_buffers = [torch.empty(n, dtype=torch.int64, pin_memory=True)
+                               for _ in range(2)] if overlap and self.staging else [None]
+        self._launches = 0
         # Captured after the KV cache is allocated: the graphs' memory comes out of what the
         # cache budget left free.
         self.graphs = None
@@ -78,7 +113,8 @@ class ModelRunner:
                 and self.attn_backend.cuda_graph_safe):
             max_blocks = -(-self.max_model_len // self.kv_spec.block_size)
             self.graphs = DecodeGraphs(self.model, self.attn_backend, self.kv_spec.block_size,
-                                       config.scheduler.max_num_seqs, max_blocks, self.device)
+                                       config.scheduler.max_num_seqs, max_blocks, self.device,
+                                       self.last_tokens)
 
     def _use_cpu_linears(self) -> None:
         model, head = self.model, self.model.lm_head
@@ -142,11 +178,23 @@ class ModelRunner:
             inputs = (self.staging.stage(batch) if self.staging is not None
                       else cpu_inputs(batch))
             self.attn_backend.prepare(inputs.meta, self.kv_spec.block_size)
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            ids = inputs.input_ids
+            if self.last_tokens is not None and batch.input_ids.min() < 0:
+                ids = fill_placeholders(ids, self.last_tokens)
+            hidden = self.model(ids, inputs.positions, inputs.meta)
             sample_index, sample_slots = inputs.sample_index, inputs.sample_slots
         if sample_index is not None:  # None: every token is sampled (a step of decodes)
             hidden = hidden[sample_index]
-        return self.sampler.sample(self.model.compute_logits(hidden), sample_slots)
+        out = self.sampler.sample(self.model.compute_logits(hidden), sample_slots)
+        if self.last_tokens is not None:
+            self.last_tokens[sample_slots] = out.token_ids
+        return out
+
+    def launch(self, batch: ScheduledBatch) -> InFlight:
+        """execute() without waiting for the tokens (async scheduling)."""
+        out = self.execute(batch)
+        self._launches += 1
+        return InFlight(out, self._token_buffers[self._launches % len(self._token_buffers)])
 
 def triton_supports(head_dim: int) -> bool:
     """The Triton kernels tile the head dimension whole: a power of two, at least tl.dot's 16."""

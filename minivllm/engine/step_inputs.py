@@ -44,6 +44,13 @@ def _metadata(batch: ScheduledBatch, slot_mapping: torch.Tensor, query_start: to
         max_seq_len=int(batch.seq_lens.max()))
 
 
+def fill_placeholders(input_ids: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
+    """Under async scheduling a decode's input token was sampled by the step still in flight
+    when the batch was built: the scheduler writes it as -1 - slot, and the device holds it in
+    `last_tokens[slot]` (ModelRunner keeps it). No host sync: a gather and a select."""
+    return torch.where(input_ids < 0, last_tokens[(-1 - input_ids).clamp_(min=0)], input_ids)
+
+
 def cpu_inputs(batch: ScheduledBatch) -> StepInputs:
     """The arrays themselves, as tensors sharing their memory."""
     t = torch.from_numpy
