@@ -2,7 +2,7 @@
 
     python -m bench.batching_table --tag cpu --num-requests 96 --rate 3   # embedded SmolLM2
     python -m bench.batching_table --tag h100 --max-num-seqs 128 --num-requests 1000 \
-        --rate R --serve-common "--model qwen2.5-0.5b --load-format dummy --dtype bfloat16"
+        --rate R --serve-common "qwen2.5-0.5b --load-format dummy --dtype bfloat16"
 
 Pick the rate below the batched rows' capacity (about 60% of it: the CPU table used 3/s
 against ~5 req/s), e.g. from `python -m bench.serve_load --serve-args "..." --num-requests N`
@@ -32,6 +32,9 @@ WINDOWS_MS = (20, 100, 400)
 
 def rows(seqs: int) -> list[tuple[str, str, dict, str]]:
     """(label, serve flags, client-side options, why it behaves so: two sentences)."""
+    # The chunked rows' step budget: every running decode plus room for prompt chunks (a
+    # budget below max_num_seqs would leave decodes out of full steps).
+    chunk = max(64, 4 * seqs)
     out = [
         ("one request at a time", "--max-num-seqs 1", {},
          "Each request has the whole engine, so a decode step is as short as it gets, but every "
@@ -52,15 +55,15 @@ def rows(seqs: int) -> list[tuple[str, str, dict, str]]:
          "computed before anyone decodes, so time to first token is short. The price is "
          "inter-token latency: every running stream stalls for the length of each arriving "
          "prefill."),
-        ("continuous batching, decode-first + chunked prefill (64)",
-         f"--max-num-seqs {seqs} --policy decode-first --max-num-batched-tokens 64", {},
-         "Running streams decode first and prompts fill the rest of a 64-token step budget in "
+        (f"continuous batching, decode-first + chunked prefill ({chunk})",
+         f"--max-num-seqs {seqs} --policy decode-first --max-num-batched-tokens {chunk}", {},
+         f"Running streams decode first and prompts fill the rest of a {chunk}-token step budget in "
          "chunks, so no step is much longer than a decode and the inter-token tail stays low. "
          "A long prompt now takes several steps to prefill, which costs time to first token."),
     ]
     for ms in WINDOWS_MS:
         out.append((f"decode-first + chunked + dynamic window {ms} ms",
-                    f"--max-num-seqs {seqs} --policy decode-first --max-num-batched-tokens 64 "
+                    f"--max-num-seqs {seqs} --policy decode-first --max-num-batched-tokens {chunk} "
                     f"--batch-wait-ms {ms}", {},
                     f"An idle engine waits up to {ms} ms (or {seqs} arrivals) before its first "
                     f"prefill, so requests arriving close together start as one batch; the "

@@ -109,15 +109,16 @@ setup(script_args=['build_ext', '--inplace'], ext_modules=cythonize([ext],
           --json "$RES/ragged_qwen_$mode.json"
       done ;;
     batching)
-      SERVE="--model qwen2.5-0.5b --load-format dummy --dtype bfloat16"
+      SERVE="qwen2.5-0.5b --load-format dummy --dtype bfloat16 --api-servers 4"
       LENS="--prompt-len uniform:32:256 --output-len uniform:16:64"
       TAILN=12 run probe 240 python3 -m bench.serve_load --serve-args "$SERVE --max-num-seqs 128" \
-        --num-requests 600 $LENS --no-progress --json "$RES/batching_probe_h100.json"
+        --num-requests 400 $LENS --no-progress --json "$RES/batching_probe_h100.json"
       RATE=$(python3 -c "import json; r=json.load(open('$RES/batching_probe_h100.json'))['runs'][0]; print(round(0.6 * r['request_throughput'], 1))")
       echo "capacity probe -> rate $RATE req/s"
       TAILN=30 run batching 590 python3 -m bench.batching_table --tag h100 --max-num-seqs 128 \
-        --num-requests 600 --rate "$RATE" --serve-common "$SERVE" ${BATCHING_ROWS:+--rows $BATCHING_ROWS}
-      cp bench/results/batching_h100.* "$RES/" 2>/dev/null ;;
+        --num-requests 400 --rate "$RATE" --serve-common "$SERVE" ${BATCHING_ROWS:+--rows $BATCHING_ROWS}
+      cp bench/results/batching_h100.* "$RES/" 2>/dev/null
+      tar czf "$OUT/session.tgz" -C "$W" . ;;
     decode)
       run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
         --json "$RES/decode_llama-3-8b_bs1.json"

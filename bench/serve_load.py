@@ -195,7 +195,7 @@ async def send(client: httpx.AsyncClient, path: str, body: dict, timeout: float,
                     "5xx" if resp.status_code >= 500 else "error"
                 res.detail = f"HTTP {resp.status_code}: {text[:200]}"
                 return
-            done = False
+            done, final_at = False, None
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -214,12 +214,20 @@ async def send(client: httpx.AsyncClient, path: str, body: dict, timeout: float,
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"].get("completion_tokens", 0)
                     res.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-                if any(_token_chunk(c) for c in chunk.get("choices") or ()):
+                choices = chunk.get("choices") or ()
+                if any(_token_chunk(c) for c in choices):
                     res.chunk_times.append(now)
+                if any(c.get("finish_reason") for c in choices):
+                    final_at = now
             res.e2e_s = time.perf_counter() - t0
             if not done:
                 res.status, res.detail = "error", "the stream ended without [DONE]"
                 return
+            if not res.chunk_times and res.output_tokens and final_at is not None:
+                # A server that fell behind may send a request's tokens together with its
+                # finish reason; with no visible text (a model without a tokenizer) that one
+                # chunk is the only sign of them, and the usage chunk counts them.
+                res.chunk_times.append(final_at)
             if not res.chunk_times:
                 res.status, res.detail = "error", "no token in the stream"
                 return
