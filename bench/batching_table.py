@@ -75,8 +75,8 @@ def rows(seqs: int) -> list[tuple[str, str, dict, str]]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        f"| scheme | server flags | max throughput, output tok/s (req/s) | TTFT p50 ms | "
-        f"TTFT p99 ms | ITL p50 ms | ITL p99 ms | ok / 429 / errors |",
+        "| scheme | server flags | max throughput, output tok/s (req/s) | TTFT p50 ms | "
+        "TTFT p99 ms | ITL p50 ms | ITL p99 ms | ok / 429 / errors |",
         "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, sat = r["summary"], r["saturated"]

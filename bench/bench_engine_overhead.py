@@ -24,7 +24,6 @@ from minivllm.engine.supervisor import Supervisor
 from minivllm.frontend.async_client import AsyncEngineClient
 from minivllm.llm import build_engine_config
 from minivllm.sampling_params import SamplingParams
-from minivllm.transport import protocol
 from minivllm.transport.channel import EngineChannel
 
 TICK = os.sysconf("SC_CLK_TCK")

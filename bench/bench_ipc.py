@@ -12,7 +12,10 @@ region; nothing is pre-encoded:
 
   ours      minivllm.transport: protocol.put_submit / put_step_output write the C records
             straight into the shared-memory ring; protocol.read_record decodes them (token arrays
-            come out as numpy arrays copied in C).
+            come out as numpy arrays copied in C). The stream's consumer reads as the frontend
+            reads its output ring (EngineChannel.read_batch, AsyncEngineClient._drain):
+            read_batch decodes every step output waiting (up to 256) into one set of
+            concatenated numpy arrays plus per-record step numbers and offsets.
   peers     the same fields: a submit is {request_id, prompt_token_ids: list[int], the sampling
             fields our record carries (temperature, top_p, top_k, min_p, seed, penalties,
             max/min tokens, stop_token_ids, ignore_eos, logprobs), priority}; a step output is
@@ -25,6 +28,8 @@ region; nothing is pre-encoded:
 
 Transports (--transports picks some):
   ours-busy        both sides busy-poll their ring (Ring.spin), never sleep
+  ours-busy-1by1   ours-busy with the stream read one record at a time (read_record), for
+                   comparison with the batched read (stream only)
   ours-idle        the doorbell path with no spin: a consumer that finds its ring empty sets
                    `sleeping` and blocks on its ZeroMQ doorbell at once (EngineChannel.wait's
                    sequence: spin, prepare_sleep, blocking recv, awake), so every message that
@@ -51,11 +56,18 @@ Workloads:
       in its loop, and other moments of this shared machine). The targets use the p50 of
       single timings, as the issue states them; the pyperf figure is reported beside it.
   (b) one-way stream: on the client's "go" the server encodes N step outputs of 256 entries
-      (uint64 request ids, int32 tokens, uint8 finish) as fast as the transport accepts them;
-      the client decodes each to three numpy arrays (np.frombuffer for peers) and checks that
-      the step numbers arrive complete and in order (lossless) and the last record's content.
-      records/s = N / (time from sending "go" to decoding the N-th record); N is sized by a
-      pilot run to ~0.3 s; the median of 5 rounds.
+      (uint64 request ids, int32 tokens, uint8 finish) as fast as the transport accepts them,
+      one record per send for every transport; the client decodes them to numpy arrays and
+      checks that the step numbers arrive complete and in order (lossless) and the last
+      record's content. Peers decode each record on its own (their codec's decode, then three
+      np.frombuffer views: the cheapest per-record decode each has; a socket or queue hands
+      over one message per call). Ours decodes with the API the frontend uses: read_batch takes
+      whatever records are waiting when it is called, so a batch is as large as the backlog the
+      consumer finds (a consumer that keeps up reads small batches; one that falls behind reads
+      larger, cheaper-per-record ones); its step numbers are checked record by record
+      (ours-busy-1by1 shows the one-record-at-a-time figure). records/s = N / (time from
+      sending "go" to decoding the N-th record); N is sized by a pilot run to ~0.3 s; the
+      median of 5 rounds.
   (c) 32k-token prompt: the client submits M prompts of 32768 token ids (a Python list, as a
       tokenizer gives; `ours-busy` also with an int32 array) back to back; the server decodes
       each and checks its length; after the M-th it answers one step record. us/message =
@@ -78,8 +90,9 @@ migrations; mp.Queue's feeder thread and each process's ZeroMQ I/O thread share 
 CPU, which is what gives the NOBLOCK-spinning zmq its ms-long p99). On this 2-core VM other work
 shares the cores: run it when the machine is idle and note `uptime` (the records carry the
 load average at start and end). Even when idle, the ring's figures are bimodal over time (round
-trip ~1.65 vs ~2.4-2.8 us, 256-token stream ~1.6M vs ~0.5-0.7M records/s, whole rounds at a
-time, all three ring variants alike, the Python-bound peers barely moving): presumably the host
+trip ~1.65 vs ~2.4-2.8 us, 256-token stream read one record at a time ~1.7M vs ~0.5-1.0M
+records/s, in batches ~3-4M vs ~2M, whole rounds at a time, all ring variants alike, the
+Python-bound peers barely moving): presumably the host
 moving the two vCPUs apart, so the cache lines the ring hands over travel further; the
 per-round figures in the records show it. Every record carries the command,
 machine and versions (bench/records.py); --json writes them, pyperf's `-o PATH` its own file.
@@ -87,13 +100,11 @@ machine and versions (bench/records.py); --json writes them, pyperf's `-o PATH` 
 from __future__ import annotations
 
 import ctypes
-import gc
 import multiprocessing as mp
 import os
 import pickle
 import secrets
 import statistics
-import sys
 import time
 from operator import attrgetter, itemgetter
 from typing import Optional
@@ -104,12 +115,15 @@ import pyperf
 import zmq
 
 from bench import records
+from minivllm._cext import records as records_ext
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport import protocol, shm
+from minivllm.transport.channel import EngineChannel
 from minivllm.transport.doorbell import Bell, BellListener
 
 CLIENT_CPU, SERVER_CPU = 0, 1
 PROMPT_LEN, LONG_PROMPT_LEN, STREAM_ENTRIES = 64, 32768, 256
+STREAM_MAX_N = 2_000_000  # records in one stream phase, at most
 RING_BYTES = 1 << 22
 VOCAB = 151_000
 PARAMS = SamplingParams(temperature=0.7, top_p=0.95, top_k=50, min_p=0.05, seed=1234,
@@ -236,6 +250,17 @@ class End:
     send_step(step, ids, toks, fin), recv_step(), and readers rid/step_of/arrays/prompt_len."""
     closers: tuple = ()
 
+    def recv_stream(self, n: int) -> tuple:
+        """The stream phase's consumer: n step outputs, each decoded to its three arrays and
+        its step number checked (lossless, in order); the last one's arrays."""
+        recv_step, step_of, arrays = self.recv_step, self.step_of, self.arrays
+        for i in range(n):
+            rec = recv_step()
+            ids, toks, fin = arrays(rec)
+            if step_of(rec) != i:
+                raise AssertionError(f"record {step_of(rec)} arrived as the {i}th: lost")
+        return ids, toks, fin
+
     def close(self) -> None:
         for c in self.closers:
             try:
@@ -245,8 +270,9 @@ class End:
 
 
 # ---- ours ---------------------------------------------------------------------------------------
-def ours_recv(ring, listener, spin_s):
-    read, spin = protocol.read_record, ring.spin
+def ours_recv(ring, listener, spin_s, read=protocol.read_record):
+    """A blocking receive of what `read(ring)` gives (a record, or a batch)."""
+    spin = ring.spin
     if spin_s is None:  # busy
         def recv():
             rec = read(ring)
@@ -272,8 +298,9 @@ def ours_recv(ring, listener, spin_s):
     return recv_idle
 
 
-def ours_end(out_ring, in_ring, listener, spin_s) -> End:
-    """`out_ring`: the ring this side produces into; `in_ring`: the one it consumes."""
+def ours_end(out_ring, in_ring, listener, spin_s, batched: bool) -> End:
+    """`out_ring`: the ring this side produces into; `in_ring`: the one it consumes. `batched`:
+    the stream is read as the frontend reads its output ring (EngineChannel.read_batch)."""
     e = End()
     put_submit, put_step_output = protocol.put_submit, protocol.put_step_output
     e.send_submit = lambda r, t, p: put_submit(out_ring, r, t, p)
@@ -281,12 +308,38 @@ def ours_end(out_ring, in_ring, listener, spin_s) -> End:
     e.recv_submit = e.recv_step = ours_recv(in_ring, listener, spin_s)
     e.rid, e.step_of, e.arrays = attrgetter("request_id"), attrgetter("step"), ours_arrays
     e.prompt_len = lambda s: len(s.prompt_token_ids)
+    if batched:
+        e.recv_stream = batch_stream(ours_recv(in_ring, listener, spin_s, read_batch))
     return e
 
 
+def read_batch(ring):
+    return records_ext.read_batch(ring, EngineChannel.READ_BATCH_RECORDS)
+
+
+def batch_stream(recv):
+    """The stream phase's consumer as the frontend reads: a batch of step outputs at a time
+    (EngineChannel.read_batch), each batch's step numbers checked against the expected ones
+    (compared as bytes: ~0.1 us a batch, where np.array_equal takes ~2)."""
+    expected = np.arange(STREAM_MAX_N, dtype=np.uint64).tobytes()
+
+    def recv_stream(n):
+        got = 0
+        while got < n:
+            batch = recv()
+            count = len(batch)
+            if batch.steps.tobytes() != expected[8 * got:8 * (got + count)]:
+                raise AssertionError(f"records {got}..{got + count} arrived as steps "
+                                     f"{batch.steps}: lost or reordered")
+            got += count
+        last = batch.offsets[-2]
+        return batch.request_ids[last:], batch.token_ids[last:], batch.finish_reasons[last:]
+    return recv_stream
+
+
 class Ours:
-    def __init__(self, spin_s: Optional[float]) -> None:
-        self.spin_s = spin_s
+    def __init__(self, spin_s: Optional[float], batched: bool = True) -> None:
+        self.spin_s, self.batched = spin_s, batched
 
     def setup(self) -> dict:
         self.ctx = zmq.Context()
@@ -300,7 +353,7 @@ class Ours:
     def client_end(self) -> End:
         self.bell = Bell(self.ctx, self.srv_ep)
         self.req.bell = self.bell
-        e = ours_end(self.req, self.out, self.listener, self.spin_s)
+        e = ours_end(self.req, self.out, self.listener, self.spin_s, self.batched)
         e.closers = (self.bell.close, self.listener.close, self.req.close, self.out.close,
                      self.ctx.term)
         return e
@@ -312,7 +365,7 @@ class Ours:
         listener = BellListener(ctx, spec["srv_ep"])
         bell = Bell(ctx, spec["cli_ep"])
         out.bell = bell
-        e = ours_end(out, req, listener, spec["spin_s"])
+        e = ours_end(out, req, listener, spec["spin_s"], False)
         e.closers = (bell.close, listener.close, req.close, out.close, ctx.term)
         return e
 
@@ -637,6 +690,8 @@ class IoxReqResp:
 ALL = ("rt", "stream", "bulk", "idle")
 TRANSPORTS = {
     "ours-busy": (lambda: Ours(None), "ours, busy (spin)", ("rt", "stream", "bulk")),
+    "ours-busy-1by1": (lambda: Ours(None, batched=False),
+                       "ours, busy, stream read one record at a time", ("stream",)),
     "ours-idle": (lambda: Ours(0.0), "ours, idle (doorbell, no spin)", ALL),
     "ours-idle-spin50": (lambda: Ours(50e-6), "ours, idle (doorbell after 50 us spin)", ALL),
     "mp-queue": (MpQueue, "multiprocessing.Queue", ALL),
@@ -749,7 +804,7 @@ class Session:
 def roundtrips(s: Session, n: int, gap_s: float = 0.0, timed: bool = True) -> np.ndarray:
     """n round trips; returns each one's ns (send + receive + decode)."""
     e = s.end
-    send_submit, recv_step, get_rid = e.send_submit, e.recv_step, e.rid
+    send_submit, recv_step = e.send_submit, e.recv_step
     tokens, params = prompt(PROMPT_LEN, 1), PARAMS
     out = np.empty(n, np.int64)
     sleep = time.sleep
@@ -773,16 +828,14 @@ def roundtrips(s: Session, n: int, gap_s: float = 0.0, timed: bool = True) -> np
 
 def stream(s: Session, n: int) -> float:
     e = s.end
-    send_submit, recv_step, step_of, arrays = e.send_submit, e.recv_step, e.step_of, e.arrays
     go = prompt(8, 2)
     s.phase("stream", n)
     t0 = perf_ns()
-    send_submit(0, go, PARAMS)
-    for i in range(n):
-        rec = recv_step()
-        ids, toks, fin = arrays(rec)
-        if step_of(rec) != i:
-            raise AssertionError(f"{s.name}: record {step_of(rec)} arrived as the {i}th: lost")
+    e.send_submit(0, go, PARAMS)
+    try:
+        ids, toks, fin = e.recv_stream(n)
+    except AssertionError as exc:
+        raise AssertionError(f"{s.name}: {exc}") from None
     t1 = perf_ns()
     last = s.done()
     if len(ids) != STREAM_ENTRIES or toks[0] != n - 1 or toks[-1] != last or ids[0] != 1000 \
@@ -847,7 +900,7 @@ def run_all(names: list, cfg: dict, log) -> dict:
         sizes = {}
         for name in has("stream"):
             pilot = stream(sessions[name], cfg["stream_pilot"])
-            sizes[name] = int(min(max(pilot * cfg["stream_s"], 5000), 2_000_000))
+            sizes[name] = int(min(max(pilot * cfg["stream_s"], 5000), STREAM_MAX_N))
         rates = {name: [] for name in sizes}
         for _ in range(rounds):
             for name, n in sizes.items():

@@ -28,8 +28,7 @@ import transformers
 
 from bench import records
 from minivllm import LLM, SamplingParams
-from minivllm.config import resolve_dtype
-from minivllm.loader import load_weights, resolve_model
+from minivllm.loader import load_weights
 
 TOPICS = ["the sea", "volcanoes", "bread", "chess", "the moon", "bees", "trains", "rain",
           "coffee", "maps", "glass", "owls", "rivers", "music", "clocks", "salt"]

@@ -8,19 +8,32 @@ they trust it, copy arrays out with memcpy into fresh numpy arrays, and raise `P
 for anything malformed; the frame is consumed either way, so the reader keeps serving.
 
 No pickling, no per-token Python objects: a step output of n tokens is three numpy arrays.
+A consumer with a backlog reads it with `read_batch`: consecutive step outputs become one set of
+concatenated arrays, so the fixed cost of making arrays is paid once per batch, not per record.
 """
+cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from libc.math cimport NAN
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.ref cimport Py_INCREF
+from libc.stdlib cimport free, malloc
 
 import numpy as np
 cimport numpy as cnp
 
-from minivllm._cext.ring cimport BytesSink, RecordSink, Ring
+from minivllm._cext.ring cimport MV_FRAME_HEADER_BYTES, BytesSink, RecordSink, Ring
 from minivllm._cext.ring import RingCorruptError
 
 cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    ctypedef struct PyTypeObject:
+        pass
+    PyTypeObject PyArray_Type
+    # descr as a bare pointer: the call steals the reference, which _empty gives it.
+    object PyArray_NewFromDescr(PyTypeObject* subtype, void* descr, int nd, cnp.npy_intp* dims,
+                                cnp.npy_intp* strides, void* data, int flags, void* obj)
 
 cdef extern from "minivllm_ipc.h" nogil:
     uint32_t MV_MAGIC, MV_VERSION
@@ -111,22 +124,43 @@ cdef inline StepLayout _step_layout(uint64_t n, uint64_t k, bint has_lp) noexcep
     return at
 
 
+cdef inline void _copy_padded(char* dst, const void* src, uint64_t n,
+                              uint64_t padded) noexcept nogil:
+    """n bytes, then zeros up to `padded`: every byte of a record is written once (a memset of
+    the whole record first would write it twice, in shared memory the consumer reads)."""
+    memcpy(dst, src, n)
+    memset(dst + n, 0, padded - n)
+
+
 cdef inline void _header(char* p, uint32_t kind, uint64_t size, uint32_t flags) noexcept nogil:
     cdef mv_header* h = <mv_header*>p
     h.magic, h.version, h.kind, h.size, h.flags = MV_MAGIC, MV_VERSION, kind, <uint32_t>size, flags
 
 
-cdef inline object _array(cnp.NPY_TYPES typenum, cnp.npy_intp n, const char* src, size_t itemsize):
-    cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, &n, typenum, 0)
+cdef object U64 = np.dtype(np.uint64), I32 = np.dtype(np.int32), U8 = np.dtype(np.uint8)
+cdef object F32 = np.dtype(np.float32), I64 = np.dtype(np.int64)
+
+
+cdef inline cnp.ndarray _empty(object descr, int nd, cnp.npy_intp n, cnp.npy_intp k=0):
+    """An uninitialized [n] array (nd 1) or [n, k] array (nd 2). Making arrays is most of what
+    decoding a record costs; the cached descriptor skips PyArray_EMPTY's per-call type lookup
+    and object-dtype fill check."""
+    cdef cnp.npy_intp dims[2]
+    dims[0], dims[1] = n, k
+    Py_INCREF(descr)
+    return <cnp.ndarray>PyArray_NewFromDescr(&PyArray_Type, <void*>descr, nd, dims, NULL, NULL,
+                                             0, NULL)
+
+
+cdef inline object _array(object descr, cnp.npy_intp n, const char* src):
+    cdef cnp.ndarray arr = _empty(descr, 1, n)
     if n:
-        memcpy(cnp.PyArray_DATA(arr), src, n * itemsize)
+        memcpy(cnp.PyArray_DATA(arr), src, n * (<cnp.dtype>descr).itemsize)
     return arr
 
 
-cdef inline object _matrix(cnp.NPY_TYPES typenum, cnp.npy_intp n, cnp.npy_intp k, const char* src):
-    cdef cnp.npy_intp dims[2]
-    dims[0], dims[1] = n, k
-    cdef cnp.ndarray arr = cnp.PyArray_EMPTY(2, dims, typenum, 0)
+cdef inline object _matrix(object descr, cnp.npy_intp n, cnp.npy_intp k, const char* src):
+    cdef cnp.ndarray arr = _empty(descr, 2, n, k)
     if n * k:
         memcpy(cnp.PyArray_DATA(arr), src, n * k * 4)
     return arr
@@ -218,6 +252,11 @@ cdef class Abort:
         return f"Abort(request_id={self.request_id})"
 
 
+# A stream reads one, drops one: the freelist reuses the memory. Holding only numeric arrays,
+# a StepOutput can be in no reference cycle, so the cyclic GC need not track it (nor count its
+# allocations towards a collection).
+@cython.freelist(8)
+@cython.no_gc
 cdef class StepOutput:
     """A decoded MV_KIND_STEP_OUTPUT: entry i is token token_ids[i] of request request_ids[i]."""
     cdef readonly uint64_t step
@@ -299,7 +338,8 @@ def put_abort(RecordSink sink, uint64_t request_id, double timeout=5.0) -> None:
 cdef inline cnp.ndarray _c_array(object a, object dtype, int ndim, str name):
     """`a` itself when it already is a C-contiguous `dtype` array (the engine's case), else a
     converted copy; raises naming `name` when it cannot be one."""
-    if (isinstance(a, np.ndarray) and cnp.PyArray_TYPE(<cnp.ndarray>a) == (<cnp.dtype>dtype).type_num
+    if (isinstance(a, cnp.ndarray)  # a type check: np.ndarray would be two dict lookups
+            and cnp.PyArray_TYPE(<cnp.ndarray>a) == (<cnp.dtype>dtype).type_num
             and cnp.PyArray_NDIM(<cnp.ndarray>a) == ndim
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
         return <cnp.ndarray>a
@@ -307,10 +347,6 @@ cdef inline cnp.ndarray _c_array(object a, object dtype, int ndim, str name):
     if arr.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
     return arr
-
-
-cdef object U64 = np.dtype(np.uint64), I32 = np.dtype(np.int32), U8 = np.dtype(np.uint8)
-cdef object F32 = np.dtype(np.float32)
 
 
 def put_step_output(RecordSink sink, uint64_t step, request_ids, token_ids, finish_reasons,
@@ -344,17 +380,18 @@ def put_step_output(RecordSink sink, uint64_t step, request_ids, token_ids, fini
     if at.size > MV_MAX_RECORD_BYTES:
         raise ValueError(f"a step output of {n} tokens exceeds the record limit")
     cdef char* p = sink.reserve(at.size, timeout)
-    memset(p, 0, at.size)
     _header(p, MV_KIND_STEP_OUTPUT, at.size, MV_STEP_HAS_LOGPROBS if has_lp else 0)
     cdef mv_step_output* rec = <mv_step_output*>p
     rec.step, rec.num_entries, rec.num_top_logprobs = step, <uint32_t>n, <uint32_t>k
     memcpy(p + sizeof(mv_step_output), cnp.PyArray_DATA(ids), 8 * n)
-    memcpy(p + at.tokens, cnp.PyArray_DATA(toks), 4 * n)
-    memcpy(p + at.finish, cnp.PyArray_DATA(fin), n)
+    _copy_padded(p + at.tokens, cnp.PyArray_DATA(toks), 4 * n, at.finish - at.tokens)
+    _copy_padded(p + at.finish, cnp.PyArray_DATA(fin), n, at.logprob - at.finish)
     if has_lp:
-        memcpy(p + at.logprob, cnp.PyArray_DATA(lp), 4 * n)
-        memcpy(p + at.top_ids, cnp.PyArray_DATA(tid), 4 * n * k)
-        memcpy(p + at.top_logprobs, cnp.PyArray_DATA(tlp), 4 * n * k)
+        _copy_padded(p + at.logprob, cnp.PyArray_DATA(lp), 4 * n, at.top_ids - at.logprob)
+        _copy_padded(p + at.top_ids, cnp.PyArray_DATA(tid), 4 * n * k,
+                     at.top_logprobs - at.top_ids)
+        _copy_padded(p + at.top_logprobs, cnp.PyArray_DATA(tlp), 4 * n * k,
+                     at.size - at.top_logprobs)
     sink.commit()
 
 
@@ -401,12 +438,11 @@ def encode_error(uint32_t code, str message, request_id=None) -> bytes:
 
 
 # ---- readers ----------------------------------------------------------------------------------
-cdef object _decode(const char* p, uint64_t n):
-    """The record in p[0:n], or raises ProtocolError saying what is wrong."""
-    cdef mv_header h
+cdef int _check_header(const char* p, uint64_t n, mv_header* h) except -1:
+    """Copy p's header into h, or raise ProtocolError if it cannot head the n bytes there."""
     if n < sizeof(mv_header):
         raise ProtocolError(f"truncated record: {n} bytes, a header alone is {sizeof(mv_header)}")
-    memcpy(&h, p, sizeof(mv_header))
+    memcpy(h, p, sizeof(mv_header))
     if h.magic != MV_MAGIC:
         raise ProtocolError(f"bad magic 0x{h.magic:08x}: not a minivllm record "
                             f"(expected 0x{MV_MAGIC:08x}, little-endian)")
@@ -418,10 +454,19 @@ cdef object _decode(const char* p, uint64_t n):
     if n % 8 or n > MV_MAX_RECORD_BYTES:
         raise ProtocolError(f"record size {n} must be a multiple of 8 and at most "
                             f"{MV_MAX_RECORD_BYTES}")
+    return 0
+
+
+cdef object _decode(const char* p, uint64_t n):
+    """The record in p[0:n], or raises ProtocolError saying what is wrong."""
+    cdef mv_header h
+    cdef StepShape shape
+    _check_header(p, n, &h)
     if h.kind == MV_KIND_SUBMIT:
         return _decode_submit(p, n, h)
     if h.kind == MV_KIND_STEP_OUTPUT:
-        return _decode_step_output(p, n, h)
+        _check_step(p, n, &h, &shape)
+        return _step_output(p, &shape)
     if h.kind == MV_KIND_ABORT:
         if n != sizeof(mv_abort) or h.flags:
             raise ProtocolError(f"an abort record is {sizeof(mv_abort)} bytes with no flags")
@@ -446,8 +491,8 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
     cdef Submit out = Submit.__new__(Submit)
     cdef const mv_sampling* s = &rec.sampling
     out.request_id = rec.request_id
-    out.prompt_token_ids = _array(cnp.NPY_INT32, n_prompt, p + sizeof(mv_submit), 4)
-    out.stop_token_ids = _array(cnp.NPY_INT32, n_stop, p + sizeof(mv_submit) + 4 * n_prompt, 4)
+    out.prompt_token_ids = _array(I32, n_prompt, p + sizeof(mv_submit))
+    out.stop_token_ids = _array(I32, n_stop, p + sizeof(mv_submit) + 4 * n_prompt)
     out.temperature, out.top_p, out.min_p = s.temperature, s.top_p, s.min_p
     out.repetition_penalty = s.repetition_penalty
     out.presence_penalty, out.frequency_penalty = s.presence_penalty, s.frequency_penalty
@@ -458,7 +503,17 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
     return out
 
 
-cdef StepOutput _decode_step_output(const char* p, uint64_t n, mv_header h):
+cdef struct StepShape:
+    const char* p       # the record (the batch reader keeps it for its copy pass)
+    uint64_t step, entries, k
+    bint has_lp
+    StepLayout at
+
+
+cdef int _check_step(const char* p, uint64_t n, const mv_header* h, StepShape* out) except -1:
+    """Fill `out` from the step output in p[0:n] (its header already checked), or raise
+    ProtocolError. The shape is read once, here: the producer's memory is not trusted to hold
+    still between this check and the copy."""
     cdef mv_step_output rec
     if n < sizeof(mv_step_output):
         raise ProtocolError(f"truncated step output: {n} bytes")
@@ -472,15 +527,21 @@ cdef StepOutput _decode_step_output(const char* p, uint64_t n, mv_header h):
     cdef StepLayout at = _step_layout(m, k, has_lp)
     if at.size != n:
         raise ProtocolError(f"step output of {n} bytes cannot hold the {m} entries it announces")
+    out.p, out.step, out.entries, out.k, out.has_lp, out.at = p, rec.step, m, k, has_lp, at
+    return 0
+
+
+cdef StepOutput _step_output(const char* p, const StepShape* s):
     cdef StepOutput out = StepOutput.__new__(StepOutput)
-    out.step = rec.step
-    out.request_ids = _array(cnp.NPY_UINT64, m, p + sizeof(mv_step_output), 8)
-    out.token_ids = _array(cnp.NPY_INT32, m, p + at.tokens, 4)
-    out.finish_reasons = _array(cnp.NPY_UINT8, m, p + at.finish, 1)
-    if has_lp:
-        out.logprobs = _array(cnp.NPY_FLOAT32, m, p + at.logprob, 4)
-        out.top_token_ids = _matrix(cnp.NPY_INT32, m, k, p + at.top_ids)
-        out.top_logprobs = _matrix(cnp.NPY_FLOAT32, m, k, p + at.top_logprobs)
+    cdef uint64_t m = s.entries
+    out.step = s.step
+    out.request_ids = _array(U64, m, p + sizeof(mv_step_output))
+    out.token_ids = _array(I32, m, p + s.at.tokens)
+    out.finish_reasons = _array(U8, m, p + s.at.finish)
+    if s.has_lp:
+        out.logprobs = _array(F32, m, p + s.at.logprob)
+        out.top_token_ids = _matrix(I32, m, s.k, p + s.at.top_ids)
+        out.top_logprobs = _matrix(F32, m, s.k, p + s.at.top_logprobs)
     return out
 
 
@@ -510,7 +571,7 @@ def read_record(Ring ring):
     """The next record in `ring`, None when it is empty. A malformed record is consumed and
     raises ProtocolError, so the next call reads on."""
     cdef uint32_t n
-    if ring.closed:
+    if ring.hdr == NULL:  # closed (a cdef check: `closed` is a Python property)
         raise ValueError(f"ring {ring.name} is closed")
     cdef const char* p
     try:
@@ -523,3 +584,132 @@ def read_record(Ring ring):
         return _decode(p, n)
     finally:
         ring.advance()
+
+
+# ---- batched reads ----------------------------------------------------------------------------
+@cython.freelist(4)
+@cython.no_gc  # numeric arrays only, like StepOutput
+cdef class StepBatch:
+    """Consecutive step outputs read at once (`read_batch`), their entries concatenated in
+    order: record r, of step steps[r], holds entries offsets[r]:offsets[r + 1]. The entry
+    arrays have StepOutput's names, dtypes and shapes; the logprob arrays are None unless the
+    records carry them (a batch's records all do, with one width k, or none does)."""
+    cdef readonly object steps           # uint64 [R]
+    cdef readonly object offsets         # int64 [R + 1]
+    cdef readonly object request_ids     # uint64 [E]
+    cdef readonly object token_ids       # int32 [E]
+    cdef readonly object finish_reasons  # uint8 [E], MV_FINISH_*
+    cdef readonly object logprobs        # float32 [E] or None
+    cdef readonly object top_token_ids   # int32 [E, k] or None
+    cdef readonly object top_logprobs    # float32 [E, k] or None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        return f"StepBatch({len(self.steps)} step outputs, {len(self.token_ids)} tokens)"
+
+
+cdef bint _is_step(const char* p, uint64_t n, StepShape* out):
+    """Whether p[0:n] is a well-formed step output (filling `out`); _decode says why not."""
+    cdef mv_header h
+    try:
+        _check_header(p, n, &h)
+        if h.kind != MV_KIND_STEP_OUTPUT:
+            return False
+        _check_step(p, n, &h, out)
+    except ProtocolError:
+        return False
+    return True
+
+
+cdef inline void _copy_rows(cnp.ndarray dst, uint64_t at, const char* src, uint64_t n) noexcept:
+    """Rows [at, at + n) of dst from src (dst's itemsize, and row width for a matrix)."""
+    cdef uint64_t row = cnp.PyArray_STRIDE(dst, 0)
+    memcpy(<char*>cnp.PyArray_DATA(dst) + at * row, src, n * row)
+
+
+def read_batch(Ring ring, Py_ssize_t max_records=256):
+    """The step outputs at the front of `ring` as one StepBatch (up to `max_records`, while
+    they share a logprobs shape); the next record itself when it is of another kind (an
+    ErrorRecord, say); None when the ring is empty. A batch ends before a malformed record,
+    which the next call consumes, raising ProtocolError as read_record does."""
+    if ring.hdr == NULL:  # closed (a cdef check: `closed` is a Python property)
+        raise ValueError(f"ring {ring.name} is closed")
+    if max_records < 1:
+        raise ValueError(f"max_records must be at least 1, got {max_records}")
+    cdef uint64_t pos = ring.tail, end
+    cdef uint32_t n
+    cdef const char* p
+    cdef StepShape first, nxt
+    try:
+        p = ring.peek_at(&pos, &n)
+    except RingCorruptError as exc:
+        raise ProtocolError(str(exc)) from None
+    if p == NULL:
+        return None
+    if not _is_step(p, n, &first):
+        return read_record(ring)  # decodes it, or raises and consumes it
+    # Pass 1: find the batch, keeping each record's validated shape. Pass 2: one allocation
+    # per array, then a copy per record. The batch takes what was published when it started,
+    # which bounds the records it can hold (each has a frame header and a fixed part).
+    cdef Py_ssize_t limit = min(<uint64_t>max_records, (ring.head_seen - ring.tail)
+                                // (MV_FRAME_HEADER_BYTES + sizeof(mv_step_output)))
+    cdef StepShape* shapes = <StepShape*>malloc(limit * sizeof(StepShape))
+    if shapes == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t count = 1
+    cdef uint64_t entries = first.entries
+    shapes[0] = first
+    end = pos
+    try:
+        while count < limit:
+            p = ring.peek_at(&pos, &n)  # never raises past tail: a corrupt frame ends the batch
+            if p == NULL or not _is_step(p, n, &nxt) or nxt.has_lp != first.has_lp \
+                    or nxt.k != first.k:
+                break
+            shapes[count] = nxt
+            count += 1
+            entries += nxt.entries
+            end = pos
+        out = _fill_batch(shapes, count, entries)
+    finally:
+        free(shapes)
+    ring.consume_to(end)
+    return out
+
+
+cdef StepBatch _fill_batch(const StepShape* shapes, Py_ssize_t count, uint64_t entries):
+    cdef StepBatch out = StepBatch.__new__(StepBatch)
+    cdef cnp.ndarray steps = _empty(U64, 1, count), offsets = _empty(I64, 1, count + 1)
+    cdef cnp.ndarray ids = _empty(U64, 1, entries), toks = _empty(I32, 1, entries)
+    cdef cnp.ndarray fin = _empty(U8, 1, entries)
+    cdef cnp.ndarray lp = None, tid = None, tlp = None
+    cdef uint64_t k = shapes[0].k
+    cdef bint has_lp = shapes[0].has_lp
+    if has_lp:
+        lp = _empty(F32, 1, entries)
+        tid, tlp = _empty(I32, 2, entries, k), _empty(F32, 2, entries, k)
+    cdef uint64_t* step_at = <uint64_t*>cnp.PyArray_DATA(steps)
+    cdef int64_t* offset_at = <int64_t*>cnp.PyArray_DATA(offsets)
+    cdef uint64_t at = 0, m
+    cdef const StepShape* s
+    cdef Py_ssize_t r
+    for r in range(count):
+        s = &shapes[r]
+        m = s.entries
+        step_at[r], offset_at[r] = s.step, at
+        _copy_rows(ids, at, s.p + sizeof(mv_step_output), m)
+        _copy_rows(toks, at, s.p + s.at.tokens, m)
+        _copy_rows(fin, at, s.p + s.at.finish, m)
+        if has_lp:
+            _copy_rows(lp, at, s.p + s.at.logprob, m)
+            if k:
+                _copy_rows(tid, at, s.p + s.at.top_ids, m)
+                _copy_rows(tlp, at, s.p + s.at.top_logprobs, m)
+        at += m
+    offset_at[count] = at
+    out.steps, out.offsets, out.request_ids, out.token_ids, out.finish_reasons = \
+        steps, offsets, ids, toks, fin
+    out.logprobs, out.top_token_ids, out.top_logprobs = lp, tid, tlp
+    return out

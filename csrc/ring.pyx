@@ -204,44 +204,62 @@ cdef class Ring(RecordSink):
 
     # ---- consumer ------------------------------------------------------------------------
     cdef const char* peek(self, uint32_t* length) except? NULL:
-        """The next record, or NULL when the ring is empty; valid until advance().
+        """The next record, or NULL when the ring is empty; valid until advance()."""
+        cdef uint64_t pos = self.tail
+        cdef const char* p = self.peek_at(&pos, length)
+        self.frame_len = pos - self.tail
+        return p
+
+    cdef const char* peek_at(self, uint64_t* pos, uint32_t* length) except? NULL:
+        """The record at position pos[0] (at or past tail, a frame boundary), or NULL when
+        nothing is published there; pos[0] moves past it. Nothing is consumed, except a pad
+        frame at tail: the producer may be waiting for that room before it writes the record
+        behind it. Records stay valid until consume_to() passes them.
 
         A frame whose length runs past what the producer published (a corrupt or hostile
-        producer) is never read: everything published so far is discarded (counted in
+        producer) is never read. At tail, everything published so far is discarded (counted in
         `discarded_bytes`) and RingCorruptError raised; the consumer stays inside the segment
-        and reads on."""
+        and reads on. Past tail it reads as the end (NULL): the records before it are good,
+        and the next read from tail meets it."""
         cdef mv_frame* frame
         cdef uint64_t offset, need, dropped
         while True:
-            if self.tail == self.head_seen:
+            if pos[0] == self.head_seen:
                 self.head_seen = mv_load_head(self.hdr)
-                if self.tail == self.head_seen:
+                if pos[0] == self.head_seen:
                     return NULL
-            offset = self.tail & self.mask
+            offset = pos[0] & self.mask
             frame = <mv_frame*>(self.data + offset)
             if frame.length == MV_FRAME_PAD:
                 need = self.capacity - offset
             else:
                 need = _frame_bytes(frame.length)
-            if need > self.head_seen - self.tail or offset + need > self.capacity:
+            if need > self.head_seen - pos[0] or offset + need > self.capacity:
+                if pos[0] != self.tail:
+                    return NULL
                 dropped = self.head_seen - self.tail
                 self.discarded_bytes += dropped
-                self.tail = self.head_seen
-                mv_store_tail(self.hdr, self.tail)
+                self.consume_to(self.head_seen)
+                pos[0] = self.tail
                 raise RingCorruptError(f"ring {self.name}: a frame's length runs past the "
                                        f"published data; {dropped} bytes discarded")
             if frame.length == MV_FRAME_PAD:
-                self.tail += need
-                mv_store_tail(self.hdr, self.tail)
+                if pos[0] == self.tail:
+                    self.consume_to(self.tail + need)
+                pos[0] += need
                 continue
             length[0] = frame.length
-            self.frame_len = need
+            pos[0] += need
             return <char*>frame + MV_FRAME_HEADER_BYTES
 
+    cdef void consume_to(self, uint64_t pos):
+        """Hand everything before position `pos` back to the producer."""
+        self.tail = pos
+        mv_store_tail(self.hdr, pos)
+
     cdef void advance(self):
-        self.tail += self.frame_len
+        self.consume_to(self.tail + self.frame_len)
         self.frame_len = 0
-        mv_store_tail(self.hdr, self.tail)
 
     def read(self):
         """The next record as bytes (a copy), or None when the ring is empty."""

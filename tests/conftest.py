@@ -152,3 +152,23 @@ def tiny_token_model(tmp_path_factory) -> Callable[..., str]:
         return made[architecture, head_dim]
 
     return make
+
+
+@pytest.fixture
+def ring_pair() -> Callable[[int], tuple]:
+    """make(capacity): a writer and a reader attached to one fresh shared-memory ring, both
+    closed (and the segment unlinked) after the test."""
+    from minivllm.transport import shm
+
+    made = []
+
+    def make(capacity: int) -> tuple:
+        writer = shm.create_ring("test", capacity)
+        made.append(writer)
+        reader = shm.attach_ring(writer.name)
+        made.append(reader)
+        return writer, reader
+
+    yield make
+    for ring in reversed(made):
+        ring.close()

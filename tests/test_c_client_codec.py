@@ -8,7 +8,6 @@ The test against the real engine (greedy tokens equal to the Python client's) is
 """
 from __future__ import annotations
 
-import os
 import queue
 import random
 import shutil

@@ -1,6 +1,7 @@
 """Record codecs: the compiled layout equals the specification, encoders agree with an encoder
 built from the specification table alone, every record survives a round trip, and malformed
 bytes of every kind give ProtocolError (never a crash, never a bogus record)."""
+import random
 import struct
 
 import numpy as np
@@ -8,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minivllm._cext.records import StepBatch, read_batch
 from minivllm.sampling_params import SamplingParams
-from minivllm.transport import protocol
+from minivllm.transport import protocol, shm
 from minivllm.transport.protocol import ProtocolError, pack
 
 
@@ -222,3 +224,217 @@ def test_atheris_fuzz_run():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Done 30000 runs" in out.stderr
+
+
+@pytest.fixture
+def rings(ring_pair):
+    return ring_pair(1 << 14)
+
+
+def test_step_output_padding_is_zeroed_over_dirty_ring_memory(rings):
+    """The writer zeroes only the padding (not the whole record first): none may be missed."""
+    writer, reader = rings
+    args = (np.arange(3, dtype=np.uint64), np.arange(3, dtype=np.int32), np.ones(3, np.uint8),
+            np.full(3, 0.5, np.float32), np.ones((3, 1), np.int32), np.full((3, 1), 2, np.float32))
+    expected = (pack("mv_step_output", header=_header(3, 128, protocol.STEP_HAS_LOGPROBS),
+                     step=7, num_entries=3, num_top_logprobs=1)
+                + struct.pack("<3Q", 0, 1, 2) + _pad(struct.pack("<3i", 0, 1, 2))
+                + _pad(bytes([1, 1, 1])) + _pad(struct.pack("<3f", 0.5, 0.5, 0.5))
+                + _pad(struct.pack("<3i", 1, 1, 1)) + _pad(struct.pack("<3f", 2, 2, 2)))
+    writer.write(b"\xff" * len(expected))
+    assert reader.read() == b"\xff" * len(expected)
+    writer.reset()
+    reader.reset()
+    protocol.put_step_output(writer, 7, *args)  # over the 0xff bytes
+    assert reader.read() == expected
+    assert protocol.encode_step_output(7, *args) == expected
+
+
+# ---- batched reads: read_batch gives what read_record gives, record by record ------------------
+
+
+def _step_frame(step, n, k=None, seed=0):
+    """A step output of n entries; with k top logprobs per entry unless k is None."""
+    rng = np.random.default_rng(seed)
+    lp = () if k is None else (rng.standard_normal(n).astype(np.float32),
+                               rng.integers(0, 1000, (n, k), dtype=np.int32),
+                               rng.standard_normal((n, k)).astype(np.float32))
+    return protocol.encode_step_output(step, rng.integers(0, 2**64 - 1, n, dtype=np.uint64),
+                                       rng.integers(-1, 2**31 - 1, n, dtype=np.int32),
+                                       rng.integers(0, 4, n, dtype=np.uint8), *lp)
+
+
+_STEP_FIELDS = ("request_ids", "token_ids", "finish_reasons", "logprobs", "top_token_ids",
+                "top_logprobs")
+
+
+def _as_rows(rec):
+    """A record as comparable values: arrays as their dtypes, shapes and bytes (bitwise: a
+    mutated record may carry a NaN)."""
+    if not isinstance(rec, protocol.StepOutput):
+        return (type(rec).__name__, repr(rec))
+    return ("step", rec.step) + tuple(
+        None if a is None else (a.dtype.str, a.shape, a.tobytes())
+        for a in (getattr(rec, f) for f in _STEP_FIELDS))
+
+
+def _batch_rows(batch):
+    """A StepBatch cut back into per-record rows, by its offsets."""
+    assert batch.steps.dtype == np.uint64 and batch.offsets.dtype == np.int64
+    assert len(batch.offsets) == len(batch) + 1 and batch.offsets[0] == 0
+    assert batch.offsets[-1] == len(batch.token_ids)
+    rows = []
+    for r, step in enumerate(batch.steps.tolist()):
+        lo, hi = batch.offsets[r], batch.offsets[r + 1]
+        rows.append(("step", step) + tuple(
+            None if a is None else (a.dtype.str, a[lo:hi].shape, a[lo:hi].tobytes())
+            for a in (getattr(batch, f) for f in _STEP_FIELDS)))
+    return rows
+
+
+def _read_all(reader, read):
+    """Everything in the ring, as rows; a ProtocolError is a row too."""
+    rows = []
+    while True:
+        try:
+            rec = read(reader)
+        except ProtocolError:
+            rows.append("malformed")
+            continue
+        if rec is None:
+            return rows
+        rows.extend(_batch_rows(rec) if isinstance(rec, StepBatch) else [_as_rows(rec)])
+
+
+_frames = st.one_of(
+    st.tuples(st.just("step"), st.integers(0, 40), st.one_of(st.none(), st.integers(0, 3))),
+    st.tuples(st.just("error"), st.integers(0, 5), st.none()),
+    st.tuples(st.just("bad"), st.integers(0, 3), st.none()),
+    st.tuples(st.just("mutant"), st.integers(0, 2**32), st.none()))
+
+
+def _frame(kind, a, b, step):
+    if kind == "step":
+        return _step_frame(step, a, b, seed=step)
+    if kind == "error":
+        return protocol.encode_error(a + 1, f"error {step}", None if a == 0 else step)
+    frame = bytearray(_step_frame(step, 3, 2, seed=step))
+    if kind == "mutant":  # a few random bytes changed: decodes to something, or is malformed
+        rng = random.Random(a)
+        for _ in range(rng.randint(1, 4)):
+            frame[rng.randrange(len(frame))] = rng.randrange(256)
+        return bytes(frame)
+    if a == 0:
+        frame[:4] = b"XXXX"
+    elif a == 1:
+        struct.pack_into("<I", frame, 24, 1000)  # num_entries the frame cannot hold
+    elif a == 2:
+        struct.pack_into("<I", frame, 12, 0x80)  # an unknown flag
+    else:
+        struct.pack_into("<I", frame, 8, len(frame) - 8)  # a header size that lies
+    return bytes(frame)
+
+
+@settings(max_examples=150, deadline=None)
+@given(groups=st.lists(st.lists(_frames, min_size=1, max_size=5), min_size=1, max_size=12),
+       max_records=st.integers(1, 7))
+def test_read_batch_equals_read_record_record_by_record(groups, max_records):
+    """Steps with and without logprobs (of several widths), errors, malformed and randomly
+    mutated records, in a 16 KiB ring that the frames wrap around many times."""
+    one = shm.create_ring("test", 1 << 14)
+    batched = shm.create_ring("test", 1 << 14)
+    try:
+        step = 0
+        for group in groups:
+            for kind, a, b in group:
+                frame = _frame(kind, a, b, step)
+                one.write(frame)
+                batched.write(frame)
+                step += 1
+            expected = _read_all(one, protocol.read_record)
+            assert _read_all(batched, lambda r: read_batch(r, max_records)) == expected
+    finally:
+        one.close()
+        batched.close()
+
+
+def test_read_batch_gathers_steps_and_stops_at_other_records(rings):
+    writer, reader = rings
+    for frame in (_step_frame(0, 5), _step_frame(1, 0), _step_frame(2, 7),
+                  protocol.encode_error(2, "bad request", 9), _step_frame(3, 4, 2),
+                  _step_frame(4, 1, 2), _step_frame(5, 2, 3), _step_frame(6, 2)):
+        writer.write(frame)
+    batch = read_batch(reader)
+    assert batch.steps.tolist() == [0, 1, 2] and batch.offsets.tolist() == [0, 5, 5, 12]
+    assert batch.logprobs is None and batch.top_token_ids is None and len(batch.token_ids) == 12
+    assert isinstance(read_batch(reader), protocol.ErrorRecord)
+    batch = read_batch(reader)  # one logprobs width per batch
+    assert batch.steps.tolist() == [3, 4] and batch.top_logprobs.shape == (5, 2)
+    assert read_batch(reader).top_token_ids.shape == (2, 3)
+    assert read_batch(reader).steps.tolist() == [6]
+    assert read_batch(reader) is None
+
+
+def test_read_batch_respects_max_records(rings):
+    writer, reader = rings
+    for i in range(5):
+        writer.write(_step_frame(i, 2))
+    assert read_batch(reader, 2).steps.tolist() == [0, 1]
+    assert read_batch(reader, 1).steps.tolist() == [2]
+    assert read_batch(reader).steps.tolist() == [3, 4]
+    with pytest.raises(ValueError, match="max_records"):
+        read_batch(reader, 0)
+
+
+def test_read_batch_spans_the_wrap_in_one_batch(rings):
+    writer, reader = rings
+    frame = _step_frame(0, 200)  # 2,640 bytes with its frame header: 6 fit in 16 KiB
+    for i in range(4):
+        writer.write(frame)
+        read_batch(reader)
+    sent = [_step_frame(i, 200, seed=i) for i in range(4)]
+    for f in sent:
+        writer.write(f)
+    assert reader.used_bytes() == 4 * 2640 + (1 << 14) % 2640  # the third is behind a pad
+    batch = read_batch(reader)
+    assert len(batch) == 4
+    assert _batch_rows(batch) == [_as_rows(protocol.decode(f)) for f in sent]
+    assert reader.used_bytes() == 0
+
+
+def test_read_batch_ends_before_a_malformed_record_which_the_next_call_consumes(rings):
+    writer, reader = rings
+    bad = bytearray(_step_frame(1, 3))
+    struct.pack_into("<I", bad, 24, 4)  # one entry more than the frame holds
+    for frame in (_step_frame(0, 3), bytes(bad), _step_frame(2, 3)):
+        writer.write(frame)
+    assert read_batch(reader).steps.tolist() == [0]
+    with pytest.raises(ProtocolError, match="cannot hold the 4 entries"):
+        read_batch(reader)
+    assert read_batch(reader).steps.tolist() == [2]
+
+
+def test_read_batch_stops_at_a_lying_frame_length(rings):
+    from multiprocessing import shared_memory
+    writer, reader = rings
+    first, second = _step_frame(0, 3), _step_frame(1, 3)
+    writer.write(first)
+    writer.write(second)
+    raw = shared_memory.SharedMemory(writer.name)
+    try:  # the second frame's length word: far past what was published
+        struct.pack_into("<I", raw.buf, 256 + 8 + len(first), 1_000_000)
+        assert read_batch(reader).steps.tolist() == [0]  # the good record before it
+        with pytest.raises(ProtocolError, match=f"{8 + len(second)} bytes discarded"):
+            read_batch(reader)
+        assert read_batch(reader) is None
+        writer.write(_step_frame(2, 1))  # the ring goes on working
+        assert read_batch(reader).steps.tolist() == [2]
+    finally:
+        raw.close()
+
+
+def test_read_batch_on_a_closed_ring_raises():
+    writer = shm.create_ring("test", 4096)
+    writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        read_batch(writer)

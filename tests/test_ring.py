@@ -16,12 +16,8 @@ from minivllm.transport.doorbell import Bell, BellListener
 
 
 @pytest.fixture
-def pair():
-    writer = shm.create_ring("test", 4096)
-    reader = shm.attach_ring(writer.name)
-    yield writer, reader
-    reader.close()
-    writer.close()
+def pair(ring_pair):
+    return ring_pair(4096)
 
 
 def test_records_come_out_in_order_across_many_wraps(pair):

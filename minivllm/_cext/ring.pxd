@@ -10,6 +10,7 @@ from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 
 cdef extern from "ring.h" nogil:
+    uint32_t MV_FRAME_HEADER_BYTES
     ctypedef struct mv_ring_header:
         uint32_t magic
         uint32_t version
@@ -49,5 +50,7 @@ cdef class Ring(RecordSink):
 
     cdef int _wait_room(self, uint64_t need, double timeout) except -1
     cdef const char* peek(self, uint32_t* length) except? NULL
+    cdef const char* peek_at(self, uint64_t* pos, uint32_t* length) except? NULL
+    cdef void consume_to(self, uint64_t pos)
     cdef bint _spin(self, double seconds) noexcept nogil
     cdef void advance(self)

@@ -222,23 +222,31 @@ class AsyncEngineClient:
                     self._engine_died()
 
     def _drain(self) -> bool:
+        """Read what the engine wrote, a batch of step outputs at a time (their arrays made
+        once per batch, not per step), up to READ_BATCH_RECORDS records, then yield to the
+        consumers."""
+        left = self.channel.READ_BATCH_RECORDS
         got = False
-        for _ in range(256):  # then yield to the consumers
+        while left > 0:
             try:
-                record = self.channel.read()
+                record = self.channel.read_batch(left)
             except protocol.ProtocolError as exc:
                 logger.error("dropped a malformed record from the engine: %s", exc)
+                left -= 1
                 continue
             if record is None:
                 break
             got = True
-            if isinstance(record, protocol.StepOutput):
+            if isinstance(record, protocol.StepBatch):
                 self._on_step(record)
+                left -= len(record)
             else:
                 self._on_error(record)
+                left -= 1
         return got
 
-    def _on_step(self, rec: protocol.StepOutput) -> None:
+    def _on_step(self, rec: protocol.StepBatch) -> None:
+        """Apply a batch's entries in order (the steps' boundaries do not matter here)."""
         rows = zip(rec.request_ids.tolist(), rec.token_ids.tolist(), rec.finish_reasons.tolist())
         for i, (wire_id, token, finish) in enumerate(rows):
             entry = self._streams.get(wire_id)

@@ -53,7 +53,6 @@ def load_weights(path: str, arch: ArchConfig, dtype: torch.dtype, device: torch.
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter, one tensor at a time, checked against the architecture's names and
     shapes."""
-    import torch
 
     expected = dict(expected_parameters(arch))
     seen = set()

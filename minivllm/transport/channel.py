@@ -24,6 +24,10 @@ from minivllm.transport.doorbell import Bell, BellListener
 
 
 class EngineChannel:
+    # The most step outputs one read_batch() returns: a batch pays for its arrays once, and
+    # the cap bounds the copy and how long a reader goes without yielding.
+    READ_BATCH_RECORDS = 256
+
     def __init__(self, control_endpoint: str, config: Optional[TransportConfig] = None,
                  name: Optional[str] = None, register_timeout: float = 30.0) -> None:
         self.config = config or TransportConfig()
@@ -69,6 +73,13 @@ class EngineChannel:
     def read(self):
         """The next record from the engine (StepOutput or ErrorRecord), or None."""
         return protocol.read_record(self.output_ring)
+
+    def read_batch(self, max_records: int = READ_BATCH_RECORDS
+                   ) -> protocol.StepBatch | protocol.ErrorRecord | None:
+        """The step outputs waiting in the output ring as one StepBatch (their entries
+        concatenated, in order), or the next record when it is an ErrorRecord, or None.
+        Raises ProtocolError for a malformed record, as read() does (it is consumed)."""
+        return protocol.read_batch(self.output_ring, max_records)
 
     def wait(self, timeout: float) -> bool:
         """Until the output ring has a record (True) or `timeout` seconds pass (False)."""

@@ -12,9 +12,9 @@ import struct
 
 from minivllm._cext import records
 from minivllm._cext.records import (  # noqa: F401  (re-exported: the transport's vocabulary)
-    Abort, ErrorRecord, ProtocolError, StepOutput, Submit, decode, encode_abort, encode_error,
-    encode_step_output, encode_submit, put_abort, put_error, put_step_output, put_submit,
-    read_record)
+    Abort, ErrorRecord, ProtocolError, StepBatch, StepOutput, Submit, decode, encode_abort,
+    encode_error, encode_step_output, encode_submit, put_abort, put_error, put_step_output,
+    put_submit, read_batch, read_record)
 
 MAGIC, VERSION = records.MAGIC, records.VERSION
 KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = 1, 2, 3, 4
