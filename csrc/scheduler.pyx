@@ -901,13 +901,9 @@ cdef class Scheduler:
             raise ValueError(f"update() needs {self.num_samples} sampled tokens in a 1-D array, "
                              f"got shape {np.shape(sampled)}")
         cdef const int64_t* tokens = i64(arr)
-        cdef int64_t* out_slots = i64(self._out_slots)
-        cdef int64_t* out_tokens = i64(self._out_tokens)
-        cdef int8_t* out_finish = <int8_t*>cnp.PyArray_DATA(self._out_finish)
         cdef Py_ssize_t i, k = 0, m = 0
         cdef int64_t n, token
         cdef bint samples
-        cdef int code
         cdef Request req
         for i in range(self.num_rows):
             req = <Request>self.row_req[i]
@@ -919,28 +915,38 @@ cdef class Scheduler:
                 continue
             req.num_computed_tokens += n
             if req.num_computed_tokens % self.block_size < n:
-                self._commit(req, req.num_computed_tokens)  # a block filled up (commit registers only full blocks)
+                # A block filled up (commit registers only full blocks).
+                self._commit(req, req.num_computed_tokens)
             if not samples:
                 continue  # a prefill chunk that does not reach the end samples nothing
             token = tokens[k]
             k += 1
-            code = req.append(token)
-            out_slots[m] = req.slot
-            out_tokens[m] = token
-            out_finish[m] = code
+            self._output(req, req.slot, token, req.append(token), m, results)
             m += 1
-            if code != NOT_FINISHED:
-                q_remove(&self.running_q, <PyObject*>req)
-                self._release(req)
-                self._finish(req, code)  # `req` (a local reference) keeps it alive here
-            if results is not None:
-                results.append((req, token, REASONS[code]))
         self.num_rows = 0
         self.num_samples = 0
         self.num_out = m
         if self._aborted_rows:
             self._aborted_rows.clear()
         return m
+
+    cdef int _output(self, Request req, int64_t slot, int64_t token, int code, Py_ssize_t m,
+                     list results) except -1:
+        """Output row m, for update() and resolve() alike; a request that finished leaves its
+        queue and gives its slot and blocks back."""
+        i64(self._out_slots)[m] = slot
+        i64(self._out_tokens)[m] = token
+        (<int8_t*>cnp.PyArray_DATA(self._out_finish))[m] = code
+        if code != NOT_FINISHED:
+            q_remove(&self.running_q if req.state == RUNNING else &self.waiting_q,
+                     <PyObject*>req)
+            self._release(req)
+            if req.row >= 0:  # a row in the step being launched (deferred): keep it alive
+                self._aborted_rows.append(req)
+            self._finish(req, code)  # the caller's reference keeps `req` alive here
+        if results is not None:
+            results.append((req, token, REASONS[code]))
+        return 0
 
     # ---- resolve ------------------------------------------------------------------------------
     cdef Py_ssize_t _resolve(self, sampled, list results) except -1:
@@ -953,9 +959,6 @@ cdef class Scheduler:
             raise ValueError(f"resolve() needs {needed} sampled tokens in a 1-D array, "
                              f"got shape {np.shape(sampled)}")
         cdef const int64_t* tokens = i64(arr)
-        cdef int64_t* out_slots = i64(self._out_slots)
-        cdef int64_t* out_tokens = i64(self._out_tokens)
-        cdef int8_t* out_finish = <int8_t*>cnp.PyArray_DATA(self._out_finish)
         cdef int64_t token = 0
         cdef int code
         cdef Request req
@@ -974,19 +977,8 @@ cdef class Scheduler:
             if not self.d_flags[i] & SAMPLES:
                 continue
             code = req.set_token(self.d_index[i], token)
-            out_slots[m] = self.d_slot[i]
-            out_tokens[m] = token
-            out_finish[m] = code
+            self._output(req, self.d_slot[i], token, code, m, results)
             m += 1
-            if code != NOT_FINISHED:
-                q_remove(&self.running_q if req.state == RUNNING else &self.waiting_q,
-                         <PyObject*>req)
-                self._release(req)
-                if req.row >= 0:  # it has a row in the step being launched: keep it alive
-                    self._aborted_rows.append(req)
-                self._finish(req, code)
-            if results is not None:
-                results.append((req, token, REASONS[code]))
         for i in range(self.num_deferred):
             Py_XDECREF(self.d_req[i])
         self.num_deferred = 0
