@@ -300,3 +300,34 @@ def test_a_request_done_in_its_first_step_still_gets_its_token(engine_server):
                   SamplingParams(temperature=0, max_tokens=20))
         tokens, finished, errors = collect(ch, 1)
     assert tokens[1] == [2] and finished[1] == protocol.FINISH_STOP and not errors
+
+
+def test_async_scheduling_engine_process(offline_tokens):
+    """The engine process with async scheduling (the CUDA default) forced on the CPU: each
+    step's tokens are published one call late, and they are the same greedy tokens; an abort
+    while a token is in flight ends the request with its blocks freed; a one-token request
+    still gets its token."""
+    from conftest import EngineServer
+
+    server = EngineServer(async_scheduling=True)
+    try:
+        with server.channel() as ch:
+            for i, prompt in enumerate(PROMPTS):
+                ch.submit(100 + i, prompt, GREEDY)
+            tokens, finished, errors = collect(ch, len(PROMPTS))
+            assert not errors
+            assert [tokens[100 + i] for i in range(len(PROMPTS))] == offline_tokens
+            ch.submit(7, PROMPTS[0], SamplingParams(temperature=0, max_tokens=5000,
+                                                    ignore_eos=True))
+            while not ch.wait(1.0):
+                pass
+            ch.abort(7)
+            tokens, finished, _ = collect(ch, 1)
+            assert finished[7] == protocol.FINISH_ABORT and 0 < len(tokens[7]) < 5000
+            ch.submit(8, PROMPTS[2], SamplingParams(temperature=0, max_tokens=1))
+            tokens, finished, _ = collect(ch, 1)
+            assert len(tokens[8]) == 1 and finished[8] == protocol.FINISH_LENGTH
+            stats = ch.call("stats")
+        assert stats["running"] == 0 and stats["free_blocks"] == stats["num_blocks"]
+    finally:
+        server.stop()
