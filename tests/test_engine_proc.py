@@ -90,15 +90,19 @@ def test_bad_requests_get_error_records_naming_the_problem(engine_server):
     assert len(tokens[3]) == 4 and finished[3] == protocol.FINISH_LENGTH
 
 
+def abort_mid_stream(ch, rid: int) -> None:
+    """Submit a long request, abort it once its tokens flow: it ends as aborted, early."""
+    ch.submit(rid, PROMPTS[0], SamplingParams(temperature=0, max_tokens=5000, ignore_eos=True))
+    while not ch.wait(1.0):
+        pass
+    ch.abort(rid)
+    tokens, finished, _ = collect(ch, 1)
+    assert finished[rid] == protocol.FINISH_ABORT and 0 < len(tokens[rid]) < 5000
+
+
 def test_abort_ends_the_request_and_frees_its_blocks(engine_server):
     with engine_server.channel() as ch:
-        ch.submit(7, PROMPTS[0], SamplingParams(temperature=0, max_tokens=5000,
-                                                ignore_eos=True))
-        while not ch.wait(1.0):
-            pass
-        ch.abort(7)
-        tokens, finished, _ = collect(ch, 1)
-        assert finished[7] == protocol.FINISH_ABORT and 0 < len(tokens[7]) < 5000
+        abort_mid_stream(ch, 7)
         stats = ch.call("stats")
     assert stats["free_blocks"] == stats["num_blocks"] and stats["running"] == 0
 
@@ -317,13 +321,7 @@ def test_async_scheduling_engine_process(offline_tokens):
             tokens, finished, errors = collect(ch, len(PROMPTS))
             assert not errors
             assert [tokens[100 + i] for i in range(len(PROMPTS))] == offline_tokens
-            ch.submit(7, PROMPTS[0], SamplingParams(temperature=0, max_tokens=5000,
-                                                    ignore_eos=True))
-            while not ch.wait(1.0):
-                pass
-            ch.abort(7)
-            tokens, finished, _ = collect(ch, 1)
-            assert finished[7] == protocol.FINISH_ABORT and 0 < len(tokens[7]) < 5000
+            abort_mid_stream(ch, 7)
             ch.submit(8, PROMPTS[2], SamplingParams(temperature=0, max_tokens=1))
             tokens, finished, _ = collect(ch, 1)
             assert len(tokens[8]) == 1 and finished[8] == protocol.FINISH_LENGTH
