@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from minivllm import LLM, SamplingParams
 from minivllm._cext import cpu_kernels
 from minivllm.layers.activation import SiluAndMul
-from minivllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+from minivllm.layers.attention import TorchAttentionBackend
 from minivllm.layers.cpu_attention import CpuAttentionBackend
 from minivllm.layers.cpu_linear import CpuLinear, pack_weights
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
+from paged_steps import ragged_step, step_metadata
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.supported(), reason="needs AVX-512")
 
@@ -103,39 +104,6 @@ def test_silu_and_mul_matches_native(dtype):
 
 # ---- attention: random ragged steps against the reference backend ---------------------------
 
-def _ragged_step(rng: random.Random, block_size: int, num_blocks: int):
-    """Rows of one step: decodes, prefill chunks after a cached prefix, whole prompts; context
-    lengths on and around block boundaries. Returns (cached, query) lengths and block tables."""
-    rows = []
-    for _ in range(rng.randint(1, 7)):
-        kind = rng.choice(["decode", "chunk", "prompt"])
-        edge = block_size * rng.randint(1, 4) + rng.choice([-1, 0, 1])
-        if kind == "decode":
-            rows.append((max(edge, 1) - 1 + rng.choice([0, 17]), 1))
-        elif kind == "chunk":
-            rows.append((max(edge, 1), rng.randint(2, 2 * block_size + 3)))
-        else:
-            rows.append((0, rng.randint(2, 3 * block_size)))
-    need = [-(-(c + q) // block_size) for c, q in rows]
-    blocks = rng.sample(range(num_blocks), sum(need))
-    tables = np.zeros((len(rows), max(need) + 2), dtype=np.int32)  # padded, as the scheduler's
-    for i, n in enumerate(need):
-        tables[i, :n], blocks = blocks[:n], blocks[n:]
-    return rows, tables
-
-
-def _metadata(rows, tables, block_size) -> AttentionMetadata:
-    qlens = np.array([q for _, q in rows])
-    seq_lens = np.array([c + q for c, q in rows], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int64)
-    slots = np.concatenate([
-        [tables[i, p // block_size] * block_size + p % block_size for p in range(c, c + q)]
-        for i, (c, q) in enumerate(rows)]).astype(np.int64)
-    t = torch.from_numpy
-    return AttentionMetadata(t(slots), t(starts), t(seq_lens), t(tables), starts, seq_lens,
-                             int(qlens.max()), int(seq_lens.max()))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
     (4, 2, 16, 4), (9, 3, 64, 16), (8, 8, 32, 16), (14, 2, 64, 16), (4, 1, 128, 8)])
@@ -144,7 +112,7 @@ def test_cpu_attention_matches_reference(dtype, heads, kv_heads, head_dim, block
     torch.manual_seed(rng.randrange(1 << 30))
     num_blocks = 64
     for _ in range(6):
-        rows, tables = _ragged_step(rng, block_size, num_blocks)
+        rows, tables = ragged_step(rng, block_size, num_blocks)
         T = sum(q for _, q in rows)
         # Cached prefixes: random values everywhere; the step writes its own tokens' slots.
         # Values are rounded to the dtype, so that the fp32 reference sees the kernel's inputs.
@@ -155,7 +123,7 @@ def test_cpu_attention_matches_reference(dtype, heads, kv_heads, head_dim, block
         shapes = ((T, heads, head_dim), (T, kv_heads, head_dim), (T, kv_heads, head_dim))
         want_cache = cache.clone()
         ref, fast = TorchAttentionBackend(), CpuAttentionBackend()
-        meta_ref, meta_fast = (_metadata(rows, tables, block_size) for _ in range(2))
+        meta_ref, meta_fast = (step_metadata(rows, tables, block_size) for _ in range(2))
         ref.prepare(meta_ref, block_size)
         fast.prepare(meta_fast, block_size)
         want = ref.forward(*(x.view(s) for x, s in zip((q, k, v), shapes)), want_cache[0],
@@ -189,7 +157,7 @@ def test_kernels_refuse_indices_outside_their_tables():
     with pytest.raises(IndexError):
         rope(torch.tensor([0, 8]), q, k)
     cache = torch.zeros(2, 4, 4, 1, 16)
-    meta = _metadata([(0, 2)], np.array([[0]], dtype=np.int32), 4)
+    meta = step_metadata([(0, 2)], np.array([[0]], dtype=np.int32), 4)
     backend = CpuAttentionBackend()
     for bad_table, bad_slot in ((4, 1), (0, 16)):
         meta.block_tables[0, 0] = bad_table

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from minivllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+from paged_steps import ragged_step, step_metadata
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available()
@@ -30,41 +31,6 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 def _backend():
     from minivllm.layers.triton_attention import TritonAttentionBackend
     return TritonAttentionBackend()
-
-
-def _ragged_step(rng: random.Random, block_size: int, num_blocks: int):
-    """Rows of one step: decodes, prefill chunks after a cached prefix (a prefix-cache hit or an
-    earlier chunk), whole prompts, one-token chunks; lengths on and around block boundaries."""
-    rows = []
-    for _ in range(rng.randint(1, 6)):
-        kind = rng.choice(["decode", "chunk", "prompt", "one"])
-        edge = block_size * rng.randint(1, 5) + rng.choice([-1, 0, 1])
-        if kind == "decode":
-            rows.append((max(edge, 1) - 1 + rng.choice([0, 70]), 1))
-        elif kind == "chunk":
-            rows.append((max(edge, 1), rng.randint(2, 2 * block_size + 3)))
-        elif kind == "prompt":
-            rows.append((0, rng.randint(2, 5 * block_size)))
-        else:
-            rows.append((0, 1))
-    need = [-(-(c + q) // block_size) for c, q in rows]
-    blocks = rng.sample(range(num_blocks), sum(need))
-    tables = np.zeros((len(rows), max(need) + 2), dtype=np.int32)  # padded, as the scheduler's
-    for i, n in enumerate(need):
-        tables[i, :n], blocks = blocks[:n], blocks[n:]
-    return rows, tables
-
-
-def _metadata(rows, tables, block_size, device) -> AttentionMetadata:
-    qlens = np.array([q for _, q in rows])
-    seq_lens = np.array([c + q for c, q in rows], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int64)
-    slots = np.concatenate([
-        [tables[i, p // block_size] * block_size + p % block_size for p in range(c, c + q)]
-        for i, (c, q) in enumerate(rows)]).astype(np.int64)
-    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-    return AttentionMetadata(t(slots), t(starts), t(seq_lens), t(tables), starts, seq_lens,
-                             int(qlens.max()), int(seq_lens.max()))
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -84,7 +50,7 @@ def test_matches_reference_on_ragged_steps(dtype, heads, kv_heads, head_dim, blo
     num_blocks = 48
     backend = _backend()
     for _ in range(3):
-        rows, tables = _ragged_step(rng, block_size, num_blocks)
+        rows, tables = ragged_step(rng, block_size, num_blocks)
         T = sum(q for _, q in rows)
         # Fresh random cache (the cached prefixes) and q/k/v as the model passes them: strided
         # views into one fused projection output. Rounded to dtype first, so that the float64
@@ -94,14 +60,14 @@ def test_matches_reference_on_ragged_steps(dtype, heads, kv_heads, head_dim, blo
         sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
         shapes = ((T, heads, head_dim), (T, kv_heads, head_dim), (T, kv_heads, head_dim))
         ref_cache = cache.double()
-        meta_ref = _metadata(rows, tables, block_size, "cpu")
+        meta_ref = step_metadata(rows, tables, block_size, "cpu")
         ref = TorchAttentionBackend()
         ref.prepare(meta_ref, block_size)
         want = ref.forward(*(x.view(s) for x, s in zip(qkv.double().split(sizes, -1), shapes)),
                            ref_cache[0], ref_cache[1], meta_ref, head_dim ** -0.5)
 
         got_cache = cache.to(DEVICE)
-        meta = _metadata(rows, tables, block_size, DEVICE)
+        meta = step_metadata(rows, tables, block_size, DEVICE)
         backend.prepare(meta, block_size)
         got = backend.forward(*(x.view(s) for x, s in zip(qkv.to(DEVICE).split(sizes, -1),
                                                           shapes)),
@@ -126,7 +92,7 @@ def test_every_output_row_is_written():
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE)
     q = torch.randn(T, heads, head_dim, device=DEVICE).bfloat16()
     cache = cache.bfloat16()
-    meta = _metadata(rows, tables, block_size, DEVICE)
+    meta = step_metadata(rows, tables, block_size, DEVICE)
     backend = _backend()
     backend.prepare(meta, block_size)
     out = backend.attend(q, cache[0], cache[1], torch.full_like(q, float("nan")), meta, 0.125)
@@ -158,7 +124,7 @@ def test_padding_rows_write_nothing_and_attend_to_nothing():
     q = torch.randn(3, heads, head_dim, device=DEVICE).bfloat16()
     out = backend.attend(q, cache[0], cache[1], torch.full_like(q, float("nan")), meta, 0.25)
     assert torch.equal(out[1:].float().cpu(), torch.zeros(2, heads, head_dim))
-    real = _metadata([(19, 1)], tables[:1], block_size, DEVICE)
+    real = step_metadata([(19, 1)], tables[:1], block_size, DEVICE)
     backend.prepare(real, block_size)
     alone = backend.attend(q[:1], cache[0], cache[1], torch.empty_like(q[:1]), real, 0.25)
     assert torch.equal(out[:1], alone)
