@@ -47,14 +47,19 @@ def collect(channel, n_requests, timeout=60.0):
     return tokens, finished, errors
 
 
-def test_ring_client_greedy_equals_offline(engine_server, offline_tokens):
-    with engine_server.channel() as ch:
-        for i, prompt in enumerate(PROMPTS):
-            ch.submit(100 + i, prompt, GREEDY)
-        tokens, finished, errors = collect(ch, len(PROMPTS))
+def greedy_equals_offline(ch, offline_tokens) -> None:
+    """PROMPTS through the channel: the offline path's greedy tokens, every one to its length."""
+    for i, prompt in enumerate(PROMPTS):
+        ch.submit(100 + i, prompt, GREEDY)
+    tokens, finished, errors = collect(ch, len(PROMPTS))
     assert not errors
     assert [tokens[100 + i] for i in range(len(PROMPTS))] == offline_tokens
     assert set(finished.values()) == {protocol.FINISH_LENGTH}
+
+
+def test_ring_client_greedy_equals_offline(engine_server, offline_tokens):
+    with engine_server.channel() as ch:
+        greedy_equals_offline(ch, offline_tokens)
 
 
 def test_logprobs_travel_as_arrays(engine_server):
@@ -316,11 +321,7 @@ def test_async_scheduling_engine_process(offline_tokens):
     server = EngineServer(async_scheduling=True)
     try:
         with server.channel() as ch:
-            for i, prompt in enumerate(PROMPTS):
-                ch.submit(100 + i, prompt, GREEDY)
-            tokens, finished, errors = collect(ch, len(PROMPTS))
-            assert not errors
-            assert [tokens[100 + i] for i in range(len(PROMPTS))] == offline_tokens
+            greedy_equals_offline(ch, offline_tokens)
             abort_mid_stream(ch, 7)
             ch.submit(8, PROMPTS[2], SamplingParams(temperature=0, max_tokens=1))
             tokens, finished, _ = collect(ch, 1)

@@ -115,7 +115,7 @@ class EngineCore:
         if self.overlap:
             return self._step_overlapped(batch, admitted, slots)
         if batch is None:
-            return StepResult(admitted, slots, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
+            return self._result(admitted, slots, None)
         sampled = self.runner.execute(batch)
         token_ids = sampled.token_ids.cpu().numpy()  # the step's one device->host sync
         # No result tuples from the scheduler: rows name slots, and a finished request stays
@@ -131,12 +131,13 @@ class EngineCore:
             self.scheduler.resolve_arrays(done.tokens())
         if batch is not None:
             self.scheduler.defer()
-        if done is None:
-            return StepResult(admitted, slots, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
-        return self._result(admitted, slots, done.sampled)
+        return self._result(admitted, slots, None if done is None else done.sampled)
 
     def _result(self, admitted: list[Request], slots: list[int],
-                sampled: SamplerOutput) -> StepResult:
+                sampled: Optional[SamplerOutput]) -> StepResult:
+        """The step's outputs; none when nothing was sampled (`sampled` None)."""
+        if sampled is None:
+            return StepResult(admitted, slots, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
         return StepResult(admitted, slots, self.scheduler.out_slots, self.scheduler.out_tokens,
                           self.scheduler.out_finish, sampled)
 

@@ -47,18 +47,20 @@ class KVCacheSpec:
 
 
 class InFlight:
-    """A launched step: its sampler output on the device, its tokens on their way to the host."""
+    """A launched step: its sampler output on the device, its tokens on their way to the host
+    (into `host`, a pinned buffer, signalling `event`; both reused every other step)."""
 
-    def __init__(self, sampled: SamplerOutput, host: Optional[torch.Tensor]) -> None:
+    def __init__(self, sampled: SamplerOutput, host: Optional[torch.Tensor],
+                 event: Optional[torch.cuda.Event]) -> None:
         self.sampled = sampled
+        self._event = event
         n = sampled.token_ids.shape[0]
         if host is None:  # on the CPU the step is done already
-            self._tokens, self._event = sampled.token_ids.numpy(), None
+            self._tokens = sampled.token_ids.numpy()
             return
         host[:n].copy_(sampled.token_ids, non_blocking=True)
         self._tokens = host.numpy()[:n]
-        self._event = torch.cuda.Event()
-        self._event.record()
+        event.record()
 
     def tokens(self) -> np.ndarray:
         """The sampled tokens, once the step is done (the loop's one wait for the device)."""
@@ -99,13 +101,12 @@ class ModelRunner:
                     self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)
         self.staging = StepStaging(self.device) if self.device.type == "cuda" else None
         n = config.scheduler.max_num_seqs
-        # Async scheduling: each slot's last sampled token, and two pinned buffers the tokens
-        # of the two steps that can be unresolved at once come back in.
+        # Async scheduling: each slot's last sampled token, and a pinned buffer and an event for
+        # each of the two steps that can be unresolved at once, which their tokens come back by.
         self.last_tokens = torch.zeros(n, dtype=torch.int64, device=self.device) if overlap \
             else None
-        self._token_buffers = [torch.empty(n, dtype=torch.int64, pin_memory=True)
-                               for _ in range(2)] if overlap and self.staging else [None]
-        self._launches = 0
+        self._returns = [(torch.empty(n, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+                         for _ in range(2)] if overlap and self.staging else [(None, None)]
         # Captured after the KV cache is allocated: the graphs' memory comes out of what the
         # cache budget left free.
         self.graphs = None
@@ -193,8 +194,8 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch) -> InFlight:
         """execute() without waiting for the tokens (async scheduling)."""
         out = self.execute(batch)
-        self._launches += 1
-        return InFlight(out, self._token_buffers[self._launches % len(self._token_buffers)])
+        self._returns.append(self._returns.pop(0))  # the older pair's step is resolved by now
+        return InFlight(out, *self._returns[-1])
 
 def triton_supports(head_dim: int) -> bool:
     """The Triton kernels tile the head dimension whole: a power of two, at least tl.dot's 16."""
