@@ -3,131 +3,20 @@
 `Tokenizer` wraps a `tokenizers.Tokenizer` built from a Hugging Face `tokenizer.json` or from a GGUF
 file's metadata, and renders chat templates with jinja2 the way transformers does.
 
-This module must not import torch or transformers: API-server processes load it. That is also why
-the GGUF header reader lives here rather than in `minivllm.loader` (which imports torch): both the
-tokenizer and the weight loader read GGUF headers with it. It parses the header in about 50 ms,
-where `gguf.GGUFReader` takes 2-3 s building a numpy view per vocabulary string.
+This module must not import torch or transformers: API-server processes load it.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
-
-# ---------------------------------------------------------------------------------------------
-# GGUF header
-
-
-class GGUFTensorInfo(NamedTuple):
-    name: str
-    shape: tuple[int, ...]  # numpy / torch order: (out, in) for a linear weight
-    ggml_type: int
-    offset: int  # absolute byte offset of the tensor data in the file
-
-
-@dataclass
-class GGUFHeader:
-    metadata: dict[str, Any]
-    tensors: list[GGUFTensorInfo]
-
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY, _GGUF_FLOAT32 = 8, 9, 6
-
-
-def _shortest_float32(x: float) -> float:
-    """The shortest decimal that is this float32: 1e-05 (as config.json says), not
-    9.999999747378752e-06."""
-    for digits in range(1, 10):
-        candidate = float(f"{x:.{digits}g}")
-        if struct.unpack("<f", struct.pack("<f", candidate))[0] == x:
-            return candidate
-    return x
-
-
-class _GGUFCursor:
-    """Sequential little-endian reads over the file's bytes; struct.error past the end."""
-
-    def __init__(self, buf: mmap.mmap, pos: int) -> None:
-        self.buf, self.pos = buf, pos
-
-    def scalar(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        self.pos += n
-        if self.pos > len(self.buf):  # slicing would silently come up short
-            raise struct.error("string runs past the end of the file")
-        return self.buf[self.pos - n:self.pos].decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY:
-            etype, n = self.scalar("<I"), self.scalar("<Q")
-            if etype in _GGUF_SCALARS:  # one unpack for the whole array (token types, scores)
-                fmt = f"<{n}{_GGUF_SCALARS[etype][1]}"
-                values = list(struct.unpack_from(fmt, self.buf, self.pos))
-                self.pos += struct.calcsize(fmt)
-                return values
-            return [self.value(etype) for _ in range(n)]
-        if vtype == _GGUF_FLOAT32:
-            return _shortest_float32(self.scalar("<f"))
-        if vtype not in _GGUF_SCALARS:
-            raise ValueError(f"unknown GGUF metadata value type {vtype}")
-        return self.scalar(_GGUF_SCALARS[vtype])
-
-
-def read_gguf_header(path: Union[str, os.PathLike]) -> GGUFHeader:
-    """Metadata and tensor table of a GGUF (v2/v3) file; tensor data is left on disk."""
-    name = os.fspath(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-        if magic != b"GGUF":
-            raise ValueError(f"{name!r} is not a GGUF file (it starts with {magic!r})")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                metadata, infos, end = _parse_header(buf, name)
-            except struct.error:
-                raise ValueError(f"{name!r} is a truncated GGUF file") from None
-    align = metadata.get("general.alignment", 32)
-    data_start = -(-end // align) * align
-    tensors = [GGUFTensorInfo(n, shape, t, data_start + off) for n, shape, t, off in infos]
-    return GGUFHeader(metadata, tensors)
-
-
-def _parse_header(buf: mmap.mmap, name: str) -> tuple[dict[str, Any], list[tuple], int]:
-    cur = _GGUFCursor(buf, pos=4)  # after the magic
-    version = cur.scalar("<I")
-    if version not in (2, 3):  # v1 had 32-bit counts; no file in use still has it
-        raise ValueError(f"{name!r}: unsupported GGUF version {version}")
-    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-    metadata = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        tensor = cur.string()
-        dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
-        # GGUF lists dimensions fastest-first; numpy and torch want them the other way round.
-        infos.append((tensor, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
-    return metadata, infos, cur.pos
-
 
 # ---------------------------------------------------------------------------------------------
 # Building a tokenizer from GGUF metadata
@@ -270,6 +159,9 @@ class Tokenizer:
     def from_gguf(cls, path_or_metadata: Union[str, os.PathLike, Mapping[str, Any]]
                   ) -> "Tokenizer":
         """From a GGUF file, or from its metadata as `read_gguf_header` returns it."""
+        # Imported here: minivllm.loader imports this module (to build tokenizers) at its top.
+        from minivllm.loader.gguf_header import read_gguf_header
+
         md = (read_gguf_header(path_or_metadata).metadata
               if isinstance(path_or_metadata, (str, os.PathLike)) else path_or_metadata)
         backend = _gguf_backend(md)

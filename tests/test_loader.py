@@ -1,5 +1,5 @@
-"""Model loaders against transformers: the embedded GGUF, tiny HF directories and GGUFs written
-here, dummy presets, and the errors bad inputs give."""
+"""Model loaders against transformers: the embedded GGUF (and its header against gguf's reader),
+tiny HF directories and GGUFs written here, dummy presets, and the errors bad inputs give."""
 from __future__ import annotations
 
 import itertools
@@ -16,6 +16,7 @@ from minivllm.config import ArchConfig
 from minivllm.loader import (EMBEDDED_MODEL_NAME, ModelSource, load_tokenizer, load_weights,
                              resolve_model)
 from minivllm.loader.dummy import PRESETS, expected_parameters
+from minivllm.loader.gguf_header import read_gguf_header
 
 CPU = torch.device("cpu")
 
@@ -84,6 +85,35 @@ def test_gguf_weights_are_cast_to_the_requested_dtype():
     for (name, full), (name_bf16, half) in zip(first(torch.float32), first(torch.bfloat16)):
         assert name == name_bf16 and half.dtype == torch.bfloat16
         assert torch.equal(half, full.to(torch.bfloat16))
+
+
+def test_gguf_header_matches_gguf_reader(embedded_gguf):
+    reader = gguf_lib.GGUFReader(embedded_gguf)
+    header = read_gguf_header(embedded_gguf)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if isinstance(value, float):
+            assert header.metadata[key] == pytest.approx(value, rel=1e-7), key
+        else:
+            assert header.metadata[key] == value, key
+    assert set(header.metadata) == {k for k in reader.fields if not k.startswith("GGUF.")}
+    assert [(t.name, t.shape, t.ggml_type, t.offset) for t in header.tensors] == [
+        (t.name, tuple(int(d) for d in reversed(t.shape)), int(t.tensor_type), t.data_offset)
+        for t in reader.tensors]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"GGML" + bytes(20), "is not a GGUF file"),
+    (b"GGUF\x01\x00\x00\x00" + bytes(16), "unsupported GGUF version 1"),
+    (b"GGUF\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x05", "truncated GGUF file"),
+])
+def test_bad_gguf_files(tmp_path, content, message):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_gguf_header(path)
 
 
 # ---------------------------------------------------------------------------------------------

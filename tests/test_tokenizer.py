@@ -1,5 +1,5 @@
 """The tokenizer against transformers: the embedded GGUF's tokenizer, chat templates, HF
-directories, the GGUF header reader, and the errors bad conversations give."""
+directories, and the errors bad conversations give."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 
-import gguf as gguf_lib
 import pytest
 from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer as Backend, pre_tokenizers
 
-from minivllm.tokenizer import Tokenizer, read_gguf_header
+from minivllm.loader.gguf_header import read_gguf_header
+from minivllm.tokenizer import Tokenizer
 
 STRINGS = [
     "", " ", "  ", "Hello, world!", "  leading spaces", "trailing spaces   ",
@@ -236,36 +236,7 @@ def test_hf_dir_without_tokenizer_json(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The GGUF header reader, and the module's imports
-
-
-def test_gguf_header_matches_gguf_reader(embedded_gguf):
-    reader = gguf_lib.GGUFReader(embedded_gguf)
-    header = read_gguf_header(embedded_gguf)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = field.contents()
-        if isinstance(value, float):
-            assert header.metadata[key] == pytest.approx(value, rel=1e-7), key
-        else:
-            assert header.metadata[key] == value, key
-    assert set(header.metadata) == {k for k in reader.fields if not k.startswith("GGUF.")}
-    assert [(t.name, t.shape, t.ggml_type, t.offset) for t in header.tensors] == [
-        (t.name, tuple(int(d) for d in reversed(t.shape)), int(t.tensor_type), t.data_offset)
-        for t in reader.tensors]
-
-
-@pytest.mark.parametrize("content,message", [
-    (b"GGML" + bytes(20), "is not a GGUF file"),
-    (b"GGUF\x01\x00\x00\x00" + bytes(16), "unsupported GGUF version 1"),
-    (b"GGUF\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x05", "truncated GGUF file"),
-])
-def test_bad_gguf_files(tmp_path, content, message):
-    path = tmp_path / "bad.gguf"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=message):
-        read_gguf_header(path)
+# The module's imports
 
 
 def test_tokenizer_module_does_not_import_torch(embedded_gguf):

@@ -21,7 +21,8 @@ from typing import Iterator, Optional
 from minivllm.config import ArchConfig
 from minivllm.loader import dummy, gguf, hf_dir
 from minivllm.loader.embedded import EMBEDDED_MODEL_NAME, embedded_gguf_path
-from minivllm.tokenizer import Tokenizer, read_gguf_header
+from minivllm.loader.gguf_header import read_gguf_header
+from minivllm.tokenizer import Tokenizer
 
 __all__ = ["ModelSource", "resolve_model", "load_weights", "load_tokenizer",
            "EMBEDDED_MODEL_NAME", "embedded_gguf_path"]

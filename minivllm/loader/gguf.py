@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 from minivllm.config import SUPPORTED_ARCHITECTURES, ArchConfig
 from minivllm.loader.dummy import expected_parameters
-from minivllm.tokenizer import GGUFHeader, GGUFTensorInfo
+from minivllm.loader.gguf_header import GGUFHeader, GGUFTensorInfo
 
 # llama.cpp tensor names -> Hugging Face names (the ".weight"/".bias" suffix carries over).
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
