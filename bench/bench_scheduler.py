@@ -10,9 +10,8 @@ decodes and update() appends N sampled tokens, so contexts grow from 900 by one 
 prefix caching on (every 16th step each request fills a block that gets hashed and registered).
 The token budget is N x 900 so that the prefill takes one step; a decode step does not read it.
 
-Three benchmarks per N, in the same run:
-    cython     schedule() + update()          the engine's path today: one result tuple a row
-    cython     schedule() + update_arrays()   no tuples: the raw arrays a publisher reads
+Two benchmarks per N, in the same run (update() writes its outputs into arrays in both):
+    cython     schedule() + update()          the engine's path
     reference  schedule() + update()          scheduler_ref over block_allocator_ref
 
 pyperf runs each in fresh worker processes (a fixed 50 steps per value, so that every worker
@@ -28,26 +27,21 @@ import numpy as np
 import pyperf
 
 from bench import records
-from minivllm._cext.block_allocator import BlockAllocator
 from minivllm.config import SchedulerConfig
-from minivllm.core import block_allocator_ref, request, scheduler_ref
-from minivllm.core import scheduler as cython_scheduler
+from minivllm.core.scheduler import core_implementation
 from minivllm.sampling_params import SamplingParams
 
 PROMPT_LEN = 900
 MAX_MODEL_LEN = 2048
 BLOCK_SIZE = 16
 STEPS_PER_VALUE = 50
-IMPLS = {
-    "cython": (cython_scheduler.Scheduler, BlockAllocator, cython_scheduler.Request),
-    "reference": (scheduler_ref.Scheduler, block_allocator_ref.BlockAllocator, request.Request),
-}
+IMPLS = {"cython": core_implementation("cython"), "reference": core_implementation("python")}
 SIZES = (8, 64, 256, 1024)
 
 
 def decoding_scheduler(impl: str, num_seqs: int):
     """A scheduler whose num_seqs requests are all past their prefill, and the step's tokens."""
-    scheduler_cls, allocator_cls, request_cls = IMPLS[impl]
+    scheduler_cls, request_cls, allocator_cls = IMPLS[impl]
     blocks_per_seq = MAX_MODEL_LEN // BLOCK_SIZE
     allocator = allocator_cls(num_seqs * blocks_per_seq, BLOCK_SIZE, num_seqs, blocks_per_seq)
     config = SchedulerConfig(max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs * PROMPT_LEN)
@@ -56,7 +50,7 @@ def decoding_scheduler(impl: str, num_seqs: int):
     params = SamplingParams(max_tokens=MAX_MODEL_LEN, ignore_eos=True)
     for i in range(num_seqs):
         prompt = rng.integers(0, 32000, PROMPT_LEN).tolist()
-        scheduler.add_request(request_cls(str(i), prompt, params, (2,), MAX_MODEL_LEN, i, 0.0))
+        scheduler.add_request(request_cls(i, prompt, params, (2,), MAX_MODEL_LEN, i, 0.0))
     tokens = rng.integers(0, 32000, num_seqs)  # not eos: nothing finishes
     batch, _ = scheduler.schedule()
     assert batch.num_tokens == num_seqs * PROMPT_LEN
@@ -67,12 +61,12 @@ def decoding_scheduler(impl: str, num_seqs: int):
 _built: dict = {}  # a worker builds its scheduler once, on its first timing call
 
 
-def time_steps(loops: int, impl: str, update: str, num_seqs: int) -> float:
-    key = (impl, update, num_seqs)
+def time_steps(loops: int, impl: str, num_seqs: int) -> float:
+    key = (impl, num_seqs)
     if key not in _built:
         _built[key] = decoding_scheduler(impl, num_seqs)
     scheduler, tokens = _built[key]
-    schedule, apply = scheduler.schedule, getattr(scheduler, update)
+    schedule, apply = scheduler.schedule, scheduler.update
     t0 = time.perf_counter()
     for _ in range(loops):
         schedule()
@@ -97,34 +91,28 @@ def main() -> None:
     args = runner.parse_args()
     benches = {}
     for n in args.seqs:
-        for impl, update in (("cython", "update"), ("cython", "update_arrays"),
-                             ("reference", "update")):
-            name = f"scheduler step {n} seqs {impl} schedule+{update}"
-            benches[impl, update, n] = runner.bench_time_func(name, time_steps, impl, update, n)
+        for impl in IMPLS:
+            name = f"scheduler step {n} seqs {impl} schedule+update"
+            benches[impl, n] = runner.bench_time_func(name, time_steps, impl, n)
     if args.worker:
         return
     records.write(args.json, [rec for n in args.seqs for rec in step_records(benches, n)])
 
 
 def step_records(benches: dict, n: int) -> list[dict]:
-    us = {key[:2]: benches[key].median() * 1e6 for key in benches if key[2] == n}
-    ref = us["reference", "update"]
-    out = []
-    for update in ("update", "update_arrays"):
-        cy = us["cython", update]
-        extra = {}
-        if n == 256:
-            extra = dict(target="speedup over the reference >= 20x", met=ref / cy >= 20)
-        elif n == 1024:
-            extra = dict(target="< 50 us per step", met=cy < 50)
-        out.append(records.record(
-            f"scheduler step, steady decode, {n} seqs: cython schedule()+{update}()", cy,
-            "us/step", peer=ref, peer_name="reference schedule()+update()",
-            speedup=ref / cy, **extra))
-    out.append(records.record(
-        f"scheduler step, steady decode, {n} seqs: reference schedule()+update()", ref,
-        "us/step"))
-    return out
+    cy, ref = (benches[impl, n].median() * 1e6 for impl in ("cython", "reference"))
+    extra = {}
+    if n == 256:
+        extra = dict(target="speedup over the reference >= 20x", met=ref / cy >= 20)
+    elif n == 1024:
+        extra = dict(target="< 50 us per step", met=cy < 50)
+    return [records.record(
+                f"scheduler step, steady decode, {n} seqs: cython schedule()+update()", cy,
+                "us/step", peer=ref, peer_name="reference schedule()+update()",
+                speedup=ref / cy, **extra),
+            records.record(
+                f"scheduler step, steady decode, {n} seqs: reference schedule()+update()", ref,
+                "us/step")]
 
 
 if __name__ == "__main__":

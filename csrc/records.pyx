@@ -35,44 +35,7 @@ cdef extern from "numpy/arrayobject.h":
     object PyArray_NewFromDescr(PyTypeObject* subtype, void* descr, int nd, cnp.npy_intp* dims,
                                 cnp.npy_intp* strides, void* data, int flags, void* obj)
 
-cdef extern from "minivllm_ipc.h" nogil:
-    uint32_t MV_MAGIC, MV_VERSION
-    uint32_t MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR
-    uint32_t MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
-    uint32_t MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
-    uint32_t MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
-    uint32_t MV_ERR_MALFORMED
-    ctypedef struct mv_header:
-        uint32_t magic
-        uint16_t version
-        uint16_t kind
-        uint32_t size
-        uint32_t flags
-    ctypedef struct mv_sampling:
-        double temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
-        int32_t top_k, max_tokens, min_tokens, logprobs
-        uint64_t seed
-        uint32_t flags
-        int32_t priority
-    ctypedef struct mv_submit:
-        mv_header header
-        uint64_t request_id
-        mv_sampling sampling
-        uint32_t num_prompt_tokens
-        uint32_t num_stop_token_ids
-    ctypedef struct mv_abort:
-        mv_header header
-        uint64_t request_id
-    ctypedef struct mv_step_output:
-        mv_header header
-        uint64_t step
-        uint32_t num_entries
-        uint32_t num_top_logprobs
-    ctypedef struct mv_error:
-        mv_header header
-        uint64_t request_id
-        uint32_t code
-        uint32_t message_len
+from minivllm._cext.ipc cimport *
 
 cdef extern from "records_layout.h" nogil:
     ctypedef struct mv_field_layout:
@@ -83,10 +46,22 @@ cdef extern from "records_layout.h" nogil:
     const mv_field_layout* MV_LAYOUT
     size_t MV_LAYOUT_LEN
 
+# The header's codes under their Python names (minivllm/transport/protocol.py re-exports them).
 MAGIC, VERSION = MV_MAGIC, MV_VERSION
 KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = (
     MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR)
 MAX_RECORD_BYTES, MAX_TOP_LOGPROBS = MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
+SAMPLING_HAS_SEED, SAMPLING_IGNORE_EOS = MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
+STEP_HAS_LOGPROBS, ERROR_HAS_REQUEST = MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
+FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = (
+    MV_FINISH_NONE, MV_FINISH_STOP, MV_FINISH_LENGTH, MV_FINISH_ABORT)
+ERR_MALFORMED, ERR_INVALID_REQUEST, ERR_DUPLICATE_ID = (
+    MV_ERR_MALFORMED, MV_ERR_INVALID_REQUEST, MV_ERR_DUPLICATE_ID)
+ERR_OVERLOADED, ERR_DRAINING, ERR_INTERNAL = MV_ERR_OVERLOADED, MV_ERR_DRAINING, MV_ERR_INTERNAL
+# OpenAI's finish_reason for each code, indexed by the code.
+_REASON_OF = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length",
+              FINISH_ABORT: "abort"}
+FINISH_REASONS = tuple(_REASON_OF[code] for code in range(len(_REASON_OF)))
 
 
 def layout() -> list:

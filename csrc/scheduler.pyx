@@ -20,9 +20,10 @@ How the state is kept
   (-1 when not scheduled), which answers the reference's "is it already scheduled" in O(1).
 - schedule() writes the batch into buffers preallocated for the largest possible step; the
   ScheduledBatch holds views of them, valid until the next schedule() and read-only by
-  contract (the block-table rows are reused from step to step). update() writes each
-  sampled row's slot, token and finish code into preallocated arrays as well (`out_slots`,
-  `out_tokens`, `out_finish`, codes indexing FINISH_REASONS), for publishers that want no tuples.
+  contract (the block-table rows are reused from step to step). update() and resolve() write
+  each output's owner, token, finish code (MV_FINISH_* of ipc/minivllm_ipc.h) and sampled-row
+  index into preallocated arrays as well (`out_owners`, `out_tokens`, `out_finish`,
+  `out_index`): no Python object per token.
 - The allocator is the Cython BlockAllocator, driven through its nogil C API.
 - Overlap (defer/resolve, see the reference): a deferred step's rows are C arrays too, holding
   *owned* references to their requests until resolve(), since a request may finish or be
@@ -32,7 +33,7 @@ cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
-from libc.stdint cimport int8_t, int32_t, int64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 from libc.string cimport memcpy
 
 import time
@@ -42,7 +43,9 @@ import numpy as np
 cimport numpy as cnp
 
 from minivllm._cext.block_allocator cimport BlockAllocator
+from minivllm._cext.ipc cimport MV_FINISH_ABORT, MV_FINISH_LENGTH, MV_FINISH_NONE, MV_FINISH_STOP
 
+from minivllm._cext.records import FINISH_REASONS
 from minivllm.core.batch import ScheduledBatch
 from minivllm.core.request import RequestStatus
 
@@ -55,16 +58,6 @@ cdef enum:
     FINISHED = 2
 
 _STATUS = (RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.FINISHED)
-
-# Finish codes, as update() writes them into `out_finish`; FINISH_REASONS[code] is the string.
-cdef enum:
-    NOT_FINISHED = 0
-    STOP = 1
-    LENGTH = 2
-    ABORT = 3
-
-cdef tuple REASONS = (None, "stop", "length", "abort")  # typed: indexed in C on the hot path
-FINISH_REASONS = REASONS
 
 # Deferred rows: flags, and the token a sampled row holds until resolve() (as the reference).
 cdef enum:
@@ -107,18 +100,18 @@ cdef class Request:
     cdef int in_flight                     # rows of a deferred step not resolved yet
     cdef readonly int64_t num_cached_tokens
     cdef readonly double arrival_time
-    cdef readonly object request_id
+    cdef readonly int64_t owner           # the caller's handle: outputs name it
     cdef readonly object params
     cdef readonly cnp.ndarray token_ids    # int64 [max_total_tokens]: the prompt, then outputs
-    cdef readonly object finish_reason
+    cdef readonly int finish_code          # MV_FINISH_*
     cdef readonly frozenset eos_ids
     cdef readonly frozenset stop_ids
     cdef cnp.ndarray _stop_array           # owns stop_tokens
 
-    def __init__(self, request_id, prompt_token_ids, params, eos_token_ids,
+    def __init__(self, int64_t owner, prompt_token_ids, params, eos_token_ids,
                  int64_t max_model_len, int64_t arrival_seq, double arrival_time,
                  int64_t priority=0):
-        self.request_id = request_id
+        self.owner = owner
         self.params = params
         self.priority = priority
         self.arrival_seq = arrival_seq
@@ -142,6 +135,10 @@ cdef class Request:
         self.min_tokens = params.min_tokens
 
     @property
+    def finish_reason(self):
+        return FINISH_REASONS[self.finish_code]
+
+    @property
     def status(self):
         return _STATUS[self.state]
 
@@ -158,10 +155,10 @@ cdef class Request:
         return (self.priority, self.arrival_seq)
 
     def append_token(self, int64_t token):
-        """Record a sampled token; return the finish reason if the request is now done."""
+        """Record a sampled token; return its finish code (MV_FINISH_NONE: it goes on)."""
         if self.num_tokens >= self.max_total_tokens:
-            raise IndexError(f"request {self.request_id!r} already holds {self.num_tokens} tokens")
-        return REASONS[self.append(token)]
+            raise IndexError(f"request {self.owner} already holds {self.num_tokens} tokens")
+        return self.append(token)
 
     cdef inline int append(self, int64_t token) noexcept:
         """append_token's C core: the caller guarantees room in the buffer."""
@@ -172,10 +169,10 @@ cdef class Request:
         """Write the token at `index`, the last one held; its finish code."""
         self.tokens[index] = token
         if index + 1 - self.num_prompt_tokens >= self.min_tokens and self.is_stop(token):
-            return STOP
+            return MV_FINISH_STOP
         if index + 1 >= self.max_total_tokens:
-            return LENGTH
-        return NOT_FINISHED
+            return MV_FINISH_LENGTH
+        return MV_FINISH_NONE
 
     cdef inline bint is_stop(self, int64_t token) noexcept:
         cdef Py_ssize_t i
@@ -281,10 +278,6 @@ cdef list q_list(const Queue* q):
 # ------------------------------------------------------------------------------------------------
 # Scheduler
 # ------------------------------------------------------------------------------------------------
-def _ignore_release(slot):
-    pass
-
-
 cdef inline int64_t* i64(cnp.ndarray a) noexcept:
     return <int64_t*>cnp.PyArray_DATA(a)
 
@@ -306,9 +299,7 @@ cdef class Scheduler:
     cdef readonly int32_t block_size
     cdef readonly int64_t max_model_len
     cdef public object clock
-    cdef public object on_release          # told when a running request gives its slot back;
-                                           # it must not call back into the scheduler
-    cdef dict _requests                    # id -> Request: owns every unfinished request
+    cdef dict _requests                    # owner -> Request: owns every unfinished request
     cdef readonly object requests          # a read-only view of it: the queues borrow from it
     cdef readonly int64_t num_preemptions
 
@@ -358,15 +349,15 @@ cdef class Scheduler:
     cdef int64_t* held_copied
 
     # update()'s outputs, one entry per sampled row.
-    cdef cnp.ndarray _out_slots, _out_tokens, _out_finish
+    cdef cnp.ndarray _out_owners, _out_tokens, _out_finish, _out_index
+    cdef list _released                    # slots of running requests given back, until taken
     cdef Py_ssize_t num_out
 
     # The deferred step (defer() .. resolve()): per row its request (an owned reference), the
-    # tokens it computed, its slot, the request's computed count after it, where its token
+    # tokens it computed, the request's computed count after it, where its token
     # goes, SAMPLES | LIVE; and the slots released while in flight, free again at resolve().
     cdef PyObject** d_req
     cdef int64_t* d_n
-    cdef int32_t* d_slot
     cdef int64_t* d_computed
     cdef int64_t* d_index
     cdef int8_t* d_flags
@@ -375,7 +366,7 @@ cdef class Scheduler:
     cdef Py_ssize_t num_held
 
     def __init__(self, config, BlockAllocator allocator not None, int64_t max_model_len,
-                 clock=time.monotonic, on_release=_ignore_release):
+                 clock=time.monotonic):
         if allocator.max_seqs < config.max_num_seqs:
             raise ValueError(f"the allocator has {allocator.max_seqs} slots, fewer than "
                              f"max_num_seqs={config.max_num_seqs}")
@@ -384,7 +375,7 @@ cdef class Scheduler:
         self.block_size = allocator.block_size
         self.max_model_len = max_model_len
         self.clock = clock
-        self.on_release = on_release
+        self._released = []
         self._requests = {}
         self.requests = MappingProxyType(self._requests)
         self._aborted_rows = []
@@ -415,7 +406,6 @@ cdef class Scheduler:
         self.held_copied = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.d_req = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
         self.d_n = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.d_slot = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
         self.d_computed = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.d_index = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.d_flags = <int8_t*>PyMem_Malloc(n * sizeof(int8_t))
@@ -423,7 +413,7 @@ cdef class Scheduler:
         if not (self.free_slots and self.order and self.row_req and self.row_len
                 and self.slot_tenancy and self.held_slot and self.held_tenancy
                 and self.held_epoch and self.held_copied and self.d_req and self.d_n
-                and self.d_slot and self.d_computed and self.d_index and self.d_flags
+                and self.d_computed and self.d_index and self.d_flags
                 and self.held_slots):
             raise MemoryError()
         for i in range(n):
@@ -453,9 +443,10 @@ cdef class Scheduler:
         self.block_tables = <int32_t*>cnp.PyArray_DATA(self._block_tables)
         self.slots = i64(self._slots)
         self.sample_rows = i64(self._sample_rows)
-        self._out_slots = np.zeros(rows, np.int64)
+        self._out_owners = np.zeros(rows, np.int64)
         self._out_tokens = np.zeros(rows, np.int64)
-        self._out_finish = np.zeros(rows, np.int8)
+        self._out_finish = np.zeros(rows, np.uint8)
+        self._out_index = np.zeros(rows, np.int64)
         return 0
 
     def __dealloc__(self):
@@ -465,7 +456,6 @@ cdef class Scheduler:
                 Py_XDECREF(self.d_req[i])
         PyMem_Free(self.d_req)
         PyMem_Free(self.d_n)
-        PyMem_Free(self.d_slot)
         PyMem_Free(self.d_computed)
         PyMem_Free(self.d_index)
         PyMem_Free(self.d_flags)
@@ -492,32 +482,37 @@ cdef class Scheduler:
         return q_list(&self.running_q)
 
     @property
-    def out_slots(self):
-        """Slot of each row sampled by the last update() (the slot it held during the step)."""
-        return self._out_slots[:self.num_out]
+    def out_owners(self):
+        """Owner of each output of the last update() or resolve()."""
+        return self._out_owners[:self.num_out]
 
     @property
     def out_tokens(self):
         return self._out_tokens[:self.num_out]
 
     @property
+    def out_index(self):
+        """Each output's index among the step's sampled tokens (its row of the logprobs)."""
+        return self._out_index[:self.num_out]
+
+    @property
     def out_finish(self):
-        """Finish code of each sampled row: FINISH_REASONS[code] is the reason (0: none)."""
+        """Finish code (MV_FINISH_*) of each output: FINISH_REASONS[code] is the reason."""
         return self._out_finish[:self.num_out]
 
     # ---- queue management ---------------------------------------------------------------------
     def add_request(self, Request req not None):
-        if req.request_id in self._requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.owner in self._requests:
+            raise ValueError(f"owner {req.owner} is already in use")
         if req.state != WAITING or req.slot >= 0:
-            raise ValueError(f"request {req.request_id!r} is {req.status.value}: add new ones only")
+            raise ValueError(f"request {req.owner} is {req.status.value}: add new ones only")
         if req.num_tokens >= req.max_total_tokens:  # the C loops write outputs without checks
-            raise ValueError(f"request {req.request_id!r}: its prompt leaves no room for output")
-        self._requests[req.request_id] = req
+            raise ValueError(f"request {req.owner}: its prompt leaves no room for output")
+        self._requests[req.owner] = req
         self._enqueue(req, False)
 
-    def abort(self, request_id):
-        cdef Request req = self._requests.get(request_id)
+    def abort(self, int64_t owner):
+        cdef Request req = self._requests.get(owner)
         if req is None:
             return None
         if req.state == WAITING:
@@ -527,7 +522,7 @@ cdef class Scheduler:
             self._release(req)
         if req.row >= 0:
             self._aborted_rows.append(req)
-        self._finish(req, ABORT)
+        self._finish(req, MV_FINISH_ABORT)
         return req
 
     def has_unfinished(self):
@@ -554,20 +549,15 @@ cdef class Scheduler:
             return None, admitted
         return self._build_batch(), admitted
 
+    def take_released(self):
+        """The slots of running requests given back since the last call, in order."""
+        released, self._released = self._released, []
+        return np.array(released, dtype=np.int64)
+
     def update(self, sampled):
-        """Apply this step's sampled tokens (one per sampling row, in row order).
-
-        Returns one (request, token, finish reason) per sampled row; `out_slots`, `out_tokens`
-        and `out_finish` hold the same as arrays.
-        """
-        cdef list results = []
-        self._apply_sampled(sampled, results)
-        return results
-
-    def update_arrays(self, sampled):
-        """update() without the result tuples: returns the number of sampled rows, whose slots,
-        tokens and finish codes are in `out_slots`, `out_tokens` and `out_finish`."""
-        return self._apply_sampled(sampled, None)
+        """Apply this step's sampled tokens (one per sampling row, in row order). Returns the
+        number of outputs, which are in `out_owners`, `out_tokens`, `out_finish`, `out_index`."""
+        return self._apply_sampled(sampled)
 
     def defer(self):
         """update() for a step whose tokens are still on the device (see the reference)."""
@@ -583,7 +573,6 @@ cdef class Scheduler:
             Py_INCREF(req)
             self.d_req[i] = <PyObject*>req
             self.d_n[i] = n
-            self.d_slot[i] = req.slot
             self.d_flags[i] = SAMPLES if samples else 0
             if req.state != RUNNING:
                 continue  # finished or aborted after it was scheduled: sampled all the same
@@ -602,15 +591,9 @@ cdef class Scheduler:
             self._aborted_rows.clear()
 
     def resolve(self, sampled):
-        """The deferred step's tokens (one per sampling row, in row order). Returns update()'s
-        tuples; `out_slots`, `out_tokens` and `out_finish` hold the same as arrays."""
-        cdef list results = []
-        self._resolve(sampled, results)
-        return results
-
-    def resolve_arrays(self, sampled):
-        """resolve() without the result tuples: returns the number of sampled rows."""
-        return self._resolve(sampled, None)
+        """The deferred step's tokens (one per sampling row, in row order). Outputs as
+        update()'s."""
+        return self._resolve(sampled)
 
     # ---- policy -------------------------------------------------------------------------------
     cdef int64_t _schedule_running(self, int64_t budget, int mode) except -1:
@@ -775,7 +758,7 @@ cdef class Scheduler:
     cdef int _release(self, Request req) except -1:
         if req.slot >= 0:
             if req.state == RUNNING:
-                self.on_release(req.slot)
+                self._released.append(req.slot)
             self.allocator.c_free(req.slot)
             self.slot_tenancy[req.slot] += 1
             if req.in_flight:  # its deferred outputs name this slot: free after resolve()
@@ -789,8 +772,8 @@ cdef class Scheduler:
 
     cdef int _finish(self, Request req, int code) except -1:
         req.state = FINISHED
-        req.finish_reason = REASONS[code]
-        del self._requests[req.request_id]
+        req.finish_code = code
+        del self._requests[req.owner]
         return 0
 
     cdef inline void _add_row(self, Request req, int64_t n) noexcept:
@@ -893,9 +876,8 @@ cdef class Scheduler:
             self.held_copied[i] = now
 
     # ---- update -------------------------------------------------------------------------------
-    cdef Py_ssize_t _apply_sampled(self, sampled, list results) except -1:
-        """update()'s loop: advance every row, append sampled tokens, finish what stops.
-        Appends result tuples to `results` unless it is None."""
+    cdef Py_ssize_t _apply_sampled(self, sampled) except -1:
+        """update()'s loop: advance every row, append sampled tokens, finish what stops."""
         cdef cnp.ndarray arr = as_int64_array(sampled)
         if arr.ndim != 1 or arr.shape[0] < self.num_samples:
             raise ValueError(f"update() needs {self.num_samples} sampled tokens in a 1-D array, "
@@ -921,7 +903,7 @@ cdef class Scheduler:
                 continue  # a prefill chunk that does not reach the end samples nothing
             token = tokens[k]
             k += 1
-            self._output(req, req.slot, token, req.append(token), m, results)
+            self._output(req, token, req.append(token), k - 1, m)
             m += 1
         self.num_rows = 0
         self.num_samples = 0
@@ -930,26 +912,25 @@ cdef class Scheduler:
             self._aborted_rows.clear()
         return m
 
-    cdef int _output(self, Request req, int64_t slot, int64_t token, int code, Py_ssize_t m,
-                     list results) except -1:
+    cdef int _output(self, Request req, int64_t token, int code, Py_ssize_t index,
+                     Py_ssize_t m) except -1:
         """Output row m, for update() and resolve() alike; a request that finished leaves its
         queue and gives its slot and blocks back."""
-        i64(self._out_slots)[m] = slot
+        i64(self._out_owners)[m] = req.owner
         i64(self._out_tokens)[m] = token
-        (<int8_t*>cnp.PyArray_DATA(self._out_finish))[m] = code
-        if code != NOT_FINISHED:
+        (<uint8_t*>cnp.PyArray_DATA(self._out_finish))[m] = code
+        i64(self._out_index)[m] = index
+        if code != MV_FINISH_NONE:
             q_remove(&self.running_q if req.state == RUNNING else &self.waiting_q,
                      <PyObject*>req)
             self._release(req)
             if req.row >= 0:  # a row in the step being launched (deferred): keep it alive
                 self._aborted_rows.append(req)
             self._finish(req, code)  # the caller's reference keeps `req` alive here
-        if results is not None:
-            results.append((req, token, REASONS[code]))
         return 0
 
     # ---- resolve ------------------------------------------------------------------------------
-    cdef Py_ssize_t _resolve(self, sampled, list results) except -1:
+    cdef Py_ssize_t _resolve(self, sampled) except -1:
         """resolve()'s loop (the reference's, with update()'s outputs)."""
         cdef cnp.ndarray arr = as_int64_array(sampled)
         cdef Py_ssize_t i, k = 0, m = 0, needed = 0
@@ -977,7 +958,7 @@ cdef class Scheduler:
             if not self.d_flags[i] & SAMPLES:
                 continue
             code = req.set_token(self.d_index[i], token)
-            self._output(req, self.d_slot[i], token, code, m, results)
+            self._output(req, token, code, k - 1, m)
             m += 1
         for i in range(self.num_deferred):
             Py_XDECREF(self.d_req[i])

@@ -3,7 +3,11 @@
 Each step gives every scheduled request a number of new tokens to compute (1 for a decode, a
 chunk for a prefill) within a token budget, allocates their KV blocks (preempting by recompute
 when blocks run out), and emits the step as a `ScheduledBatch` of numpy arrays. `update()` takes
-the sampled tokens back, applies the stop rules and frees what finished.
+the sampled tokens back, applies the stop rules and frees what finished; its outputs are arrays,
+one entry per sampled row: `out_owners`, `out_tokens`, `out_finish` (FINISH_* codes of
+ipc/minivllm_ipc.h) and `out_index` (the row's index among the step's sampled tokens, for the
+logprobs). The slots given back since the last call -- finished, aborted, preempted -- come out
+of `take_released()`: the sampler reads them there (no callback out of the scheduler).
 
 Policies: `decode-first` gives every running decode its token before prefill chunks fill the
 rest of the budget (steady inter-token latency); `prefill-first` admits and prefills new work
@@ -27,11 +31,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from minivllm._cext.records import FINISH_ABORT, FINISH_NONE
 from minivllm.config import SchedulerConfig
 from minivllm.core.batch import ScheduledBatch
 from minivllm.core.request import Request, RequestStatus
 
-StepResult = tuple[Request, int, Optional[str]]  # request, new token, finish reason
 PLACEHOLDER = -1  # a deferred step's token, until resolve()
 
 
@@ -48,17 +52,15 @@ class _Deferred:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator, max_model_len: int,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_release: Callable[[int], None] = lambda slot: None) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.allocator = allocator
         self.block_size = allocator.block_size
         self.max_model_len = max_model_len
         self.clock = clock
-        self.on_release = on_release  # told when a running request gives its slot back
         self.waiting: list[Request] = []
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[int, Request] = {}  # owner -> request, every unfinished one
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # pop() takes slot 0 first
         self.num_preemptions = 0
         self._scheduled: list[tuple[Request, int]] = []
@@ -66,16 +68,18 @@ class Scheduler:
         self._rr = 0  # round-robin start of decodes under prefill-first
         self._deferred: list[_Deferred] = []  # the step in flight (defer() .. resolve())
         self._held_slots: list[int] = []  # released while in flight: free again at resolve()
+        self._released: list[int] = []  # slots of running requests given back, until taken
+        self._emit([])
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
-        if req.request_id in self.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
-        self.requests[req.request_id] = req
+        if req.owner in self.requests:
+            raise ValueError(f"owner {req.owner} is already in use")
+        self.requests[req.owner] = req
         self._enqueue(req, front=False)
 
-    def abort(self, request_id: str) -> Optional[Request]:
-        req = self.requests.get(request_id)
+    def abort(self, owner: int) -> Optional[Request]:
+        req = self.requests.get(owner)
         if req is None:
             return None
         if req.status is RequestStatus.WAITING:
@@ -83,7 +87,7 @@ class Scheduler:
         else:
             self.running.remove(req)
             self._release(req)
-        self._finish(req, "abort")
+        self._finish(req, FINISH_ABORT)
         return req
 
     def has_unfinished(self) -> bool:
@@ -108,9 +112,15 @@ class Scheduler:
             return None, admitted
         return self._build_batch(), admitted
 
-    def update(self, sampled: np.ndarray) -> list[StepResult]:
-        """Apply this step's sampled tokens (one per sampling row, in row order)."""
-        results, i = [], 0
+    def take_released(self) -> np.ndarray:
+        """The slots of running requests given back since the last call, in order."""
+        released, self._released = self._released, []
+        return np.array(released, dtype=np.int64)
+
+    def update(self, sampled: np.ndarray) -> int:
+        """Apply this step's sampled tokens (one per sampling row, in row order). Returns the
+        number of outputs, which are in `out_owners`, `out_tokens`, `out_finish`, `out_index`."""
+        outputs, i = [], 0
         for req, n in self._scheduled:
             samples = req.num_computed_tokens + n == req.num_tokens
             if req.status is not RequestStatus.RUNNING:
@@ -122,14 +132,9 @@ class Scheduler:
                 continue  # a prefill chunk that does not reach the end samples nothing
             token = int(sampled[i])
             i += 1
-            reason = req.append_token(token)
-            if reason is not None:
-                self.running.remove(req)
-                self._release(req)
-                self._finish(req, reason)
-            results.append((req, token, reason))
+            outputs.append(self._output(req, token, req.append_token(token), i - 1))
         self._scheduled, self._scheduled_ids = [], set()
-        return results
+        return self._emit(outputs)
 
     def defer(self) -> None:
         """update() for a step whose tokens are still on the device: advance the counts and
@@ -151,10 +156,10 @@ class Scheduler:
         self._deferred = deferred
         self._scheduled, self._scheduled_ids = [], set()
 
-    def resolve(self, sampled: np.ndarray) -> list[StepResult]:
+    def resolve(self, sampled: np.ndarray) -> int:
         """The deferred step's tokens (one per sampling row, in row order): write them, apply
-        the stop rules, commit the blocks its rows filled."""
-        results, i = [], 0
+        the stop rules, commit the blocks its rows filled. Outputs as update()'s."""
+        outputs, i = [], 0
         for d in self._deferred:
             req, token = d.req, None
             if d.samples:
@@ -169,17 +174,28 @@ class Scheduler:
                 self.allocator.commit(req.slot, req.token_ids, d.computed)
             if token is None:
                 continue
-            reason = req.set_token(d.index, token)
-            if reason is not None:
-                queue = self.running if req.status is RequestStatus.RUNNING else self.waiting
-                queue.remove(req)
-                self._release(req)
-                self._finish(req, reason)
-            results.append((req, token, reason))
+            outputs.append(self._output(req, token, req.set_token(d.index, token), i - 1))
         self._deferred = []
         self.free_slots += self._held_slots
         self._held_slots = []
-        return results
+        return self._emit(outputs)
+
+    def _output(self, req: Request, token: int, code: int, index: int) -> tuple:
+        """One output entry; a request that finished leaves its queue and gives back its slot."""
+        if code != FINISH_NONE:
+            queue = self.running if req.status is RequestStatus.RUNNING else self.waiting
+            queue.remove(req)
+            self._release(req)
+            self._finish(req, code)
+        return req.owner, token, code, index
+
+    def _emit(self, outputs: list[tuple]) -> int:
+        owners, tokens, finish, index = zip(*outputs) if outputs else ((), (), (), ())
+        self.out_owners = np.array(owners, dtype=np.int64)
+        self.out_tokens = np.array(tokens, dtype=np.int64)
+        self.out_finish = np.array(finish, dtype=np.uint8)
+        self.out_index = np.array(index, dtype=np.int64)
+        return len(outputs)
 
     # ---- policy ------------------------------------------------------------------------
     def _schedule_running(self, budget: int, decodes_first: bool = False,
@@ -273,15 +289,15 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         if req.slot >= 0:
             if req.status is RequestStatus.RUNNING:
-                self.on_release(req.slot)
+                self._released.append(req.slot)
             self.allocator.free(req.slot)
             (self._held_slots if req.in_flight else self.free_slots).append(req.slot)
             req.slot = -1
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _finish(self, req: Request, code: int) -> None:
         req.status = RequestStatus.FINISHED
-        req.finish_reason = reason
-        del self.requests[req.request_id]
+        req.finish_code = code
+        del self.requests[req.owner]
 
     def _build_batch(self) -> ScheduledBatch:
         reqs = [r for r, _ in self._scheduled]

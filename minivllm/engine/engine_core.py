@@ -1,7 +1,11 @@
-"""EngineCore: the step loop. Read it top to bottom: ingest, schedule, execute, update, publish.
+"""EngineCore: the step loop. Read it top to bottom: add, schedule, execute, update, outputs.
 
-This in-process core is what the offline `LLM` drives; the engine process runs the same
-`step_arrays()` behind shared-memory rings.
+The seam between the core and everything above it is arrays, not objects. A caller adds a
+request under an int64 `owner` it chooses (the engine process packs its client and request into
+one; `LLM` counts), and each `step()` returns the step's outputs as arrays: owners, tokens,
+finish codes (ipc/minivllm_ipc.h's MV_FINISH_*) and, when any row asked, logprobs in the wire
+layout. One torch-free output processor (frontend/output_processor.py) turns those into text,
+stop strings and finish reasons, for the engine process's clients and for `LLM` alike.
 
 Async scheduling (on CUDA by default) overlaps the host with the GPU: a call schedules and
 launches step k+1, then waits for step k's tokens, applies them (Scheduler.resolve) and returns
@@ -19,9 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from minivllm.config import EngineConfig
-from minivllm.core.block_allocator import BlockAllocator
-from minivllm.core.scheduler import FINISH_REASONS, Request, Scheduler
-from minivllm.engine.model_runner import InFlight, ModelRunner
+from minivllm.core.scheduler import core_implementation
+from minivllm.engine.model_runner import ModelRunner
 from minivllm.inputs import check_prompt
 from minivllm.layers.sampler import SamplerOutput
 from minivllm.loader import load_tokenizer, resolve_model
@@ -29,30 +32,26 @@ from minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class EngineOutput:
-    """One new token of one request (a step emits one per sampled request)."""
-
-    request_id: str
-    token_id: int
-    finish_reason: Optional[str]
-    logprobs: Optional[dict[int, float]] = None  # sampled token and top-N, when asked
+# Logprobs as the wire carries them (ipc/PROTOCOL.md, "Step output"): the sampled token's
+# logprob [n] (NaN where a row asked none), top ids [n, k] (-1 past what a row asked) and their
+# logprobs [n, k].
+Logprobs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass
-class StepResult:
-    """A step's sampled rows as arrays (views valid until the next step)."""
+class StepOutputs:
+    """One step's new tokens, one entry per sampled request (views valid until the next step)."""
 
-    admitted: list[Request]  # requests that got a slot this step
-    admitted_slots: list[int]  # their slots (a request done in its first step has none left)
-    slots: np.ndarray        # slot of each sampled row
-    token_ids: np.ndarray    # its new token
-    finish: np.ndarray       # its finish code: FINISH_REASONS[code]
-    sampled: Optional[SamplerOutput]  # logprobs, when any row asked
+    owners: np.ndarray     # int64: the handle each request was added under
+    token_ids: np.ndarray  # int64
+    finish: np.ndarray     # uint8 MV_FINISH_* codes: FINISH_REASONS[code] is the reason
+    logprobs: Optional[Logprobs] = None
+
+    def __len__(self) -> int:
+        return len(self.owners)
 
 
-_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_OUTPUTS = StepOutputs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8))
 
 
 class EngineCore:
@@ -66,107 +65,78 @@ class EngineCore:
             overlap = config.model.torch_device().type == "cuda"
         self.overlap = overlap
         self.runner = ModelRunner(config, self.source, overlap)
-        self._in_flight: Optional[InFlight] = None  # async scheduling: the step launched last
+        self.sampler = self.runner.sampler
+        self._in_flight = None  # async scheduling: the step launched last
         self.max_model_len = self.runner.max_model_len
         spec = self.runner.kv_spec
-        self.allocator = BlockAllocator(
+        impl = core_implementation(config.scheduler.implementation)
+        self._request_cls = impl.Request
+        self.allocator = impl.BlockAllocator(
             spec.num_blocks, spec.block_size, config.scheduler.max_num_seqs,
             -(-self.max_model_len // spec.block_size), config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.allocator, self.max_model_len,
-                                   on_release=self.runner.sampler.remove_request)
+        self.scheduler = impl.Scheduler(config.scheduler, self.allocator, self.max_model_len)
         eos = set(self.source.arch.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self._arrivals = 0
-        self._by_slot: list[Optional[Request]] = [None] * config.scheduler.max_num_seqs
-        logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens%s",
-                    time.perf_counter() - t0, self.source.name, self.runner.device,
-                    self.runner.dtype, spec.num_blocks, spec.block_size, spec.num_tokens,
+        logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens, "
+                    "%s scheduler%s", time.perf_counter() - t0, self.source.name,
+                    self.runner.device, self.runner.dtype, spec.num_blocks, spec.block_size,
+                    spec.num_tokens, config.scheduler.implementation,
                     ", async scheduling" if overlap else "")
 
-    # ---- ingest -----------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
-                    params: SamplingParams, priority: int = 0) -> Request:
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, owner: int, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    priority: int = 0):
+        """Queue a request under `owner` (an int64 unique among unfinished requests); raises
+        ValueError for a prompt or owner the engine cannot take."""
         check_prompt(prompt_token_ids, self.max_model_len, self.source.arch.vocab_size)
-        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids,
-                      self.max_model_len, self._arrivals, time.monotonic(), priority)
-        self._arrivals += 1
+        req = self._request_cls(owner, prompt_token_ids, params, self.eos_token_ids,
+                                self.max_model_len, self._arrivals, time.monotonic(), priority)
         self.scheduler.add_request(req)
+        self._arrivals += 1
         return req
 
-    def abort_request(self, request_id: str) -> bool:
-        return self.scheduler.abort(request_id) is not None
+    def abort_request(self, owner: int) -> bool:
+        return self.scheduler.abort(owner) is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- the step -----------------------------------------------------------------------
-    def step_arrays(self) -> StepResult:
-        """One step: schedule, forward and sample, update. The result is arrays, one entry per
-        sampled row; the engine process publishes them without a Python object per token."""
+    def step(self) -> StepOutputs:
+        """One step: schedule, forward and sample, update. Returns its outputs as arrays."""
         batch, admitted = self.scheduler.schedule()
-        slots = [req.slot for req in admitted]
+        for slot in self.scheduler.take_released().tolist():  # before a slot is reused
+            self.sampler.remove_request(slot)
         for req in admitted:
-            self._by_slot[req.slot] = req
-            self.runner.sampler.add_request(req.slot, req.params,
-                                            req.token_ids[:req.num_prompt_tokens],
-                                            req.eos_ids, req.output_token_ids)
+            self.sampler.add_request(req.slot, req.params, req.token_ids[:req.num_prompt_tokens],
+                                     req.eos_ids, req.output_token_ids)
         if self.overlap:
-            return self._step_overlapped(batch, admitted, slots)
+            return self._step_overlapped(batch)
         if batch is None:
-            return self._result(admitted, slots, None)
+            return _NO_OUTPUTS
         sampled = self.runner.execute(batch)
-        token_ids = sampled.token_ids.cpu().numpy()  # the step's one device->host sync
-        # No result tuples from the scheduler: rows name slots, and a finished request stays
-        # in _by_slot until its slot is admitted again.
-        self.scheduler.update_arrays(token_ids)
-        return self._result(admitted, slots, sampled)
+        self.scheduler.update(sampled.token_ids.cpu().numpy())  # the step's one device->host sync
+        return self._outputs(sampled)
 
-    def _step_overlapped(self, batch, admitted: list[Request], slots: list[int]) -> StepResult:
+    def _step_overlapped(self, batch) -> StepOutputs:
         """Launch this step, then apply the previous one's tokens while the GPU runs it."""
         done = self._in_flight
         self._in_flight = None if batch is None else self.runner.launch(batch)
         if done is not None:
-            self.scheduler.resolve_arrays(done.tokens())
+            self.scheduler.resolve(done.tokens())
         if batch is not None:
             self.scheduler.defer()
-        return self._result(admitted, slots, None if done is None else done.sampled)
+        return _NO_OUTPUTS if done is None else self._outputs(done.sampled)
 
-    def _result(self, admitted: list[Request], slots: list[int],
-                sampled: Optional[SamplerOutput]) -> StepResult:
-        """The step's outputs; none when nothing was sampled (`sampled` None)."""
-        if sampled is None:
-            return StepResult(admitted, slots, _NO_ROWS, _NO_ROWS, _NO_ROWS, None)
-        return StepResult(admitted, slots, self.scheduler.out_slots, self.scheduler.out_tokens,
-                          self.scheduler.out_finish, sampled)
-
-    def step(self) -> list[EngineOutput]:
-        """step_arrays() as one EngineOutput per new token (the offline API's form)."""
-        result = self.step_arrays()
-        reqs = [self._by_slot[s] for s in result.slots.tolist()]
-        if not reqs:
-            return []
-        logprobs = _logprob_rows(result.sampled, [r.params.logprobs for r in reqs])
-        return [EngineOutput(req.request_id, token, FINISH_REASONS[code], lp)
-                for req, token, code, lp in zip(reqs, result.token_ids.tolist(),
-                                                 result.finish.tolist(), logprobs)]
-
-    def request_in_slot(self, slot: int) -> Optional[Request]:
-        return self._by_slot[slot]
-
-def _logprob_rows(out: SamplerOutput, asked: list[Optional[int]]) -> list[Optional[dict]]:
-    """Per sampled row: {token: logprob} for the sampled token and the top-N, if asked."""
-    if out.logprobs is None or all(n is None for n in asked):
-        return [None] * len(asked)
-    chosen, lp = out.token_ids.tolist(), out.logprobs.tolist()
-    top_ids, top_lp = out.top_ids.tolist(), out.top_logprobs.tolist()
-    rows = []
-    for i, n in enumerate(asked):
-        if n is None:
-            rows.append(None)
-            continue
-        row = dict(zip(top_ids[i][:n], top_lp[i][:n]))
-        row[chosen[i]] = lp[i]
-        rows.append(row)
-    return rows
+    def _outputs(self, sampled: SamplerOutput) -> StepOutputs:
+        s = self.scheduler
+        logprobs = None
+        if sampled.logprobs is not None and len(s.out_index):
+            index = s.out_index
+            logprobs = (sampled.logprobs[index].cpu().numpy(),
+                        sampled.top_ids[index].cpu().numpy().astype(np.int32),
+                        sampled.top_logprobs[index].cpu().numpy())
+        return StepOutputs(s.out_owners, s.out_tokens, s.out_finish, logprobs)

@@ -7,9 +7,11 @@
       idle?      spin briefly on the rings, then sleep on the doorbells and sockets
 
 A client is a frontend process (its own request and output rings, registered over the control
-channel) or a peer of the ZeroMQ ROUTER endpoint. Requests are keyed (client, request id), so
-clients choose their ids independently. Every accepted request ends with a finishing entry or
-an error record; a client that dies has its requests aborted and its blocks freed.
+channel) or a peer of the ZeroMQ ROUTER endpoint; clients choose their request ids
+independently. The core knows a request by an int64 owner; `Owners` is the one map from owners
+to (client, request id), and each client's `requests` maps its ids back to owners. Every
+accepted request ends with a finishing entry or an error record; a client that dies has its
+requests aborted and its blocks freed.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 import zmq
 
 from minivllm.config import TransportConfig
-from minivllm.engine.engine_core import EngineCore, StepResult
+from minivllm.engine.engine_core import EngineCore, StepOutputs
 from minivllm.transport import control, protocol, shm
 from minivllm.transport.doorbell import Bell, BellListener
 from minivllm.transport.protocol import ProtocolError
@@ -40,12 +42,37 @@ def _readable(socket: zmq.Socket) -> bool:
     return bool(socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
 
+class Owners:
+    """owner -> (client key, request id) for every request in the core. Owners are indices into
+    arrays, reused once a request has ended (the core never names an ended owner again), so a
+    step's outputs find their clients with numpy, not a Python lookup per token."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.client = np.full(capacity, -1, np.int64)
+        self.request_id = np.zeros(capacity, np.uint64)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def add(self, client_key: int, request_id: int) -> int:
+        if not self._free:
+            grown = len(self.client)
+            self.client = np.concatenate([self.client, np.full(grown, -1, np.int64)])
+            self.request_id = np.concatenate([self.request_id, np.zeros(grown, np.uint64)])
+            self._free = list(range(2 * grown - 1, grown - 1, -1))
+        owner = self._free.pop()
+        self.client[owner], self.request_id[owner] = client_key, request_id
+        return owner
+
+    def remove(self, owner: int) -> None:
+        self.client[owner] = -1
+        self._free.append(owner)
+
+
 class Client:
-    """Where one client's records go, and which of its requests are in flight."""
+    """Where one client's records go, and which of its requests are in flight (id -> owner)."""
 
     def __init__(self, key: int, name: str) -> None:
         self.key, self.name = key, name
-        self.requests: set[int] = set()
+        self.requests: dict[int, int] = {}
 
     def send_step(self, step: int, *arrays) -> None:
         raise NotImplementedError
@@ -150,10 +177,7 @@ class EngineProc:
         self.frontends: dict[str, FrontendClient] = {}
         self.peers: dict[bytes, RouterClient] = {}
         self._next_key = 0
-        n = core.config.scheduler.max_num_seqs
-        self.slot_client = np.full(n, -1, np.int64)
-        self.slot_request = np.zeros(n, np.uint64)
-        self.slot_logprobs = np.full(n, -1, np.int64)
+        self.owners = Owners()
         self.step_count = 0
         self.draining = False
         self.stopping = False
@@ -171,7 +195,7 @@ class EngineProc:
             while not self.stopping:
                 self.ingest()
                 if self.core.has_unfinished():
-                    self.publish(self.core.step_arrays())
+                    self.publish(self.core.step())
                 elif self.draining and self.stop_when_drained:
                     break
                 else:
@@ -244,22 +268,25 @@ class EngineProc:
             client.send_error(protocol.ERR_DUPLICATE_ID,
                               f"request id {rid} is already in flight", rid)
             return
+        owner = self.owners.add(client.key, rid)
         try:
-            params = rec.sampling_params()
-            self.core.add_request((client.key, rid), rec.prompt_token_ids, params,
+            self.core.add_request(owner, rec.prompt_token_ids, rec.sampling_params(),
                                   priority=rec.priority)
         except ValueError as exc:
+            self.owners.remove(owner)
             self.counters["errors"] += 1
             client.send_error(protocol.ERR_INVALID_REQUEST, str(exc), rid)
             return
-        client.requests.add(rid)
+        client.requests[rid] = owner
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(rec.prompt_token_ids)
 
     def _abort(self, client: Client, rid: int, notify: bool = True) -> None:
-        if not self.core.abort_request((client.key, rid)):
+        owner = client.requests.get(rid)
+        if owner is None or not self.core.abort_request(owner):
             return  # finished already: its last entry is on its way
-        client.requests.discard(rid)
+        del client.requests[rid]
+        self.owners.remove(owner)
         self.counters["aborted"] += 1
         if notify:
             client.send_step(self.step_count, np.array([rid], np.uint64),
@@ -267,34 +294,29 @@ class EngineProc:
                              np.array([protocol.FINISH_ABORT], np.uint8))
 
     # ---- publish --------------------------------------------------------------------------
-    def publish(self, result: StepResult) -> None:
+    def publish(self, out: StepOutputs) -> None:
+        """The step's entries, one record per client that has some; finished requests end."""
         self.step_count += 1
-        for req, slot in zip(result.admitted, result.admitted_slots):
-            key, rid = req.request_id
-            self.slot_client[slot], self.slot_request[slot] = key, rid
-            n = req.params.logprobs
-            self.slot_logprobs[slot] = -1 if n is None else n
-        slots = result.slots
-        if len(slots):
-            owners = self.slot_client[slots]
-            request_ids = self.slot_request[slots]
-            token_ids = result.token_ids.astype(np.int32)
-            finish = result.finish.astype(np.uint8)
-            logprobs = self._logprob_arrays(result, slots)
-            self.counters["generation_tokens"] += len(slots)
-            first = owners[0]
-            if (owners == first).all():  # the common case: one client this step
-                self._send(int(first), request_ids, token_ids, finish, logprobs)
+        if len(out):
+            clients = self.owners.client[out.owners]
+            request_ids = self.owners.request_id[out.owners]
+            token_ids = out.token_ids.astype(np.int32)
+            self.counters["generation_tokens"] += len(out)
+            first = clients[0]
+            if (clients == first).all():  # the common case: one client this step
+                self._send(int(first), request_ids, token_ids, out.finish, out.logprobs)
             else:
-                for key in np.unique(owners).tolist():
-                    rows = np.flatnonzero(owners == key)
-                    self._send(key, request_ids[rows], token_ids[rows], finish[rows],
-                               None if logprobs is None else tuple(a[rows] for a in logprobs))
-            for i in np.flatnonzero(finish).tolist():
-                client = self.clients.get(int(owners[i]))
+                for key in np.unique(clients).tolist():
+                    rows = np.flatnonzero(clients == key)
+                    self._send(key, request_ids[rows], token_ids[rows], out.finish[rows],
+                               None if out.logprobs is None
+                               else tuple(a[rows] for a in out.logprobs))
+            for i in np.flatnonzero(out.finish).tolist():
+                self.owners.remove(int(out.owners[i]))
+                self.counters["finished"] += 1
+                client = self.clients.get(int(clients[i]))
                 if client is not None:
-                    client.requests.discard(int(request_ids[i]))
-                    self.counters["finished"] += 1
+                    client.requests.pop(int(request_ids[i]), None)
                     self._forget_idle_peer(client)
             for client in [p for p in self.peers.values() if p.gone]:  # vanished mid-stream
                 logger.info("client %s is gone: aborting its requests", client.name)
@@ -307,22 +329,6 @@ class EngineProc:
         if client is not None:  # else gone: its requests were aborted, these are stragglers
             client.send_step(self.step_count, request_ids, token_ids, finish,
                              *(logprobs or ()))
-
-    def _logprob_arrays(self, result: StepResult, slots):
-        """(logprob [n], top ids [n, k], top logprobs [n, k]) for the rows that asked, or None.
-        Rows that asked for none get NaN and -1; k is the most any row asked for."""
-        asked = self.slot_logprobs[slots]
-        out = result.sampled
-        if out is None or out.logprobs is None or (asked < 0).all():
-            return None
-        k = int(asked.max())
-        lp = out.logprobs.float().cpu().numpy().astype(np.float32)
-        top_ids = out.top_ids[:, :k].cpu().numpy().astype(np.int32)
-        top_lp = out.top_logprobs[:, :k].float().cpu().numpy().astype(np.float32)
-        beyond = np.arange(k)[None, :] >= asked[:, None]
-        top_ids[beyond], top_lp[beyond] = -1, np.nan
-        lp[asked < 0] = np.nan
-        return lp, top_ids, top_lp
 
     # ---- idle -----------------------------------------------------------------------------
     def wait_for_work(self) -> None:

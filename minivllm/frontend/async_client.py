@@ -5,8 +5,8 @@
         print(out.outputs[0].delta_text, end="")
     final = await client.submit([1, 2, 3], params)       # the same path, as a future
 
-One reader task drains the output ring and feeds per-request state; a consumer wakes once per
-engine step however many tokens arrived (`RequestState` coalesces them). Requests go out as
+One reader task drains the output ring into the output processor (the same one `LLM` uses); a
+consumer wakes once per engine step however many tokens arrived (`RequestState` coalesces them). Requests go out as
 submit records into the request ring. The reader spins `spin_us` when the ring runs dry, then
 sleeps on the doorbell; every `ENGINE_CHECK_S` it checks that the engine process still lives.
 If it died, every request in flight fails with EngineDeadError at once, new ones are refused
@@ -16,7 +16,6 @@ socket.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import time
@@ -26,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from minivllm.config import TransportConfig
-from minivllm.frontend.output_processor import CompletionStream, RequestState
+from minivllm.frontend.output_processor import CompletionStream, OutputProcessor, RequestState
 from minivllm.inputs import PromptType, check_prompt, parse_prompt
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
@@ -71,7 +70,7 @@ class AsyncEngineClient:
         self.tokenizer = tokenizer
         self._apply_info(channel.info)
         self._wire_ids = itertools.count(1)
-        self._streams: dict[int, tuple[CompletionStream, RequestState]] = {}
+        self.processor = OutputProcessor(tokenizer, self.eos_token_ids)
         self._requests: dict[str, RequestState] = {}
         self._request_ids = itertools.count()
         self._events: dict[int, asyncio.Event] = {}  # id(state) -> its consumer's wake-up
@@ -160,38 +159,37 @@ class AsyncEngineClient:
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        streams = [CompletionStream(i, p, self.tokenizer, ids, self.eos_token_ids)
-                   for i, p in enumerate(_per_completion(params))]
-        state = RequestState(request_id, text, ids, streams)
+        state = self.processor.add_request(request_id, text, ids, params,
+                                           lambda: next(self._wire_ids))
         self._requests[request_id] = state
         self._events[id(state)] = asyncio.Event()
         try:
-            for stream in streams:
-                stream.wire_id = next(self._wire_ids)
-                self._streams[stream.wire_id] = (stream, state)
-                self.channel.submit(stream.wire_id, ids, stream.params)
+            for stream in state.streams:
+                self.channel.submit(stream.key, ids, stream.params)
         except BaseException:
             # Nobody holds a stream of this request to close it: forget it here (aborting
-            # what was sent), or it stays in _requests/_streams/_events for good.
+            # what was sent), or it stays in _requests/processor/_events for good.
             self._release(state)
             raise
         return state
 
     def _release(self, state: RequestState) -> None:
-        for stream in state.streams:
-            if not stream.finished and self.state == "ready":
-                self._abort_stream(stream)
-            self._streams.pop(stream.wire_id, None)
+        for key in self.processor.release(state):
+            if self.state == "ready":
+                self._send_abort(key)
         self._requests.pop(state.request_id, None)
         self._events.pop(id(state), None)
 
     def _abort_stream(self, stream: CompletionStream) -> None:
         stream.fail("abort")
-        self._streams.pop(stream.wire_id, None)
+        self.processor.streams.pop(stream.key, None)
+        self._send_abort(stream.key)
+
+    def _send_abort(self, key: int) -> None:
         try:
-            self.channel.abort(stream.wire_id)
+            self.channel.abort(key)
         except Exception:  # noqa: BLE001  (a dead engine: nothing left to abort)
-            logger.debug("abort of wire request %d not sent", stream.wire_id)
+            logger.debug("abort of wire request %d not sent", key)
 
     def _wake(self, state: RequestState) -> None:
         event = self._events.get(id(state))
@@ -247,31 +245,22 @@ class AsyncEngineClient:
 
     def _on_step(self, rec: protocol.StepBatch) -> None:
         """Apply a batch's entries in order (the steps' boundaries do not matter here)."""
-        rows = zip(rec.request_ids.tolist(), rec.token_ids.tolist(), rec.finish_reasons.tolist())
-        for i, (wire_id, token, finish) in enumerate(rows):
-            entry = self._streams.get(wire_id)
-            if entry is None:
-                continue  # released, or finished by a stop string: stragglers
-            stream, state = entry
-            logprobs = None
-            if rec.logprobs is not None and stream.params.logprobs is not None and token >= 0:
-                k = stream.params.logprobs
-                logprobs = dict(zip(rec.top_token_ids[i, :k].tolist(),
-                                    rec.top_logprobs[i, :k].tolist()))
-                logprobs[token] = float(rec.logprobs[i])
-            if stream.add(token, finish, logprobs):
-                self._abort_stream(stream)  # a stop string matched
-            elif stream.finished:
-                del self._streams[wire_id]
+        logprobs = None if rec.logprobs is None else (rec.logprobs, rec.top_token_ids,
+                                                      rec.top_logprobs)
+        touched, stopped = self.processor.process(rec.request_ids, rec.token_ids,
+                                                  rec.finish_reasons, logprobs)
+        for key in stopped:
+            self._send_abort(key)
+        for state in touched:
             self._wake(state)
 
     def _on_error(self, rec: protocol.ErrorRecord) -> None:
-        entry = self._streams.get(rec.request_id) if rec.request_id is not None else None
+        entry = (self.processor.streams.pop(rec.request_id, None)
+                 if rec.request_id is not None else None)
         if entry is None:
             logger.error("engine error (code %d): %s", rec.code, rec.message)
             return
         stream, state = entry
-        del self._streams[rec.request_id]
         stream.fail("error")
         state.error = _ERRORS.get(rec.code, EngineError)(rec.message, rec.code)
         for other in state.streams:  # the request fails as a whole
@@ -284,13 +273,13 @@ class AsyncEngineClient:
         logger.error("the engine process %d died: failing %d requests in flight",
                      self.engine_pid, len(self._requests))
         self.state = "dead"
-        for stream, state in list(self._streams.values()):
+        for stream, state in list(self.processor.streams.values()):
             stream.fail("error")
             if state.error is None:
                 state.error = EngineDeadError("the engine process died while serving this "
                                               "request")
             self._wake(state)
-        self._streams.clear()
+        self.processor.streams.clear()
         self._reconnect = asyncio.create_task(self._reattach())
 
     async def _reattach(self) -> None:
@@ -376,11 +365,3 @@ class RequestStream:
     async def aclose(self) -> None:
         self.close()
 
-
-def _per_completion(params: SamplingParams) -> list[SamplingParams]:
-    """n completions are n engine requests; seeded ones get seed + i (as the offline path)."""
-    if params.n == 1:
-        return [params]
-    return [dataclasses.replace(params, n=1,
-                                seed=None if params.seed is None else params.seed + i)
-            for i in range(params.n)]

@@ -1,30 +1,37 @@
-"""Frontend output processing: engine tokens in, RequestOutputs with text out.
+"""Output processing: engine step arrays in, RequestOutputs with text out. No torch here.
 
-A `CompletionStream` follows one engine request (one of a request's `n` completions): it appends
-tokens, detokenizes incrementally, collects logprobs, and matches stop strings on the text (the
-engine knows token ids only). A match truncates the text before the stop string, finishes the
-completion with reason "stop", and tells the caller to abort the engine request. While running,
-the last (longest stop string - 1) characters are held back from the stream: they may be the
-start of a stop string that must not be shown.
+One path for every caller: `AsyncEngineClient` feeds it the step outputs it reads from its ring
+(keys are its wire request ids), `LLM` the arrays `EngineCore.step()` returns (keys are owners).
+
+The engine knows token ids only. An engine request (one of a request's `n` completions) is a
+`CompletionStream`: it appends tokens, detokenizes incrementally (each token decoded once, in a
+short window), collects logprobs, and matches stop strings on the text it adds (the overlap a
+stop string can straddle included): the cost per token stays flat however long the output. A
+match truncates the text before the stop string and finishes the completion with reason "stop";
+the caller then aborts the engine request. While running, the last (longest stop string - 1)
+characters are held back from the stream: they may be the start of a stop string.
 
 A `RequestState` gathers a request's streams and turns them into RequestOutput snapshots, with
 the text and tokens added since the previous snapshot in `delta_text` / `delta_token_ids`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import numpy as np
 
 from minivllm.frontend.detokenizer import IncrementalDetokenizer
 from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
-from minivllm.transport.protocol import FINISH_REASONS
+from minivllm.transport.protocol import FINISH_REASONS, FINISH_STOP
 
 
 class CompletionStream:
     def __init__(self, index: int, params: SamplingParams, tokenizer,
                  prompt_token_ids: Sequence[int], eos_token_ids: Sequence[int]) -> None:
         self.index, self.params = index, params
-        self.wire_id = -1  # the engine request's id, set by the client
+        self.key = -1  # the engine request's handle (wire id or owner), set on submission
         self.eos_token_ids = set(eos_token_ids)
         self.detok = (None if tokenizer is None else
                       IncrementalDetokenizer(tokenizer, prompt_token_ids,
@@ -37,8 +44,9 @@ class CompletionStream:
         self.cumulative_logprob: Optional[float] = None
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[object] = None
-        self.sent_text = 0    # characters of `text` already given out
-        self.sent_tokens = 0  # tokens already given out
+        self.stop_checked = 0  # characters of `text` searched for stop strings
+        self.sent_text = 0     # characters of `text` already given out
+        self.sent_tokens = 0   # tokens already given out
 
     @property
     def finished(self) -> bool:
@@ -56,28 +64,31 @@ class CompletionStream:
             if self.detok is not None:
                 self.text += self.detok.push(token_id)
         if finish_code:
-            self._finish(FINISH_REASONS[finish_code], token_id)
+            self._finish(FINISH_REASONS[finish_code], finish_code, token_id)
             return False
         return bool(self.params.stop) and self._match_stop()
 
-    def _finish(self, reason: str, token_id: int) -> None:
+    def _finish(self, reason: str, code: int, token_id: int) -> None:
         if self.detok is not None:
             self.text += self.detok.flush()
         self.finish_reason = reason
-        if reason == "stop" and token_id not in self.eos_token_ids:
+        if code == FINISH_STOP and token_id not in self.eos_token_ids:
             self.stop_reason = token_id  # a stop token id, as vLLM reports it
         if self.params.stop:
             self._match_stop()  # a stop string completed by the last token
 
     def _match_stop(self) -> bool:
-        """The first stop string (in the order given) found in the text ends the completion,
-        cut before its first occurrence (the offline path's rule)."""
-        hit = next((s for s in self.params.stop if s in self.text), None)
-        if hit is None:
-            return False
-        self.text = self.text[:self.text.index(hit)]
-        self.finish_reason, self.stop_reason = "stop", hit
-        return True
+        """The first stop string (in the order given) in the text ends the completion, cut
+        before its first occurrence. Earlier text held none, so only the new text (and the
+        len - 1 characters before it) is searched."""
+        checked, self.stop_checked = self.stop_checked, len(self.text)
+        for stop in self.params.stop:
+            at = self.text.find(stop, max(0, checked - len(stop) + 1))
+            if at >= 0:
+                self.text = self.text[:at]
+                self.finish_reason, self.stop_reason = "stop", stop
+                return True
+        return False
 
     def fail(self, reason: str = "abort") -> None:
         if not self.finished:
@@ -99,6 +110,7 @@ class RequestState:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.streams = streams
         self.error: Optional[BaseException] = None
+        self.num_cached_tokens = 0
 
     @property
     def finished(self) -> bool:
@@ -114,5 +126,75 @@ class RequestState:
                 s.finish_reason, s.stop_reason, s.cumulative_logprob,
                 None if s.logprobs is None else list(s.logprobs),
                 delta_text=delta_text, delta_token_ids=delta_tokens))
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
+                             self.num_cached_tokens)
 
+
+class OutputProcessor:
+    """The streams in flight, by key, and the step arrays applied to them."""
+
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.streams: dict[int, tuple[CompletionStream, RequestState]] = {}
+
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                    params: SamplingParams, new_key: Callable[[], int]) -> RequestState:
+        """A request's state, one stream per completion, each under a key from `new_key`; the
+        caller submits `state.streams` to the engine (and `release`s the state if that fails)."""
+        streams = [CompletionStream(i, p, self.tokenizer, prompt_token_ids, self.eos_token_ids)
+                   for i, p in enumerate(per_completion(params))]
+        state = RequestState(request_id, prompt, prompt_token_ids, streams)
+        for stream in streams:
+            stream.key = new_key()
+            self.streams[stream.key] = (stream, state)
+        return state
+
+    def process(self, keys: np.ndarray, token_ids: np.ndarray, finish: np.ndarray,
+                logprobs=None) -> tuple[list[RequestState], list[int]]:
+        """Apply a step's entries in order. Returns the requests they advanced (each once) and
+        the keys whose stop string matched: the caller aborts those in the engine."""
+        touched: dict[int, RequestState] = {}
+        stopped = []
+        rows = zip(keys.tolist(), token_ids.tolist(), finish.tolist())
+        for i, (key, token, code) in enumerate(rows):
+            entry = self.streams.get(key)
+            if entry is None:
+                continue  # released, or finished by a stop string: stragglers
+            stream, state = entry
+            if stream.add(token, code, _row_logprobs(logprobs, i, stream, token)):
+                stopped.append(key)
+            if stream.finished:
+                del self.streams[key]
+            touched[id(state)] = state
+        return list(touched.values()), stopped
+
+    def release(self, state: RequestState) -> list[int]:
+        """Forget a request; returns the keys of its streams still running in the engine."""
+        running = []
+        for stream in state.streams:
+            if self.streams.pop(stream.key, None) is not None and not stream.finished:
+                running.append(stream.key)
+        return running
+
+
+def _row_logprobs(logprobs, i: int, stream: CompletionStream,
+                  token: int) -> Optional[dict[int, float]]:
+    """Entry i's {token: logprob} (the sampled token and the top-N asked), if it asked."""
+    if logprobs is None or stream.logprobs is None or token < 0:
+        return None
+    sampled, top_ids, top_logprobs = logprobs
+    k = stream.params.logprobs
+    row = dict(zip(top_ids[i, :k].tolist(), top_logprobs[i, :k].tolist()))
+    row[token] = float(sampled[i])
+    return row
+
+
+def per_completion(params: SamplingParams) -> list[SamplingParams]:
+    """n completions are n engine requests; seeded ones get seed + i, so that they differ but
+    stay reproducible."""
+    if params.n == 1:
+        return [params]
+    return [dataclasses.replace(params, n=1,
+                                seed=None if params.seed is None else params.seed + i)
+            for i in range(params.n)]

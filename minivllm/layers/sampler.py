@@ -118,7 +118,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
 @dataclass
 class SamplerOutput:
     """One step's tokens. Logprob fields are None when no active request asked for logprobs;
-    N is the largest `logprobs` among active requests (rows that asked fewer ignore the tail)."""
+    N is the largest `logprobs` among active requests, and rows that asked fewer (or none) hold
+    -1 ids and NaN logprobs there, as the wire's step output carries them."""
 
     token_ids: torch.Tensor                     # [S] int64
     logprobs: Optional[torch.Tensor]            # [S] float32, of the sampled token
@@ -165,6 +166,7 @@ class Sampler:
         self._float_params = torch.zeros(max_num_seqs, 6, dtype=torch.float32, device=device)
         self._int_params = torch.zeros(max_num_seqs, 4, dtype=torch.int64, device=device)
         self._num_sampled = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self._num_logprobs = torch.full((max_num_seqs,), -1, dtype=torch.int64, device=device)
         self._weyl = torch.arange(1, vocab_size + 1, dtype=torch.int64,
                                   device=device).mul_(_GOLDEN_GAMMA)
         self._generator = torch.Generator(device=self.device)
@@ -197,6 +199,7 @@ class Sampler:
             self._set_stop_ids(slot, stop_ids)
         self._slot_stages[slot] = stages
         self._stage_counts.update(stages)
+        self._num_logprobs[slot] = -1 if params.logprobs is None else params.logprobs
         if params.logprobs is not None:
             self._slot_logprobs[slot] = params.logprobs
             self._logprobs_counts[params.logprobs] += 1
@@ -233,7 +236,7 @@ class Sampler:
             logits = self._penalize(logits, slots, float_params)
         token_ids = self._choose(logits, float_params, int_params, positions)
         self._record(slots, token_ids)
-        return self._output(token_ids, raw_logprobs)
+        return self._output(token_ids, raw_logprobs, slots)
 
     # -- add_request helpers ------------------------------------------------------------------
 
@@ -329,10 +332,16 @@ class Sampler:
             ones = torch.ones(slots.shape, dtype=torch.int32, device=self.device)
             self._output_counts.index_put_((slots, token_ids), ones, accumulate=True)
 
-    def _output(self, token_ids: torch.Tensor,
-                raw_logprobs: Optional[torch.Tensor]) -> SamplerOutput:
+    def _output(self, token_ids: torch.Tensor, raw_logprobs: Optional[torch.Tensor],
+                slots: torch.Tensor) -> SamplerOutput:
+        """Logprobs in the wire's form: NaN and -1 where a row asked for none or fewer."""
         if raw_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
+        asked = self._num_logprobs[slots]
         sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-        top_logprobs, top_ids = raw_logprobs.topk(max(self._logprobs_counts), dim=-1)
-        return SamplerOutput(token_ids, sampled, top_ids, top_logprobs)
+        sampled.masked_fill_(asked < 0, float("nan"))
+        k = max(self._logprobs_counts)
+        top_logprobs, top_ids = raw_logprobs.topk(k, dim=-1)
+        beyond = torch.arange(k, device=self.device).unsqueeze(0) >= asked.unsqueeze(1)
+        return SamplerOutput(token_ids, sampled, top_ids.masked_fill_(beyond, -1),
+                             top_logprobs.masked_fill_(beyond, float("nan")))

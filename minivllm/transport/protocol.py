@@ -11,23 +11,15 @@ from __future__ import annotations
 import struct
 
 from minivllm._cext import records
-from minivllm._cext.records import (  # noqa: F401  (re-exported: the transport's vocabulary)
-    Abort, ErrorRecord, ProtocolError, StepBatch, StepOutput, Submit, decode, encode_abort,
-    encode_error, encode_step_output, encode_submit, put_abort, put_error, put_step_output,
-    put_submit, read_batch, read_record)
-
-MAGIC, VERSION = records.MAGIC, records.VERSION
-KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = 1, 2, 3, 4
-
-SAMPLING_HAS_SEED, SAMPLING_IGNORE_EOS = 1, 2
-STEP_HAS_LOGPROBS = 1
-ERROR_HAS_REQUEST = 1
-
-FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = 0, 1, 2, 3
-FINISH_REASONS = (None, "stop", "length", "abort")  # indexed by code, like the scheduler's
-
-ERR_MALFORMED, ERR_INVALID_REQUEST, ERR_DUPLICATE_ID = 1, 2, 3
-ERR_OVERLOADED, ERR_DRAINING, ERR_INTERNAL = 4, 5, 6
+# The transport's vocabulary, re-exported. The codes come from ipc/minivllm_ipc.h through the
+# compiled codecs: never typed again in Python.
+from minivllm._cext.records import (  # noqa: F401
+    ERR_DRAINING, ERR_DUPLICATE_ID, ERR_INTERNAL, ERR_INVALID_REQUEST, ERR_MALFORMED,
+    ERR_OVERLOADED, ERROR_HAS_REQUEST, FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_REASONS,
+    FINISH_STOP, KIND_ABORT, KIND_ERROR, KIND_STEP_OUTPUT, KIND_SUBMIT, MAGIC, SAMPLING_HAS_SEED,
+    SAMPLING_IGNORE_EOS, STEP_HAS_LOGPROBS, VERSION, Abort, ErrorRecord, ProtocolError, StepBatch,
+    StepOutput, Submit, decode, encode_abort, encode_error, encode_step_output, encode_submit,
+    put_abort, put_error, put_step_output, put_submit, read_batch, read_record)
 
 # struct -> (size, [(field, offset, struct-module type)]); "sub:<struct>" nests a struct.
 LAYOUT: dict[str, tuple[int, list[tuple[str, int, str]]]] = {

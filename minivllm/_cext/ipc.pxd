@@ -1,0 +1,49 @@
+# cython: language_level=3
+"""ipc/minivllm_ipc.h for Cython: the wire contract's structs and codes, declared, not restated.
+
+The values live in the header alone; the record codecs (csrc/records.pyx) and the scheduler
+(csrc/scheduler.pyx, finish codes) cimport them from here, and records.pyx exports them to Python.
+"""
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "minivllm_ipc.h" nogil:
+    uint32_t MV_MAGIC, MV_VERSION
+    uint32_t MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR
+    uint32_t MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
+    uint32_t MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
+    uint32_t MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
+    uint32_t MV_FINISH_NONE, MV_FINISH_STOP, MV_FINISH_LENGTH, MV_FINISH_ABORT
+    uint32_t MV_ERR_MALFORMED, MV_ERR_INVALID_REQUEST, MV_ERR_DUPLICATE_ID, MV_ERR_OVERLOADED
+    uint32_t MV_ERR_DRAINING, MV_ERR_INTERNAL
+    ctypedef struct mv_header:
+        uint32_t magic
+        uint16_t version
+        uint16_t kind
+        uint32_t size
+        uint32_t flags
+    ctypedef struct mv_sampling:
+        double temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
+        int32_t top_k, max_tokens, min_tokens, logprobs
+        uint64_t seed
+        uint32_t flags
+        int32_t priority
+    ctypedef struct mv_submit:
+        mv_header header
+        uint64_t request_id
+        mv_sampling sampling
+        uint32_t num_prompt_tokens
+        uint32_t num_stop_token_ids
+    ctypedef struct mv_abort:
+        mv_header header
+        uint64_t request_id
+    ctypedef struct mv_step_output:
+        mv_header header
+        uint64_t step
+        uint32_t num_entries
+        uint32_t num_top_logprobs
+    ctypedef struct mv_error:
+        mv_header header
+        uint64_t request_id
+        uint32_t code
+        uint32_t message_len
