@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from minivllm.config import ArchConfig
+from minivllm.layers.linear import MergedLinear
 from minivllm.loader import (EMBEDDED_MODEL_NAME, ModelSource, load_tokenizer, load_weights,
                              resolve_model)
 from minivllm.loader.dummy import PRESETS, expected_parameters
@@ -85,6 +86,18 @@ def test_gguf_weights_are_cast_to_the_requested_dtype():
     for (name, full), (name_bf16, half) in zip(first(torch.float32), first(torch.bfloat16)):
         assert name == name_bf16 and half.dtype == torch.bfloat16
         assert torch.equal(half, full.to(torch.bfloat16))
+
+
+def test_merged_linear_loads_each_shard_into_its_rows():
+    # The file lists the embedding, then layer 0's nine tensors.
+    weights = dict(itertools.islice(load_weights(resolve_model(None), torch.float32, CPU), 10))
+    q, k, v = (weights[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    qkv = MergedLinear(576, [q.shape[0], k.shape[0], v.shape[0]], bias=False)
+    for shard, w in enumerate((q, k, v)):
+        qkv.weight.weight_loader(qkv.weight, w, shard)
+    assert torch.equal(qkv.weight, torch.cat([q, k, v]))
+    with pytest.raises(ValueError, match=r"shape \(192, 576\) where the model expects \(576, 576\)"):
+        qkv.weight.weight_loader(qkv.weight, k, 0)
 
 
 def test_gguf_header_matches_gguf_reader(embedded_gguf):

@@ -3,7 +3,7 @@
 Input is one flattened varlen batch: `input_ids` and `positions` are [T] for all sequences of
 the step together; attention finds each sequence's run through `AttentionMetadata`.
 q/k/v and gate/up projections are fused into one matmul each (fewer, larger GEMMs); the
-loader's Hugging Face names are mapped onto the fused weights in `load_weights`.
+checkpoint's separate tensors load into them as shards (`load_weights`, minivllm/layers/linear.py).
 On CPU the same code runs C kernels: the norm, rotary and activation layers choose them when
 built, and the model runner swaps in CPU linears and attention (minivllm/layers/cpu_*.py).
 """
@@ -18,6 +18,7 @@ from torch import nn
 from minivllm.config import ArchConfig
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import AttentionBackend, AttentionMetadata
+from minivllm.layers.linear import MergedLinear, default_weight_loader
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
 
@@ -29,8 +30,8 @@ class Attention(nn.Module):
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=arch.attention_bias)
+        self.qkv_proj = MergedLinear(arch.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                                     bias=arch.attention_bias)
         self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
         self.rotary, self.backend = rotary, backend
         self.scale = self.head_dim ** -0.5
@@ -49,7 +50,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.gate_up_proj = MergedLinear(arch.hidden_size, [arch.intermediate_size] * 2, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
         self.act_fn = SiluAndMul()
 
@@ -76,9 +77,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # Hugging Face name fragment -> (our fused parameter, shard index)
-    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    # Checkpoint projection -> (our fused parameter, its shard), as nano-vllm names it.
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, arch: ArchConfig, backend: AttentionBackend, max_position: int) -> None:
         super().__init__()
@@ -110,47 +112,24 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors into our (fused) parameters; every one must be filled."""
+        """Fill every parameter from Hugging Face-named tensors (as `minivllm.loader` yields
+        them), each through its parameter's weight_loader."""
         params = dict(self.named_parameters())
-        filled: set[str] = set()
+        unfilled = set(params)
         for hf_name, tensor in weights:
-            name, shard = self._our_name(hf_name)
-            if name is None:
-                continue
+            name, shard = hf_name.removeprefix("model."), None
+            for part, (fused, shard_id) in self.packed_modules_mapping.items():
+                if f".{part}." in name:
+                    name, shard = name.replace(f".{part}.", f".{fused}."), shard_id
+                    break
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in this model")
             param = params[name]
-            target = param.data if shard is None else self._shard(name, param, shard)
-            if target.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(target.shape)}")
-            target.copy_(tensor)
-            filled.add(name if shard is None else f"{name}#{shard}")
-        self._check_filled(params, filled)
-
-    def _our_name(self, hf_name: str):
-        if hf_name.startswith("model."):
-            hf_name = hf_name[len("model."):]
-        if "rotary_emb" in hf_name or (hf_name == "lm_head.weight" and self.lm_head is None):
-            return None, None  # derived buffers; a tied head that a checkpoint still ships
-        for part, (fused, shard) in self._FUSED.items():
-            if f".{part}." in hf_name:
-                return hf_name.replace(part, fused), shard
-        return hf_name, None
-
-    def _shard(self, name: str, param: torch.Tensor, shard: int) -> torch.Tensor:
-        if "qkv_proj" in name:
-            attn = self.layers[0].self_attn
-            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
-        else:
-            sizes = [self.arch.intermediate_size] * 2
-        return param.data.split(sizes, dim=0)[shard]
-
-    def _check_filled(self, params: dict, filled: set[str]) -> None:
-        missing = []
-        for name in params:
-            shards = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 0
-            want = [f"{name}#{i}" for i in range(shards)] if shards else [name]
-            missing += [w for w in want if w not in filled]
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            try:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {hf_name!r}: {e}") from None
+            unfilled.discard(name)
+        if unfilled:
+            raise ValueError(f"checkpoint lacks {len(unfilled)} parameter(s), "
+                             f"e.g. {sorted(unfilled)[:3]}")
