@@ -1,0 +1,143 @@
+"""OpenAI's response bodies, made from engine outputs: completions and chat completions, whole
+(one JSON body) or streamed (SSE chunks), with token usage and logprobs.
+
+One object per HTTP request holds what every body and chunk of its response shares (id,
+creation time, model); the two endpoints differ only in where the text and the logprobs go. A
+request of several prompts numbers its choices prompt by prompt: choice index = prompt index x n
++ the sequence's own index.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Optional
+
+from minivllm.outputs import CompletionOutput, RequestOutput
+from minivllm.sampling_params import SamplingParams
+from minivllm.tokenizer import Tokenizer
+
+
+def usage(finals: list[RequestOutput]) -> dict:
+    """OpenAI's usage object over every prompt of a request."""
+    prompt = sum(len(o.prompt_token_ids) for o in finals)
+    completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+class OpenAIResponse:
+    """One request's response: `body` once every prompt has finished, or, streamed,
+    `stream_head`, then `stream_chunks` per engine output, then `usage_chunk` if asked for."""
+
+    object_name = ""
+    chunk_name = ""
+    id_prefix = ""
+
+    def __init__(self, model: str, tokenizer: Optional[Tokenizer],
+                 params: SamplingParams) -> None:
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.n = params.n
+
+    def _envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def body(self, finals: list[RequestOutput]) -> dict:
+        choices = [self.choice(i * self.n + c.index, c)
+                   for i, out in enumerate(finals) for c in out.outputs]
+        return self._envelope(self.object_name, choices, usage=usage(finals))
+
+    def stream_head(self) -> list[dict]:
+        return []
+
+    def stream_chunks(self, i: int, out: RequestOutput) -> list[dict]:
+        """The chunks for one output of prompt `i`: one per sequence with news."""
+        chunks = []
+        for c in out.outputs:
+            if c.delta_text or c.delta_token_ids or c.finished:
+                chunks.append(self._envelope(self.chunk_name,
+                                             [self.delta_choice(i * self.n + c.index, c)]))
+        return chunks
+
+    def usage_chunk(self, finals: list[RequestOutput]) -> dict:
+        return self._envelope(self.chunk_name, [], usage=usage(finals))
+
+    def choice(self, index: int, c: CompletionOutput) -> dict:
+        raise NotImplementedError
+
+    def delta_choice(self, index: int, c: CompletionOutput) -> dict:
+        raise NotImplementedError
+
+    def _token(self, token_id: int) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(
+            [token_id], skip_special_tokens=False)
+
+    def _delta_logprobs(self, c: CompletionOutput, ids: list[int]) -> Optional[list[dict]]:
+        if c.logprobs is None:
+            return None
+        return c.logprobs[len(c.logprobs) - len(ids):] if ids else []
+
+
+class CompletionResponse(OpenAIResponse):
+    object_name, chunk_name, id_prefix = "text_completion", "text_completion", "cmpl-"
+
+    def choice(self, index: int, c: CompletionOutput) -> dict:
+        return {"index": index, "text": c.text,
+                "logprobs": self._logprobs(c.token_ids, c.logprobs),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def delta_choice(self, index: int, c: CompletionOutput) -> dict:
+        ids = c.delta_token_ids
+        return {"index": index, "text": c.delta_text,
+                "logprobs": self._logprobs(ids, self._delta_logprobs(c, ids)),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def _logprobs(self, ids: list[int], rows: Optional[list[dict]]) -> Optional[dict]:
+        if rows is None:
+            return None
+        tokens = [self._token(t) for t in ids]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        k = self.params.logprobs or 0
+        return {"tokens": tokens, "token_logprobs": [row[t] for t, row in zip(ids, rows)],
+                "top_logprobs": [{self._token(t): lp for t, lp in
+                                  sorted(row.items(), key=lambda kv: -kv[1])[:max(k, 1)]}
+                                 for row in rows],
+                "text_offset": offsets}
+
+
+class ChatResponse(OpenAIResponse):
+    object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    def choice(self, index: int, c: CompletionOutput) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._logprobs(c.token_ids, c.logprobs),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def stream_head(self) -> list[dict]:
+        return [self._envelope(self.chunk_name, [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None} for i in range(self.n)])]
+
+    def delta_choice(self, index: int, c: CompletionOutput) -> dict:
+        ids = c.delta_token_ids
+        delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
+        return {"index": index, "delta": delta,
+                "logprobs": self._logprobs(ids, self._delta_logprobs(c, ids)),
+                "finish_reason": c.finish_reason}
+
+    def _logprobs(self, ids: list[int], rows: Optional[list[dict]]) -> Optional[dict]:
+        if rows is None:
+            return None
+        k = self.params.logprobs or 0
+
+        def entry(t: int, lp: float) -> dict:
+            text = self._token(t)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        return {"content": [dict(entry(t, row[t]), top_logprobs=[
+            entry(tt, lp) for tt, lp in sorted(row.items(), key=lambda kv: -kv[1])[:k]])
+            for t, row in zip(ids, rows)]}

@@ -1,0 +1,211 @@
+"""The OpenAI serving path: one HTTP request in, engine streams out, OpenAI's JSON or SSE back.
+
+Completions and chat completions differ only in their prompts and their response shape
+(`responses.py`); the rest is one path, `serve`: the bound on sequences per request, admission,
+one engine stream per prompt (each carrying its n sequences), the streams merged as their
+outputs come, then either collected into one JSON body (a client that disconnects first has its
+requests aborted) or sent as SSE chunks as they are made, with a usage chunk when asked for.
+Engine errors become OpenAI errors (503 while the engine is down or draining), and every
+output's latencies and token counts go into the metrics on the way.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import (TYPE_CHECKING, AsyncGenerator, AsyncIterator, Awaitable, Callable, Optional,
+                    Union)
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from minivllm.frontend.async_client import EngineDeadError, EngineDrainingError, EngineError
+from minivllm.outputs import RequestOutput
+from minivllm.sampling_params import SamplingParams
+from minivllm.server import metrics
+from minivllm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from minivllm.server.responses import ChatResponse, CompletionResponse, OpenAIResponse
+
+if TYPE_CHECKING:  # app.py imports this module
+    from minivllm.server.app import ServerState
+
+# One request takes one --max-pending slot however many sequences it asks for (n x prompts),
+# so that number needs its own bound: OpenAI's cap on n.
+MAX_SEQUENCES_PER_REQUEST = 128
+
+# (prompt index, output) pairs of every prompt's engine stream, as they come
+Merged = AsyncGenerator[tuple[int, RequestOutput], None]
+
+
+async def serve(state: ServerState, request: Request,
+                req: Union[CompletionRequest, ChatCompletionRequest], params: SamplingParams,
+                prompts: list, chat: bool) -> Union[dict, StreamingResponse]:
+    """Generate for every prompt of `req`; the whole response, or its SSE stream."""
+    start = time.monotonic()
+    if len(prompts) * params.n > MAX_SEQUENCES_PER_REQUEST:
+        raise APIError(400, f"this request asks for {len(prompts) * params.n} sequences (n x "
+                            f"prompts); the limit is {MAX_SEQUENCES_PER_REQUEST}",
+                       param="n" if len(prompts) == 1 else "prompt")
+    state.admit()
+    streams: list = []
+    try:
+        try:
+            for prompt in prompts:
+                streams.append(state.client.open(prompt, params))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
+        except EngineError as exc:
+            raise engine_error(exc) from None
+        response = (ChatResponse if chat else CompletionResponse)(
+            state.model_name, state.client.tokenizer, params)
+        recorder = MetricsRecorder(start, len(prompts))
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = _sse(response, _merge(streams), recorder, include_usage, state.release)
+            streams = None  # the stream owns the requests and the admission slot now
+            return StreamingResponse(body, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        finals = await _until_done_or_disconnect(request, _collect(_merge(streams), recorder))
+        return response.body(finals)
+    finally:
+        if streams is not None:
+            for stream in streams:
+                stream.close()
+            state.release()
+
+
+def engine_error(exc: EngineError) -> APIError:
+    """An engine failure as the error the client sees."""
+    if isinstance(exc, (EngineDeadError, EngineDrainingError)):
+        return APIError(503, str(exc), type_="service_unavailable")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    return APIError(500, str(exc), type_="internal_error")
+
+
+class MetricsRecorder:
+    """One request's outputs into the metrics, per prompt: TTFT, inter-token latency and
+    end-to-end latency into the histograms, and token and finish counters once finished."""
+
+    def __init__(self, start: float, n_prompts: int) -> None:
+        self.start = start
+        self.last: list[Optional[float]] = [None] * n_prompts
+
+    def observe(self, i: int, out: RequestOutput) -> None:
+        now = time.monotonic()
+        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new:
+            if self.last[i] is None:
+                metrics.ttft.observe(now - self.start)
+            else:
+                gap = (now - self.last[i]) / new
+                for _ in range(new):
+                    metrics.itl.observe(gap)
+            self.last[i] = now
+            metrics.generation_tokens.inc(new)
+        if out.finished:
+            metrics.e2e.observe(now - self.start)
+            metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+            for c in out.outputs:
+                metrics.requests.labels(c.finish_reason).inc()
+
+
+async def _merge(streams: list) -> Merged:
+    """(prompt index, output) from every prompt's stream, as they come."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            streams[0].close()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out, None))
+        except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
+            await queue.put((i, None, exc))
+        await queue.put((i, None, None))
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            i, out, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                open_streams -= 1
+                continue
+            yield i, out
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---- whole: every prompt's final output, unless the client leaves first --------------------
+async def _collect(merged: Merged, recorder: MetricsRecorder) -> list[RequestOutput]:
+    finals: list[Optional[RequestOutput]] = [None] * len(recorder.last)
+    async for i, out in merged:
+        recorder.observe(i, out)
+        finals[i] = out
+    return finals
+
+
+async def _until_done_or_disconnect(request: Request, work: Awaitable):
+    """Await `work`; if the client goes away first, cancel it (aborting its requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return _result(task)
+        task.cancel()
+        metrics.aborted.labels("disconnect").inc()
+        raise APIError(499, "client disconnected")
+    finally:
+        watcher.cancel()
+
+
+def _result(task: asyncio.Task):
+    try:
+        return task.result()
+    except EngineError as exc:
+        raise engine_error(exc) from None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- streamed: SSE chunks as outputs come, then [DONE] ---------------------------------------
+async def _sse(response: OpenAIResponse, merged: Merged, recorder: MetricsRecorder,
+               include_usage: bool, release: Callable[[], None]) -> AsyncIterator[str]:
+    finals: dict[int, RequestOutput] = {}
+    try:
+        for chunk in response.stream_head():
+            yield _event(chunk)
+        async for i, out in merged:
+            recorder.observe(i, out)
+            finals[i] = out
+            for chunk in response.stream_chunks(i, out):
+                yield _event(chunk)
+        if include_usage:
+            yield _event(response.usage_chunk([finals[i] for i in sorted(finals)]))
+    except EngineError as exc:
+        yield _event(engine_error(exc).body())
+    except asyncio.CancelledError:
+        metrics.aborted.labels("disconnect").inc()
+        raise
+    finally:
+        await merged.aclose()
+        release()
+    yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
