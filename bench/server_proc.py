@@ -16,17 +16,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Optional, Sequence
 
 import httpx
 
-SHM_DIR = "/dev/shm"
-# The transport's names: mvl_<creator pid>_<random>_<role> (minivllm/transport/shm.py).
-_SEGMENT = re.compile(r"^mvl_(\d+)_[0-9a-f]+_\w+?(\.sock)?$")
-SOCKET_DIR = os.path.join(tempfile.gettempdir(), f"minivllm-{os.getuid()}")
+from minivllm.transport import shm
 
 
 def _ppid(pid: int) -> Optional[int]:
@@ -35,15 +31,6 @@ def _ppid(pid: int) -> Optional[int]:
             return int(f.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    """Running and not a zombie (a zombie holds no resources; its parent reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
 
 
 def descendants(root: int) -> list[int]:
@@ -61,14 +48,9 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def segments(pids: Sequence[int], directory: str = SHM_DIR) -> list[str]:
+def segments(pids: Sequence[int], directory: str = shm.SHM_DIR) -> list[str]:
     """The transport's segments (or socket files) created by any of `pids`."""
-    wanted = set(pids)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if (m := _SEGMENT.match(n)) and int(m.group(1)) in wanted)
+    return sorted(name for pid in set(pids) for name in shm.list_segments(pid, directory))
 
 
 def _stop_with_parent() -> None:
@@ -90,7 +72,7 @@ class ServeProcess:
         if isinstance(args, str):
             args = shlex.split(args)
         self.args = list(args)
-        env = dict(os.environ, MINIVLLM_LOG_LEVEL="WARNING", **(env or {}))
+        env = {**os.environ, "MINIVLLM_LOG_LEVEL": "WARNING", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "minivllm.cli", "serve", "--port", "0", *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -224,7 +206,7 @@ def leftovers(pids: Sequence[int], settle: float = 10.0) -> dict[str, list]:
     """What the given processes left once stopped: any still running, their /dev/shm segments
     and their ZeroMQ socket files. Processes get `settle` seconds to finish exiting."""
     deadline = time.monotonic() + settle
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(shm.pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return {"processes": [p for p in pids if _alive(p)], "shm": segments(pids),
-            "sockets": segments(pids, SOCKET_DIR)}
+    return {"processes": [p for p in pids if shm.pid_alive(p)], "shm": segments(pids),
+            "sockets": segments(pids, shm.SOCKET_DIR)}

@@ -1,12 +1,17 @@
-"""Shared fixtures: the embedded GGUF, and tiny random Hugging Face model directories."""
+"""Shared fixtures: the embedded GGUF, tiny random Hugging Face model directories, an engine
+process, and shared-memory rings."""
 from __future__ import annotations
 
+import atexit
 from typing import Callable, Optional
 
 import pytest
 import torch
 
+from minivllm.config import SupervisorConfig, TransportConfig
+from minivllm.engine.supervisor import Supervisor
 from minivllm.loader.embedded import embedded_gguf_path
+from minivllm.transport import shm
 
 
 @pytest.fixture(scope="session")
@@ -74,26 +79,26 @@ def _save_tokenizer(path: str, gguf_path: str) -> None:
                             ).save_pretrained(path)
 
 
-class EngineServer:
-    """A real engine process (spawned) serving the embedded model over the transport."""
+class EngineServer(Supervisor):
+    """A real engine process serving the embedded model over the transport, started by the
+    product's supervisor (which waits until it is ready). It is not restarted when it exits, so
+    a test may stop it through the control channel and watch it go."""
 
     def __init__(self, **engine_options) -> None:
-        import multiprocessing as mp
-
-        from minivllm.config import TransportConfig
-        from minivllm.engine.engine_proc import run_engine
         from minivllm.llm import build_engine_config
-        from minivllm.transport import shm
 
-        self.transport = TransportConfig(control=shm.socket_endpoint("control"),
-                                         zmq_endpoint=shm.socket_endpoint("zmq"))
         config = build_engine_config(None, **{"dtype": "float32", "num_blocks": 512,
                                               **engine_options})
-        self.process = mp.get_context("spawn").Process(
-            target=run_engine, args=(config, self.transport), daemon=True)
-        self.process.start()
-        self.control = self.transport.control
-        self.zmq_endpoint = self.transport.zmq_endpoint
+        super().__init__(config, TransportConfig(zmq_endpoint=shm.socket_endpoint("zmq")),
+                         SupervisorConfig(restart_limit=0))
+        # The engine is not a daemon process: multiprocessing would wait for it at exit, so a
+        # test that fails before stopping it would hang the run.
+        atexit.register(self.stop)
+        self.start()
+
+    @property
+    def zmq_endpoint(self) -> str:
+        return self.transport.zmq_endpoint
 
     def channel(self, **kwargs):
         from minivllm.transport.channel import EngineChannel
@@ -101,22 +106,7 @@ class EngineServer:
         return EngineChannel(self.control, self.transport, register_timeout=120, **kwargs)
 
     def stop(self) -> None:
-        from minivllm.transport.control import ControlClient
-        import zmq
-
-        if self.process.is_alive():
-            ctx = zmq.Context()
-            client = ControlClient(ctx, self.control)
-            try:
-                client.call("shutdown", timeout=5, drain=False)
-            except Exception:  # noqa: BLE001  (killed below if it did not answer)
-                pass
-            client.close()
-            ctx.term()
-            self.process.join(20)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
+        self.shutdown(drain=False, timeout=15.0)
 
 
 @pytest.fixture(scope="module")

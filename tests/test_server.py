@@ -4,78 +4,33 @@ metrics across two API servers, engine crash, and SIGTERM under load."""
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from minivllm.transport import shm
+from bench.server_proc import ServeProcess, leftovers, metrics, wait_engine_idle, wait_healthy
 
 KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+NOTHING_LEFT = {"processes": [], "shm": [], "sockets": []}
 
 
-def _cmdline(pid) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-class Server:
-    """A real `minivllm serve` process (its children: the engine and the API servers; the
-    multiprocessing resource tracker is left out)."""
-
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ, MINIVLLM_LOG_LEVEL=os.environ.get("SERVER_LOG_LEVEL", "WARNING"))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "minivllm.cli", "serve", "--port", "0", "--dtype", "float32",
-             "--num-blocks", "1024", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            start_new_session=True)  # its own process group, as a terminal would give it
-        line = self.proc.stdout.readline()
-        match = re.search(r"http://([\d.]+):(\d+)", line)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"server did not start: {line}{self.proc.stderr.read()[-3000:]}")
-        self.url = f"http://{match.group(1)}:{match.group(2)}"
-
-    def children(self) -> list[int]:
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat", "rb") as f:
-                        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if ppid == self.proc.pid and "resource_tracker" not in _cmdline(entry):
-                    pids.append(int(entry))
-        return pids
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+def serve(*args: str) -> ServeProcess:
+    """`minivllm serve --port 0` on the embedded model (fp32, 1024 KV blocks) with `args`; its
+    log level is SERVER_LOG_LEVEL's, WARNING by default."""
+    return ServeProcess(["--dtype", "float32", "--num-blocks", "1024", *args],
+                        env={"MINIVLLM_LOG_LEVEL": os.environ.get("SERVER_LOG_LEVEL", "WARNING")})
 
 
 @pytest.fixture(scope="module")
 def server():
-    srv = Server("--api-servers", "2", "--api-key", KEY, "--max-pending", "8")
+    srv = serve("--api-servers", "2", "--api-key", KEY, "--max-pending", "8")
     yield srv
     assert srv.stop() == 0
 
@@ -251,29 +206,8 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(serve
 
 
 # ---- disconnects and metrics ----------------------------------------------------------------
-def _metrics(server) -> dict:
-    text = httpx.get(server.url + "/metrics").text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = sample.name + ("" if not sample.labels else
-                                 str(sorted(sample.labels.items())))
-            values[key] = values.get(key, 0.0) + sample.value
-    return values
-
-
-def _wait_engine_idle(server, timeout=20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = _metrics(server)
-        if m["minivllm:num_requests_running"] == 0 and m["minivllm:kv_cache_usage_perc"] == 0:
-            return m
-        assert time.monotonic() < deadline, "the engine did not go idle"
-        time.sleep(0.1)
-
-
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
-    before = _metrics(server)
+    before = metrics(server.url)
     body = {"model": MODEL, "prompt": "Write a long essay.", "max_tokens": 2000,
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
@@ -281,20 +215,20 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
         for i, _ in enumerate(resp.iter_lines()):
             if i > 5:
                 break
-    after = _wait_engine_idle(server)
-    key = "minivllm:requests_aborted_total[('reason', 'disconnect')]"
+    after = wait_engine_idle(server.url)
+    key = "minivllm:requests_aborted_total{reason=disconnect}"
     assert after.get(key, 0) == before.get(key, 0) + 1
 
 
 def test_metrics_parse_and_count_the_requests_sent(server, oai):
-    before = _wait_engine_idle(server)
+    before = wait_engine_idle(server.url)
     usages = []
     for i in range(6):  # spread over both API servers by the kernel
         out = oai.completions.create(model=MODEL, prompt=f"Number {i}:", max_tokens=4 + i,
                                      temperature=0, extra_body={"ignore_eos": True})
         usages.append(out.usage)
-    after = _metrics(server)
-    length = "minivllm:request_success_total[('finished_reason', 'length')]"
+    after = metrics(server.url)
+    length = "minivllm:request_success_total{finished_reason=length}"
     assert after[length] - before.get(length, 0) == 6
     assert after["minivllm:generation_tokens_total"] - before["minivllm:generation_tokens_total"] \
         == sum(u.completion_tokens for u in usages)
@@ -309,8 +243,8 @@ def test_metrics_parse_and_count_the_requests_sent(server, oai):
 
 
 def test_api_servers_run_no_torch(server):
-    engine_pid = httpx.get(server.url + "/health").json()["engine_pid"]
-    api_pids = [p for p in server.children() if p != engine_pid]
+    engine_pid = server.engine_pid()
+    api_pids = server.api_server_pids()
     assert len(api_pids) == 2
     for pid in api_pids:
         with open(f"/proc/{pid}/maps") as f:
@@ -322,9 +256,9 @@ def test_api_servers_run_no_torch(server):
 
 # ---- faults: engine crash, then SIGTERM under load -------------------------------------------
 def test_engine_crash_then_sigterm_under_load():
-    srv = Server("--drain-timeout", "300")  # generous: CI machines may be slow
+    srv = serve("--drain-timeout", "300")  # generous: CI machines may be slow
     try:
-        engine_pid = httpx.get(srv.url + "/health").json()["engine_pid"]
+        engine_pid = srv.engine_pid()
         body = {"model": MODEL, "prompt": "Write a long essay.", "max_tokens": 4000,
                 "ignore_eos": True, "stream": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as resp:
@@ -338,24 +272,21 @@ def test_engine_crash_then_sigterm_under_load():
         assert health.status_code == 503
         refused = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi"}, timeout=30)
         assert refused.status_code == 503
-        deadline = time.monotonic() + 120
-        while httpx.get(srv.url + "/health").status_code != 200:
-            assert time.monotonic() < deadline, "the engine did not come back"
-            time.sleep(0.2)
+        wait_healthy(srv.url, engine_pid=engine_pid)
         ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4},
                         timeout=60)
         assert ok.status_code == 200
-        assert _metrics(srv)["minivllm:engine_restarts"] == 1
-        pids = srv.children()
+        assert metrics(srv.url)["minivllm:engine_restarts"] == 1
+        pids = srv.process_tree()
 
-        base = _metrics(srv).get("minivllm:generation_tokens_total", 0)
+        base = metrics(srv.url).get("minivllm:generation_tokens_total", 0)
 
         async def load():
             async with httpx.AsyncClient(base_url=srv.url, timeout=300) as c:
                 req = {"prompt": "Count to a hundred:", "max_tokens": 96, "ignore_eos": True}
                 tasks = [asyncio.ensure_future(c.post("/v1/completions", json=req))
                          for _ in range(6)]
-                while _metrics(srv).get("minivllm:generation_tokens_total", 0) < base + 12:
+                while metrics(srv.url).get("minivllm:generation_tokens_total", 0) < base + 12:
                     await asyncio.sleep(0.05)  # all six are generating
                 srv.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)
@@ -368,22 +299,16 @@ def test_engine_crash_then_sigterm_under_load():
         assert srv.proc.wait(60) == 0
     finally:
         srv.stop()
-    assert not srv.children()
-    assert not any(shm.list_segments(pid=p) for p in pids + [srv.proc.pid])
-    assert not any(shm.list_segments(pid=p, directory=shm.SOCKET_DIR)
-                   for p in pids + [srv.proc.pid])
+    assert leftovers(pids) == NOTHING_LEFT
 
 
 def test_ctrl_c_stops_everything_cleanly():
-    srv = Server("--api-servers", "2")
-    pids = srv.children()
-    assert len(pids) == 3
+    srv = serve("--api-servers", "2")
+    assert len(srv.api_server_pids()) == 2
+    pids = srv.process_tree()
     ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4},
                     timeout=60)
     assert ok.status_code == 200
     os.killpg(srv.proc.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to the whole group
     assert srv.proc.wait(60) == 0
-    assert not any(shm.pid_alive(p) for p in pids)
-    assert not any(shm.list_segments(pid=p) for p in pids + [srv.proc.pid])
-    assert not any(shm.list_segments(pid=p, directory=shm.SOCKET_DIR)
-                   for p in pids + [srv.proc.pid])
+    assert leftovers(pids) == NOTHING_LEFT
