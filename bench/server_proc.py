@@ -1,12 +1,12 @@
-"""A real `minivllm serve` subprocess for benchmarks and chaos runs, and the checks that it
-left nothing behind (KV blocks, shared-memory segments, socket files, processes).
+"""A real `minivllm serve` subprocess for benchmarks, chaos runs and the server tests, and the
+checks that it left nothing behind (KV blocks, shared-memory segments, socket files, processes).
 
     srv = ServeProcess(["--max-num-seqs", "8"])      # --port 0: the port it prints is used
     ... load against srv.url ...
     idle = wait_engine_idle(srv.url)                 # running == 0 and KV usage == 0, or raises
     pids = srv.process_tree()                        # before stopping: who to look for after
     code = srv.stop()                                # SIGTERM, drain, exit status
-    print(leftovers(srv, pids))                      # {"processes": [], "shm": [], "sockets": []}
+    print(leftovers(pids))                           # {"processes": [], "shm": [], "sockets": []}
 """
 from __future__ import annotations
 
