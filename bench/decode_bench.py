@@ -3,6 +3,7 @@
     python -m bench.decode_bench --model llama-3-8b --batch 1 --json PATH
     python -m bench.decode_bench --model qwen2.5-0.5b --batch 256 --json PATH
     python -m bench.decode_bench --model qwen2.5-0.5b --batch 256 --no-async-scheduling ...
+    python -m bench.decode_bench --model qwen2.5-0.5b --batch 256 --kernels torch ...
 
 Dummy weights (bf16), random prompts, greedy, EOS ignored; the engine's own step loop
 (EngineCore.step) is timed, so the host path (schedule, stage inputs, replay, sample, update)
@@ -100,23 +101,23 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=30)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--tag", default="", help="appended to the record names (A/B runs)")
+    ap.add_argument("--kernels", default=None, help="a kernel set other than auto (A/B runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     bandwidth = hbm_bandwidth()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=max(args.batch, 1),
               max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=args.enforce_eager,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, kernels=args.kernels)
     engine = llm.engine
     vocab = engine.source.arch.vocab_size
     rng = random.Random(0)
     total = 8 + 2 * args.steps + args.profile_steps + 8  # warm-up, timed, profiled, breakdown
     for i in range(args.batch):
-        engine.add_request(str(i), [rng.randrange(10, vocab - 10) for _ in range(args.prompt_len)],
+        engine.add_request(i, [rng.randrange(10, vocab - 10) for _ in range(args.prompt_len)],
                            SamplingParams(temperature=0, max_tokens=total, ignore_eos=True))
-    started: set[str] = set()
+    started: set[int] = set()
     while len(started) < args.batch:  # prefill until every request has its first token
-        started.update(o.request_id for o in engine.step())
+        started.update(engine.step().owners.tolist())
     for _ in range(8):  # warm-up decode steps
         engine.step()
     torch.cuda.synchronize()
@@ -155,7 +156,8 @@ def main() -> None:
 
     name = (f"{args.model} bf16 decode batch {args.batch}"
             f"{' eager' if args.enforce_eager else ''}"
-            f"{' async' if args.async_scheduling else ' sync'} scheduling{args.tag}")
+            f"{' async' if args.async_scheduling else ' sync'} scheduling"
+            f"{f', {args.kernels} kernels' if args.kernels else ''}")
     recs = [
         records.record(f"{name}: step time (median of {args.steps})", step * 1e3, "ms",
                        context=context),

@@ -2,11 +2,11 @@
 # One call on the lent GPU machine: set up, then the stages named as arguments, logs under $OUT.
 #   bash bench/gpu_session.sh setup tests parity quick   (repository root; .whl carried, see
 #   ../shared/gpu-wheels.sh); results come back packed in $OUT/session.tgz
-# Stages: setup (wheels, the Cython modules the engine needs), tests (GPU runs of the Triton and
+# Stages: setup (wheels, setup.py's build of the extensions), tests (GPU runs of the Triton and
 # engine tests), tests-fused (the kernel tests alone), parity (greedy vs transformers,
 # both models), quick (our throughput alone), bench-smollm, bench-qwen (ragged 256 against
 # transformers static and continuous batching), decode (batch-1 llama-3-8b MBU, batch-256 idle
-# gap), decode-256, decode-ab (the fused Triton kernels off), decode-async (batch-256 idle gap
+# gap), decode-256, decode-ab (plain torch kernels), decode-async (batch-256 idle gap
 # with and without async scheduling, Llama-3-8B batch 1), sweep (tokens/s per batch size against
 # transformers), ragged-ab (the ragged 256 run, async scheduling on and off, ours alone),
 # batching (the serving batching table: a capacity probe, then bench.batching_table at 60%).
@@ -21,11 +21,13 @@ mkdir -p "$OUT" "$RES"
 run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, keep going on failure
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
-  local t0=$SECONDS
+  local t0=$SECONDS rc
   timeout "$limit" "$@" >"$W/$name.log" 2>&1
-  echo "=== $name: rc=$? in $((SECONDS - t0)) s"
+  rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   tail -n "${TAILN:-8}" "$W/$name.log"
   tar czf "$OUT/session.tgz" -C "$W" .
+  return $rc
 }
 RAGGED="--load-format dummy --workload ragged --num-prompts 256 --dtype bfloat16"
 for stage in "$@"; do
@@ -36,24 +38,18 @@ for stage in "$@"; do
       export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-      # One module at a time: one that fails to compile leaves the others usable. A module is
-      # rebuilt when its sources changed since the build kept on a warm machine.
-      for name in block_allocator scheduler cpu_kernels ring records; do
-        stamp=/tmp/stamps/$name && mkdir -p /tmp/stamps
-        sum=$(cat csrc/$name.pyx csrc/*.h csrc/*.pxd ipc/*.h minivllm/_cext/*.pxd 2>/dev/null | sha1sum)
-        [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ] && continue
-        rm -f minivllm/_cext/$name.cpython-312*.so
-        run build-$name 300 python3 -c "
-import numpy as np
-from Cython.Build import cythonize
-from setuptools import Extension, setup
-ext = Extension('minivllm._cext.$name', ['csrc/$name.pyx'], include_dirs=['csrc', 'ipc', np.get_include()],
-                extra_compile_args=['-O3'], define_macros=[('NPY_NO_DEPRECATED_API', 'NPY_1_7_API_VERSION')])
-setup(script_args=['build_ext', '--inplace'], ext_modules=cythonize([ext],
-      compiler_directives={'language_level': 3, 'boundscheck': False, 'wraparound': False,
-                           'cdivision': True, 'initializedcheck': False}))"
-        ls minivllm/_cext/$name.cpython-312*.so >/dev/null 2>&1 && echo "$sum" > "$stamp"
+      # setup.py's build, skipped on a warm machine when the sources are those of the kept
+      # build and every module is there (a fresh carry removes ignored files it does not name).
+      # Old modules go first: a failed build leaves none to be imported stale.
+      sum=$(cat setup.py csrc/*.pyx csrc/*.h ipc/*.h minivllm/_cext/*.pxd | sha1sum)
+      built=yes
+      for pyx in csrc/*.pyx; do
+        compgen -G "minivllm/_cext/$(basename "$pyx" .pyx).cpython-312*.so" >/dev/null || built=
       done
+      if [ -z "$built" ] || [ "$(cat /tmp/cext.stamp 2>/dev/null)" != "$sum" ]; then
+        rm -f /tmp/cext.stamp minivllm/_cext/*.cpython-312*.so
+        run build 600 python3 setup.py build_ext --inplace -j 16 && echo "$sum" > /tmp/cext.stamp
+      fi
       mkdir -p "$W/cext" && cp minivllm/_cext/*cpython-312*.so "$W/cext/" ;;
     tests)
       run tests 420 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
@@ -83,13 +79,11 @@ setup(script_args=['build_ext', '--inplace'], ext_modules=cythonize([ext],
     bench-qwen)
       TAILN=6 run bench-qwen 590 python3 -m bench.offline_throughput --model qwen2.5-0.5b $RAGGED \
         --peers hf hf-cb --gpu-memory-utilization 0.4 --json "$RES/offline_gpu_qwen2.5-0.5b.json" ;;
-    decode-ab)  # the fused Triton kernels off (plain torch RMSNorm, rotary, SiLU-and-mul)
-      MINIVLLM_TRITON_KERNELS=0 run decode-8b-nofused 300 python3 -m bench.decode_bench \
-        --model llama-3-8b --batch 1 --tag " (fused kernels off)" \
-        --json "$RES/decode_llama-3-8b_bs1_nofused.json"
-      MINIVLLM_TRITON_KERNELS=0 run decode-256-nofused 300 python3 -m bench.decode_bench \
-        --model qwen2.5-0.5b --batch 256 --tag " (fused kernels off)" \
-        --json "$RES/decode_qwen2.5-0.5b_bs256_nofused.json" ;;
+    decode-ab)  # plain torch kernels (no Triton attention or fused kernels, so no CUDA graphs)
+      run decode-8b-torch 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
+        --kernels torch --json "$RES/decode_llama-3-8b_bs1_torch.json"
+      run decode-256-torch 300 python3 -m bench.decode_bench --model qwen2.5-0.5b --batch 256 \
+        --kernels torch --json "$RES/decode_qwen2.5-0.5b_bs256_torch.json" ;;
     decode-async)
       for mode in async no-async; do
         run decode-256-$mode 300 python3 -m bench.decode_bench --model qwen2.5-0.5b --batch 256 \

@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from minivllm.config import KERNEL_SETS
 
 _MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
                "SmolLM2-135M-Instruct)")
@@ -18,6 +19,8 @@ def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kernels", default=None, choices=["auto", *KERNEL_SETS],
+                   help="kernel set (default: $MINIVLLM_KERNELS, else auto)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +33,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(args):
     from minivllm import LLM
     return LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-               max_model_len=args.max_model_len, seed=args.seed)
+               max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels)
 
 
 def _params(args):
@@ -93,7 +96,8 @@ def cmd_serve(args) -> int:
 
     engine = build_engine_config(
         args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        max_model_len=args.max_model_len, seed=args.seed, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,
         batch_wait_ms=args.batch_wait_ms, async_scheduling=args.async_scheduling,

@@ -11,6 +11,7 @@ dataclasses and must not pay for (or depend on) torch.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _DTYPES = ("float32", "bfloat16", "float16")
+# The kernel sets of layers/kernels.py, which `ModelConfig.kernels` names (or "auto").
+KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -165,19 +168,21 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     max_model_len: Optional[int] = None  # default: the model's max_position_embeddings
-    # auto: the CPU kernels on CPU (where built), Triton on CUDA (where installed), else torch.
-    # torch is the reference backend, selectable everywhere (A/B runs, debugging).
-    attention_backend: str = "auto"  # auto | torch | triton
+    # auto | one of KERNEL_SETS (layers/kernels.py); None: $MINIVLLM_KERNELS, else auto. auto
+    # takes the device's fastest set that runs here; torch, the reference, runs everywhere.
+    kernels: Optional[str] = None
     # True: no CUDA graphs, every step runs eagerly (as vLLM's enforce_eager). Graphs need the
-    # Triton backend, whose kernels read every length from device memory.
+    # cuda-triton kernels, which read every length from device memory.
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "hf", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, hf, gguf or dummy; got {self.load_format!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton; "
-                             f"got {self.attention_backend!r}")
+        if self.kernels is None:
+            self.kernels = os.environ.get("MINIVLLM_KERNELS", "auto")
+        if self.kernels not in ("auto", *KERNEL_SETS):
+            raise ValueError(f"kernels (MINIVLLM_KERNELS) must be auto, "
+                             f"{', '.join(KERNEL_SETS)}; got {self.kernels!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:

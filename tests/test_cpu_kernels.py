@@ -1,6 +1,7 @@
 """The CPU kernels (csrc/cpu_kernels.pyx) against the torch reference paths they replace."""
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -10,15 +11,17 @@ import torch.nn.functional as F
 
 from minivllm import LLM, SamplingParams
 from minivllm._cext import cpu_kernels
+from minivllm.config import ModelConfig
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import TorchAttentionBackend
 from minivllm.layers.cpu_attention import CpuAttentionBackend
 from minivllm.layers.cpu_linear import CpuLinear, pack_weights
+from minivllm.layers.kernels import AVX512_FUSED
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
 from paged_steps import ragged_step, step_metadata
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.supported(), reason="needs AVX-512")
+avx512 = pytest.mark.skipif(not cpu_kernels.supported(), reason="needs AVX-512")
 
 
 def _linear(weight, bias, out_dtype=None) -> CpuLinear:
@@ -29,6 +32,7 @@ DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not cpu_kernels.supported(bf16=True), reason="needs AVX512-BF16"))]
 
 
+@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("n,k,bias", [(40, 64, True), (576, 96, False), (16, 1536, False)])
@@ -45,6 +49,7 @@ def test_linear_matches_f_linear(dtype, m, n, k, bias):
     torch.testing.assert_close(got.float(), want, atol=tol * k ** 0.5, rtol=tol)
 
 
+@avx512
 def test_linear_writes_float32_logits_from_bf16():
     if not cpu_kernels.supported(bf16=True):
         pytest.skip(reason="the bf16 kernels need a CPU with AVX512-BF16")
@@ -54,17 +59,18 @@ def test_linear_writes_float32_logits_from_bf16():
     torch.testing.assert_close(got, F.linear(x.float(), weight.float()), atol=1e-3, rtol=1e-4)
 
 
+@avx512
 def test_linear_accepts_strided_rows():
     weight, x = torch.randn(48, 32), torch.randn(7, 80)[:, 8:40]
     torch.testing.assert_close(_linear(weight, None)(x), F.linear(x, weight))
 
 
+@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [64, 576, 100])
 def test_rms_norm_matches_native(dtype, hidden):
     torch.manual_seed(hidden)
-    norm = RMSNorm(hidden, 1e-5)
-    assert norm.use_cpu_kernel
+    norm = RMSNorm(hidden, 1e-5, AVX512_FUSED)
     norm.weight.data = (1 + 0.1 * torch.randn(hidden)).to(dtype)
     x, residual = torch.randn(9, hidden).to(dtype), torch.randn(9, hidden).to(dtype)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -75,12 +81,12 @@ def test_rms_norm_matches_native(dtype, hidden):
     torch.testing.assert_close(got_out, want_out, **tol)
 
 
+@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [16, 64, 40])
 def test_rotary_matches_native_exactly(dtype, head_dim):
     torch.manual_seed(head_dim)
-    rope = RotaryEmbedding(head_dim, 512, 10000.0)
-    assert rope.use_cpu_kernel
+    rope = RotaryEmbedding(head_dim, 512, 10000.0, fused=AVX512_FUSED)
     qkv = torch.randn(11, (4 + 2 * 2) * head_dim).to(dtype)
     q = qkv[:, :4 * head_dim].view(11, 4, head_dim)
     k = qkv[:, 4 * head_dim:6 * head_dim].view(11, 2, head_dim)
@@ -91,11 +97,11 @@ def test_rotary_matches_native_exactly(dtype, head_dim):
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
 
 
+@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_matches_native(dtype):
     torch.manual_seed(0)
-    act = SiluAndMul()
-    assert act.use_cpu_kernel
+    act = SiluAndMul(AVX512_FUSED)
     gate_up = (torch.randn(13, 2 * 200) * 4).to(dtype)
     gate_up[0, :4] = torch.tensor([-200.0, -80.0, 80.0, 0.0])  # exp's range ends
     tol = dict(atol=1e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -104,6 +110,7 @@ def test_silu_and_mul_matches_native(dtype):
 
 # ---- attention: random ragged steps against the reference backend ---------------------------
 
+@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
     (4, 2, 16, 4), (9, 3, 64, 16), (8, 8, 32, 16), (14, 2, 64, 16), (4, 1, 128, 8)])
@@ -142,6 +149,7 @@ def test_cpu_attention_matches_reference(dtype, heads, kv_heads, head_dim, block
             torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
 
 
+@avx512
 def test_pack_weights_shares_one_buffer():
     weights = [torch.randn(40, 64), torch.randn(16, 96)]
     packed = pack_weights(weights)
@@ -151,8 +159,9 @@ def test_pack_weights_shares_one_buffer():
     assert torch.equal(packed[0][1, 5], weights[0][16:32, 5])
 
 
+@avx512
 def test_kernels_refuse_indices_outside_their_tables():
-    rope = RotaryEmbedding(16, 8, 10000.0)
+    rope = RotaryEmbedding(16, 8, 10000.0, fused=AVX512_FUSED)
     q, k = torch.randn(2, 2, 16), torch.randn(2, 1, 16)
     with pytest.raises(IndexError):
         rope(torch.tensor([0, 8]), q, k)
@@ -167,16 +176,54 @@ def test_kernels_refuse_indices_outside_their_tables():
             backend.forward(torch.randn(2, 1, 16), k, k, cache[0], cache[1], meta, 0.25)
 
 
-def test_model_runner_picks_cpu_kernels(tiny_hf_dir):
-    llm = LLM(tiny_hf_dir("llama"), dtype="float32", num_blocks=16)
-    runner = llm.engine.runner
-    assert isinstance(runner.attn_backend, CpuAttentionBackend)
-    assert isinstance(runner.model.lm_head, CpuLinear)
-    assert isinstance(runner.model.layers[0].self_attn.qkv_proj, CpuLinear)
+# ---- the kernel set: one knob, chosen once, named in one log line ----------------------------
+
+@pytest.mark.parametrize("kernels,dtype,match", [
+    ("cpu-avx2", "float32", "not built yet"), ("cpu-portable", "float32", "not built yet"),
+    ("cpu-avx512", "float16", "float32 or bfloat16")])  # cuda-triton: tests/test_gpu_engine.py
+def test_a_set_that_cannot_run_here_is_a_clear_error(tiny_hf_dir, kernels, dtype, match):
+    with pytest.raises(ValueError, match=f"kernels={kernels!r} cannot run here: .*{match}"):
+        LLM(tiny_hf_dir("llama"), dtype=dtype, device="cpu", kernels=kernels)
 
 
+def test_the_knob_is_validated_and_read_from_the_environment(monkeypatch):
+    with pytest.raises(ValueError, match="kernels"):
+        ModelConfig(kernels="avx9")
+    monkeypatch.setenv("MINIVLLM_KERNELS", "torch")
+    assert ModelConfig().kernels == "torch" and ModelConfig(kernels="auto").kernels == "auto"
+    monkeypatch.setenv("MINIVLLM_KERNELS", "fast")
+    with pytest.raises(ValueError, match="MINIVLLM_KERNELS"):
+        ModelConfig()
+
+
+def test_auto_names_its_choice_in_one_log_line(tiny_hf_dir, caplog, monkeypatch):
+    """auto takes the AVX-512 kernels where the CPU has them, else plain torch and says why
+    (an AVX2-only CPU is simulated); asked for by name there, they are an error."""
+    monkeypatch.delenv("MINIVLLM_KERNELS", raising=False)
+    monkeypatch.setattr(logging.getLogger("minivllm"), "handlers", [caplog.handler])
+    caplog.set_level(logging.INFO, logger="minivllm")
+    path, threads = tiny_hf_dir("llama"), torch.get_num_threads()
+    runner = LLM(path, dtype="float32", num_blocks=16).engine.runner
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels:")]
+    if cpu_kernels.supported():
+        assert lines == [f"kernels: cpu-avx512 float32, {threads} threads"]
+        assert isinstance(runner.kernels.attention, CpuAttentionBackend)
+        assert isinstance(runner.model.lm_head, CpuLinear)
+        assert isinstance(runner.model.layers[0].self_attn.qkv_proj, CpuLinear)
+    caplog.clear()
+    monkeypatch.setattr(cpu_kernels, "supported", lambda bf16=False: False)
+    runner = LLM(path, dtype="float32", num_blocks=16).engine.runner
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels:")]
+    assert lines == [f"kernels: torch float32, {threads} threads (cpu-avx512 kernels need a CPU "
+                     f"with AVX-512 (avx512f, avx512bw, avx512vl, avx512dq): running plain torch)"]
+    assert isinstance(runner.kernels.attention, TorchAttentionBackend)
+    with pytest.raises(ValueError, match="needs a CPU with AVX-512"):
+        LLM(path, dtype="float32", num_blocks=16, kernels="cpu-avx512")
+
+
+@avx512
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-def test_greedy_tokens_match_the_torch_path(tiny_hf_dir, monkeypatch, architecture):
+def test_greedy_tokens_match_the_torch_path(tiny_hf_dir, architecture):
     """End to end, kernels against the plain torch layers and reference attention: chunked
     prefills, prefix-cache hits (shared prompt heads) and decodes across block boundaries."""
     rng = random.Random(7)
@@ -186,9 +233,19 @@ def test_greedy_tokens_match_the_torch_path(tiny_hf_dir, monkeypatch, architectu
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=20)
     kwargs = dict(dtype="float32", block_size=4, num_blocks=128, max_num_batched_tokens=24)
     path = tiny_hf_dir(architecture)
-    fast = LLM(path, **kwargs).generate(prompts, params, use_tqdm=False)
-    monkeypatch.setenv("MINIVLLM_CPU_KERNELS", "0")
-    llm = LLM(path, **kwargs)
-    assert isinstance(llm.engine.runner.attn_backend, TorchAttentionBackend)
-    ref = llm.generate(prompts, params, use_tqdm=False)
+    fast = LLM(path, kernels="cpu-avx512", **kwargs).generate(prompts, params, use_tqdm=False)
+    ref = LLM(path, kernels="torch", **kwargs).generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in ref]
+
+
+@avx512
+def test_torch_gives_the_auto_tokens_on_the_embedded_model(monkeypatch):
+    monkeypatch.delenv("MINIVLLM_KERNELS", raising=False)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8)
+    tokens = {}
+    for kernels in ("auto", "torch"):
+        llm = LLM(dtype="float32", num_blocks=32, kernels=kernels)
+        tokens[llm.engine.runner.kernels.name] = [
+            o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert tokens["cpu-avx512"] == tokens["torch"]

@@ -134,7 +134,7 @@ def test_padding_rows_write_nothing_and_attend_to_nothing():
 def test_engine_greedy_tokens_match_the_torch_backend(tiny_token_model, architecture):
     """End to end through the engine: chunked prefills (a budget of 24 tokens), prefix-cache
     hits (prompts sharing a 21-token head) and decodes across blocks of 4, with the Triton
-    backend against the reference backend; fp32, so the tokens must be the same."""
+    kernels (attention and fused) against plain torch; fp32, so the tokens must be the same."""
     from minivllm import LLM, SamplingParams
 
     rng = random.Random(11)
@@ -144,10 +144,10 @@ def test_engine_greedy_tokens_match_the_torch_backend(tiny_token_model, architec
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     path = tiny_token_model(architecture)
     tokens = {}
-    for backend in ("torch", "triton"):
+    for kernels in ("torch", "cuda-triton"):
         llm = LLM(path, dtype="float32", device=DEVICE, block_size=4,
-                  num_blocks=128, max_num_batched_tokens=24, attention_backend=backend)
-        assert type(llm.engine.runner.attn_backend).__name__.lower().startswith(backend)
-        tokens[backend] = [o.outputs[0].token_ids
+                  num_blocks=128, max_num_batched_tokens=24, kernels=kernels)
+        assert llm.engine.runner.kernels.name == kernels
+        tokens[kernels] = [o.outputs[0].token_ids
                            for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert tokens["triton"] == tokens["torch"]
+    assert tokens["cuda-triton"] == tokens["torch"]

@@ -2,7 +2,8 @@
 
 On CUDA a step's inputs go through pinned staging buffers in one asynchronous copy
 (step_inputs.py), and steps of decodes replay CUDA graphs captured at start-up (cuda_graphs.py);
-other steps (prefill chunks) run eagerly. The attention backend is `ModelConfig.attention_backend`.
+other steps (prefill chunks) run eagerly. The kernels are `ModelConfig.kernels`' set
+(layers/kernels.py), selected here once and passed to the model.
 
 Under async scheduling `launch()` returns at once with the step in flight: its tokens land in a
 pinned host buffer, and on the device in `last_tokens[slot]`, where the next step, built
@@ -11,9 +12,7 @@ before they were known, takes its decodes' input tokens.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,10 +23,8 @@ from minivllm.config import EngineConfig, resolve_dtype
 from minivllm.core.batch import ScheduledBatch
 from minivllm.engine.cuda_graphs import DecodeGraphs
 from minivllm.engine.step_inputs import StepStaging, cpu_inputs, fill_placeholders
-from minivllm.layers.attention import AttentionBackend, TorchAttentionBackend
-from minivllm.layers.cpu_attention import SUPPORTED_HEAD_DIMS, CpuAttentionBackend
-from minivllm.layers.cpu_dispatch import cpu_kernels_apply
-from minivllm.layers.cpu_linear import cpu_linears_apply, use_cpu_linears
+from minivllm.layers.cpu_linear import use_cpu_linears
+from minivllm.layers.kernels import select_kernels
 from minivllm.layers.sampler import Sampler, SamplerOutput
 from minivllm.loader import ModelSource, load_weights
 from minivllm.models import MODEL_REGISTRY
@@ -85,13 +82,14 @@ class ModelRunner:
         self.device = config.model.torch_device()
         self.dtype = resolve_dtype(config.model.dtype, arch, self.device)
         self.max_model_len = max_model_len(config, source)
-        self.attn_backend = self._attention_backend(arch, config.model.attention_backend)
+        self.kernels = select_kernels(config.model, self.device, self.dtype, arch)
+        logger.info("%s", self.kernels.describe())
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = MODEL_REGISTRY[arch.architecture](
-                arch, self.attn_backend, max_position=self.max_model_len)
+                arch, self.kernels, max_position=self.max_model_len)
         self.model.load_weights(load_weights(source, self.dtype, self.device, config.model.seed))
         self.model.eval()
-        if cpu_linears_apply(self.device, self.dtype):
+        if self.kernels.cpu_linears:
             self._use_cpu_linears()
         self.kv_spec = self._allocate_kv_cache(config)
         self.sampler = Sampler(config.scheduler.max_num_seqs, arch.vocab_size, self.device,
@@ -110,12 +108,11 @@ class ModelRunner:
         # Captured after the KV cache is allocated: the graphs' memory comes out of what the
         # cache budget left free.
         self.graphs = None
-        if (self.device.type == "cuda" and not config.model.enforce_eager
-                and self.attn_backend.cuda_graph_safe):
+        if self.kernels.cuda_graphs:
             max_blocks = -(-self.max_model_len // self.kv_spec.block_size)
-            self.graphs = DecodeGraphs(self.model, self.attn_backend, self.kv_spec.block_size,
-                                       config.scheduler.max_num_seqs, max_blocks, self.device,
-                                       self.last_tokens)
+            self.graphs = DecodeGraphs(self.model, self.kernels.attention,
+                                       self.kv_spec.block_size, config.scheduler.max_num_seqs,
+                                       max_blocks, self.device, self.last_tokens)
 
     def _use_cpu_linears(self) -> None:
         model, head = self.model, self.model.lm_head
@@ -126,29 +123,6 @@ class ModelRunner:
                         else (head.weight, head.bias))
         model.lm_head = None  # packed with the others, as the last weight
         use_cpu_linears(model, head=(weight, bias))
-
-    def _attention_backend(self, arch, choice: str) -> AttentionBackend:
-        """`ModelConfig.attention_backend`: auto picks the fastest backend that runs here."""
-        on_cuda = self.device.type == "cuda"
-        have_triton = importlib.util.find_spec("triton") is not None
-        if choice == "triton" or (choice == "auto" and on_cuda and have_triton
-                                  and triton_supports(arch.head_dim)):
-            if not have_triton:
-                raise ValueError("attention_backend='triton' needs triton (pip install triton)")
-            if not triton_supports(arch.head_dim):
-                raise ValueError(f"the Triton attention backend needs a power-of-two head_dim "
-                                 f">= 16; this model has {arch.head_dim}")
-            if not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-                raise ValueError("the Triton attention backend runs on CUDA devices "
-                                 "(on CPU only under TRITON_INTERPRET=1, for tests)")
-            # Imported here: importing triton costs CPU-only runs time, and its interpreter
-            # switch (TRITON_INTERPRET) is read when the kernels are defined.
-            from minivllm.layers.triton_attention import TritonAttentionBackend
-            return TritonAttentionBackend()
-        if (choice == "auto" and cpu_kernels_apply(self.device, self.dtype)
-                and arch.head_dim in SUPPORTED_HEAD_DIMS):
-            return CpuAttentionBackend()
-        return TorchAttentionBackend()
 
     def _allocate_kv_cache(self, config: EngineConfig) -> KVCacheSpec:
         arch, cache = self.model.arch, config.cache
@@ -178,7 +152,7 @@ class ModelRunner:
         else:
             inputs = (self.staging.stage(batch) if self.staging is not None
                       else cpu_inputs(batch))
-            self.attn_backend.prepare(inputs.meta, self.kv_spec.block_size)
+            self.kernels.attention.prepare(inputs.meta, self.kv_spec.block_size)
             ids = inputs.input_ids
             if self.last_tokens is not None and batch.input_ids.min() < 0:
                 ids = fill_placeholders(ids, self.last_tokens)
@@ -196,10 +170,6 @@ class ModelRunner:
         out = self.execute(batch)
         self._returns.append(self._returns.pop(0))  # the older pair's step is resolved by now
         return InFlight(out, *self._returns[-1])
-
-def triton_supports(head_dim: int) -> bool:
-    """The Triton kernels tile the head dimension whole: a power of two, at least tl.dot's 16."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def max_model_len(config: EngineConfig, source: ModelSource) -> int:

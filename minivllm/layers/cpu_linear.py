@@ -19,14 +19,6 @@ import torch
 from torch import nn
 
 from minivllm._cext import cpu_kernels
-from minivllm.layers.cpu_dispatch import cpu_kernels_apply
-
-
-def cpu_linears_apply(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `use_cpu_linears` serves a model of this dtype on this device (bf16 needs
-    AVX512-BF16)."""
-    return cpu_kernels_apply(device, dtype) and (
-        dtype != torch.bfloat16 or cpu_kernels.supported(bf16=True))
 
 
 class CpuLinear(nn.Module):

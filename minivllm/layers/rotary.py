@@ -3,7 +3,7 @@
 On CPU a kernel rotates q and k in place inside the fused qkv output, with the same roundings
 as the torch ops (bit-identical results): per step of 16 decode rows, 30 calls took 1.03 ms as
 torch ops (gather, cat, neg, mul, add), 0.24 ms as the kernel.
-On CUDA the layer runs a fused Triton kernel instead (triton_fused.py; gains measured there).
+On CUDA the kernel set gives a fused Triton kernel instead (triton_fused.py; gains measured there).
 """
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from minivllm._cext import cpu_kernels
-from minivllm.layers.cpu_dispatch import cpu_kernels_for_new_layer
-from minivllm.layers.gpu_dispatch import triton_kernels_for_new_layer
+from minivllm.layers.kernels import FusedOps
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
@@ -37,7 +35,7 @@ class RotaryEmbedding(nn.Module):
     """Precomputes cos/sin for every position once; forward gathers them by position."""
 
     def __init__(self, head_dim: int, max_position: int, theta: float,
-                 scaling: Optional[dict] = None) -> None:
+                 scaling: Optional[dict] = None, fused: Optional[FusedOps] = None) -> None:
         super().__init__()
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * \
             _inv_freq(head_dim, theta, scaling)[None, :]
@@ -45,8 +43,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_pos, D] float32
         self.register_buffer("sin", emb.sin(), persistent=False)
         self._memo: tuple = (None, None, None)  # every layer rotates the same positions
-        self.use_cpu_kernel = cpu_kernels_for_new_layer()
-        self.triton_kernels = triton_kernels_for_new_layer()  # None: not on the GPU
+        self.fused = fused  # the kernel set's; None: torch ops
 
     def _lookup(self, positions: torch.Tensor, dtype: torch.dtype):
         pos, cos, sin = self._memo
@@ -59,12 +56,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D], k [T, KVH, D] -> rotated, in the inputs' dtype: in place (the same
-        tensors back) with the CPU kernel, as new tensors otherwise."""
-        if self.use_cpu_kernel:
-            cpu_kernels.rotary_(positions, self.cos, self.sin, q, k)
-            return q, k
-        if self.triton_kernels is not None:
-            self.triton_kernels.rotary_(positions, self.cos, self.sin, q, k)
+        tensors back) with a fused kernel, as new tensors otherwise."""
+        if self.fused is not None:
+            self.fused.rotary_(positions, self.cos, self.sin, q, k)
             return q, k
         return self.forward_native(positions, q, k)
 

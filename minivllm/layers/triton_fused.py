@@ -10,8 +10,7 @@ norm's statistics in fp32; only fp32 summation order differs (tests/test_triton_
 Measured on the H100 (bench/results/gpu_h100.md), fused against the torch ops, in CUDA graphs:
 Llama-3-8B batch-1 decode step 7.75 -> 6.37 ms; Qwen2.5-0.5B batch-256 step 4.01 -> 2.06 ms.
 
-Layers choose these when built under a CUDA default device with triton installed
-(`gpu_dispatch.triton_kernels_for_new_layer`); MINIVLLM_TRITON_KERNELS=0 turns them off.
+They are the fused kernels of the cuda-triton kernel set (kernels.py).
 """
 from __future__ import annotations
 

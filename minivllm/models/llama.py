@@ -4,8 +4,8 @@ Input is one flattened varlen batch: `input_ids` and `positions` are [T] for all
 the step together; attention finds each sequence's run through `AttentionMetadata`.
 q/k/v and gate/up projections are fused into one matmul each (fewer, larger GEMMs); the
 checkpoint's separate tensors load into them as shards (`load_weights`, minivllm/layers/linear.py).
-On CPU the same code runs C kernels: the norm, rotary and activation layers choose them when
-built, and the model runner swaps in CPU linears and attention (minivllm/layers/cpu_*.py).
+The kernel set (minivllm/layers/kernels.py) gives attention and the norm, rotary and activation
+layers their kernels; on CPU the model runner also swaps in its linears (layers/cpu_linear.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch import nn
 from minivllm.config import ArchConfig
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import AttentionBackend, AttentionMetadata
+from minivllm.layers.kernels import KernelSet
 from minivllm.layers.linear import MergedLinear, default_weight_loader
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
@@ -48,23 +49,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ArchConfig) -> None:
+    def __init__(self, arch: ArchConfig, kernels: KernelSet) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(arch.hidden_size, [arch.intermediate_size] * 2, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
-        self.act_fn = SiluAndMul()
+        self.act_fn = SiluAndMul(kernels.fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, kernels: KernelSet) -> None:
         super().__init__()
-        self.self_attn = Attention(arch, rotary, backend)
-        self.mlp = MLP(arch)
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch, rotary, kernels.attention)
+        self.mlp = MLP(arch, kernels)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.fused)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps,
+                                                kernels.fused)
 
     def forward(self, positions, x, residual, meta):
         if residual is None:
@@ -82,14 +84,15 @@ class LlamaForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, arch: ArchConfig, backend: AttentionBackend, max_position: int) -> None:
+    def __init__(self, arch: ArchConfig, kernels: KernelSet, max_position: int) -> None:
         super().__init__()
         self.arch = arch
-        rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling)
+        rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling,
+                                 kernels.fused)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, backend)
+        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, kernels)
                                     for _ in range(arch.num_hidden_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.fused)
         self.lm_head = None if arch.tie_word_embeddings else \
             nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
 

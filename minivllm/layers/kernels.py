@@ -1,0 +1,138 @@
+"""The kernel set: which kernels run the model, chosen once per engine (`ModelConfig.kernels`).
+
+A set is an attention backend, the fused elementwise kernels the RMSNorm, rotary and SiLU-and-mul
+layers call instead of their torch ops, and whether the linears become our CPU kernel's. The
+model runner selects it from the device, dtype and CPU features, passes it to the model's
+constructor, and logs it in one line (`describe()`). `auto` takes the first set of the device's
+that runs here, else plain torch, and says why; a set asked for by name that cannot run here is
+a ValueError naming what it needs. A new path (issue #19: cpu-avx2, cpu-portable) is one entry
+in `_PATHS`, its name being in `config.KERNEL_SETS`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from minivllm._cext import cpu_kernels
+from minivllm.config import ArchConfig, ModelConfig
+from minivllm.layers.attention import AttentionBackend, TorchAttentionBackend
+from minivllm.layers.cpu_attention import SUPPORTED_HEAD_DIMS, CpuAttentionBackend
+
+
+class FusedOps(NamedTuple):
+    """Fused kernels a layer calls instead of its torch ops (the layers' forward_native)."""
+
+    rms_norm: Callable  # (x, residual, weight, eps) -> out; residual += x in place
+    rotary_: Callable  # (positions, cos, sin, q, k): rotates q and k in place
+    silu_and_mul: Callable  # [T, 2F] (gate | up) -> [T, F]
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    name: str  # one of config.KERNEL_SETS
+    device: torch.device
+    dtype: torch.dtype
+    attention: AttentionBackend
+    fused: Optional[FusedOps] = None  # None: the layers' torch ops
+    cpu_linears: bool = False  # nn.Linear swapped for CpuLinear once the weights are loaded
+    cuda_graphs: bool = False  # decode steps replay CUDA graphs
+    note: str = ""  # what the log line must add: why auto fell back, what runs in torch
+
+    def describe(self) -> str:
+        """The startup log line, e.g. `kernels: cpu-avx512 float32, 2 threads`."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        how = (("cuda graphs" if self.cuda_graphs else "eager") if self.device.type == "cuda"
+               else f"{torch.get_num_threads()} threads")
+        return f"kernels: {self.name} {dtype}, {how}" + (f" ({self.note})" if self.note else "")
+
+
+@dataclass(frozen=True)
+class _Path:
+    auto_on: Optional[str]  # the device type where `auto` tries this path (in _PATHS order)
+    # What the path needs and this machine, device, dtype or head_dim lacks; None: it runs.
+    missing: Callable[[torch.device, torch.dtype, int], Optional[str]]
+    build: Callable[[torch.dtype], dict]  # KernelSet fields beyond name, device and dtype
+
+
+def _avx512_missing(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    if device.type != "cpu":
+        return f"a CPU device, not {device.type}"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"float32 or bfloat16, not {str(dtype).removeprefix('torch.')}"
+    if not cpu_kernels.supported():
+        return "a CPU with AVX-512 (avx512f, avx512bw, avx512vl, avx512dq)"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim in {SUPPORTED_HEAD_DIMS}; this model has {head_dim}"
+    return None
+
+
+AVX512_FUSED = FusedOps(cpu_kernels.rms_norm_, cpu_kernels.rotary_, cpu_kernels.silu_and_mul)
+
+
+def _avx512(dtype: torch.dtype) -> dict:
+    linears = dtype != torch.bfloat16 or cpu_kernels.supported(bf16=True)
+    return dict(attention=CpuAttentionBackend(), fused=AVX512_FUSED, cpu_linears=linears,
+                note="" if linears else "linears in torch: the bf16 linear needs AVX512-BF16")
+
+
+def _triton_missing(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton (pip install triton)"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "a CUDA device (on CPU only under TRITON_INTERPRET=1, for tests)"
+    # The attention kernels tile the head dimension whole, and tl.dot wants 16 at least.
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"a power-of-two head_dim >= 16; this model has {head_dim}"
+    return None
+
+
+def _triton(dtype: torch.dtype) -> dict:
+    # Imported only when chosen: importing triton costs CPU-only processes time, and Triton
+    # reads its interpreter switch (TRITON_INTERPRET, used by tests) when kernels are defined.
+    fused = importlib.import_module("minivllm.layers.triton_fused")
+    attention = importlib.import_module("minivllm.layers.triton_attention")
+    return dict(attention=attention.TritonAttentionBackend(),
+                fused=FusedOps(fused.rms_norm, fused.rotary_, fused.silu_and_mul))
+
+
+def _not_built(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    return "its C kernels, which are not built yet (issue #19)"
+
+
+_PATHS = {
+    "cuda-triton": _Path("cuda", _triton_missing, _triton),
+    "cpu-avx512": _Path("cpu", _avx512_missing, _avx512),
+    "cpu-avx2": _Path(None, _not_built, dict),
+    "cpu-portable": _Path(None, _not_built, dict),
+    "torch": _Path(None, lambda device, dtype, head_dim: None,
+                   lambda dtype: dict(attention=TorchAttentionBackend())),
+}
+
+
+def select_kernels(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                   arch: ArchConfig) -> KernelSet:
+    """The kernel set `config.kernels` names, or for `auto` the first of the device's that runs
+    here (plain torch when none does, with the reason in its note)."""
+    note = ""
+    if config.kernels == "auto":
+        tried = [(name, path.missing(device, dtype, arch.head_dim))
+                 for name, path in _PATHS.items() if path.auto_on == device.type]
+        name = next((name for name, why in tried if why is None), "torch")
+        if tried and name != tried[0][0]:  # say why the device's first choice did not run
+            instead = "plain torch" if name == "torch" else name
+            note = f"{tried[0][0]} kernels need {tried[0][1]}: running {instead}"
+    else:
+        name = config.kernels
+        why = _PATHS[name].missing(device, dtype, arch.head_dim)
+        if why is not None:
+            raise ValueError(f"kernels={name!r} cannot run here: it needs {why}")
+    fields = _PATHS[name].build(dtype)
+    note = "; ".join(filter(None, (note, fields.pop("note", ""))))
+    graphs = (device.type == "cuda" and fields["attention"].cuda_graph_safe
+              and not config.enforce_eager)
+    return KernelSet(name, device, dtype, cuda_graphs=graphs, note=note, **fields)
