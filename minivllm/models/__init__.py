@@ -1,5 +1,5 @@
 """Model registry: ArchConfig.architecture -> model class."""
 from minivllm.models.llama import LlamaForCausalLM
-from minivllm.models.qwen2 import Qwen2ForCausalLM
 
-MODEL_REGISTRY = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
+# Qwen2/2.5 is Llama's network with q/k/v biases, which ArchConfig.attention_bias turns on.
+MODEL_REGISTRY = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
