@@ -40,19 +40,19 @@ def run(engine: EngineCore, work) -> tuple[list[float], list[float]]:
         now = time.perf_counter() - t0
         while pending and pending[0][1][0] <= now:
             i, (at, ids, out_len) = pending.pop(0)
-            engine.add_request(str(i), ids, SamplingParams(temperature=0, max_tokens=out_len,
+            engine.add_request(i, ids, SamplingParams(temperature=0, max_tokens=out_len,
                                                            ignore_eos=True))
-            arrivals[str(i)] = t0 + at
+            arrivals[i] = t0 + at
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[0][1][0] - now))
             continue
         outs = engine.step()
         stamp = time.perf_counter()
-        for ev in outs:
-            prev = last.get(ev.request_id)
-            (ttft if prev is None else itl).append(stamp - (arrivals[ev.request_id]
+        for owner in outs.owners.tolist():
+            prev = last.get(owner)
+            (ttft if prev is None else itl).append(stamp - (arrivals[owner]
                                                             if prev is None else prev))
-            last[ev.request_id] = stamp
+            last[owner] = stamp
     return ttft, itl
 
 

@@ -28,6 +28,7 @@ import transformers
 
 from bench import records
 from minivllm import LLM, SamplingParams
+from minivllm.config import KERNEL_SETS
 from minivllm.loader import load_weights
 
 TOPICS = ["the sea", "volcanoes", "bread", "chess", "the moon", "bees", "trains", "rain",
@@ -159,7 +160,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=0, help="static batch size (0: all at once)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--kernels", default=None, choices=["auto", *KERNEL_SETS],
+                    help="a kernel set other than auto ($MINIVLLM_KERNELS)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="default: the engine's (on for CUDA)")
@@ -172,7 +174,7 @@ def main() -> None:
     for dtype_name in args.dtype:
         llm = LLM(args.model, load_format=args.load_format, dtype=dtype_name,
                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                  attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                  kernels=args.kernels, enforce_eager=args.enforce_eager,
                   gpu_memory_utilization=args.gpu_memory_utilization,
                   async_scheduling=args.async_scheduling)
         dtype = llm.engine.runner.dtype

@@ -234,8 +234,14 @@ class SchedulerConfig:
     # finished request computes one wasted token). None: on where steps run asynchronously
     # (CUDA); on the CPU a step is synchronous, so there is nothing to overlap.
     async_scheduling: Optional[bool] = None
+    # "cython": the compiled scheduler and allocator; "python": their readable reference twins
+    # (core/scheduler_ref.py, core/block_allocator_ref.py), a drop-in for the whole engine.
+    implementation: str = "cython"
 
     def __post_init__(self) -> None:
+        if self.implementation not in ("cython", "python"):
+            raise ValueError(f"implementation must be cython or python; got "
+                             f"{self.implementation!r}")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be True, False or None (auto), "
                              f"got {self.async_scheduling!r}")

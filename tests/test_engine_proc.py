@@ -311,14 +311,16 @@ def test_a_request_done_in_its_first_step_still_gets_its_token(engine_server):
     assert tokens[1] == [2] and finished[1] == protocol.FINISH_STOP and not errors
 
 
-def test_async_scheduling_engine_process(offline_tokens):
+@pytest.mark.parametrize("implementation", ["cython", "python"])
+def test_async_scheduling_engine_process(offline_tokens, implementation):
     """The engine process with async scheduling (the CUDA default) forced on the CPU: each
     step's tokens are published one call late, and they are the same greedy tokens; an abort
     while a token is in flight ends the request with its blocks freed; a one-token request
-    still gets its token."""
+    still gets its token. "python" runs the whole engine on the reference scheduler and
+    allocator, the drop-in twins of the compiled ones."""
     from conftest import EngineServer
 
-    server = EngineServer(async_scheduling=True)
+    server = EngineServer(async_scheduling=True, implementation=implementation)
     try:
         with server.channel() as ch:
             greedy_equals_offline(ch, offline_tokens)

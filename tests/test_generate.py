@@ -180,18 +180,21 @@ def test_async_scheduling_abort_in_flight(tmp_path):
     core = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for i, p in enumerate(_random_prompts(5, 512, seed=6)):
-        core.add_request(str(i), p, params)
-    seen: dict[str, list[int]] = {}
+        core.add_request(i, p, params)
+    seen: dict[int, list[int]] = {}
+
+    def step() -> None:
+        out = core.step()
+        for owner, token in zip(out.owners.tolist(), out.token_ids.tolist()):
+            seen.setdefault(owner, []).append(token)
     for _ in range(3):
-        for ev in core.step():
-            seen.setdefault(ev.request_id, []).append(ev.token_id)
-    assert core.abort_request("0") and core.abort_request("1") and core.abort_request("4")
-    count_at_abort = {rid: len(seen.get(rid, [])) for rid in "01"}
+        step()
+    assert core.abort_request(0) and core.abort_request(1) and core.abort_request(4)
+    count_at_abort = {i: len(seen.get(i, [])) for i in (0, 1)}
     while core.has_unfinished():
-        for ev in core.step():
-            seen.setdefault(ev.request_id, []).append(ev.token_id)
-    assert {rid: len(seen.get(rid, [])) for rid in "01"} == count_at_abort
-    assert "4" not in seen and len(seen["2"]) == len(seen["3"]) == 12
+        step()
+    assert {i: len(seen.get(i, [])) for i in (0, 1)} == count_at_abort
+    assert 4 not in seen and len(seen[2]) == len(seen[3]) == 12
     assert core.allocator.num_used_blocks == 0 and not core.scheduler.requests
     again = llm.generate(_random_prompts(3, 512, seed=6)[:3], params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in again] == [12, 12, 12]  # every slot is back

@@ -28,7 +28,7 @@ def test_capture_sizes_cover_every_batch():
         assert sizes[-1] == n and all(any(s >= b for s in sizes) for b in range(1, n + 1))
 
 
-@pytest.mark.parametrize("kwargs,field", [(dict(attention_backend="flash"), "attention_backend"),
+@pytest.mark.parametrize("kwargs,field", [(dict(kernels="flash"), "kernels"),
                                           (dict(enforce_eager="yes"), "enforce_eager")])
 def test_bad_backend_options_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -42,13 +42,13 @@ def test_triton_backend_refuses_what_it_cannot_run(tiny_token_model, monkeypatch
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if importlib.util.find_spec("triton") is None:
         with pytest.raises(ValueError, match="needs triton"):
-            LLM(path, device="cpu", attention_backend="triton")
+            LLM(path, device="cpu", kernels="cuda-triton")
         return
     with pytest.raises(ValueError, match="CUDA"):
-        LLM(path, device="cpu", attention_backend="triton")
+        LLM(path, device="cpu", kernels="cuda-triton")
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         LLM(tiny_token_model("llama", head_dim=24), device="cpu",
-            attention_backend="triton")
+            kernels="cuda-triton")
 
 
 @needs_gpu

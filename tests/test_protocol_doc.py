@@ -94,3 +94,29 @@ def test_worked_examples_are_what_the_encoder_writes():
         protocol.encode_error(protocol.ERR_INVALID_REQUEST, "top_k must be -1 or >= 1", 7),
     ]
     assert _hex_dumps() == expected
+
+
+def _coded(section: str, prefix: str) -> dict[str, int]:
+    """name -> value from a section's `| value | `MV_...` |` table rows."""
+    return {m.group(2): int(m.group(1)) for m in re.finditer(
+        rf"^\| *(\d+) *\| *`MV_{prefix}_(\w+)`", _section(section), re.M)}
+
+
+def test_code_tables_are_the_header_codes():
+    """The error and finish codes PROTOCOL.md lists are the ones the code uses (which come from
+    ipc/minivllm_ipc.h through the compiled codecs), and none is left out on either side."""
+    for section, prefix in (("Error codes", "ERR"), ("Finish reasons", "FINISH")):
+        documented = _coded(section, prefix)
+        in_code = {name[len(prefix) + 1:]: getattr(protocol, name) for name in dir(protocol)
+                   if name.startswith(prefix + "_") and name != "FINISH_REASONS"}
+        assert documented == in_code, section
+    assert protocol.FINISH_REASONS[protocol.FINISH_STOP] == "stop"
+    assert len(protocol.FINISH_REASONS) == len(_coded("Finish reasons", "FINISH"))
+    kinds = _rows(_section("Header"))[2][4]  # the `kind` row: "1 submit, 2 abort, ..."
+    assert kinds == ", ".join(f"{getattr(protocol, 'KIND_' + k.upper().replace(' ', '_'))} {k}"
+                              for k in ("submit", "abort", "step output", "error"))
+    flags = {"MV_SAMPLING_HAS_SEED": "bit 0", "MV_SAMPLING_IGNORE_EOS": "bit 1",
+             "MV_STEP_HAS_LOGPROBS": "bit 0", "MV_ERROR_HAS_REQUEST": "bit 0"}
+    for name, bit in flags.items():
+        assert f"{bit} `{name}`" in DOC
+        assert getattr(protocol, name[3:]) == 1 << int(bit[-1])

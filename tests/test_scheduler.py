@@ -25,6 +25,7 @@ from minivllm.core import scheduler_ref
 from minivllm.core.batch import ScheduledBatch
 from minivllm.core.block_allocator_ref import BlockAllocator as RefAllocator
 from minivllm.core.request import RequestStatus
+from minivllm.transport.protocol import FINISH_LENGTH, FINISH_NONE, FINISH_REASONS
 from minivllm.sampling_params import SamplingParams
 
 cext = pytest.importorskip("minivllm._cext.scheduler",
@@ -47,6 +48,17 @@ VOCAB = 10  # small, so that sampled tokens hit eos and stop ids often
 EOS = 1
 
 
+_OWNERS: dict[str, int] = {}  # the tests name requests; the scheduler knows int64 owners
+
+
+def owner(name: str) -> int:
+    return _OWNERS.setdefault(name, len(_OWNERS) * 7 + 3)  # not a row number, on purpose
+
+
+def name(owner_: int) -> str:
+    return next(n for n, o in _OWNERS.items() if o == owner_)
+
+
 def fake_token(request_id: str, position: int) -> int:
     """The test's sampler: a fixed function of (request, position of the new token)."""
     x = (zlib.crc32(request_id.encode()) * 0x9E3779B1 + position * 0x85EBCA77) & 0xFFFFFFFF
@@ -61,20 +73,41 @@ class Side:
         self.impl = impl
         self.allocator = impl.allocator(**alloc_kw)
         self.released: list[int] = []
-        self.scheduler = impl.scheduler(config, self.allocator, max_model_len, clock=clock,
-                                        on_release=self.released.append)
+        self.scheduler = impl.scheduler(config, self.allocator, max_model_len, clock=clock)
         self.max_model_len = max_model_len
 
     def add(self, rid: str, prompt: list[int], params: SamplingParams, seq: int, now: float,
             priority: int):
-        req = self.impl.request(rid, prompt, params, (EOS,), self.max_model_len, seq, now,
-                                priority)
+        req = self.impl.request(owner(rid), prompt, params, (EOS,), self.max_model_len, seq,
+                                now, priority)
         self.scheduler.add_request(req)
         return req
 
+    def abort(self, rid: str):
+        return self.scheduler.abort(owner(rid))
+
+    def update(self, sampled) -> list[tuple[str, int, object]]:
+        return self._outputs(self.scheduler.update(sampled))
+
+    def resolve(self, sampled) -> list[tuple[str, int, object]]:
+        return self._outputs(self.scheduler.resolve(sampled))
+
+    def _outputs(self, n: int) -> list[tuple[str, int, object]]:
+        """The output arrays as (name, token, finish reason), checked against each other."""
+        s = self.scheduler
+        arrays = (s.out_owners, s.out_tokens, s.out_finish, s.out_index)
+        assert [len(a) for a in arrays] == [n] * 4
+        assert [a.dtype for a in arrays] == [np.int64, np.int64, np.uint8, np.int64]
+        return [(name(o), t, FINISH_REASONS[f])
+                for o, t, f in zip(*(a.tolist() for a in arrays[:3]))]
+
+    def take_released(self) -> list[int]:
+        self.released += self.scheduler.take_released().tolist()
+        return self.released
+
     def sampled(self, batch: ScheduledBatch) -> np.ndarray:
         """The sampler's tokens for the batch's sampling rows."""
-        by_slot = {r.slot: r.request_id for r in self.scheduler.running}
+        by_slot = {r.slot: name(r.owner) for r in self.scheduler.running}
         return np.array([fake_token(by_slot[int(batch.slots[row])], int(batch.seq_lens[row]))
                          for row in batch.sample_rows], dtype=np.int64)
 
@@ -90,7 +123,7 @@ def batch_view(batch):
 
 
 def request_view(r) -> tuple:
-    return (r.request_id, r.priority, r.arrival_seq, r.num_prompt_tokens, r.max_total_tokens,
+    return (r.owner, r.priority, r.arrival_seq, r.num_prompt_tokens, r.max_total_tokens,
             r.token_ids.tolist(), r.num_tokens, r.num_computed_tokens, r.num_cached_tokens,
             r.slot, r.status, r.finish_reason, r.output_token_ids.tolist(), r.sort_key)
 
@@ -98,9 +131,9 @@ def request_view(r) -> tuple:
 def side_view(side: Side) -> tuple:
     s, a = side.scheduler, side.allocator
     free, lru = a._check_consistency()
-    return ([r.request_id for r in s.waiting], [r.request_id for r in s.running],
+    return ([r.owner for r in s.waiting], [r.owner for r in s.running],
             sorted(request_view(r) for r in s.requests.values()), s.num_preemptions,
-            list(side.released), a.block_tables.tolist(), a.num_seq_blocks.tolist(),
+            list(side.take_released()), a.block_tables.tolist(), a.num_seq_blocks.tolist(),
             a.ref_counts.tolist(), free, lru, a.num_used_blocks, a.num_free_blocks,
             a.num_cached_blocks, a.prefix_queries, a.prefix_hits)
 
@@ -112,7 +145,7 @@ def check_invariants(side: Side) -> None:
     assert all(r.status is RequestStatus.RUNNING for r in running)
     assert all(r.status is RequestStatus.WAITING and r.slot == -1 for r in waiting)
     assert len(running) <= s.config.max_num_seqs
-    assert {r.request_id for r in running + waiting} == set(s.requests)
+    assert {r.owner for r in running + waiting} == set(s.requests)
     slots = {r.slot: r for r in running}
     assert len(slots) == len(running) and all(0 <= x < a.max_seqs for x in slots)
     for slot in range(a.max_seqs):
@@ -222,17 +255,15 @@ def test_cython_scheduler_matches_reference(deferred, setup, data):
         assert batch_view(batch_c) == batch_view(batch_r)
         if batch_c is not None:
             check_batch_tables(cy, batch_c)
-        assert [r.request_id for r in adm_c] == [r.request_id for r in adm_r]
+        assert [r.owner for r in adm_c] == [r.owner for r in adm_r]
         sampled = None if batch_r is None else ref.sampled(batch_r)
         if arriving:
             abort_both(ref, cy, data, ids)  # between schedule() and update() / resolve()
         if not deferred and sampled is not None:
-            compare_results(cy, ref.scheduler.update(sampled), cy.scheduler.update(sampled),
-                            reasons)
+            compare_results(ref.update(sampled), cy.update(sampled), reasons)
         if deferred:
             if in_flight is not None:
-                compare_results(cy, ref.scheduler.resolve(in_flight),
-                                cy.scheduler.resolve(in_flight), reasons)
+                compare_results(ref.resolve(in_flight), cy.resolve(in_flight), reasons)
             if batch_r is not None:
                 ref.scheduler.defer()
                 cy.scheduler.defer()
@@ -249,26 +280,23 @@ def test_cython_scheduler_matches_reference(deferred, setup, data):
     event(f"prefix cache hits: {ref.allocator.prefix_hits > 0}")
     event(f"finish reasons: {sorted(reasons)}")
     for rid in ids:
-        assert (cy.scheduler.abort(rid) is None) == (ref.scheduler.abort(rid) is None)
+        assert (cy.abort(rid) is None) == (ref.abort(rid) is None)
     if in_flight is not None:  # the last deferred step: only aborted requests left in it
-        assert ref.scheduler.resolve(in_flight) == [] == cy.scheduler.resolve(in_flight)
+        assert ref.resolve(in_flight) == [] == cy.resolve(in_flight)
     assert side_view(cy) == side_view(ref)
     check_drained(ref)
     check_drained(cy)
 
 
-def compare_results(cy: Side, res_r: list, res_c: list, reasons: set) -> None:
-    assert [(r.request_id, t, f) for r, t, f in res_c] == [(r.request_id, t, f) for r, t, f in res_r]
-    assert all(type(t) is int for _, t, _ in res_c)
+def compare_results(res_r: list, res_c: list, reasons: set) -> None:
+    assert res_c == res_r
     reasons.update(f for _, _, f in res_r if f)
-    assert cy.scheduler.out_tokens.tolist() == [t for _, t, _ in res_c]
-    assert [cext.FINISH_REASONS[c] for c in cy.scheduler.out_finish] == [f for _, _, f in res_c]
 
 
 def abort_both(ref: Side, cy: Side, data, ids: list[str]) -> None:
     if ids and data.draw(st.integers(0, 4), label="abort?") == 0:
         rid = data.draw(st.sampled_from(ids), label="abort id")
-        got_r, got_c = ref.scheduler.abort(rid), cy.scheduler.abort(rid)
+        got_r, got_c = ref.abort(rid), cy.abort(rid)
         assert (got_c is None) == (got_r is None)
         if got_r is not None:
             event(f"aborted a {'scheduled' if got_r in [r for r, _ in ref.scheduler._scheduled] else 'queued'} request")
@@ -304,14 +332,14 @@ def run_to_end(side: Side, max_steps: int = 1000,
             qlens = np.diff(batch.query_start_loc)
             prefill_tokens += int(qlens[qlens > 1].sum())
         if deferred:
-            results = [] if in_flight is None else side.scheduler.resolve(in_flight)
+            results = [] if in_flight is None else side.resolve(in_flight)
             if batch is not None:
                 side.scheduler.defer()
             in_flight = sampled
         else:
-            results = [] if batch is None else side.scheduler.update(sampled)
-        for req, token, _ in results:
-            outputs.setdefault(req.request_id, []).append(token)
+            results = [] if batch is None else side.update(sampled)
+        for rid, token, _ in results:
+            outputs.setdefault(rid, []).append(token)
     raise AssertionError("requests did not finish")
 
 
@@ -356,7 +384,7 @@ def test_batch_window_waits_then_releases_on_arrivals(impl):
     assert side.scheduler.schedule() == (None, [])  # 5 ms of 10, 2 arrivals of 3
     side.add("c", [2, 3, 6], params, 2, now[0], 0)  # max_num_seqs arrivals: go at once
     batch, admitted = side.scheduler.schedule()
-    assert [r.request_id for r in admitted] == ["a", "b", "c"] and batch.num_seqs == 3
+    assert [name(r.owner) for r in admitted] == ["a", "b", "c"] and batch.num_seqs == 3
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -368,7 +396,7 @@ def test_batch_window_releases_at_the_deadline(impl):
     assert side.scheduler.schedule() == (None, [])
     now[0] += 0.0002
     batch, admitted = side.scheduler.schedule()
-    assert [r.request_id for r in admitted] == ["a"] and batch.num_seqs == 1
+    assert [name(r.owner) for r in admitted] == ["a"] and batch.num_seqs == 1
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -421,12 +449,12 @@ def test_deferred_placeholders_name_their_slot(impl):
     batch, _ = side.scheduler.schedule()  # a's decode, before its first token is known
     slot = int(batch.slots[0])
     assert batch.input_ids.tolist() == [-1 - slot] and batch.positions.tolist() == [3]
-    assert side.scheduler.resolve(np.array([7])) == [(side.scheduler.requests["a"], 7, None)]
+    assert side.resolve(np.array([7])) == [("a", 7, None)]
     side.scheduler.defer()
     batch, _ = side.scheduler.schedule()
     assert batch.input_ids.tolist() == [-1 - slot]  # the token of the step in flight again
     side.scheduler.resolve(np.array([8]))
-    assert side.scheduler.requests["a"].output_token_ids.tolist() == [7, 8]
+    assert side.scheduler.requests[owner("a")].output_token_ids.tolist() == [7, 8]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -437,10 +465,10 @@ def test_abort_between_schedule_and_update_keeps_rows_aligned(impl):
     side.add("b", [5, 6, 7], params, 1, 0.0, 0)
     batch, _ = side.scheduler.schedule()
     assert batch.sample_rows.tolist() == [0, 1]
-    side.scheduler.abort("a")
-    results = side.scheduler.update(np.array([8, 9]))
-    assert [(r.request_id, t) for r, t, _ in results] == [("b", 9)]  # b's row, not a's token
-    assert side.released == [0]
+    side.abort("a")
+    assert side.update(np.array([8, 9])) == [("b", 9, None)]  # b's row, not a's token
+    assert side.scheduler.out_index.tolist() == [1]  # its logprobs are the second row's
+    assert side.take_released() == [0]
     run_to_end(side)
     check_drained(side)
 
@@ -460,7 +488,7 @@ def test_block_tables_stay_right_when_the_batch_width_changes(impl):
         batch, _ = side.scheduler.schedule()
         widths.append((batch.num_seqs, batch.block_tables.shape[1]))
         check_batch_tables(side, batch)
-        side.scheduler.update(side.sampled(batch))
+        side.update(side.sampled(batch))
     batch, _ = side.scheduler.schedule()
     check_batch_tables(side, batch)
     assert widths == [(2, 1), (2, 2), (1, 3)] and batch.block_tables.shape == (2, 2)
@@ -474,10 +502,10 @@ def test_stop_rules(impl):
     side.add("stop", [2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), 2, 0.0, 0)
     side.add("len", [2, 3], SamplingParams(max_tokens=2, ignore_eos=True), 3, 0.0, 0)
     side.scheduler.schedule()
-    got = {r.request_id: (t, f) for r, t, f in side.scheduler.update(np.array([1, 1, 3, 1]))}
+    got = {rid: (t, f) for rid, t, f in side.update(np.array([1, 1, 3, 1]))}
     assert got == {"eos": (1, "stop"), "min": (1, None), "stop": (3, None), "len": (1, None)}
     side.scheduler.schedule()
-    got = {r.request_id: (t, f) for r, t, f in side.scheduler.update(np.array([1, 7, 4]))}
+    got = {rid: (t, f) for rid, t, f in side.update(np.array([1, 7, 4]))}
     assert got == {"min": (1, "stop"), "stop": (7, "stop"), "len": (4, "length")}
     check_drained(side)
 
@@ -488,11 +516,11 @@ def test_priority_orders_the_waiting_queue(impl):
     params = SamplingParams(max_tokens=1)
     for i, prio in enumerate([2, 0, 1, 0]):
         side.add(f"r{i}", [2, 3], params, i, 0.0, prio)
-    assert [r.request_id for r in side.scheduler.waiting] == ["r1", "r3", "r2", "r0"]
+    assert [name(r.owner) for r in side.scheduler.waiting] == ["r1", "r3", "r2", "r0"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_duplicate_request_id_is_refused(impl):
+def test_duplicate_owner_is_refused(impl):
     side = make_side(impl)
     side.add("a", [2, 3], SamplingParams(), 0, 0.0, 0)
     with pytest.raises(ValueError, match="already in use"):
@@ -506,7 +534,7 @@ def test_duplicate_request_id_is_refused(impl):
                                     dict(stop_token_ids=[4, 5], min_tokens=2, max_tokens=3)])
 def test_request_matches_reference(kwargs):
     params = SamplingParams(**kwargs)
-    args = ("x", [5, 6, 7], params, (4, 9), 12, 3, 1.5, 2)
+    args = (owner("x"), [5, 6, 7], params, (4, 9), 12, 3, 1.5, 2)
     ref, cy = ref_request.Request(*args), cext.Request(*args)
     assert request_view(cy) == request_view(ref)
     assert (cy.eos_ids, cy.stop_ids, cy.params, cy.arrival_time) == \
@@ -524,8 +552,8 @@ def test_cython_state_the_c_loops_trust_is_read_only():
     with pytest.raises(AttributeError):
         req.num_tokens = 100
     with pytest.raises(TypeError):
-        del side.scheduler.requests["x"]  # the queues borrow their references from it
-    side.scheduler.abort("x")
+        del side.scheduler.requests[owner("x")]  # the queues borrow their references from it
+    side.abort("x")
     with pytest.raises(ValueError, match="finished"):
         side.scheduler.add_request(req)
 
@@ -549,13 +577,15 @@ def test_cython_update_checks_the_sampled_array():
         side.scheduler.update(np.array([], dtype=np.int64))
 
 
-def test_cython_update_arrays_publishes_without_tuples():
-    side = make_side(CYTHON)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_outputs_are_arrays_of_owners_tokens_and_codes(impl):
+    side = make_side(impl)
     side.add("a", [2, 3], SamplingParams(max_tokens=1), 0, 0.0, 0)
     side.add("b", [2, 4, 5], SamplingParams(max_tokens=4), 1, 0.0, 0)
     side.scheduler.schedule()
-    assert side.scheduler.update_arrays(np.array([7, 8])) == 2
-    assert side.scheduler.out_slots.tolist() == [0, 1]
-    assert side.scheduler.out_tokens.tolist() == [7, 8]
-    assert [cext.FINISH_REASONS[c] for c in side.scheduler.out_finish] == ["length", None]
-    assert side.scheduler.has_unfinished() and list(side.scheduler.requests) == ["b"]
+    assert side.scheduler.update(np.array([7, 8])) == 2
+    s = side.scheduler
+    assert s.out_owners.tolist() == [owner("a"), owner("b")] and s.out_tokens.tolist() == [7, 8]
+    assert s.out_finish.tolist() == [FINISH_LENGTH, FINISH_NONE]
+    assert s.take_released().tolist() == [0] and s.take_released().tolist() == []
+    assert s.has_unfinished() and list(s.requests) == [owner("b")]
