@@ -21,14 +21,25 @@ def _version(pkg: str) -> Optional[str]:
         return None
 
 
+# The CPU features the kernels dispatch on: what a CPU result depends on.
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+              "avx512dq", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
 def context() -> dict:
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+            info = f.read()
+        cpu = next((l.split(":", 1)[1].strip() for l in info.splitlines()
+                    if l.startswith("model name")), cpu)
+        present = next((l.split(":", 1)[1].split() for l in info.splitlines()
+                        if l.startswith("flags")), [])
+        flags = [f for f in _ISA_FLAGS if f in present]
     except OSError:
         pass
-    machine = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    machine = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+               "python": platform.python_version()}
     try:
         import torch
         if torch.cuda.is_available():

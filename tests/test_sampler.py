@@ -317,11 +317,14 @@ def test_logprobs_are_raw_log_softmax_and_top_n_sorted() -> None:
     out = sampler.sample(logits, all_slots(3))
     reference = torch.log_softmax(logits.float(), dim=-1)
     assert out.logprobs.dtype == torch.float32 and out.top_logprobs.dtype == torch.float32
-    assert torch.allclose(out.logprobs, reference.gather(1, out.token_ids[:, None]).squeeze(1))
+    # The wire's form: a row that asked for none has NaN, one that asked fewer -1 and NaN.
+    chosen = reference.gather(1, out.token_ids[:, None]).squeeze(1)
+    assert torch.allclose(out.logprobs[:2], chosen[:2]) and out.logprobs[2].isnan()
     assert out.top_ids.shape == (3, 3) and out.top_ids.dtype == torch.int64
-    assert torch.equal(out.top_ids, reference.argsort(dim=-1, descending=True)[:, :3])
-    assert torch.allclose(out.top_logprobs, reference.gather(1, out.top_ids))
-    assert (out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all()
+    assert torch.equal(out.top_ids[0], reference[0].argsort(descending=True)[:3])
+    assert torch.allclose(out.top_logprobs[0], reference[0, out.top_ids[0]])
+    assert (out.top_logprobs[0, :-1] >= out.top_logprobs[0, 1:]).all()
+    assert (out.top_ids[1:] == -1).all() and out.top_logprobs[1:].isnan().all()
 
     sampler.remove_request(0)  # the widest request leaves: N follows the active requests
     out = sampler.sample(logits[1:], torch.tensor([1, 2]))
@@ -411,6 +414,11 @@ def test_random_parameter_mixes(rows: list[tuple[SamplingParams, Optional[int]]]
                 assert int(out.token_ids[i]) == only
         if asked:
             assert out.top_ids.shape == (len(rows), max(asked))
-            assert not out.logprobs.isnan().any() and not out.top_logprobs.isnan().any()
+            for i, (params, _) in enumerate(rows):  # NaN and -1 exactly where a row asked none
+                k = -1 if params.logprobs is None else params.logprobs
+                assert bool(out.logprobs[i].isnan()) == (k < 0)
+                assert not out.top_logprobs[i, :max(k, 0)].isnan().any()
+                assert out.top_logprobs[i, max(k, 0):].isnan().all()
+                assert (out.top_ids[i, max(k, 0):] == -1).all()
         else:
             assert out.logprobs is None and out.top_ids is None
