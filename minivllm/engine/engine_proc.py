@@ -6,30 +6,27 @@
       publish()  one step-output record per client with new tokens; bells only for sleepers
       idle?      spin briefly on the rings, then sleep on the doorbells and sockets
 
-A client is a frontend process (its own request and output rings, registered over the control
-channel) or a peer of the ZeroMQ ROUTER endpoint; clients choose their request ids
-independently. The core knows a request by an int64 owner; `Owners` is the one map from owners
-to (client, request id), and each client's `requests` maps its ids back to owners. Every
-accepted request ends with a finishing entry or an error record; a client that dies has its
-requests aborted and its blocks freed.
+Clients (frontends with rings, ZeroMQ peers) and the owner table are in clients.py, the drain
+state in drain.py. Every accepted request ends with a finishing entry or an error record; a
+client that dies has its requests aborted and its blocks freed.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections import deque
 from typing import Callable, Optional
 
 import numpy as np
 import zmq
 
 from minivllm.config import TransportConfig
+from minivllm.engine.clients import Client, FrontendClient, Owners, RouterClient
+from minivllm.engine.drain import Drain
 from minivllm.engine.engine_core import EngineCore, StepOutputs
 from minivllm.transport import control, protocol, shm
 from minivllm.transport.doorbell import Bell, BellListener
 from minivllm.transport.protocol import ProtocolError
-from minivllm._cext.ring import RingFullError
 
 logger = logging.getLogger(__name__)
 
@@ -40,116 +37,6 @@ def _readable(socket: zmq.Socket) -> bool:
     """A message waits (ZMQ_EVENTS: no exception and no receive attempt on the step loop's
     every pass, as recv(NOBLOCK) + zmq.Again costs)."""
     return bool(socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-
-
-class Owners:
-    """owner -> (client key, request id) for every request in the core. Owners are indices into
-    arrays, reused once a request has ended (the core never names an ended owner again), so a
-    step's outputs find their clients with numpy, not a Python lookup per token."""
-
-    def __init__(self, capacity: int = 256) -> None:
-        self.client = np.full(capacity, -1, np.int64)
-        self.request_id = np.zeros(capacity, np.uint64)
-        self._free = list(range(capacity - 1, -1, -1))
-
-    def add(self, client_key: int, request_id: int) -> int:
-        if not self._free:
-            grown = len(self.client)
-            self.client = np.concatenate([self.client, np.full(grown, -1, np.int64)])
-            self.request_id = np.concatenate([self.request_id, np.zeros(grown, np.uint64)])
-            self._free = list(range(2 * grown - 1, grown - 1, -1))
-        owner = self._free.pop()
-        self.client[owner], self.request_id[owner] = client_key, request_id
-        return owner
-
-    def remove(self, owner: int) -> None:
-        self.client[owner] = -1
-        self._free.append(owner)
-
-
-class Client:
-    """Where one client's records go, and which of its requests are in flight (id -> owner)."""
-
-    def __init__(self, key: int, name: str) -> None:
-        self.key, self.name = key, name
-        self.requests: dict[int, int] = {}
-
-    def send_step(self, step: int, *arrays) -> None:
-        raise NotImplementedError
-
-    def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class FrontendClient(Client):
-    """A frontend process: records go into its output ring; a full ring (a frontend that reads
-    slowly) queues them here instead of stalling the step loop."""
-
-    def __init__(self, key: int, name: str, pid: int, request_ring, output_ring,
-                 bell: Bell) -> None:
-        super().__init__(key, name)
-        self.pid, self.request_ring, self.output_ring, self.bell = pid, request_ring, output_ring, bell
-        self.output_ring.bell = bell
-        self.backlog: deque[bytes] = deque()
-
-    def _put(self, put, encode, *args) -> None:
-        if not self.backlog:
-            try:
-                put(self.output_ring, *args, timeout=0.0)
-                return
-            except RingFullError:
-                pass
-        self.backlog.append(encode(*args))
-
-    def flush(self) -> None:
-        while self.backlog:
-            try:
-                self.output_ring.write(self.backlog[0], timeout=0.0)
-            except RingFullError:
-                return
-            self.backlog.popleft()
-
-    def send_step(self, step: int, *arrays) -> None:
-        self._put(protocol.put_step_output, protocol.encode_step_output, step, *arrays)
-
-    def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
-        self._put(protocol.put_error, protocol.encode_error, code, message, request_id)
-
-    def alive(self) -> bool:
-        return shm.pid_alive(self.pid)
-
-    def close(self, unlink: bool = False) -> None:
-        names = (self.request_ring.name, self.output_ring.name)
-        self.request_ring.close()
-        self.output_ring.close()
-        self.bell.close()
-        if unlink:  # the frontend died: its segments are ours to remove
-            for name in names:
-                shm.unlink_segment(name)
-
-
-class RouterClient(Client):
-    """A peer of the ZeroMQ endpoint: records go out as frames."""
-
-    def __init__(self, key: int, identity: bytes, socket: zmq.Socket) -> None:
-        super().__init__(key, f"zmq:{identity.hex()}")
-        self.identity, self.socket = identity, socket
-        self.gone = False
-
-    def _send(self, frame: bytes) -> None:
-        try:
-            self.socket.send_multipart([self.identity, frame])
-        except zmq.ZMQError:  # ROUTER_MANDATORY: the peer disconnected
-            self.gone = True
-
-    def send_step(self, step: int, *arrays) -> None:
-        self._send(protocol.encode_step_output(step, *arrays))
-
-    def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
-        self._send(protocol.encode_error(code, message, request_id))
 
 
 class EngineProc:
@@ -179,9 +66,8 @@ class EngineProc:
         self._next_key = 0
         self.owners = Owners()
         self.step_count = 0
-        self.draining = False
+        self.drain = Drain()
         self.stopping = False
-        self.drain_deadline: Optional[float] = None
         self.counters = dict(requests=0, finished=0, aborted=0, errors=0, prompt_tokens=0,
                              generation_tokens=0)
         self._next_check = time.monotonic()
@@ -196,12 +82,13 @@ class EngineProc:
                 self.ingest()
                 if self.core.has_unfinished():
                     self.publish(self.core.step())
-                elif self.draining and self.stop_when_drained:
+                elif self.drain.stop_when_done:
                     break
                 else:
                     self.wait_for_work()
                 self._check_frontends()
-                self._check_drain_deadline()
+                if self.drain.expired():
+                    self._abort_all()
         finally:
             self.close()
 
@@ -260,7 +147,7 @@ class EngineProc:
 
     def _submit(self, client: Client, rec: protocol.Submit) -> None:
         rid = rec.request_id
-        if self.draining:
+        if self.drain.active:
             client.send_error(protocol.ERR_DRAINING,
                               "the engine is draining and takes no new requests", rid)
             return
@@ -343,8 +230,7 @@ class EngineProc:
                 r.awake()
             return
         timeout = self.transport.frontend_check_s
-        if self.drain_deadline is not None:
-            timeout = min(timeout, max(0.0, self.drain_deadline - time.monotonic()))
+        timeout = self.drain.wait_s(timeout)
         events = dict(self.poller.poll(int(timeout * 1000) + 1))
         for r in rings:
             r.awake()
@@ -414,14 +300,13 @@ class EngineProc:
         if op == "stats":
             return self.stats()
         if op == "health":
-            return {"state": "draining" if self.draining else "ready", "pid": os.getpid()}
+            return {"state": "draining" if self.drain.active else "ready", "pid": os.getpid()}
         if op == "drain":
-            self._start_drain(m.get("timeout_s"))
+            self.drain.start(m.get("timeout_s"))
             return {}
         if op == "shutdown":
             if m.get("drain", True):
-                self._start_drain(m.get("timeout_s"))
-                self.stop_when_drained = True
+                self.drain.start(m.get("timeout_s"), then_stop=True)
             else:
                 self.stopping = True
             return {}
@@ -457,28 +342,18 @@ class EngineProc:
                 "preemptions": sched.num_preemptions, "frontends": sorted(self.frontends),
                 "zmq_peers": len(self.peers), **self.counters}
 
-    # ---- drain and stop -------------------------------------------------------------------
-    stop_when_drained = False
-
-    def _start_drain(self, timeout: Optional[float]) -> None:
-        self.draining = True
-        if timeout is not None:
-            self.drain_deadline = time.monotonic() + float(timeout)
-
-    def _check_drain_deadline(self) -> None:
-        if self.drain_deadline is not None and time.monotonic() > self.drain_deadline:
-            for client in list(self.clients.values()):
-                for rid in list(client.requests):
-                    self._abort(client, rid)
-            self.drain_deadline = None
-
-    def close(self) -> None:
+    # ---- stop -------------------------------------------------------------------------------
+    def _abort_all(self) -> None:
+        """Abort every request in flight, telling its client (a drain deadline, or the end)."""
         for client in list(self.clients.values()):
             for rid in list(client.requests):
                 self._abort(client, rid)
-            if isinstance(client, FrontendClient):
-                client.flush()
-                client.close()
+
+    def close(self) -> None:
+        self._abort_all()
+        for client in self.frontends.values():
+            client.flush()
+            client.close()
         self.clients.clear()
         self.frontends.clear()
         self.peers.clear()
@@ -507,8 +382,7 @@ def run_engine(engine_config, transport: TransportConfig,
         ready()
 
     def on_signal(signum, frame):
-        proc._start_drain(None)
-        proc.stop_when_drained = True
+        proc.drain.start(None, then_stop=True)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

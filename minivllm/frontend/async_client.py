@@ -307,10 +307,6 @@ class AsyncEngineClient:
             return await asyncio.get_running_loop().run_in_executor(
                 None, lambda: self.channel.call(op, timeout=timeout, **args))
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._requests)
-
     async def shutdown(self) -> None:
         """Abort what is in flight, detach from the engine, remove this frontend's rings."""
         if self.state == "closed":
