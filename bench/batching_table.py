@@ -45,7 +45,7 @@ def rows(seqs: int) -> list[tuple[str, str, dict, str]]:
          f"--max-num-seqs {seqs} --policy prefill-first --no-chunked-prefill",
          {"static_batch": seqs},
          "Requests that arrive while a batch runs wait for the whole batch to drain, its "
-         "longest output included, and the slots of finished requests sit idle meanwhile: time "
+         "longest output included, and the batch rows of finished requests sit idle meanwhile: time "
          "to first token is the worst of the batched rows and capacity below continuous "
          "batching. No prefill ever interrupts a running batch, so its inter-token latency is "
          "the smoothest."),

@@ -11,7 +11,7 @@ Each benchmark times one request-level operation on a realistically sized pool (
                      is empty, allocate evicts cached blocks (steady state of a busy server)
   prefix_hit_512     match_prefix of a cached 512-token prompt (31 block hits) + free
   decode_step        one decode token: allocate(n + 1) + commit(n + 1) on a growing sequence
-                     (a block boundary every 16 steps; the slot is recycled at 2048 tokens)
+                     (a block boundary every 16 steps; the seq is recycled at 2048 tokens)
 
 Every other option is pyperf's (--fast, --rigorous, -p, -o, ...); pyperf runs each benchmark in
 worker processes and the parent process writes --json: a list of

@@ -152,15 +152,15 @@ cdef inline void lru_remove(AllocState* s, int32_t b) noexcept nogil:
 # ------------------------------------------------------------------------------------------------
 # Block moves (reference: _attach, _release, _take_block, _register, _same_content).
 # ------------------------------------------------------------------------------------------------
-cdef inline void attach(AllocState* s, int32_t slot, int32_t b) noexcept nogil:
+cdef inline void attach(AllocState* s, int32_t seq, int32_t b) noexcept nogil:
     if s.refcnt[b] == 0:
         s.n_used += 1
         if s.registered[b]:
             lru_remove(s, b)  # a cached block in use is no longer evictable
     s.refcnt[b] += 1
-    cdef int32_t n = s.seq_nblocks[slot]
-    s.tables[<int64_t>slot * s.max_blocks_per_seq + n] = b
-    s.seq_nblocks[slot] = n + 1
+    cdef int32_t n = s.seq_nblocks[seq]
+    s.tables[<int64_t>seq * s.max_blocks_per_seq + n] = b
+    s.seq_nblocks[seq] = n + 1
 
 
 cdef inline void release(AllocState* s, int32_t b) noexcept nogil:
@@ -217,19 +217,19 @@ cdef inline bint same_content(const AllocState* s, int32_t b, uint64_t parent, i
 # ------------------------------------------------------------------------------------------------
 # Operations (reference: match_prefix, allocate, commit, free). Return codes as in the .pxd.
 # ------------------------------------------------------------------------------------------------
-cdef inline bint bad_slot(const AllocState* s, int64_t slot) noexcept nogil:
-    return slot < 0 or slot >= s.max_seqs
+cdef inline bint bad_seq(const AllocState* s, int64_t seq) noexcept nogil:
+    return seq < 0 or seq >= s.max_seqs
 
 
-cdef inline int64_t blocks_needed(const AllocState* s, int32_t slot, int64_t n_tokens) noexcept nogil:
+cdef inline int64_t blocks_needed(const AllocState* s, int32_t seq, int64_t n_tokens) noexcept nogil:
     cdef int64_t want = (n_tokens + s.block_size - 1) // s.block_size
-    cdef int64_t need = want - s.seq_nblocks[slot]
+    cdef int64_t need = want - s.seq_nblocks[seq]
     return need if need > 0 else 0
 
 
-cdef int64_t match_prefix_impl(AllocState* s, int32_t slot, const tok_t* tokens,
+cdef int64_t match_prefix_impl(AllocState* s, int32_t seq, const tok_t* tokens,
                                int64_t n_tokens) noexcept nogil:
-    if bad_slot(s, slot) or n_tokens < 0 or s.seq_nblocks[slot] != 0:
+    if bad_seq(s, seq) or n_tokens < 0 or s.seq_nblocks[seq] != 0:
         return -1
     if not s.prefix_caching or n_tokens == 0:
         return 0
@@ -248,64 +248,64 @@ cdef int64_t match_prefix_impl(AllocState* s, int32_t slot, const tok_t* tokens,
         if b == NIL or not same_content(s, b, parent, <int32_t>hits, tokens + hits * bs):
             break
         s.prefix_hits += 1
-        attach(s, slot, b)
+        attach(s, seq, b)
         parent = h
         hits += 1
-    s.seq_ncommitted[slot] = <int32_t>hits
-    s.seq_last_hash[slot] = parent
+    s.seq_ncommitted[seq] = <int32_t>hits
+    s.seq_last_hash[seq] = parent
     return hits * bs
 
 
-cdef int allocate_impl(AllocState* s, int32_t slot, int64_t n_tokens) noexcept nogil:
-    if bad_slot(s, slot) or n_tokens < 0:
+cdef int allocate_impl(AllocState* s, int32_t seq, int64_t n_tokens) noexcept nogil:
+    if bad_seq(s, seq) or n_tokens < 0:
         return -1
-    cdef int64_t need = blocks_needed(s, slot, n_tokens)
-    if s.seq_nblocks[slot] + need > s.max_blocks_per_seq:
+    cdef int64_t need = blocks_needed(s, seq, n_tokens)
+    if s.seq_nblocks[seq] + need > s.max_blocks_per_seq:
         return -1
     if need > s.n_free + s.n_cached:
         return 0  # all or nothing: checked before touching anything
     cdef int64_t i
     for i in range(need):
-        attach(s, slot, take_block(s))
+        attach(s, seq, take_block(s))
     return 1
 
 
-cdef int commit_impl(AllocState* s, int32_t slot, const tok_t* tokens,
+cdef int commit_impl(AllocState* s, int32_t seq, const tok_t* tokens,
                      int64_t n_tokens) noexcept nogil:
-    if bad_slot(s, slot) or n_tokens < 0:
+    if bad_seq(s, seq) or n_tokens < 0:
         return -1
     cdef int32_t bs = s.block_size
-    if n_tokens > <int64_t>s.seq_nblocks[slot] * bs:
+    if n_tokens > <int64_t>s.seq_nblocks[seq] * bs:
         return -1
     if not s.prefix_caching:
         return 0
-    # Resume from the slot's last registered block: O(new blocks), not O(sequence).
-    cdef uint64_t parent = s.seq_last_hash[slot], h
-    cdef int32_t* row = s.tables + <int64_t>slot * s.max_blocks_per_seq
+    # Resume from the seq's last registered block: O(new blocks), not O(sequence).
+    cdef uint64_t parent = s.seq_last_hash[seq], h
+    cdef int32_t* row = s.tables + <int64_t>seq * s.max_blocks_per_seq
     cdef int32_t full = <int32_t>(n_tokens // bs)
     cdef int32_t i
-    for i in range(s.seq_ncommitted[slot], full):
+    for i in range(s.seq_ncommitted[seq], full):
         h = hash_tokens(parent, tokens + <int64_t>i * bs, bs) & s.hash_mask
         register_block(s, row[i], h, parent, i, tokens + <int64_t>i * bs)
         parent = h
-    if full > s.seq_ncommitted[slot]:
-        s.seq_ncommitted[slot] = full
-        s.seq_last_hash[slot] = parent
+    if full > s.seq_ncommitted[seq]:
+        s.seq_ncommitted[seq] = full
+        s.seq_last_hash[seq] = parent
     return 0
 
 
-cdef int free_impl(AllocState* s, int32_t slot) noexcept nogil:
-    if bad_slot(s, slot):
+cdef int free_impl(AllocState* s, int32_t seq) noexcept nogil:
+    if bad_seq(s, seq):
         return -1
-    cdef int32_t* row = s.tables + <int64_t>slot * s.max_blocks_per_seq
+    cdef int32_t* row = s.tables + <int64_t>seq * s.max_blocks_per_seq
     cdef int32_t i
     # Reverse order: tail blocks reach the LRU first and so are evicted first.
-    for i in range(s.seq_nblocks[slot] - 1, -1, -1):
+    for i in range(s.seq_nblocks[seq] - 1, -1, -1):
         release(s, row[i])
         row[i] = 0
-    s.seq_nblocks[slot] = 0
-    s.seq_ncommitted[slot] = 0
-    s.seq_last_hash[slot] = ROOT
+    s.seq_nblocks[seq] = 0
+    s.seq_ncommitted[seq] = 0
+    s.seq_last_hash[seq] = ROOT
     return 0
 
 
@@ -327,19 +327,19 @@ cdef cnp.ndarray _as_token_array(object token_ids):
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-cdef int _check_slot(const AllocState* s, Py_ssize_t slot) except -1:
-    if bad_slot(s, slot):
-        raise ValueError(f"slot {slot} out of range [0, {s.max_seqs})")
+cdef int _check_seq(const AllocState* s, Py_ssize_t seq) except -1:
+    if bad_seq(s, seq):
+        raise ValueError(f"seq {seq} out of range [0, {s.max_seqs})")
     return 0
 
 
-cdef int64_t _checked_need(const AllocState* s, Py_ssize_t slot, Py_ssize_t num_total_tokens) except -1:
-    """blocks_needed(), raising where allocate() would: bad slot, negative or too many tokens."""
-    _check_slot(s, slot)
+cdef int64_t _checked_need(const AllocState* s, Py_ssize_t seq, Py_ssize_t num_total_tokens) except -1:
+    """blocks_needed(), raising where allocate() would: bad seq, negative or too many tokens."""
+    _check_seq(s, seq)
     if num_total_tokens < 0:
         raise ValueError(f"num_total_tokens must be >= 0, got {num_total_tokens}")
-    cdef int64_t need = blocks_needed(s, <int32_t>slot, num_total_tokens)
-    if s.seq_nblocks[slot] + need > s.max_blocks_per_seq:
+    cdef int64_t need = blocks_needed(s, <int32_t>seq, num_total_tokens)
+    if s.seq_nblocks[seq] + need > s.max_blocks_per_seq:
         raise ValueError(f"{num_total_tokens} tokens exceed max_blocks_per_seq="
                          f"{s.max_blocks_per_seq} blocks of {s.block_size}")
     return need
@@ -432,71 +432,71 @@ cdef class BlockAllocator:
         free(s.lru_prev); free(s.lru_next); free(s.ht_keys); free(s.ht_vals)
 
     # ------------------------------------------------------------------ C API (see .pxd)
-    cdef int64_t c_match_prefix(self, int32_t slot, const int32_t* tokens, int64_t num_tokens) noexcept nogil:
-        return match_prefix_impl(&self.st, slot, tokens, num_tokens)
+    cdef int64_t c_match_prefix(self, int32_t seq, const int32_t* tokens, int64_t num_tokens) noexcept nogil:
+        return match_prefix_impl(&self.st, seq, tokens, num_tokens)
 
-    cdef int64_t c_match_prefix_i64(self, int32_t slot, const int64_t* tokens, int64_t num_tokens) noexcept nogil:
-        return match_prefix_impl(&self.st, slot, tokens, num_tokens)
+    cdef int64_t c_match_prefix_i64(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil:
+        return match_prefix_impl(&self.st, seq, tokens, num_tokens)
 
-    cdef int c_allocate(self, int32_t slot, int64_t num_total_tokens) noexcept nogil:
-        return allocate_impl(&self.st, slot, num_total_tokens)
+    cdef int c_allocate(self, int32_t seq, int64_t num_total_tokens) noexcept nogil:
+        return allocate_impl(&self.st, seq, num_total_tokens)
 
-    cdef int c_commit(self, int32_t slot, const int32_t* tokens, int64_t num_tokens) noexcept nogil:
-        return commit_impl(&self.st, slot, tokens, num_tokens)
+    cdef int c_commit(self, int32_t seq, const int32_t* tokens, int64_t num_tokens) noexcept nogil:
+        return commit_impl(&self.st, seq, tokens, num_tokens)
 
-    cdef int c_commit_i64(self, int32_t slot, const int64_t* tokens, int64_t num_tokens) noexcept nogil:
-        return commit_impl(&self.st, slot, tokens, num_tokens)
+    cdef int c_commit_i64(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil:
+        return commit_impl(&self.st, seq, tokens, num_tokens)
 
-    cdef int c_free(self, int32_t slot) noexcept nogil:
-        return free_impl(&self.st, slot)
+    cdef int c_free(self, int32_t seq) noexcept nogil:
+        return free_impl(&self.st, seq)
 
-    cdef int64_t c_blocks_needed(self, int32_t slot, int64_t num_total_tokens) noexcept nogil:
-        if bad_slot(&self.st, slot) or num_total_tokens < 0:
+    cdef int64_t c_blocks_needed(self, int32_t seq, int64_t num_total_tokens) noexcept nogil:
+        if bad_seq(&self.st, seq) or num_total_tokens < 0:
             return -1
-        return blocks_needed(&self.st, slot, num_total_tokens)
+        return blocks_needed(&self.st, seq, num_total_tokens)
 
     cdef int32_t c_num_free_blocks(self) noexcept nogil:
         return self.st.n_free + self.st.n_cached
 
     # ------------------------------------------------------------------ Python API
-    def match_prefix(self, Py_ssize_t slot, token_ids, Py_ssize_t num_tokens):
-        _check_slot(&self.st, slot)
+    def match_prefix(self, Py_ssize_t seq, token_ids, Py_ssize_t num_tokens):
+        _check_seq(&self.st, seq)
         cdef cnp.ndarray arr = _check_tokens(token_ids, num_tokens)
-        if self.st.seq_nblocks[slot] != 0:
-            raise ValueError(f"match_prefix on slot {slot}, which already holds blocks")
+        if self.st.seq_nblocks[seq] != 0:
+            raise ValueError(f"match_prefix on seq {seq}, which already holds blocks")
         if cnp.PyArray_TYPE(arr) == cnp.NPY_INT32:
-            return match_prefix_impl(&self.st, <int32_t>slot,
+            return match_prefix_impl(&self.st, <int32_t>seq,
                                      <const int32_t*>cnp.PyArray_DATA(arr), num_tokens)
-        return match_prefix_impl(&self.st, <int32_t>slot,
+        return match_prefix_impl(&self.st, <int32_t>seq,
                                  <const int64_t*>cnp.PyArray_DATA(arr), num_tokens)
 
-    def allocate(self, Py_ssize_t slot, Py_ssize_t num_total_tokens):
-        _checked_need(&self.st, slot, num_total_tokens)
-        return allocate_impl(&self.st, <int32_t>slot, num_total_tokens) == 1
+    def allocate(self, Py_ssize_t seq, Py_ssize_t num_total_tokens):
+        _checked_need(&self.st, seq, num_total_tokens)
+        return allocate_impl(&self.st, <int32_t>seq, num_total_tokens) == 1
 
-    def commit(self, Py_ssize_t slot, token_ids, Py_ssize_t num_tokens):
-        _check_slot(&self.st, slot)
+    def commit(self, Py_ssize_t seq, token_ids, Py_ssize_t num_tokens):
+        _check_seq(&self.st, seq)
         cdef cnp.ndarray arr = _check_tokens(token_ids, num_tokens)
-        if num_tokens > <int64_t>self.st.seq_nblocks[slot] * self.st.block_size:
-            raise ValueError(f"commit of {num_tokens} tokens on slot {slot}, "
-                             f"which holds only {self.st.seq_nblocks[slot]} blocks")
+        if num_tokens > <int64_t>self.st.seq_nblocks[seq] * self.st.block_size:
+            raise ValueError(f"commit of {num_tokens} tokens on seq {seq}, "
+                             f"which holds only {self.st.seq_nblocks[seq]} blocks")
         if cnp.PyArray_TYPE(arr) == cnp.NPY_INT32:
-            commit_impl(&self.st, <int32_t>slot, <const int32_t*>cnp.PyArray_DATA(arr), num_tokens)
+            commit_impl(&self.st, <int32_t>seq, <const int32_t*>cnp.PyArray_DATA(arr), num_tokens)
         else:
-            commit_impl(&self.st, <int32_t>slot, <const int64_t*>cnp.PyArray_DATA(arr), num_tokens)
+            commit_impl(&self.st, <int32_t>seq, <const int64_t*>cnp.PyArray_DATA(arr), num_tokens)
 
-    def free(self, Py_ssize_t slot):
-        _check_slot(&self.st, slot)
-        free_impl(&self.st, <int32_t>slot)
+    def free(self, Py_ssize_t seq):
+        _check_seq(&self.st, seq)
+        free_impl(&self.st, <int32_t>seq)
 
-    def blocks_needed(self, Py_ssize_t slot, Py_ssize_t num_total_tokens):
-        _check_slot(&self.st, slot)
+    def blocks_needed(self, Py_ssize_t seq, Py_ssize_t num_total_tokens):
+        _check_seq(&self.st, seq)
         if num_total_tokens < 0:
             raise ValueError(f"num_total_tokens must be >= 0, got {num_total_tokens}")
-        return blocks_needed(&self.st, <int32_t>slot, num_total_tokens)
+        return blocks_needed(&self.st, <int32_t>seq, num_total_tokens)
 
-    def can_allocate(self, Py_ssize_t slot, Py_ssize_t num_total_tokens):
-        return _checked_need(&self.st, slot, num_total_tokens) <= self.st.n_free + self.st.n_cached
+    def can_allocate(self, Py_ssize_t seq, Py_ssize_t num_total_tokens):
+        return _checked_need(&self.st, seq, num_total_tokens) <= self.st.n_free + self.st.n_cached
 
     # ------------------------------------------------------------------ stats
     @property

@@ -9,7 +9,7 @@ per-request Python work.
 
 How the state is kept
 - `Request` is a cdef class with the reference's attribute names. What the step loops read (token
-  counts, slot, priority, stop ids, the token buffer) are C fields; the Python-facing objects
+  counts, req_index, priority, stop ids, the token buffer) are C fields; the Python-facing objects
   (the id, params, the frozensets, the numpy token buffer) ride along for the engine.
 - The waiting and running queues are C ring buffers of *borrowed* Request pointers. The owning
   references live in the dict `_requests` (id -> Request; `requests` is a read-only view), which
@@ -86,7 +86,7 @@ cdef class Request:
     cdef int64_t* tokens                   # token_ids' data
     cdef readonly int64_t num_tokens
     cdef readonly int64_t num_computed_tokens
-    cdef readonly int32_t slot
+    cdef readonly int32_t req_index
     cdef int state                         # WAITING, RUNNING or FINISHED
     cdef Py_ssize_t row                    # row in this step's batch, or -1
     cdef readonly int64_t num_prompt_tokens
@@ -123,7 +123,7 @@ cdef class Request:
         self.token_ids[:self.num_prompt_tokens] = prompt_token_ids
         self.tokens = <int64_t*>cnp.PyArray_DATA(self.token_ids)
         self.num_tokens = self.num_prompt_tokens
-        self.slot = -1
+        self.req_index = -1
         self.state = WAITING
         self.row = -1
         self.eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)
@@ -313,8 +313,8 @@ cdef class Scheduler:
     cdef const int32_t* alloc_num_blocks   # the allocator's num_seq_blocks, [max_seqs]
 
     cdef Queue waiting_q, running_q
-    cdef int32_t* free_slots               # a stack: slot 0 comes out first
-    cdef Py_ssize_t num_free_slots
+    cdef int32_t* free_indices               # a stack: req_index 0 comes out first
+    cdef Py_ssize_t num_free_indices
     cdef int64_t rr                        # round-robin start of decodes under prefill-first
     cdef PyObject** order                  # scratch: one pass's visiting order
 
@@ -327,48 +327,48 @@ cdef class Scheduler:
 
     # The batch buffers (numpy, so the ScheduledBatch can hold views) and their data.
     cdef cnp.ndarray _input_ids, _positions, _slot_mapping, _query_start, _seq_lens
-    cdef cnp.ndarray _block_tables, _slots, _sample_rows
+    cdef cnp.ndarray _block_tables, _req_indices, _sample_rows
     cdef int64_t* input_ids
     cdef int64_t* positions
     cdef int64_t* slot_mapping
     cdef int64_t* query_start
     cdef int64_t* seq_lens
     cdef int32_t* block_tables
-    cdef int64_t* slots
+    cdef int64_t* req_indices
     cdef int64_t* sample_rows
 
     # What each row of the block-table buffer already holds (see _write_block_tables): the
-    # first `copied` entries of one slot tenancy's table, written in one width epoch. A slot's
-    # tenancy number grows each time the slot is released; the width epoch, each time a step's
+    # first `copied` entries of one request index tenancy's table, written in one width epoch.
+    # An index's tenancy number grows each time the index is released; the width epoch, each time a step's
     # table width differs from the last step's.
-    cdef int64_t* slot_tenancy
+    cdef int64_t* index_tenancy
     cdef int64_t table_width, width_epoch
-    cdef int64_t* held_slot
+    cdef int64_t* held_index
     cdef int64_t* held_tenancy
     cdef int64_t* held_epoch
     cdef int64_t* held_copied
 
     # update()'s outputs, one entry per sampled row.
     cdef cnp.ndarray _out_owners, _out_tokens, _out_finish, _out_index
-    cdef list _released                    # slots of running requests given back, until taken
+    cdef list _released                    # req_indices of running requests given back, until taken
     cdef Py_ssize_t num_out
 
     # The deferred step (defer() .. resolve()): per row its request (an owned reference), the
     # tokens it computed, the request's computed count after it, where its token
-    # goes, SAMPLES | LIVE; and the slots released while in flight, free again at resolve().
+    # goes, SAMPLES | LIVE; and the req_indices released while in flight, free again at resolve().
     cdef PyObject** d_req
     cdef int64_t* d_n
     cdef int64_t* d_computed
     cdef int64_t* d_index
     cdef int8_t* d_flags
     cdef Py_ssize_t num_deferred
-    cdef int32_t* held_slots
+    cdef int32_t* held_indices
     cdef Py_ssize_t num_held
 
     def __init__(self, config, BlockAllocator allocator not None, int64_t max_model_len,
                  clock=time.monotonic):
         if allocator.max_seqs < config.max_num_seqs:
-            raise ValueError(f"the allocator has {allocator.max_seqs} slots, fewer than "
+            raise ValueError(f"the allocator has {allocator.max_seqs} req_indices, fewer than "
                              f"max_num_seqs={config.max_num_seqs}")
         self.config = config
         self.allocator = allocator
@@ -395,12 +395,12 @@ cdef class Scheduler:
         cdef Py_ssize_t n = self.max_num_seqs, i
         q_init(&self.waiting_q, n)
         q_init(&self.running_q, n)  # never grows: at most max_num_seqs run
-        self.free_slots = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
+        self.free_indices = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
         self.order = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
         self.row_req = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
         self.row_len = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.slot_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.held_slot = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.index_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.held_index = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.held_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.held_epoch = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.held_copied = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
@@ -409,18 +409,18 @@ cdef class Scheduler:
         self.d_computed = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.d_index = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.d_flags = <int8_t*>PyMem_Malloc(n * sizeof(int8_t))
-        self.held_slots = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
-        if not (self.free_slots and self.order and self.row_req and self.row_len
-                and self.slot_tenancy and self.held_slot and self.held_tenancy
+        self.held_indices = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
+        if not (self.free_indices and self.order and self.row_req and self.row_len
+                and self.index_tenancy and self.held_index and self.held_tenancy
                 and self.held_epoch and self.held_copied and self.d_req and self.d_n
                 and self.d_computed and self.d_index and self.d_flags
-                and self.held_slots):
+                and self.held_indices):
             raise MemoryError()
         for i in range(n):
-            self.free_slots[i] = <int32_t>(n - 1 - i)
-            self.slot_tenancy[i] = 0
+            self.free_indices[i] = <int32_t>(n - 1 - i)
+            self.index_tenancy[i] = 0
             self.held_epoch[i] = 0  # holds nothing: the first step starts epoch 1
-        self.num_free_slots = n
+        self.num_free_indices = n
         return 0
 
     cdef int _init_buffers(self) except -1:
@@ -433,7 +433,7 @@ cdef class Scheduler:
         self._seq_lens = np.zeros(rows, np.int64)
         # Flat, so that the [rows, max_blocks] view of a step is contiguous.
         self._block_tables = np.zeros(rows * self.max_blocks_per_seq, np.int32)
-        self._slots = np.zeros(rows, np.int64)
+        self._req_indices = np.zeros(rows, np.int64)
         self._sample_rows = np.zeros(rows, np.int64)
         self.input_ids = i64(self._input_ids)
         self.positions = i64(self._positions)
@@ -441,7 +441,7 @@ cdef class Scheduler:
         self.query_start = i64(self._query_start)
         self.seq_lens = i64(self._seq_lens)
         self.block_tables = <int32_t*>cnp.PyArray_DATA(self._block_tables)
-        self.slots = i64(self._slots)
+        self.req_indices = i64(self._req_indices)
         self.sample_rows = i64(self._sample_rows)
         self._out_owners = np.zeros(rows, np.int64)
         self._out_tokens = np.zeros(rows, np.int64)
@@ -459,15 +459,15 @@ cdef class Scheduler:
         PyMem_Free(self.d_computed)
         PyMem_Free(self.d_index)
         PyMem_Free(self.d_flags)
-        PyMem_Free(self.held_slots)
+        PyMem_Free(self.held_indices)
         PyMem_Free(self.waiting_q.items)
         PyMem_Free(self.running_q.items)
-        PyMem_Free(self.free_slots)
+        PyMem_Free(self.free_indices)
         PyMem_Free(self.order)
         PyMem_Free(self.row_req)
         PyMem_Free(self.row_len)
-        PyMem_Free(self.slot_tenancy)
-        PyMem_Free(self.held_slot)
+        PyMem_Free(self.index_tenancy)
+        PyMem_Free(self.held_index)
         PyMem_Free(self.held_tenancy)
         PyMem_Free(self.held_epoch)
         PyMem_Free(self.held_copied)
@@ -504,7 +504,7 @@ cdef class Scheduler:
     def add_request(self, Request req not None):
         if req.owner in self._requests:
             raise ValueError(f"owner {req.owner} is already in use")
-        if req.state != WAITING or req.slot >= 0:
+        if req.state != WAITING or req.req_index >= 0:
             raise ValueError(f"request {req.owner} is {req.status.value}: add new ones only")
         if req.num_tokens >= req.max_total_tokens:  # the C loops write outputs without checks
             raise ValueError(f"request {req.owner}: its prompt leaves no room for output")
@@ -530,7 +530,7 @@ cdef class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------
     def schedule(self):
-        """Pick this step's work. Returns (batch or None, requests that just got a slot)."""
+        """Pick this step's work. Returns (batch or None, requests that just got a req_index)."""
         cdef list admitted = []
         self._clear_rows()
         if self._in_batch_window():
@@ -550,7 +550,7 @@ cdef class Scheduler:
         return self._build_batch(), admitted
 
     def take_released(self):
-        """The slots of running requests given back since the last call, in order."""
+        """The req_indices of running requests given back since the last call, in order."""
         released, self._released = self._released, []
         return np.array(released, dtype=np.int64)
 
@@ -646,15 +646,15 @@ cdef class Scheduler:
     cdef int64_t _admit_waiting(self, int64_t budget, list admitted) except -1:
         cdef Request req
         cdef int64_t cached, chunk
-        while self.waiting_q.size and budget > 0 and self.num_free_slots:
+        while self.waiting_q.size and budget > 0 and self.num_free_indices:
             req = <Request>q_at(&self.waiting_q, 0)
             if req.in_flight:
                 break  # preempted while in flight: readmitted after its tokens resolve
-            self.num_free_slots -= 1
-            req.slot = self.free_slots[self.num_free_slots]
+            self.num_free_indices -= 1
+            req.req_index = self.free_indices[self.num_free_indices]
             cached = self._match_prefix(req)
             chunk = self._chunk(req.num_tokens - cached, budget)
-            if not chunk or not self._allocate(req.slot, cached + chunk):
+            if not chunk or not self._allocate(req.req_index, cached + chunk):
                 self._release(req)  # no room now: it stays first in line
                 break
             q_remove_at(&self.waiting_q, 0)
@@ -677,9 +677,10 @@ cdef class Scheduler:
     cdef int _allocate_or_preempt(self, Request req, int64_t n) except -1:
         """Find blocks for n more tokens, preempting the lowest-priority, latest request."""
         cdef Request victim
-        if req.num_computed_tokens + n <= <int64_t>self.alloc_num_blocks[req.slot] * self.block_size:
+        if (req.num_computed_tokens + n
+                <= <int64_t>self.alloc_num_blocks[req.req_index] * self.block_size):
             return True  # its blocks cover it already (most decodes): no allocator call
-        while not self._allocate(req.slot, req.num_computed_tokens + n):
+        while not self._allocate(req.req_index, req.num_computed_tokens + n):
             victim = self._pick_victim()
             self._preempt(victim)
             if victim is req:
@@ -716,21 +717,22 @@ cdef class Scheduler:
 
     # ---- allocator calls (its C API reports misuse by return value; here that is a bug) ---------
     cdef int64_t _match_prefix(self, Request req) except -1:
-        cdef int64_t cached = self.allocator.c_match_prefix_i64(req.slot, req.tokens, req.num_tokens)
+        cdef int64_t cached = self.allocator.c_match_prefix_i64(req.req_index, req.tokens,
+                                                                req.num_tokens)
         if cached < 0:
-            raise RuntimeError(f"match_prefix refused slot {req.slot}")
+            raise RuntimeError(f"match_prefix refused req_index {req.req_index}")
         return cached
 
-    cdef bint _allocate(self, int32_t slot, int64_t num_tokens) except -1:
-        cdef int rc = self.allocator.c_allocate(slot, num_tokens)
+    cdef bint _allocate(self, int32_t req_index, int64_t num_tokens) except -1:
+        cdef int rc = self.allocator.c_allocate(req_index, num_tokens)
         if rc < 0:
             raise ValueError(f"{num_tokens} tokens exceed max_blocks_per_seq="
                              f"{self.max_blocks_per_seq} blocks of {self.block_size}")
         return rc
 
     cdef int _commit(self, Request req, int64_t num_tokens) except -1:
-        if self.allocator.c_commit_i64(req.slot, req.tokens, num_tokens) < 0:
-            raise RuntimeError(f"commit refused slot {req.slot}")
+        if self.allocator.c_commit_i64(req.req_index, req.tokens, num_tokens) < 0:
+            raise RuntimeError(f"commit refused req_index {req.req_index}")
         return 0
 
     # ---- bookkeeping --------------------------------------------------------------------------
@@ -756,18 +758,18 @@ cdef class Scheduler:
         return lo
 
     cdef int _release(self, Request req) except -1:
-        if req.slot >= 0:
+        if req.req_index >= 0:
             if req.state == RUNNING:
-                self._released.append(req.slot)
-            self.allocator.c_free(req.slot)
-            self.slot_tenancy[req.slot] += 1
-            if req.in_flight:  # its deferred outputs name this slot: free after resolve()
-                self.held_slots[self.num_held] = req.slot
+                self._released.append(req.req_index)
+            self.allocator.c_free(req.req_index)
+            self.index_tenancy[req.req_index] += 1
+            if req.in_flight:  # its deferred outputs name this req_index: free after resolve()
+                self.held_indices[self.num_held] = req.req_index
                 self.num_held += 1
             else:
-                self.free_slots[self.num_free_slots] = req.slot
-                self.num_free_slots += 1
-            req.slot = -1
+                self.free_indices[self.num_free_indices] = req.req_index
+                self.num_free_indices += 1
+            req.req_index = -1
         return 0
 
     cdef int _finish(self, Request req, int code) except -1:
@@ -806,7 +808,7 @@ cdef class Scheduler:
             end = start + n
             self.query_start[i] = t
             self.seq_lens[i] = end
-            self.slots[i] = req.slot
+            self.req_indices[i] = req.req_index
             self._write_tokens(req, start, n, t)
             if end == req.num_tokens:
                 self.sample_rows[self.num_samples] = i
@@ -822,19 +824,20 @@ cdef class Scheduler:
             slot_mapping=self._slot_mapping[:t], query_start_loc=self._query_start[:rows + 1],
             seq_lens=self._seq_lens[:rows],
             block_tables=self._block_tables[:rows * num_blocks].reshape(rows, num_blocks),
-            slots=self._slots[:rows], sample_rows=self._sample_rows[:self.num_samples])
+            req_indices=self._req_indices[:rows], sample_rows=self._sample_rows[:self.num_samples])
 
     cdef inline void _write_tokens(self, Request req, int64_t start, int64_t n,
                                    int64_t t) noexcept:
         """The request's tokens start..start+n-1, their positions and KV-cache slots, from
         token t of the batch. (A loop, not memcpy: most rows are one decode token.)"""
-        cdef const int32_t* table = self.alloc_tables + <int64_t>req.slot * self.max_blocks_per_seq
+        cdef const int32_t* table = (self.alloc_tables
+                                     + <int64_t>req.req_index * self.max_blocks_per_seq)
         cdef int64_t j, bs = self.block_size
         cdef int64_t block = start // bs, offset = start % bs  # then counted, not divided
         for j in range(n):
             self.input_ids[t + j] = req.tokens[start + j]
             if self.input_ids[t + j] == PLACEHOLDER:  # the runner takes it from the device
-                self.input_ids[t + j] = -1 - req.slot
+                self.input_ids[t + j] = -1 - req.req_index
             self.positions[t + j] = start + j
             self.slot_mapping[t + j] = <int64_t>table[block] * bs + offset
             offset += 1
@@ -845,33 +848,33 @@ cdef class Scheduler:
     cdef void _write_block_tables(self, int64_t width) noexcept nogil:
         """Each row's first `width` table entries, rows packed (a [rows, width] array).
 
-        The buffer persists across steps, and a slot's table only grows at its end until the
-        slot is released. So a row that holds the same slot tenancy, written at the same width,
+        The buffer persists across steps, and a req_index's table only grows at its end until the
+        index is released. So a row that holds the same index tenancy, written at the same width,
         needs only the entries appended since -- in steady decode none or one, not the row.
         A change of width starts a new epoch: rows written at another width are stale, and
         their writes may have overrun the rows of this width's layout.
         """
         cdef Py_ssize_t i
-        cdef int64_t slot, have, now
+        cdef int64_t req_index, have, now
         cdef int32_t* dst
         cdef const int32_t* src
         if width != self.table_width:
             self.table_width = width
             self.width_epoch += 1
         for i in range(self.num_rows):
-            slot = self.slots[i]
+            req_index = self.req_indices[i]
             dst = self.block_tables + i * width
-            src = self.alloc_tables + slot * self.max_blocks_per_seq
-            now = min(<int64_t>self.alloc_num_blocks[slot], width)
-            if (self.held_epoch[i] == self.width_epoch and self.held_slot[i] == slot
-                    and self.held_tenancy[i] == self.slot_tenancy[slot]):
+            src = self.alloc_tables + req_index * self.max_blocks_per_seq
+            now = min(<int64_t>self.alloc_num_blocks[req_index], width)
+            if (self.held_epoch[i] == self.width_epoch and self.held_index[i] == req_index
+                    and self.held_tenancy[i] == self.index_tenancy[req_index]):
                 have = self.held_copied[i]
                 if now > have:
                     memcpy(dst + have, src + have, (now - have) * sizeof(int32_t))
             else:
                 memcpy(dst, src, width * sizeof(int32_t))  # zeros past the table's end too
-                self.held_slot[i] = slot
-                self.held_tenancy[i] = self.slot_tenancy[slot]
+                self.held_index[i] = req_index
+                self.held_tenancy[i] = self.index_tenancy[req_index]
                 self.held_epoch[i] = self.width_epoch
             self.held_copied[i] = now
 
@@ -915,7 +918,7 @@ cdef class Scheduler:
     cdef int _output(self, Request req, int64_t token, int code, Py_ssize_t index,
                      Py_ssize_t m) except -1:
         """Output row m, for update() and resolve() alike; a request that finished leaves its
-        queue and gives its slot and blocks back."""
+        queue and gives its req_index and blocks back."""
         i64(self._out_owners)[m] = req.owner
         i64(self._out_tokens)[m] = token
         (<uint8_t*>cnp.PyArray_DATA(self._out_finish))[m] = code
@@ -964,8 +967,8 @@ cdef class Scheduler:
             Py_XDECREF(self.d_req[i])
         self.num_deferred = 0
         for i in range(self.num_held):
-            self.free_slots[self.num_free_slots] = self.held_slots[i]
-            self.num_free_slots += 1
+            self.free_indices[self.num_free_indices] = self.held_indices[i]
+            self.num_free_indices += 1
         self.num_held = 0
         self.num_out = m
         return m

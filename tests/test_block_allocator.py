@@ -32,10 +32,10 @@ def check_invariants(a) -> None:
     a._check_consistency()  # free list / LRU / hash table agree with ref counts
     tables, nseq, refs = a.block_tables, a.num_seq_blocks, a.ref_counts
     owners = np.zeros(a.num_blocks, dtype=np.int64)
-    for slot in range(tables.shape[0]):
-        row = tables[slot, :nseq[slot]]
-        assert len(set(row.tolist())) == len(row), f"slot {slot} holds a block twice"
-        assert not tables[slot, nseq[slot]:].any(), f"slot {slot}: unused entries not 0"
+    for seq in range(tables.shape[0]):
+        row = tables[seq, :nseq[seq]]
+        assert len(set(row.tolist())) == len(row), f"seq {seq} holds a block twice"
+        assert not tables[seq, nseq[seq]:].any(), f"seq {seq}: unused entries not 0"
         np.add.at(owners, row, 1)
     # refcount == number of table references; so a block is shared only by refcounting
     np.testing.assert_array_equal(refs, owners)
@@ -60,12 +60,12 @@ def snapshot(a) -> tuple:
             a.prefix_queries, a.prefix_hits)
 
 
-def run_request(a, slot, tokens, num_tokens=None) -> int:
+def run_request(a, seq, tokens, num_tokens=None) -> int:
     """A request's whole life up to free: match, allocate, compute (commit). Returns cached."""
     n = len(tokens) if num_tokens is None else num_tokens
-    cached = a.match_prefix(slot, tokens, n)
-    assert a.allocate(slot, n)
-    a.commit(slot, tokens, n)
+    cached = a.match_prefix(seq, tokens, n)
+    assert a.allocate(seq, n)
+    a.commit(seq, tokens, n)
     return cached
 
 
@@ -107,13 +107,13 @@ def test_bad_sizes(impl, args):
 def test_bad_arguments(impl):
     a = impl(num_blocks=8, block_size=4, max_seqs=2, max_blocks_per_seq=3)
     t = np.arange(20, dtype=np.int64)
-    for slot in (-1, 2):
+    for seq in (-1, 2):
         with pytest.raises(ValueError):
-            a.allocate(slot, 4)
+            a.allocate(seq, 4)
         with pytest.raises(ValueError):
-            a.match_prefix(slot, t, 4)
+            a.match_prefix(seq, t, 4)
         with pytest.raises(ValueError):
-            a.free(slot)
+            a.free(seq)
     with pytest.raises(ValueError):
         a.allocate(0, 13)            # 4 blocks > max_blocks_per_seq
     with pytest.raises(ValueError):
@@ -128,9 +128,9 @@ def test_bad_arguments(impl):
         a.match_prefix(0, t.astype(np.float32), 4)
     assert a.allocate(0, 5)
     with pytest.raises(ValueError):
-        a.commit(0, t, 9)            # beyond the slot's 2 blocks
+        a.commit(0, t, 9)            # beyond the seq's 2 blocks
     with pytest.raises(ValueError):
-        a.match_prefix(0, t, 8)      # slot already holds blocks
+        a.match_prefix(0, t, 8)      # seq already holds blocks
     assert a.blocks_needed(0, 12) == 1 and a.blocks_needed(0, 3) == 0
     assert a.blocks_needed(0, 100) == 23  # arithmetic only; allocate would raise
     check_invariants(a)
@@ -231,13 +231,13 @@ def test_incremental_commit_matches_one_shot(impl):
     """Committing token by token (decode) registers exactly what one commit would."""
     bs = 4
     a = impl(num_blocks=32, block_size=bs, max_seqs=3, max_blocks_per_seq=8)
-    seq = np.arange(50, 80, dtype=np.int64)
-    a.match_prefix(0, seq, 7)
+    text = np.arange(50, 80, dtype=np.int64)
+    a.match_prefix(0, text, 7)
     for n in range(1, 31):
         assert a.allocate(0, n)
-        a.commit(0, seq, n)
-    a.commit(0, seq, 12)          # going back is a no-op
-    assert a.match_prefix(1, seq, 30) == 7 * bs
+        a.commit(0, text, n)
+    a.commit(0, text, 12)          # going back is a no-op
+    assert a.match_prefix(1, text, 30) == 7 * bs
     assert a.block_tables[1, :7].tolist() == a.block_tables[0, :7].tolist()
 
 
@@ -247,9 +247,9 @@ def test_duplicate_content_keeps_first_mapping(impl):
     bs = 2
     a = impl(num_blocks=12, block_size=bs, max_seqs=3, max_blocks_per_seq=5)
     prompt = np.arange(9, dtype=np.int64)
-    for slot in (0, 1):
-        assert a.match_prefix(slot, prompt, 9) == 0
-        assert a.allocate(slot, 9)
+    for seq in (0, 1):
+        assert a.match_prefix(seq, prompt, 9) == 0
+        assert a.allocate(seq, 9)
     first, second = a.block_tables[0, :4].tolist(), a.block_tables[1, :4].tolist()
     a.commit(0, prompt, 9)
     a.commit(1, prompt, 9)
@@ -377,7 +377,7 @@ class Differential:
             for a in self.impls:
                 a._hash_mask = hash_mask
         self.bs, self.max_blocks = block_size, max_blocks
-        self.tokens = [None] * max_seqs   # the token array a slot's request uses
+        self.tokens = [None] * max_seqs   # the token array a seq's request uses
         self.computed = [0] * max_seqs
 
     def call(self, method, *args):
@@ -390,28 +390,28 @@ class Differential:
         assert results[0] == results[1], (method, args, results)
         return results[0]
 
-    def match(self, slot, tokens, num_tokens, dtype):
-        kind, cached = self.call("match_prefix", slot, tokens.astype(dtype), num_tokens)
+    def match(self, seq, tokens, num_tokens, dtype):
+        kind, cached = self.call("match_prefix", seq, tokens.astype(dtype), num_tokens)
         if kind == "ok":
-            self.tokens[slot], self.computed[slot] = tokens, cached
+            self.tokens[seq], self.computed[seq] = tokens, cached
 
-    def allocate(self, slot, extra):
-        self.call("blocks_needed", slot, self.computed[slot] + extra)
-        self.call("can_allocate", slot, self.computed[slot] + extra)
-        self.call("allocate", slot, self.computed[slot] + extra)
+    def allocate(self, seq, extra):
+        self.call("blocks_needed", seq, self.computed[seq] + extra)
+        self.call("can_allocate", seq, self.computed[seq] + extra)
+        self.call("allocate", seq, self.computed[seq] + extra)
 
-    def commit(self, slot, k, dtype):
-        tokens = self.tokens[slot]
+    def commit(self, seq, k, dtype):
+        tokens = self.tokens[seq]
         if tokens is None:
             return
-        n = min(self.computed[slot] + k, len(tokens))
-        kind, _ = self.call("commit", slot, tokens.astype(dtype), n)
+        n = min(self.computed[seq] + k, len(tokens))
+        kind, _ = self.call("commit", seq, tokens.astype(dtype), n)
         if kind == "ok":
-            self.computed[slot] = max(self.computed[slot], n)
+            self.computed[seq] = max(self.computed[seq], n)
 
-    def free(self, slot):
-        self.call("free", slot)
-        self.tokens[slot], self.computed[slot] = None, 0
+    def free(self, seq):
+        self.call("free", seq)
+        self.tokens[seq], self.computed[seq] = None, 0
 
     def check(self):
         ref, c = self.impls
@@ -423,19 +423,19 @@ class Differential:
         self.check_block_contents(ref)
 
     def check_block_contents(self, ref):
-        """A registered block in a slot's computed range holds exactly that slot's tokens."""
-        for slot, tokens in enumerate(self.tokens):
+        """A registered block in a seq's computed range holds exactly that seq's tokens."""
+        for seq, tokens in enumerate(self.tokens):
             if tokens is None:
                 continue
-            for i in range(min(self.computed[slot] // self.bs, int(ref.num_seq_blocks[slot]))):
-                b = int(ref.block_tables[slot, i])
+            for i in range(min(self.computed[seq] // self.bs, int(ref.num_seq_blocks[seq]))):
+                b = int(ref.block_tables[seq, i])
                 if ref._registered[b]:
                     np.testing.assert_array_equal(ref._block_tokens[b],
                                                   tokens[i * self.bs:(i + 1) * self.bs])
 
     def free_all_and_check(self):
-        for slot in range(len(self.tokens)):
-            self.free(slot)
+        for seq in range(len(self.tokens)):
+            self.free(seq)
         self.check()
         for a in self.impls:
             assert a.num_used_blocks == 0 and a.num_free_blocks == a.num_blocks
@@ -480,37 +480,37 @@ class AllocatorMachine(RuleBasedStateMachine):
         length = max_blocks * block_size
         self.corpus = make_corpus(_Rng(data.draw), length, alphabet=3, n=4)
 
-    slots = st.integers(0, MAX_SEQS - 1)
+    seqs = st.integers(0, MAX_SEQS - 1)
     dtypes = st.sampled_from([np.int32, np.int64])
 
-    @rule(slot=slots, seq=st.integers(0, 3), cut=st.integers(0, 100), dtype=dtypes,
+    @rule(seq=seqs, text=st.integers(0, 3), cut=st.integers(0, 100), dtype=dtypes,
           misuse=st.integers(0, 9))
-    def admit(self, slot, seq, cut, dtype, misuse):
-        """A new request takes the slot: match its prompt (on a busy slot 1 time in 10)."""
+    def admit(self, seq, text, cut, dtype, misuse):
+        """A new request takes the seq: match its prompt (on a busy seq 1 time in 10)."""
         if misuse:
-            self.d.free(slot)
-        tokens = self.corpus[seq]
-        self.d.match(slot, tokens, min(cut, len(tokens)), dtype)
+            self.d.free(seq)
+        tokens = self.corpus[text]
+        self.d.match(seq, tokens, min(cut, len(tokens)), dtype)
 
-    @rule(slot=slots, seq=st.integers(0, 3), k=st.integers(1, 9), dtype=dtypes)
-    def step(self, slot, seq, k, dtype):
+    @rule(seq=seqs, text=st.integers(0, 3), k=st.integers(1, 9), dtype=dtypes)
+    def step(self, seq, text, k, dtype):
         """The engine's pattern: blocks for k more tokens, then those tokens computed."""
-        if self.d.tokens[slot] is None and not self.d.impls[0].num_seq_blocks[slot]:
-            self.d.match(slot, self.corpus[seq], len(self.corpus[seq]), dtype)
-        self.d.allocate(slot, k)
-        self.d.commit(slot, k, dtype)
+        if self.d.tokens[seq] is None and not self.d.impls[0].num_seq_blocks[seq]:
+            self.d.match(seq, self.corpus[text], len(self.corpus[text]), dtype)
+        self.d.allocate(seq, k)
+        self.d.commit(seq, k, dtype)
 
-    @rule(slot=slots, extra=st.integers(0, 9))
-    def allocate(self, slot, extra):
-        self.d.allocate(slot, extra)
+    @rule(seq=seqs, extra=st.integers(0, 9))
+    def allocate(self, seq, extra):
+        self.d.allocate(seq, extra)
 
-    @rule(slot=slots, k=st.integers(0, 9), dtype=dtypes)
-    def commit(self, slot, k, dtype):
-        self.d.commit(slot, k, dtype)
+    @rule(seq=seqs, k=st.integers(0, 9), dtype=dtypes)
+    def commit(self, seq, k, dtype):
+        self.d.commit(seq, k, dtype)
 
-    @rule(slot=slots)
-    def free(self, slot):
-        self.d.free(slot)
+    @rule(seq=seqs)
+    def free(self, seq):
+        self.d.free(seq)
 
     @invariant()
     def identical_and_consistent(self):
@@ -551,17 +551,17 @@ def test_random_workload_differential(seed):
                      caching=True)
     corpus = make_corpus(rng, max_blocks * bs, alphabet=50, n=8)
     for step in range(1500):
-        slot = rng.randrange(max_seqs)
+        seq = rng.randrange(max_seqs)
         op = rng.random()
-        if d.tokens[slot] is None:
-            d.match(slot, corpus[rng.randrange(8)], rng.randrange(1, max_blocks * bs),
+        if d.tokens[seq] is None:
+            d.match(seq, corpus[rng.randrange(8)], rng.randrange(1, max_blocks * bs),
                     rng.choice([np.int32, np.int64]))
         elif op < 0.45:
-            d.allocate(slot, rng.randrange(1, 2 * bs))
+            d.allocate(seq, rng.randrange(1, 2 * bs))
         elif op < 0.9:
-            d.commit(slot, rng.randrange(1, 2 * bs), np.int64)
+            d.commit(seq, rng.randrange(1, 2 * bs), np.int64)
         else:
-            d.free(slot)
+            d.free(seq)
         if step % 10 == 0:
             d.check()
     d.free_all_and_check()

@@ -172,7 +172,7 @@ def test_async_scheduling_gives_the_same_outputs(tmp_path):
 
 
 def test_async_scheduling_abort_in_flight(tmp_path):
-    """Aborting a request whose token is in flight drops that token; its slot comes back only
+    """Aborting a request whose token is in flight drops that token; its index comes back only
     after the step resolves, and nothing leaks."""
     path = _save_tiny(tmp_path, "qwen2", False)
     llm = LLM(path, dtype="float32", block_size=4, num_blocks=64, max_num_seqs=3,
@@ -197,7 +197,7 @@ def test_async_scheduling_abort_in_flight(tmp_path):
     assert 4 not in seen and len(seen[2]) == len(seen[3]) == 12
     assert core.allocator.num_used_blocks == 0 and not core.scheduler.requests
     again = llm.generate(_random_prompts(3, 512, seed=6)[:3], params, use_tqdm=False)
-    assert [len(o.outputs[0].token_ids) for o in again] == [12, 12, 12]  # every slot is back
+    assert [len(o.outputs[0].token_ids) for o in again] == [12, 12, 12]  # every index is back
 
 
 def test_stop_rules(smollm):

@@ -22,21 +22,21 @@ CRAFTED = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.01, 0.01]
 def make_sampler(params: Sequence[SamplingParams], vocab: int, seed: int = 0,
                  eos: Sequence[int] = (), prompts: Optional[Sequence[Sequence[int]]] = None,
                  max_num_seqs: Optional[int] = None) -> Sampler:
-    """A sampler with params[i] loaded into slot i."""
+    """A sampler with params[i] loaded into req_index i."""
     sampler = Sampler(max_num_seqs or len(params), vocab, CPU, seed=seed)
-    for slot, p in enumerate(params):
-        sampler.add_request(slot, p, prompts[slot] if prompts else [], eos)
+    for req_index, p in enumerate(params):
+        sampler.add_request(req_index, p, prompts[req_index] if prompts else [], eos)
     return sampler
 
 
-def all_slots(n: int) -> torch.Tensor:
+def all_indices(n: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64)
 
 
 def sample_counts(sampler: Sampler, logits: torch.Tensor, steps: int) -> torch.Tensor:
     """Histogram over the vocabulary of every token sampled in `steps` steps of a full batch."""
-    slots = all_slots(logits.shape[0])
-    tokens = torch.cat([sampler.sample(logits, slots).token_ids for _ in range(steps)])
+    req_indices = all_indices(logits.shape[0])
+    tokens = torch.cat([sampler.sample(logits, req_indices).token_ids for _ in range(steps)])
     return torch.bincount(tokens, minlength=logits.shape[1]).double()
 
 
@@ -51,7 +51,7 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 def test_greedy_is_argmax(dtype: torch.dtype) -> None:
     logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)).to(dtype)
     sampler = make_sampler([SamplingParams(temperature=0.0)] * 8, 100)
-    out = sampler.sample(logits, all_slots(8))
+    out = sampler.sample(logits, all_indices(8))
     assert torch.equal(out.token_ids, logits.argmax(dim=-1))
     assert out.token_ids.dtype == torch.int64
     assert out.logprobs is None and out.top_ids is None and out.top_logprobs is None
@@ -61,7 +61,7 @@ def test_greedy_rows_beside_random_rows_are_argmax_and_logits_untouched() -> Non
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
     before = logits.clone()
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, top_p=0.5)] * 3
-    out = make_sampler(params, 50).sample(logits, all_slots(6))
+    out = make_sampler(params, 50).sample(logits, all_indices(6))
     assert torch.equal(out.token_ids[0::2], logits[0::2].argmax(dim=-1))
     assert torch.equal(logits, before)
 
@@ -72,7 +72,7 @@ def test_top_k_1_is_greedy_at_any_temperature() -> None:
     params = [SamplingParams(temperature=t, top_k=1) for t in temperatures]
     sampler = make_sampler(params + [SamplingParams(temperature=1.0)], 200)  # forces slow path
     for _ in range(5):
-        out = sampler.sample(logits, all_slots(6))
+        out = sampler.sample(logits, all_indices(6))
         assert torch.equal(out.token_ids[:5], logits[:5].argmax(dim=-1))
 
 
@@ -159,23 +159,23 @@ def test_seeded_rows_identical_alone_and_batched_in_any_order() -> None:
     for request, params in enumerate(SEEDED):
         sampler = make_sampler([params], vocab, seed=request)
         alone.append([int(sampler.sample(step_logits(request, step, vocab).unsqueeze(0),
-                                         all_slots(1)).token_ids[0]) for step in range(steps)])
+                                         all_indices(1)).token_ids[0]) for step in range(steps)])
 
-    # Seeded requests at other slots, among others; a different row order every step.
+    # Seeded requests at other req_indices, among others; a different row order every step.
     everyone = OTHERS[:1] + SEEDED[1:2] + OTHERS[1:2] + SEEDED[2:3] + OTHERS[2:] + SEEDED[:1]
-    slot_of_seeded = [7, 1, 3]
+    index_of_seeded = [7, 1, 3]
     batched = make_sampler(everyone, vocab, seed=99, eos=[0])
     order = random.Random(0)
     together: list[list[int]] = [[] for _ in SEEDED]
     for step in range(steps):
-        slots = list(range(len(everyone)))
-        order.shuffle(slots)
+        req_indices = list(range(len(everyone)))
+        order.shuffle(req_indices)
         logits = torch.stack([
-            step_logits(slot_of_seeded.index(s), step, vocab) if s in slot_of_seeded
-            else torch.randn(vocab) for s in slots])
-        tokens = batched.sample(logits, torch.tensor(slots)).token_ids.tolist()
-        for request, slot in enumerate(slot_of_seeded):
-            together[request].append(tokens[slots.index(slot)])
+            step_logits(index_of_seeded.index(s), step, vocab) if s in index_of_seeded
+            else torch.randn(vocab) for s in req_indices])
+        tokens = batched.sample(logits, torch.tensor(req_indices)).token_ids.tolist()
+        for request, req_index in enumerate(index_of_seeded):
+            together[request].append(tokens[req_indices.index(req_index)])
     assert together == alone
 
 
@@ -184,7 +184,7 @@ def test_unseeded_runs_reproducible_from_sampler_seed() -> None:
 
     def run(seed: int) -> list[list[int]]:
         sampler = make_sampler([SamplingParams(temperature=1.0, top_p=0.95)] * 16, 300, seed=seed)
-        return [sampler.sample(logits, all_slots(16)).token_ids.tolist() for _ in range(4)]
+        return [sampler.sample(logits, all_indices(16)).token_ids.tolist() for _ in range(4)]
 
     assert run(5) == run(5)
     assert run(5) != run(6)
@@ -248,14 +248,14 @@ def test_apply_penalties_matches_hand_computed_reference() -> None:
     assert torch.equal(out, expected)
 
 
-def test_penalties_follow_sampled_tokens_and_reset_with_slot() -> None:
+def test_penalties_follow_sampled_tokens_and_reset_with_index() -> None:
     params = [SamplingParams(temperature=0.0, frequency_penalty=1.0),
               SamplingParams(temperature=0.0, presence_penalty=1.0),
               SamplingParams(temperature=0.0, repetition_penalty=2.0),
               SamplingParams(temperature=0.0)]
     sampler = make_sampler(params, 4, prompts=[[], [], [0], [0]])
     logits = torch.tensor([[3.0, 2.4, 0.0, -1.0]] * 4)
-    history = [sampler.sample(logits, all_slots(4)).token_ids.tolist() for _ in range(4)]
+    history = [sampler.sample(logits, all_indices(4)).token_ids.tolist() for _ in range(4)]
     assert [list(col) for col in zip(*history)] == [
         [0, 1, 0, 1],  # frequency: 3-1=2 < 2.4; 2.4-1 < 2; 3-2 < 1.4
         [0, 1, 0, 0],  # presence: each seen token loses 1 once
@@ -264,12 +264,12 @@ def test_penalties_follow_sampled_tokens_and_reset_with_slot() -> None:
     ]
     sampler.remove_request(0)
     sampler.add_request(0, params[0], [], [])
-    assert sampler.sample(logits[:1], all_slots(1)).token_ids.tolist() == [0]
+    assert sampler.sample(logits[:1], all_indices(1)).token_ids.tolist() == [0]
 
 
 def test_penalty_state_allocated_only_when_needed() -> None:
     sampler = make_sampler([SamplingParams(temperature=0.5, top_k=3)], 32)
-    sampler.sample(torch.randn(1, 32), all_slots(1))
+    sampler.sample(torch.randn(1, 32), all_indices(1))
     assert sampler._output_counts is None and sampler._prompt_mask is None
     sampler.remove_request(0)
     sampler.add_request(0, SamplingParams(presence_penalty=0.5), [1, 2], [])
@@ -288,7 +288,7 @@ def test_min_tokens_blocks_eos_and_stop_ids_until_reached() -> None:
                            [0.0, 0.0, 1.0, 9.0, 8.0],
                            [0.0, 0.0, 1.0, 9.0, 8.0],
                            [0.0, 0.0, 1.0, 9.0, 8.0]])
-    history = [sampler.sample(logits, all_slots(4)).token_ids.tolist() for _ in range(4)]
+    history = [sampler.sample(logits, all_indices(4)).token_ids.tolist() for _ in range(4)]
     assert [list(col) for col in zip(*history)] == [
         [3, 3, 3, 4],  # eos blocked for 3 tokens
         [2, 2, 3, 3],  # stop id and eos blocked for 2
@@ -301,7 +301,7 @@ def test_min_tokens_holds_for_random_rows() -> None:
     rows = 256
     logits = torch.tensor([[0.0, 1.0, 8.0]]).expand(rows, -1).contiguous()
     sampler = make_sampler([SamplingParams(temperature=1.0, min_tokens=2)] * rows, 3, eos=[2])
-    steps = [sampler.sample(logits, all_slots(rows)).token_ids for _ in range(3)]
+    steps = [sampler.sample(logits, all_indices(rows)).token_ids for _ in range(3)]
     assert not (steps[0] == 2).any() and not (steps[1] == 2).any()
     assert (steps[2] == 2).float().mean() > 0.9
 
@@ -314,7 +314,7 @@ def test_logprobs_are_raw_log_softmax_and_top_n_sorted() -> None:
               SamplingParams(temperature=1.0, top_k=4)]
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     sampler = make_sampler(params, 40, prompts=[[1, 2, 3]] * 3)
-    out = sampler.sample(logits, all_slots(3))
+    out = sampler.sample(logits, all_indices(3))
     reference = torch.log_softmax(logits.float(), dim=-1)
     assert out.logprobs.dtype == torch.float32 and out.top_logprobs.dtype == torch.float32
     # The wire's form: a row that asked for none has NaN, one that asked fewer -1 and NaN.
@@ -335,22 +335,22 @@ def test_logprobs_are_raw_log_softmax_and_top_n_sorted() -> None:
 
 # -- API contract ----------------------------------------------------------------------------
 
-def test_slot_and_shape_errors() -> None:
+def test_index_and_shape_errors() -> None:
     sampler = make_sampler([SamplingParams()], 8, max_num_seqs=2)
     with pytest.raises(ValueError):
         sampler.add_request(2, SamplingParams(), [], [])
     with pytest.raises(ValueError):
         sampler.remove_request(1)
     with pytest.raises(ValueError):
-        sampler.sample(torch.zeros(1, 9), all_slots(1))
+        sampler.sample(torch.zeros(1, 9), all_indices(1))
 
 
-def test_adding_to_a_held_slot_replaces_its_request() -> None:
+def test_adding_to_a_held_index_replaces_its_request() -> None:
     sampler = make_sampler([SamplingParams(temperature=0.0, presence_penalty=2.0, logprobs=2)], 4)
     logits = torch.tensor([[1.0, 0.0, -1.0, -2.0]])
-    assert sampler.sample(logits, all_slots(1)).token_ids.tolist() == [0]
+    assert sampler.sample(logits, all_indices(1)).token_ids.tolist() == [0]
     sampler.add_request(0, SamplingParams(temperature=0.0), [], [])  # no remove_request first
-    out = sampler.sample(logits, all_slots(1))
+    out = sampler.sample(logits, all_indices(1))
     assert out.token_ids.tolist() == [0] and out.logprobs is None  # fast path again
 
 
@@ -360,7 +360,7 @@ def test_resumed_request_continues_where_it_stopped() -> None:
     vocab, steps, split = 32, 8, 3
     logits = [step_logits(0, step, vocab).unsqueeze(0) for step in range(steps)]
     straight = make_sampler([params], vocab, eos=[2], prompts=[[1, 2]])
-    expected = [int(straight.sample(x, all_slots(1)).token_ids[0]) for x in logits]
+    expected = [int(straight.sample(x, all_indices(1)).token_ids[0]) for x in logits]
 
     resumed = make_sampler([SamplingParams()], vocab, max_num_seqs=3)
     resumed.add_request(2, params, [1, 2], [2], output_token_ids=expected[:split])
@@ -405,7 +405,7 @@ def test_random_parameter_mixes(rows: list[tuple[SamplingParams, Optional[int]]]
             logits[i, only] = 0.0
     asked = [p.logprobs for p, _ in rows if p.logprobs is not None]
     for _ in range(3):
-        out = sampler.sample(logits, all_slots(len(rows)))
+        out = sampler.sample(logits, all_indices(len(rows)))
         assert isinstance(out, SamplerOutput)
         assert out.token_ids.shape == (len(rows),) and out.token_ids.dtype == torch.int64
         assert ((out.token_ids >= 0) & (out.token_ids < VOCAB)).all()

@@ -107,8 +107,8 @@ class Side:
 
     def sampled(self, batch: ScheduledBatch) -> np.ndarray:
         """The sampler's tokens for the batch's sampling rows."""
-        by_slot = {r.slot: name(r.owner) for r in self.scheduler.running}
-        return np.array([fake_token(by_slot[int(batch.slots[row])], int(batch.seq_lens[row]))
+        by_index = {r.req_index: name(r.owner) for r in self.scheduler.running}
+        return np.array([fake_token(by_index[int(batch.req_indices[row])], int(batch.seq_lens[row]))
                          for row in batch.sample_rows], dtype=np.int64)
 
 
@@ -125,7 +125,7 @@ def batch_view(batch):
 def request_view(r) -> tuple:
     return (r.owner, r.priority, r.arrival_seq, r.num_prompt_tokens, r.max_total_tokens,
             r.token_ids.tolist(), r.num_tokens, r.num_computed_tokens, r.num_cached_tokens,
-            r.slot, r.status, r.finish_reason, r.output_token_ids.tolist(), r.sort_key)
+            r.req_index, r.status, r.finish_reason, r.output_token_ids.tolist(), r.sort_key)
 
 
 def side_view(side: Side) -> tuple:
@@ -143,32 +143,32 @@ def check_invariants(side: Side) -> None:
     bs, tables, nblocks, refs = a.block_size, a.block_tables, a.num_seq_blocks, a.ref_counts
     running, waiting = s.running, s.waiting
     assert all(r.status is RequestStatus.RUNNING for r in running)
-    assert all(r.status is RequestStatus.WAITING and r.slot == -1 for r in waiting)
+    assert all(r.status is RequestStatus.WAITING and r.req_index == -1 for r in waiting)
     assert len(running) <= s.config.max_num_seqs
     assert {r.owner for r in running + waiting} == set(s.requests)
-    slots = {r.slot: r for r in running}
-    assert len(slots) == len(running) and all(0 <= x < a.max_seqs for x in slots)
-    for slot in range(a.max_seqs):
-        if slot not in slots:
-            assert nblocks[slot] == 0, f"slot {slot} holds blocks but no running request"
+    req_indices = {r.req_index: r for r in running}
+    assert len(req_indices) == len(running) and all(0 <= x < a.max_seqs for x in req_indices)
+    for req_index in range(a.max_seqs):
+        if req_index not in req_indices:
+            assert nblocks[req_index] == 0, f"index {req_index}: blocks but no running request"
     for r in running:
         assert r.num_computed_tokens < r.num_tokens <= r.max_total_tokens
-        assert nblocks[r.slot] * bs >= r.num_computed_tokens
+        assert nblocks[r.req_index] * bs >= r.num_computed_tokens
     # Ref counts equal table references; a block in several tables is a shared prefix block:
     # at the same index in each, holding the same tokens there.
     holders: dict[int, list[tuple[int, int]]] = {}
-    for slot in range(a.max_seqs):
-        for i, b in enumerate(tables[slot, :nblocks[slot]].tolist()):
-            holders.setdefault(b, []).append((slot, i))
-        assert not tables[slot, nblocks[slot]:].any()
+    for req_index in range(a.max_seqs):
+        for i, b in enumerate(tables[req_index, :nblocks[req_index]].tolist()):
+            holders.setdefault(b, []).append((req_index, i))
+        assert not tables[req_index, nblocks[req_index]:].any()
     for b in range(a.num_blocks):
         assert refs[b] == len(holders.get(b, ())), f"block {b}: ref count != table references"
     for b, where in holders.items():
         if len(where) > 1:
             assert len({i for _, i in where}) == 1, f"block {b} shared at different positions"
             i = where[0][1]
-            contents = {tuple(slots[slot].token_ids[i * bs:(i + 1) * bs].tolist())
-                        for slot, _ in where}
+            contents = {tuple(req_indices[req_index].token_ids[i * bs:(i + 1) * bs].tolist())
+                        for req_index, _ in where}
             assert len(contents) == 1, f"block {b} shared by different prefixes"
     used = int((refs > 0).sum())
     cached = a.num_cached_blocks
@@ -180,7 +180,7 @@ def check_invariants(side: Side) -> None:
 def check_batch_tables(side: Side, batch: ScheduledBatch) -> None:
     width = batch.block_tables.shape[1]
     np.testing.assert_array_equal(batch.block_tables,
-                                  side.allocator.block_tables[batch.slots, :width])
+                                  side.allocator.block_tables[batch.req_indices, :width])
 
 
 def check_drained(side: Side) -> None:
@@ -441,18 +441,18 @@ def test_deferred_steps_give_the_same_tokens(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_deferred_placeholders_name_their_slot(impl):
+def test_deferred_placeholders_name_their_index(impl):
     side = make_side(impl)
     side.add("a", [2, 3, 4], SamplingParams(max_tokens=5, ignore_eos=True), 0, 0.0, 0)
     batch, _ = side.scheduler.schedule()
     side.scheduler.defer()
     batch, _ = side.scheduler.schedule()  # a's decode, before its first token is known
-    slot = int(batch.slots[0])
-    assert batch.input_ids.tolist() == [-1 - slot] and batch.positions.tolist() == [3]
+    req_index = int(batch.req_indices[0])
+    assert batch.input_ids.tolist() == [-1 - req_index] and batch.positions.tolist() == [3]
     assert side.resolve(np.array([7])) == [("a", 7, None)]
     side.scheduler.defer()
     batch, _ = side.scheduler.schedule()
-    assert batch.input_ids.tolist() == [-1 - slot]  # the token of the step in flight again
+    assert batch.input_ids.tolist() == [-1 - req_index]  # the token of the step in flight again
     side.scheduler.resolve(np.array([8]))
     assert side.scheduler.requests[owner("a")].output_token_ids.tolist() == [7, 8]
 

@@ -5,11 +5,11 @@ A Cython scheduler can `from minivllm._cext.block_allocator cimport BlockAllocat
 `c_*` methods below directly: no Python objects, no GIL. They validate their arguments cheaply
 and report misuse through their return value instead of raising:
 
-    c_match_prefix*  -> cached tokens (>= 0), or -1 on a bad slot / slot not empty / num_tokens < 0
-    c_allocate       -> 1 done, 0 not enough blocks (nothing changed), -1 bad slot / too many blocks
-    c_commit*        -> 0 done, -1 bad slot / num_tokens beyond the slot's blocks
-    c_free           -> 0 done, -1 bad slot
-    c_blocks_needed  -> additional blocks (>= 0), or -1 on a bad slot / negative num_tokens
+    c_match_prefix*  -> cached tokens (>= 0), or -1 on a bad seq / seq not empty / num_tokens < 0
+    c_allocate       -> 1 done, 0 not enough blocks (nothing changed), -1 bad seq / too many blocks
+    c_commit*        -> 0 done, -1 bad seq / num_tokens beyond the seq's blocks
+    c_free           -> 0 done, -1 bad seq
+    c_blocks_needed  -> additional blocks (>= 0), or -1 on a bad seq / negative num_tokens
 
 Token pointers must address at least num_tokens valid ids. The *_i64 variants take int64 ids.
 Not thread-safe: nogil lets the caller release the GIL around a batch of calls, but calls on one
@@ -34,8 +34,8 @@ cdef struct AllocState:
     int32_t* seq_nblocks        # [max_seqs]
     int32_t* refcnt             # [num_blocks]
 
-    # Per-slot prefix-cache progress.
-    int32_t* seq_ncommitted     # blocks of the slot already registered or matched
+    # Per-seq prefix-cache progress.
+    int32_t* seq_ncommitted     # blocks of the seq already registered or matched
     uint64_t* seq_last_hash     # chained hash of the last of those blocks
 
     # Per-block prefix-cache record, valid while registered[b].
@@ -73,11 +73,11 @@ cdef class BlockAllocator:
     cdef readonly object num_seq_blocks    # np.int32 [max_seqs]
     cdef object _ref_counts                # np.int32 [num_blocks]
 
-    cdef int64_t c_match_prefix(self, int32_t slot, const int32_t* tokens, int64_t num_tokens) noexcept nogil
-    cdef int64_t c_match_prefix_i64(self, int32_t slot, const int64_t* tokens, int64_t num_tokens) noexcept nogil
-    cdef int c_allocate(self, int32_t slot, int64_t num_total_tokens) noexcept nogil
-    cdef int c_commit(self, int32_t slot, const int32_t* tokens, int64_t num_tokens) noexcept nogil
-    cdef int c_commit_i64(self, int32_t slot, const int64_t* tokens, int64_t num_tokens) noexcept nogil
-    cdef int c_free(self, int32_t slot) noexcept nogil
-    cdef int64_t c_blocks_needed(self, int32_t slot, int64_t num_total_tokens) noexcept nogil
+    cdef int64_t c_match_prefix(self, int32_t seq, const int32_t* tokens, int64_t num_tokens) noexcept nogil
+    cdef int64_t c_match_prefix_i64(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil
+    cdef int c_allocate(self, int32_t seq, int64_t num_total_tokens) noexcept nogil
+    cdef int c_commit(self, int32_t seq, const int32_t* tokens, int64_t num_tokens) noexcept nogil
+    cdef int c_commit_i64(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil
+    cdef int c_free(self, int32_t seq) noexcept nogil
+    cdef int64_t c_blocks_needed(self, int32_t seq, int64_t num_total_tokens) noexcept nogil
     cdef int32_t c_num_free_blocks(self) noexcept nogil

@@ -2,7 +2,9 @@
 
 This is the seam between the scheduler (Python reference or Cython) and the model runner: rows
 are sequences in batch order, tokens are flattened across rows, and requests are named by their
-integer slot, so nothing here is a per-request Python object.
+request index, so nothing here is a per-request Python object. Two words, two things: a request's
+*index* (`req_index`) is its row in the per-request tables (block tables, sampler state), held
+while it runs; a *slot* is a token's position in the KV cache (`slot_mapping`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class ScheduledBatch:
     query_start_loc: np.ndarray  # [B+1] int64
     seq_lens: np.ndarray  # [B] int64: context length after this step
     block_tables: np.ndarray  # [B, max_blocks] int32
-    slots: np.ndarray  # [B] int64: request slot of each row
+    req_indices: np.ndarray  # [B] int64: request index of each row
     sample_rows: np.ndarray  # [S] int64: rows whose last token yields a new token this step
 
     @property

@@ -6,8 +6,8 @@ reference counts, same statistics, for any sequence of calls. The tests run them
 
 The model
 ---------
-The KV cache is ``num_blocks`` blocks of ``block_size`` token slots each. A request lives in an
-integer *slot* in ``[0, max_seqs)``; row ``slot`` of ``block_tables`` lists the blocks that hold its
+The KV cache is ``num_blocks`` blocks of ``block_size`` token slots each. A sequence lives in an
+integer *seq* in ``[0, max_seqs)``; row ``seq`` of ``block_tables`` lists the blocks that hold its
 tokens, in order. Every block is in exactly one of three states:
 
 * **used**    -- ``ref_counts[b] > 0``: it sits in that many block-table rows;
@@ -100,7 +100,7 @@ class BlockAllocator:
         self.num_seq_blocks = np.zeros(max_seqs, dtype=np.int32)
         self._ref_counts = np.zeros(num_blocks, dtype=np.int32)
 
-        # Per-slot prefix-cache progress: how many of the slot's blocks are already
+        # Per-seq prefix-cache progress: how many of the seq's blocks are already
         # registered (or were matched), and the chained hash of the last of them.
         self._num_committed = [0] * max_seqs
         self._last_hash = [ROOT_HASH] * max_seqs
@@ -167,28 +167,28 @@ class BlockAllocator:
         return self._prefix_hits
 
     # ------------------------------------------------------------------ sizing
-    def blocks_needed(self, slot: int, num_total_tokens: int) -> int:
-        """Additional blocks allocate(slot, num_total_tokens) would take (0 if already covered)."""
-        self._check_slot(slot)
+    def blocks_needed(self, seq: int, num_total_tokens: int) -> int:
+        """Additional blocks allocate(seq, num_total_tokens) would take (0 if already covered)."""
+        self._check_seq(seq)
         if num_total_tokens < 0:
             raise ValueError(f"num_total_tokens must be >= 0, got {num_total_tokens}")
         want = -(-num_total_tokens // self._block_size)
-        return max(0, want - int(self.num_seq_blocks[slot]))
+        return max(0, want - int(self.num_seq_blocks[seq]))
 
-    def can_allocate(self, slot: int, num_total_tokens: int) -> bool:
-        need = self._checked_need(slot, num_total_tokens)
+    def can_allocate(self, seq: int, num_total_tokens: int) -> bool:
+        need = self._checked_need(seq, num_total_tokens)
         return need <= self.num_free_blocks
 
     # ------------------------------------------------------------------ operations
-    def match_prefix(self, slot: int, token_ids, num_tokens: int) -> int:
+    def match_prefix(self, seq: int, token_ids, num_tokens: int) -> int:
         """Attach cached blocks for the longest cached prefix of token_ids[:num_tokens].
 
         Returns the number of cached tokens (a multiple of block_size, < num_tokens).
         """
-        self._check_slot(slot)
+        self._check_seq(seq)
         tokens = self._check_tokens(token_ids, num_tokens)
-        if self.num_seq_blocks[slot] != 0:
-            raise ValueError(f"match_prefix on slot {slot}, which already holds blocks")
+        if self.num_seq_blocks[seq] != 0:
+            raise ValueError(f"match_prefix on seq {seq}, which already holds blocks")
         if not self.enable_prefix_caching:
             return 0
         bs = self._block_size
@@ -204,66 +204,66 @@ class BlockAllocator:
             if block is None or not self._same_content(block, parent, i, block_tokens):
                 break
             self._prefix_hits += 1
-            self._attach(slot, block)
+            self._attach(seq, block)
             parent = h
             hits += 1
-        self._num_committed[slot] = hits
-        self._last_hash[slot] = parent
+        self._num_committed[seq] = hits
+        self._last_hash[seq] = parent
         return hits * bs
 
-    def allocate(self, slot: int, num_total_tokens: int) -> bool:
-        """Grow the slot's table to cover num_total_tokens. All or nothing."""
-        need = self._checked_need(slot, num_total_tokens)
+    def allocate(self, seq: int, num_total_tokens: int) -> bool:
+        """Grow the seq's table to cover num_total_tokens. All or nothing."""
+        need = self._checked_need(seq, num_total_tokens)
         if need > self.num_free_blocks:
             return False
         for _ in range(need):
             block = self._take_block()
-            self._attach(slot, block)
+            self._attach(seq, block)
         return True
 
-    def commit(self, slot: int, token_ids, num_tokens: int) -> None:
-        """token_ids[:num_tokens] are computed: register the slot's newly full blocks."""
-        self._check_slot(slot)
+    def commit(self, seq: int, token_ids, num_tokens: int) -> None:
+        """token_ids[:num_tokens] are computed: register the seq's newly full blocks."""
+        self._check_seq(seq)
         tokens = self._check_tokens(token_ids, num_tokens)
-        n_blocks = int(self.num_seq_blocks[slot])
+        n_blocks = int(self.num_seq_blocks[seq])
         if num_tokens > n_blocks * self._block_size:
-            raise ValueError(f"commit of {num_tokens} tokens on slot {slot}, "
+            raise ValueError(f"commit of {num_tokens} tokens on seq {seq}, "
                              f"which holds only {n_blocks} blocks")
         if not self.enable_prefix_caching:
             return
         bs = self._block_size
-        parent = self._last_hash[slot]
-        for i in range(self._num_committed[slot], num_tokens // bs):
+        parent = self._last_hash[seq]
+        for i in range(self._num_committed[seq], num_tokens // bs):
             block_tokens = tokens[i * bs:(i + 1) * bs]
             h = hash_block(parent, block_tokens) & self._hash_mask
-            self._register(int(self.block_tables[slot, i]), h, parent, i, block_tokens)
+            self._register(int(self.block_tables[seq, i]), h, parent, i, block_tokens)
             parent = h
-            self._num_committed[slot] = i + 1
-        self._last_hash[slot] = parent
+            self._num_committed[seq] = i + 1
+        self._last_hash[seq] = parent
 
-    def free(self, slot: int) -> None:
-        """Release the slot's blocks, last block first, and reset the slot."""
-        self._check_slot(slot)
-        n_blocks = int(self.num_seq_blocks[slot])
+    def free(self, seq: int) -> None:
+        """Release the seq's blocks, last block first, and reset the seq."""
+        self._check_seq(seq)
+        n_blocks = int(self.num_seq_blocks[seq])
         # Reverse order: a request's tail blocks reach the LRU first, so they are evicted
         # before its head blocks, which are the ones other requests are likelier to share.
         for i in range(n_blocks - 1, -1, -1):
-            self._release(int(self.block_tables[slot, i]))
-            self.block_tables[slot, i] = 0
-        self.num_seq_blocks[slot] = 0
-        self._num_committed[slot] = 0
-        self._last_hash[slot] = ROOT_HASH
+            self._release(int(self.block_tables[seq, i]))
+            self.block_tables[seq, i] = 0
+        self.num_seq_blocks[seq] = 0
+        self._num_committed[seq] = 0
+        self._last_hash[seq] = ROOT_HASH
 
     # ------------------------------------------------------------------ block moves
-    def _attach(self, slot: int, block: int) -> None:
-        """Append block to the slot's table and take a reference on it."""
+    def _attach(self, seq: int, block: int) -> None:
+        """Append block to the seq's table and take a reference on it."""
         if self._ref_counts[block] == 0:
             self._num_used += 1
             self._lru.pop(block, None)  # a cached block in use is no longer evictable
         self._ref_counts[block] += 1
-        n = int(self.num_seq_blocks[slot])
-        self.block_tables[slot, n] = block
-        self.num_seq_blocks[slot] = n + 1
+        n = int(self.num_seq_blocks[seq])
+        self.block_tables[seq, n] = block
+        self.num_seq_blocks[seq] = n + 1
 
     def _release(self, block: int) -> None:
         self._ref_counts[block] -= 1
@@ -313,13 +313,13 @@ class BlockAllocator:
         return free, lru
 
     # ------------------------------------------------------------------ argument checks
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.max_seqs:
-            raise ValueError(f"slot {slot} out of range [0, {self.max_seqs})")
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self.max_seqs:
+            raise ValueError(f"seq {seq} out of range [0, {self.max_seqs})")
 
-    def _checked_need(self, slot: int, num_total_tokens: int) -> int:
-        need = self.blocks_needed(slot, num_total_tokens)
-        if self.num_seq_blocks[slot] + need > self.max_blocks_per_seq:
+    def _checked_need(self, seq: int, num_total_tokens: int) -> int:
+        need = self.blocks_needed(seq, num_total_tokens)
+        if self.num_seq_blocks[seq] + need > self.max_blocks_per_seq:
             raise ValueError(f"{num_total_tokens} tokens exceed max_blocks_per_seq="
                              f"{self.max_blocks_per_seq} blocks of {self._block_size}")
         return need

@@ -38,7 +38,7 @@ class Request:
         self.num_tokens = self.num_prompt_tokens
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
-        self.slot = -1
+        self.req_index = -1
         self.status = RequestStatus.WAITING
         self.finish_code = FINISH_NONE
         self.eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)

@@ -6,8 +6,8 @@ when blocks run out), and emits the step as a `ScheduledBatch` of numpy arrays. 
 the sampled tokens back, applies the stop rules and frees what finished; its outputs are arrays,
 one entry per sampled row: `out_owners`, `out_tokens`, `out_finish` (FINISH_* codes of
 ipc/minivllm_ipc.h) and `out_index` (the row's index among the step's sampled tokens, for the
-logprobs). The slots given back since the last call -- finished, aborted, preempted -- come out
-of `take_released()`: the sampler reads them there (no callback out of the scheduler).
+logprobs). The request indices given back since the last call -- finished, aborted, preempted --
+come out of `take_released()`: the sampler reads them there (no callback out of the scheduler).
 
 Policies: `decode-first` gives every running decode its token before prefill chunks fill the
 rest of the budget (steady inter-token latency); `prefill-first` admits and prefills new work
@@ -16,11 +16,11 @@ first and advances decodes round-robin in what remains (shorter time to first to
 Overlap (async scheduling): on a GPU the engine builds step k+1 while the GPU runs step k, so
 step k's tokens are unknown when step k+1 is scheduled. `defer()` stands in for `update()` in
 that loop: the step's counts advance and each sampled row gets a placeholder token, which the
-next batch carries as `-1 - slot` for the model runner to take from the device (the token
-sampled there for that slot). `resolve(tokens)` then writes the real tokens, applies the stop
+next batch carries as `-1 - req_index` for the model runner to take from the device (the token
+sampled there for that req_index). `resolve(tokens)` then writes the real tokens, applies the stop
 rules and commits filled blocks. The engine calls schedule(k+1), launch, resolve(k), defer(k+1).
-While a request has rows in flight its slot is not reused (a preempted or aborted one's slot
-waits for the resolve: outputs name slots) and a preempted one is not readmitted.
+While a request has rows in flight its index is not reused (a preempted or aborted one's index
+waits for the resolve: outputs name req_indices) and a preempted one is not readmitted.
 """
 from __future__ import annotations
 
@@ -61,14 +61,14 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}  # owner -> request, every unfinished one
-        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # pop() takes slot 0 first
+        self.free_indices = list(range(config.max_num_seqs - 1, -1, -1))  # pop() takes 0 first
         self.num_preemptions = 0
         self._scheduled: list[tuple[Request, int]] = []
         self._scheduled_ids: set[int] = set()  # id() of the requests in _scheduled
         self._rr = 0  # round-robin start of decodes under prefill-first
         self._deferred: list[_Deferred] = []  # the step in flight (defer() .. resolve())
-        self._held_slots: list[int] = []  # released while in flight: free again at resolve()
-        self._released: list[int] = []  # slots of running requests given back, until taken
+        self._held_indices: list[int] = []  # released while in flight: free again at resolve()
+        self._released: list[int] = []  # req_indices of running requests given back, until taken
         self._emit([])
 
     # ---- queue management -------------------------------------------------------------
@@ -95,7 +95,7 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> tuple[Optional[ScheduledBatch], list[Request]]:
-        """Pick this step's work. Returns (batch or None, requests that just got a slot)."""
+        """Pick this step's work. Returns (batch or None, requests that just got a req_index)."""
         self._scheduled, self._scheduled_ids, admitted = [], set(), []
         if self._in_batch_window():
             return None, admitted
@@ -113,7 +113,7 @@ class Scheduler:
         return self._build_batch(), admitted
 
     def take_released(self) -> np.ndarray:
-        """The slots of running requests given back since the last call, in order."""
+        """The req_indices of running requests given back since the last call, in order."""
         released, self._released = self._released, []
         return np.array(released, dtype=np.int64)
 
@@ -127,7 +127,7 @@ class Scheduler:
                 i += samples  # aborted after it was scheduled: its row was sampled all the same
                 continue
             req.num_computed_tokens += n
-            self.allocator.commit(req.slot, req.token_ids, req.num_computed_tokens)
+            self.allocator.commit(req.req_index, req.token_ids, req.num_computed_tokens)
             if not samples:
                 continue  # a prefill chunk that does not reach the end samples nothing
             token = int(sampled[i])
@@ -171,17 +171,17 @@ class Scheduler:
             if req.status is RequestStatus.FINISHED:
                 continue  # aborted while in flight
             if req.status is RequestStatus.RUNNING:  # not preempted since
-                self.allocator.commit(req.slot, req.token_ids, d.computed)
+                self.allocator.commit(req.req_index, req.token_ids, d.computed)
             if token is None:
                 continue
             outputs.append(self._output(req, token, req.set_token(d.index, token), i - 1))
         self._deferred = []
-        self.free_slots += self._held_slots
-        self._held_slots = []
+        self.free_indices += self._held_indices
+        self._held_indices = []
         return self._emit(outputs)
 
     def _output(self, req: Request, token: int, code: int, index: int) -> tuple:
-        """One output entry; a request that finished leaves its queue and gives back its slot."""
+        """One output entry; a request that finished leaves its queue and gives back its index."""
         if code != FINISH_NONE:
             queue = self.running if req.status is RequestStatus.RUNNING else self.waiting
             queue.remove(req)
@@ -222,14 +222,14 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, budget: int, admitted: list[Request]) -> int:
-        while self.waiting and budget > 0 and self.free_slots:
+        while self.waiting and budget > 0 and self.free_indices:
             req = self.waiting[0]
             if req.in_flight:
                 break  # preempted while in flight: readmitted after its tokens resolve
-            req.slot = self.free_slots.pop()
-            cached = self.allocator.match_prefix(req.slot, req.token_ids, req.num_tokens)
+            req.req_index = self.free_indices.pop()
+            cached = self.allocator.match_prefix(req.req_index, req.token_ids, req.num_tokens)
             n = self._chunk(req.num_tokens - cached, budget)
-            if not n or not self.allocator.allocate(req.slot, cached + n):
+            if not n or not self.allocator.allocate(req.req_index, cached + n):
                 self._release(req)  # no room now: it stays first in line
                 break
             self.waiting.pop(0)
@@ -251,7 +251,7 @@ class Scheduler:
 
     def _allocate_or_preempt(self, req: Request, n: int) -> bool:
         """Find blocks for n more tokens, preempting the lowest-priority, latest request."""
-        while not self.allocator.allocate(req.slot, req.num_computed_tokens + n):
+        while not self.allocator.allocate(req.req_index, req.num_computed_tokens + n):
             victim = max((r for r in self.running if id(r) not in self._scheduled_ids),
                          key=lambda r: r.sort_key)
             self._preempt(victim)
@@ -287,12 +287,12 @@ class Scheduler:
             self.waiting.append(req)
 
     def _release(self, req: Request) -> None:
-        if req.slot >= 0:
+        if req.req_index >= 0:
             if req.status is RequestStatus.RUNNING:
-                self._released.append(req.slot)
-            self.allocator.free(req.slot)
-            (self._held_slots if req.in_flight else self.free_slots).append(req.slot)
-            req.slot = -1
+                self._released.append(req.req_index)
+            self.allocator.free(req.req_index)
+            (self._held_indices if req.in_flight else self.free_indices).append(req.req_index)
+            req.req_index = -1
 
     def _finish(self, req: Request, code: int) -> None:
         req.status = RequestStatus.FINISHED
@@ -304,19 +304,19 @@ class Scheduler:
         qlens = np.array([n for _, n in self._scheduled], dtype=np.int64)
         starts = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
         seq_lens = starts + qlens
-        slots = np.array([r.slot for r in reqs], dtype=np.int64)
+        req_indices = np.array([r.req_index for r in reqs], dtype=np.int64)
         query_start = np.zeros(len(reqs) + 1, dtype=np.int64)
         np.cumsum(qlens, out=query_start[1:])
         row = np.repeat(np.arange(len(reqs)), qlens)
         positions = np.arange(query_start[-1]) - query_start[row] + starts[row]
         max_blocks = int(-(-seq_lens.max() // self.block_size))
-        tables = self.allocator.block_tables[slots, :max_blocks]
+        tables = self.allocator.block_tables[req_indices, :max_blocks]
         slot_mapping = tables[row, positions // self.block_size].astype(np.int64) * self.block_size \
             + positions % self.block_size
         input_ids = np.concatenate([r.token_ids[s:s + n] for r, (s, n) in
                                     zip(reqs, zip(starts.tolist(), qlens.tolist()))])
-        input_ids = np.where(input_ids == PLACEHOLDER, -1 - slots[row], input_ids)
+        input_ids = np.where(input_ids == PLACEHOLDER, -1 - req_indices[row], input_ids)
         sample_rows = np.flatnonzero(seq_lens == np.array([r.num_tokens for r in reqs]))
         return ScheduledBatch(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
                               query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,
-                              slots=slots, sample_rows=sample_rows)
+                              req_indices=req_indices, sample_rows=sample_rows)

@@ -38,7 +38,7 @@ class DecodeGraphs:
     """Captured decode forwards, their static input buffers and outputs."""
 
     # Regions of the static int64 input buffer, each max_num_seqs long (query starts one more).
-    _IDS, _POS, _SLOTS, _SEQ_LENS, _SAMPLE_SLOTS, _SAMPLE_ROWS, _QUERY_START = range(7)
+    _IDS, _POS, _SLOTS, _SEQ_LENS, _SAMPLE_INDICES, _SAMPLE_ROWS, _QUERY_START = range(7)
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, block_size: int,
                  max_num_seqs: int, max_blocks_per_seq: int, device: torch.device,
@@ -105,7 +105,7 @@ class DecodeGraphs:
 
     def run(self, batch: ScheduledBatch):
         """Replays the graph for this step's size; returns (hidden [B, H], sample index or None,
-        sample slots), as the model runner's eager path does."""
+        sample request indices), as the model runner's eager path does."""
         B = batch.num_seqs
         size = next(s for s in self.sizes if s >= B)
         n, h = self._n, self._host_np
@@ -118,7 +118,7 @@ class DecodeGraphs:
             h[region * n + B:region * n + size] = pad
         rows = batch.sample_rows
         S = len(rows)
-        h[self._SAMPLE_SLOTS * n:self._SAMPLE_SLOTS * n + S] = batch.slots[rows]
+        h[self._SAMPLE_INDICES * n:self._SAMPLE_INDICES * n + S] = batch.req_indices[rows]
         h[self._SAMPLE_ROWS * n:self._SAMPLE_ROWS * n + S] = rows
         self._dev.copy_(self._host, non_blocking=True)
         width = batch.block_tables.shape[1]
@@ -130,4 +130,4 @@ class DecodeGraphs:
         graph, hidden = self._graphs[size]
         graph.replay()
         index = None if S == B else self._region(self._SAMPLE_ROWS, S)
-        return hidden[:B], index, self._region(self._SAMPLE_SLOTS, S)
+        return hidden[:B], index, self._region(self._SAMPLE_INDICES, S)

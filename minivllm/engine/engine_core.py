@@ -108,11 +108,12 @@ class EngineCore:
     def step(self) -> StepOutputs:
         """One step: schedule, forward and sample, update. Returns its outputs as arrays."""
         batch, admitted = self.scheduler.schedule()
-        for slot in self.scheduler.take_released().tolist():  # before a slot is reused
-            self.sampler.remove_request(slot)
+        for req_index in self.scheduler.take_released().tolist():  # before a req_index is reused
+            self.sampler.remove_request(req_index)
         for req in admitted:
-            self.sampler.add_request(req.slot, req.params, req.token_ids[:req.num_prompt_tokens],
-                                     req.eos_ids, req.output_token_ids)
+            self.sampler.add_request(req.req_index, req.params,
+                                     req.token_ids[:req.num_prompt_tokens], req.eos_ids,
+                                     req.output_token_ids)
         if self.overlap:
             return self._step_overlapped(batch)
         if batch is None:

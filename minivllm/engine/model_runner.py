@@ -6,7 +6,7 @@ other steps (prefill chunks) run eagerly. The kernels are `ModelConfig.kernels`'
 (layers/kernels.py), selected here once and passed to the model.
 
 Under async scheduling `launch()` returns at once with the step in flight: its tokens land in a
-pinned host buffer, and on the device in `last_tokens[slot]`, where the next step, built
+pinned host buffer, and on the device in `last_tokens[req_index]`, where the next step, built
 before they were known, takes its decodes' input tokens.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ class ModelRunner:
                     self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)
         self.staging = StepStaging(self.device) if self.device.type == "cuda" else None
         n = config.scheduler.max_num_seqs
-        # Async scheduling: each slot's last sampled token, and a pinned buffer and an event for
+        # Async scheduling: each request index's last sampled token, and a pinned buffer and an event for
         # each of the two steps that can be unresolved at once, which their tokens come back by.
         self.last_tokens = torch.zeros(n, dtype=torch.int64, device=self.device) if overlap \
             else None
@@ -148,7 +148,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> SamplerOutput:
         """Forward the batch and sample one token for each row in `batch.sample_rows`."""
         if self.graphs is not None and self.graphs.serves(batch):
-            hidden, sample_index, sample_slots = self.graphs.run(batch)
+            hidden, sample_index, sample_indices = self.graphs.run(batch)
         else:
             inputs = (self.staging.stage(batch) if self.staging is not None
                       else cpu_inputs(batch))
@@ -157,12 +157,12 @@ class ModelRunner:
             if self.last_tokens is not None and batch.input_ids.min() < 0:
                 ids = fill_placeholders(ids, self.last_tokens)
             hidden = self.model(ids, inputs.positions, inputs.meta)
-            sample_index, sample_slots = inputs.sample_index, inputs.sample_slots
+            sample_index, sample_indices = inputs.sample_index, inputs.sample_indices
         if sample_index is not None:  # None: every token is sampled (a step of decodes)
             hidden = hidden[sample_index]
-        out = self.sampler.sample(self.model.compute_logits(hidden), sample_slots)
+        out = self.sampler.sample(self.model.compute_logits(hidden), sample_indices)
         if self.last_tokens is not None:
-            self.last_tokens[sample_slots] = out.token_ids
+            self.last_tokens[sample_indices] = out.token_ids
         return out
 
     def launch(self, batch: ScheduledBatch) -> InFlight:

@@ -2,7 +2,7 @@
 
 On CPU the arrays are wrapped, not copied. On CUDA every integer array of the step (token ids,
 positions, slot mapping, query starts, context lengths, block tables, sampled rows and their
-request slots) is packed into one pinned host buffer and moved in one asynchronous copy, so a
+request indices) is packed into one pinned host buffer and moved in one asynchronous copy, so a
 step costs one host-to-device transfer and never waits for it: the only wait of a step is for
 its sampled tokens (EngineCore.step).
 """
@@ -24,7 +24,7 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     sample_index: Optional[torch.Tensor]  # [S] token index of each sampled row; None: all [T]
-    sample_slots: torch.Tensor  # [S] request slot of each sampled row
+    sample_indices: torch.Tensor  # [S] request index of each sampled row
 
 
 def sampled_tokens(batch: ScheduledBatch) -> Optional[np.ndarray]:
@@ -46,8 +46,8 @@ def _metadata(batch: ScheduledBatch, slot_mapping: torch.Tensor, query_start: to
 
 def fill_placeholders(input_ids: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
     """Under async scheduling a decode's input token was sampled by the step still in flight
-    when the batch was built: the scheduler writes it as -1 - slot, and the device holds it in
-    `last_tokens[slot]` (ModelRunner keeps it). No host sync: a gather and a select."""
+    when the batch was built: the scheduler writes it as -1 - req_index, and the device holds it in
+    `last_tokens[req_index]` (ModelRunner keeps it). No host sync: a gather and a select."""
     return torch.where(input_ids < 0, last_tokens[(-1 - input_ids).clamp_(min=0)], input_ids)
 
 
@@ -58,7 +58,7 @@ def cpu_inputs(batch: ScheduledBatch) -> StepInputs:
     meta = _metadata(batch, t(batch.slot_mapping), t(batch.query_start_loc), t(batch.seq_lens),
                      t(batch.block_tables))
     return StepInputs(t(batch.input_ids), t(batch.positions), meta,
-                      None if index is None else t(index), t(batch.slots[batch.sample_rows]))
+                      None if index is None else t(index), t(batch.req_indices[batch.sample_rows]))
 
 
 class StepStaging:
@@ -78,7 +78,8 @@ class StepStaging:
     def stage(self, batch: ScheduledBatch) -> StepInputs:
         index = sampled_tokens(batch)
         arrays = [batch.input_ids, batch.positions, batch.slot_mapping, batch.query_start_loc,
-                  batch.seq_lens, batch.slots[batch.sample_rows], batch.block_tables.reshape(-1)]
+                  batch.seq_lens, batch.req_indices[batch.sample_rows],
+                  batch.block_tables.reshape(-1)]
         if index is not None:
             arrays.append(index)
         total = sum(a.size for a in arrays)
@@ -93,7 +94,7 @@ class StepStaging:
         self._dev[:total].copy_(self._host[:total], non_blocking=True)
         self._copied.record()
         views = [self._dev[o:o + a.size] for a, o in zip(arrays, offsets)]
-        ids, pos, slot_mapping, query_start, seq_lens, sample_slots, tables = views[:7]
+        ids, pos, slot_mapping, query_start, seq_lens, sample_indices, tables = views[:7]
         meta = _metadata(batch, slot_mapping, query_start, seq_lens,
                          tables.view(batch.block_tables.shape))
-        return StepInputs(ids, pos, meta, views[7] if index is not None else None, sample_slots)
+        return StepInputs(ids, pos, meta, views[7] if index is not None else None, sample_indices)

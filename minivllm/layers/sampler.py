@@ -4,13 +4,13 @@ Semantics follow vLLM V1: logprobs come from the raw logits; then min_tokens mas
 penalties (repetition, frequency, presence); then greedy argmax for greedy rows; for the others
 temperature, min_p, top_k, top_p and a draw.
 
-Request state lives in slot-indexed tensors (one row per scheduler slot) so that a step costs a
+Request state lives in tensors indexed by the scheduler's request index, so that a step costs a
 few gathers, never a per-request Python loop. Which stages run is decided from host-side counts
 over the *active* requests (the batch is a subset of them), so `sample()` itself never reads a
 device tensor back to the host.
 
 Draws use the Gumbel-max trick with noise from a counter-based hash of
-(row seed, tokens this slot has sampled so far, vocabulary index): a seeded request gets the same
+(row seed, tokens this request has sampled so far, vocabulary index): a seeded request gets the same
 tokens whatever else is in the batch and wherever its row is, with no per-row torch.Generator.
 Unseeded rows take a fresh seed per step from one sampler-level generator, so a whole run is
 reproducible from the engine seed.
@@ -127,7 +127,7 @@ class SamplerOutput:
     top_logprobs: Optional[torch.Tensor]        # [S, N] float32
 
 
-# Columns of the per-slot parameter tables: one gather per step fetches a row's parameters.
+# Columns of the per-req_index parameter tables: one gather per step fetches a row's parameters.
 _TEMPERATURE, _TOP_P, _MIN_P, _REPETITION, _PRESENCE, _FREQUENCY = range(6)
 _TOP_K, _SEED, _SEEDED, _MIN_TOKENS = range(4)
 
@@ -156,7 +156,7 @@ def _stages(params: SamplingParams, stop_ids: Sequence[int]) -> list[str]:
 
 
 class Sampler:
-    """Samples one token per row for requests kept in slots 0..max_num_seqs-1."""
+    """Samples one token per row for requests kept in req_indices 0..max_num_seqs-1."""
 
     def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device,
                  seed: int = 0) -> None:
@@ -174,69 +174,70 @@ class Sampler:
         # [max_num_seqs, V] each: allocated when the first request with a penalty arrives.
         self._output_counts: Optional[torch.Tensor] = None
         self._prompt_mask: Optional[torch.Tensor] = None
-        # Stop ids blocked under min_tokens, one row per slot, padded by repeating the row's
+        # Stop ids blocked under min_tokens, one row per req_index, padded by repeating the row's
         # first id (scattering a duplicate is harmless); widened when a request needs more.
         self._stop_ids = torch.zeros(max_num_seqs, 1, dtype=torch.int64, device=device)
-        self._slot_stages: dict[int, list[str]] = {}
-        self._slot_logprobs: dict[int, int] = {}
+        self._stages_of: dict[int, list[str]] = {}
+        self._logprobs_of: dict[int, int] = {}
         self._stage_counts: Counter[str] = Counter()
         self._logprobs_counts: Counter[int] = Counter()
 
-    def add_request(self, slot: int, params: SamplingParams, prompt_token_ids: Sequence[int],
+    def add_request(self, req_index: int, params: SamplingParams, prompt_token_ids: Sequence[int],
                     eos_token_ids: Sequence[int], output_token_ids: Sequence[int] = ()) -> None:
-        """Loads a request into `slot`, replacing whatever the slot held. `output_token_ids`
+        """Loads a request at `req_index`, replacing whatever was there. `output_token_ids`
         resumes a preempted request: penalties, min_tokens and seeded draws go on from there."""
-        if not 0 <= slot < self.max_num_seqs:
-            raise ValueError(f"slot {slot} out of range [0, {self.max_num_seqs})")
-        if slot in self._slot_stages:
-            self.remove_request(slot)
+        if not 0 <= req_index < self.max_num_seqs:
+            raise ValueError(f"req_index {req_index} out of range [0, {self.max_num_seqs})")
+        if req_index in self._stages_of:
+            self.remove_request(req_index)
         stop_ids = self._min_tokens_stop_ids(params, eos_token_ids)
         stages = _stages(params, stop_ids)
-        self._write_params(slot, params, stop_ids, len(output_token_ids))
+        self._write_params(req_index, params, stop_ids, len(output_token_ids))
         if _PENALTIES in stages:
-            self._reset_penalty_state(slot, prompt_token_ids, output_token_ids)
+            self._reset_penalty_state(req_index, prompt_token_ids, output_token_ids)
         if _MIN_TOKENS_STAGE in stages:
-            self._set_stop_ids(slot, stop_ids)
-        self._slot_stages[slot] = stages
+            self._set_stop_ids(req_index, stop_ids)
+        self._stages_of[req_index] = stages
         self._stage_counts.update(stages)
-        self._num_logprobs[slot] = -1 if params.logprobs is None else params.logprobs
+        self._num_logprobs[req_index] = -1 if params.logprobs is None else params.logprobs
         if params.logprobs is not None:
-            self._slot_logprobs[slot] = params.logprobs
+            self._logprobs_of[req_index] = params.logprobs
             self._logprobs_counts[params.logprobs] += 1
 
-    def remove_request(self, slot: int) -> None:
-        """Frees `slot` (its tensor rows stay stale until the next add_request). Call it when a
+    def remove_request(self, req_index: int) -> None:
+        """Frees `req_index` (its tensor rows stay stale until the next add_request). Call it when a
         request finishes or leaves: until then its needs keep their stages running."""
-        if slot not in self._slot_stages:
-            raise ValueError(f"slot {slot} holds no request")
-        self._stage_counts.subtract(self._slot_stages.pop(slot))
+        if req_index not in self._stages_of:
+            raise ValueError(f"req_index {req_index} holds no request")
+        self._stage_counts.subtract(self._stages_of.pop(req_index))
         self._stage_counts += Counter()  # drops the stages that reached zero
-        if slot in self._slot_logprobs:
-            self._logprobs_counts[self._slot_logprobs.pop(slot)] -= 1
+        if req_index in self._logprobs_of:
+            self._logprobs_counts[self._logprobs_of.pop(req_index)] -= 1
             self._logprobs_counts += Counter()
 
-    def sample(self, logits: torch.Tensor, slots: torch.Tensor) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, req_indices: torch.Tensor) -> SamplerOutput:
         """Samples from logits [S, V] (any float dtype; not modified) for the requests in
-        slots [S] (int64, on the sampler's device, distinct), and records the tokens."""
+        req_indices [S] (int64, on the sampler's device, distinct), and records the tokens."""
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size \
-                or logits.shape[0] != slots.shape[0]:
-            raise ValueError(f"logits {tuple(logits.shape)} do not match {slots.shape[0]} slots "
+                or logits.shape[0] != req_indices.shape[0]:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match "
+                             f"{req_indices.shape[0]} request indices "
                              f"x vocab {self.vocab_size}")
         if not self._logprobs_counts and self._stage_counts.keys() <= {_GREEDY}:
             # The common benchmark case: nothing to record, nothing to convert.
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         logits = logits.to(torch.float32, copy=True)
         raw_logprobs = logits.log_softmax(dim=-1) if self._logprobs_counts else None
-        float_params = self._float_params[slots]
-        int_params = self._int_params[slots]
-        positions = self._num_sampled[slots]
+        float_params = self._float_params[req_indices]
+        int_params = self._int_params[req_indices]
+        positions = self._num_sampled[req_indices]
         if _MIN_TOKENS_STAGE in self._stage_counts:
-            self._block_stop_ids(logits, slots, int_params, positions)
+            self._block_stop_ids(logits, req_indices, int_params, positions)
         if _PENALTIES in self._stage_counts:
-            logits = self._penalize(logits, slots, float_params)
+            logits = self._penalize(logits, req_indices, float_params)
         token_ids = self._choose(logits, float_params, int_params, positions)
-        self._record(slots, token_ids)
-        return self._output(token_ids, raw_logprobs, slots)
+        self._record(req_indices, token_ids)
+        return self._output(token_ids, raw_logprobs, req_indices)
 
     # -- add_request helpers ------------------------------------------------------------------
 
@@ -249,33 +250,33 @@ class Sampler:
             ids += eos_token_ids
         return sorted({i for i in ids if 0 <= i < self.vocab_size})
 
-    def _write_params(self, slot: int, params: SamplingParams, stop_ids: list[int],
+    def _write_params(self, req_index: int, params: SamplingParams, stop_ids: list[int],
                       num_sampled: int) -> None:
         # Temperature 0 marks a greedy row (top_k == 1 included, as SamplingParams.greedy says).
         temperature = 0.0 if params.greedy else params.temperature
         top_k = self.vocab_size if params.top_k == -1 else min(params.top_k, self.vocab_size)
         min_tokens = params.min_tokens if stop_ids else 0
-        self._float_params[slot] = torch.tensor(
+        self._float_params[req_index] = torch.tensor(
             [temperature, params.top_p, params.min_p, params.repetition_penalty,
              params.presence_penalty, params.frequency_penalty], dtype=torch.float32)
-        self._int_params[slot] = torch.tensor(
+        self._int_params[req_index] = torch.tensor(
             [top_k, _as_int64(params.seed or 0), params.seed is not None, min_tokens],
             dtype=torch.int64)
-        self._num_sampled[slot] = num_sampled
+        self._num_sampled[req_index] = num_sampled
 
-    def _reset_penalty_state(self, slot: int, prompt_token_ids: Sequence[int],
+    def _reset_penalty_state(self, req_index: int, prompt_token_ids: Sequence[int],
                              output_token_ids: Sequence[int]) -> None:
         if self._output_counts is None:
             shape = (self.max_num_seqs, self.vocab_size)
             self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
             self._prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         output = torch.as_tensor(output_token_ids, dtype=torch.int64)
-        self._output_counts[slot] = torch.bincount(output, minlength=self.vocab_size)
+        self._output_counts[req_index] = torch.bincount(output, minlength=self.vocab_size)
         prompt = torch.as_tensor(prompt_token_ids, dtype=torch.int64)
-        self._prompt_mask[slot] = False
-        self._prompt_mask[slot, prompt.to(self.device)] = True
+        self._prompt_mask[req_index] = False
+        self._prompt_mask[req_index, prompt.to(self.device)] = True
 
-    def _set_stop_ids(self, slot: int, stop_ids: list[int]) -> None:
+    def _set_stop_ids(self, req_index: int, stop_ids: list[int]) -> None:
         width = self._stop_ids.shape[1]
         if len(stop_ids) > width:
             wider = self._stop_ids[:, :1].repeat(1, len(stop_ids))
@@ -283,23 +284,24 @@ class Sampler:
             self._stop_ids = wider
             width = len(stop_ids)
         padded = stop_ids + stop_ids[:1] * (width - len(stop_ids))
-        self._stop_ids[slot] = torch.tensor(padded, dtype=torch.int64)
+        self._stop_ids[req_index] = torch.tensor(padded, dtype=torch.int64)
 
     # -- sample() stages ----------------------------------------------------------------------
 
-    def _block_stop_ids(self, logits: torch.Tensor, slots: torch.Tensor,
+    def _block_stop_ids(self, logits: torch.Tensor, req_indices: torch.Tensor,
                         int_params: torch.Tensor, positions: torch.Tensor) -> None:
         """-inf on the stop ids of rows still short of min_tokens; other rows write back their own
-        values (slots without min_tokens store 0, so they are never short)."""
-        stop_ids = self._stop_ids[slots]
+        values (req_indices without min_tokens store 0, so they are never short)."""
+        stop_ids = self._stop_ids[req_indices]
         short = (positions < int_params[:, _MIN_TOKENS]).unsqueeze(1)
         values = logits.gather(1, stop_ids).masked_fill_(short, float("-inf"))
         logits.scatter_(1, stop_ids, values)
 
-    def _penalize(self, logits: torch.Tensor, slots: torch.Tensor,
+    def _penalize(self, logits: torch.Tensor, req_indices: torch.Tensor,
                   float_params: torch.Tensor) -> torch.Tensor:
         # Rows of requests without penalties carry stale state, but neutral penalties ignore it.
-        return apply_penalties(logits, self._prompt_mask[slots], self._output_counts[slots],
+        return apply_penalties(logits, self._prompt_mask[req_indices],
+                               self._output_counts[req_indices],
                                float_params[:, _REPETITION], float_params[:, _PRESENCE],
                                float_params[:, _FREQUENCY])
 
@@ -325,19 +327,19 @@ class Sampler:
                               generator=self._generator, device=self.device)
         return torch.where(int_params[:, _SEEDED] != 0, int_params[:, _SEED], fresh)
 
-    def _record(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
+    def _record(self, req_indices: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Advances the positions (seeded noise, min_tokens) and output counts (penalties)."""
-        self._num_sampled.index_add_(0, slots, torch.ones_like(slots))
+        self._num_sampled.index_add_(0, req_indices, torch.ones_like(req_indices))
         if _PENALTIES in self._stage_counts:
-            ones = torch.ones(slots.shape, dtype=torch.int32, device=self.device)
-            self._output_counts.index_put_((slots, token_ids), ones, accumulate=True)
+            ones = torch.ones(req_indices.shape, dtype=torch.int32, device=self.device)
+            self._output_counts.index_put_((req_indices, token_ids), ones, accumulate=True)
 
     def _output(self, token_ids: torch.Tensor, raw_logprobs: Optional[torch.Tensor],
-                slots: torch.Tensor) -> SamplerOutput:
+                req_indices: torch.Tensor) -> SamplerOutput:
         """Logprobs in the wire's form: NaN and -1 where a row asked for none or fewer."""
         if raw_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
-        asked = self._num_logprobs[slots]
+        asked = self._num_logprobs[req_indices]
         sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         sampled.masked_fill_(asked < 0, float("nan"))
         k = max(self._logprobs_counts)
