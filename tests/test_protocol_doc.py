@@ -10,6 +10,7 @@ import pytest
 
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport import protocol
+import wire_spec
 
 DOC = (Path(__file__).resolve().parent.parent / "ipc" / "PROTOCOL.md").read_text()
 
@@ -42,8 +43,8 @@ def _fields(text: str, offset_col: int, size_col: int,
 
 
 def _layout(struct: str) -> dict[str, tuple[int, int]]:
-    return {field: (offset, protocol._field_size(kind))
-            for field, offset, kind in protocol.LAYOUT[struct][1]}
+    return {field: (offset, wire_spec.field_size(kind))
+            for field, offset, kind in wire_spec.LAYOUT[struct][1]}
 
 
 @pytest.mark.parametrize("section, struct", [

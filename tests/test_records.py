@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from minivllm._cext.records import StepBatch, read_batch
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport import protocol, shm
-from minivllm.transport.protocol import ProtocolError, pack
+from minivllm.transport.protocol import ProtocolError
+from wire_spec import LAYOUT, check_layout, pack
 
 
 def _header(kind, size, flags=0):
@@ -24,12 +25,12 @@ def _pad(b):
     return b + bytes(-len(b) % 8)
 
 
-def test_layout_check_passes_and_detects_drift(monkeypatch):
-    protocol.check_layout()
-    size, fields = protocol.LAYOUT["mv_abort"]
-    monkeypatch.setitem(protocol.LAYOUT, "mv_abort", (size, [fields[0], ("request_id", 20, "Q")]))
-    with pytest.raises(ImportError, match="differs from the protocol specification"):
-        protocol.check_layout()
+def test_compiled_layout_is_the_specification_and_drift_is_caught(monkeypatch):
+    check_layout()
+    size, fields = LAYOUT["mv_abort"]
+    monkeypatch.setitem(LAYOUT, "mv_abort", (size, [fields[0], ("request_id", 20, "Q")]))
+    with pytest.raises(AssertionError, match="differs from the specification"):
+        check_layout()
 
 
 def test_submit_encoder_matches_the_specification():

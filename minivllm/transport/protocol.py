@@ -1,16 +1,11 @@
-"""The wire contract from Python's side: record layouts as ipc/PROTOCOL.md gives them.
+"""The wire contract from Python's side: the record codecs and codes of ipc/minivllm_ipc.h.
 
-`LAYOUT` is the specification in table form: for each struct, its size and each field's offset
-and `struct`-module type. At import it is compared with the layout the compiler produced from
-ipc/minivllm_ipc.h (`records.layout()`), so the documentation, the C header and the codecs
-cannot drift apart silently. Tests also use `pack()` to build records straight from this table,
-independently of the C codecs they check.
+Everything here comes from the header through the compiled codecs (csrc/records.pyx); nothing is
+typed again in Python. The tests hold the header, the compiled layout and ipc/PROTOCOL.md to
+one another (tests/wire_spec.py, tests/test_protocol_doc.py).
 """
 from __future__ import annotations
 
-import struct
-
-from minivllm._cext import records
 # The transport's vocabulary, re-exported. The codes come from ipc/minivllm_ipc.h through the
 # compiled codecs: never typed again in Python.
 from minivllm._cext.records import (  # noqa: F401
@@ -20,59 +15,3 @@ from minivllm._cext.records import (  # noqa: F401
     SAMPLING_IGNORE_EOS, STEP_HAS_LOGPROBS, VERSION, Abort, ErrorRecord, ProtocolError, StepBatch,
     StepOutput, Submit, decode, encode_abort, encode_error, encode_step_output, encode_submit,
     put_abort, put_error, put_step_output, put_submit, read_batch, read_record)
-
-# struct -> (size, [(field, offset, struct-module type)]); "sub:<struct>" nests a struct.
-LAYOUT: dict[str, tuple[int, list[tuple[str, int, str]]]] = {
-    "mv_header": (16, [("magic", 0, "I"), ("version", 4, "H"), ("kind", 6, "H"),
-                       ("size", 8, "I"), ("flags", 12, "I")]),
-    "mv_sampling": (80, [("temperature", 0, "d"), ("top_p", 8, "d"), ("min_p", 16, "d"),
-                         ("repetition_penalty", 24, "d"), ("presence_penalty", 32, "d"),
-                         ("frequency_penalty", 40, "d"), ("top_k", 48, "i"),
-                         ("max_tokens", 52, "i"), ("min_tokens", 56, "i"), ("logprobs", 60, "i"),
-                         ("seed", 64, "Q"), ("flags", 72, "I"), ("priority", 76, "i")]),
-    "mv_submit": (112, [("header", 0, "sub:mv_header"), ("request_id", 16, "Q"),
-                        ("sampling", 24, "sub:mv_sampling"), ("num_prompt_tokens", 104, "I"),
-                        ("num_stop_token_ids", 108, "I")]),
-    "mv_abort": (24, [("header", 0, "sub:mv_header"), ("request_id", 16, "Q")]),
-    "mv_step_output": (32, [("header", 0, "sub:mv_header"), ("step", 16, "Q"),
-                            ("num_entries", 24, "I"), ("num_top_logprobs", 28, "I")]),
-    "mv_error": (32, [("header", 0, "sub:mv_header"), ("request_id", 16, "Q"), ("code", 24, "I"),
-                      ("message_len", 28, "I")]),
-}
-
-
-def _field_size(kind: str) -> int:
-    return LAYOUT[kind[4:]][0] if kind.startswith("sub:") else struct.calcsize("<" + kind)
-
-
-def check_layout() -> None:
-    """Raise if the compiled structs differ from LAYOUT (a stale build or an edited header)."""
-    spec = {}
-    for name, (size, fields) in LAYOUT.items():
-        spec[(name, "")] = (0, size)
-        for field, offset, kind in fields:
-            spec[(name, field)] = (offset, _field_size(kind))
-    compiled = {(rec, field): (offset, size) for rec, field, offset, size in records.layout()}
-    if compiled != spec:
-        diff = sorted(set(compiled.items()) ^ set(spec.items()))
-        raise ImportError(f"minivllm's compiled record layout differs from the protocol "
-                          f"specification (rebuild with `python setup.py build_ext --inplace`): "
-                          f"{diff}")
-
-
-def pack(name: str, **values: object) -> bytes:
-    """The fixed part of struct `name` from field values (0 for those not given), packed by the
-    table alone: the tests' independent encoder. Nested structs take a dict."""
-    size, fields = LAYOUT[name]
-    out = bytearray(size)
-    for field, offset, kind in fields:
-        value = values.get(field, 0)
-        if kind.startswith("sub:"):
-            sub = pack(kind[4:], **(value or {}))
-            out[offset:offset + len(sub)] = sub
-        else:
-            struct.pack_into("<" + kind, out, offset, value)
-    return bytes(out)
-
-
-check_layout()

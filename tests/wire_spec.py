@@ -1,0 +1,64 @@
+"""The wire specification as a table, for the tests: ipc/PROTOCOL.md's record layouts in Python.
+
+`LAYOUT` gives, for each struct, its size and each field's offset and `struct`-module type. The
+tests compare it with the layout the compiler produced from ipc/minivllm_ipc.h
+(`records.layout()`) and with PROTOCOL.md's tables, and `pack()` builds records from it alone:
+an encoder independent of the C codecs it checks.
+"""
+from __future__ import annotations
+
+import struct
+
+from minivllm._cext import records
+
+# struct -> (size, [(field, offset, struct-module type)]); "sub:<struct>" nests a struct.
+LAYOUT: dict[str, tuple[int, list[tuple[str, int, str]]]] = {
+    "mv_header": (16, [("magic", 0, "I"), ("version", 4, "H"), ("kind", 6, "H"),
+                       ("size", 8, "I"), ("flags", 12, "I")]),
+    "mv_sampling": (80, [("temperature", 0, "d"), ("top_p", 8, "d"), ("min_p", 16, "d"),
+                         ("repetition_penalty", 24, "d"), ("presence_penalty", 32, "d"),
+                         ("frequency_penalty", 40, "d"), ("top_k", 48, "i"),
+                         ("max_tokens", 52, "i"), ("min_tokens", 56, "i"), ("logprobs", 60, "i"),
+                         ("seed", 64, "Q"), ("flags", 72, "I"), ("priority", 76, "i")]),
+    "mv_submit": (112, [("header", 0, "sub:mv_header"), ("request_id", 16, "Q"),
+                        ("sampling", 24, "sub:mv_sampling"), ("num_prompt_tokens", 104, "I"),
+                        ("num_stop_token_ids", 108, "I")]),
+    "mv_abort": (24, [("header", 0, "sub:mv_header"), ("request_id", 16, "Q")]),
+    "mv_step_output": (32, [("header", 0, "sub:mv_header"), ("step", 16, "Q"),
+                            ("num_entries", 24, "I"), ("num_top_logprobs", 28, "I")]),
+    "mv_error": (32, [("header", 0, "sub:mv_header"), ("request_id", 16, "Q"), ("code", 24, "I"),
+                      ("message_len", 28, "I")]),
+}
+
+
+def field_size(kind: str) -> int:
+    return LAYOUT[kind[4:]][0] if kind.startswith("sub:") else struct.calcsize("<" + kind)
+
+
+def check_layout() -> None:
+    """Raise if the compiled structs (ipc/minivllm_ipc.h as built) differ from LAYOUT."""
+    spec = {}
+    for name, (size, fields) in LAYOUT.items():
+        spec[(name, "")] = (0, size)
+        for field, offset, kind in fields:
+            spec[(name, field)] = (offset, field_size(kind))
+    compiled = {(rec, field): (offset, size) for rec, field, offset, size in records.layout()}
+    if compiled != spec:
+        diff = sorted(set(compiled.items()) ^ set(spec.items()))
+        raise AssertionError(f"the compiled record layout differs from the specification "
+                             f"(rebuild with `python setup.py build_ext --inplace`): {diff}")
+
+
+def pack(name: str, **values: object) -> bytes:
+    """The fixed part of struct `name` from field values (0 for those not given), packed by the
+    table alone: the tests' independent encoder. Nested structs take a dict."""
+    size, fields = LAYOUT[name]
+    out = bytearray(size)
+    for field, offset, kind in fields:
+        value = values.get(field, 0)
+        if kind.startswith("sub:"):
+            sub = pack(kind[4:], **(value or {}))
+            out[offset:offset + len(sub)] = sub
+        else:
+            struct.pack_into("<" + kind, out, offset, value)
+    return bytes(out)
