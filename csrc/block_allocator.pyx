@@ -432,31 +432,18 @@ cdef class BlockAllocator:
         free(s.lru_prev); free(s.lru_next); free(s.ht_keys); free(s.ht_vals)
 
     # ------------------------------------------------------------------ C API (see .pxd)
-    cdef int64_t c_match_prefix(self, int32_t seq, const int32_t* tokens, int64_t num_tokens) noexcept nogil:
-        return match_prefix_impl(&self.st, seq, tokens, num_tokens)
-
-    cdef int64_t c_match_prefix_i64(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil:
+    cdef int64_t c_match_prefix(self, int32_t seq, const int64_t* tokens,
+                                int64_t num_tokens) noexcept nogil:
         return match_prefix_impl(&self.st, seq, tokens, num_tokens)
 
     cdef int c_allocate(self, int32_t seq, int64_t num_total_tokens) noexcept nogil:
         return allocate_impl(&self.st, seq, num_total_tokens)
 
-    cdef int c_commit(self, int32_t seq, const int32_t* tokens, int64_t num_tokens) noexcept nogil:
-        return commit_impl(&self.st, seq, tokens, num_tokens)
-
-    cdef int c_commit_i64(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil:
+    cdef int c_commit(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil:
         return commit_impl(&self.st, seq, tokens, num_tokens)
 
     cdef int c_free(self, int32_t seq) noexcept nogil:
         return free_impl(&self.st, seq)
-
-    cdef int64_t c_blocks_needed(self, int32_t seq, int64_t num_total_tokens) noexcept nogil:
-        if bad_seq(&self.st, seq) or num_total_tokens < 0:
-            return -1
-        return blocks_needed(&self.st, seq, num_total_tokens)
-
-    cdef int32_t c_num_free_blocks(self) noexcept nogil:
-        return self.st.n_free + self.st.n_cached
 
     # ------------------------------------------------------------------ Python API
     def match_prefix(self, Py_ssize_t seq, token_ids, Py_ssize_t num_tokens):

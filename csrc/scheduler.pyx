@@ -717,7 +717,7 @@ cdef class Scheduler:
 
     # ---- allocator calls (its C API reports misuse by return value; here that is a bug) ---------
     cdef int64_t _match_prefix(self, Request req) except -1:
-        cdef int64_t cached = self.allocator.c_match_prefix_i64(req.req_index, req.tokens,
+        cdef int64_t cached = self.allocator.c_match_prefix(req.req_index, req.tokens,
                                                                 req.num_tokens)
         if cached < 0:
             raise RuntimeError(f"match_prefix refused req_index {req.req_index}")
@@ -731,7 +731,7 @@ cdef class Scheduler:
         return rc
 
     cdef int _commit(self, Request req, int64_t num_tokens) except -1:
-        if self.allocator.c_commit_i64(req.req_index, req.tokens, num_tokens) < 0:
+        if self.allocator.c_commit(req.req_index, req.tokens, num_tokens) < 0:
             raise RuntimeError(f"commit refused req_index {req.req_index}")
         return 0
 

@@ -5,13 +5,12 @@ A Cython scheduler can `from minivllm._cext.block_allocator cimport BlockAllocat
 `c_*` methods below directly: no Python objects, no GIL. They validate their arguments cheaply
 and report misuse through their return value instead of raising:
 
-    c_match_prefix*  -> cached tokens (>= 0), or -1 on a bad seq / seq not empty / num_tokens < 0
-    c_allocate       -> 1 done, 0 not enough blocks (nothing changed), -1 bad seq / too many blocks
-    c_commit*        -> 0 done, -1 bad seq / num_tokens beyond the seq's blocks
-    c_free           -> 0 done, -1 bad seq
-    c_blocks_needed  -> additional blocks (>= 0), or -1 on a bad seq / negative num_tokens
+    c_match_prefix  -> cached tokens (>= 0), or -1 on a bad seq / seq not empty / num_tokens < 0
+    c_allocate      -> 1 done, 0 not enough blocks (nothing changed), -1 bad seq / too many blocks
+    c_commit        -> 0 done, -1 bad seq / num_tokens beyond the seq's blocks
+    c_free          -> 0 done, -1 bad seq
 
-Token pointers must address at least num_tokens valid ids. The *_i64 variants take int64 ids.
+Token pointers (int64 ids, as the scheduler keeps them) must address num_tokens valid ids.
 Not thread-safe: nogil lets the caller release the GIL around a batch of calls, but calls on one
 allocator must not run concurrently.
 
@@ -73,11 +72,8 @@ cdef class BlockAllocator:
     cdef readonly object num_seq_blocks    # np.int32 [max_seqs]
     cdef object _ref_counts                # np.int32 [num_blocks]
 
-    cdef int64_t c_match_prefix(self, int32_t seq, const int32_t* tokens, int64_t num_tokens) noexcept nogil
-    cdef int64_t c_match_prefix_i64(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil
+    cdef int64_t c_match_prefix(self, int32_t seq, const int64_t* tokens,
+                                int64_t num_tokens) noexcept nogil
     cdef int c_allocate(self, int32_t seq, int64_t num_total_tokens) noexcept nogil
-    cdef int c_commit(self, int32_t seq, const int32_t* tokens, int64_t num_tokens) noexcept nogil
-    cdef int c_commit_i64(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil
+    cdef int c_commit(self, int32_t seq, const int64_t* tokens, int64_t num_tokens) noexcept nogil
     cdef int c_free(self, int32_t seq) noexcept nogil
-    cdef int64_t c_blocks_needed(self, int32_t seq, int64_t num_total_tokens) noexcept nogil
-    cdef int32_t c_num_free_blocks(self) noexcept nogil
