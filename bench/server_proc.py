@@ -10,6 +10,7 @@ checks that it left nothing behind (KV blocks, shared-memory segments, socket fi
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -22,6 +23,7 @@ from typing import Optional, Sequence
 
 import httpx
 
+from minivllm.engine.supervisor import die_with_parent
 from minivllm.transport import shm
 
 
@@ -48,18 +50,18 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def segments(pids: Sequence[int], directory: str = shm.SHM_DIR) -> list[str]:
     """The transport's segments (or socket files) created by any of `pids`."""
     return sorted(name for pid in set(pids) for name in shm.list_segments(pid, directory))
-
-
-def _stop_with_parent() -> None:
-    """In the child before exec: SIGTERM it (a graceful stop) when the bench that started it
-    dies, however it dies, so a killed bench leaves no server behind."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ServeProcess:
@@ -68,7 +70,7 @@ class ServeProcess:
     server's logging, which would look like a hang) and kept for reports."""
 
     def __init__(self, args: Sequence[str] | str = (), start_timeout: float = 300.0,
-                 env: Optional[dict] = None) -> None:
+                 env: Optional[dict] = None, wait: bool = True) -> None:
         if isinstance(args, str):
             args = shlex.split(args)
         self.args = list(args)
@@ -77,12 +79,14 @@ class ServeProcess:
             [sys.executable, "-m", "minivllm.cli", "serve", "--port", "0", *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             start_new_session=True,  # a Ctrl-C of the bench is not also the server's SIGINT
-            preexec_fn=_stop_with_parent)
+            # a killed bench leaves no server behind: SIGTERM (a graceful stop) when it dies
+            preexec_fn=functools.partial(die_with_parent, os.getpid()))
         self.stderr: list[str] = []
         threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr),
                          daemon=True).start()
-        self.url = self._wait_url(start_timeout)
-        threading.Thread(target=self._drain, args=(self.proc.stdout, []), daemon=True).start()
+        self.url: Optional[str] = None
+        if wait:
+            self.wait_url(start_timeout)
 
     @staticmethod
     def _drain(stream, sink: list) -> None:
@@ -90,7 +94,8 @@ class ServeProcess:
             sink.append(line)
             del sink[:-200]
 
-    def _wait_url(self, timeout: float) -> str:
+    def wait_url(self, timeout: float = 300.0) -> str:
+        """The URL the server prints once every API server is up (raises if it exits first)."""
         box: list[str] = []
         reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()),
                                   daemon=True)
@@ -101,7 +106,22 @@ class ServeProcess:
             self.kill()
             raise RuntimeError("the server did not start: " + (box[0] if box else "(silent)")
                                + "".join(self.stderr)[-3000:])
-        return f"http://{match.group(1)}:{match.group(2)}"
+        threading.Thread(target=self._drain, args=(self.proc.stdout, []), daemon=True).start()
+        self.url = f"http://{match.group(1)}:{match.group(2)}"
+        return self.url
+
+    def expect(self, pattern: str, timeout: float = 300.0) -> re.Match:
+        """The first line of its stderr that matches `pattern`, waiting for it (raises if the
+        server exits or `timeout` passes first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.stderr):
+                if match := re.search(pattern, line):
+                    return match
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no line matching {pattern!r} (exit status "
+                                     f"{self.proc.poll()}): " + "".join(self.stderr)[-3000:])
+            time.sleep(0.05)
 
     @property
     def pid(self) -> int:
@@ -114,10 +134,26 @@ class ServeProcess:
         """This process and every descendant (engine, API servers, resource tracker)."""
         return [self.proc.pid, *descendants(self.proc.pid)]
 
-    def api_server_pids(self) -> list[int]:
-        engine = self.engine_pid()
+    def api_server_pids(self, engine: Optional[int] = None) -> list[int]:
+        """Its API-server processes (`engine`: the engine's pid, when /health cannot tell)."""
+        engine = engine or self.engine_pid()
         return [p for p in descendants(self.proc.pid) if _ppid(p) == self.proc.pid
                 and p != engine and "resource_tracker" not in _cmdline(p)]
+
+    def engine_stats(self) -> dict:
+        """The engine's stats, asked on its control socket (its file carries this pid)."""
+        import zmq
+
+        from minivllm.transport.control import ControlClient
+
+        [name] = [n for n in segments([self.proc.pid], shm.SOCKET_DIR) if "_control" in n]
+        ctx = zmq.Context()
+        client = ControlClient(ctx, "ipc://" + os.path.join(shm.SOCKET_DIR, name))
+        try:
+            return client.call("stats", timeout=60)
+        finally:
+            client.close()
+            ctx.term()
 
     def stop(self, timeout: float = 90.0) -> Optional[int]:
         """SIGTERM (graceful drain); its exit status, or None if it had to be killed."""

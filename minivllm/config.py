@@ -356,3 +356,18 @@ class ServerConfig:
                              f"got {self.drain_timeout_s!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None")
+
+
+EXIT_S = 5.0  # what a process needs, past its last step, to close its sockets and segments
+
+
+def shutdown_timeouts(drain_timeout_s: float, step_p99_s: float) -> tuple[float, float]:
+    """The one rule for how long a shutdown waits, from --drain-timeout and the engine's p99
+    step time: (drain, grace).
+
+    drain = max(drain_timeout_s, 3 x p99 step): in-flight requests get this long to finish,
+    never less than three slow steps; those still running then end with an error.
+    grace = 3 x p99 step + EXIT_S: then each process (API server, engine) gets this long to
+    finish the step under way, deliver those errors and exit; past it, it is killed."""
+    slow = 3.0 * step_p99_s
+    return max(drain_timeout_s, slow), slow + EXIT_S

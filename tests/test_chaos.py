@@ -10,24 +10,21 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 import zmq
 
-from bench.server_proc import ServeProcess, leftovers, metrics, wait_engine_idle, wait_healthy
+from bench.server_proc import (ServeProcess, free_port, leftovers, metrics, wait_engine_idle,
+                               wait_healthy)
 
 # Every request gets this long to end; past it, it is hung (the server's fault, not slowness:
 # the largest request here is a few hundred tokens of a 135M model).
 REQUEST_TIMEOUT = 120.0
 ABORTED = "minivllm:requests_aborted_total"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _body(max_tokens: int, stream: bool = True, **extra) -> dict:
@@ -86,7 +83,7 @@ def _stop_and_check(srv: ServeProcess, pids: list[int]) -> None:
 def server():
     srv = ServeProcess(["--api-servers", "2", "--max-pending", "64", "--dtype", "float32",
                         "--num-blocks", "512", "--drain-timeout", "5",
-                        "--zmq-endpoint", f"tcp://127.0.0.1:{_free_port()}"])
+                        "--zmq-endpoint", f"tcp://127.0.0.1:{free_port()}"])
     srv.zmq = srv.args[-1]
     try:
         yield srv
@@ -198,6 +195,39 @@ def test_random_bytes_at_zmq_endpoint_engine_keeps_serving(server):
             sock.sendall(os.urandom(rng.randint(1, 5000)))
     resp = httpx.post(server.url + "/v1/completions", json=_body(4, stream=False), timeout=60)
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+    assert server.engine_pid() == engine
+
+
+def _serve_on(port: int) -> tuple[int, list[str]]:
+    """`minivllm serve --port PORT` that is expected to refuse: its exit status and stderr
+    lines (INFO logging, so that a model load would show)."""
+    proc = subprocess.Popen([sys.executable, "-m", "minivllm.cli", "serve", "--port", str(port),
+                             "--dtype", "float32", "--num-blocks", "512"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MINIVLLM_LOG_LEVEL": "INFO"})
+    try:
+        _, err = proc.communicate(timeout=REQUEST_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.strip().splitlines()
+
+
+def test_a_second_serve_on_a_taken_port_exits_naming_it_before_loading(server):
+    """Repro of a bug: a second serve on a port already served loaded its model, bound the
+    port too (SO_REUSEPORT) and kept running: the kernel spread the port's connections over
+    two engines. A port held by another program gave a traceback after the model load."""
+    port = int(server.url.rsplit(":", 1)[1])
+    engine = server.engine_pid()
+    assert _serve_on(port) == (1, [f"minivllm: port {port} is in use by minivllm serve "
+                                   f"(pid {server.pid})"])
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        assert _serve_on(taken) == (1, [f"minivllm: port {taken} is in use by another "
+                                        f"program"])
     assert server.engine_pid() == engine
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from typing import Callable, Optional
 
 import numpy as np
 import zmq
 
-from minivllm.config import TransportConfig
+from minivllm.config import TransportConfig, shutdown_timeouts
 from minivllm.engine.clients import Client, FrontendClient, Owners, RouterClient
 from minivllm.engine.drain import Drain
 from minivllm.engine.engine_core import EngineCore, StepOutputs
@@ -31,6 +32,13 @@ from minivllm.transport.protocol import ProtocolError
 logger = logging.getLogger(__name__)
 
 NO_TOKEN = -1  # token id of an entry that only reports a finish (an abort)
+
+# Fault injection for tests (real processes, a real race made reproducible):
+# "<frontend name>:<path>" answers that frontend's register only once <path> exists, so a test
+# can kill the engine while a registration is in flight; a number of seconds makes every step
+# at least that slow.
+FAULT_HOLD_REGISTER = "MINIVLLM_FAULT_HOLD_REGISTER"
+FAULT_STEP_S = "MINIVLLM_FAULT_STEP_S"
 
 
 def _readable(socket: zmq.Socket) -> bool:
@@ -71,6 +79,8 @@ class EngineProc:
         self.counters = dict(requests=0, finished=0, aborted=0, errors=0, prompt_tokens=0,
                              generation_tokens=0)
         self._next_check = time.monotonic()
+        self._fault_step_s = float(os.environ.get(FAULT_STEP_S, 0))
+        self.step_times: deque[float] = deque(maxlen=1000)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> None:
@@ -81,7 +91,7 @@ class EngineProc:
             while not self.stopping:
                 self.ingest()
                 if self.core.has_unfinished():
-                    self.publish(self.core.step())
+                    self.publish(self._step())
                 elif self.drain.stop_when_done:
                     break
                 else:
@@ -179,6 +189,19 @@ class EngineProc:
             client.send_step(self.step_count, np.array([rid], np.uint64),
                              np.array([NO_TOKEN], np.int32),
                              np.array([protocol.FINISH_ABORT], np.uint8))
+
+    def _step(self) -> StepOutputs:
+        start = time.perf_counter()
+        out = self.core.step()
+        if self._fault_step_s:
+            time.sleep(self._fault_step_s)
+        self.step_times.append(time.perf_counter() - start)
+        return out
+
+    def step_p99(self) -> float:
+        """The p99 of the recent steps' durations in s (0 before the first): shutdowns wait
+        at least three of these (config.shutdown_timeouts)."""
+        return float(np.percentile(self.step_times, 99)) if self.step_times else 0.0
 
     # ---- publish --------------------------------------------------------------------------
     def publish(self, out: StepOutputs) -> None:
@@ -314,6 +337,12 @@ class EngineProc:
 
     def _register(self, m: dict) -> dict:
         name = str(m["frontend"])
+        frontend, _, path = os.environ.get(FAULT_HOLD_REGISTER, "").partition(":")
+        if frontend == name:
+            logger.warning("fault injection: holding the register of %s until %s exists "
+                           "(engine pid %d)", name, path, os.getpid())
+            while not os.path.exists(path):
+                time.sleep(0.05)
         if name in self.frontends:
             self._drop(self.frontends[name])
         request_ring = shm.attach_ring(m["request_ring"])
@@ -340,7 +369,7 @@ class EngineProc:
                 "free_blocks": alloc.num_free_blocks, "kv_usage": alloc.usage,
                 "prefix_queries": alloc.prefix_queries, "prefix_hits": alloc.prefix_hits,
                 "preemptions": sched.num_preemptions, "frontends": sorted(self.frontends),
-                "zmq_peers": len(self.peers), **self.counters}
+                "zmq_peers": len(self.peers), "step_p99_s": self.step_p99(), **self.counters}
 
     # ---- stop -------------------------------------------------------------------------------
     def _abort_all(self) -> None:
@@ -368,10 +397,11 @@ class EngineProc:
 
 
 def run_engine(engine_config, transport: TransportConfig,
-               ready: Optional[Callable[[], None]] = None) -> None:
+               ready: Optional[Callable[[], None]] = None,
+               drain_timeout_s: Optional[float] = None) -> None:
     """The engine process's main: load the model, bind the sockets, call `ready`, then serve
-    until told to stop. SIGTERM and SIGINT drain (finish in-flight requests, refuse new ones)
-    and stop."""
+    until told to stop. SIGTERM and SIGINT drain (refuse new requests; in-flight ones get
+    `drain_timeout_s` by the shutdown rule, or all they need if None) and stop."""
     import signal
 
     from minivllm import logger as log_setup
@@ -382,7 +412,8 @@ def run_engine(engine_config, transport: TransportConfig,
         ready()
 
     def on_signal(signum, frame):
-        proc.drain.start(None, then_stop=True)
+        proc.drain.start(None if drain_timeout_s is None else
+                         shutdown_timeouts(drain_timeout_s, proc.step_p99())[0], then_stop=True)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

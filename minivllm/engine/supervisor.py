@@ -10,11 +10,16 @@ when it exits; unless a shutdown was asked for, it is restarted on the same cont
 after a backoff that doubles per consecutive failure, up to a limit. Frontends notice the
 death on their own (they watch the engine's pid), fail their requests with EngineDeadError,
 and re-register with the new engine once it answers.
+
+The engine dies with its supervisor (`die_with_parent`): if the supervisor is killed, even by
+SIGKILL, the engine gets SIGTERM, drains for `drain_timeout_s` and exits, removing its sockets.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 import traceback
@@ -23,7 +28,7 @@ from typing import Optional
 
 from minivllm.config import EngineConfig, SupervisorConfig, TransportConfig
 from minivllm.transport import shm
-from minivllm.transport.control import ControlClient
+from minivllm.transport.control import ControlClient, EngineGoneError
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +37,31 @@ class EngineStartError(RuntimeError):
     """The engine process did not come up (its own error is in the message)."""
 
 
-def _engine_main(engine_config: EngineConfig, transport: TransportConfig, conn) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """First thing in a child process: have it get SIGTERM (a graceful stop) when its parent
+    dies, however it dies, so that nothing runs on unsupervised (Linux's PR_SET_PDEATHSIG).
+    The parent may have died before this call: hence the check of who the parent is now. The
+    signal follows the *thread* that started the child: start children from threads that
+    outlive them."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _engine_main(engine_config: EngineConfig, transport: TransportConfig, conn, parent_pid: int,
+                 drain_timeout_s: Optional[float]) -> None:
     from minivllm.engine.engine_proc import run_engine
 
+    die_with_parent(parent_pid)
     try:
-        run_engine(engine_config, transport, ready=lambda: conn.send(("ready", None)))
+        run_engine(engine_config, transport, ready=lambda: conn.send(("ready", None)),
+                   drain_timeout_s=drain_timeout_s)
     except BaseException:
         try:
             conn.send(("error", traceback.format_exc()))
@@ -47,8 +72,12 @@ def _engine_main(engine_config: EngineConfig, transport: TransportConfig, conn) 
 
 class Supervisor:
     def __init__(self, engine_config: EngineConfig, transport: Optional[TransportConfig] = None,
-                 config: Optional[SupervisorConfig] = None) -> None:
+                 config: Optional[SupervisorConfig] = None,
+                 drain_timeout_s: Optional[float] = None) -> None:
+        """`drain_timeout_s`: what in-flight requests get when the engine is stopped by a
+        signal rather than by shutdown() (its supervisor killed, say); None: all they need."""
         self.engine_config = engine_config
+        self.drain_timeout_s = drain_timeout_s
         self.transport = transport or TransportConfig()
         if self.transport.control is None:  # fixed now: restarts must bind the same endpoint
             self.transport.control = shm.socket_endpoint("control")
@@ -58,6 +87,7 @@ class Supervisor:
         self.restarts = 0
         self._restart_times: deque[float] = deque()
         self._stopping = threading.Event()
+        self._spawning = threading.Lock()  # held while an engine starts
         self._watcher: Optional[threading.Thread] = None
 
     @property
@@ -80,16 +110,25 @@ class Supervisor:
         self._watcher.start()
 
     def _spawn(self) -> None:
-        """Start an engine process and wait for its ready message; raises EngineStartError."""
+        """Start an engine process and wait for its ready message; raises EngineStartError
+        (also when a shutdown begins meanwhile)."""
+        with self._spawning:
+            if self._stopping.is_set():
+                raise EngineStartError("the supervisor is shutting down")
+            self._spawn_locked()
+
+    def _spawn_locked(self) -> None:
         ctx = mp.get_context("spawn")
         receiver, sender = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_engine_main, name="minivllm-engine",
-                                   args=(self.engine_config, self.transport, sender))
+        self.process = ctx.Process(target=_engine_main, name="minivllm-engine", args=(
+            self.engine_config, self.transport, sender, os.getpid(), self.drain_timeout_s))
         self.process.start()
         sender.close()
         deadline = time.monotonic() + self.config.start_timeout_s
         try:
             while True:
+                if self._stopping.is_set():
+                    raise EngineStartError("the supervisor is shutting down")
                 if receiver.poll(0.1):
                     kind, detail = receiver.recv()
                     if kind == "ready":
@@ -113,17 +152,22 @@ class Supervisor:
             receiver.close()
 
     def _watch(self) -> None:
-        while not self._stopping.is_set():
+        """Reap the engine, restart it. Ends only once the engine has exited: an engine this
+        thread started gets SIGTERM when the thread ends (die_with_parent)."""
+        while True:
             self.process.join(0.1)
-            if self.process.is_alive() or self._stopping.is_set():
+            if self.process.is_alive():
                 continue
+            if self._stopping.is_set():
+                return
             logger.error("engine process %d exited with code %s", self.process.pid,
                          self.process.exitcode)
             self.state = "restarting"
             if not self._restart():
-                self.state = "failed"
-                logger.error("engine restarts exhausted (%d within %g s): giving up",
-                             self.config.restart_limit, self.config.restart_window_s)
+                if not self._stopping.is_set():
+                    self.state = "failed"
+                    logger.error("engine restarts exhausted (%d within %g s): giving up",
+                                 self.config.restart_limit, self.config.restart_window_s)
                 return
             self.state = "ready"
 
@@ -155,25 +199,38 @@ class Supervisor:
         """From now on an engine that exits is not restarted (its frontends are stopping)."""
         self._stopping.set()
 
-    def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Drain (finish in-flight requests, up to `timeout` s) and stop the engine."""
-        self._stopping.set()
-        if self._watcher is not None:
-            self._watcher.join(5)
-        if self.process is not None and self.process.is_alive():
-            import zmq
+    def call(self, op: str, timeout: float, **args) -> Optional[dict]:
+        """A control request to the engine; None if none runs, or it died or did not answer
+        within `timeout` s (logged)."""
+        process = self.process
+        if process is None or not process.is_alive():
+            return None
+        import zmq
 
-            ctx = zmq.Context()
-            client = ControlClient(ctx, self.control)
-            try:
-                client.call("shutdown", timeout=5.0, drain=drain, timeout_s=timeout)
-            except (TimeoutError, RuntimeError) as exc:
-                logger.warning("engine did not take the shutdown request: %s", exc)
-            finally:
-                client.close()
-                ctx.term()
-            self.process.join(timeout + 5)
+        ctx = zmq.Context()
+        client = ControlClient(ctx, self.control)
+        try:
+            return client.call(op, timeout=timeout, engine_pid=process.pid, **args)
+        except (TimeoutError, RuntimeError) as exc:
+            if not isinstance(exc, EngineGoneError):
+                logger.warning("the engine did not take %r: %s", op, exc)
+            return None
+        finally:
+            client.close()
+            ctx.term()
+
+    def shutdown(self, drain: bool = True, timeout: float = 30.0, grace: float = 5.0) -> None:
+        """Stop the engine: with `drain`, in-flight requests get `timeout` s to finish (then
+        they are aborted); then it gets `grace` s to exit before it is killed."""
+        self._stopping.set()
+        with self._spawning:
+            pass  # a start under way sees the flag and gives up
+        self.call("shutdown", timeout=grace, drain=drain, timeout_s=timeout)
+        if self.process is not None:
+            self.process.join(timeout + grace)
         self._kill()
+        if self._watcher is not None:
+            self._watcher.join()
         shm.remove_endpoint(self.control)
         self.state = "stopped"
 

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 ENGINE_CHECK_S = 0.1    # how often the reader checks that the engine process lives
 RECONNECT_POLL_S = 0.2  # how often a client whose engine died asks for a new one
+REATTACH_ATTEMPT_S = 1.0  # one attempt to register with it (a shutdown waits for one to end)
 
 
 class EngineError(RuntimeError):
@@ -247,39 +248,59 @@ class AsyncEngineClient:
         """Apply a batch's entries in order (the steps' boundaries do not matter here)."""
         logprobs = None if rec.logprobs is None else (rec.logprobs, rec.top_token_ids,
                                                       rec.top_logprobs)
+        # An abort this client asked for has already taken its stream out of the processor:
+        # one still there was ended by the engine (a drain deadline, a shutdown).
+        cut = [self.processor.streams[key][1] for key in
+               rec.request_ids[rec.finish_reasons == protocol.FINISH_ABORT].tolist()
+               if key in self.processor.streams]
         touched, stopped = self.processor.process(rec.request_ids, rec.token_ids,
                                                   rec.finish_reasons, logprobs)
         for key in stopped:
             self._send_abort(key)
+        for state in cut:
+            self._fail(state, EngineDrainingError("the engine stopped this request before it "
+                                                  "finished (a shutdown, or its drain "
+                                                  "deadline)", protocol.ERR_DRAINING))
         for state in touched:
             self._wake(state)
 
     def _on_error(self, rec: protocol.ErrorRecord) -> None:
         entry = (self.processor.streams.pop(rec.request_id, None)
                  if rec.request_id is not None else None)
-        if entry is None:
+        if entry is not None:
+            entry[0].fail("error")
+            self._fail(entry[1], _ERRORS.get(rec.code, EngineError)(rec.message, rec.code))
+        elif rec.request_id is None:
             logger.error("engine error (code %d): %s", rec.code, rec.message)
-            return
-        stream, state = entry
-        stream.fail("error")
-        state.error = _ERRORS.get(rec.code, EngineError)(rec.message, rec.code)
-        for other in state.streams:  # the request fails as a whole
-            if not other.finished:
-                self._abort_stream(other)
+        else:  # a request this client has already ended (failed, aborted)
+            logger.debug("engine error for ended request %d: %s", rec.request_id, rec.message)
+
+    def _fail(self, state: RequestState, error: EngineError) -> None:
+        """End a request as a whole with `error` (its consumer raises it); its streams still
+        running in a live engine are aborted there."""
+        if state.error is None:
+            state.error = error
+        for stream in state.streams:
+            if self.processor.streams.pop(stream.key, None) is not None \
+                    and self.state == "ready":
+                self._send_abort(stream.key)
+            stream.fail("error")
         self._wake(state)
+
+    def fail_all(self, message: str) -> None:
+        """End every request in flight with EngineDrainingError(message): the server's drain
+        deadline has passed."""
+        for _, state in list(self.processor.streams.values()):
+            self._fail(state, EngineDrainingError(message, protocol.ERR_DRAINING))
 
     # ---- engine death and re-attachment ---------------------------------------------------
     def _engine_died(self) -> None:
         logger.error("the engine process %d died: failing %d requests in flight",
                      self.engine_pid, len(self._requests))
-        self.state = "dead"
-        for stream, state in list(self.processor.streams.values()):
-            stream.fail("error")
-            if state.error is None:
-                state.error = EngineDeadError("the engine process died while serving this "
-                                              "request")
-            self._wake(state)
-        self.processor.streams.clear()
+        self.state = "dead"  # no aborts: nobody is left to take them
+        for _, state in list(self.processor.streams.values()):
+            self._fail(state, EngineDeadError("the engine process died while serving this "
+                                              "request"))
         self._reconnect = asyncio.create_task(self._reattach())
 
     async def _reattach(self) -> None:
@@ -287,14 +308,13 @@ class AsyncEngineClient:
         while self.state == "dead":
             try:
                 async with self._control_lock:
-                    health = await loop.run_in_executor(
-                        None, lambda: self.channel.call("health", timeout=RECONNECT_POLL_S))
-                    if health["pid"] == self.engine_pid or health["state"] != "ready":
-                        raise TimeoutError("not restarted yet")
-                    info = await loop.run_in_executor(None, self.channel.register)
+                    info = await loop.run_in_executor(
+                        None, lambda: self.channel.register(timeout=REATTACH_ATTEMPT_S))
             except (TimeoutError, RuntimeError):
                 await asyncio.sleep(RECONNECT_POLL_S)
                 continue
+            if self.state != "dead":
+                return  # shut down meanwhile
             self._apply_info(info)
             self.restarts += 1
             self.state = "ready"
@@ -314,9 +334,10 @@ class AsyncEngineClient:
         for state in list(self._requests.values()):
             await self.abort(state.request_id)
         self.state = "closed"
-        for task in (self._reader, self._reconnect):
-            if task is not None:
-                task.cancel()
+        # The reader is cancelled; a re-attachment ends by itself after its attempt, which
+        # uses the control socket from another thread: close() must not run beside it.
+        if self._reader is not None:
+            self._reader.cancel()
         await asyncio.gather(*(t for t in (self._reader, self._reconnect) if t is not None),
                              return_exceptions=True)
         async with self._control_lock:

@@ -4,7 +4,11 @@ Several of these share one port (SO_REUSEPORT: the kernel spreads connections ov
 torch is imported here and no model code runs: the process loads the tokenizer only.
 
 SIGTERM / SIGINT drain it: /health and new requests answer 503, in-flight requests (streams
-included) get `drain_timeout_s` to finish, then the server stops and detaches from the engine.
+included) get the drain of the shutdown rule (`config.shutdown_timeouts`: --drain-timeout, but
+at least three of the engine's slow steps); those still running then end with an error (an
+SSE error event and `data: [DONE]`, or a JSON error), uvicorn gets the rule's grace to deliver
+them, and the server stops and detaches from the engine. It dies with the launcher
+(`die_with_parent`: the same drain, on the launcher's death).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from typing import Optional
 
 import uvicorn
 
-from minivllm.config import ServerConfig, TransportConfig
+from minivllm.config import ServerConfig, TransportConfig, shutdown_timeouts
+from minivllm.engine.supervisor import die_with_parent
 from minivllm.frontend.async_client import AsyncEngineClient
 from minivllm.server.app import ServerState, build_app
 
@@ -42,24 +47,48 @@ class _Server(uvicorn.Server):
         yield
 
 
+# An engine answers control requests between two steps; one that answers none for this long is
+# taken as hung (its step time unknown) when a drain asks for it.
+STEP_ANSWER_S = 60.0
+
+
+async def _step_p99(client: AsyncEngineClient) -> float:
+    """The engine's p99 step time, asked now; 0 if it is down or hung."""
+    if client.state != "ready":
+        return 0.0
+    try:
+        return (await client.call("stats", timeout=STEP_ANSWER_S))["step_p99_s"]
+    except (TimeoutError, RuntimeError):
+        return 0.0
+
+
 async def _serve(control: str, model: Optional[str], load_format: str, config: ServerConfig,
-                 transport: TransportConfig, index: int, ready) -> None:
-    state = ServerState(config)
+                 transport: TransportConfig, index: int, ready, all_up) -> None:
+    state = ServerState(config, all_up)
     client = await AsyncEngineClient.connect(control, model, load_format, transport,
                                              name=f"api-server-{index}")
     state.client = client
     state.model_name = config.served_model_name or client.model_name
-    server = _Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False,
-                                    timeout_graceful_shutdown=5))
+    server = _Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False))
     loop = asyncio.get_running_loop()
-    drained = asyncio.Event()
 
     async def drain() -> None:
-        deadline = loop.time() + config.drain_timeout_s
-        while state.in_flight and loop.time() < deadline:
+        start = loop.time()
+        step_p99 = asyncio.ensure_future(_step_p99(client))
+        # until nothing runs, or the rule's drain has passed (known once the engine answers)
+        while state.in_flight:
+            if step_p99.done() and loop.time() >= start + shutdown_timeouts(
+                    config.drain_timeout_s, step_p99.result())[0]:
+                break
             await asyncio.sleep(0.05)
+        drain_s, grace_s = shutdown_timeouts(config.drain_timeout_s, await step_p99)
+        if state.in_flight:
+            logger.warning("API server %d: %d requests still running after the %g-s drain: "
+                           "ending them with an error", index, state.in_flight, drain_s)
+            client.fail_all(f"the server is shutting down and this request did not finish "
+                            f"within the drain timeout ({drain_s:g} s)")
+        server.config.timeout_graceful_shutdown = grace_s
         server.should_exit = True
-        drained.set()
 
     def on_signal() -> None:
         if not state.draining:
@@ -70,8 +99,7 @@ async def _serve(control: str, model: Optional[str], load_format: str, config: S
         loop.add_signal_handler(sig, on_signal)
     sock = listening_socket(config.host, config.port)
     sock.listen(2048)
-    if ready is not None:
-        ready.set()
+    ready.set()
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -80,9 +108,13 @@ async def _serve(control: str, model: Optional[str], load_format: str, config: S
 
 
 def run_api_server(control: str, model: Optional[str], load_format: str, config: ServerConfig,
-                   transport: TransportConfig, index: int = 0, ready=None) -> None:
-    """Process main of API server `index` (spawned by `minivllm serve`)."""
+                   transport: TransportConfig, index: int, parent_pid: int, ready,
+                   all_up) -> None:
+    """Process main of API server `index` (spawned by `minivllm serve`, whose pid is
+    `parent_pid`): it sets `ready` once it listens, and answers /health 200 only once the
+    launcher has set `all_up` (every API server ready)."""
     from minivllm import logger as log_setup
 
+    die_with_parent(parent_pid)
     log_setup.configure()
-    asyncio.run(_serve(control, model, load_format, config, transport, index, ready))
+    asyncio.run(_serve(control, model, load_format, config, transport, index, ready, all_up))

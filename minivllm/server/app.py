@@ -29,16 +29,21 @@ RequestModel = TypeVar("RequestModel", bound=BaseModel)
 class ServerState:
     """One API server's view of the engine and its admission state."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, all_up=None) -> None:
         self.config = config
         self.client: Optional[AsyncEngineClient] = None
+        self.all_up = all_up  # an Event the launcher sets once every API server is up
         self.draining = False
         self.in_flight = 0
         self.model_name = config.served_model_name
 
     @property
+    def started(self) -> bool:
+        return self.client is not None and (self.all_up is None or self.all_up.is_set())
+
+    @property
     def ready(self) -> bool:
-        return self.client is not None and self.client.state == "ready" and not self.draining
+        return self.started and self.client.state == "ready" and not self.draining
 
     def check_key(self, request: Request) -> None:
         key = self.config.api_key
@@ -126,7 +131,7 @@ def build_app(state: ServerState) -> FastAPI:
         if state.ready:
             return {"status": "ok", "engine_pid": state.client.engine_pid}
         status = "draining" if state.draining else (
-            "starting" if state.client is None else "engine_" + state.client.state)
+            "starting" if not state.started else "engine_" + state.client.state)
         return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics")

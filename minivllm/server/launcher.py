@@ -3,28 +3,94 @@
     serve process (this) ── Supervisor ── engine process (model, KV cache, step loop)
                         └── API server 0..N-1 (uvicorn + AsyncEngineClient; no torch)
 
-It waits until the engine and every API server are up, prints the address, then watches: a
-dead API server is restarted (the engine has aborted its requests already). SIGTERM or SIGINT
-starts a graceful shutdown: the API servers drain (503 to new requests, in-flight ones finish
-within the drain timeout) and exit, then the engine stops; exit status 0, and no process,
-shared-memory segment or socket file is left behind.
+Before anything loads it claims the port: a lock per port (`SOCKET_DIR/port-<port>.lock`,
+holding its pid) keeps a second `serve` off it, and a bind without SO_REUSEPORT finds another
+program on it; either way it exits with one line naming the port. It then waits until the
+engine and every API server are up (until then /health answers 503 "starting"), prints the
+address, and watches: a dead API server is restarted (the engine has aborted its requests
+already). Every child dies with this process, even on SIGKILL (`die_with_parent`).
+
+SIGTERM or SIGINT (also during start-up) stops it, by the one rule of `shutdown_timeouts`:
+the API servers and the engine drain (503 to new requests; in-flight ones get
+max(--drain-timeout, 3 x the engine's p99 step) to finish, then end with an error), each
+process then gets the rule's grace to exit before it is killed; exit status 0, and no
+process, shared-memory segment, socket file or directory is left behind.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import multiprocessing as mp
 import os
 import shutil
 import signal
-import tempfile
+import socket
+import sys
 import threading
-from typing import Optional
+import time
+from typing import IO, Optional
 
-from minivllm.config import EngineConfig, ServerConfig, SupervisorConfig, TransportConfig
-from minivllm.engine.supervisor import EngineStartError, Supervisor
-from minivllm.server.api_server import listening_socket, run_api_server
+from minivllm.config import (EngineConfig, ServerConfig, SupervisorConfig, TransportConfig,
+                             shutdown_timeouts)
+from minivllm.engine.supervisor import Supervisor
+from minivllm.server.api_server import STEP_ANSWER_S, listening_socket, run_api_server
+from minivllm.transport import shm
 
 logger = logging.getLogger(__name__)
+
+
+class PortInUseError(RuntimeError):
+    """The port is served already (the message says by whom)."""
+
+
+class _Stopped(Exception):
+    """A signal came while starting."""
+
+
+def lock_port(port: int) -> IO:
+    """This user's lock on `port`, held (with this pid in it) until the file is closed;
+    PortInUseError naming the holder's pid if another process holds it."""
+    os.makedirs(shm.SOCKET_DIR, mode=0o700, exist_ok=True)
+    path = os.path.join(shm.SOCKET_DIR, f"port-{port}.lock")
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise PortInUseError(f"port {port} is in use by minivllm serve (pid {holder})")
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # its last holder removed this file meanwhile: lock the new one
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def unlock_port(lock: IO) -> None:
+    os.unlink(lock.name)  # while still locked: a process that opened it sees it replaced
+    lock.close()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """PortInUseError if something listens on (host, port): a bind without SO_REUSEPORT
+    fails beside any listener, ours included."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(f"port {port} is in use by another program") from None
+            raise PortInUseError(f"cannot bind {host}:{port}: {exc.strerror}") from None
 
 
 class Launcher:
@@ -32,50 +98,74 @@ class Launcher:
                  transport: Optional[TransportConfig] = None,
                  supervisor: Optional[SupervisorConfig] = None) -> None:
         self.engine_config, self.server = engine_config, server
-        self.supervisor = Supervisor(engine_config, transport, supervisor)
+        self.supervisor = Supervisor(engine_config, transport, supervisor,
+                                     drain_timeout_s=server.drain_timeout_s)
         self.ctx = mp.get_context("spawn")
         self.api_servers: list[Optional[mp.Process]] = [None] * server.api_servers
+        self.all_up = self.ctx.Event()
         self.stop = threading.Event()
-        self.metrics_dir = tempfile.mkdtemp(prefix="minivllm-metrics-")
+        self.metrics_dir: Optional[str] = None
 
     def _start_api_server(self, index: int) -> None:
         ready = self.ctx.Event()
         model = self.engine_config.model
         proc = self.ctx.Process(target=run_api_server, name=f"minivllm-api-{index}", args=(
             self.supervisor.control, model.model, model.load_format, self.server,
-            self.supervisor.transport, index, ready))
+            self.supervisor.transport, index, os.getpid(), ready, self.all_up))
         proc.start()
         self.api_servers[index] = proc
         while not ready.wait(0.2):
+            if self.stop.is_set():
+                raise _Stopped()
             if not proc.is_alive():
                 raise RuntimeError(f"API server {index} exited with code {proc.exitcode} "
                                    f"before it was ready")
 
+    def _on_signal(self, *_) -> None:
+        self.stop.set()
+        self.supervisor.begin_shutdown()  # an engine starting now gives up
+
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # inherited by API servers
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop.set())
+            signal.signal(sig, self._on_signal)
         probe = None
         try:
-            self.supervisor.start()
             if self.server.port == 0:  # pick one port for all API servers, held until bound
                 probe = listening_socket(self.server.host, 0)
                 self.server.port = probe.getsockname()[1]
+            lock = lock_port(self.server.port)
+            if probe is None:
+                check_port_free(self.server.host, self.server.port)
+        except PortInUseError as exc:
+            if probe is not None:
+                probe.close()
+            print(f"minivllm: {exc}", file=sys.stderr, flush=True)
+            return 1
+        try:
+            self.metrics_dir = shm.private_dir("metrics")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # for the API servers
+            self.supervisor.start()
             for i in range(self.server.api_servers):
                 self._start_api_server(i)
             if probe is not None:
                 probe.close()
+            self.all_up.set()
             print(f"minivllm: serving {self.server.served_model_name or 'the model'} on "
                   f"http://{self.server.host}:{self.server.port} "
                   f"({self.server.api_servers} API server(s))", flush=True)
             self._watch()
             return 0
-        except EngineStartError as exc:
+        except _Stopped:
+            return 0
+        except RuntimeError as exc:  # EngineStartError, or an API server that did not start
+            if self.stop.is_set():
+                return 0
             logger.error("%s", exc)
             return 1
         finally:
             self._shutdown()
+            unlock_port(lock)
 
     def _watch(self) -> None:
         while not self.stop.wait(0.2):
@@ -86,16 +176,27 @@ class Launcher:
                     self._start_api_server(i)
 
     def _shutdown(self) -> None:
+        """The API servers and the engine drain at once; see shutdown_timeouts."""
         self.supervisor.begin_shutdown()
-        for proc in self.api_servers:
-            if proc is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in self.api_servers:
-            if proc is not None:
-                proc.join(self.server.drain_timeout_s + 10)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(5)
-        self.supervisor.shutdown(drain=True, timeout=5.0)
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        start = time.monotonic()
+        running = [p for p in self.api_servers if p is not None and p.is_alive()]
+        for proc in running:
+            os.kill(proc.pid, signal.SIGTERM)
+        stats = self.supervisor.call("stats", timeout=STEP_ANSWER_S)
+        drain_s, grace_s = shutdown_timeouts(self.server.drain_timeout_s,
+                                             stats["step_p99_s"] if stats else 0.0)
+
+        def left(seconds: float) -> float:
+            return max(0.0, start + seconds - time.monotonic())
+        self.supervisor.call("drain", timeout=grace_s, timeout_s=left(drain_s))  # ZeroMQ peers'
+        for proc in running:
+            proc.join(left(drain_s + grace_s))
+            if proc.is_alive():
+                logger.error("API server pid %d did not exit within the drain and grace "
+                             "(%g + %g s): killing it", proc.pid, drain_s, grace_s)
+                proc.kill()
+                proc.join(5)
+        self.supervisor.shutdown(drain=True, timeout=left(drain_s), grace=grace_s)
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
         logger.info("minivllm stopped")

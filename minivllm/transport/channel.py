@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from typing import Optional, Sequence
 
 import zmq
 
 from minivllm.config import TransportConfig
 from minivllm.transport import protocol, shm
-from minivllm.transport.control import ControlClient
+from minivllm.transport.control import ControlClient, EngineGoneError
 from minivllm.transport.doorbell import Bell, BellListener
+
+
+HEALTH_ATTEMPT_S = 1.0  # a health request lost with a dying engine is sent again after this
 
 
 class EngineChannel:
@@ -36,6 +40,7 @@ class EngineChannel:
         self.ctx = zmq.Context()
         self.request_ring = self.output_ring = None
         self.listener = self.control = self.engine_bell = None
+        self.engine_pid: Optional[int] = None
         try:
             self.request_ring = shm.create_ring("req", self.config.ring_capacity)
             self.output_ring = shm.create_ring("out", self.config.ring_capacity)
@@ -48,12 +53,31 @@ class EngineChannel:
 
     def register(self, timeout: float = 30.0) -> dict:
         """Attach this frontend's rings to the engine (again, after an engine restart: the
-        rings are emptied first, since whatever they held belonged to the dead engine)."""
-        self.request_ring.reset()
-        self.output_ring.reset()
-        info = self.control.call("register", timeout=timeout, frontend=self.name,
-                                 pid=os.getpid(), request_ring=self.request_ring.name,
-                                 output_ring=self.output_ring.name, bell=self.listener.endpoint)
+        rings are emptied first, since whatever they held belonged to the dead engine).
+
+        An engine that dies before it answers takes the register with it, so the engine is
+        asked its pid first and the register is sent again, to its successor, if that pid
+        dies. An engine must answer within `timeout` s; its register then gets as long."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid = self.control.call("health", timeout=min(
+                    HEALTH_ATTEMPT_S, max(0.0, deadline - time.monotonic())))["pid"]
+            except TimeoutError:
+                if time.monotonic() < deadline:
+                    continue  # sent to an engine that died, or to none yet: ask again
+                raise
+            self.request_ring.reset()
+            self.output_ring.reset()
+            try:
+                info = self.control.call(
+                    "register", timeout=timeout, engine_pid=pid, frontend=self.name,
+                    pid=os.getpid(), request_ring=self.request_ring.name,
+                    output_ring=self.output_ring.name, bell=self.listener.endpoint)
+                break
+            except EngineGoneError:
+                continue
+        self.engine_pid = pid
         if self.engine_bell is not None:
             self.engine_bell.close()
         self.engine_bell = Bell(self.ctx, info["bell"])
@@ -101,13 +125,14 @@ class EngineChannel:
 
     # ---- control --------------------------------------------------------------------------
     def call(self, op: str, timeout: float = 10.0, **args) -> dict:
-        return self.control.call(op, timeout=timeout, **args)
+        """A control request to the registered engine (EngineGoneError as soon as it dies)."""
+        return self.control.call(op, timeout=timeout, engine_pid=self.engine_pid, **args)
 
     def close(self, unregister: bool = True) -> None:
         """Detach from the engine and remove this frontend's rings and sockets. Idempotent."""
         if self.control is not None and unregister and self.request_ring is not None:
             try:
-                self.control.call("unregister", timeout=1.0, frontend=self.name)
+                self.call("unregister", timeout=1.0, frontend=self.name)
             except Exception:  # noqa: BLE001  (the engine may be gone: we clean up regardless)
                 pass
         for part in (self.engine_bell, self.listener, self.control, self.request_ring,

@@ -21,15 +21,23 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from typing import Any
+from typing import Any, Optional
 
 import zmq
+
+from minivllm.transport.shm import pid_alive
+
+PID_CHECK_S = 0.1  # how often a call watching the engine's pid checks that it lives
 
 OPS = ("register", "unregister", "abort", "stats", "health", "drain", "shutdown")
 
 
 class ControlError(RuntimeError):
     """The engine refused a control request (its message says why)."""
+
+
+class EngineGoneError(TimeoutError):
+    """The engine process died before it answered: the answer will never come."""
 
 
 def encode(message: dict) -> bytes:
@@ -57,17 +65,26 @@ class ControlClient:
         self.socket.connect(endpoint)
         self._seq = itertools.count(1)
 
-    def call(self, op: str, timeout: float = 10.0, **args: Any) -> dict:
+    def call(self, op: str, timeout: float = 10.0, engine_pid: Optional[int] = None,
+             **args: Any) -> dict:
         """Send `op` and wait for its reply; raises ControlError if refused, TimeoutError if
-        the engine does not answer within `timeout` seconds."""
+        the engine does not answer within `timeout` seconds, EngineGoneError as soon as the
+        process `engine_pid` (when given) dies: a request it received dies with it, and its
+        successor on the endpoint never sees it."""
         seq = next(self._seq)
         self.socket.send_multipart([b"", encode({"op": op, "seq": seq, **args})])
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1):
+            if engine_pid is not None and not pid_alive(engine_pid):
+                raise EngineGoneError(f"the engine process {engine_pid} died before it "
+                                      f"answered {op!r}")
+            if remaining <= 0:
                 raise TimeoutError(f"the engine at {self.endpoint} did not answer {op!r} "
                                    f"within {timeout:g} s")
+            wait = remaining if engine_pid is None else min(remaining, PID_CHECK_S)
+            if not self.socket.poll(int(wait * 1000) + 1):
+                continue
             reply = decode(self.socket.recv_multipart()[-1])
             if reply.get("seq") != seq:
                 continue  # the answer to an earlier call that timed out

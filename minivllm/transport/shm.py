@@ -2,8 +2,8 @@
 files. Unique names, owner-only access, cleanup on every exit path.
 
 Names are `mvl_<creator pid>_<random>_<role>`, so a process starting up can tell which segments
-belong to processes that no longer exist and unlink them (`cleanup_stale`); socket files in
-SOCKET_DIR follow the same scheme. Segments are created
+belong to processes that no longer exist and unlink them (`cleanup_stale`); socket files and
+private directories in SOCKET_DIR follow the same scheme. Segments are created
 by `multiprocessing.shared_memory` with mode 0600. The creating side unlinks on close; its
 resource tracker also unlinks them if the creator is killed. The attaching side is kept out of
 its own resource tracker, which would otherwise unlink a segment it does not own when it exits.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import sys
 import tempfile
 from multiprocessing import resource_tracker, shared_memory
@@ -34,6 +35,15 @@ def socket_endpoint(role: str) -> str:
     """A fresh ipc:// endpoint (a socket file only this user can reach, in SOCKET_DIR)."""
     os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
     return f"ipc://{os.path.join(SOCKET_DIR, segment_name(role))}.sock"
+
+
+def private_dir(role: str) -> str:
+    """A fresh directory in SOCKET_DIR, named like the segments: a later start removes it if
+    its creator dies without doing so."""
+    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
+    path = os.path.join(SOCKET_DIR, segment_name(role))
+    os.mkdir(path, 0o700)
+    return path
 
 
 def create_ring(role: str, capacity: int) -> Ring:
@@ -117,13 +127,18 @@ def list_segments(pid: int | None = None, directory: str = SHM_DIR) -> list[str]
 
 
 def cleanup_stale() -> list[str]:
-    """Unlink the segments and socket files whose creating process is gone; returns them."""
+    """Remove the segments, socket files and private directories whose creating process is
+    gone; returns their names."""
     removed = []
     for directory in (SHM_DIR, SOCKET_DIR):
         for name in list_segments(directory=directory):
             if not pid_alive(int(_NAME.match(name).group(1))):
+                path = os.path.join(directory, name)
                 try:
-                    os.unlink(os.path.join(directory, name))
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.unlink(path)
                     removed.append(name)
                 except FileNotFoundError:
                     pass
