@@ -191,6 +191,7 @@ cdef inline object _ids_for_copy(object ids, str what):
 # ---- records ----------------------------------------------------------------------------------
 cdef class Submit:
     """A decoded MV_KIND_SUBMIT: a request and its sampling parameters."""
+    kind = MV_KIND_SUBMIT
     cdef readonly uint64_t request_id
     cdef readonly object prompt_token_ids  # int32 array
     cdef readonly object stop_token_ids    # int32 array
@@ -201,15 +202,30 @@ cdef class Submit:
     cdef readonly bint ignore_eos
 
     def sampling_params(self):
-        """The SamplingParams this record carries (validated: raises ValueError on bad values)."""
+        """The SamplingParams this record carries. A value outside the field's valid values
+        (ipc/PROTOCOL.md) raises ValueError naming the field."""
         from minivllm.sampling_params import SamplingParams
+        # The fields whose wire values mean something of their own (logprobs -1: none;
+        # max_tokens 0: up to the context) are checked here, in the protocol's terms:
+        # SamplingParams would speak of Python's None.
+        cdef int max_top = <int>MV_MAX_TOP_LOGPROBS
+        if not (self.logprobs == -1 or 0 <= self.logprobs <= max_top):
+            raise ValueError(f"logprobs must be -1 (none) or in [0, {max_top}], "
+                             f"got {self.logprobs}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0 (0: up to the context length), "
+                             f"got {self.max_tokens}")
+        negative = np.flatnonzero(self.stop_token_ids < 0)
+        if len(negative):
+            raise ValueError(f"stop_token_ids[{negative[0]}] must be >= 0, "
+                             f"got {self.stop_token_ids[negative[0]]}")
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             seed=self.seed, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             max_tokens=self.max_tokens or None, min_tokens=self.min_tokens,
             stop_token_ids=self.stop_token_ids.tolist(), ignore_eos=self.ignore_eos,
-            logprobs=None if self.logprobs < 0 else self.logprobs)
+            logprobs=None if self.logprobs == -1 else self.logprobs)
 
     def __repr__(self) -> str:
         return (f"Submit(request_id={self.request_id}, "
@@ -218,6 +234,7 @@ cdef class Submit:
 
 cdef class Abort:
     """A decoded MV_KIND_ABORT."""
+    kind = MV_KIND_ABORT
     cdef readonly uint64_t request_id
 
     def __init__(self, uint64_t request_id) -> None:
@@ -234,6 +251,7 @@ cdef class Abort:
 @cython.no_gc
 cdef class StepOutput:
     """A decoded MV_KIND_STEP_OUTPUT: entry i is token token_ids[i] of request request_ids[i]."""
+    kind = MV_KIND_STEP_OUTPUT
     cdef readonly uint64_t step
     cdef readonly object request_ids     # uint64 [n]
     cdef readonly object token_ids       # int32 [n]
@@ -251,6 +269,7 @@ cdef class StepOutput:
 
 cdef class ErrorRecord:
     """A decoded MV_KIND_ERROR."""
+    kind = MV_KIND_ERROR
     cdef readonly object request_id  # int, or None when the error is about no one request
     cdef readonly uint32_t code
     cdef readonly str message

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from minivllm.config import KERNEL_SETS
+from minivllm.config import KERNEL_SETS, ServerConfig
 
 _MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
                "SmolLM2-135M-Instruct)")
@@ -90,7 +90,7 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    from minivllm.config import ServerConfig, SupervisorConfig, TransportConfig
+    from minivllm.config import SupervisorConfig, TransportConfig
     from minivllm.llm import build_engine_config
     from minivllm.server.launcher import Launcher
 
@@ -107,7 +107,8 @@ def cmd_serve(args) -> int:
         enable_prefix_caching=args.enable_prefix_caching)
     server = ServerConfig(host=args.host, port=args.port, api_servers=args.api_servers,
                           max_pending=args.max_pending, drain_timeout_s=args.drain_timeout,
-                          api_key=args.api_key, served_model_name=args.served_model_name)
+                          api_key=args.api_key, served_model_name=args.served_model_name,
+                          max_body_bytes=args.max_body_bytes)
     transport = TransportConfig(zmq_endpoint=args.zmq_endpoint)
     from minivllm import logger as log_setup
 
@@ -138,6 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="requests in flight per API server before 429")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
+                       help="a larger request body gets 413 before any work (default: 8 MiB)")
     serve.add_argument("--api-key", default=None)
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--zmq-endpoint", default=None,

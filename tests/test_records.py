@@ -59,6 +59,37 @@ def test_submit_defaults_encode_none_as_documented():
     assert params.max_tokens is None and params.logprobs is None and params.seed is None
 
 
+def _submit_with(**sampling) -> protocol.Submit:
+    """A decoded submit whose sampling fields are the given wire values (defaults otherwise)."""
+    fields = {**dict(temperature=1.0, top_p=1.0, repetition_penalty=1.0, top_k=-1,
+                     max_tokens=8, logprobs=-1), **sampling}
+    frame = pack("mv_submit", header=_header(protocol.KIND_SUBMIT, 120), request_id=3,
+                 sampling=fields, num_prompt_tokens=1) + struct.pack("<ii", 5, 0)
+    return protocol.decode(frame)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", -2), ("logprobs", -2**31), ("logprobs", 21), ("max_tokens", -1),
+    ("max_tokens", -2**31), ("top_k", 0), ("top_k", -2), ("min_tokens", -1), ("min_tokens", 9),
+    ("temperature", -1.0), ("temperature", float("nan")), ("top_p", 0.0), ("min_p", 1.5),
+    ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0)])
+def test_submit_values_outside_the_documented_range_are_refused_in_protocol_terms(field, value):
+    """Repro of a bug: logprobs -2 (or any negative) was taken for -1, "none", where
+    PROTOCOL.md allows -1 or 0-20 only; and the refusals spoke Python ("or None")."""
+    with pytest.raises(ValueError) as refused:
+        _submit_with(**{field: value}).sampling_params()
+    message = str(refused.value)
+    assert message.startswith(field) and "None" not in message, message
+
+
+def test_submit_edge_values_inside_the_documented_range_are_taken():
+    assert _submit_with(logprobs=-1).sampling_params().logprobs is None
+    assert _submit_with(logprobs=20).sampling_params().logprobs == 20
+    assert _submit_with(logprobs=0).sampling_params().logprobs == 0
+    assert _submit_with(max_tokens=0).sampling_params().max_tokens is None
+    assert _submit_with(top_k=1, min_tokens=8).sampling_params().min_tokens == 8
+
+
 @settings(max_examples=200, deadline=None)
 @given(prompt=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=300),
        stop=st.lists(st.integers(0, 2**31 - 1), max_size=5),

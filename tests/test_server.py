@@ -1,19 +1,27 @@
 """`minivllm serve` as users run it (a subprocess on 127.0.0.1), driven by the official openai
-client, curl and httpx: OpenAI shapes, streaming, every error row, overload, disconnects,
-metrics across two API servers, engine crash, and SIGTERM under load."""
+client, curl, httpx and a ZeroMQ peer: OpenAI shapes, streaming, every error row, overload,
+disconnects, metrics across two API servers, a long input on one API server, the ZeroMQ
+endpoint's refusals, engine crash, and SIGTERM under load."""
 import asyncio
 import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
+import threading
 import time
 
 import httpx
 import openai
 import pytest
+import zmq
 
 from bench.server_proc import ServeProcess, leftovers, metrics, wait_engine_idle, wait_healthy
+from minivllm.sampling_params import SamplingParams
+from minivllm.transport import protocol
+from wire_spec import LAYOUT
 
 KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -153,7 +161,7 @@ def test_curl_streams_sse_chunks_as_they_are_produced(server):
     ({"model": MODEL, "prompt": "hi", "frobnicate": True}, 400,
      "Unrecognized request argument supplied: frobnicate"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "The model `gpt-4` does not exist"),
-    ({"model": MODEL, "prompt": "hi " * 9000}, 400, "context holds 8192"),
+    ({"model": MODEL, "prompt": "hi " * 9000}, 400, "maximum context length is 8192 tokens"),
 ])
 def test_completion_errors_in_openai_shape(server, body, status, fragment):
     resp = post(server, "/v1/completions", body)
@@ -181,6 +189,74 @@ def test_body_too_large_and_missing_key(server):
     resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key="wrong")
     assert resp.status_code == 401
     assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
+
+
+def test_max_tokens_past_the_context_is_a_400_with_both_numbers(server):
+    """Repro of a bug: max_tokens (or prompt + max_tokens) past the context was accepted (a
+    request for 8192 new tokens after a 1-token prompt ran to the end of the context)."""
+    cases = [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 8192}, "max_tokens",
+         "you requested 8193 tokens (1 in the prompt, 8192 in the completion)"),
+        ("/v1/completions", {"prompt": [5] * 8000, "max_tokens": 193}, "max_tokens",
+         "you requested 8193 tokens (8000 in the prompt, 193 in the completion)"),
+        ("/v1/completions", {"prompt": [[1], [5] * 8192], "max_tokens": 1}, "prompt",
+         "you requested 8193 tokens (8192 in the prompt, 1 in the completion)"),
+        ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 10**6},
+         "max_completion_tokens", "in the messages, 1000000 in the completion)"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 9000}]},
+         "messages", "tokens in the messages, which leaves none for the completion"),
+    ]
+    for path, body, param, fragment in cases:
+        resp = post(server, path, {"model": MODEL, **body})
+        assert resp.status_code == 400, resp.text[:300]
+        err = resp.json()["error"]
+        assert err["message"].startswith("This model's maximum context length is 8192 tokens.")
+        assert fragment in err["message"] and err["param"] == param, err
+
+
+def test_errors_name_the_field_at_any_depth(server):
+    """Repro of a bug: a wrong type in `stream` (or any field whose name starts with 'str' or
+    'int') was reported as the field ''."""
+    cases = [
+        ({"prompt": "hi", "stream": "yes"}, "stream",
+         "'stream': Input should be a valid boolean"),
+        ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}},
+         "stream_options", "'stream_options.include_usage': Input should be a valid boolean"),
+        ({"messages": [{"content": "hi"}]}, "messages",
+         "'messages.0.role' is a required property"),
+        ({"messages": [{"role": "user", "content": "hi", "mood": "x"}]}, "messages",
+         "Unrecognized request argument supplied: messages.0.mood"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages", "'messages.0.content': "),
+    ]
+    for body, param, message in cases:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        err = post(server, path, body).json()["error"]
+        assert err["message"].startswith(message), err
+        assert err["param"] == param and err["code"] == 400, err
+
+
+def test_tokenize_takes_vllms_add_special_tokens(server):
+    """Repro of a bug: /tokenize refused add_special_tokens, which vLLM's bench tools send."""
+    plain = post(server, "/tokenize", {"prompt": "Hello world"}).json()
+    for flag in (True, False):
+        resp = post(server, "/tokenize", {"prompt": "Hello world", "add_special_tokens": flag})
+        assert resp.status_code == 200 and resp.json() == plain  # SmolLM2 adds no BOS
+    resp = post(server, "/tokenize", {"messages": CHAT, "add_special_tokens": False})
+    assert resp.status_code == 200 and resp.json()["count"] > plain["count"]
+    err = post(server, "/tokenize", {"prompt": "x", "add_special_tokens": "yes"}).json()["error"]
+    assert err["param"] == "add_special_tokens"
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(server):
+    """Repro of a bug: 404 and 405 came as Starlette's {"detail": ...}."""
+    resp = httpx.get(server.url + "/v1/nothing-here")
+    assert resp.status_code == 404
+    assert resp.json() == {"error": {"message": "Invalid URL (GET /v1/nothing-here)",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": 404}}
+    resp = httpx.get(server.url + "/v1/completions")
+    assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+    assert resp.json()["error"]["message"] == "Method not allowed (GET /v1/completions)"
 
 
 def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(server):
@@ -252,6 +328,104 @@ def test_api_servers_run_no_torch(server):
         assert "libtorch" not in maps and "/torch/" not in maps
     with open(f"/proc/{engine_pid}/maps") as f:
         assert "libtorch" in f.read()  # the check can see torch where it is
+
+
+# ---- one API server, whose event loop all its requests share ---------------------------------
+SINGLE_MAX_BODY = 9 << 20  # past the default 8 MiB: an 8.5 MiB body gets in by the flag only
+
+
+@pytest.fixture(scope="module")
+def single():
+    """One API server with --max-body-bytes 9 MiB and the ZeroMQ endpoint (`.zmq`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    srv = serve("--max-body-bytes", str(SINGLE_MAX_BODY), "--zmq-endpoint", endpoint)
+    srv.zmq = endpoint
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_a_long_tokenization_does_not_hold_up_the_server(single):
+    """Repro of a bug: /tokenize encoded on the event loop, so one 8 MB body held /health of
+    the same server for 16.8 s. Behaviour, not speed: /health answers all through the
+    tokenization (no gap between two answers spans half of it). The 8.5 MiB body is past the
+    default limit: --max-body-bytes lets it in."""
+    repeats = (17 << 19) // len("hello world ")
+    box = {}
+
+    def tokenize():
+        box["response"] = httpx.post(single.url + "/tokenize", timeout=600,
+                                     json={"prompt": "hello world " * repeats})
+        box["end"] = time.monotonic()
+    answered = [time.monotonic()]
+    worker = threading.Thread(target=tokenize)
+    worker.start()
+    with httpx.Client(base_url=single.url, timeout=600) as client:
+        while worker.is_alive():
+            assert client.get("/health").status_code == 200
+            answered.append(time.monotonic())
+    worker.join()
+    body = box["response"].json()
+    assert body["count"] == len(body["tokens"]) > repeats
+    during = [t for t in answered if t < box["end"]] + [box["end"]]
+    longest_gap = max(b - a for a, b in zip(during, during[1:]))
+    assert longest_gap < (box["end"] - answered[0]) / 2, (longest_gap, len(during))
+
+
+def test_the_body_limit_is_a_flag(single):
+    resp = httpx.post(single.url + "/tokenize", content=b"x" * (SINGLE_MAX_BODY + 1),
+                      timeout=60)
+    assert resp.status_code == 413
+    assert resp.json()["error"]["message"].endswith(f"the limit is {SINGLE_MAX_BODY}")
+
+
+def _submit(request_id: int, **wire) -> bytes:
+    """A submit record (prompt [1, 2, 3], 2 tokens) with these raw values in its sampling
+    fields."""
+    frame = bytearray(protocol.encode_submit(request_id, [1, 2, 3], SamplingParams(max_tokens=2)))
+    base = next(offset for field, offset, _ in LAYOUT["mv_submit"][1] if field == "sampling")
+    for field, offset, kind in LAYOUT["mv_sampling"][1]:
+        if field in wire:
+            struct.pack_into("<" + kind, frame, base + offset, wire[field])
+    return bytes(frame)
+
+
+def test_zmq_endpoint_refuses_out_of_range_values_in_the_protocols_terms(single):
+    """Repro of a bug: logprobs -2 was taken for -1 (none), where PROTOCOL.md allows -1 or
+    0-20; refusals spoke Python ("or None", a record's repr)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)
+    sock.connect(single.zmq)
+    try:
+        refusals = {7: _submit(7, logprobs=-2), 8: _submit(8, max_tokens=-5)}
+        for frame in refusals.values():
+            sock.send(frame)
+        answers = {}
+        for _ in refusals:
+            rec = protocol.decode(sock.recv())
+            assert isinstance(rec, protocol.ErrorRecord), rec
+            answers[rec.request_id] = (rec.code, rec.message)
+        assert answers == {
+            7: (protocol.ERR_INVALID_REQUEST, "logprobs must be -1 (none) or in [0, 20], got -2"),
+            8: (protocol.ERR_INVALID_REQUEST,
+                "max_tokens must be >= 0 (0: up to the context length), got -5")}
+        sock.send(protocol.encode_step_output(1, [7], [5], [0]))
+        rec = protocol.decode(sock.recv())
+        assert (rec.code, rec.message) == (protocol.ERR_MALFORMED, "the engine takes submit "
+                                           "(kind 1) and abort (kind 2) records, not kind 3")
+        sock.send(_submit(9, logprobs=-1))
+        finish = protocol.FINISH_NONE
+        while finish == protocol.FINISH_NONE:
+            rec = protocol.decode(sock.recv())
+            assert isinstance(rec, protocol.StepOutput) and rec.request_ids.tolist() == [9]
+            finish = int(rec.finish_reasons[-1])
+        assert finish == protocol.FINISH_LENGTH
+    finally:
+        sock.close()
+        ctx.term()
 
 
 # ---- faults: engine crash, then SIGTERM under load -------------------------------------------

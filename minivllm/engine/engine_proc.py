@@ -153,7 +153,8 @@ class EngineProc:
             self._abort(client, record.request_id)
         else:
             client.send_error(protocol.ERR_MALFORMED,
-                              f"the engine takes submit and abort records, not {record!r}")
+                              f"the engine takes submit (kind {protocol.KIND_SUBMIT}) and abort "
+                              f"(kind {protocol.KIND_ABORT}) records, not kind {record.kind}")
 
     def _submit(self, client: Client, rec: protocol.Submit) -> None:
         rid = rec.request_id

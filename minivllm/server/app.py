@@ -7,12 +7,15 @@ Completions and chat completions then go down one serving path (`serving.py`).
 """
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Optional, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
 from minivllm.config import ServerConfig
 from minivllm.frontend.async_client import AsyncEngineClient
@@ -20,10 +23,21 @@ from minivllm.server import metrics
 from minivllm.server.protocol import (APIError, ChatCompletionRequest, ChatMessage,
                                       CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                       validation_error)
+from minivllm.server.responses import tokenize_body
 from minivllm.server.serving import serve
 from minivllm.tokenizer import Tokenizer
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
+Result = TypeVar("Result")
+
+# Texts (in characters) and token lists longer than this are encoded or decoded in a worker
+# thread. Below it the work (~0.5 us a character) costs less than the hop to a thread (~100 us)
+# and holds the event loop under a millisecond; an 8 MB text would hold it for seconds, and
+# every other request of this server with it. The tokenizer releases the GIL while it works
+# (see Tokenizer._encoding), so the loop runs on meanwhile.
+OFF_LOOP_SIZE = 1024
+# Worker threads for those: a burst of huge bodies queues here instead of taking every core.
+TOKENIZER_THREADS = 2
 
 
 class ServerState:
@@ -36,6 +50,7 @@ class ServerState:
         self.draining = False
         self.in_flight = 0
         self.model_name = config.served_model_name
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
 
     @property
     def started(self) -> bool:
@@ -92,6 +107,19 @@ class ServerState:
     def release(self) -> None:
         self.in_flight -= 1
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self.client is None or self.client.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
+        return self.client.tokenizer
+
+    async def off_loop(self, size: int, fn: Callable[..., Result], *args) -> Result:
+        """fn(*args): in a worker thread when `size` (characters or tokens of its input) is
+        past OFF_LOOP_SIZE, so that a long input does not hold the event loop."""
+        if size <= OFF_LOOP_SIZE:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
 
 def build_app(state: ServerState) -> FastAPI:
     """The routes: OpenAI's completions, chat completions and models; tokenize, detokenize,
@@ -101,6 +129,22 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (no such route: 404, a wrong method: 405) in OpenAI's
+        shape."""
+        where = f"{request.method} {request.url.path}"
+        message = {404: f"Invalid URL ({where})",
+                   405: f"Method not allowed ({where})"}.get(exc.status_code, str(exc.detail))
+        return await on_api_error(request, APIError(exc.status_code, message,
+                                                    headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        """A bug of ours: a 500 in OpenAI's shape; the traceback goes to the log only."""
+        return await on_api_error(request, APIError(500, "internal server error",
+                                                    type_="internal_error"))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -113,8 +157,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request):
         req = await state.parse(request, ChatCompletionRequest)
         req.check_supported()
-        params = req.sampling_params(req.completion_limit(), req.num_logprobs())
-        prompt = _chat_prompt(state, req.messages, req.add_generation_prompt)
+        params = req.sampling_params(req.completion_limit()[0], req.num_logprobs())
+        prompt = await _chat_prompt(state, req.messages, req.add_generation_prompt)
         return await serve(state, request, req, params, [prompt], chat=True)
 
     @app.get("/v1/models")
@@ -152,18 +196,19 @@ def build_app(state: ServerState) -> FastAPI:
         req = await state.parse(request, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
-        text = req.prompt if req.messages is None else _chat_prompt(
+        text = req.prompt if req.messages is None else await _chat_prompt(
             state, req.messages, req.add_generation_prompt)
-        ids = _tokenizer(state).encode(text)
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.client.max_model_len}
+        ids = await state.off_loop(len(text), state.tokenizer.encode, text,
+                                   req.add_special_tokens)
+        body = await state.off_loop(len(ids), tokenize_body, ids, state.client.max_model_len)
+        return Response(body, media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         req = await state.parse(request, DetokenizeRequest)
-        vocab = state.client.vocab_size
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise APIError(400, f"tokens must be integers in [0, {vocab})", param="tokens")
-        return {"prompt": _tokenizer(state).decode(req.tokens)}
+        text = await state.off_loop(len(req.tokens), _detokenize, state.tokenizer, req.tokens,
+                                    state.client.vocab_size)
+        return {"prompt": text}
 
     @app.get("/version")
     async def version():
@@ -174,16 +219,18 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-def _tokenizer(state: ServerState) -> Tokenizer:
-    if state.client is None or state.client.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
-    return state.client.tokenizer
+def _detokenize(tokenizer: Tokenizer, tokens: list[int], vocab_size: int) -> str:
+    if tokens and not (min(tokens) >= 0 and max(tokens) < vocab_size):
+        raise APIError(400, f"tokens must be integers in [0, {vocab_size})", param="tokens")
+    return tokenizer.decode(tokens)
 
 
-def _chat_prompt(state: ServerState, messages: list[ChatMessage],
-                 add_generation_prompt: bool) -> str:
+async def _chat_prompt(state: ServerState, messages: list[ChatMessage],
+                       add_generation_prompt: bool) -> str:
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    size = sum(len(m["content"]) for m in conversation)
     try:
-        return _tokenizer(state).apply_chat_template(conversation, add_generation_prompt)
+        return await state.off_loop(size, state.tokenizer.apply_chat_template, conversation,
+                                    add_generation_prompt)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None

@@ -33,6 +33,8 @@ _UNION_HINTS = {
     "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "a string or a list of strings",
 }
+# pydantic puts the member of a union it tried ('str', 'list[int]') in an error's location
+_UNION_MEMBERS = {"str", "int", "float", "bool"}
 
 
 def validation_error(exc: ValidationError) -> APIError:
@@ -44,13 +46,14 @@ def validation_error(exc: ValidationError) -> APIError:
     if err["type"] == "model_type" or not loc:
         return APIError(400, "the body must be a JSON object")
     field = loc[0]
+    # loc[0] is the field, whatever its name; union members after it are no fields
+    path = ".".join([field] + [p for p in loc[1:] if p not in _UNION_MEMBERS and "[" not in p])
     if err["type"] == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {field}", param=field)
+        return APIError(400, f"Unrecognized request argument supplied: {path}", param=field)
     if err["type"] == "missing":
-        return APIError(400, f"'{field}' is a required property", param=field)
+        return APIError(400, f"'{path}' is a required property", param=field)
     if field in _UNION_HINTS:
         return APIError(400, f"'{field}' must be {_UNION_HINTS[field]}", param=field)
-    path = ".".join(p for p in loc if not p.startswith(("list[", "str", "int")))
     return APIError(400, f"'{path}': {err['msg']}", param=field)
 
 
@@ -126,6 +129,10 @@ class CompletionRequest(_SamplingFields):
             raise APIError(400, f"logprobs must be in [0, 5], got {self.logprobs}",
                            param="logprobs")
 
+    def completion_limit(self) -> tuple[Optional[int], str]:
+        """The completion's token limit and the field that set it."""
+        return self.max_tokens, "max_tokens"
+
     def prompts(self) -> list[Union[str, list[int]]]:
         p = self.prompt
         if isinstance(p, str):
@@ -184,9 +191,11 @@ class ChatCompletionRequest(_SamplingFields):
                 raise APIError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
                                param="top_logprobs")
 
-    def completion_limit(self) -> Optional[int]:
-        return self.max_completion_tokens if self.max_completion_tokens is not None \
-            else self.max_tokens
+    def completion_limit(self) -> tuple[Optional[int], str]:
+        """The completion's token limit and the field that set it (OpenAI's newer name first)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
     def num_logprobs(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -197,6 +206,9 @@ class TokenizeRequest(_Strict):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     add_generation_prompt: bool = True
+    # vLLM's field (its bench tools send it). Default: no BOS/EOS added, as a completion's
+    # prompt is encoded, so that the count is what the engine gets.
+    add_special_tokens: bool = False
 
 
 class DetokenizeRequest(_Strict):

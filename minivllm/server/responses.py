@@ -1,5 +1,5 @@
 """OpenAI's response bodies, made from engine outputs: completions and chat completions, whole
-(one JSON body) or streamed (SSE chunks), with token usage and logprobs.
+(one JSON body) or streamed (SSE chunks), with token usage and logprobs; and /tokenize's.
 
 One object per HTTP request holds what every body and chunk of its response shares (id,
 creation time, model); the two endpoints differ only in where the text and the logprobs go. A
@@ -8,6 +8,7 @@ request of several prompts numbers its choices prompt by prompt: choice index = 
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Optional
@@ -15,6 +16,19 @@ from typing import Optional
 from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import Tokenizer
+
+
+# One json.dumps of a million ids holds the GIL for ~100 ms; between slices of this size the
+# event loop's thread gets it (tokenize_body runs in a worker thread for long inputs).
+_IDS_PER_SLICE = 16384
+
+
+def tokenize_body(ids: list[int], max_model_len: int) -> bytes:
+    """/tokenize's JSON body, rendered a slice of ids at a time."""
+    slices = (json.dumps(ids[i:i + _IDS_PER_SLICE])[1:-1]
+              for i in range(0, len(ids), _IDS_PER_SLICE))
+    return (f'{{"tokens":[{",".join(slices)}],"count":{len(ids)},'
+            f'"max_model_len":{max_model_len}}}').encode()
 
 
 def usage(finals: list[RequestOutput]) -> dict:

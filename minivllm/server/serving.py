@@ -49,8 +49,10 @@ async def serve(state: ServerState, request: Request,
     state.admit()
     streams: list = []
     try:
+        limit, limit_field = req.completion_limit()
+        inputs = [await _engine_prompt(state, p, limit, limit_field, chat) for p in prompts]
         try:
-            for prompt in prompts:
+            for prompt in inputs:
                 streams.append(state.client.open(prompt, params))
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
@@ -73,6 +75,31 @@ async def serve(state: ServerState, request: Request,
             for stream in streams:
                 stream.close()
             state.release()
+
+
+async def _engine_prompt(state: ServerState, prompt: Union[str, list[int]],
+                         max_tokens: Optional[int], limit_field: str, chat: bool
+                         ) -> Union[dict, list[int]]:
+    """The prompt as the engine client takes it, encoded (off the event loop when long), with
+    room left in the context for the completion, else a 400 with both numbers (vLLM's
+    wording)."""
+    context, where = state.client.max_model_len, "messages" if chat else "prompt"
+    room = context - (max_tokens or 1)  # no max_tokens: up to the context, at least 1
+    if isinstance(prompt, str):
+        n, ids = await state.off_loop(len(prompt), state.tokenizer.encode_within, prompt, room)
+        engine_prompt = {"prompt": prompt, "prompt_token_ids": ids}
+    else:
+        n, engine_prompt = len(prompt), prompt
+    if n <= room:
+        return engine_prompt
+    if max_tokens is None:
+        asked, shorten = f"{n} tokens in the {where}, which leaves none for the completion", where
+    else:
+        asked = f"{n + max_tokens} tokens ({n} in the {where}, {max_tokens} in the completion)"
+        shorten = f"{where} or completion"
+    raise APIError(400, f"This model's maximum context length is {context} tokens. However, "
+                        f"you requested {asked}. Please reduce the length of the {shorten}.",
+                   param=limit_field if max_tokens is not None and n < context else where)
 
 
 def engine_error(exc: EngineError) -> APIError:
