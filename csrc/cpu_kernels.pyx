@@ -1,38 +1,45 @@
 # cython: language_level=3
-# distutils: extra_compile_args = -fopenmp -ffp-contract=off
+# -Wno-psabi: the portable kernels' 64-byte vectors would pass differently under AVX-512, GCC
+# warns; they never cross a call (every vector function is always_inline).
+# distutils: extra_compile_args = -fopenmp -ffp-contract=off -Wno-psabi
 # distutils: extra_link_args = -fopenmp
+# distutils: depends = csrc/cpu_kernels_body.h csrc/cpu_vec_avx512.h csrc/cpu_vec_avx2.h csrc/cpu_vec_portable.h
 """CPU kernels of the forward pass (csrc/cpu_kernels.h), called on torch tensors.
 
-The wrappers take tensors and pass their data pointers; they check what a wrong call would turn
-into memory corruption (dtypes, strides, shapes, indices) and nothing else. A trailing `_` marks
-a function that writes into one of its arguments. Callers in minivllm/layers/ use these only on
-CPU, for float32 and bfloat16, after `supported()`.
+The kernels exist once per ISA (`ISAS`, best first); `CpuKernels(isa)` holds one ISA's and
+refuses, with a ValueError, an ISA the CPU lacks (`missing`), so that nothing can execute an
+instruction the CPU does not have. The wrappers take tensors and pass their data pointers; they
+check what a wrong call would turn into memory corruption (dtypes, strides, shapes, indices) and
+nothing else. A trailing `_` marks a function that writes into one of its arguments. Callers in
+minivllm/layers/ use these only on CPU, for float32 and bfloat16.
 """
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
 
 import torch
 
 cdef extern from "cpu_kernels.h" nogil:
-    int cpu_supports(int need_bf16)
+    ctypedef struct cpu_kernel_table:
+        void (*linear)(int bf16, int64_t M, int64_t K, int64_t N, const void *x, int64_t ldx,
+                       const void *wp, const float *bias, void *y, int64_t ldy,
+                       int out_f32) noexcept nogil
+        void (*rms_norm)(int bf16, int64_t T, int64_t H, const void *x, int64_t ldx, void *res,
+                         int64_t ldr, const void *weight, void *out, int64_t ldo,
+                         float eps) noexcept nogil
+        int (*rotary)(int bf16, int64_t T, const int64_t *positions, int64_t P,
+                      const float *cos_table, const float *sin_table, int64_t D, void *q,
+                      int64_t ldq, int64_t nq, void *k, int64_t ldk, int64_t nk) noexcept nogil
+        void (*silu_and_mul)(int bf16, int64_t T, int64_t F, const void *gu, int64_t ldgu,
+                             void *out, int64_t ldo) noexcept nogil
+        int (*paged_attention)(
+            int bf16, int64_t B, const int64_t *query_start, const int64_t *seq_lens,
+            const int32_t *block_tables, int64_t bt_stride, int64_t block_size,
+            const int64_t *slot_mapping, const void *q, int64_t ldq, const void *k,
+            const void *v, int64_t ldkv, void *k_cache, void *v_cache, int64_t num_blocks,
+            int64_t H, int64_t KVH, int64_t D, float scale, void *out) noexcept nogil
+    const char *cpu_isa_missing(int isa)
+    int cpu_has_bf16_dot()
+    cpu_kernel_table cpu_kernel_table_for(int isa)
     void pack_panels(int64_t N, int64_t K, int esz, const void *w, int64_t ldw, uint32_t *out)
-    void linear_f32(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,
-                    const float *wp, const float *bias, float *y, int64_t ldy)
-    void linear_bf16(int64_t M, int64_t K, int64_t N, const uint16_t *x, int64_t ldx,
-                     const uint16_t *wp, const float *bias, void *y, int64_t ldy, int out_f32)
-    void c_rms_norm "rms_norm"(int bf16, int64_t T, int64_t H, const void *x, int64_t ldx,
-                               void *res, int64_t ldr, const void *weight, void *out,
-                               int64_t ldo, float eps)
-    int c_rotary "rotary"(int bf16, int64_t T, const int64_t *positions, int64_t P,
-                          const float *cos_table, const float *sin_table, int64_t D, void *q,
-                          int64_t ldq, int64_t nq, void *k, int64_t ldk, int64_t nk)
-    void c_silu_and_mul "silu_and_mul"(int bf16, int64_t T, int64_t F, const void *gu,
-                                       int64_t ldgu, void *out, int64_t ldo)
-    int c_paged_attention "paged_attention"(
-        int bf16, int64_t B, const int64_t *query_start, const int64_t *seq_lens,
-        const int32_t *block_tables, int64_t bt_stride, int64_t block_size,
-        const int64_t *slot_mapping, const void *q, int64_t ldq, const void *k, const void *v,
-        int64_t ldkv, void *k_cache, void *v_cache, int64_t num_blocks, int64_t H, int64_t KVH,
-        int64_t D, float scale, void *out)
 
 cdef extern from "sys/mman.h" nogil:
     int madvise(void *addr, size_t length, int advice)
@@ -42,9 +49,14 @@ cdef enum:
     HUGE_PAGE = 2 << 20
 
 
-def supported(bint bf16=False) -> bool:
-    """Whether this CPU runs the kernels (AVX-512; the bf16 linear also needs AVX512-BF16)."""
-    return bool(cpu_supports(bf16))
+# The C side's CPU_ISA_* order: best first, as `auto` tries them.
+ISAS = ("avx512", "avx2", "portable")
+
+
+def missing(str isa):
+    """What this CPU lacks to run the `isa` kernels, in words; None when it runs them."""
+    cdef const char *why = cpu_isa_missing(ISAS.index(isa))
+    return None if why == NULL else why.decode()
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -101,7 +113,8 @@ def empty_huge_pages(int64_t nbytes):
 
 def packed_shape(weight) -> tuple:
     """The kernel's panels for an [N, K] weight: fp32 [ceil(N/16), K, 16], bf16
-    [ceil(N/16), K/2, 16, 2] (pairs along K, for vdpbf16ps)."""
+    [ceil(N/16), K/2, 16, 2] (pairs along K: vdpbf16ps takes them as they are, the other
+    paths widen each pair to two fp32 values in registers)."""
     n, k = weight.shape
     if weight.dtype == torch.bfloat16:
         if k % 2:
@@ -126,99 +139,7 @@ def pack_linear_weight(weight, out):
     return out
 
 
-def linear(x, packed, int64_t out_features, bias=None, out_dtype=None):
-    """x [M, K] (rows contiguous) @ W^T (+ bias, float32) -> [M, out_features] in out_dtype
-    (default x's; a bf16 x may ask for float32). `packed` comes from pack_linear_weight."""
-    cdef int bf = _bf16(x)
-    cdef int64_t k = packed.shape[1] * (2 if bf else 1)
-    cdef int64_t ldx = _rows(x, k), m = x.shape[0]
-    _same_dtype(x, packed)
-    if packed.shape[0] * 16 < out_features:
-        raise ValueError(f"the packed weight has fewer than {out_features} outputs")
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype != x.dtype and out_dtype != torch.float32:
-        raise ValueError(f"a {x.dtype} linear cannot write {out_dtype}")
-    if bias is not None and (bias.dtype != torch.float32 or bias.stride(0) != 1
-                             or bias.shape[0] != out_features):
-        raise ValueError("bias must be a contiguous float32 [out_features] tensor")
-    out = torch.empty((m, out_features), dtype=out_dtype)
-    cdef uintptr_t b = 0 if bias is None else _ptr(bias)
-    cdef uintptr_t px = _ptr(x), pw = _ptr(packed), py = _ptr(out)
-    cdef int out_f32 = out_dtype == torch.float32
-    if bf:
-        with nogil:
-            linear_bf16(m, k, out_features, <const uint16_t *>px, ldx, <const uint16_t *>pw,
-                        <const float *>b, <void *>py, out_features, out_f32)
-    else:
-        with nogil:
-            linear_f32(m, k, out_features, <const float *>px, ldx, <const float *>pw,
-                       <const float *>b, <float *>py, out_features)
-    return out
-
-
-# ---- elementwise ---------------------------------------------------------------------------------
-
-def rms_norm_(x, residual, weight, double eps):
-    """RMSNorm of x [T, H], or of x + residual with the sum stored into `residual` (in place).
-    Returns a new [T, H] tensor."""
-    cdef int bf = _bf16(x)
-    cdef int64_t h = weight.shape[0], t = x.shape[0]
-    cdef int64_t ldx = _rows(x, h), ldr = 0
-    cdef uintptr_t pr = 0
-    _same_dtype(x, weight)
-    if weight.stride(0) != 1:
-        raise ValueError("weight must be contiguous")
-    if residual is not None:
-        _same_dtype(x, residual)
-        ldr = _rows(residual, h)
-        if residual.shape[0] != t:
-            raise ValueError("residual and x differ in rows")
-        pr = _ptr(residual)
-    out = torch.empty((t, h), dtype=x.dtype)
-    cdef uintptr_t px = _ptr(x), pw = _ptr(weight), po = _ptr(out)
-    with nogil:
-        c_rms_norm(bf, t, h, <const void *>px, ldx, <void *>pr, ldr, <const void *>pw,
-                   <void *>po, h, <float>eps)
-    return out
-
-
-def rotary_(positions, cos, sin, q, k):
-    """Rotates q [T, H, D] and k [T, KVH, D] in place (heads contiguous within a token); cos/sin
-    are float32 [max_position, D] tables, positions int64 [T]."""
-    cdef int bf = _bf16(q)
-    cdef int64_t t = q.shape[0], d = q.shape[2]
-    _same_dtype(q, k)
-    _heads(q, t, d)
-    _heads(k, t, d)
-    if (positions.dtype != torch.int64 or positions.shape[0] != t or positions.stride(0) != 1
-            or cos.dtype != torch.float32 or not cos.is_contiguous() or cos.shape[1] != d
-            or not sin.is_contiguous() or sin.shape != cos.shape or sin.dtype != cos.dtype
-            or d % 2):
-        raise ValueError("positions must be int64 [T]; cos/sin contiguous float32 [P, D], D even")
-    cdef uintptr_t pp = _ptr(positions), pc = _ptr(cos), ps = _ptr(sin), pq = _ptr(q), pk = _ptr(k)
-    cdef int64_t ldq = q.stride(0), ldk = k.stride(0), nq = q.shape[1], nk = k.shape[1]
-    cdef int64_t p = cos.shape[0]
-    cdef int rc
-    with nogil:
-        rc = c_rotary(bf, t, <const int64_t *>pp, p, <const float *>pc, <const float *>ps, d,
-                      <void *>pq, ldq, nq, <void *>pk, ldk, nk)
-    if rc:
-        raise IndexError(f"a position lies outside the rotary tables' [0, {p})")
-
-
-def silu_and_mul(gate_up):
-    """[T, 2F] (gate | up) -> silu(gate) * up, [T, F]."""
-    cdef int bf = _bf16(gate_up)
-    cdef int64_t t = gate_up.shape[0], f = gate_up.shape[1] // 2
-    cdef int64_t ld = _rows(gate_up, 2 * f)
-    out = torch.empty((t, f), dtype=gate_up.dtype)
-    cdef uintptr_t pg = _ptr(gate_up), po = _ptr(out)
-    with nogil:
-        c_silu_and_mul(bf, t, f, <const void *>pg, ld, <void *>po, f)
-    return out
-
-
-# ---- attention -----------------------------------------------------------------------------------
+# ---- attention metadata ------------------------------------------------------------------------
 
 cdef class AttentionPlan:
     """One step's attention metadata, checked once and shared by every layer: query_start [B+1],
@@ -244,38 +165,145 @@ cdef class AttentionPlan:
         self.block_tables, self.slot_mapping = _ptr(block_tables), _ptr(slot_mapping)
 
 
-def paged_attention_(q, k, v, k_cache, v_cache, AttentionPlan plan, double scale):
-    """Writes k/v [T, KVH, D] into the caches [blocks, block_size, KVH, D] at the plan's slots
-    (in place), then attends q [T, H, D] causally to each sequence's context; returns a new
-    [T, H, D] tensor."""
-    cdef int bf = _bf16(q)
-    cdef int64_t t = q.shape[0], h = q.shape[1], d = q.shape[2], kvh = k.shape[1]
-    for other in (k, v, k_cache, v_cache):
-        _same_dtype(q, other)
-    if d not in (16, 32, 64, 128, 256) or h % kvh or t != plan.num_tokens:
-        raise ValueError(f"head_dim {d} (needs 16, 32, 64, 128 or 256), heads {h}/{kvh}, "
-                         f"or {t} tokens for a plan of {plan.num_tokens}")
-    _heads(q, t, d)
-    _heads(k, t, d)
-    _heads(v, t, d)
-    if v.stride(0) != k.stride(0) or v.shape[1] != kvh:
-        raise ValueError("k and v need the same heads and token stride")
-    if (not k_cache.is_contiguous() or not v_cache.is_contiguous() or k_cache.dim() != 4
-            or k_cache.shape[1] != plan.block_size or k_cache.shape[2] != kvh
-            or k_cache.shape[3] != d or v_cache.shape != k_cache.shape):
-        raise ValueError("caches must be contiguous [blocks, block_size, KVH, D]")
-    out = torch.empty((t, h, d), dtype=q.dtype)
-    cdef uintptr_t pq = _ptr(q), pk = _ptr(k), pv = _ptr(v), pkc = _ptr(k_cache)
-    cdef uintptr_t pvc = _ptr(v_cache), po = _ptr(out)
-    cdef int64_t ldq = q.stride(0), ldkv = k.stride(0), num_blocks = k_cache.shape[0]
-    cdef int rc
-    with nogil:
-        rc = c_paged_attention(
-            bf, plan.num_seqs, <const int64_t *>plan.query_start, <const int64_t *>plan.seq_lens,
-            <const int32_t *>plan.block_tables, plan.bt_stride, plan.block_size,
-            <const int64_t *>plan.slot_mapping, <const void *>pq, ldq, <const void *>pk,
-            <const void *>pv, ldkv, <void *>pkc, <void *>pvc, num_blocks, h, kvh, d,
-            <float>scale, <void *>po)
-    if rc:
-        raise IndexError("a slot or block index lies outside the KV cache")
-    return out
+# ---- the kernels of one ISA ----------------------------------------------------------------------
+
+cdef class CpuKernels:
+    """The kernels of one of ISAS, e.g. CpuKernels("avx2"); a ValueError if this CPU lacks it.
+    On AVX-512 the bf16 linear takes vdpbf16ps where the CPU has AVX512-BF16 (`bf16_dot`);
+    everywhere else bf16 weights are widened to fp32 in registers."""
+
+    cdef cpu_kernel_table t
+    cdef readonly str isa
+    cdef readonly bint bf16_dot
+
+    def __init__(self, str isa):
+        if isa not in ISAS:
+            raise ValueError(f"unknown ISA {isa!r}: one of {', '.join(ISAS)}")
+        why = missing(isa)
+        if why is not None:
+            raise ValueError(f"the {isa} kernels need {why}")
+        self.isa = isa
+        self.t = cpu_kernel_table_for(ISAS.index(isa))
+        self.bf16_dot = isa == "avx512" and cpu_has_bf16_dot()
+
+    def __repr__(self):
+        return f"CpuKernels({self.isa!r})"
+
+    def linear(self, x, packed, int64_t out_features, bias=None, out_dtype=None):
+        """x [M, K] (rows contiguous) @ W^T (+ bias, float32) -> [M, out_features] in out_dtype
+        (default x's; a bf16 x may ask for float32). `packed` comes from pack_linear_weight."""
+        cdef int bf = _bf16(x)
+        cdef int64_t k = packed.shape[1] * (2 if bf else 1)
+        cdef int64_t ldx = _rows(x, k), m = x.shape[0]
+        _same_dtype(x, packed)
+        if packed.shape[0] * 16 < out_features:
+            raise ValueError(f"the packed weight has fewer than {out_features} outputs")
+        out_dtype = x.dtype if out_dtype is None else out_dtype
+        if out_dtype != x.dtype and out_dtype != torch.float32:
+            raise ValueError(f"a {x.dtype} linear cannot write {out_dtype}")
+        if bias is not None and (bias.dtype != torch.float32 or bias.stride(0) != 1
+                                 or bias.shape[0] != out_features):
+            raise ValueError("bias must be a contiguous float32 [out_features] tensor")
+        out = torch.empty((m, out_features), dtype=out_dtype)
+        cdef uintptr_t b = 0 if bias is None else _ptr(bias)
+        cdef uintptr_t px = _ptr(x), pw = _ptr(packed), py = _ptr(out)
+        cdef int out_f32 = out_dtype == torch.float32
+        with nogil:
+            self.t.linear(bf, m, k, out_features, <const void *>px, ldx, <const void *>pw,
+                          <const float *>b, <void *>py, out_features, out_f32)
+        return out
+
+    def rms_norm_(self, x, residual, weight, double eps):
+        """RMSNorm of x [T, H], or of x + residual with the sum stored into `residual` (in
+        place). Returns a new [T, H] tensor."""
+        cdef int bf = _bf16(x)
+        cdef int64_t h = weight.shape[0], t = x.shape[0]
+        cdef int64_t ldx = _rows(x, h), ldr = 0
+        cdef uintptr_t pr = 0
+        _same_dtype(x, weight)
+        if weight.stride(0) != 1:
+            raise ValueError("weight must be contiguous")
+        if residual is not None:
+            _same_dtype(x, residual)
+            ldr = _rows(residual, h)
+            if residual.shape[0] != t:
+                raise ValueError("residual and x differ in rows")
+            pr = _ptr(residual)
+        out = torch.empty((t, h), dtype=x.dtype)
+        cdef uintptr_t px = _ptr(x), pw = _ptr(weight), po = _ptr(out)
+        with nogil:
+            self.t.rms_norm(bf, t, h, <const void *>px, ldx, <void *>pr, ldr, <const void *>pw,
+                            <void *>po, h, <float>eps)
+        return out
+
+    def rotary_(self, positions, cos, sin, q, k):
+        """Rotates q [T, H, D] and k [T, KVH, D] in place (heads contiguous within a token);
+        cos/sin are float32 [max_position, D] tables, positions int64 [T]."""
+        cdef int bf = _bf16(q)
+        cdef int64_t t = q.shape[0], d = q.shape[2]
+        _same_dtype(q, k)
+        _heads(q, t, d)
+        _heads(k, t, d)
+        if (positions.dtype != torch.int64 or positions.shape[0] != t
+                or positions.stride(0) != 1 or cos.dtype != torch.float32
+                or not cos.is_contiguous() or cos.shape[1] != d or not sin.is_contiguous()
+                or sin.shape != cos.shape or sin.dtype != cos.dtype or d % 2):
+            raise ValueError("positions must be int64 [T]; cos/sin contiguous float32 [P, D], "
+                             "D even")
+        cdef uintptr_t pp = _ptr(positions), pc = _ptr(cos), ps = _ptr(sin)
+        cdef uintptr_t pq = _ptr(q), pk = _ptr(k)
+        cdef int64_t ldq = q.stride(0), ldk = k.stride(0), nq = q.shape[1], nk = k.shape[1]
+        cdef int64_t p = cos.shape[0]
+        cdef int rc
+        with nogil:
+            rc = self.t.rotary(bf, t, <const int64_t *>pp, p, <const float *>pc,
+                               <const float *>ps, d, <void *>pq, ldq, nq, <void *>pk, ldk, nk)
+        if rc:
+            raise IndexError(f"a position lies outside the rotary tables' [0, {p})")
+
+    def silu_and_mul(self, gate_up):
+        """[T, 2F] (gate | up) -> silu(gate) * up, [T, F]."""
+        cdef int bf = _bf16(gate_up)
+        cdef int64_t t = gate_up.shape[0], f = gate_up.shape[1] // 2
+        cdef int64_t ld = _rows(gate_up, 2 * f)
+        out = torch.empty((t, f), dtype=gate_up.dtype)
+        cdef uintptr_t pg = _ptr(gate_up), po = _ptr(out)
+        with nogil:
+            self.t.silu_and_mul(bf, t, f, <const void *>pg, ld, <void *>po, f)
+        return out
+
+    def paged_attention_(self, q, k, v, k_cache, v_cache, AttentionPlan plan, double scale):
+        """Writes k/v [T, KVH, D] into the caches [blocks, block_size, KVH, D] at the plan's
+        slots (in place), then attends q [T, H, D] causally to each sequence's context;
+        returns a new [T, H, D] tensor."""
+        cdef int bf = _bf16(q)
+        cdef int64_t t = q.shape[0], h = q.shape[1], d = q.shape[2], kvh = k.shape[1]
+        for other in (k, v, k_cache, v_cache):
+            _same_dtype(q, other)
+        if d not in (16, 32, 64, 128, 256) or h % kvh or t != plan.num_tokens:
+            raise ValueError(f"head_dim {d} (needs 16, 32, 64, 128 or 256), heads {h}/{kvh}, "
+                             f"or {t} tokens for a plan of {plan.num_tokens}")
+        _heads(q, t, d)
+        _heads(k, t, d)
+        _heads(v, t, d)
+        if v.stride(0) != k.stride(0) or v.shape[1] != kvh:
+            raise ValueError("k and v need the same heads and token stride")
+        if (not k_cache.is_contiguous() or not v_cache.is_contiguous() or k_cache.dim() != 4
+                or k_cache.shape[1] != plan.block_size or k_cache.shape[2] != kvh
+                or k_cache.shape[3] != d or v_cache.shape != k_cache.shape):
+            raise ValueError("caches must be contiguous [blocks, block_size, KVH, D]")
+        out = torch.empty((t, h, d), dtype=q.dtype)
+        cdef uintptr_t pq = _ptr(q), pk = _ptr(k), pv = _ptr(v), pkc = _ptr(k_cache)
+        cdef uintptr_t pvc = _ptr(v_cache), po = _ptr(out)
+        cdef int64_t ldq = q.stride(0), ldkv = k.stride(0), num_blocks = k_cache.shape[0]
+        cdef int rc
+        with nogil:
+            rc = self.t.paged_attention(
+                bf, plan.num_seqs, <const int64_t *>plan.query_start,
+                <const int64_t *>plan.seq_lens, <const int32_t *>plan.block_tables,
+                plan.bt_stride, plan.block_size, <const int64_t *>plan.slot_mapping,
+                <const void *>pq, ldq, <const void *>pk, <const void *>pv, ldkv, <void *>pkc,
+                <void *>pvc, num_blocks, h, kvh, d, <float>scale, <void *>po)
+        if rc:
+            raise IndexError("a slot or block index lies outside the KV cache")
+        return out

@@ -1,6 +1,8 @@
-"""The CPU kernels (csrc/cpu_kernels.pyx) against the torch reference paths they replace."""
+"""The CPU kernels (csrc/cpu_kernels.pyx) against the torch reference paths they replace, on
+every ISA path this CPU runs (the others skip, saying what the CPU lacks)."""
 from __future__ import annotations
 
+import functools
 import logging
 import random
 
@@ -16,32 +18,41 @@ from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import TorchAttentionBackend
 from minivllm.layers.cpu_attention import CpuAttentionBackend
 from minivllm.layers.cpu_linear import CpuLinear, pack_weights
-from minivllm.layers.kernels import AVX512_FUSED
+from minivllm.layers.kernels import cpu_fused
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
 from paged_steps import ragged_step, step_metadata
 
-avx512 = pytest.mark.skipif(not cpu_kernels.supported(), reason="needs AVX-512")
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(
+    cpu_kernels.missing(isa) is not None, reason=f"needs {cpu_kernels.missing(isa)}"))
+    for isa in cpu_kernels.ISAS]
 
 
-def _linear(weight, bias, out_dtype=None) -> CpuLinear:
-    return CpuLinear(pack_weights([weight])[0], weight.shape[0], bias, out_dtype)
+@pytest.fixture(params=ISAS)
+def kernels(request) -> cpu_kernels.CpuKernels:
+    return cpu_kernels.CpuKernels(request.param)
 
 
-DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not cpu_kernels.supported(bf16=True), reason="needs AVX512-BF16"))]
+def _linear(kernels, weight, bias, out_dtype=None) -> CpuLinear:
+    return CpuLinear(pack_weights([weight])[0], weight.shape[0], bias, kernels, out_dtype)
 
 
-@avx512
+DTYPES = [torch.float32, torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
-@pytest.mark.parametrize("n,k,bias", [(40, 64, True), (576, 96, False), (16, 1536, False)])
-def test_linear_matches_f_linear(dtype, m, n, k, bias):
+# Row counts around each path's tile height (AVX-512 16, AVX2 6, portable 4) and its tails.
+@pytest.mark.parametrize("m", [1, 5, 7, 16, 17, 40])
+# N off and on 16 columns; an odd K in fp32 (bf16 panels pair K: 34 there).
+@pytest.mark.parametrize("n,k,bias", [(40, 64, True), (576, 96, False), (16, 1536, False),
+                                      (23, 33, True)])
+def test_linear_matches_f_linear(kernels, dtype, m, n, k, bias):
+    k += k % 2 * (dtype == torch.bfloat16)
     torch.manual_seed(m * n)
     weight = torch.randn(n, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
     x = torch.randn(m, k).to(dtype)
-    got = _linear(weight, b)(x)
+    got = _linear(kernels, weight, b)(x)
     assert got.dtype == dtype and got.shape == (m, n)
     # The reference in fp32 from the same (rounded) inputs; the kernel rounds its output once.
     want = F.linear(x.float(), weight.float(), None if b is None else b.float())
@@ -49,28 +60,25 @@ def test_linear_matches_f_linear(dtype, m, n, k, bias):
     torch.testing.assert_close(got.float(), want, atol=tol * k ** 0.5, rtol=tol)
 
 
-@avx512
-def test_linear_writes_float32_logits_from_bf16():
-    if not cpu_kernels.supported(bf16=True):
-        pytest.skip(reason="the bf16 kernels need a CPU with AVX512-BF16")
+def test_linear_writes_float32_logits_from_bf16(kernels):
     weight, x = torch.randn(100, 64).bfloat16(), torch.randn(3, 64).bfloat16()
-    got = _linear(weight, None, torch.float32)(x)
+    got = _linear(kernels, weight, None, torch.float32)(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, F.linear(x.float(), weight.float()), atol=1e-3, rtol=1e-4)
 
 
-@avx512
-def test_linear_accepts_strided_rows():
-    weight, x = torch.randn(48, 32), torch.randn(7, 80)[:, 8:40]
-    torch.testing.assert_close(_linear(weight, None)(x), F.linear(x, weight))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_accepts_strided_rows(kernels, dtype):
+    weight, x = torch.randn(48, 32).to(dtype), torch.randn(7, 80).to(dtype)[:, 8:40]
+    torch.testing.assert_close(_linear(kernels, weight, None, torch.float32)(x),
+                               F.linear(x.float(), weight.float()))
 
 
-@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [64, 576, 100])
-def test_rms_norm_matches_native(dtype, hidden):
+def test_rms_norm_matches_native(kernels, dtype, hidden):
     torch.manual_seed(hidden)
-    norm = RMSNorm(hidden, 1e-5, AVX512_FUSED)
+    norm = RMSNorm(hidden, 1e-5, cpu_fused(kernels))
     norm.weight.data = (1 + 0.1 * torch.randn(hidden)).to(dtype)
     x, residual = torch.randn(9, hidden).to(dtype), torch.randn(9, hidden).to(dtype)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -81,12 +89,11 @@ def test_rms_norm_matches_native(dtype, hidden):
     torch.testing.assert_close(got_out, want_out, **tol)
 
 
-@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [16, 64, 40])
-def test_rotary_matches_native_exactly(dtype, head_dim):
+def test_rotary_matches_native_exactly(kernels, dtype, head_dim):
     torch.manual_seed(head_dim)
-    rope = RotaryEmbedding(head_dim, 512, 10000.0, fused=AVX512_FUSED)
+    rope = RotaryEmbedding(head_dim, 512, 10000.0, fused=cpu_fused(kernels))
     qkv = torch.randn(11, (4 + 2 * 2) * head_dim).to(dtype)
     q = qkv[:, :4 * head_dim].view(11, 4, head_dim)
     k = qkv[:, 4 * head_dim:6 * head_dim].view(11, 2, head_dim)
@@ -97,11 +104,10 @@ def test_rotary_matches_native_exactly(dtype, head_dim):
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
 
 
-@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_matches_native(dtype):
+def test_silu_and_mul_matches_native(kernels, dtype):
     torch.manual_seed(0)
-    act = SiluAndMul(AVX512_FUSED)
+    act = SiluAndMul(cpu_fused(kernels))
     gate_up = (torch.randn(13, 2 * 200) * 4).to(dtype)
     gate_up[0, :4] = torch.tensor([-200.0, -80.0, 80.0, 0.0])  # exp's range ends
     tol = dict(atol=1e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -110,11 +116,11 @@ def test_silu_and_mul_matches_native(dtype):
 
 # ---- attention: random ragged steps against the reference backend ---------------------------
 
-@avx512
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
-    (4, 2, 16, 4), (9, 3, 64, 16), (8, 8, 32, 16), (14, 2, 64, 16), (4, 1, 128, 8)])
-def test_cpu_attention_matches_reference(dtype, heads, kv_heads, head_dim, block_size):
+    (4, 2, 16, 4), (9, 3, 64, 16), (8, 8, 32, 16), (14, 2, 64, 16), (4, 1, 128, 8),
+    (2, 1, 256, 16)])
+def test_cpu_attention_matches_reference(kernels, dtype, heads, kv_heads, head_dim, block_size):
     rng = random.Random(heads * 1000 + head_dim + block_size)
     torch.manual_seed(rng.randrange(1 << 30))
     num_blocks = 64
@@ -129,7 +135,7 @@ def test_cpu_attention_matches_reference(dtype, heads, kv_heads, head_dim, block
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
         shapes = ((T, heads, head_dim), (T, kv_heads, head_dim), (T, kv_heads, head_dim))
         want_cache = cache.clone()
-        ref, fast = TorchAttentionBackend(), CpuAttentionBackend()
+        ref, fast = TorchAttentionBackend(), CpuAttentionBackend(kernels)
         meta_ref, meta_fast = (step_metadata(rows, tables, block_size) for _ in range(2))
         ref.prepare(meta_ref, block_size)
         fast.prepare(meta_fast, block_size)
@@ -149,7 +155,6 @@ def test_cpu_attention_matches_reference(dtype, heads, kv_heads, head_dim, block
             torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
 
 
-@avx512
 def test_pack_weights_shares_one_buffer():
     weights = [torch.randn(40, 64), torch.randn(16, 96)]
     packed = pack_weights(weights)
@@ -159,15 +164,14 @@ def test_pack_weights_shares_one_buffer():
     assert torch.equal(packed[0][1, 5], weights[0][16:32, 5])
 
 
-@avx512
-def test_kernels_refuse_indices_outside_their_tables():
-    rope = RotaryEmbedding(16, 8, 10000.0, fused=AVX512_FUSED)
+def test_kernels_refuse_indices_outside_their_tables(kernels):
+    rope = RotaryEmbedding(16, 8, 10000.0, fused=cpu_fused(kernels))
     q, k = torch.randn(2, 2, 16), torch.randn(2, 1, 16)
     with pytest.raises(IndexError):
         rope(torch.tensor([0, 8]), q, k)
     cache = torch.zeros(2, 4, 4, 1, 16)
     meta = step_metadata([(0, 2)], np.array([[0]], dtype=np.int32), 4)
-    backend = CpuAttentionBackend()
+    backend = CpuAttentionBackend(kernels)
     for bad_table, bad_slot in ((4, 1), (0, 16)):
         meta.block_tables[0, 0] = bad_table
         meta.slot_mapping[1] = bad_slot
@@ -178,12 +182,32 @@ def test_kernels_refuse_indices_outside_their_tables():
 
 # ---- the kernel set: one knob, chosen once, named in one log line ----------------------------
 
+CPU_SETS = [pytest.param(f"cpu-{p.values[0]}", marks=p.marks) for p in ISAS]
+
+
+def _lacking(monkeypatch, *isas: str) -> None:
+    """Simulates a CPU without the given ISAs, for kernels.py and CpuKernels alike."""
+    real = cpu_kernels.missing
+    monkeypatch.setattr(cpu_kernels, "missing",
+                        lambda isa: f"a CPU with {isa} (simulated)" if isa in isas else real(isa))
+
+
 @pytest.mark.parametrize("kernels,dtype,match", [
-    ("cpu-avx2", "float32", "not built yet"), ("cpu-portable", "float32", "not built yet"),
-    ("cpu-avx512", "float16", "float32 or bfloat16")])  # cuda-triton: tests/test_gpu_engine.py
-def test_a_set_that_cannot_run_here_is_a_clear_error(tiny_hf_dir, kernels, dtype, match):
+    ("cpu-avx512", "float16", "float32 or bfloat16"), ("cpu-portable", "float16", "float32"),
+    ("cpu-avx2", "float32", "a CPU with avx2 \\(simulated\\)")])  # cuda-triton: test_gpu_engine
+def test_a_set_that_cannot_run_here_is_a_clear_error(tiny_hf_dir, monkeypatch, kernels, dtype,
+                                                     match):
+    _lacking(monkeypatch, "avx2")
     with pytest.raises(ValueError, match=f"kernels={kernels!r} cannot run here: .*{match}"):
         LLM(tiny_hf_dir("llama"), dtype=dtype, device="cpu", kernels=kernels)
+
+
+def test_an_isa_the_cpu_lacks_is_refused_before_any_kernel_runs(monkeypatch):
+    with pytest.raises(ValueError, match="unknown ISA"):
+        cpu_kernels.CpuKernels("avx9")
+    _lacking(monkeypatch, "avx512")
+    with pytest.raises(ValueError, match="the avx512 kernels need a CPU with avx512"):
+        cpu_kernels.CpuKernels("avx512")
 
 
 def test_the_knob_is_validated_and_read_from_the_environment(monkeypatch):
@@ -197,55 +221,65 @@ def test_the_knob_is_validated_and_read_from_the_environment(monkeypatch):
 
 
 def test_auto_names_its_choice_in_one_log_line(tiny_hf_dir, caplog, monkeypatch):
-    """auto takes the AVX-512 kernels where the CPU has them, else plain torch and says why
-    (an AVX2-only CPU is simulated); asked for by name there, they are an error."""
+    """auto takes the best CPU path the CPU has (CPUs without AVX-512, or without AVX2 either,
+    are simulated), or plain torch with the reason where no path runs (float16)."""
     monkeypatch.delenv("MINIVLLM_KERNELS", raising=False)
     monkeypatch.setattr(logging.getLogger("minivllm"), "handlers", [caplog.handler])
     caplog.set_level(logging.INFO, logger="minivllm")
     path, threads = tiny_hf_dir("llama"), torch.get_num_threads()
-    runner = LLM(path, dtype="float32", num_blocks=16).engine.runner
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels:")]
-    if cpu_kernels.supported():
-        assert lines == [f"kernels: cpu-avx512 float32, {threads} threads"]
-        assert isinstance(runner.kernels.attention, CpuAttentionBackend)
-        assert isinstance(runner.model.lm_head, CpuLinear)
-        assert isinstance(runner.model.layers[0].self_attn.qkv_proj, CpuLinear)
-    caplog.clear()
-    monkeypatch.setattr(cpu_kernels, "supported", lambda bf16=False: False)
-    runner = LLM(path, dtype="float32", num_blocks=16).engine.runner
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels:")]
-    assert lines == [f"kernels: torch float32, {threads} threads (cpu-avx512 kernels need a CPU "
-                     f"with AVX-512 (avx512f, avx512bw, avx512vl, avx512dq): running plain torch)"]
+
+    def start(dtype: str = "float32"):
+        caplog.clear()
+        runner = LLM(path, dtype=dtype, num_blocks=16).engine.runner
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels:")]
+        return runner, lines
+
+    best = next(isa for isa in cpu_kernels.ISAS if cpu_kernels.missing(isa) is None)
+    runner, lines = start()
+    assert lines == [f"kernels: cpu-{best} float32, {threads} threads"]
+    assert isinstance(runner.kernels.attention, CpuAttentionBackend)
+    assert isinstance(runner.model.lm_head, CpuLinear)
+    assert isinstance(runner.model.layers[0].self_attn.qkv_proj, CpuLinear)
+    assert runner.model.lm_head.kernels.isa == best
+    runner, lines = start("float16")
+    assert lines == [f"kernels: torch float16, {threads} threads (cpu-avx512 kernels need "
+                     f"float32 or bfloat16, not float16: running plain torch)"]
     assert isinstance(runner.kernels.attention, TorchAttentionBackend)
-    with pytest.raises(ValueError, match="needs a CPU with AVX-512"):
+    _lacking(monkeypatch, "avx512")
+    if cpu_kernels.missing("avx2") is None:
+        assert start()[1] == [f"kernels: cpu-avx2 float32, {threads} threads"]
+    with pytest.raises(ValueError, match="needs a CPU with avx512"):
         LLM(path, dtype="float32", num_blocks=16, kernels="cpu-avx512")
+    _lacking(monkeypatch, "avx512", "avx2")
+    assert start()[1] == [f"kernels: cpu-portable float32, {threads} threads"]
 
 
-@avx512
+@functools.lru_cache(maxsize=None)
+def _greedy_tokens(path: str, kernels: str, prompts: tuple, max_tokens: int, **kwargs) -> list:
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+    llm = LLM(path, kernels=kernels, **kwargs)
+    assert llm.engine.runner.kernels.name == kernels
+    return [o.outputs[0].token_ids for o in llm.generate(list(prompts), params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("kernels", CPU_SETS)
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-def test_greedy_tokens_match_the_torch_path(tiny_hf_dir, architecture):
+def test_greedy_tokens_match_the_torch_path(tiny_hf_dir, architecture, kernels):
     """End to end, kernels against the plain torch layers and reference attention: chunked
     prefills, prefix-cache hits (shared prompt heads) and decodes across block boundaries."""
     rng = random.Random(7)
     head = [rng.randrange(3, 49152) for _ in range(21)]
-    prompts = [head + [rng.randrange(3, 49152) for _ in range(rng.randint(1, 30))]
-               for _ in range(5)] + [[rng.randrange(3, 49152) for _ in range(40)]]
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=20)
+    prompts = tuple(tuple(head + [rng.randrange(3, 49152) for _ in range(rng.randint(1, 30))])
+                    for _ in range(5)) + (tuple(rng.randrange(3, 49152) for _ in range(40)),)
     kwargs = dict(dtype="float32", block_size=4, num_blocks=128, max_num_batched_tokens=24)
     path = tiny_hf_dir(architecture)
-    fast = LLM(path, kernels="cpu-avx512", **kwargs).generate(prompts, params, use_tqdm=False)
-    ref = LLM(path, kernels="torch", **kwargs).generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in ref]
+    assert (_greedy_tokens(path, kernels, prompts, 20, **kwargs)
+            == _greedy_tokens(path, "torch", prompts, 20, **kwargs))
 
 
-@avx512
-def test_torch_gives_the_auto_tokens_on_the_embedded_model(monkeypatch):
-    monkeypatch.delenv("MINIVLLM_KERNELS", raising=False)
-    prompts = ["The capital of France is", "def fibonacci(n):"]
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8)
-    tokens = {}
-    for kernels in ("auto", "torch"):
-        llm = LLM(dtype="float32", num_blocks=32, kernels=kernels)
-        tokens[llm.engine.runner.kernels.name] = [
-            o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert tokens["cpu-avx512"] == tokens["torch"]
+@pytest.mark.parametrize("kernels", CPU_SETS)
+def test_the_embedded_model_gives_the_torch_tokens(kernels):
+    prompts = ("The capital of France is", "def fibonacci(n):")
+    kwargs = dict(dtype="float32", num_blocks=32)
+    assert (_greedy_tokens(None, kernels, prompts, 8, **kwargs)
+            == _greedy_tokens(None, "torch", prompts, 8, **kwargs))

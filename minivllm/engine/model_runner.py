@@ -122,7 +122,7 @@ class ModelRunner:
         weight, bias = ((model.embed_tokens.weight, None) if head is None
                         else (head.weight, head.bias))
         model.lm_head = None  # packed with the others, as the last weight
-        use_cpu_linears(model, head=(weight, bias))
+        use_cpu_linears(model, self.kernels.cpu_linears, head=(weight, bias))
 
     def _allocate_kv_cache(self, config: EngineConfig) -> KVCacheSpec:
         arch, cache = self.model.arch, config.cache

@@ -1,8 +1,9 @@
-"""Linear layers on CPU through our own AVX-512 kernel (csrc/cpu_kernels.h, `linear_*`).
+"""Linear layers on CPU through our own kernels (csrc/cpu_kernels_body.h, `linear`).
 
 Weights are repacked once into 16-column panels that each thread streams sequentially with a
-software prefetch ahead, all of them in one buffer backed by huge pages. Measured on the 2-core
-dev machine, SmolLM2-135M's 30 layers of linears (cold weights), what ran before -> ours:
+software prefetch ahead, all of them in one buffer backed by huge pages; one layout for every
+ISA (`CpuKernels`). Measured on the 2-core dev machine with AVX-512, SmolLM2-135M's 30 layers
+of linears (cold weights), what ran before -> ours:
 
     rows M               1              16             64            640
     fp32 (oneDNN)   21.5 -> 13.3   36.8 -> 21.0   85.4 -> 64.8   656 -> 617 ms
@@ -22,19 +23,19 @@ from minivllm._cext import cpu_kernels
 
 
 class CpuLinear(nn.Module):
-    """y = x W^T + b for x [M, in_features], from a packed weight (`pack_weights`). `out_dtype`
-    float32 lets a bf16 layer write fp32 (the LM head's logits)."""
+    """y = x W^T + b for x [M, in_features], from a packed weight (`pack_weights`), on one
+    ISA's kernels. `out_dtype` float32 lets a bf16 layer write fp32 (the LM head's logits)."""
 
     def __init__(self, packed: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],
-                 out_dtype: Optional[torch.dtype] = None) -> None:
+                 kernels: cpu_kernels.CpuKernels, out_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.out_features, self.out_dtype = out_features, out_dtype
+        self.out_features, self.out_dtype, self.kernels = out_features, out_dtype, kernels
         self.register_buffer("packed", packed, persistent=False)
         # The kernel adds the bias in fp32 before its one rounding of the output.
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.packed, self.out_features, self.bias, self.out_dtype)
+        return self.kernels.linear(x, self.packed, self.out_features, self.bias, self.out_dtype)
 
 
 def pack_weights(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -50,15 +51,16 @@ def pack_weights(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return packed
 
 
-def use_cpu_linears(model: nn.Module, head: Optional[tuple] = None) -> None:
-    """Replace every nn.Linear under `model` in place (their unpacked weights are dropped).
-    `head` = (weight, bias) becomes `model.lm_head`, writing fp32 logits."""
+def use_cpu_linears(model: nn.Module, kernels: cpu_kernels.CpuKernels,
+                    head: Optional[tuple] = None) -> None:
+    """Replace every nn.Linear under `model` in place by a CpuLinear on `kernels` (their unpacked
+    weights are dropped). `head` = (weight, bias) becomes `model.lm_head`, writing fp32 logits."""
     sites = list(_linears(model))
     specs = [(child.weight, child.bias, None) for _, _, child in sites]
     if head is not None:
         specs.append((head[0], head[1], torch.float32))
     packed = pack_weights([w for w, _, _ in specs])
-    layers = [CpuLinear(p, w.shape[0], b, dt) for p, (w, b, dt) in zip(packed, specs)]
+    layers = [CpuLinear(p, w.shape[0], b, kernels, dt) for p, (w, b, dt) in zip(packed, specs)]
     for (parent, name, _), layer in zip(sites, layers):
         setattr(parent, name, layer)
     if head is not None:

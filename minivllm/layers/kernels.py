@@ -1,12 +1,12 @@
 """The kernel set: which kernels run the model, chosen once per engine (`ModelConfig.kernels`).
 
 A set is an attention backend, the fused elementwise kernels the RMSNorm, rotary and SiLU-and-mul
-layers call instead of their torch ops, and whether the linears become our CPU kernel's. The
+layers call instead of their torch ops, and the CPU kernels the linears move onto, if any. The
 model runner selects it from the device, dtype and CPU features, passes it to the model's
 constructor, and logs it in one line (`describe()`). `auto` takes the first set of the device's
-that runs here, else plain torch, and says why; a set asked for by name that cannot run here is
-a ValueError naming what it needs. A new path (issue #19: cpu-avx2, cpu-portable) is one entry
-in `_PATHS`, its name being in `config.KERNEL_SETS`.
+that runs here (on a CPU: AVX-512, then AVX2, then the portable C kernels), else plain torch,
+and says why; a set asked for by name that cannot run here is a ValueError naming what it
+needs. A new path is one entry in `_PATHS`, its name being in `config.KERNEL_SETS`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class KernelSet:
     dtype: torch.dtype
     attention: AttentionBackend
     fused: Optional[FusedOps] = None  # None: the layers' torch ops
-    cpu_linears: bool = False  # nn.Linear swapped for CpuLinear once the weights are loaded
+    # The kernels nn.Linear layers move onto (CpuLinear) once the weights are loaded; None: torch.
+    cpu_linears: Optional[cpu_kernels.CpuKernels] = None
     cuda_graphs: bool = False  # decode steps replay CUDA graphs
     note: str = ""  # what the log line must add: why auto fell back, what runs in torch
 
@@ -59,25 +60,31 @@ class _Path:
     build: Callable[[torch.dtype], dict]  # KernelSet fields beyond name, device and dtype
 
 
-def _avx512_missing(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
-    if device.type != "cpu":
-        return f"a CPU device, not {device.type}"
-    if dtype not in (torch.float32, torch.bfloat16):
-        return f"float32 or bfloat16, not {str(dtype).removeprefix('torch.')}"
-    if not cpu_kernels.supported():
-        return "a CPU with AVX-512 (avx512f, avx512bw, avx512vl, avx512dq)"
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim in {SUPPORTED_HEAD_DIMS}; this model has {head_dim}"
-    return None
+def _cpu_missing(isa: str) -> Callable[[torch.device, torch.dtype, int], Optional[str]]:
+    def missing(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+        if device.type != "cpu":
+            return f"a CPU device, not {device.type}"
+        if dtype not in (torch.float32, torch.bfloat16):
+            return f"float32 or bfloat16, not {str(dtype).removeprefix('torch.')}"
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            return f"head_dim in {SUPPORTED_HEAD_DIMS}; this model has {head_dim}"
+        return cpu_kernels.missing(isa)
+    return missing
 
 
-AVX512_FUSED = FusedOps(cpu_kernels.rms_norm_, cpu_kernels.rotary_, cpu_kernels.silu_and_mul)
+def cpu_fused(kernels: cpu_kernels.CpuKernels) -> FusedOps:
+    return FusedOps(kernels.rms_norm_, kernels.rotary_, kernels.silu_and_mul)
 
 
-def _avx512(dtype: torch.dtype) -> dict:
-    linears = dtype != torch.bfloat16 or cpu_kernels.supported(bf16=True)
-    return dict(attention=CpuAttentionBackend(), fused=AVX512_FUSED, cpu_linears=linears,
-                note="" if linears else "linears in torch: the bf16 linear needs AVX512-BF16")
+def _cpu(isa: str) -> Callable[[torch.dtype], dict]:
+    def build(dtype: torch.dtype) -> dict:
+        k = cpu_kernels.CpuKernels(isa)
+        # AVX-512 without AVX512-BF16 widens bf16 weights in registers like AVX2: say so.
+        slow_bf16 = dtype == torch.bfloat16 and isa == "avx512" and not k.bf16_dot
+        return dict(attention=CpuAttentionBackend(k), cpu_linears=k, fused=cpu_fused(k),
+                    note="bf16 linears without AVX512-BF16: widened to fp32 in registers"
+                    if slow_bf16 else "")
+    return build
 
 
 def _triton_missing(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -100,15 +107,11 @@ def _triton(dtype: torch.dtype) -> dict:
                 fused=FusedOps(fused.rms_norm, fused.rotary_, fused.silu_and_mul))
 
 
-def _not_built(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    return "its C kernels, which are not built yet (issue #19)"
-
-
 _PATHS = {
     "cuda-triton": _Path("cuda", _triton_missing, _triton),
-    "cpu-avx512": _Path("cpu", _avx512_missing, _avx512),
-    "cpu-avx2": _Path(None, _not_built, dict),
-    "cpu-portable": _Path(None, _not_built, dict),
+    "cpu-avx512": _Path("cpu", _cpu_missing("avx512"), _cpu("avx512")),
+    "cpu-avx2": _Path("cpu", _cpu_missing("avx2"), _cpu("avx2")),
+    "cpu-portable": _Path("cpu", _cpu_missing("portable"), _cpu("portable")),
     "torch": _Path(None, lambda device, dtype, head_dim: None,
                    lambda dtype: dict(attention=TorchAttentionBackend())),
 }
@@ -117,15 +120,15 @@ _PATHS = {
 def select_kernels(config: ModelConfig, device: torch.device, dtype: torch.dtype,
                    arch: ArchConfig) -> KernelSet:
     """The kernel set `config.kernels` names, or for `auto` the first of the device's that runs
-    here (plain torch when none does, with the reason in its note)."""
+    here (plain torch when none does, with the reason in its note). A CPU path that its CPU
+    lacks is no fallback: auto's choice is then the CPU's best, named in the log line."""
     note = ""
     if config.kernels == "auto":
         tried = [(name, path.missing(device, dtype, arch.head_dim))
                  for name, path in _PATHS.items() if path.auto_on == device.type]
         name = next((name for name, why in tried if why is None), "torch")
-        if tried and name != tried[0][0]:  # say why the device's first choice did not run
-            instead = "plain torch" if name == "torch" else name
-            note = f"{tried[0][0]} kernels need {tried[0][1]}: running {instead}"
+        if tried and name == "torch":  # say why the device's first choice did not run
+            note = f"{tried[0][0]} kernels need {tried[0][1]}: running plain torch"
     else:
         name = config.kernels
         why = _PATHS[name].missing(device, dtype, arch.head_dim)

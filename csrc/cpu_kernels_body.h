@@ -1,0 +1,420 @@
+/* The CPU kernels, written once against the vector layer: `vf` (16 fp32 lanes) and its `v_*`
+ * ops, fp32 or bf16 in memory and fp32 in registers. cpu_kernels.h includes this once per ISA,
+ * after that ISA's layer and with ISA defined: every name here is prefixed there (ISA_NAME), so
+ * there is no include guard on purpose. A layer defines VEC_LIN_MR (rows a linear tile keeps in
+ * registers), VEC_DPBF16 where it has vdpbf16ps, and VEC_MASKED_TAILS where it has v_load /
+ * v_store of its own; otherwise the buffered tails below build them on v_load_full /
+ * v_store_full. */
+
+#ifndef VEC_DPBF16
+#define VEC_DPBF16 0
+#endif
+
+#ifndef VEC_MASKED_TAILS
+/* Tails through a 64-byte stack buffer: the ISA has no masked loads of 16-bit elements. */
+ALWAYS_INLINE vf v_load(const void *p, int bf16, int64_t n) {
+    if (n >= 16) return v_load_full(p, bf16);
+    uint32_t buf[16] = {0};
+    memcpy(buf, p, n * (bf16 ? 2 : 4));
+    return v_load_full(buf, bf16);
+}
+
+ALWAYS_INLINE void v_store(void *p, vf v, int bf16, int64_t n) {
+    if (n >= 16) {
+        v_store_full(p, v, bf16);
+        return;
+    }
+    uint32_t buf[16];
+    v_store_full(buf, v, bf16);
+    memcpy(p, buf, n * (bf16 ? 2 : 4));
+}
+#endif
+
+/* ---- linear layers: y[M, N] = x[M, K] @ W^T + bias, W prepacked in 16-column panels ---------
+ *
+ * fp32 panels are [K][16]: one 64-byte row of 16 output columns per input index, so a panel
+ * streams sequentially and the inner loop is one weight load and up to VEC_LIN_MR FMAs with the
+ * input broadcast. bf16 panels are [K/2][16][2]: a 64-byte row holds the 16 columns of two input
+ * indices, which v_bf16_pairs widens to fp32 in registers (two shifts), or which vdpbf16ps
+ * multiplies by a broadcast pair of inputs where the CPU has AVX512-BF16 (linear_dp). bf16
+ * inputs are widened to an fp32 copy once per call. Threads split the panels; each thread's
+ * panels are contiguous in memory. Rows go in chunks of VEC_LIN_MR (one accumulator each).
+ */
+
+ALWAYS_INLINE void lin_store(int mr, vf *acc, void *y, int64_t ldy, int out_bf16, int64_t m0,
+                             int64_t n0, int64_t N, const float *bias) {
+    vf b = bias ? v_load(bias + n0, 0, N - n0) : v_zero();
+    for (int r = 0; r < mr; r++)
+        v_store(ELEM(y, out_bf16, (m0 + r) * ldy + n0), v_add(acc[r], b), out_bf16, N - n0);
+}
+
+/* Rows m0..m0+mr of fp32 x against one panel of fp32 (w_bf16 = 0) or bf16 weights. */
+ALWAYS_INLINE void lin_tile(int mr, const float *x, int64_t ldx, const void *w, int w_bf16,
+                            int64_t K, void *y, int64_t ldy, int out_bf16, int64_t m0,
+                            int64_t n0, int64_t N, const float *bias) {
+    vf acc[VEC_LIN_MR];
+    x += m0 * ldx;
+    for (int r = 0; r < mr; r++) acc[r] = v_zero();
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+        const char *wk = (const char *)w + k * (w_bf16 ? 32 : 64);
+        vf w0, w1;
+        __builtin_prefetch(wk + LIN_PF, 0, 3);
+        if (w_bf16) {
+            v_bf16_pairs(wk, &w0, &w1);
+        } else {
+            __builtin_prefetch(wk + 64 + LIN_PF, 0, 3);
+            w0 = v_loadf(wk);
+            w1 = v_loadf(wk + 64);
+        }
+        for (int r = 0; r < mr; r++) {
+            acc[r] = v_fma(v_set1(x[r * ldx + k]), w0, acc[r]);
+            acc[r] = v_fma(v_set1(x[r * ldx + k + 1]), w1, acc[r]);
+        }
+    }
+    if (k < K) /* odd K, fp32 only (bf16 packing needs K even) */
+        for (int r = 0; r < mr; r++)
+            acc[r] = v_fma(v_set1(x[r * ldx + k]), v_loadf((const float *)w + k * 16), acc[r]);
+    lin_store(mr, acc, y, ldy, out_bf16, m0, n0, N, bias);
+}
+
+/* One panel for rows [0, M): full chunks of VEC_LIN_MR rows, then the tail with its exact row
+ * count (the switch makes `mr` a constant in each copy, so the accumulators stay in
+ * registers; the cases at or above VEC_LIN_MR are compiled out). */
+#define LIN_CASE(R, TILE, ...) \
+    case R: if (R < VEC_LIN_MR) TILE(R, __VA_ARGS__, m0, n0, N, bias); break;
+#define LIN_PANEL(TILE, M, ...)                                                      \
+    do {                                                                             \
+        int64_t m0 = 0;                                                              \
+        for (; m0 + VEC_LIN_MR <= (M); m0 += VEC_LIN_MR)                             \
+            TILE(VEC_LIN_MR, __VA_ARGS__, m0, n0, N, bias);                          \
+        switch ((int)((M) - m0)) {                                                   \
+            LIN_CASE(1, TILE, __VA_ARGS__) LIN_CASE(2, TILE, __VA_ARGS__)            \
+            LIN_CASE(3, TILE, __VA_ARGS__) LIN_CASE(4, TILE, __VA_ARGS__)            \
+            LIN_CASE(5, TILE, __VA_ARGS__) LIN_CASE(6, TILE, __VA_ARGS__)            \
+            LIN_CASE(7, TILE, __VA_ARGS__) LIN_CASE(8, TILE, __VA_ARGS__)            \
+            LIN_CASE(9, TILE, __VA_ARGS__) LIN_CASE(10, TILE, __VA_ARGS__)           \
+            LIN_CASE(11, TILE, __VA_ARGS__) LIN_CASE(12, TILE, __VA_ARGS__)          \
+            LIN_CASE(13, TILE, __VA_ARGS__) LIN_CASE(14, TILE, __VA_ARGS__)          \
+            LIN_CASE(15, TILE, __VA_ARGS__)                                          \
+        default: break;                                                              \
+        }                                                                            \
+    } while (0)
+
+/* x [M, K] (rows ldx elements apart) times packed weights, fp32 or bf16 (inputs, weights and
+ * output alike; a bf16 output may be fp32 instead, out_f32, for logits). */
+static void linear(int bf16, int64_t M, int64_t K, int64_t N, const void *x, int64_t ldx,
+                   const void *wp, const float *bias, void *y, int64_t ldy, int out_f32) {
+    int64_t panels = (N + 15) / 16;
+    float *xf = bf16 ? malloc(M * K * sizeof(float)) : (float *)x;
+    int64_t ldxf = bf16 ? K : ldx;
+#pragma omp parallel
+    {
+        if (bf16) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t k = 0; k < K; k++)
+                    xf[m * K + k] = bf16_to_f32(((const uint16_t *)x)[m * ldx + k]);
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            int64_t n0 = p * 16;
+            if (bf16)
+                LIN_PANEL(lin_tile, M, xf, ldxf, (const uint16_t *)wp + p * K * 16, 1, K, y,
+                          ldy, !out_f32);
+            else
+                LIN_PANEL(lin_tile, M, xf, ldxf, (const float *)wp + p * K * 16, 0, K, y, ldy, 0);
+        }
+    }
+    if (bf16) free(xf);
+}
+
+#if VEC_DPBF16
+/* The bf16 tile on vdpbf16ps: inputs stay bf16, a pair of them broadcast as one 32-bit value. */
+ALWAYS_INLINE VEC_DPBF16_TARGET void lin_tile_dp(int mr, const uint16_t *x, int64_t ldx,
+                                                const uint16_t *w, int64_t K, void *y,
+                                                int64_t ldy, int out_bf16, int64_t m0,
+                                                int64_t n0, int64_t N, const float *bias) {
+    vf acc[VEC_LIN_MR];
+    x += m0 * ldx;
+    for (int r = 0; r < mr; r++) acc[r] = v_zero();
+    for (int64_t k = 0; k < K; k += 2) {
+        __m512bh wk = (__m512bh)_mm512_loadu_si512(w + k * 16);
+        __builtin_prefetch((const char *)(w + k * 16) + LIN_PF, 0, 3);
+        for (int r = 0; r < mr; r++) {
+            uint32_t pair;
+            memcpy(&pair, x + r * ldx + k, 4);
+            acc[r] = avx512_dot_bf16_pairs(acc[r], pair, wk);
+        }
+    }
+    lin_store(mr, acc, y, ldy, out_bf16, m0, n0, N, bias);
+}
+
+/* `linear` with the bf16 case on vdpbf16ps: the AVX-512 table's where the CPU has AVX512-BF16. */
+static VEC_DPBF16_TARGET void linear_dp(int bf16, int64_t M, int64_t K, int64_t N,
+                                        const void *x, int64_t ldx, const void *wp,
+                                        const float *bias, void *y, int64_t ldy, int out_f32) {
+    if (!bf16) {
+        linear(bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32);
+        return;
+    }
+    int64_t panels = (N + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        int64_t n0 = p * 16;
+        LIN_PANEL(lin_tile_dp, M, (const uint16_t *)x, ldx, (const uint16_t *)wp + p * K * 16, K,
+                  y, ldy, !out_f32);
+    }
+}
+#endif
+
+/* ---- elementwise: each rounds where torch's op sequence would, so results match the reference
+ * ops (exactly for the rotary, up to summation order and exp's last bit elsewhere) ---------- */
+
+/* exp(x) as Cephes' expf: 2^n * p(r) with |r| <= ln2/2, within 1-2 ulp like torch's Sleef exp;
+ * v_scale2 takes care of overflow to inf and underflow to 0. */
+ALWAYS_INLINE vf v_exp(vf x) {
+    x = v_min(v_max(x, v_set1(-104.0f)), v_set1(89.0f));
+    vf n = v_rint(v_mul(x, v_set1(1.44269504088896341f)));
+    vf r = v_fnma(n, v_set1(0.693359375f), x);
+    r = v_fnma(n, v_set1(-2.12194440e-4f), r);
+    vf p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    vf y = v_add(v_fma(p, v_mul(r, r), r), v_set1(1.0f));
+    return v_scale2(y, n);
+}
+
+/* out = norm(s) * weight with s = x, or s = x + residual stored back into residual (the add
+ * rounds to the dtype first, as torch's). The variance is taken in fp32 from rounded squares. */
+static void rms_norm(int bf16, int64_t T, int64_t H, const void *x, int64_t ldx, void *res,
+                     int64_t ldr, const void *weight, void *out, int64_t ldo, float eps) {
+#pragma omp parallel for schedule(static) if (T * H >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const void *src = ELEM(x, bf16, t * ldx);
+        vf ss = v_zero();
+        for (int64_t c = 0; c < H; c += 16) {
+            vf v = v_load(ELEM(src, bf16, c), bf16, H - c);
+            if (res) {
+                void *r = ELEM(res, bf16, t * ldr + c);
+                v = v_round_to(v_add(v, v_load(r, bf16, H - c)), bf16);
+                v_store(r, v, bf16, H - c);
+            }
+            ss = v_add(ss, v_mul(v, v));
+        }
+        float inv = 1.0f / sqrtf(v_hsum(ss) / (float)H + eps);
+        const void *s = res ? ELEM(res, bf16, t * ldr) : src;
+        for (int64_t c = 0; c < H; c += 16) {
+            vf v = v_load(ELEM(s, bf16, c), bf16, H - c);
+            vf w = v_load(ELEM(weight, bf16, c), bf16, H - c);
+            vf h = v_round_to(v_mul(v, v_set1(inv)), bf16);
+            v_store(ELEM(out, bf16, t * ldo + c), v_mul(w, h), bf16, H - c);
+        }
+    }
+}
+
+/* In place, on heads of D values at x + t * ldx + h * D: x * cos + rotate_half(x) * sin, with
+ * cos/sin ([positions, D] fp32 tables) rounded to the dtype first as Hugging Face does. */
+ALWAYS_INLINE void rotate_heads(int bf16, void *x, int64_t nheads, int64_t D, const float *cs,
+                                const float *sn) {
+    int64_t half = D / 2;
+    for (int64_t h = 0; h < nheads; h++) {
+        for (int64_t c = 0; c < half; c += 16) {
+            int64_t n = half - c;
+            void *p1 = ELEM(x, bf16, h * D + c), *p2 = ELEM(x, bf16, h * D + half + c);
+            vf x1 = v_load(p1, bf16, n), x2 = v_load(p2, bf16, n);
+            vf c1 = v_round_to(v_load(cs + c, 0, n), bf16);
+            vf s1 = v_round_to(v_load(sn + c, 0, n), bf16);
+            vf c2 = v_round_to(v_load(cs + half + c, 0, n), bf16);
+            vf s2 = v_round_to(v_load(sn + half + c, 0, n), bf16);
+            vf o1 = v_sub(v_round_to(v_mul(x1, c1), bf16), v_round_to(v_mul(x2, s1), bf16));
+            vf o2 = v_add(v_round_to(v_mul(x2, c2), bf16), v_round_to(v_mul(x1, s2), bf16));
+            v_store(p1, o1, bf16, n);
+            v_store(p2, o2, bf16, n);
+        }
+    }
+}
+
+/* Returns -1, touching nothing, if a position lies outside the tables' [0, P). */
+static int rotary(int bf16, int64_t T, const int64_t *positions, int64_t P, const float *cos_table,
+                  const float *sin_table, int64_t D, void *q, int64_t ldq, int64_t nq, void *k,
+                  int64_t ldk, int64_t nk) {
+    for (int64_t t = 0; t < T; t++)
+        if (positions[t] < 0 || positions[t] >= P) return -1;
+#pragma omp parallel for schedule(static) if (T * (nq + nk) * D >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *cs = cos_table + positions[t] * D, *sn = sin_table + positions[t] * D;
+        rotate_heads(bf16, ELEM(q, bf16, t * ldq), nq, D, cs, sn);
+        rotate_heads(bf16, ELEM(k, bf16, t * ldk), nk, D, cs, sn);
+    }
+    return 0;
+}
+
+/* out[t] = silu(gate) * up for gu[t] = [gate | up] (F each), rounding after each op. */
+static void silu_and_mul(int bf16, int64_t T, int64_t F, const void *gu, int64_t ldgu, void *out,
+                         int64_t ldo) {
+#pragma omp parallel for schedule(static) if (T * F >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t c = 0; c < F; c += 16) {
+            vf g = v_load(ELEM(gu, bf16, t * ldgu + c), bf16, F - c);
+            vf u = v_load(ELEM(gu, bf16, t * ldgu + F + c), bf16, F - c);
+            vf den = v_add(v_set1(1.0f), v_exp(v_sub(v_zero(), g)));
+            vf silu = v_round_to(v_div(g, den), bf16);
+            v_store(ELEM(out, bf16, t * ldo + c), v_mul(silu, u), bf16, F - c);
+        }
+    }
+}
+
+/* ---- attention over the paged KV cache ---------------------------------------------------
+ *
+ * Writes the step's keys/values into their slots, then (after a barrier) attends each query to
+ * its sequence's context: the cached tokens plus the chunk's own up to itself (causal). One task
+ * is (sequence, KV head, block of queries); the query heads of a KV head share the task's key
+ * row offsets, looked up from the block table once per task. Scores go to a per-task buffer,
+ * softmax runs over it, and values are summed with the weights: fp32 throughout, rounded once
+ * at the output. DC = D / 16 is a constant in each copy of the inner loops so that a query head
+ * and its accumulators stay in registers.
+ */
+
+/* scores[j] = scale * q . k_j for the n keys at byte offsets rows[j] of the K cache (the V
+ * rows at the same offsets are prefetched for pv_sum). */
+ALWAYS_INLINE void qk_scores(const int DC, int bf16, const float *q, const char *k_cache,
+                             const char *v_cache, const int64_t *rows, int64_t n, float scale,
+                             float *scores) {
+    vf qr[16];
+    for (int c = 0; c < DC; c++) qr[c] = v_loadf(q + c * 16);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        vf a[16];
+        for (int u = 0; u < 16; u++) {
+            if (j0 + u >= n) {
+                a[u] = v_zero();
+                continue;
+            }
+            const char *kp = k_cache + rows[j0 + u];
+            if (j0 + ATTN_PF + u < n)
+                for (int c = 0; c < DC * (bf16 ? 32 : 64); c += 64) {
+                    __builtin_prefetch(k_cache + rows[j0 + ATTN_PF + u] + c, 0, 3);
+                    __builtin_prefetch(v_cache + rows[j0 + ATTN_PF + u] + c, 0, 3);
+                }
+            a[u] = v_mul(qr[0], v_load(kp, bf16, 16));
+            for (int c = 1; c < DC; c++)
+                a[u] = v_fma(qr[c], v_load(ELEM(kp, bf16, c * 16), bf16, 16), a[u]);
+        }
+        v_store(scores + j0, v_mul(v_hsum16(a), v_set1(scale)), 0, n - j0);
+    }
+}
+
+/* scores -> exp(scores - max) in place; returns their sum. */
+ALWAYS_INLINE float softmax_numerators(float *scores, int64_t n) {
+    vf mx = v_set1(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16)
+        mx = v_max(mx, v_tail(v_load(scores + j, 0, n - j), n - j, -INFINITY));
+    vf vmax = v_set1(v_hmax(mx)), sum = v_zero();
+    for (int64_t j = 0; j < n; j += 16) {
+        vf p = v_tail(v_exp(v_sub(v_load(scores + j, 0, n - j), vmax)), n - j, 0.0f);
+        v_store(scores + j, p, 0, n - j);
+        sum = v_add(sum, p);
+    }
+    return v_hsum(sum);
+}
+
+/* out = sum_j p[j] * v_j / sum, rounded to the dtype. */
+ALWAYS_INLINE void pv_sum(const int DC, int bf16, const float *p, float sum, const char *v_cache,
+                          const int64_t *rows, int64_t n, void *out) {
+    vf acc[16];
+    for (int c = 0; c < DC; c++) acc[c] = v_zero();
+    for (int64_t j = 0; j < n; j++) {
+        const char *vp = v_cache + rows[j];
+        vf pj = v_set1(p[j]);
+        for (int c = 0; c < DC; c++)
+            acc[c] = v_fma(pj, v_load(ELEM(vp, bf16, c * 16), bf16, 16), acc[c]);
+    }
+    vf inv = v_set1(1.0f / sum);
+    for (int c = 0; c < DC; c++) v_store(ELEM(out, bf16, c * 16), v_mul(acc[c], inv), bf16, 16);
+}
+
+/* The G query heads (fp32, [G, D]) of one KV head, for a query that sees keys 0..n-1. */
+ALWAYS_INLINE void attend_one(const int DC, int bf16, const float *q, int64_t G,
+                              const char *k_cache, const char *v_cache, const int64_t *rows,
+                              int64_t n, float scale, float *scores, void *out) {
+    for (int64_t g = 0; g < G; g++) {
+        qk_scores(DC, bf16, q + g * DC * 16, k_cache, v_cache, rows, n, scale, scores);
+        float sum = softmax_numerators(scores, n);
+        pv_sum(DC, bf16, scores, sum, v_cache, rows, n, ELEM(out, bf16, g * DC * 16));
+    }
+}
+
+/* Returns -1, touching nothing, if a slot or block index lies outside the cache. */
+static int paged_attention(int bf16, int64_t B, const int64_t *query_start, const int64_t *seq_lens,
+                           const int32_t *block_tables, int64_t bt_stride, int64_t block_size,
+                           const int64_t *slot_mapping, const void *q, int64_t ldq,
+                           const void *k, const void *v, int64_t ldkv, void *k_cache,
+                           void *v_cache, int64_t num_blocks, int64_t H, int64_t KVH, int64_t D,
+                           float scale, void *out) {
+    if (!kv_indices_valid(B, query_start, seq_lens, block_tables, bt_stride, block_size,
+                          slot_mapping, num_blocks))
+        return -1;
+    int64_t T = query_start[B], G = H / KVH, esz = bf16 ? 2 : 4, row = KVH * D * esz;
+    int64_t *task_start = malloc((B + 1) * sizeof(int64_t)), max_len = 0;
+    task_start[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        int64_t qlen = query_start[b + 1] - query_start[b];
+        task_start[b + 1] = task_start[b] + (qlen + ATTN_QB - 1) / ATTN_QB * KVH;
+        max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    }
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            memcpy((char *)k_cache + slot_mapping[t] * row, ELEM(k, bf16, t * ldkv), row);
+            memcpy((char *)v_cache + slot_mapping[t] * row, ELEM(v, bf16, t * ldkv), row);
+        }
+        float *scores = malloc((max_len + G * D) * sizeof(float)), *qf = scores + max_len;
+        int64_t *rows = malloc(max_len * sizeof(int64_t)), b = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < task_start[B]; task++) {
+            while (task >= task_start[b + 1]) b++;
+            while (task < task_start[b]) b--;
+            int64_t local = task - task_start[b], kvh = local % KVH;
+            int64_t q0 = query_start[b] + local / KVH * ATTN_QB;
+            int64_t q1 = q0 + ATTN_QB < query_start[b + 1] ? q0 + ATTN_QB : query_start[b + 1];
+            int64_t cached = seq_lens[b] - (query_start[b + 1] - query_start[b]);
+            int64_t n_max = cached + (q1 - query_start[b]);
+            const int32_t *table = block_tables + b * bt_stride;
+            for (int64_t j = 0, blk = 0; j < n_max; blk++)
+                for (int64_t off = 0; off < block_size && j < n_max; off++, j++)
+                    rows[j] = ((int64_t)table[blk] * block_size + off) * row + kvh * D * esz;
+            for (int64_t i = q0; i < q1; i++) {
+                for (int64_t e = 0; e < G * D; e += 16)
+                    v_storef(qf + e, v_load(ELEM(q, bf16, i * ldq + kvh * G * D + e), bf16, 16));
+                int64_t n = cached + (i - query_start[b]) + 1;
+                void *o = ELEM(out, bf16, (i * H + kvh * G) * D);
+                const char *kc = k_cache, *vc = v_cache;
+                switch (D / 16) {
+                case 1: attend_one(1, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+                case 2: attend_one(2, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+                case 4: attend_one(4, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+                case 8: attend_one(8, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+                default: attend_one(16, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+                }
+            }
+        }
+        free(scores);
+        free(rows);
+    }
+    free(task_start);
+    return 0;
+}
+
+static const cpu_kernel_table kernel_table = {linear, rms_norm, rotary, silu_and_mul,
+                                              paged_attention};
+
+#undef VEC_LIN_MR
+#undef VEC_DPBF16
+#undef VEC_DPBF16_TARGET
+#undef VEC_MASKED_TAILS
+#undef LIN_CASE
+#undef LIN_PANEL
