@@ -81,18 +81,21 @@ class ServeProcess:
             start_new_session=True,  # a Ctrl-C of the bench is not also the server's SIGINT
             # a killed bench leaves no server behind: SIGTERM (a graceful stop) when it dies
             preexec_fn=functools.partial(die_with_parent, os.getpid()))
-        self.stderr: list[str] = []
-        threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr),
-                         daemon=True).start()
+        self.stderr: list[str] = []  # its last 200 lines
+        self.stderr_lines = 0         # how many it has written
+        self._stderr_lock = threading.Lock()
+        threading.Thread(target=self._drain, args=(self.proc.stderr, True), daemon=True).start()
         self.url: Optional[str] = None
         if wait:
             self.wait_url(start_timeout)
 
-    @staticmethod
-    def _drain(stream, sink: list) -> None:
+    def _drain(self, stream, keep: bool) -> None:
         for line in stream:
-            sink.append(line)
-            del sink[:-200]
+            if keep:
+                with self._stderr_lock:
+                    self.stderr.append(line)
+                    del self.stderr[:-200]
+                    self.stderr_lines += 1
 
     def wait_url(self, timeout: float = 300.0) -> str:
         """The URL the server prints once every API server is up (raises if it exits first)."""
@@ -106,16 +109,19 @@ class ServeProcess:
             self.kill()
             raise RuntimeError("the server did not start: " + (box[0] if box else "(silent)")
                                + "".join(self.stderr)[-3000:])
-        threading.Thread(target=self._drain, args=(self.proc.stdout, []), daemon=True).start()
+        threading.Thread(target=self._drain, args=(self.proc.stdout, False), daemon=True).start()
         self.url = f"http://{match.group(1)}:{match.group(2)}"
         return self.url
 
-    def expect(self, pattern: str, timeout: float = 300.0) -> re.Match:
-        """The first line of its stderr that matches `pattern`, waiting for it (raises if the
-        server exits or `timeout` passes first)."""
+    def expect(self, pattern: str, timeout: float = 300.0, after: int = 0) -> re.Match:
+        """The first line of its stderr that matches `pattern`, among those written after its
+        first `after` (see stderr_lines), waiting for it (raises if the server exits or
+        `timeout` passes first)."""
         deadline = time.monotonic() + timeout
         while True:
-            for line in list(self.stderr):
+            with self._stderr_lock:
+                lines = self.stderr[max(0, after - self.stderr_lines + len(self.stderr)):]
+            for line in lines:
                 if match := re.search(pattern, line):
                     return match
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -222,6 +228,34 @@ def wait_engine_idle(url: str, timeout: float = 60.0) -> dict[str, float]:
                          f"{last.get('minivllm:num_requests_running')} waiting="
                          f"{last.get('minivllm:num_requests_waiting')} kv_usage="
                          f"{last.get('minivllm:kv_cache_usage_perc')}")
+
+
+def wait_engine_holds(url: str, n: int, timeout: float = 120.0) -> None:
+    """Poll /metrics until the engine holds `n` requests or more (running or waiting): they
+    are in flight, not on their way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        held = m.get("minivllm:num_requests_running", 0) + \
+            m.get("minivllm:num_requests_waiting", 0)
+        if held >= n:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the engine held {held} requests, not {n}, after {timeout:g} s")
+        time.sleep(0.1)
+
+
+def wait_not_serving(url: str, timeout: float = 120.0) -> None:
+    """Until /health no longer answers 200 (draining, or nothing listens)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code != 200:
+                return
+        except httpx.HTTPError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{url} still served after {timeout:g} s")
 
 
 def wait_healthy(url: str, timeout: float = 120.0, engine_pid: Optional[int] = None) -> int:

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import zmq
 
-from bench.server_proc import (ServeProcess, free_port, leftovers, metrics, wait_engine_idle,
-                               wait_healthy)
+from bench.server_proc import (ServeProcess, free_port, leftovers, metrics, wait_engine_holds,
+                               wait_engine_idle, wait_healthy, wait_not_serving)
 
 # Every request gets this long to end; past it, it is hung (the server's fault, not slowness:
 # the largest request here is a few hundred tokens of a 135M model).
@@ -244,7 +244,7 @@ def test_clients_disconnecting_mid_stream_free_everything(server):
 def test_slow_readers_do_not_stall_other_clients(server):
     readers = [_slow_reader(server.url, 600) for _ in range(6)]
     try:
-        time.sleep(1.0)
+        wait_engine_holds(server.url, 6)  # the slow readers' streams run
         outcomes = asyncio.run(_many(server.url, [_body(16) for _ in range(4)]))
         assert outcomes == ["done"] * 4
     finally:
@@ -260,11 +260,11 @@ def test_kill9_of_one_api_server_others_keep_serving(server):
 
     async def go():
         in_flight = asyncio.ensure_future(_many(server.url, [_body(48) for _ in range(12)]))
-        await asyncio.sleep(2.0)
+        await asyncio.to_thread(wait_engine_holds, server.url, 12)
         os.kill(api[0], signal.SIGKILL)
         # Connections already queued on the dead server's listening socket are reset by the
-        # kernel; new ones go to the live one.
-        await asyncio.sleep(0.5)
+        # kernel once it is gone; new ones go to the live one.
+        await asyncio.to_thread(leftovers, [api[0]])
         after = await _many(server.url, [_body(16) for _ in range(8)])
         return await in_flight, after
     in_flight, after = asyncio.run(go())
@@ -286,7 +286,7 @@ def test_engine_kill9_under_load_then_sigterm_with_slow_readers():
 
         async def crash():
             in_flight = asyncio.ensure_future(_many(srv.url, [_body(300) for _ in range(12)]))
-            await asyncio.sleep(2.0)
+            await asyncio.to_thread(wait_engine_holds, srv.url, 12)
             os.kill(engine, signal.SIGKILL)
             return await in_flight
         outcomes = asyncio.run(crash())
@@ -302,9 +302,9 @@ def test_engine_kill9_under_load_then_sigterm_with_slow_readers():
 
         async def sigterm():
             in_flight = asyncio.ensure_future(_many(srv.url, [_body(24) for _ in range(6)]))
-            await asyncio.sleep(1.0)
+            await asyncio.to_thread(wait_engine_holds, srv.url, 6 + 3)  # and the slow readers
             srv.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_not_serving, srv.url)
             late = await _many(srv.url, [_body(4)])
             return await in_flight, late
         in_flight, late = asyncio.run(sigterm())

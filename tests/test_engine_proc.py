@@ -228,7 +228,7 @@ def test_killed_frontend_is_noticed_its_blocks_freed_others_keep_working(engine_
         assert ch.call("stats")["running"] == 4
         os.kill(proc.pid, 9)
         proc.join(10)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous: a loaded machine is slow
         while (stats := ch.call("stats"))["running"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert stats["running"] == 0 and stats["free_blocks"] == stats["num_blocks"]
@@ -272,7 +272,7 @@ def test_zmq_peers_that_vanish_are_forgotten_and_the_engine_keeps_serving(engine
             sock.close()
         tokens, finished, errors = collect(ch, 1)
         assert len(tokens[1]) == 40 and not errors
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous: a loaded machine is slow
         while (stats := ch.call("stats"))["running"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert stats["zmq_peers"] == 0 and stats["free_blocks"] == stats["num_blocks"]

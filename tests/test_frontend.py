@@ -251,12 +251,10 @@ def test_engine_killed_mid_generation_fails_requests_fast_then_recovers(offline)
             tasks = [client.submit(p, long) for p in PROMPTS]
             await asyncio.sleep(0.5)
             old_pid = sup.engine_pid
-            t0 = time.monotonic()
             os.kill(old_pid, signal.SIGKILL)
             results = await asyncio.gather(*tasks, return_exceptions=True)
-            elapsed = time.monotonic() - t0
             assert all(isinstance(r, EngineDeadError) for r in results), results
-            assert elapsed < 2.0
+            assert sup.restarts == 0  # failed at the death, not once a new engine was up
             with pytest.raises(EngineDeadError):
                 client.submit(PROMPTS[0], GREEDY)  # refused while the engine restarts
             deadline = time.monotonic() + 120

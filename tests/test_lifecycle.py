@@ -26,29 +26,30 @@ def _body(max_tokens: int, stream: bool = True) -> dict:
 
 
 def _held(tmp_path, *args: str) -> tuple[ServeProcess, object, int]:
-    """serve with two API servers, the engine holding the second one's register until the
+    """serve with two API servers, the engine holding the second one's register while the
     returned file exists: (server, that file, the engine's pid) once it holds."""
-    release = tmp_path / "release-register"
+    hold = tmp_path / "hold-register"
+    hold.touch()
     srv = ServeProcess([*SERVE, "--api-servers", "2", *args], wait=False,
-                       env={FAULT_HOLD_REGISTER: f"api-server-1:{release}"})
+                       env={FAULT_HOLD_REGISTER: f"api-server-1:{hold}"})
     try:
         held = srv.expect(r"holding the register of api-server-1 .*engine pid (\d+)")
     except BaseException:
         srv.kill()
         raise
-    return srv, release, int(held.group(1))
+    return srv, hold, int(held.group(1))
 
 
 def test_engine_killed_while_an_api_server_registers_every_api_server_reattaches(tmp_path):
     """Repro of a bug: the register sent to an engine that dies before it answers is lost, the
     API server waited 120 s for the answer and died, and serve exited with a traceback."""
-    srv, release, engine = _held(tmp_path)
+    srv, hold, engine = _held(tmp_path)
     try:
         api = srv.api_server_pids(engine)
         assert len(api) == 2
         os.kill(engine, signal.SIGKILL)
         assert leftovers([engine], settle=60)["processes"] == []
-        release.touch()  # the restarted engine answers at once
+        hold.unlink()  # the restarted engine answers at once
         srv.wait_url()
         new_engine = wait_healthy(srv.url, engine_pid=engine)
         assert srv.engine_stats()["frontends"] == ["api-server-0", "api-server-1"]
@@ -66,12 +67,12 @@ def test_engine_killed_while_an_api_server_registers_every_api_server_reattaches
 def test_health_is_503_starting_until_every_api_server_is_up(tmp_path):
     """Repro of a bug: the first API server answered 200 while the second was not up yet."""
     port = free_port()
-    srv, release, _ = _held(tmp_path, "--port", str(port))
+    srv, hold, _ = _held(tmp_path, "--port", str(port))
     try:
         # api-server-0 listens and is registered; api-server-1 waits for its register
         resp = httpx.get(f"http://127.0.0.1:{port}/health", timeout=120)
         assert (resp.status_code, resp.json()["status"]) == (503, "starting")
-        release.touch()
+        hold.unlink()
         srv.wait_url()
         assert httpx.get(srv.url + "/health", timeout=60).status_code == 200
         pids = srv.process_tree()

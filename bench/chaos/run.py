@@ -33,6 +33,7 @@ from typing import Optional
 import httpx
 import zmq
 
+from bench.chaos import faults
 from bench.server_proc import (ServeProcess, leftovers, metrics, wait_engine_idle,
                                wait_healthy)
 
@@ -297,6 +298,7 @@ SCENARIOS = {
     "slow-readers": (slow_readers, ["--drain-timeout", "10"]),
     "malformed": (malformed, []),
     "zmq-garbage": (zmq_garbage, None),           # --zmq-endpoint
+    **faults.SCENARIOS,  # issue 16: process deaths and shutdowns
 }
 
 
@@ -308,7 +310,8 @@ def run(name: str, args) -> dict:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             extra = ["--zmq-endpoint", f"tcp://127.0.0.1:{s.getsockname()[1]}"]
-    srv = ServeProcess(SERVE + ["--max-pending", str(max(1024, args.clients))] + extra)
+    srv = ServeProcess(SERVE + ["--max-pending", str(max(1024, args.clients))] + extra,
+                       env=getattr(fn, "serve_env", None))
     try:
         pids = srv.process_tree()
         t0 = time.monotonic()
@@ -336,7 +339,8 @@ def run(name: str, args) -> dict:
                     and report.get("running_after", 0) == 0
                     and not any(report["left_behind"].values())
                     and report.get("5xx", 0) == 0 and report.get("same_engine", True)
-                    and not any(k.startswith("http 5") for k in outcomes))
+                    and not any(k.startswith("http 5") for k in outcomes)
+                    and report.get("scenario_ok", True))
     return report
 
 

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 NO_TOKEN = -1  # token id of an entry that only reports a finish (an abort)
 
 # Fault injection for tests (real processes, a real race made reproducible):
-# "<frontend name>:<path>" answers that frontend's register only once <path> exists, so a test
+# "<frontend name>:<path>" holds that frontend's register while <path> exists, so that a test
 # can kill the engine while a registration is in flight; a number of seconds makes every step
 # at least that slow.
 FAULT_HOLD_REGISTER = "MINIVLLM_FAULT_HOLD_REGISTER"
@@ -339,10 +339,10 @@ class EngineProc:
     def _register(self, m: dict) -> dict:
         name = str(m["frontend"])
         frontend, _, path = os.environ.get(FAULT_HOLD_REGISTER, "").partition(":")
-        if frontend == name:
-            logger.warning("fault injection: holding the register of %s until %s exists "
+        if frontend == name and os.path.exists(path):
+            logger.warning("fault injection: holding the register of %s while %s exists "
                            "(engine pid %d)", name, path, os.getpid())
-            while not os.path.exists(path):
+            while os.path.exists(path):
                 time.sleep(0.05)
         if name in self.frontends:
             self._drop(self.frontends[name])
