@@ -121,3 +121,16 @@ def test_code_tables_are_the_header_codes():
     for name, bit in flags.items():
         assert f"{bit} `{name}`" in DOC
         assert getattr(protocol, name[3:]) == 1 << int(bit[-1])
+
+
+def test_the_quoted_refusal_is_what_the_engine_says():
+    """PROTOCOL.md quotes the refusal of an out-of-range value (logprobs -2): the same words
+    as the decoder's, in the protocol's terms."""
+    quoted = re.search(r"e\.g\. `(logprobs must be [^`]+)`", _section("Submit")).group(1)
+    offset = {f: o for f, o, _ in wire_spec.LAYOUT["mv_submit"][1]}["sampling"] + \
+        {f: o for f, o, _ in wire_spec.LAYOUT["mv_sampling"][1]}["logprobs"]
+    frame = bytearray(protocol.encode_submit(1, [5], SamplingParams()))
+    frame[offset:offset + 4] = (-2).to_bytes(4, "little", signed=True)
+    with pytest.raises(ValueError) as refused:
+        protocol.decode(bytes(frame)).sampling_params()
+    assert str(refused.value) == quoted

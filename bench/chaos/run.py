@@ -7,6 +7,7 @@
     python -m bench.chaos.run slow-readers --clients 64 --slow 200
     python -m bench.chaos.run malformed --clients 2000
     python -m bench.chaos.run zmq-garbage --clients 5000
+    python -m bench.chaos.run fuzz --clients 3000     # cases per parser (bench/chaos/fuzz.py)
     python -m bench.chaos.run all --json bench/results/chaos_cpu.json   # or several names
 
 Each scenario starts its own server, runs, lets the dust settle, stops it (SIGTERM) and reports
@@ -34,6 +35,7 @@ import httpx
 import zmq
 
 from bench.chaos import faults
+from bench.chaos.fuzz import check_http, fuzz
 from bench.server_proc import (ServeProcess, leftovers, metrics, wait_engine_idle,
                                wait_healthy)
 
@@ -208,7 +210,8 @@ def _slow_reader(url: str) -> socket.socket:
 
 def malformed(srv: ServeProcess, args) -> dict:
     """`clients` requests with random damage (truncated, bit-flipped, wrong types, oversized),
-    then real requests: no 5xx, and the engine still serves."""
+    then real requests: every answer a 4xx in OpenAI's shape (or a good 200), no 5xx, no cut
+    connection, and the engine still serves. One example of each wrong answer is kept."""
     rng = random.Random(3)
     good = json.dumps(body(4, stream=False)).encode()
 
@@ -222,7 +225,7 @@ def malformed(srv: ServeProcess, args) -> dict:
                 b[rng.randrange(len(b))] = rng.randrange(256)
             return bytes(b)
         if kind == 2:
-            return os.urandom(rng.randint(0, 4096))
+            return rng.randbytes(rng.randint(0, 4096))
         if kind == 3:  # a wrong value (max_tokens None would be a valid, 8k-token request)
             doc = json.loads(good)
             key = rng.choice(list(doc))
@@ -232,25 +235,32 @@ def malformed(srv: ServeProcess, args) -> dict:
         return b'{"prompt": "' + b"a" * ((8 << 20) + rng.randint(1, 1000)) + b'"}'
 
     async def go():
-        statuses = Counter()
+        statuses, wrong = Counter(), {}
         async with client(srv.url, args.timeout) as c:
             sem = asyncio.Semaphore(32)
 
             async def one():
+                payload = damage()
                 async with sem:
                     try:
-                        r = await c.post("/v1/completions", content=damage(),
+                        r = await c.post("/v1/completions", content=payload,
                                          headers={"Content-Type": "application/json"})
-                        statuses[r.status_code] += 1
                     except httpx.TransportError as exc:
                         statuses[type(exc).__name__] += 1
+                        wrong.setdefault(type(exc).__name__, repr(payload[:120]))
+                        return
+                statuses[r.status_code] += 1
+                verdict = check_http("POST", "/v1/completions", payload, r)
+                if verdict is not None:
+                    wrong.setdefault(verdict, f"{payload[:120]!r} -> {r.text[:200]}")
             await asyncio.gather(*(one() for _ in range(args.clients)))
-            return statuses, Counter(await asyncio.gather(
+            return statuses, wrong, Counter(await asyncio.gather(
                 *(stream(c, body(8), args.timeout) for _ in range(8))))
-    statuses, after = asyncio.run(go())
+    statuses, wrong, after = asyncio.run(go())
     wait_engine_idle(srv.url, timeout=args.timeout)
-    return {"outcomes": after, "damaged_statuses": dict(statuses),
-            "5xx": sum(n for s, n in statuses.items() if isinstance(s, int) and s >= 500)}
+    return {"outcomes": after, "damaged_statuses": dict(statuses), "wrong_answers": wrong,
+            "5xx": sum(n for s, n in statuses.items() if isinstance(s, int) and s >= 500),
+            "scenario_ok": not wrong}
 
 
 def zmq_garbage(srv: ServeProcess, args) -> dict:
@@ -298,6 +308,7 @@ SCENARIOS = {
     "slow-readers": (slow_readers, ["--drain-timeout", "10"]),
     "malformed": (malformed, []),
     "zmq-garbage": (zmq_garbage, None),           # --zmq-endpoint
+    "fuzz": (fuzz, None),                         # --zmq-endpoint
     **faults.SCENARIOS,  # issue 16: process deaths and shutdowns
 }
 
@@ -306,7 +317,7 @@ def run(name: str, args) -> dict:
     fn, extra = SCENARIOS[name]
     if name == "kill-api-server":
         extra = ["--api-servers", str(args.api_servers)]
-    elif name == "zmq-garbage":
+    elif name in ("zmq-garbage", "fuzz"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             extra = ["--zmq-endpoint", f"tcp://127.0.0.1:{s.getsockname()[1]}"]

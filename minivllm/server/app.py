@@ -103,9 +103,11 @@ class ServerState:
                                 f"retry later", type_="rate_limit_error",
                            headers={"Retry-After": str(self.config.retry_after_s)})
         self.in_flight += 1
+        metrics.in_flight.inc()
 
     def release(self) -> None:
         self.in_flight -= 1
+        metrics.in_flight.dec()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -124,7 +126,8 @@ class ServerState:
 def build_app(state: ServerState) -> FastAPI:
     """The routes: OpenAI's completions, chat completions and models; tokenize, detokenize,
     health, metrics and version."""
-    app = FastAPI(title="minivllm", docs_url=None, redoc_url=None)
+    # No redirect of /tokenize/ to /tokenize: a 404 naming the URL, as OpenAI answers
+    app = FastAPI(title="minivllm", docs_url=None, redoc_url=None, redirect_slashes=False)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:

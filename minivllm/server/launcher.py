@@ -3,8 +3,8 @@
     serve process (this) ── Supervisor ── engine process (model, KV cache, step loop)
                         └── API server 0..N-1 (uvicorn + AsyncEngineClient; no torch)
 
-Before anything loads it claims the port: a lock per port (`SOCKET_DIR/port-<port>.lock`,
-holding its pid) keeps a second `serve` off it, and a bind without SO_REUSEPORT finds another
+Before anything loads it claims the port: an abstract Unix socket named after it keeps a
+second `serve` off it (its pid is named), and a bind without SO_REUSEPORT finds another
 program on it; either way it exits with one line naming the port. It then waits until the
 engine and every API server are up (until then /health answers 503 "starting"), prints the
 address, and watches: a dead API server is restarted (the engine has aborted its requests
@@ -19,7 +19,6 @@ process, shared-memory segment, socket file or directory is left behind.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import multiprocessing as mp
 import os
@@ -29,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from typing import IO, Optional
+from typing import Optional
 
 from minivllm.config import (EngineConfig, ServerConfig, SupervisorConfig, TransportConfig,
                              shutdown_timeouts)
@@ -48,35 +47,37 @@ class _Stopped(Exception):
     """A signal came while starting."""
 
 
-def lock_port(port: int) -> IO:
-    """This user's lock on `port`, held (with this pid in it) until the file is closed;
-    PortInUseError naming the holder's pid if another process holds it."""
-    os.makedirs(shm.SOCKET_DIR, mode=0o700, exist_ok=True)
-    path = os.path.join(shm.SOCKET_DIR, f"port-{port}.lock")
-    while True:
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            f.close()
-            raise PortInUseError(f"port {port} is in use by minivllm serve (pid {holder})")
-        try:
-            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        f.close()  # its last holder removed this file meanwhile: lock the new one
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+def claim_port(port: int) -> socket.socket:
+    """This user's claim on TCP `port`, held while the returned socket is open: an abstract
+    Unix socket named after the port, which the kernel releases when this process dies,
+    however it dies (no file is left behind). PortInUseError names the holder's pid."""
+    name = f"\0minivllm-{os.getuid()}-port-{port}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(name)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise PortInUseError(f"port {port} is in use by minivllm serve "
+                             f"(pid {_holder(name)})") from None
+    return sock
 
 
-def unlock_port(lock: IO) -> None:
-    os.unlink(lock.name)  # while still locked: a process that opened it sees it replaced
-    lock.close()
+def _holder(name: str) -> str:
+    """The pid of the process that holds abstract Unix socket `name` ("?" if none is found):
+    its inode from /proc/net/unix, then the process with a descriptor on it."""
+    with open("/proc/net/unix") as f:
+        links = {f"socket:[{fields[6]}]" for fields in map(str.split, f)
+                 if fields[-1] == "@" + name[1:]}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in links
+                   for fd in os.listdir(f"/proc/{pid}/fd")):
+                return pid
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return "?"
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -129,17 +130,18 @@ class Launcher:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        probe = None
+        probe = claim = None
         try:
             if self.server.port == 0:  # pick one port for all API servers, held until bound
                 probe = listening_socket(self.server.host, 0)
                 self.server.port = probe.getsockname()[1]
-            lock = lock_port(self.server.port)
+            claim = claim_port(self.server.port)
             if probe is None:
                 check_port_free(self.server.host, self.server.port)
         except PortInUseError as exc:
-            if probe is not None:
-                probe.close()
+            for sock in (probe, claim):
+                if sock is not None:
+                    sock.close()
             print(f"minivllm: {exc}", file=sys.stderr, flush=True)
             return 1
         try:
@@ -165,7 +167,7 @@ class Launcher:
             return 1
         finally:
             self._shutdown()
-            unlock_port(lock)
+            claim.close()
 
     def _watch(self) -> None:
         while not self.stop.wait(0.2):

@@ -35,6 +35,9 @@ e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds", "Request latency, arriva
                 buckets=_LATENCY)
 restarts = Gauge(f"{PREFIX}engine_restarts", "Engine restarts seen by the API servers",
                  multiprocess_mode="max")
+in_flight = Gauge(f"{PREFIX}api_requests_in_flight",
+                  "Requests admitted by the API servers and not finished (--max-pending's count)",
+                  multiprocess_mode="livesum")
 
 
 class EngineCollector:

@@ -103,8 +103,11 @@ class _SamplingFields(_Strict):
             return SamplingParams(**{k: v for k, v in values.items()
                                      if v is not None or k == "max_tokens"})
         except ValueError as exc:
-            field = str(exc).split(" ", 1)[0]
-            raise APIError(400, str(exc), param=field) from None
+            message = str(exc).replace("None", "null")  # SamplingParams speaks Python, we JSON
+            field = message.split(" ", 1)[0]
+            if field == "max_tokens":  # chat's limit may have come as max_completion_tokens
+                field = self.completion_limit()[1]
+            raise APIError(400, message, param=field) from None
 
 
 class CompletionRequest(_SamplingFields):
