@@ -18,8 +18,9 @@ import httpx
 import pytest
 import zmq
 
-from bench.server_proc import (ServeProcess, free_port, leftovers, metrics, wait_engine_holds,
-                               wait_engine_idle, wait_healthy, wait_not_serving)
+from bench.server_proc import (STOP_TIMEOUT_S, ServeProcess, free_port, leftovers, metrics,
+                               wait_engine_holds, wait_engine_idle, wait_healthy,
+                               wait_not_serving)
 
 # Every request gets this long to end; past it, it is hung (the server's fault, not slowness:
 # the largest request here is a few hundred tokens of a 135M model).
@@ -75,7 +76,7 @@ def _slow_reader(url: str, max_tokens: int) -> socket.socket:
 
 
 def _stop_and_check(srv: ServeProcess, pids: list[int]) -> None:
-    assert srv.stop(timeout=60) == 0, "".join(srv.stderr)[-3000:]
+    assert srv.stop() == 0, "".join(srv.stderr)[-3000:]
     assert leftovers(pids) == {"processes": [], "shm": [], "sockets": []}
 
 
@@ -312,7 +313,7 @@ def test_engine_kill9_under_load_then_sigterm_with_slow_readers():
         assert late[0] in ("error 503", "ConnectError")  # after it: refused
         # The slow readers hold their streams open; the drain gives up after its timeout and
         # the server still exits cleanly.
-        assert srv.proc.wait(60) == 0, "".join(srv.stderr)[-3000:]
+        assert srv.proc.wait(STOP_TIMEOUT_S) == 0, "".join(srv.stderr)[-3000:]
         for sock in readers:
             sock.close()
     except BaseException:

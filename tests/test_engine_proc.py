@@ -27,7 +27,7 @@ def offline_tokens():
     return [o.outputs[0].token_ids for o in outs]
 
 
-def collect(channel, n_requests, timeout=60.0):
+def collect(channel, n_requests, timeout=300.0):
     """request id -> (tokens, finish code) until n_requests finished; errors -> ErrorRecords."""
     tokens, finished, errors = {}, {}, {}
     deadline = time.monotonic() + timeout
@@ -119,7 +119,7 @@ def _dealer(ctx, endpoint):
     return sock
 
 
-def _router_collect(sock, n_requests, timeout=60.0):
+def _router_collect(sock, n_requests, timeout=300.0):
     tokens, finished, errors = {}, {}, []
     deadline = time.monotonic() + timeout
     while len(finished) < n_requests:
@@ -249,7 +249,7 @@ def test_shutdown_leaves_no_process_segment_or_socket():
     collect(ch, 1)
     engine_pid = server.process.pid
     ch.call("shutdown", drain=True)
-    server.process.join(30)
+    server.process.join(300)  # generous: a loaded machine is slow
     assert server.process.exitcode == 0
     ch.close()
     assert not any(n in shm.list_segments() for n in names)
@@ -273,7 +273,8 @@ def test_zmq_peers_that_vanish_are_forgotten_and_the_engine_keeps_serving(engine
         tokens, finished, errors = collect(ch, 1)
         assert len(tokens[1]) == 40 and not errors
         deadline = time.monotonic() + 60  # generous: a loaded machine is slow
-        while (stats := ch.call("stats"))["running"] and time.monotonic() < deadline:
+        # until the vanished peers' requests ran (waiting ones too) and the peers are forgotten
+        while (stats := ch.call("stats"))["zmq_peers"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert stats["zmq_peers"] == 0 and stats["free_blocks"] == stats["num_blocks"]
     ctx.term()

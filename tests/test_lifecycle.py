@@ -12,7 +12,8 @@ import signal
 import httpx
 import pytest
 
-from bench.server_proc import ServeProcess, free_port, leftovers, metrics, wait_healthy
+from bench.server_proc import (STOP_TIMEOUT_S, ServeProcess, free_port, leftovers, metrics,
+                               wait_healthy)
 from minivllm.engine.engine_proc import FAULT_HOLD_REGISTER, FAULT_STEP_S
 from minivllm.transport import shm
 
@@ -97,7 +98,7 @@ def test_kill9_of_the_supervisor_takes_its_children_down_and_leaves_nothing():
             os.kill(srv.pid, signal.SIGKILL)
             rest = list(lines)
         assert rest[-1] == "data: [DONE]"
-        left = leftovers(pids, settle=120)
+        left = leftovers(pids, settle=STOP_TIMEOUT_S)
     finally:
         for pid in pids:  # the orphans of a failing run are not left to the next tests
             with contextlib.suppress(ProcessLookupError):
@@ -135,7 +136,7 @@ def test_a_stream_cut_by_the_drain_deadline_ends_with_an_error_event_then_done()
         error = json.loads(rest[-2][6:])["error"]
         assert error["code"] == 503 and "drain" in error["message"], error
         assert whole.status_code == 503 and "drain" in whole.json()["error"]["message"]
-        assert srv.proc.wait(120) == 0, "".join(srv.stderr)[-3000:]
+        assert srv.proc.wait(STOP_TIMEOUT_S) == 0, "".join(srv.stderr)[-3000:]
     except BaseException:
         srv.kill()
         raise
@@ -159,7 +160,7 @@ def test_shutdown_gives_three_slow_steps_not_a_fixed_five_seconds():
         chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
         assert not any("error" in c for c in chunks), chunks
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert srv.proc.wait(120) == 0, "".join(srv.stderr)[-3000:]
+        assert srv.proc.wait(STOP_TIMEOUT_S) == 0, "".join(srv.stderr)[-3000:]
     except BaseException:
         srv.kill()
         raise
