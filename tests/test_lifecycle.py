@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -24,6 +25,14 @@ NOTHING_LEFT = {"processes": [], "shm": [], "sockets": []}
 def _body(max_tokens: int, stream: bool = True) -> dict:
     return {"prompt": "Write a long story about a river.", "max_tokens": max_tokens,
             "ignore_eos": True, "stream": stream}
+
+
+def _until(probe, done, timeout: float):
+    """probe() until done(its value), up to `timeout` s; the last value."""
+    deadline = time.monotonic() + timeout
+    while not done(value := probe()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
 
 
 def _held(tmp_path, *args: str) -> tuple[ServeProcess, object, int]:
@@ -53,7 +62,10 @@ def test_engine_killed_while_an_api_server_registers_every_api_server_reattaches
         hold.unlink()  # the restarted engine answers at once
         srv.wait_url()
         new_engine = wait_healthy(srv.url, engine_pid=engine)
-        assert srv.engine_stats()["frontends"] == ["api-server-0", "api-server-1"]
+        # /health of one API server says only that it reattached: wait for the other
+        frontends = _until(lambda: srv.engine_stats()["frontends"],
+                           lambda f: len(f) == 2, timeout=STOP_TIMEOUT_S)
+        assert frontends == ["api-server-0", "api-server-1"]
         assert sorted(srv.api_server_pids(new_engine)) == sorted(api)  # none was restarted
         resp = httpx.post(srv.url + "/v1/completions", json=_body(4, stream=False), timeout=120)
         assert resp.status_code == 200, resp.text
