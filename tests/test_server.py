@@ -5,6 +5,7 @@ endpoint's refusals, engine crash, and SIGTERM under load."""
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -339,6 +340,58 @@ def test_metrics_parse_and_count_the_requests_sent(server, oai):
                  "minivllm:inter_token_latency_seconds_count", "minivllm:num_requests_waiting",
                  "minivllm:prefix_cache_hit_rate", "minivllm:num_preemptions_total"):
         assert name in after
+
+
+# The queries of vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json);
+# {M} stands for its {model_name="$model_name"}.
+GRAFANA_VLLM = """
+histogram_quantile(0.99, sum by(le) (rate(vllm:e2e_request_latency_seconds_bucket{M}[1m])))
+rate(vllm:e2e_request_latency_seconds_sum{M}[1m]) / rate(vllm:e2e_request_latency_seconds_count{M}[1m])
+rate(vllm:prompt_tokens_total{M}[1m])
+rate(vllm:generation_tokens_total{M}[1m])
+histogram_quantile(0.99, sum by(le) (rate(vllm:time_per_output_token_seconds_bucket{M}[1m])))
+rate(vllm:time_per_output_token_seconds_sum{M}[1m]) / rate(vllm:time_per_output_token_seconds_count{M}[1m])
+vllm:num_requests_running{M}
+vllm:num_requests_waiting{M}
+histogram_quantile(0.99, sum by(le) (rate(vllm:time_to_first_token_seconds_bucket{M}[1m])))
+rate(vllm:time_to_first_token_seconds_sum{M}[1m]) / rate(vllm:time_to_first_token_seconds_count{M}[1m])
+vllm:gpu_cache_usage_perc{M}
+sum by(le) (increase(vllm:request_prompt_tokens_bucket{M}[1m]))
+sum by(le) (increase(vllm:request_generation_tokens_bucket{M}[1m]))
+sum by(finished_reason) (increase(vllm:request_success_total{M}[1m]))
+rate(vllm:request_queue_time_seconds_sum{M}[1m])
+rate(vllm:request_prefill_time_seconds_sum{M}[1m])
+rate(vllm:request_decode_time_seconds_sum{M}[1m])
+rate(vllm:request_max_num_generation_tokens_sum{M}[1m])
+"""
+
+
+def test_vllm_grafana_queries_resolve_against_metrics(server, oai):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    oai.completions.create(model=MODEL, prompt="Metrics", max_tokens=3, temperature=0,
+                           extra_body={"ignore_eos": True})
+    samples = {}  # (name, labels without model_name) -> value, for samples labelled MODEL
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = dict(s.labels)
+            if labels.pop("model_name", MODEL) == MODEL:
+                samples[s.name, tuple(sorted(labels.items()))] = s.value
+    names = {name for name, _ in samples}
+    wanted = set(re.findall(r"vllm:[a-z0-9_]+", GRAFANA_VLLM))
+    assert len(wanted) == 21 and wanted <= names, sorted(wanted - names)
+    # the same figures as minivllm's own names, in the same units
+    for key, value in samples.items():
+        vllm_name = key[0].removeprefix("vllm:")
+        if key[0].startswith("vllm:") and ("minivllm:" + vllm_name, key[1]) in samples:
+            assert samples["minivllm:" + vllm_name, key[1]] == value, key
+    assert samples["vllm:gpu_cache_usage_perc", ()] == samples["minivllm:kv_cache_usage_perc", ()]
+    assert samples["vllm:time_per_output_token_seconds_count", ()] == \
+        samples["minivllm:inter_token_latency_seconds_count", ()]
+    assert samples["vllm:request_queue_time_seconds_count", ()] >= 1
+    assert samples["vllm:request_prefill_time_seconds_count", ()] >= 1
+    assert samples["vllm:request_max_num_generation_tokens_count", ()] >= 1
 
 
 def test_api_servers_run_no_torch(server):

@@ -25,6 +25,7 @@ import numpy as np
 from minivllm.config import EngineConfig
 from minivllm.core.scheduler import core_implementation
 from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.request_timings import RequestTimings
 from minivllm.inputs import check_prompt
 from minivllm.layers.sampler import SamplerOutput
 from minivllm.loader import load_tokenizer, resolve_model
@@ -80,6 +81,7 @@ class EngineCore:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self._arrivals = 0
+        self.timings = RequestTimings()
         logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens, "
                     "%s scheduler%s", time.perf_counter() - t0, self.source.name,
                     self.runner.device, self.runner.dtype, spec.num_blocks, spec.block_size,
@@ -99,6 +101,7 @@ class EngineCore:
         return req
 
     def abort_request(self, owner: int) -> bool:
+        self.timings.forget(owner)
         return self.scheduler.abort(owner) is not None
 
     def has_unfinished(self) -> bool:
@@ -108,6 +111,7 @@ class EngineCore:
     def step(self) -> StepOutputs:
         """One step: schedule, forward and sample, update. Returns its outputs as arrays."""
         batch, admitted = self.scheduler.schedule()
+        self.timings.scheduled(admitted, time.monotonic())
         for req_index in self.scheduler.take_released().tolist():  # before a req_index is reused
             self.sampler.remove_request(req_index)
         for req in admitted:
@@ -140,4 +144,5 @@ class EngineCore:
             logprobs = (sampled.logprobs[index].cpu().numpy(),
                         sampled.top_ids[index].cpu().numpy().astype(np.int32),
                         sampled.top_logprobs[index].cpu().numpy())
+        self.timings.sampled(s.out_owners, time.monotonic())
         return StepOutputs(s.out_owners, s.out_tokens, s.out_finish, logprobs)

@@ -370,7 +370,8 @@ class EngineProc:
                 "free_blocks": alloc.num_free_blocks, "kv_usage": alloc.usage,
                 "prefix_queries": alloc.prefix_queries, "prefix_hits": alloc.prefix_hits,
                 "preemptions": sched.num_preemptions, "frontends": sorted(self.frontends),
-                "zmq_peers": len(self.peers), "step_p99_s": self.step_p99(), **self.counters}
+                "zmq_peers": len(self.peers), "step_p99_s": self.step_p99(),
+                **self.core.timings.snapshot(), **self.counters}
 
     # ---- stop -------------------------------------------------------------------------------
     def _abort_all(self) -> None:

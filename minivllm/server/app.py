@@ -191,7 +191,7 @@ def build_app(state: ServerState) -> FastAPI:
                 stats = await state.client.call("stats", timeout=2.0)
             except (TimeoutError, RuntimeError):
                 pass
-        body, content_type = metrics.render(stats)
+        body, content_type = metrics.render(stats, state.model_name)
         return Response(body, media_type=content_type)
 
     @app.post("/tokenize")

@@ -4,8 +4,13 @@ Request-level metrics (counts by finish reason, TTFT, inter-token latency, end-t
 token counters, rejections) live in each API-server process and are summed by
 prometheus_client's multiprocess mode: `minivllm serve` points PROMETHEUS_MULTIPROC_DIR at a
 fresh directory before any API server starts. Engine-level figures (running and waiting
-requests, KV-cache usage, prefix-cache hits, preemptions) are the engine's own: each scrape asks
-the engine over the control channel, so they are never double counted.
+requests, KV-cache usage, prefix-cache hits, preemptions, queue and prefill times) are the
+engine's own: each scrape asks the engine over the control channel, so they are never double
+counted.
+
+Dashboards built for vLLM (its Grafana board, its alerts) read `vllm:` names with a `model_name`
+label: every figure whose meaning and unit are vLLM's is served under both names (VLLM_NAMES),
+renamed at scrape time rather than recorded twice.
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ from typing import Optional
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily, Metric)
 
 PREFIX = "minivllm:"
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
             7.5, 10.0, 20.0, 40.0, 80.0)
+_TOKENS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))  # vLLM's 1-2-5 token buckets
 
 requests = Counter(f"{PREFIX}request_success", "Finished requests by finish reason",
                    ["finished_reason"])
@@ -33,6 +40,15 @@ itl = Histogram(f"{PREFIX}inter_token_latency_seconds", "Time between streamed t
                 buckets=_LATENCY)
 e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds", "Request latency, arrival to finish",
                 buckets=_LATENCY)
+request_prompt_tokens = Histogram(f"{PREFIX}request_prompt_tokens",
+                                  "Prompt tokens per finished request", buckets=_TOKENS)
+request_generation_tokens = Histogram(f"{PREFIX}request_generation_tokens",
+                                      "Generated tokens per finished sequence", buckets=_TOKENS)
+request_max_generation_tokens = Histogram(
+    f"{PREFIX}request_max_num_generation_tokens",
+    "Generated tokens of a finished request's longest sequence (n > 1)", buckets=_TOKENS)
+decode_time = Histogram(f"{PREFIX}request_decode_time_seconds",
+                        "Time from a request's first token to its last", buckets=_LATENCY)
 restarts = Gauge(f"{PREFIX}engine_restarts", "Engine restarts seen by the API servers",
                  multiprocess_mode="max")
 in_flight = Gauge(f"{PREFIX}api_requests_in_flight",
@@ -61,23 +77,76 @@ class EngineCollector:
         hit_rate = s["prefix_hits"] / s["prefix_queries"] if s["prefix_queries"] else 0.0
         yield GaugeMetricFamily(PREFIX + "prefix_cache_hit_rate",
                                 "Prefix-cache hits per lookup since start", value=hit_rate)
+        for name, doc, key in (
+                ("request_queue_time_seconds", "Time from arrival in the engine to first "
+                 "scheduled", "queue_time"),
+                ("request_prefill_time_seconds", "Time from first scheduled to first token",
+                 "prefill_time")):
+            h = s[key]
+            buckets = [(repr(le), n) for le, n in zip(h["bounds"], h["cumulative"])]
+            yield HistogramMetricFamily(PREFIX + name, doc, sum_value=h["sum"],
+                                        buckets=buckets + [("+Inf", h["cumulative"][-1])])
 
 
-def render(engine_stats: Optional[dict]) -> tuple[bytes, str]:
+# minivllm name -> the vLLM names serving the same figure in the same unit. vLLM calls KV-cache
+# usage (a fraction, 1 = full) gpu_cache_usage_perc too, and its time_per_output_token histogram
+# is the inter-token latency. Prefix-cache counters stay minivllm's: vLLM counts tokens, we
+# count blocks.
+VLLM_NAMES = {
+    "num_requests_running": ("num_requests_running",),
+    "num_requests_waiting": ("num_requests_waiting",),
+    "kv_cache_usage_perc": ("kv_cache_usage_perc", "gpu_cache_usage_perc"),
+    "num_preemptions": ("num_preemptions",),
+    "prompt_tokens": ("prompt_tokens",),
+    "generation_tokens": ("generation_tokens",),
+    "request_success": ("request_success",),
+    "time_to_first_token_seconds": ("time_to_first_token_seconds",),
+    "inter_token_latency_seconds": ("inter_token_latency_seconds",
+                                    "time_per_output_token_seconds"),
+    "e2e_request_latency_seconds": ("e2e_request_latency_seconds",),
+    "request_prompt_tokens": ("request_prompt_tokens",),
+    "request_generation_tokens": ("request_generation_tokens",),
+    "request_max_num_generation_tokens": ("request_max_num_generation_tokens",),
+    "request_decode_time_seconds": ("request_decode_time_seconds",),
+    "request_queue_time_seconds": ("request_queue_time_seconds",),
+    "request_prefill_time_seconds": ("request_prefill_time_seconds",),
+}
+
+
+class Scrape:
+    """Families collected once, then served under their own names and, those vLLM also has,
+    under vLLM's names with its model label."""
+
+    def __init__(self, families: list[Metric], model_name: str) -> None:
+        self.families = families
+        self.labels = {"model_name": model_name}
+
+    def collect(self):
+        yield from self.families
+        for family in self.families:
+            for vllm_name in VLLM_NAMES.get(family.name.removeprefix(PREFIX), ()):
+                yield self._renamed(family, "vllm:" + vllm_name)
+
+    def _renamed(self, family: Metric, name: str) -> Metric:
+        out = Metric(name, family.documentation, family.type, family.unit)
+        out.samples = [s._replace(name=name + s.name[len(family.name):],
+                                  labels={**s.labels, **self.labels}) for s in family.samples]
+        return out
+
+
+def render(engine_stats: Optional[dict], model_name: str) -> tuple[bytes, str]:
     """The /metrics body: this server's metrics (all processes' in multiprocess mode) and the
     engine's, when it answered."""
-    registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
-        multiprocess.MultiProcessCollector(registry)
-        body = generate_latest(registry)
+        server = CollectorRegistry()
+        multiprocess.MultiProcessCollector(server)
     else:
-        from prometheus_client import REGISTRY
-
-        body = generate_latest(REGISTRY)
+        from prometheus_client import REGISTRY as server
+    families = list(server.collect())
     if engine_stats is not None:
-        engine = CollectorRegistry()
-        engine.register(EngineCollector(engine_stats))
-        body += generate_latest(engine)
-    return body, CONTENT_TYPE_LATEST
+        families += EngineCollector(engine_stats).collect()
+    registry = CollectorRegistry()
+    registry.register(Scrape(families, model_name))
+    return generate_latest(registry), CONTENT_TYPE_LATEST

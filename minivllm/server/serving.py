@@ -113,10 +113,12 @@ def engine_error(exc: EngineError) -> APIError:
 
 class MetricsRecorder:
     """One request's outputs into the metrics, per prompt: TTFT, inter-token latency and
-    end-to-end latency into the histograms, and token and finish counters once finished."""
+    end-to-end latency into the histograms; token counts, decode time and finish counters once
+    finished."""
 
     def __init__(self, start: float, n_prompts: int) -> None:
         self.start = start
+        self.first: list[Optional[float]] = [None] * n_prompts
         self.last: list[Optional[float]] = [None] * n_prompts
 
     def observe(self, i: int, out: RequestOutput) -> None:
@@ -125,6 +127,7 @@ class MetricsRecorder:
         if new:
             if self.last[i] is None:
                 metrics.ttft.observe(now - self.start)
+                self.first[i] = now
             else:
                 gap = (now - self.last[i]) / new
                 for _ in range(new):
@@ -132,10 +135,18 @@ class MetricsRecorder:
             self.last[i] = now
             metrics.generation_tokens.inc(new)
         if out.finished:
-            metrics.e2e.observe(now - self.start)
-            metrics.prompt_tokens.inc(len(out.prompt_token_ids))
-            for c in out.outputs:
-                metrics.requests.labels(c.finish_reason).inc()
+            self._finished(i, out, now)
+
+    def _finished(self, i: int, out: RequestOutput, now: float) -> None:
+        metrics.e2e.observe(now - self.start)
+        if self.first[i] is not None:
+            metrics.decode_time.observe(self.last[i] - self.first[i])
+        metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+        metrics.request_prompt_tokens.observe(len(out.prompt_token_ids))
+        for c in out.outputs:
+            metrics.requests.labels(c.finish_reason).inc()
+            metrics.request_generation_tokens.observe(len(c.token_ids))
+        metrics.request_max_generation_tokens.observe(max(len(c.token_ids) for c in out.outputs))
 
 
 async def _merge(streams: list) -> Merged:
