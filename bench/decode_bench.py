@@ -10,8 +10,9 @@ Dummy weights (bf16), random prompts, greedy, EOS ignored; the engine's own step
 is in the numbers. Decode steps only: timing starts once every request has its first token.
 
 - Floor: the bytes one decode step must read (every weight except the embedding table, of
-  which it reads B rows, plus the KV cache of the batch's contexts) over the HBM bandwidth
-  measured here (a device-to-device copy of 4 GiB, bytes read + written). MBU = floor / step.
+  which it reads B rows, plus the KV cache of the batch's contexts) over the bandwidth
+  ceiling measured here (bench/roofline.py: the higher of a 4 GiB copy and a read-only stream,
+  both recorded). MBU = floor / step. Any --prompt-len: the context is not capped.
 - Idle gap: the torch profiler records every kernel of a window of steps (graph replays
   included); idle = the window's wall time not covered by any kernel, per step.
 - Async scheduling (the engine's default on CUDA) runs the host's work for step k+1 while the
@@ -29,37 +30,13 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench import records
+from bench import records, roofline
 from minivllm import LLM, SamplingParams
-
-
-def hbm_bandwidth() -> float:
-    """Bytes/s of a 4 GiB device-to-device copy (read + write), median of 10."""
-    src = torch.empty(1 << 31, dtype=torch.int16, device="cuda").random_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * (1 << 32) / statistics.median(times[2:])
 
 
 def step_bytes(llm: LLM, batch: int, context: float) -> float:
     """Bytes a decode step of `batch` rows of mean context `context` reads at the least."""
-    model = llm.engine.runner.model
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                  if n != "embed_tokens.weight")
-    if model.lm_head is None:  # tied: the logits read the embedding table whole
-        weights += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    spec = llm.engine.runner.kv_spec
-    kv_per_token = spec.bytes_per_block / spec.block_size
-    return weights + batch * context * kv_per_token
+    return roofline.weight_bytes(llm) + batch * context * roofline.kv_bytes_per_token(llm)
 
 
 def host_breakdown(engine, steps: int) -> dict[str, float]:
@@ -104,14 +81,16 @@ def main() -> None:
     ap.add_argument("--kernels", default=None, help="a kernel set other than auto (A/B runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    bandwidth = hbm_bandwidth()
+    total = 8 + 2 * args.steps + args.profile_steps + 8  # warm-up, timed, profiled, breakdown
+    ceilings = roofline.measure()
+    bandwidth = ceilings["bandwidth"]
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=max(args.batch, 1),
-              max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=args.enforce_eager,
+              max_model_len=args.prompt_len + total + 16, gpu_memory_utilization=0.5,
+              enforce_eager=args.enforce_eager,
               async_scheduling=args.async_scheduling, kernels=args.kernels)
     engine = llm.engine
     vocab = engine.source.arch.vocab_size
     rng = random.Random(0)
-    total = 8 + 2 * args.steps + args.profile_steps + 8  # warm-up, timed, profiled, breakdown
     for i in range(args.batch):
         engine.add_request(i, [rng.randrange(10, vocab - 10) for _ in range(args.prompt_len)],
                            SamplingParams(temperature=0, max_tokens=total, ignore_eos=True))
@@ -162,7 +141,8 @@ def main() -> None:
         records.record(f"{name}: step time (median of {args.steps})", step * 1e3, "ms",
                        context=context),
         records.record(f"{name}: bandwidth floor", floor * 1e3, "ms",
-                       bytes=step_bytes(llm, args.batch, context), hbm_bytes_per_s=bandwidth),
+                       bytes=step_bytes(llm, args.batch, context), bandwidth_bytes_per_s=bandwidth,
+                       **ceilings),
         records.record(f"{name}: MBU (floor / step)", floor / step, "fraction"),
         records.record(f"{name}: output tokens/s", args.batch / step, "tok/s"),
         records.record(f"{name}: GPU busy per step (profiler)", gpu_per_step, "ms"),

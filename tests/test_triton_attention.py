@@ -47,35 +47,60 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_matches_reference_on_ragged_steps(dtype, heads, kv_heads, head_dim, block_size):
     rng = random.Random(heads * 1000 + head_dim + block_size)
     torch.manual_seed(rng.randrange(1 << 30))
-    num_blocks = 48
-    backend = _backend()
     for _ in range(3):
-        rows, tables = ragged_step(rng, block_size, num_blocks)
-        T = sum(q for _, q in rows)
-        # Fresh random cache (the cached prefixes) and q/k/v as the model passes them: strided
-        # views into one fused projection output. Rounded to dtype first, so that the float64
-        # reference sees exactly the kernels' inputs.
-        cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
-        qkv = torch.randn(T, (heads + 2 * kv_heads) * head_dim).to(dtype)
-        sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-        shapes = ((T, heads, head_dim), (T, kv_heads, head_dim), (T, kv_heads, head_dim))
-        ref_cache = cache.double()
-        meta_ref = step_metadata(rows, tables, block_size, "cpu")
-        ref = TorchAttentionBackend()
-        ref.prepare(meta_ref, block_size)
-        want = ref.forward(*(x.view(s) for x, s in zip(qkv.double().split(sizes, -1), shapes)),
-                           ref_cache[0], ref_cache[1], meta_ref, head_dim ** -0.5)
+        rows, tables = ragged_step(rng, block_size, 48)
+        _check(_backend(), rows, tables, dtype, heads, kv_heads, head_dim, block_size, 48)
 
-        got_cache = cache.to(DEVICE)
-        meta = step_metadata(rows, tables, block_size, DEVICE)
-        backend.prepare(meta, block_size)
-        got = backend.forward(*(x.view(s) for x, s in zip(qkv.to(DEVICE).split(sizes, -1),
-                                                          shapes)),
-                              got_cache[0], got_cache[1], meta, head_dim ** -0.5)
-        assert got.dtype == dtype and got.shape == want.shape
-        assert torch.equal(got_cache.cpu(), ref_cache.to(dtype))  # the write is an exact copy
-        err = _rel_err(got.cpu(), want)
-        assert err < (1e-2 if dtype == torch.bfloat16 else 1e-4), (rows, err)
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_kv_decode_matches_reference_at_long_contexts(dtype):
+    """Flash-decoding: contexts cut into runs (odd lengths, a run of one token, one exactly
+    one run long), a one-token prompt, a prefill chunk beside them, GQA groups of 7. On the
+    CPU the interpreter gets short contexts and small runs; the GPU the real lengths."""
+    backend = _backend()
+    if ON_GPU:
+        lengths, block_size = [30001, 7900, 257, 256, 4097], 16
+    else:
+        backend.MIN_SPLIT, backend.num_sms = 64, 64
+        lengths, block_size = [599, 64, 65, 193, 130], 16
+    rows = [(n - 1, 1) for n in lengths] + [(0, 1), (40, 19)]
+    assert backend.decode_splits(len(rows), 2) > 1
+    need = [-(-(c + q) // block_size) for c, q in rows]
+    rng = random.Random(7)
+    blocks = rng.sample(range(sum(need) + 8), sum(need))
+    tables = np.zeros((len(rows), max(need)), dtype=np.int32)
+    for i, n in enumerate(need):
+        tables[i, :n], blocks = blocks[:n], blocks[n:]
+    torch.manual_seed(7)
+    _check(backend, rows, tables, dtype, 14, 2, 64, block_size, sum(need) + 8)
+
+
+def _check(backend, rows, tables, dtype, heads, kv_heads, head_dim, block_size, num_blocks):
+    """The backend's write and attention of one step against the float64 reference."""
+    T = sum(q for _, q in rows)
+    # Fresh random cache (the cached prefixes) and q/k/v as the model passes them: strided
+    # views into one fused projection output. Rounded to dtype first, so that the float64
+    # reference sees exactly the kernels' inputs.
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    shapes = ((T, heads, head_dim), (T, kv_heads, head_dim), (T, kv_heads, head_dim))
+    ref_cache = cache.double()
+    meta_ref = step_metadata(rows, tables, block_size, "cpu")
+    ref = TorchAttentionBackend()
+    ref.prepare(meta_ref, block_size)
+    want = ref.forward(*(x.view(s) for x, s in zip(qkv.double().split(sizes, -1), shapes)),
+                       ref_cache[0], ref_cache[1], meta_ref, head_dim ** -0.5)
+
+    got_cache = cache.to(DEVICE)
+    meta = step_metadata(rows, tables, block_size, DEVICE)
+    backend.prepare(meta, block_size)
+    got = backend.forward(*(x.view(s) for x, s in zip(qkv.to(DEVICE).split(sizes, -1), shapes)),
+                          got_cache[0], got_cache[1], meta, head_dim ** -0.5)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got_cache.cpu(), ref_cache.to(dtype))  # the write is an exact copy
+    err = _rel_err(got.cpu(), want)
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-4), (rows, err)
 
 
 def test_every_output_row_is_written():

@@ -1,16 +1,20 @@
 """Attention over the paged KV cache on the GPU: Triton kernels, CUDA-graph capturable.
 
-Three launches per layer at most, none of which reads a device value back to the host:
+Four launches per layer at most, none of which reads a device value back to the host:
 
 - `_write_kv_kernel` scatters the step's keys and values into their cache slots (both caches in
   one launch; a negative slot is padding and is skipped, which is what lets a CUDA graph of a
   fixed batch size serve a smaller batch).
-- `_decode_kernel`, one program per (sequence, KV head): the group of query heads sharing that KV
-  head attends together, so each cached key/value is read once per group (GQA), walking the
-  context through the block table in tiles with an online softmax.
-- `_prefill_kernel`, one program per (query tile, sequence, query head): a prefill chunk attends
-  to its cached prefix and causally within itself, all straight from the cache (the chunk's own
-  keys were just written there), FlashAttention-style.
+- `_decode_kernel`, one program per (sequence, KV head, split): the group of query heads sharing
+  that KV head attends together, so each cached key/value is read once per group (GQA), walking
+  its run of the context through the block table in tiles with an online softmax. A long
+  context is split (flash-decoding) so that a small batch still fills every SM: each split
+  writes its partial output and log-sum-exp, and `_combine_kernel` merges them.
+- `_prefill_kernel`, one program per (tile of (query, head) rows, sequence, KV head): a prefill
+  chunk attends to its cached prefix and causally within itself, all straight from the cache
+  (the chunk's own keys were just written there), FlashAttention-style; a tile holds every head
+  of a GQA group, so each key tile loaded serves them all, and only tiles on the causal
+  diagonal are masked.
 
 Rows with one query (decodes, and one-token chunks, which are the same computation) go to the
 decode kernel, the others to the prefill kernel; each kernel skips the other's rows, so a mixed
@@ -50,17 +54,25 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt
 # The block table's row stride is the step's widest table: not specialized on, so that a new
 # width does not compile a new kernel variant mid-run.
 @triton.jit(do_not_specialize=["stride_bt"])
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
-                   query_start_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh,
-                   stride_bt, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, KV_HEADS: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr, DOT: tl.constexpr):
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                   block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2, stride_qt,
+                   stride_qh, stride_ot, stride_oh, stride_bt, GROUP: tl.constexpr,
+                   BLOCK_G: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                   MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
+    """One program per (sequence, KV head, split of its context)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     token = tl.load(query_start_ptr + b)
     if tl.load(query_start_ptr + b + 1) - token != 1:
         return  # a prefill row: the prefill kernel's
     seq_len = tl.load(seq_lens_ptr + b)
+    n_splits, chunk = _splits_of(seq_len, SPLITS, MIN_SPLIT, BLOCK_N)
+    if split >= n_splits:
+        return
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, HEAD_DIM)
     head_ok = g < GROUP
@@ -70,28 +82,55 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, s
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    row_stride = KV_HEADS * HEAD_DIM  # one token's keys in the cache
-    for n0 in range(0, seq_len, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < seq_len
-        block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
-        offs = ((block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * row_stride
-                + kvh * HEAD_DIM)
-        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q.to(DOT), tl.trans(k.to(DOT)), input_precision=PRECISION) * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT), v.to(DOT),
-                                               input_precision=PRECISION)
-        m_i = m_new
+    last = tl.full([BLOCK_G], 0, tl.int64) + hi - 1  # every head sees keys lo..hi-1
+    for n0 in range(lo, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kvh, n0,
+                                     hi, last, m_i, l_i, acc, scale_log2, stride_bt, KV_HEADS,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, PRECISION, DOT, True)
     # A padding row of a CUDA graph has no context (seq_len 0): it writes zeros, not NaN.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    if n_splits == 1:
+        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    else:  # this split's normalized output and log2-sum-exp, for _combine_kernel
+        part = (b * KV_HEADS * GROUP + heads) * SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
+                 mask=head_ok[:, None])
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=head_ok)
+
+
+@triton.jit
+def _splits_of(seq_len, SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """How a context is cut: into at most SPLITS runs of whole key tiles, none shorter than
+    MIN_SPLIT tokens (a short context is one run: no partials, no combine). (count, run)."""
+    n_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT), 1), SPLITS)
+    chunk = tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N) * BLOCK_N
+    return n_splits, chunk
+
+
+@triton.jit
+def _combine_kernel(out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, query_start_ptr,
+                    stride_ot, stride_oh, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (sequence, query head): the splits' outputs weighted by their share
+    of the softmax's denominator (flash-decoding's second pass)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    token = tl.load(query_start_ptr + b)
+    if tl.load(query_start_ptr + b + 1) - token != 1:
+        return
+    n_splits, _ = _splits_of(tl.load(seq_lens_ptr + b), SPLITS, MIN_SPLIT, BLOCK_N)
+    if n_splits == 1:
+        return  # the decode kernel wrote the output itself
+    s = tl.arange(0, SPLITS)
+    part = (b * HEADS + h) * SPLITS + s
+    lse = tl.load(part_lse_ptr + part, mask=s < n_splits, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # an empty split (-inf) weighs 0
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                mask=(s < n_splits)[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + token * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -100,49 +139,75 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
                     stride_bt, GROUP: tl.constexpr, KV_HEADS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
+    """One program per (row tile, sequence, KV head). A tile's BLOCK_M rows are (query, head)
+    pairs of the KV head's group, query-major, so each key/value tile loaded serves every
+    head of the group (GQA): row r is query r // GROUP, head r % GROUP."""
     tile = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
+    kvh = tl.program_id(2)
     start = tl.load(query_start_ptr + b)
     qlen = tl.load(query_start_ptr + b + 1) - start
-    if qlen <= 1 or tile * BLOCK_M >= qlen:
+    if qlen <= 1 or tile * BLOCK_M >= qlen * GROUP:
         return  # a decode row (the decode kernel's), or past this chunk's end
     seq_len = tl.load(seq_lens_ptr + b)
     prefix = seq_len - qlen  # tokens cached before this chunk
-    kvh = h // GROUP
-    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = r // GROUP  # the row's query within the chunk
     q_ok = m < qlen
     q_pos = prefix + m  # absolute positions: query j sees keys 0..q_pos[j]
+    q_off = (start + m) * stride_qt + (kvh * GROUP + r % GROUP) * stride_qh
+    o_off = (start + m) * stride_ot + (kvh * GROUP + r % GROUP) * stride_oh
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (start + m)[:, None] * stride_qt + h * stride_qh + d[None, :],
-                mask=q_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=q_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    row_stride = KV_HEADS * HEAD_DIM
-    # Keys past the tile's last query are masked for every row of it: stop there. Every row
-    # sees key 0, so no row's running maximum stays -inf.
-    end = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
-        offs = ((block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * row_stride
-                + kvh * HEAD_DIM)
-        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q.to(DOT), tl.trans(k.to(DOT)), input_precision=PRECISION) * scale_log2
-        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT), v.to(DOT),
-                                               input_precision=PRECISION)
-        m_i = m_new
+    # Keys before the tile's first query are seen by every row of it (no mask); from there to
+    # its last query, the causal diagonal; past that, nothing. Every row sees key 0, so no
+    # row's running maximum stays -inf.
+    first = prefix + (tile * BLOCK_M) // GROUP
+    end = tl.minimum(seq_len, prefix + (tile * BLOCK_M + BLOCK_M - 1) // GROUP + 1)
+    full = (first // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kvh,
+                                      n0, end, q_pos, m_i, l_i, acc, scale_log2, stride_bt,
+                                      KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, PRECISION, DOT,
+                                      False)
+    for n0 in range(full, end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kvh,
+                                      n0, end, q_pos, m_i, l_i, acc, scale_log2, stride_bt,
+                                      KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, PRECISION, DOT,
+                                      True)
     out = acc / l_i[:, None]
-    tl.store(out_ptr + (start + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_ok[:, None])
+
+
+@triton.jit
+def _attend_tile(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kvh, n0, end, q_pos, m_i,
+                  l_i, acc, scale_log2, stride_bt, KV_HEADS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr, DOT: tl.constexpr, CAUSAL: tl.constexpr):
+    """One key/value tile [n0, n0 + BLOCK_N) of the online softmax for query rows `q`; keys
+    from `end` on are absent, and CAUSAL masks those past each row's position `q_pos`."""
+    d = tl.arange(0, HEAD_DIM)
+    pos = n0 + tl.arange(0, BLOCK_N)
+    valid = pos < end
+    block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
+    offs = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * (KV_HEADS * HEAD_DIM) \
+        + kvh * HEAD_DIM
+    k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    s = tl.dot(q.to(DOT), tl.trans(k.to(DOT)), input_precision=PRECISION) * scale_log2
+    if CAUSAL:
+        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT), v.to(DOT),
+                                           input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -163,11 +228,33 @@ class TritonAttentionBackend(AttentionBackend):
 
     cuda_graph_safe = True
 
-    # Tile sizes: 64x64 query/key tiles keep a prefill program's fp32 scores and accumulator in
-    # registers at head_dim 128; the decode kernel's tile of 64 keys is 4 cache blocks of 16.
-    BLOCK_M = 64
+    # Prefill tiles of 128 (query, head) rows by 64 keys, 8 warps: the shape Triton's
+    # FlashAttention reaches tensor-core speed with at head_dim 64 and 128 (measured in
+    # bench/long_context.py). The decode kernel's tile of 64 keys is 4 cache blocks of 16.
+    BLOCK_M = 128
     BLOCK_N = 64
+    PREFILL_WARPS = 8
+    PREFILL_STAGES = 3
     DECODE_BLOCK_N = 64
+    # Split-KV decode: a context is cut into runs of at least MIN_SPLIT tokens, at most
+    # MAX_SPLITS of them, so that batch x KV heads x splits programs fill the GPU (WAVES per
+    # SM); a short context stays one run and pays no second pass.
+    MIN_SPLIT = 256
+    MAX_SPLITS = 128
+    WAVES = 4
+
+    def __init__(self) -> None:
+        self.num_sms = (torch.cuda.get_device_properties(0).multi_processor_count
+                        if torch.cuda.is_available() else 4)
+
+    def decode_splits(self, num_seqs: int, kv_heads: int) -> int:
+        """Splits per context: a power of two, from the batch's shape alone (not its lengths),
+        so a CUDA graph captured for a batch size holds for every context it replays."""
+        splits = 1
+        while splits < self.MAX_SPLITS and num_seqs * kv_heads * splits * 2 <= (
+                self.WAVES * self.num_sms):
+            splits *= 2
+        return splits
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         # Whether any row has one query: a step of prefill chunks alone skips the decode launch.
@@ -194,19 +281,31 @@ class TritonAttentionBackend(AttentionBackend):
         # Triton's interpreter (3.9) computes bf16 tl.dot wrongly; there the operands, already
         # rounded to bf16, are multiplied in fp32, which is what the tensor cores do exactly.
         dot = tl.float32 if triton.knobs.runtime.interpret else _TL_DTYPES[q.dtype]
-        common = (q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens,
-                  meta.query_start_loc, scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0),
-                  out.stride(1), meta.block_tables.stride(0))
+        tables = (meta.block_tables, meta.seq_lens, meta.query_start_loc)
+        strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1))
         if meta.prepared:
-            _decode_kernel[(num_seqs, kv_heads)](
-                *common, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-                KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-                BLOCK_N=self.DECODE_BLOCK_N, PRECISION=precision, DOT=dot,
+            splits = self.decode_splits(num_seqs, kv_heads)
+            part_out = q.new_empty((num_seqs, heads, splits, head_dim), dtype=torch.float32)
+            part_lse = q.new_empty((num_seqs, heads, splits), dtype=torch.float32)
+            _decode_kernel[(num_seqs, kv_heads, splits)](
+                q, k_cache, v_cache, out, part_out, part_lse, *tables, scale * _LOG2E,
+                *strides, meta.block_tables.stride(0), GROUP=group,
+                BLOCK_G=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
+                HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=self.DECODE_BLOCK_N,
+                SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT, PRECISION=precision, DOT=dot,
                 num_warps=4)
+            if splits > 1:
+                _combine_kernel[(num_seqs, heads)](
+                    out, part_out, part_lse, meta.seq_lens, meta.query_start_loc,
+                    out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=head_dim,
+                    SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT, BLOCK_N=self.DECODE_BLOCK_N,
+                    num_warps=4)
         if meta.max_query_len > 1:  # never in a step of decodes (a CUDA-graph replay)
-            grid = (triton.cdiv(meta.max_query_len, self.BLOCK_M), num_seqs, heads)
+            grid = (triton.cdiv(meta.max_query_len * group, self.BLOCK_M), num_seqs, kv_heads)
             _prefill_kernel[grid](
-                *common, GROUP=group, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
-                BLOCK_SIZE=block_size, BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N,
-                PRECISION=precision, DOT=dot, num_warps=4, num_stages=2)
+                q, k_cache, v_cache, out, *tables, scale * _LOG2E, *strides,
+                meta.block_tables.stride(0), GROUP=group, KV_HEADS=kv_heads,
+                HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=self.BLOCK_M,
+                BLOCK_N=self.BLOCK_N, PRECISION=precision, DOT=dot,
+                num_warps=self.PREFILL_WARPS, num_stages=self.PREFILL_STAGES)
         return out
