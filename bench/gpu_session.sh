@@ -9,7 +9,9 @@
 # gap), decode-256, decode-ab (plain torch kernels), decode-async (batch-256 idle gap
 # with and without async scheduling, Llama-3-8B batch 1), sweep (tokens/s per batch size against
 # transformers), ragged-ab (the ragged 256 run, async scheduling on and off, ours alone),
-# batching (the serving batching table: a capacity probe, then bench.batching_table at 60%).
+# batching (the serving batching table: a capacity probe, then bench.batching_table at 60%),
+# long-qwen / long-llama (bench.long_context: long-context decode and prefill against the
+# roofline; SWEEP=1 times the attention kernels' knobs too).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -113,6 +115,14 @@ for stage in "$@"; do
         --num-requests 400 --rate "$RATE" --serve-common "$SERVE" ${BATCHING_ROWS:+--rows $BATCHING_ROWS}
       cp bench/results/batching_h100.* "$RES/" 2>/dev/null
       tar czf "$OUT/session.tgz" -C "$W" . ;;
+    long-qwen)  # issue 21's shapes; SWEEP=1 adds the kernels' knob sweep
+      TAILN=40 run long-qwen 420 python3 -m bench.long_context --model qwen2.5-0.5b \
+        --shapes 1x30000 32x8000 256x1000 --prefill 16000 ${SWEEP:+--sweep} \
+        --json "$RES/long_context_qwen2.5-0.5b.json" ;;
+    long-llama)
+      TAILN=40 run long-llama 420 python3 -m bench.long_context --model llama-3-8b \
+        --shapes 1x7900 16x4000 --prefill 8000 ${SWEEP:+--sweep} \
+        --json "$RES/long_context_llama-3-8b.json" ;;
     decode)
       run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
         --json "$RES/decode_llama-3-8b_bs1.json"
