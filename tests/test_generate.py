@@ -27,14 +27,14 @@ def _save_tiny(tmp_path, kind: str, tie: bool) -> str:
 
 
 def _hf_greedy(path_or_model, prompts: list[list[int]], max_new: int,
-               stop_at_eos: bool = False) -> list[list[int]]:
+               stop_at_eos: bool = False, min_new: int = 0) -> list[list[int]]:
     """transformers' greedy tokens; like our ignore_eos, EOS is not masked, only not a stop."""
     model = path_or_model
     if isinstance(model, str):
         model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     config = transformers.GenerationConfig(
-        max_new_tokens=max_new, do_sample=False, pad_token_id=0,
-        eos_token_id=model.generation_config.eos_token_id if stop_at_eos else None)
+        max_new_tokens=max_new, min_new_tokens=min_new, do_sample=False, pad_token_id=0,
+        eos_token_id=model.generation_config.eos_token_id if stop_at_eos or min_new else None)
     outs = []
     with torch.no_grad():
         for ids in prompts:  # one at a time: no padding effects in the oracle
@@ -103,6 +103,29 @@ def test_smollm2_gguf_matches_transformers(smollm, hf_smollm):
     want = _hf_greedy(hf_smollm, prompts, 48, stop_at_eos=True)
     outs = smollm.generate(prompts, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
+
+
+def test_min_tokens_masks_eos_as_transformers_min_new_tokens(smollm, hf_smollm):
+    """min_tokens masks EOS until reached, with ignore_eos or without, as transformers'
+    min_new_tokens (and vLLM) do; ignore_eos only keeps a later EOS from ending the request."""
+    tok = smollm.get_tokenizer()
+    short_answers = [CHATS[2], [{"role": "user", "content": "Hi!"}],
+                     [{"role": "system", "content": "You answer in one word."},
+                      {"role": "user", "content": "Say yes."}]]
+    prompts = [tok.encode(tok.apply_chat_template(c)) for c in short_answers]
+    eos = hf_smollm.generation_config.eos_token_id
+    short = smollm.generate(prompts, SamplingParams(temperature=0, max_tokens=12),
+                            use_tqdm=False)
+    assert all(o.outputs[0].token_ids[-1] == eos for o in short)  # all end before 12
+    want = _hf_greedy(hf_smollm, prompts, 12, min_new=12)
+    held = smollm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, min_tokens=12,
+                                                   ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in held] == want
+    assert all(eos not in o.outputs[0].token_ids for o in held)
+    want = _hf_greedy(hf_smollm, prompts, 24, min_new=8)
+    stopped = smollm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, min_tokens=8),
+                              use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in stopped] == want
 
 
 def test_embedded_model_answers_chat_coherently(smollm):

@@ -292,7 +292,7 @@ def test_min_tokens_blocks_eos_and_stop_ids_until_reached() -> None:
     assert [list(col) for col in zip(*history)] == [
         [3, 3, 3, 4],  # eos blocked for 3 tokens
         [2, 2, 3, 3],  # stop id and eos blocked for 2
-        [4, 4, 3, 3],  # ignore_eos: only the stop id is blocked
+        [2, 2, 3, 3],  # ignore_eos too: eos is still blocked, as in vLLM
         [3, 3, 3, 3],  # no min_tokens
     ]
 

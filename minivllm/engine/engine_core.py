@@ -116,7 +116,7 @@ class EngineCore:
             self.sampler.remove_request(req_index)
         for req in admitted:
             self.sampler.add_request(req.req_index, req.params,
-                                     req.token_ids[:req.num_prompt_tokens], req.eos_ids,
+                                     req.token_ids[:req.num_prompt_tokens], self.eos_token_ids,
                                      req.output_token_ids)
         if self.overlap:
             return self._step_overlapped(batch)

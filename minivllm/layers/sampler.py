@@ -243,11 +243,11 @@ class Sampler:
 
     def _min_tokens_stop_ids(self, params: SamplingParams,
                              eos_token_ids: Sequence[int]) -> list[int]:
-        """What min_tokens blocks, as vLLM: stop_token_ids always, eos unless ignore_eos. Ids
-        outside the vocabulary can never be sampled, so they need no mask."""
-        ids = list(params.stop_token_ids)
-        if not params.ignore_eos:
-            ids += eos_token_ids
+        """What min_tokens blocks, as vLLM and transformers' min_new_tokens: the stop ids and
+        the model's eos ids, whatever ignore_eos says (it only keeps eos from ending a request
+        once min_tokens is reached). Ids outside the vocabulary can never be sampled, so they
+        need no mask."""
+        ids = [*params.stop_token_ids, *eos_token_ids]
         return sorted({i for i in ids if 0 <= i < self.vocab_size})
 
     def _write_params(self, req_index: int, params: SamplingParams, stop_ids: list[int],
