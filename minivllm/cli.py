@@ -1,4 +1,5 @@
-"""Command line: `minivllm generate "prompt"`, `minivllm chat`, `minivllm serve`."""
+"""Command line: `minivllm generate "prompt"`, `minivllm chat`, `minivllm serve`,
+`minivllm run-batch`."""
 from __future__ import annotations
 
 import argparse
@@ -89,12 +90,10 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
 
 
-def cmd_serve(args) -> int:
-    from minivllm.config import SupervisorConfig, TransportConfig
+def _engine_config(args):
     from minivllm.llm import build_engine_config
-    from minivllm.server.launcher import Launcher
 
-    engine = build_engine_config(
+    return build_engine_config(
         args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
         max_num_seqs=args.max_num_seqs,
@@ -105,6 +104,13 @@ def cmd_serve(args) -> int:
         num_blocks=args.num_blocks, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching)
+
+
+def cmd_serve(args) -> int:
+    from minivllm.config import SupervisorConfig, TransportConfig
+    from minivllm.server.launcher import Launcher
+
+    engine = _engine_config(args)
     server = ServerConfig(host=args.host, port=args.port, api_servers=args.api_servers,
                           max_pending=args.max_pending, drain_timeout_s=args.drain_timeout,
                           api_key=args.api_key, served_model_name=args.served_model_name,
@@ -114,6 +120,17 @@ def cmd_serve(args) -> int:
 
     log_setup.configure()
     return Launcher(engine, server, transport, SupervisorConfig()).run()
+
+
+def cmd_run_batch(args) -> int:
+    from minivllm import logger as log_setup
+    from minivllm.server.run_batch import BatchConfig, run_batch
+
+    config = BatchConfig(args.input_file, args.output_file, args.max_concurrency,
+                         args.served_model_name)
+    engine = _engine_config(args)
+    log_setup.configure()
+    return run_batch(engine, config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -146,9 +163,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--zmq-endpoint", default=None,
                        help="also serve the binary protocol here (ipc/PROTOCOL.md), e.g. "
                             "tcp://127.0.0.1:5557")
+    batch = sub.add_parser("run-batch", help="OpenAI batch file (JSONL) in, results out; "
+                           "resumable: a rerun keeps the results written and runs the rest")
+    batch.add_argument("-i", "--input-file", required=True)
+    batch.add_argument("-o", "--output-file", required=True)
+    batch.add_argument("--max-concurrency", type=int, default=256,
+                       help="requests in flight at once")
+    batch.add_argument("--served-model-name", default=None)
+    _engine_args(batch)
+    _scheduler_args(batch)
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
+                "run-batch": cmd_run_batch}[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
