@@ -50,7 +50,8 @@ def decode_step_s(llm: LLM, batch: int, context: float, steps: int, rng: random.
     engine = llm.engine
     vocab = engine.source.arch.vocab_size
     warmup = 6
-    params = SamplingParams(temperature=0, max_tokens=warmup + steps + 1, ignore_eos=True)
+    # Room to spare: chunked prefills start the requests steps apart; they are aborted after.
+    params = SamplingParams(temperature=0, max_tokens=warmup + steps + 64, ignore_eos=True)
     owners = range(batch)
     for i in owners:
         engine.add_request(i, [rng.randrange(10, vocab - 10) for _ in range(int(context))], params)

@@ -35,8 +35,7 @@ def copy_bandwidth() -> float:
 
 def read_bandwidth() -> float:
     src = torch.empty(1 << 31, dtype=torch.bfloat16, device="cuda").normal_()
-    out = torch.empty((), dtype=torch.float32, device="cuda")
-    return src.nbytes / _median_s(lambda: torch.sum(src, dtype=torch.float32, out=out))
+    return src.nbytes / _median_s(lambda: torch.sum(src, dtype=torch.float32))
 
 
 def matmul_peak(n: int = 8192) -> float:
