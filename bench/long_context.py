@@ -80,9 +80,11 @@ def _graph_time_s(fn, repeats: int = 10) -> float:
     return roofline._median_s(graph.replay, repeats=repeats)
 
 
-def _caches(layers: int, tokens: int, block_size: int, kv_heads: int, head_dim: int):
-    """Per-layer K and V caches holding `tokens` (random bf16), and a shuffled block order."""
-    blocks = -(-tokens // block_size)
+def _caches(layers: int, rows: int, context: int, block_size: int, kv_heads: int,
+            head_dim: int):
+    """Per-layer K and V caches holding `rows` contexts of `context` tokens (random bf16), and
+    a shuffled block order."""
+    blocks = rows * -(-context // block_size)
     shape = (blocks, block_size, kv_heads, head_dim)
     caches = [(torch.randn(shape, dtype=torch.bfloat16, device="cuda"),
                torch.randn(shape, dtype=torch.bfloat16, device="cuda")) for _ in range(layers)]
@@ -204,7 +206,7 @@ def main() -> None:
                            (step - base) * 1e3, "ms", allowance_ms=allowance * 1e3,
                            within_allowance=(step - base) <= allowance,
                            step_at_base_ms=base * 1e3)]
-        caches, order = _caches(layers, batch * context, block_size, arch.num_key_value_heads,
+        caches, order = _caches(layers, batch, context, block_size, arch.num_key_value_heads,
                                 arch.head_dim)
         kernel = decode_kernel_s(backend, arch, batch, context, layers, caches, order,
                                  block_size)
@@ -235,7 +237,7 @@ def main() -> None:
         recs.append(records.record(f"{shape}: step", step * 1e3, "ms",
                                    floor_ms=flops / ceil["matmul_flops"] * 1e3, flops=flops,
                                    fraction_of_matmul_peak=flops / step / ceil["matmul_flops"]))
-        caches, order = _caches(1, p, block_size, arch.num_key_value_heads, arch.head_dim)
+        caches, order = _caches(1, 1, p, block_size, arch.num_key_value_heads, arch.head_dim)
         per_layer = attention_flops(arch, p) / layers
         configs = [(backend.BLOCK_M, backend.BLOCK_N, backend.PREFILL_WARPS,
                     backend.PREFILL_STAGES)]
