@@ -7,6 +7,7 @@ import importlib
 
 __version__ = "0.1.0"
 _PUBLIC = {"LLM": "minivllm.llm", "SamplingParams": "minivllm.sampling_params",
+           "StructuredOutputsParams": "minivllm.sampling_params",
            "RequestOutput": "minivllm.outputs", "CompletionOutput": "minivllm.outputs"}
 __all__ = list(_PUBLIC)
 

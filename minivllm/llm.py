@@ -49,12 +49,18 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a generate() without sampling params uses: the model's generation config
+        (generation_config=auto|vllm|path), over SamplingParams' own defaults."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One RequestOutput per prompt, in prompt order. Prompts are text or token-id lists."""
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        params = _as_params_list(sampling_params or self.get_default_sampling_params(),
+                                 len(prompts))
         states: list[RequestState] = []
         requests = []  # the engine's Request of each state's first completion
         try:
@@ -96,6 +102,8 @@ class LLM:
         with tqdm(total=total, desc="generating", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
                 out = self.engine.step()
+                for _, message in self.engine.take_failed():
+                    raise ValueError(message)  # generate()'s finally aborts the others
                 if not len(out):
                     continue
                 running = len(self.processor.streams)
@@ -118,8 +126,6 @@ def _as_prompt_list(prompts) -> list:
 
 
 def _as_params_list(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     params = list(params)

@@ -1,10 +1,11 @@
 """SamplingParams: what a request asks of the sampler and of the stop checks (vLLM's names)."""
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 
 def _finite(name: str, value: float) -> None:
@@ -20,6 +21,88 @@ _INT32_MAX = 2**31 - 1
 def _is_int(value: object) -> bool:
     """Integers, numpy's included; bools are not (True as a token count is a caller's bug)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# The longest structured-outputs spec taken (a schema, regex or grammar as UTF-8): it travels in
+# the submit record and is compiled on the engine's worker thread.
+MAX_SPEC_BYTES = 1 << 20
+
+# The kinds, in the order ipc/minivllm_ipc.h numbers them (MV_STRUCTURED_*, from 1).
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """One constraint on a request's output (vLLM's shape): a JSON schema (`json`, a dict or its
+    JSON text), a `regex`, a `choice` among strings, an EBNF `grammar` (xgrammar's dialect), or
+    `json_object=True` (any JSON object). Exactly one is set. The shape is checked here; whether
+    the schema, regex or grammar compiles is the engine's answer (an error naming the problem)."""
+
+    json: Union[None, str, dict] = None
+    regex: Optional[str] = None
+    choice: Optional[Sequence[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured outputs take exactly one of json, regex, choice, "
+                             f"grammar, json_object; got {', '.join(given) or 'none'}")
+        if self.json_object not in (None, False, True):
+            raise ValueError(f"structured_outputs.json_object must be a bool, "
+                             f"got {self.json_object!r}")
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise ValueError("structured_outputs.json must be a JSON schema object, "
+                                 f"got {type(schema).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not isinstance(self.choice, Sequence) \
+                    or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of "
+                                 "non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if len(self.spec.encode()) > MAX_SPEC_BYTES:
+            raise ValueError(f"structured_outputs.{self.kind} is longer than "
+                             f"{MAX_SPEC_BYTES} bytes")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text, as the wire carries it: the schema's and the choices' JSON,
+        the regex, the grammar, "" for json_object. (kind, spec) names a compiled grammar."""
+        value = getattr(self, self.kind)
+        if self.kind == "choice":
+            return json.dumps(list(value), ensure_ascii=False)
+        if self.kind == "json" and isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
+        return "" if self.kind == "json_object" else value
+
+    @classmethod
+    def from_spec(cls, kind: str, spec: str) -> "StructuredOutputsParams":
+        """The inverse of (kind, spec), for a decoder of the wire's text."""
+        if kind not in STRUCTURED_KINDS:
+            raise ValueError(f"unknown structured-outputs kind {kind!r}")
+        value: Any = True if kind == "json_object" else spec
+        if kind == "choice":
+            try:
+                value = json.loads(spec)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.choice is not a JSON list: {exc}") from None
+        return cls(**{kind: value})
 
 
 @dataclass
@@ -47,6 +130,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -94,6 +178,12 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not (0 <= self.logprobs <= 20)):
             raise ValueError(f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and \
+                not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

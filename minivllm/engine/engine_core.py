@@ -12,6 +12,11 @@ launches step k+1, then waits for step k's tokens, applies them (Scheduler.resol
 them, so the GPU runs step k+1 while the host applies step k, publishes it and schedules k+2.
 Outputs come one call later, and a request that stops at step k has computed one wasted token
 in step k+1 (discarded).
+
+Structured outputs (structured_output.py): a constrained request waits for its grammar outside
+the scheduler, and a step with constrained rows masks their logits just before sampling; the
+mask is filled on the host while the forward runs (under async scheduling, after the previous
+step's tokens resolve, which the mask needs).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import numpy as np
 from minivllm.config import EngineConfig
 from minivllm.core.scheduler import core_implementation
 from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.structured_output import StepMasks, StructuredOutputs
 from minivllm.engine.request_timings import RequestTimings
 from minivllm.inputs import check_prompt
 from minivllm.layers.sampler import SamplerOutput
@@ -80,6 +86,9 @@ class EngineCore:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.grammars = StructuredOutputs(self.tokenizer, self.source.arch.vocab_size,
+                                          self.eos_token_ids, self.runner.device,
+                                          config.scheduler.max_num_seqs)
         self._arrivals = 0
         self.timings = RequestTimings()
         logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens, "
@@ -96,45 +105,78 @@ class EngineCore:
         check_prompt(prompt_token_ids, self.max_model_len, self.source.arch.vocab_size)
         req = self._request_cls(owner, prompt_token_ids, params, self.eos_token_ids,
                                 self.max_model_len, self._arrivals, time.monotonic(), priority)
-        self.scheduler.add_request(req)
+        if params.structured_outputs is None:
+            self.scheduler.add_request(req)
+        elif owner in self.scheduler.requests or owner in self.grammars.waiting:
+            raise ValueError(f"owner {owner} is already in use")
+        else:
+            self.grammars.add(req)  # the scheduler gets it once its grammar is compiled
         self._arrivals += 1
         return req
 
     def abort_request(self, owner: int) -> bool:
         self.timings.forget(owner)
-        return self.scheduler.abort(owner) is not None
+        return (self.grammars.abort(owner) is not None
+                or self.scheduler.abort(owner) is not None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.grammars.waiting)
+
+    def take_failed(self) -> list[tuple[int, str]]:
+        """(owner, message) of the requests that failed outside a step's outputs (a grammar
+        that does not compile) since the last call: each is finished."""
+        return self.grammars.take_failed()
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> StepOutputs:
         """One step: schedule, forward and sample, update. Returns its outputs as arrays."""
+        if self.grammars.waiting:
+            for req in self.grammars.take_ready():
+                self.scheduler.add_request(req)
         batch, admitted = self.scheduler.schedule()
         self.timings.scheduled(admitted, time.monotonic())
         for req_index in self.scheduler.take_released().tolist():  # before a req_index is reused
             self.sampler.remove_request(req_index)
+            self.grammars.unbind(req_index)
         for req in admitted:
             self.sampler.add_request(req.req_index, req.params,
                                      req.token_ids[:req.num_prompt_tokens], self.eos_token_ids,
                                      req.output_token_ids)
+            self.grammars.bind(req.req_index, req.owner)
+        masks = None if batch is None else self.grammars.masks(
+            batch.req_indices[batch.sample_rows])
         if self.overlap:
-            return self._step_overlapped(batch)
+            return self._step_overlapped(batch, masks)
         if batch is None:
+            if self.grammars.waiting and not self.scheduler.has_unfinished():
+                self.grammars.wait(0.01)  # nothing runs: leave the CPU to the compile
             return _NO_OUTPUTS
-        sampled = self.runner.execute(batch)
+        sampled = self.runner.execute(batch, masks and masks.start())
         self.scheduler.update(sampled.token_ids.cpu().numpy())  # the step's one device->host sync
         return self._outputs(sampled)
 
-    def _step_overlapped(self, batch) -> StepOutputs:
-        """Launch this step, then apply the previous one's tokens while the GPU runs it."""
-        done = self._in_flight
-        self._in_flight = None if batch is None else self.runner.launch(batch)
+    def _step_overlapped(self, batch, masks: Optional[StepMasks]) -> StepOutputs:
+        """Launch this step, then apply the previous one's tokens while the GPU runs it. A step
+        with grammar masks needs those tokens before it samples: its forward is launched, the
+        tokens are applied while it runs, then the masks are filled and the step sampled."""
+        done, outputs = self._in_flight, _NO_OUTPUTS
+        if batch is None:
+            self._in_flight = None
+        elif masks is None or done is None:
+            self._in_flight = self.runner.launch(batch, masks)
+        else:
+            logits = self.runner.forward(batch)
+            outputs, done = self._resolve(done), None
+            self._in_flight = self.runner.in_flight(self.runner.sample(*logits, masks))
         if done is not None:
-            self.scheduler.resolve(done.tokens())
+            outputs = self._resolve(done)
         if batch is not None:
             self.scheduler.defer()
-        return _NO_OUTPUTS if done is None else self._outputs(done.sampled)
+        return outputs
+
+    def _resolve(self, done) -> StepOutputs:
+        self.scheduler.resolve(done.tokens())
+        return self._outputs(done.sampled)
 
     def _outputs(self, sampled: SamplerOutput) -> StepOutputs:
         s = self.scheduler
@@ -145,4 +187,5 @@ class EngineCore:
                         sampled.top_ids[index].cpu().numpy().astype(np.int32),
                         sampled.top_logprobs[index].cpu().numpy())
         self.timings.sampled(s.out_owners, time.monotonic())
+        self.grammars.accept(s.out_owners, s.out_tokens, s.out_finish)
         return StepOutputs(s.out_owners, s.out_tokens, s.out_finish, logprobs)

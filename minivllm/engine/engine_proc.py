@@ -194,10 +194,24 @@ class EngineProc:
     def _step(self) -> StepOutputs:
         start = time.perf_counter()
         out = self.core.step()
+        for owner, message in self.core.take_failed():
+            self._fail(owner, message)
         if self._fault_step_s:
             time.sleep(self._fault_step_s)
         self.step_times.append(time.perf_counter() - start)
         return out
+
+    def _fail(self, owner: int, message: str) -> None:
+        """A request the core refused after taking it (its grammar does not compile): an
+        error record names it, as a refused submit's does."""
+        key, rid = int(self.owners.client[owner]), int(self.owners.request_id[owner])
+        self.owners.remove(owner)
+        self.counters["errors"] += 1
+        client = self.clients.get(key)
+        if client is not None:
+            client.requests.pop(rid, None)
+            client.send_error(protocol.ERR_INVALID_REQUEST, message, rid)
+            self._forget_idle_peer(client)
 
     def step_p99(self) -> float:
         """The p99 of the recent steps' durations in s (0 before the first): shutdowns wait
@@ -366,7 +380,9 @@ class EngineProc:
     def stats(self) -> dict:
         alloc, sched = self.core.allocator, self.core.scheduler
         return {"step": self.step_count, "running": len(sched.running),
-                "waiting": len(sched.waiting), "num_blocks": alloc.num_blocks,
+                "waiting": len(sched.waiting),
+                "waiting_for_grammar": len(self.core.grammars.waiting),
+                "num_blocks": alloc.num_blocks,
                 "free_blocks": alloc.num_free_blocks, "kv_usage": alloc.usage,
                 "prefix_queries": alloc.prefix_queries, "prefix_hits": alloc.prefix_hits,
                 "preemptions": sched.num_preemptions, "frontends": sorted(self.frontends),

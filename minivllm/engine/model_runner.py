@@ -23,6 +23,7 @@ from minivllm.config import EngineConfig, resolve_dtype
 from minivllm.core.batch import ScheduledBatch
 from minivllm.engine.cuda_graphs import DecodeGraphs
 from minivllm.engine.step_inputs import StepStaging, cpu_inputs, fill_placeholders
+from minivllm.engine.structured_output import StepMasks
 from minivllm.layers.cpu_linear import use_cpu_linears
 from minivllm.layers.kernels import select_kernels
 from minivllm.layers.sampler import Sampler, SamplerOutput
@@ -144,9 +145,14 @@ class ModelRunner:
         self.model.bind_kv_cache(list(self.kv_cache[0]), list(self.kv_cache[1]))
         return KVCacheSpec(num_blocks, cache.block_size, per_block)
 
+    def execute(self, batch: ScheduledBatch, masks: Optional[StepMasks] = None) -> SamplerOutput:
+        """Forward the batch and sample one token for each row in `batch.sample_rows`, under
+        the grammar masks of its constrained rows if any."""
+        return self.sample(*self.forward(batch), masks)
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> SamplerOutput:
-        """Forward the batch and sample one token for each row in `batch.sample_rows`."""
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of the batch's sampled rows, and those rows' request indices."""
         if self.graphs is not None and self.graphs.serves(batch):
             hidden, sample_index, sample_indices = self.graphs.run(batch)
         else:
@@ -160,14 +166,24 @@ class ModelRunner:
             sample_index, sample_indices = inputs.sample_index, inputs.sample_indices
         if sample_index is not None:  # None: every token is sampled (a step of decodes)
             hidden = hidden[sample_index]
-        out = self.sampler.sample(self.model.compute_logits(hidden), sample_indices)
+        return self.model.compute_logits(hidden), sample_indices
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, req_indices: torch.Tensor,
+               masks: Optional[StepMasks] = None) -> SamplerOutput:
+        if masks is not None:
+            masks.apply(logits)
+        out = self.sampler.sample(logits, req_indices)
         if self.last_tokens is not None:
-            self.last_tokens[sample_indices] = out.token_ids
+            self.last_tokens[req_indices] = out.token_ids
         return out
 
-    def launch(self, batch: ScheduledBatch) -> InFlight:
+    def launch(self, batch: ScheduledBatch, masks: Optional[StepMasks] = None) -> InFlight:
         """execute() without waiting for the tokens (async scheduling)."""
-        out = self.execute(batch)
+        return self.in_flight(self.execute(batch, masks))
+
+    def in_flight(self, out: SamplerOutput) -> InFlight:
+        """A sampled step whose tokens the host has not waited for."""
         self._returns.append(self._returns.pop(0))  # the older pair's step is resolved by now
         return InFlight(out, *self._returns[-1])
 

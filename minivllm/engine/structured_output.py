@@ -1,0 +1,246 @@
+"""Structured outputs on xgrammar: a grammar matcher per constrained request.
+
+A constrained request passes through its own state before the scheduler sees it:
+
+    add_request ─► WAITING_FOR_GRAMMAR: compiled on the worker thread, cached by (kind, spec)
+                 ─► the scheduler's WAITING ─► RUNNING ... (take_ready)
+                 ─► or failed: take_failed() names it with xgrammar's message; the batch goes on
+
+Each step the engine asks `masks()` for the batch's sampled rows: None when no row is
+constrained (requests without a grammar pay one test of an empty dict); otherwise `StepMasks`,
+whose bitmask xgrammar's batched matcher fills on the host (on a helper thread while the
+forward runs, or after the previous step's tokens resolve under async scheduling) and whose
+`apply()` writes -inf into the logits on their own device (xgrammar's CPU kernel, its Triton
+kernel on CUDA) just before sampling. Matchers advance in `accept()` on the step's accepted
+tokens only: the token async scheduling computes after a stop is discarded before it gets here.
+A matcher whose grammar has terminated (its stop token accepted, under ignore_eos) masks nothing.
+
+xgrammar (which imports torch and transformers) is imported on the worker thread by the first
+constrained request, so an engine that never sees one never loads it.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import re
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from minivllm.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept (each a few hundred KB at most)
+
+# xgrammar's messages start with "[hh:mm:ss] /path/file.cc:line: ": the user needs the rest.
+_XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+def _choice_ebnf(choices: Sequence[str]) -> str:
+    # JSON string literals are valid EBNF literals in xgrammar's dialect (same escapes).
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class StructuredOutputs:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
+                 device: torch.device, max_num_seqs: int) -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self.device, self.max_num_seqs = device, max_num_seqs
+        self._compile_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self._fill_thread: Optional[ThreadPoolExecutor] = None
+        self._xgr = None       # the xgrammar module, once imported
+        self._compiler = None  # xgrammar.GrammarCompiler over this tokenizer's vocabulary
+        self._batch_matcher = None
+        self._bitmask: Optional[torch.Tensor] = None  # [max_num_seqs, ceil(V / 32)] int32, host
+        self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self.waiting: dict[int, tuple[object, Future]] = {}  # owner -> (request, compile)
+        self._failed: list[tuple[int, str]] = []
+        self.matchers: dict[int, object] = {}   # owner -> GrammarMatcher, until it finishes
+        self._by_index: dict[int, object] = {}  # req_index -> matcher, while admitted
+
+    # ---- WAITING_FOR_GRAMMAR ----------------------------------------------------------------
+    def add(self, req) -> None:
+        """Hold `req` until its grammar is compiled (at once when cached)."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need the model's tokenizer, and this model "
+                             "has none")
+        spec: StructuredOutputsParams = req.params.structured_outputs
+        key = (spec.kind, spec.spec)
+        future = self._compiled.get(key)
+        if future is None:
+            future = self._compiled[key] = self._compile_thread.submit(self._compile, *key)
+            if len(self._compiled) > GRAMMAR_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        self.waiting[req.owner] = (req, future)
+
+    def take_ready(self) -> list:
+        """The waiting requests whose grammar compiled, in arrival order, each with its
+        matcher; those whose grammar failed go to take_failed()."""
+        ready = []
+        for owner, (req, future) in list(self.waiting.items()):
+            if not future.done():
+                continue
+            del self.waiting[owner]
+            error = future.exception()
+            if error is not None:
+                kind = req.params.structured_outputs.kind
+                self._failed.append((owner, f"structured_outputs.{kind} does not compile: "
+                                            f"{_XGR_PREFIX.sub('', str(error)).strip()}"))
+                continue
+            self.matchers[owner] = self._xgr.GrammarMatcher(future.result())
+            ready.append(req)
+        return ready
+
+    def take_failed(self) -> list[tuple[int, str]]:
+        """(owner, message) of the requests whose grammar failed since the last call."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a waiting request's compile ends or timeout_s passes (an engine with
+        nothing else to run must not spin against the compile for the CPU)."""
+        wait([f for _, f in self.waiting.values()], timeout_s, FIRST_COMPLETED)
+
+    def abort(self, owner: int):
+        """Forget `owner`; returns its request if it was still waiting for its grammar."""
+        self.matchers.pop(owner, None)
+        entry = self.waiting.pop(owner, None)
+        return None if entry is None else entry[0]
+
+    def _compile(self, kind: str, spec: str):
+        compiler = self._load()
+        if kind == "json":
+            # No free whitespace: a small model offered it can loop on it until max_tokens.
+            return compiler.compile_json_schema(spec, any_whitespace=False)
+        if kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+        if kind == "regex":
+            return compiler.compile_regex(spec)
+        if kind == "choice":
+            return compiler.compile_grammar(_choice_ebnf(json.loads(spec)))
+        return compiler.compile_grammar(spec)
+
+    def _load(self):
+        """xgrammar and the compiler over the vocabulary: once, on the worker thread."""
+        if self._compiler is None:
+            try:
+                import xgrammar
+            except ImportError:
+                raise ValueError("structured outputs need the xgrammar package: "
+                                 "pip install 'minivllm[structured]'") from None
+            info = xgrammar.TokenizerInfo(self._encoded_vocab(), xgrammar.VocabType.BYTE_LEVEL,
+                                          vocab_size=self.vocab_size,
+                                          stop_token_ids=self.stop_token_ids)
+            self._xgr = xgrammar
+            self._compiler = xgrammar.GrammarCompiler(info)
+            logger.info("structured outputs: xgrammar %s over %d tokens",
+                        importlib.metadata.version("xgrammar"), self.vocab_size)
+        return self._compiler
+
+    def _encoded_vocab(self) -> list[str]:
+        """Token strings by id, byte-level encoded; "" for ids without a token and for control
+        tokens, which xgrammar then never allows inside the output's text (its stop tokens it
+        allows where the grammar may end)."""
+        backend = self.tokenizer.backend
+        vocab = [""] * self.vocab_size
+        for token, i in backend.get_vocab(with_added_tokens=True).items():
+            if i < self.vocab_size:
+                vocab[i] = token
+        for i, added in backend.get_added_tokens_decoder().items():
+            if added.special and i < self.vocab_size:
+                vocab[i] = ""
+        return vocab
+
+    # ---- admitted requests ------------------------------------------------------------------
+    def bind(self, req_index: int, owner: int) -> None:
+        matcher = self.matchers.get(owner)
+        if matcher is not None:
+            self._by_index[req_index] = matcher
+
+    def unbind(self, req_index: int) -> None:
+        self._by_index.pop(req_index, None)
+
+    def masks(self, sample_req_indices: np.ndarray) -> Optional["StepMasks"]:
+        """The masks of a step whose sampled rows are these request indices; None when none
+        of them is constrained."""
+        if not self._by_index:
+            return None
+        rows, matchers = [], []
+        for row, req_index in enumerate(sample_req_indices.tolist()):
+            matcher = self._by_index.get(req_index)
+            if matcher is not None:
+                rows.append(row)
+                matchers.append(matcher)
+        return StepMasks(self, rows, matchers) if rows else None
+
+    def accept(self, owners: np.ndarray, tokens: np.ndarray, finish: np.ndarray) -> None:
+        """Advance the matchers on a step's accepted tokens; finished requests drop theirs."""
+        if not self.matchers:
+            return
+        for owner, token, code in zip(owners.tolist(), tokens.tolist(), finish.tolist()):
+            matcher = self.matchers.get(owner)
+            if matcher is None:
+                continue
+            if not matcher.is_terminated() and not matcher.accept_token(token):
+                logger.warning("request %d: its grammar refused token %d", owner, token)
+            if code:
+                del self.matchers[owner]
+
+    def _fill(self, rows: list[int], matchers: list) -> list[int]:
+        """Fill the bitmask rows of the matchers still running; returns those rows."""
+        live = [(r, m) for r, m in zip(rows, matchers) if not m.is_terminated()]
+        if live:
+            if self._bitmask is None:
+                self._batch_matcher = self._xgr.BatchGrammarMatcher()
+                self._bitmask = self._xgr.allocate_token_bitmask(self.max_num_seqs,
+                                                                 self.vocab_size)
+                if self.device.type == "cuda":
+                    self._bitmask = self._bitmask.pin_memory()
+            self._batch_matcher.batch_fill_next_token_bitmask(
+                [m for _, m in live], self._bitmask, [r for r, _ in live])
+        return [r for r, _ in live]
+
+    def fill_async(self, rows: list[int], matchers: list) -> Future:
+        if self._fill_thread is None:
+            self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
+        return self._fill_thread.submit(self._fill, rows, matchers)
+
+    def apply(self, logits: torch.Tensor, rows: list[int]) -> None:
+        if not rows:
+            return
+        bitmask = self._bitmask[:logits.shape[0]]
+        if bitmask.device != logits.device:
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
+                                              indices=rows)
+
+    def close(self) -> None:
+        self._compile_thread.shutdown(wait=False, cancel_futures=True)
+        if self._fill_thread is not None:
+            self._fill_thread.shutdown(wait=False)
+
+
+class StepMasks:
+    """One step's grammar masks: `start()` fills them on the helper thread (the previous
+    step's tokens are accepted already), `apply(logits)` waits for the fill (filling inline
+    when it was not started) and masks the logits."""
+
+    def __init__(self, owner: StructuredOutputs, rows: list[int], matchers: list) -> None:
+        self._so, self._rows, self._matchers = owner, rows, matchers
+        self._fill: Optional[Future] = None
+
+    def start(self) -> "StepMasks":
+        self._fill = self._so.fill_async(self._rows, self._matchers)
+        return self
+
+    def apply(self, logits: torch.Tensor) -> None:
+        rows = (self._fill.result() if self._fill is not None
+                else self._so._fill(self._rows, self._matchers))
+        self._so.apply(logits, rows)

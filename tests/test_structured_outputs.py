@@ -1,0 +1,149 @@
+"""Structured outputs (xgrammar): every door, the engine's grammar state, the oracle.
+
+One offline engine and one `minivllm serve` for the module; small max_tokens. The oracle is
+transformers with the same weights, masked by xgrammar's own logits processor built from the
+Hugging Face tokenizer: greedy tokens must match."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+
+from minivllm import LLM, SamplingParams, StructuredOutputsParams
+
+xgrammar = pytest.importorskip("xgrammar")
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]},
+                                  "maxItems": 2}},
+          "required": ["name", "age", "pets"]}
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+def greedy(max_tokens: int = 48, **spec) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens,
+                          structured_outputs=StructuredOutputsParams(**spec))
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", max_num_seqs=8)
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ({}, "exactly one of"),
+    ({"regex": "a", "choice": ["a"]}, "got regex, choice"),
+    ({"json": "{not json"}, "json is not valid JSON"),
+    ({"json": [1]}, "JSON schema object"),
+    ({"choice": []}, "choice must be a non-empty list"),
+    ({"grammar": ""}, "grammar must be a non-empty string"),
+])
+def test_bad_spec_shapes_are_refused_on_entry(spec, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        StructuredOutputsParams(**spec)
+
+
+def test_each_kind_holds_its_output(llm):
+    """json schema, regex, choice, EBNF grammar, json_object: finished outputs conform."""
+    cases = [({"json": PERSON}, lambda t: jsonschema.validate(json.loads(t), PERSON)),
+             ({"regex": r"[0-9]{3}-[0-9]{4}"},
+              lambda t: re.fullmatch(r"[0-9]{3}-[0-9]{4}", t) or pytest.fail(t)),
+             ({"choice": ["yes", "no", "maybe"]}, lambda t: t in ("yes", "no", "maybe")
+              or pytest.fail(t)),
+             ({"grammar": 'root ::= "(" [a-z]+ ("," [a-z]+)? ")"'},
+              lambda t: re.fullmatch(r"\([a-z]+(,[a-z]+)?\)", t) or pytest.fail(t)),
+             ({"json_object": True}, lambda t: isinstance(json.loads(t), dict)
+              or pytest.fail(t))]
+    outs = llm.chat([ASK] * len(cases), [greedy(**spec) for spec, _ in cases], use_tqdm=False)
+    for (spec, check), out in zip(cases, outs):
+        completion = out.outputs[0]
+        if completion.finish_reason == "stop" or not {"json", "json_object"} & spec.keys():
+            assert completion.finish_reason == "stop", (spec, completion.text)  # short ones
+            check(completion.text)
+    assert not llm.engine.grammars.matchers and not llm.engine.grammars.waiting
+
+
+def test_greedy_matches_transformers_under_the_same_grammar(llm):
+    """The oracle: transformers, same weights, xgrammar's own HF logits processor over a
+    tokenizer info built from the Hugging Face tokenizer (not ours): the same greedy tokens."""
+    import torch
+    import transformers
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    from minivllm.loader.embedded import embedded_gguf_path
+    path = embedded_gguf_path()
+    kwargs = dict(gguf_file=os.path.basename(path))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), dtype=torch.float32, **kwargs).eval()
+    info = xgrammar.TokenizerInfo.from_huggingface(hf_tok, vocab_size=49152, stop_token_ids=[2])
+    compiler = xgrammar.GrammarCompiler(info)
+    tok = llm.get_tokenizer()
+    prompt = tok.encode(tok.apply_chat_template(ASK))
+    for spec, compiled in [({"json": PERSON}, compiler.compile_json_schema(
+                                json.dumps(PERSON), any_whitespace=False)),
+                           ({"regex": r"(Paris|Lyon) is in [A-Z][a-z]+\."},
+                            compiler.compile_regex(r"(Paris|Lyon) is in [A-Z][a-z]+\."))]:
+        got = llm.generate([prompt], greedy(32, **spec), use_tqdm=False)[0].outputs[0].token_ids
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=2, pad_token_id=2,
+                                 logits_processor=[LogitsProcessor(compiled)])
+        assert got == ids[0, len(prompt):].tolist(), spec
+
+
+def test_a_grammar_that_does_not_compile_fails_only_its_request(llm):
+    """The compile error names the problem; the request beside it finishes; nothing is left
+    waiting, and the engine goes on."""
+    engine = llm.engine
+    good = engine.add_request(10_001, [1, 2, 3], greedy(8, choice=["a", "b"]))
+    engine.add_request(10_002, [1, 2, 3], greedy(8, regex="a["))
+    engine.add_request(10_003, [1, 2, 3], greedy(8, grammar='root ::= "x" | '))
+    failed, finished = {}, set()
+    while engine.has_unfinished():
+        out = engine.step()
+        failed.update(engine.take_failed())
+        finished.update(out.owners[out.finish != 0].tolist())
+    assert finished == {good.owner}
+    assert "regex does not compile" in failed[10_002] and "Unclosed '['" in failed[10_002]
+    assert "grammar does not compile" in failed[10_003] and "line 1" in failed[10_003]
+    with pytest.raises(ValueError, match="regex does not compile"):
+        llm.generate("hi", greedy(regex="(a"), use_tqdm=False)
+    assert not engine.grammars.waiting and not engine.grammars.matchers
+
+
+def test_unconstrained_rows_beside_constrained_ones_are_unchanged(llm):
+    """A mixed batch masks only the constrained rows: the others give the tokens they give
+    alone; a batch without constraints builds no masks at all."""
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(["The capital of France is"], plain, use_tqdm=False)
+    mixed = llm.generate(["The capital of France is"] * 2,
+                         [plain, greedy(12, regex="[A-Z]{12}")], use_tqdm=False)
+    assert mixed[0].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    assert re.fullmatch("[A-Z]{12}", mixed[1].outputs[0].text)
+
+
+def test_async_scheduling_and_preemption_give_the_same_constrained_outputs(llm):
+    """Under async scheduling (a token computed after a stop is discarded before any matcher
+    sees it) and a KV budget that preempts, constrained outputs equal the synchronous ones."""
+    params = [greedy(24, json=PERSON), greedy(24, regex="[a-z ]+"), greedy(24, choice=["no"]),
+              greedy(20, json_object=True)] * 2
+    tok = llm.get_tokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Describe person {i} as "
+                                                                    "JSON."}])
+               for i in range(len(params))]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    other = LLM(dtype="float32", max_num_seqs=8, async_scheduling=True, block_size=4,
+                num_blocks=44)  # prompts of 10 blocks: four fit, and they preempt as they grow
+    other.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert other.engine.grammars.masks(np.arange(8)) is None  # no grammar: no masks
+    got = [o.outputs[0].token_ids for o in other.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert other.engine.scheduler.num_preemptions > 0
+    assert not other.engine.grammars.matchers and other.engine.allocator.num_used_blocks == 0
