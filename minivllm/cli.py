@@ -22,6 +22,10 @@ def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", default=None, choices=["auto", *KERNEL_SETS],
                    help="kernel set (default: $MINIVLLM_KERNELS, else auto)")
+    p.add_argument("--generation-config", default="auto",
+                   help="default sampling for requests that leave it unset: auto (the model "
+                        "directory's generation_config.json), vllm (none), or a file or "
+                        "directory path")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +38,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(args):
     from minivllm import LLM
     return LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-               max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels)
+               max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
+               generation_config=args.generation_config)
 
 
 def _params(args):
@@ -96,7 +101,7 @@ def _engine_config(args):
     return build_engine_config(
         args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
-        max_num_seqs=args.max_num_seqs,
+        generation_config=args.generation_config, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,
         batch_wait_ms=args.batch_wait_ms, async_scheduling=args.async_scheduling,

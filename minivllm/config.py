@@ -174,8 +174,15 @@ class ModelConfig:
     # True: no CUDA graphs, every step runs eagerly (as vLLM's enforce_eager). Graphs need the
     # cuda-triton kernels, which read every length from device memory.
     enforce_eager: bool = False
+    # Default sampling for requests that leave it unset (loader/generation_config.py): auto (the
+    # model directory's generation_config.json), vllm (none), or a file or directory path.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.generation_config not in ("auto", "vllm") and \
+                not os.path.exists(str(self.generation_config)):
+            raise ValueError(f"generation_config must be auto, vllm or an existing path; got "
+                             f"{self.generation_config!r}")
         if self.load_format not in ("auto", "hf", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, hf, gguf or dummy; got {self.load_format!r}")
         if self.kernels is None:

@@ -35,6 +35,7 @@ from minivllm.engine.request_timings import RequestTimings
 from minivllm.inputs import check_prompt
 from minivllm.layers.sampler import SamplerOutput
 from minivllm.loader import load_tokenizer, resolve_model
+from minivllm.loader.generation_config import sampling_defaults
 from minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class EngineCore:
         t0 = time.perf_counter()
         self.source = resolve_model(config.model.model, config.model.load_format)
         self.tokenizer = load_tokenizer(self.source)
+        self.sampling_defaults = self._sampling_defaults(config.model.generation_config)
         overlap = config.scheduler.async_scheduling
         if overlap is None:
             overlap = config.model.torch_device().type == "cuda"
@@ -96,6 +98,17 @@ class EngineCore:
                     self.runner.device, self.runner.dtype, spec.num_blocks, spec.block_size,
                     spec.num_tokens, config.scheduler.implementation,
                     ", async scheduling" if overlap else "")
+
+    def _sampling_defaults(self, setting: str) -> dict:
+        """The generation config's sampling, for frontends to apply to requests that leave it
+        unset (SamplingParams themselves are always complete)."""
+        model_dir = self.source.path if self.source.kind == "hf" else None
+        path, defaults = sampling_defaults(setting, model_dir)
+        if defaults:
+            logger.info("default sampling from %s for requests that do not set it: %s "
+                        "(--generation-config vllm ignores it)", path,
+                        ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        return defaults
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, owner: int, prompt_token_ids: Sequence[int], params: SamplingParams,

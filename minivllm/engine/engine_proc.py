@@ -375,7 +375,8 @@ class EngineProc:
         return {"bell": self.bells.endpoint, "pid": os.getpid(), "model": core.source.name,
                 "max_model_len": core.max_model_len,
                 "vocab_size": core.source.arch.vocab_size,
-                "eos_token_ids": list(core.eos_token_ids)}
+                "eos_token_ids": list(core.eos_token_ids),
+                "sampling_defaults": core.sampling_defaults}
 
     def stats(self) -> dict:
         alloc, sched = self.core.allocator, self.core.scheduler

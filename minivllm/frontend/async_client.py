@@ -106,6 +106,8 @@ class AsyncEngineClient:
         self.max_model_len = info["max_model_len"]
         self.vocab_size = info["vocab_size"]
         self.eos_token_ids = tuple(info["eos_token_ids"])
+        # the model's generation config (--generation-config), for requests that leave it unset
+        self.sampling_defaults: dict = info["sampling_defaults"]
 
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
@@ -123,7 +125,8 @@ class AsyncEngineClient:
              request_id: Optional[str] = None) -> "RequestStream":
         """generate(), but the request is checked and sent now (a server answers 400 before
         it starts a response); close() the stream if you stop reading before it finishes."""
-        return RequestStream(self, self._add(prompt, params or SamplingParams(), request_id))
+        params = params or SamplingParams(**self.sampling_defaults)
+        return RequestStream(self, self._add(prompt, params, request_id))
 
     def submit(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                request_id: Optional[str] = None) -> "asyncio.Task[RequestOutput]":

@@ -85,7 +85,14 @@ class ServerState:
         if getattr(req, "model", None) not in (None, self.model_name):
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model",
                            type_="NotFoundError")
-        return req
+        return self._with_sampling_defaults(req)
+
+    def _with_sampling_defaults(self, req: RequestModel) -> RequestModel:
+        """The model's generation config (--generation-config) in the sampling fields `req`
+        leaves unset, as vLLM applies it."""
+        defaults = self.client.sampling_defaults if self.client is not None else {}
+        unset = {k: v for k, v in defaults.items() if getattr(req, k, 0) is None}
+        return req.model_copy(update=unset) if unset else req
 
     def admit(self) -> None:
         """Take one pending-request slot (give it back with release()), or refuse."""

@@ -1,0 +1,61 @@
+"""The parts of vLLM's API surface its users' tools rely on, on a tiny random model (fast to
+load): the model's generation config as default sampling (--generation-config)."""
+import json
+import os
+
+import httpx
+import pytest
+
+from bench.server_proc import ServeProcess
+from minivllm import LLM, SamplingParams
+
+# top_k 1 makes the defaults greedy; the penalty changes what a tiny random model repeats.
+GENERATION_CONFIG = {"top_k": 1, "repetition_penalty": 1.5, "bos_token_id": 1}
+AS_SET = dict(top_k=1, repetition_penalty=1.5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_hf_dir):
+    return tiny_hf_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("genconf") / "generation_config.json"
+    path.write_text(json.dumps(GENERATION_CONFIG))
+    return str(path)
+
+
+def test_generation_config_defaults_offline(model_dir, config_file, tmp_path):
+    llm = LLM(model_dir, dtype="float32", num_blocks=64, generation_config=config_file)
+    assert llm.get_default_sampling_params() == SamplingParams(**AS_SET)
+    prompt = "The numbers are"
+    assert llm.generate(prompt, use_tqdm=False)[0].outputs[0].token_ids == \
+        llm.generate(prompt, SamplingParams(**AS_SET), use_tqdm=False)[0].outputs[0].token_ids
+    plain = LLM(model_dir, dtype="float32", num_blocks=64, generation_config="vllm")
+    assert plain.get_default_sampling_params() == SamplingParams()
+    with pytest.raises(ValueError, match="generation_config"):
+        LLM(model_dir, generation_config=str(tmp_path / "missing.json"))
+    bad = tmp_path / "generation_config.json"
+    bad.write_text(json.dumps({"temperature": -1}))
+    with pytest.raises(ValueError, match="generation_config.*temperature"):
+        LLM(model_dir, dtype="float32", num_blocks=64, generation_config=str(tmp_path))
+
+
+def test_generation_config_defaults_served(model_dir, config_file):
+    srv = ServeProcess([model_dir, "--dtype", "float32", "--num-blocks", "64",
+                        "--generation-config", config_file], env={"MINIVLLM_LOG_LEVEL": "INFO"})
+    try:
+        def complete(**fields) -> list[int]:
+            body = {"prompt": "The numbers are", "max_tokens": 16, "ignore_eos": True,
+                    "logprobs": 0, **fields}
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["logprobs"]["tokens"]
+        defaults = complete()
+        assert defaults == complete(**AS_SET)  # unset fields take the file's values
+        assert defaults != complete(top_k=1, repetition_penalty=1.0)  # a set field wins
+        log = "".join(srv.stderr)
+        assert "default sampling from " + config_file in log and "top_k=1" in log
+    finally:
+        assert srv.stop() == 0
