@@ -50,7 +50,10 @@ cdef extern from "records_layout.h" nogil:
 MAGIC, VERSION = MV_MAGIC, MV_VERSION
 KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = (
     MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR)
+KIND_STATUS_QUERY, KIND_STATUS = MV_KIND_STATUS_QUERY, MV_KIND_STATUS
+STATE_READY, STATE_DRAINING = MV_STATE_READY, MV_STATE_DRAINING
 MAX_RECORD_BYTES, MAX_TOP_LOGPROBS = MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
+SUBMIT_FIXED_BYTES = sizeof(mv_submit)  # a submit's size before its token arrays
 SAMPLING_HAS_SEED, SAMPLING_IGNORE_EOS = MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
 STEP_HAS_LOGPROBS, ERROR_HAS_REQUEST = MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = (
@@ -281,6 +284,26 @@ cdef class ErrorRecord:
         return f"ErrorRecord(code={self.code}, request_id={self.request_id}, {self.message!r})"
 
 
+cdef class StatusQuery:
+    """A decoded MV_KIND_STATUS_QUERY: the answer echoes `tag`."""
+    kind = MV_KIND_STATUS_QUERY
+    cdef readonly uint64_t tag
+
+
+cdef class Status:
+    """A decoded MV_KIND_STATUS: `fields` maps each field of mv_status after the tag (the
+    header's names) to its value."""
+    kind = MV_KIND_STATUS
+    cdef readonly uint64_t tag
+    cdef readonly dict fields
+
+    def __init__(self, uint64_t tag, dict fields) -> None:
+        self.tag, self.fields = tag, fields
+
+    def __repr__(self) -> str:
+        return f"Status(tag={self.tag}, {self.fields})"
+
+
 # ---- writers ----------------------------------------------------------------------------------
 def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
                int priority=0, double timeout=5.0) -> None:
@@ -405,6 +428,26 @@ def put_error(RecordSink sink, uint32_t code, str message, request_id=None,
     sink.commit()
 
 
+def put_status_query(RecordSink sink, uint64_t tag, double timeout=5.0) -> None:
+    cdef char* p = sink.reserve(sizeof(mv_status_query), timeout)
+    _header(p, MV_KIND_STATUS_QUERY, sizeof(mv_status_query), 0)
+    (<mv_status_query*>p).tag = tag
+    sink.commit()
+
+
+_NO_HEADER = dict(magic=0, version=0, kind=0, size=0, flags=0)  # _header() writes it
+
+
+def put_status(RecordSink sink, uint64_t tag, dict fields, double timeout=5.0) -> None:
+    """Write a status record: `fields` holds a value for every field of mv_status after the
+    tag (Cython's struct conversion names the one missing)."""
+    cdef mv_status rec = dict(fields, header=_NO_HEADER, tag=tag)
+    _header(<char*>&rec, MV_KIND_STATUS, sizeof(mv_status), 0)
+    cdef char* p = sink.reserve(sizeof(mv_status), timeout)
+    memcpy(p, &rec, sizeof(mv_status))
+    sink.commit()
+
+
 def encode_submit(uint64_t request_id, prompt_token_ids, params, int priority=0) -> bytes:
     cdef BytesSink sink = BytesSink()
     put_submit(sink, request_id, prompt_token_ids, params, priority)
@@ -428,6 +471,18 @@ def encode_step_output(uint64_t step, request_ids, token_ids, finish_reasons, lo
 def encode_error(uint32_t code, str message, request_id=None) -> bytes:
     cdef BytesSink sink = BytesSink()
     put_error(sink, code, message, request_id)
+    return sink.take()
+
+
+def encode_status_query(uint64_t tag) -> bytes:
+    cdef BytesSink sink = BytesSink()
+    put_status_query(sink, tag)
+    return sink.take()
+
+
+def encode_status(uint64_t tag, dict fields) -> bytes:
+    cdef BytesSink sink = BytesSink()
+    put_status(sink, tag, fields)
     return sink.take()
 
 
@@ -455,6 +510,7 @@ cdef object _decode(const char* p, uint64_t n):
     """The record in p[0:n], or raises ProtocolError saying what is wrong."""
     cdef mv_header h
     cdef StepShape shape
+    cdef StatusQuery query
     _check_header(p, n, &h)
     if h.kind == MV_KIND_SUBMIT:
         return _decode_submit(p, n, h)
@@ -467,6 +523,15 @@ cdef object _decode(const char* p, uint64_t n):
         return Abort((<const mv_abort*>p).request_id)
     if h.kind == MV_KIND_ERROR:
         return _decode_error(p, n, h)
+    if h.kind == MV_KIND_STATUS_QUERY:
+        if n != sizeof(mv_status_query) or h.flags:
+            raise ProtocolError(f"a status query is {sizeof(mv_status_query)} bytes with no "
+                                f"flags")
+        query = StatusQuery.__new__(StatusQuery)
+        query.tag = (<const mv_status_query*>p).tag
+        return query
+    if h.kind == MV_KIND_STATUS:
+        return _decode_status(p, n, h)
     raise ProtocolError(f"unknown record kind {h.kind}")
 
 
@@ -552,6 +617,16 @@ cdef ErrorRecord _decode_error(const char* p, uint64_t n, mv_header h):
     message = p[sizeof(mv_error):sizeof(mv_error) + rec.message_len].decode("utf-8", "replace")
     return ErrorRecord(rec.code, message,
                        rec.request_id if h.flags & MV_ERROR_HAS_REQUEST else None)
+
+
+cdef Status _decode_status(const char* p, uint64_t n, mv_header h):
+    cdef mv_status rec
+    if n != sizeof(mv_status) or h.flags:
+        raise ProtocolError(f"a status record is {sizeof(mv_status)} bytes with no flags")
+    memcpy(&rec, p, sizeof(mv_status))
+    fields = <dict>rec
+    del fields["header"], fields["tag"]
+    return Status(rec.tag, fields)
 
 
 def decode(const unsigned char[::1] buffer):

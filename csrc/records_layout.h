@@ -37,6 +37,23 @@ static const mv_field_layout MV_LAYOUT[] = {
     MV_STRUCT(mv_error),
     MV_FIELD(mv_error, header), MV_FIELD(mv_error, request_id), MV_FIELD(mv_error, code),
     MV_FIELD(mv_error, message_len),
+    MV_STRUCT(mv_status_query),
+    MV_FIELD(mv_status_query, header), MV_FIELD(mv_status_query, tag),
+    MV_STRUCT(mv_status),
+    MV_FIELD(mv_status, header), MV_FIELD(mv_status, tag), MV_FIELD(mv_status, state),
+    MV_FIELD(mv_status, pid), MV_FIELD(mv_status, max_message_bytes),
+    MV_FIELD(mv_status, max_model_len), MV_FIELD(mv_status, vocab_size),
+    MV_FIELD(mv_status, max_in_flight_per_peer), MV_FIELD(mv_status, max_in_flight),
+    MV_FIELD(mv_status, peer_in_flight), MV_FIELD(mv_status, zmq_in_flight),
+    MV_FIELD(mv_status, zmq_peers), MV_FIELD(mv_status, running),
+    MV_FIELD(mv_status, waiting), MV_FIELD(mv_status, num_blocks),
+    MV_FIELD(mv_status, free_blocks), MV_FIELD(mv_status, step),
+    MV_FIELD(mv_status, requests), MV_FIELD(mv_status, finished),
+    MV_FIELD(mv_status, aborted), MV_FIELD(mv_status, errors),
+    MV_FIELD(mv_status, overloaded), MV_FIELD(mv_status, prompt_tokens),
+    MV_FIELD(mv_status, generation_tokens), MV_FIELD(mv_status, preemptions),
+    MV_FIELD(mv_status, prefix_queries), MV_FIELD(mv_status, prefix_hits),
+    MV_FIELD(mv_status, step_p99_s),
 };
 #define MV_LAYOUT_LEN (sizeof(MV_LAYOUT) / sizeof(MV_LAYOUT[0]))
 

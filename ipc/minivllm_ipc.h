@@ -23,6 +23,8 @@
 #define MV_KIND_ABORT 2u       /* frontend -> engine: stop a request */
 #define MV_KIND_STEP_OUTPUT 3u /* engine -> frontend: the new tokens of one engine step */
 #define MV_KIND_ERROR 4u       /* either way: a record could not be served */
+#define MV_KIND_STATUS_QUERY 5u /* client -> engine: ask for the engine's status */
+#define MV_KIND_STATUS 6u       /* engine -> client: health, limits and counters */
 
 /* Hard bounds a decoder enforces before trusting a count. */
 #define MV_MAX_RECORD_BYTES (64u << 20)
@@ -117,6 +119,48 @@ typedef struct mv_error {
 #define MV_ERR_DRAINING 5u         /* the engine is shutting down and takes no new requests */
 #define MV_ERR_INTERNAL 6u         /* the engine failed serving this request */
 
+/* MV_KIND_STATUS_QUERY: answered with one MV_KIND_STATUS carrying the same tag. */
+typedef struct mv_status_query {
+    mv_header header;
+    uint64_t tag; /* chosen by the sender, echoed */
+} mv_status_query;
+
+#define MV_STATE_READY 1u    /* takes new requests */
+#define MV_STATE_DRAINING 2u /* finishes those in flight, refuses new ones (MV_ERR_DRAINING) */
+
+/* MV_KIND_STATUS: the engine's health, the limits it holds its clients to, and its counters
+ * (counters since the engine process started). */
+typedef struct mv_status {
+    mv_header header;
+    uint64_t tag;                    /* the query's */
+    uint32_t state;                  /* MV_STATE_* */
+    uint32_t pid;                    /* the engine process */
+    uint32_t max_message_bytes;      /* the largest frame the engine reads; larger: disconnected */
+    uint32_t max_model_len;          /* prompt + generated tokens of one request */
+    uint32_t vocab_size;             /* token ids are in [0, vocab_size) */
+    uint32_t max_in_flight_per_peer; /* unfinished requests of one connection; past: OVERLOADED */
+    uint32_t max_in_flight;          /* unfinished requests of all connections; past: OVERLOADED */
+    uint32_t peer_in_flight;         /* this connection's unfinished requests */
+    uint32_t zmq_in_flight;          /* all connections' unfinished requests */
+    uint32_t zmq_peers;              /* connections with requests in flight */
+    uint32_t running;                /* requests the scheduler runs (every client's) */
+    uint32_t waiting;                /* requests waiting for KV blocks or a batch slot */
+    uint32_t num_blocks;             /* KV-cache blocks */
+    uint32_t free_blocks;
+    uint64_t step;                   /* engine steps so far */
+    uint64_t requests;               /* requests admitted */
+    uint64_t finished;
+    uint64_t aborted;
+    uint64_t errors;                 /* submits refused as invalid */
+    uint64_t overloaded;             /* submits refused with MV_ERR_OVERLOADED */
+    uint64_t prompt_tokens;
+    uint64_t generation_tokens;
+    uint64_t preemptions;
+    uint64_t prefix_queries;         /* KV blocks looked up in the prefix cache */
+    uint64_t prefix_hits;
+    double step_p99_s;               /* p99 of the recent steps' durations, seconds */
+} mv_status;
+
 /* Layout checks: a compiler that pads differently fails here, not on the wire. */
 #define MV_STATIC_ASSERT(cond, msg) typedef char mv_static_assert_##msg[(cond) ? 1 : -1]
 MV_STATIC_ASSERT(sizeof(mv_header) == 16, header_size);
@@ -126,5 +170,7 @@ MV_STATIC_ASSERT(offsetof(mv_submit, sampling) == 24, submit_sampling_offset);
 MV_STATIC_ASSERT(sizeof(mv_abort) == 24, abort_size);
 MV_STATIC_ASSERT(sizeof(mv_step_output) == 32, step_output_size);
 MV_STATIC_ASSERT(sizeof(mv_error) == 32, error_size);
+MV_STATIC_ASSERT(sizeof(mv_status_query) == 24, status_query_size);
+MV_STATIC_ASSERT(sizeof(mv_status) == 176, status_size);
 
 #endif /* MINIVLLM_IPC_H */

@@ -28,6 +28,18 @@ LAYOUT: dict[str, tuple[int, list[tuple[str, int, str]]]] = {
                             ("num_entries", 24, "I"), ("num_top_logprobs", 28, "I")]),
     "mv_error": (32, [("header", 0, "sub:mv_header"), ("request_id", 16, "Q"), ("code", 24, "I"),
                       ("message_len", 28, "I")]),
+    "mv_status_query": (24, [("header", 0, "sub:mv_header"), ("tag", 16, "Q")]),
+    "mv_status": (176, [("header", 0, "sub:mv_header"), ("tag", 16, "Q")]
+                  + [(f, 24 + 4 * i, "I") for i, f in enumerate(
+                      ("state", "pid", "max_message_bytes", "max_model_len", "vocab_size",
+                       "max_in_flight_per_peer", "max_in_flight", "peer_in_flight",
+                       "zmq_in_flight", "zmq_peers", "running", "waiting", "num_blocks",
+                       "free_blocks"))]
+                  + [(f, 80 + 8 * i, "Q") for i, f in enumerate(
+                      ("step", "requests", "finished", "aborted", "errors", "overloaded",
+                       "prompt_tokens", "generation_tokens", "preemptions", "prefix_queries",
+                       "prefix_hits"))]
+                  + [("step_p99_s", 168, "d")]),
 }
 
 

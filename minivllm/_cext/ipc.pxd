@@ -10,6 +10,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 cdef extern from "minivllm_ipc.h" nogil:
     uint32_t MV_MAGIC, MV_VERSION
     uint32_t MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR
+    uint32_t MV_KIND_STATUS_QUERY, MV_KIND_STATUS, MV_STATE_READY, MV_STATE_DRAINING
     uint32_t MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
     uint32_t MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
     uint32_t MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
@@ -47,3 +48,15 @@ cdef extern from "minivllm_ipc.h" nogil:
         uint64_t request_id
         uint32_t code
         uint32_t message_len
+    ctypedef struct mv_status_query:
+        mv_header header
+        uint64_t tag
+    ctypedef struct mv_status:
+        mv_header header
+        uint64_t tag
+        uint32_t state, pid, max_message_bytes, max_model_len, vocab_size
+        uint32_t max_in_flight_per_peer, max_in_flight, peer_in_flight, zmq_in_flight
+        uint32_t zmq_peers, running, waiting, num_blocks, free_blocks
+        uint64_t step, requests, finished, aborted, errors, overloaded, prompt_tokens
+        uint64_t generation_tokens, preemptions, prefix_queries, prefix_hits
+        double step_p99_s

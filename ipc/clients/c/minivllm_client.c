@@ -57,6 +57,10 @@ static const char USAGE[] =
     "  --logprobs N               print the sampled token's logprob and the top N, N in [0, 20]\n"
     "  --priority N               lower is served first under the priority policy (default 0)\n"
     "  --timeout-ms N             give up when no token arrives for N ms (default 30000)\n"
+    "  --curve-server-key KEY     CURVE: the engine's public key, 40 Z85 characters or its\n"
+    "                             certificate file (NAME.key)\n"
+    "  --curve-client-key FILE    CURVE: this client's certificate with its secret key\n"
+    "                             (NAME.key_secret); its public key must be allowed by the engine\n"
     "\n"
     "exit status: 0 finished, 1 usage or system error, 2 engine error record, 3 timeout,\n"
     "130 interrupted (the request is aborted first)\n";
@@ -152,6 +156,7 @@ typedef struct options {
     mv_sampling sampling;
     ids prompt, stop;
     long long timeout_ms;
+    const char *curve_server, *curve_client;
 } options;
 
 static void parse_args(int argc, char **argv, options *o) {
@@ -207,6 +212,8 @@ static void parse_args(int argc, char **argv, options *o) {
         else if (strcmp(a, "--priority") == 0) s->priority = parse_i32(a, v, INT32_MIN, INT32_MAX);
         else if (strcmp(a, "--prompt-file") == 0) prompt_file = v;
         else if (strcmp(a, "--timeout-ms") == 0) o->timeout_ms = parse_i32(a, v, 1, INT32_MAX);
+        else if (strcmp(a, "--curve-server-key") == 0) o->curve_server = v;
+        else if (strcmp(a, "--curve-client-key") == 0) o->curve_client = v;
         else die(EXIT_USAGE, "unknown option %s (see --help)", a);
     }
     if (prompt_file) {
@@ -216,6 +223,54 @@ static void parse_args(int argc, char **argv, options *o) {
     for (; i < argc; i++)
         ids_push(&o->prompt, parse_i32("token id", argv[i], INT32_MIN, INT32_MAX));
     if (o->prompt.n == 0) die(EXIT_USAGE, "no prompt token ids (see --help)");
+    if (!o->curve_server != !o->curve_client)
+        die(EXIT_USAGE, "--curve-server-key and --curve-client-key go together");
+}
+
+/* ---- CURVE keys ------------------------------------------------------------------------ */
+
+enum { Z85_KEY_LEN = 40 };
+
+/* The Z85 key `name` ("public-key" or "secret-key") from a ZeroMQ certificate file, whose
+ * lines read `    name = "<40 characters>"`; or `arg` itself when it is a 40-character key. */
+static void read_key(const char *arg, const char *name, char out[Z85_KEY_LEN + 1]) {
+    FILE *f = fopen(arg, "r");
+    if (!f) {
+        if (strlen(arg) != Z85_KEY_LEN || strcmp(name, "public-key") != 0)
+            die(EXIT_USAGE, "%s: %s", arg, strerror(errno));
+        memcpy(out, arg, Z85_KEY_LEN + 1);
+        return;
+    }
+    char line[256];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f)) {
+        char *p = line + strspn(line, " \t");
+        if (strncmp(p, name, strlen(name)) != 0) continue;
+        p += strlen(name);
+        p += strspn(p, " \t");
+        if (*p++ != '=') continue;
+        p += strspn(p, " \t");
+        if (*p++ != '"' || strlen(p) < Z85_KEY_LEN + 1 || p[Z85_KEY_LEN] != '"') continue;
+        memcpy(out, p, Z85_KEY_LEN);
+        out[Z85_KEY_LEN] = '\0';
+        found = 1;
+    }
+    fclose(f);
+    if (!found) die(EXIT_USAGE, "%s holds no %s = \"<40 Z85 characters>\" line", arg, name);
+}
+
+/* Make `sock` a CURVE client of the engine whose public key is o->curve_server. */
+static void set_curve(void *sock, const options *o) {
+    if (!zmq_has("curve")) die(EXIT_USAGE, "this libzmq was built without CURVE support");
+    char server[Z85_KEY_LEN + 1], public_key[Z85_KEY_LEN + 1], secret[Z85_KEY_LEN + 1];
+    read_key(o->curve_server, "public-key", server);
+    read_key(o->curve_client, "public-key", public_key);
+    read_key(o->curve_client, "secret-key", secret);
+    if (zmq_setsockopt(sock, ZMQ_CURVE_SERVERKEY, server, Z85_KEY_LEN + 1) != 0
+        || zmq_setsockopt(sock, ZMQ_CURVE_PUBLICKEY, public_key, Z85_KEY_LEN + 1) != 0
+        || zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, secret, Z85_KEY_LEN + 1) != 0)
+        die(EXIT_USAGE, "CURVE keys: %s", zmq_strerror(zmq_errno()));
+    memset(secret, 0, sizeof secret);
 }
 
 /* ---- records --------------------------------------------------------------------------- */
@@ -442,6 +497,7 @@ int main(int argc, char **argv) {
     zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_msg, sizeof max_msg);
     zmq_setsockopt(sock, ZMQ_LINGER, &linger_ms, sizeof linger_ms);
     zmq_setsockopt(sock, ZMQ_IMMEDIATE, &immediate, sizeof immediate);
+    if (o.curve_server) set_curve(sock, &o);
     if (zmq_connect(sock, o.endpoint) != 0)
         die(EXIT_USAGE, "connect %s: %s", o.endpoint, zmq_strerror(zmq_errno()));
 
@@ -453,8 +509,10 @@ int main(int argc, char **argv) {
     if (rc < 0 && zmq_errno() != EINTR) die(EXIT_USAGE, "poll: %s", zmq_strerror(zmq_errno()));
     if (interrupts || rc <= 0) { /* nothing was sent, so there is nothing to abort */
         if (!interrupts)
-            fprintf(stderr, "timeout: cannot reach the engine at %s in %lld ms\n", o.endpoint,
-                    o.timeout_ms);
+            fprintf(stderr, "timeout: cannot reach the engine at %s in %lld ms%s\n",
+                    o.endpoint, o.timeout_ms,
+                    o.curve_server ? " (CURVE: is this client's public key allowed, and the "
+                                     "server key the engine's?)" : "");
         free(submit);
         zmq_close(sock);
         zmq_ctx_term(ctx);
