@@ -216,13 +216,14 @@ def main() -> None:
                                    fraction_of_bandwidth=per_layer_kv / kernel / bw,
                                    splits=backend.decode_splits(batch, arch.num_key_value_heads)))
         if args.sweep:
-            for min_split, waves in itertools.product((128, 256, 512), (2, 4, 8)):
+            for knobs in itertools.product((64, 128, 256), (4, 8), (128, 512), (64, 128)):
                 trial = TritonAttentionBackend()
-                trial.MIN_SPLIT, trial.WAVES = min_split, waves
+                trial.MIN_SPLIT, trial.WAVES, trial.MAX_SPLITS, trial.DECODE_BLOCK_N = knobs
                 t = decode_kernel_s(trial, arch, batch, context, layers, caches, order,
                                     block_size)
                 recs.append(records.record(
-                    f"{shape}: sweep MIN_SPLIT {min_split} WAVES {waves}", t * 1e6, "us",
+                    f"{shape}: sweep MIN_SPLIT {knobs[0]} WAVES {knobs[1]} MAX_SPLITS "
+                    f"{knobs[2]} DECODE_BLOCK_N {knobs[3]}", t * 1e6, "us",
                     fraction_of_bandwidth=per_layer_kv / t / bw))
         del caches
         torch.cuda.empty_cache()
@@ -239,15 +240,14 @@ def main() -> None:
                                    fraction_of_matmul_peak=flops / step / ceil["matmul_flops"]))
         caches, order = _caches(1, 1, p, block_size, arch.num_key_value_heads, arch.head_dim)
         per_layer = attention_flops(arch, p) / layers
-        configs = [(backend.BLOCK_M, backend.BLOCK_N, backend.PREFILL_WARPS,
-                    backend.PREFILL_STAGES)]
+        tiles = 64 if arch.head_dim <= 64 else 128
+        configs = [backend.PREFILL_TILES[tiles]]
         if args.sweep:
             configs += [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
                         if c != configs[0]]
         for bm, bn, warps, stages in configs:
             trial = TritonAttentionBackend()
-            trial.BLOCK_M, trial.BLOCK_N, trial.PREFILL_WARPS, trial.PREFILL_STAGES = \
-                bm, bn, warps, stages
+            trial.PREFILL_TILES = {tiles: (bm, bn, warps, stages)}
             try:
                 t = prefill_kernel_s(trial, arch, p, caches, order, block_size)
             except Exception as exc:  # a tile too big for shared memory: say so, go on

@@ -228,17 +228,14 @@ class TritonAttentionBackend(AttentionBackend):
 
     cuda_graph_safe = True
 
-    # Prefill tiles of 128 (query, head) rows by 64 keys, 8 warps: the shape Triton's
-    # FlashAttention reaches tensor-core speed with at head_dim 64 and 128 (measured in
-    # bench/long_context.py). The decode kernel's tile of 64 keys is 4 cache blocks of 16.
-    BLOCK_M = 128
-    BLOCK_N = 64
-    PREFILL_WARPS = 8
-    PREFILL_STAGES = 3
-    DECODE_BLOCK_N = 64
+    # Prefill tiles by head_dim: (BLOCK_M (query, head) rows, BLOCK_N keys, warps, stages),
+    # the fastest of bench/long_context.py's sweep on the H200 (Qwen2.5-0.5B at 16 k tokens,
+    # Llama-3-8B at 8 k); head_dim 64 and below take the first, larger the second.
+    PREFILL_TILES = {64: (64, 64, 4, 2), 128: (128, 128, 8, 3)}
     # Split-KV decode: a context is cut into runs of at least MIN_SPLIT tokens, at most
     # MAX_SPLITS of them, so that batch x KV heads x splits programs fill the GPU (WAVES per
-    # SM); a short context stays one run and pays no second pass.
+    # SM); a short context stays one run and pays no second pass. Tiles of DECODE_BLOCK_N keys.
+    DECODE_BLOCK_N = 64
     MIN_SPLIT = 256
     MAX_SPLITS = 128
     WAVES = 4
@@ -301,7 +298,8 @@ class TritonAttentionBackend(AttentionBackend):
                     SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT, BLOCK_N=self.DECODE_BLOCK_N,
                     num_warps=4)
         if meta.max_query_len > 1:  # never in a step of decodes (a CUDA-graph replay)
-            grid = (triton.cdiv(meta.max_query_len * group, self.BLOCK_M), num_seqs, kv_heads)
+            block_m, block_n, warps, stages = self.PREFILL_TILES[64 if head_dim <= 64 else 128]
+            grid = (triton.cdiv(meta.max_query_len * group, block_m), num_seqs, kv_heads)
             _prefill_kernel[grid](
                 q, k_cache, v_cache, out, *tables, scale * _LOG2E, *strides,
                 meta.block_tables.stride(0), GROUP=group, KV_HEADS=kv_heads,
