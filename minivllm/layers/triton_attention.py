@@ -303,7 +303,6 @@ class TritonAttentionBackend(AttentionBackend):
             _prefill_kernel[grid](
                 q, k_cache, v_cache, out, *tables, scale * _LOG2E, *strides,
                 meta.block_tables.stride(0), GROUP=group, KV_HEADS=kv_heads,
-                HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=self.BLOCK_M,
-                BLOCK_N=self.BLOCK_N, PRECISION=precision, DOT=dot,
-                num_warps=self.PREFILL_WARPS, num_stages=self.PREFILL_STAGES)
+                HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                PRECISION=precision, DOT=dot, num_warps=warps, num_stages=stages)
         return out
