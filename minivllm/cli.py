@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from minivllm.config import KERNEL_SETS, ServerConfig
+from minivllm.config import KERNEL_SETS, ServerConfig, ZmqEndpointConfig
 
 _MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
                "SmolLM2-135M-Instruct)")
@@ -120,7 +120,11 @@ def cmd_serve(args) -> int:
                           max_pending=args.max_pending, drain_timeout_s=args.drain_timeout,
                           api_key=args.api_key, served_model_name=args.served_model_name,
                           max_body_bytes=args.max_body_bytes)
-    transport = TransportConfig(zmq_endpoint=args.zmq_endpoint)
+    transport = TransportConfig(zmq_endpoint=args.zmq_endpoint, zmq=ZmqEndpointConfig(
+        max_message_bytes=args.zmq_max_message_bytes,
+        max_in_flight_per_peer=args.zmq_max_in_flight_per_peer,
+        max_in_flight=args.zmq_max_in_flight, curve_secret_key=args.zmq_curve_secret_key,
+        curve_clients=args.zmq_curve_clients))
     from minivllm import logger as log_setup
 
     log_setup.configure()
@@ -168,6 +172,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--zmq-endpoint", default=None,
                        help="also serve the binary protocol here (ipc/PROTOCOL.md), e.g. "
                             "tcp://127.0.0.1:5557")
+    zmq_limits = ZmqEndpointConfig()
+    serve.add_argument("--zmq-max-message-bytes", type=int, default=None,
+                       help="a larger frame disconnects its peer (default: a whole context's "
+                            "prompt, at least 64 KiB)")
+    serve.add_argument("--zmq-max-in-flight-per-peer", type=int,
+                       default=zmq_limits.max_in_flight_per_peer,
+                       help="unfinished requests per ZeroMQ connection before OVERLOADED")
+    serve.add_argument("--zmq-max-in-flight", type=int, default=zmq_limits.max_in_flight,
+                       help="unfinished requests of all ZeroMQ connections before OVERLOADED")
+    serve.add_argument("--zmq-curve-secret-key", default=None,
+                       help="CURVE: the server's certificate file with its secret key "
+                            "(zmq.auth.create_certificates writes NAME.key_secret)")
+    serve.add_argument("--zmq-curve-clients", default=None,
+                       help="CURVE: directory of the allowed clients' public certificates "
+                            "(*.key); only they can connect")
     batch = sub.add_parser("run-batch", help="OpenAI batch file (JSONL) in, results out; "
                            "resumable: a rerun keeps the results written and runs the rest")
     batch.add_argument("-i", "--input-file", required=True)

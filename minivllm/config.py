@@ -273,6 +273,52 @@ class EngineConfig:
 
 
 @dataclass
+class ZmqEndpointConfig:
+    """The ZeroMQ endpoint for other-language clients (ipc/PROTOCOL.md, "ZeroMQ endpoint"): a
+    door open to whoever reaches its address, so everything a peer can claim is bounded.
+
+    `max_message_bytes` is the engine's ZMQ_MAXMSGSIZE: a peer that sends a larger frame is
+    disconnected before the frame is stored (None: room for a prompt of the model's whole
+    context and as many stop ids). `max_in_flight_per_peer` and `max_in_flight` bound the
+    unfinished requests of one connection and of all of them; past either a submit gets
+    MV_ERR_OVERLOADED, as HTTP answers 429. `send_queue` records may wait for a peer that does
+    not read (ZMQ_SNDHWM); past that the peer counts as gone and its requests are aborted.
+    With `curve_secret_key` (a ZeroMQ certificate file with the server's key pair) and
+    `curve_clients` (a directory of the allowed clients' public certificates) the endpoint
+    takes only CURVE-encrypted connections from those clients.
+    """
+
+    max_message_bytes: Optional[int] = None
+    max_in_flight_per_peer: int = 16
+    max_in_flight: int = 64
+    send_queue: int = 10000
+    curve_secret_key: Optional[str] = None
+    curve_clients: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes is not None:
+            from minivllm._cext.records import MAX_RECORD_BYTES
+
+            _positive("max_message_bytes", self.max_message_bytes)
+            if not 4096 <= self.max_message_bytes <= MAX_RECORD_BYTES:
+                raise ValueError(f"max_message_bytes must be in [4096, {MAX_RECORD_BYTES}] "
+                                 f"(the protocol's record limit), got {self.max_message_bytes}")
+        for name in ("max_in_flight_per_peer", "max_in_flight", "send_queue"):
+            _positive(name, getattr(self, name))
+        if (self.curve_secret_key is None) != (self.curve_clients is None):
+            raise ValueError("curve_secret_key and curve_clients go together: the server's "
+                             "key pair and the directory of allowed client keys")
+        if self.curve_secret_key is not None and not os.path.isfile(self.curve_secret_key):
+            raise ValueError(f"curve_secret_key: no file {self.curve_secret_key!r}")
+        if self.curve_clients is not None and not os.path.isdir(self.curve_clients):
+            raise ValueError(f"curve_clients: no directory {self.curve_clients!r}")
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key is not None
+
+
+@dataclass
 class TransportConfig:
     """How frontends reach the engine process (see ipc/PROTOCOL.md).
 
@@ -289,6 +335,7 @@ class TransportConfig:
     spin_us: float = 50.0
     ring_timeout_s: float = 10.0
     frontend_check_s: float = 0.5  # how often the engine checks that its frontends still live
+    zmq: ZmqEndpointConfig = field(default_factory=ZmqEndpointConfig)
 
     def __post_init__(self) -> None:
         cap = self.ring_capacity

@@ -84,12 +84,13 @@ class EngineServer(Supervisor):
     product's supervisor (which waits until it is ready). It is not restarted when it exits, so
     a test may stop it through the control channel and watch it go."""
 
-    def __init__(self, **engine_options) -> None:
+    def __init__(self, transport: Optional[TransportConfig] = None, **engine_options) -> None:
         from minivllm.llm import build_engine_config
 
         config = build_engine_config(None, **{"dtype": "float32", "num_blocks": 512,
                                               **engine_options})
-        super().__init__(config, TransportConfig(zmq_endpoint=shm.socket_endpoint("zmq")),
+        super().__init__(config,
+                         transport or TransportConfig(zmq_endpoint=shm.socket_endpoint("zmq")),
                          SupervisorConfig(restart_limit=0))
         # The engine is not a daemon process: multiprocessing would wait for it at exit, so a
         # test that fails before stopping it would hang the run.

@@ -188,9 +188,16 @@ def test_body_too_large_and_missing_key(server):
     assert resp.status_code == 413 and "limit" in resp.json()["error"]["message"]
     resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=None)
     assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
-    resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key="wrong")
-    assert resp.status_code == 401
-    assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
+    for wrong in ("wrong", KEY[:-1] + "X", KEY + "X"):  # the same length too
+        resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=wrong)
+        assert resp.status_code == 401
+    resp = httpx.post(server.url + "/v1/completions", json={"prompt": "hi"},
+                      headers={"Authorization": "Bearer \u00e9".encode()})
+    assert resp.status_code == 401  # a non-ASCII header is a wrong key, not a 500
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert post(server, "/tokenize", {"prompt": "hi"}, key=None).status_code == 401
+    for path in ("/health", "/metrics", "/version"):  # probes and scrapers need no key
+        assert httpx.get(server.url + path).status_code == 200, path
 
 
 def test_max_tokens_past_the_context_is_a_400_with_both_numbers(server):

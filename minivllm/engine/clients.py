@@ -56,6 +56,9 @@ class Client:
     def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
         raise NotImplementedError
 
+    def send_status(self, tag: int, fields: dict) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -94,6 +97,9 @@ class FrontendClient(Client):
     def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
         self._put(protocol.put_error, protocol.encode_error, code, message, request_id)
 
+    def send_status(self, tag: int, fields: dict) -> None:
+        self._put(protocol.put_status, protocol.encode_status, tag, fields)
+
     def alive(self) -> bool:
         return shm.pid_alive(self.pid)
 
@@ -108,16 +114,19 @@ class FrontendClient(Client):
 
 
 class RouterClient(Client):
-    """A peer of the ZeroMQ endpoint: records go out as frames."""
+    """A peer of the ZeroMQ endpoint: records go out as frames. A peer is `gone` once a send
+    fails: it disconnected, or it left the endpoint's whole send queue unread (`stalled`)."""
 
     def __init__(self, key: int, identity: bytes, socket: zmq.Socket) -> None:
         super().__init__(key, f"zmq:{identity.hex()}")
         self.identity, self.socket = identity, socket
-        self.gone = False
+        self.gone = self.stalled = False
 
     def _send(self, frame: bytes) -> None:
         try:
-            self.socket.send_multipart([self.identity, frame])
+            self.socket.send_multipart([self.identity, frame], zmq.NOBLOCK)
+        except zmq.Again:  # ROUTER_MANDATORY: its send queue (SNDHWM) is full
+            self.gone = self.stalled = True
         except zmq.ZMQError:  # ROUTER_MANDATORY: the peer disconnected
             self.gone = True
 
@@ -126,3 +135,6 @@ class RouterClient(Client):
 
     def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
         self._send(protocol.encode_error(code, message, request_id))
+
+    def send_status(self, tag: int, fields: dict) -> None:
+        self._send(protocol.encode_status(tag, fields))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable, Optional
 
 import numpy as np
@@ -24,6 +24,7 @@ import zmq
 from minivllm.config import TransportConfig, shutdown_timeouts
 from minivllm.engine.clients import Client, FrontendClient, Owners, RouterClient
 from minivllm.engine.drain import Drain
+from minivllm.engine.endpoint import Endpoint, status_fields
 from minivllm.engine.engine_core import EngineCore, StepOutputs
 from minivllm.transport import control, protocol, shm
 from minivllm.transport.doorbell import Bell, BellListener
@@ -40,6 +41,12 @@ NO_TOKEN = -1  # token id of an entry that only reports a finish (an abort)
 FAULT_HOLD_REGISTER = "MINIVLLM_FAULT_HOLD_REGISTER"
 FAULT_STEP_S = "MINIVLLM_FAULT_STEP_S"
 
+# ZeroMQ messages one ingest reads: a flooding peer costs a step at most this many decodes;
+# the rest wait in ZeroMQ's bounded queue, which pushes back on the sender.
+ZMQ_READS_PER_INGEST = 64
+CONTROL_MAX_MESSAGE_BYTES = 1 << 20  # control messages are small JSON objects
+STALLED_MEMORY = 4096  # identities of peers that stopped reading, remembered to refuse them
+
 
 def _readable(socket: zmq.Socket) -> bool:
     """A message waits (ZMQ_EVENTS: no exception and no receive attempt on the step loop's
@@ -55,29 +62,30 @@ class EngineProc:
         self.control_endpoint = transport.control or shm.socket_endpoint("control")
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_MESSAGE_BYTES)
         self.control.bind(self.control_endpoint)
         self.bells = BellListener(self.ctx, shm.socket_endpoint("bell"))
+        self.endpoint: Optional[Endpoint] = None
         self.router: Optional[zmq.Socket] = None
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.bells.socket, zmq.POLLIN)
         if transport.zmq_endpoint:
-            self.router = self.ctx.socket(zmq.ROUTER)
-            self.router.setsockopt(zmq.LINGER, 0)
-            self.router.setsockopt(zmq.SNDHWM, 0)  # never drop a token for a slow peer
-            self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone peer raises, not vanishes
-            self.router.bind(transport.zmq_endpoint)
+            self.endpoint = Endpoint(self.ctx, transport.zmq_endpoint, transport.zmq,
+                                     core.max_model_len)
+            self.router = self.endpoint.socket
             self.poller.register(self.router, zmq.POLLIN)
         self.clients: dict[int, Client] = {}
         self.frontends: dict[str, FrontendClient] = {}
         self.peers: dict[bytes, RouterClient] = {}
+        self.stalled: OrderedDict[bytes, None] = OrderedDict()
         self._next_key = 0
         self.owners = Owners()
         self.step_count = 0
         self.drain = Drain()
         self.stopping = False
-        self.counters = dict(requests=0, finished=0, aborted=0, errors=0, prompt_tokens=0,
-                             generation_tokens=0)
+        self.counters = dict(requests=0, finished=0, aborted=0, errors=0, overloaded=0,
+                             prompt_tokens=0, generation_tokens=0)
         self._next_check = time.monotonic()
         self._fault_step_s = float(os.environ.get(FAULT_STEP_S, 0))
         self.step_times: deque[float] = deque(maxlen=1000)
@@ -122,7 +130,9 @@ class EngineProc:
             self._handle(client, record)
 
     def _read_router(self) -> None:
-        while _readable(self.router):
+        for _ in range(ZMQ_READS_PER_INGEST):
+            if not _readable(self.router):
+                return
             frames = self.router.recv_multipart(zmq.NOBLOCK)
             identity = frames[0]
             client = self.peers.get(identity)
@@ -151,10 +161,13 @@ class EngineProc:
             self._submit(client, record)
         elif isinstance(record, protocol.Abort):
             self._abort(client, record.request_id)
+        elif isinstance(record, protocol.StatusQuery):
+            client.send_status(record.tag, status_fields(self, client))
         else:
             client.send_error(protocol.ERR_MALFORMED,
-                              f"the engine takes submit (kind {protocol.KIND_SUBMIT}) and abort "
-                              f"(kind {protocol.KIND_ABORT}) records, not kind {record.kind}")
+                              f"the engine takes submit (kind {protocol.KIND_SUBMIT}), abort "
+                              f"(kind {protocol.KIND_ABORT}) and status query (kind "
+                              f"{protocol.KIND_STATUS_QUERY}) records, not kind {record.kind}")
 
     def _submit(self, client: Client, rec: protocol.Submit) -> None:
         rid = rec.request_id
@@ -166,6 +179,14 @@ class EngineProc:
             client.send_error(protocol.ERR_DUPLICATE_ID,
                               f"request id {rid} is already in flight", rid)
             return
+        if isinstance(client, RouterClient):
+            refusal = self._overload(client)
+            if refusal:
+                self.counters["overloaded"] += 1
+                client.send_error(protocol.ERR_OVERLOADED, refusal, rid)
+                if not client.stalled:  # that answer went out: the peer reads again
+                    self.stalled.pop(client.identity, None)
+                return
         owner = self.owners.add(client.key, rid)
         try:
             self.core.add_request(owner, rec.prompt_token_ids, rec.sampling_params(),
@@ -178,6 +199,24 @@ class EngineProc:
         client.requests[rid] = owner
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(rec.prompt_token_ids)
+
+    def _overload(self, client: RouterClient) -> Optional[str]:
+        """Why the endpoint takes no new request from `client` now, or None (the in-flight
+        bounds: OVERLOADED, as HTTP's 429)."""
+        limits = self.transport.zmq
+        if client.identity in self.stalled:
+            return (f"this connection left {limits.send_queue} records unread, so its requests "
+                    f"were aborted: read what the engine sends, then retry")
+        if len(client.requests) >= limits.max_in_flight_per_peer:
+            return (f"this connection has {len(client.requests)} requests in flight, the limit "
+                    f"per connection: retry when one finishes")
+        if self.zmq_in_flight() >= limits.max_in_flight:
+            return (f"the endpoint's connections have {limits.max_in_flight} requests in "
+                    f"flight, its limit: retry later")
+        return None
+
+    def zmq_in_flight(self) -> int:
+        return sum(len(p.requests) for p in self.peers.values())
 
     def _abort(self, client: Client, rid: int, notify: bool = True) -> None:
         owner = client.requests.get(rid)
@@ -244,7 +283,8 @@ class EngineProc:
                     client.requests.pop(int(request_ids[i]), None)
                     self._forget_idle_peer(client)
             for client in [p for p in self.peers.values() if p.gone]:  # vanished mid-stream
-                logger.info("client %s is gone: aborting its requests", client.name)
+                logger.info("client %s is gone (%s): aborting its requests", client.name,
+                            "it left its send queue full" if client.stalled else "disconnected")
                 self._drop(client)
         for client in self.frontends.values():
             client.flush()
@@ -289,6 +329,11 @@ class EngineProc:
             client.close(unlink=unlink)
         elif isinstance(client, RouterClient):
             self.peers.pop(client.identity, None)
+            if client.stalled:  # refused until it reads (_overload)
+                self.stalled[client.identity] = None
+                self.stalled.move_to_end(client.identity)
+                if len(self.stalled) > STALLED_MEMORY:
+                    self.stalled.popitem(last=False)
 
     def _check_frontends(self) -> None:
         now = time.monotonic()
@@ -387,7 +432,8 @@ class EngineProc:
                 "free_blocks": alloc.num_free_blocks, "kv_usage": alloc.usage,
                 "prefix_queries": alloc.prefix_queries, "prefix_hits": alloc.prefix_hits,
                 "preemptions": sched.num_preemptions, "frontends": sorted(self.frontends),
-                "zmq_peers": len(self.peers), "step_p99_s": self.step_p99(),
+                "zmq_peers": len(self.peers), "zmq_in_flight": self.zmq_in_flight(),
+                "step_p99_s": self.step_p99(),
                 **self.core.timings.snapshot(), **self.counters}
 
     # ---- stop -------------------------------------------------------------------------------
@@ -408,8 +454,8 @@ class EngineProc:
         self.bells.close()
         self.control.close(linger=0)
         shm.remove_endpoint(self.control_endpoint)
-        if self.router is not None:
-            self.router.close(linger=100)
+        if self.endpoint is not None:
+            self.endpoint.close()
             shm.remove_endpoint(self.transport.zmq_endpoint)
         self.ctx.term()
         logger.info("engine process %d stopped", os.getpid())

@@ -8,6 +8,7 @@ Completions and chat completions then go down one serving path (`serving.py`).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, TypeVar
@@ -61,8 +62,12 @@ class ServerState:
         return self.started and self.client.state == "ready" and not self.draining
 
     def check_key(self, request: Request) -> None:
+        """/v1/*, /tokenize and /detokenize call this; /health, /metrics and /version do not
+        (probes and scrapers carry no key). The comparison takes the same time wherever the
+        two differ, so timing the 401 tells nothing about the key."""
         key = self.config.api_key
-        if key is not None and request.headers.get("authorization") != f"Bearer {key}":
+        sent = request.headers.get("authorization", "")
+        if key is not None and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
             raise APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'",
                            type_="authentication_error")
 

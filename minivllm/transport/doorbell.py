@@ -50,6 +50,7 @@ class BellListener:
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 0)  # bells are empty: anything else disconnects
         self.socket.bind(endpoint)
         self.endpoint = endpoint
 

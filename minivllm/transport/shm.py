@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from multiprocessing import resource_tracker, shared_memory
@@ -31,17 +32,36 @@ def segment_name(role: str) -> str:
     return f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}_{role}"
 
 
+def socket_dir() -> str:
+    """SOCKET_DIR, created 0700 if missing. One that exists must be a directory of this user
+    with mode 0700, as OpenSSH demands of its control sockets' directory: another user's (or an
+    open) directory could hold sockets planted to take our connections."""
+    try:
+        os.mkdir(SOCKET_DIR, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(SOCKET_DIR)
+    problem = ("is not a directory" if not stat.S_ISDIR(st.st_mode)
+               else f"is owned by uid {st.st_uid}, not by this user ({os.getuid()})"
+               if st.st_uid != os.getuid()
+               else f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+               if stat.S_IMODE(st.st_mode) != 0o700 else None)
+    if problem:
+        raise PermissionError(f"refusing the socket directory {SOCKET_DIR}: it {problem}; "
+                              f"remove it (a fresh one is made) or fix it with chown/chmod 0700")
+    return SOCKET_DIR
+
+
 def socket_endpoint(role: str) -> str:
     """A fresh ipc:// endpoint (a socket file only this user can reach, in SOCKET_DIR)."""
-    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
+    socket_dir()
     return f"ipc://{os.path.join(SOCKET_DIR, segment_name(role))}.sock"
 
 
 def private_dir(role: str) -> str:
     """A fresh directory in SOCKET_DIR, named like the segments: a later start removes it if
     its creator dies without doing so."""
-    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
-    path = os.path.join(SOCKET_DIR, segment_name(role))
+    path = os.path.join(socket_dir(), segment_name(role))
     os.mkdir(path, 0o700)
     return path
 

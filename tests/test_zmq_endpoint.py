@@ -1,0 +1,261 @@
+"""The ZeroMQ endpoint as a public door (issue 18), against a real engine process behind CURVE
+on TCP, with small in-flight bounds: frames past the size limit disconnect their peer, submits
+past the bounds get OVERLOADED naming them, malformed frames are answered before the second
+next step, status records report health, limits and draining, only allowed CURVE keys get in
+(from Python and from the C client), and the socket directory is checked like OpenSSH's."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
+
+from minivllm.config import TransportConfig, ZmqEndpointConfig
+from minivllm.sampling_params import SamplingParams
+from minivllm.transport import protocol
+
+PROMPT = [1, 4093, 3060, 314, 4649, 30]
+LONG = SamplingParams(temperature=0, max_tokens=5000, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PER_PEER, TOTAL = 2, 3
+WAIT_MS = 120_000  # generous: a loaded 2-core machine is slow
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> SimpleNamespace:
+    d = tmp_path_factory.mktemp("curve")
+    allowed = d / "allowed"
+    allowed.mkdir()
+    server, server_secret = zmq.auth.create_certificates(str(d), "server")
+    client, client_secret = zmq.auth.create_certificates(str(d), "client")
+    _, stranger_secret = zmq.auth.create_certificates(str(d), "stranger")
+    shutil.copy(client, allowed)
+    return SimpleNamespace(server=server, server_secret=server_secret, client=client_secret,
+                           stranger=stranger_secret, allowed=str(allowed))
+
+
+@pytest.fixture(scope="module")
+def door(keys):
+    from conftest import EngineServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = EngineServer(TransportConfig(
+        zmq_endpoint=f"tcp://127.0.0.1:{port}",
+        zmq=ZmqEndpointConfig(max_in_flight_per_peer=PER_PEER, max_in_flight=TOTAL,
+                              curve_secret_key=keys.server_secret,
+                              curve_clients=keys.allowed)))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def dealer(ctx, door, keys, cert=None, curve: bool = True) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve:
+        public, secret = zmq.auth.load_certificate(cert or keys.client)
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_serverkey = zmq.auth.load_certificate(keys.server)[0]
+    sock.connect(door.zmq_endpoint)
+    return sock
+
+
+def receive(sock):
+    assert sock.poll(WAIT_MS), "no answer from the engine"
+    return protocol.decode(sock.recv())
+
+
+def status(sock, tag: int = 1) -> dict:
+    sock.send(protocol.encode_status_query(tag))
+    while not isinstance(rec := receive(sock), protocol.Status):
+        pass  # step outputs of the socket's requests
+    assert rec.tag == tag
+    return rec.fields
+
+
+def until_finished(sock, request_ids) -> dict:
+    """request id -> the record that ended it (finish code or ErrorRecord)."""
+    ended = {}
+    while set(request_ids) - set(ended):
+        rec = receive(sock)
+        if isinstance(rec, protocol.ErrorRecord):
+            ended[rec.request_id] = rec
+        elif isinstance(rec, protocol.StepOutput):
+            for rid, fin in zip(rec.request_ids.tolist(), rec.finish_reasons.tolist()):
+                if fin:
+                    ended[rid] = fin
+    return ended
+
+
+def until_finished_into(sock, tokens: list) -> bool:
+    """Read one record of a single request, appending its tokens; True once it finished."""
+    rec = receive(sock)
+    assert isinstance(rec, protocol.StepOutput), rec
+    tokens.extend(rec.token_ids.tolist())
+    return bool(rec.finish_reasons.any())
+
+
+def monitor_until(mon: zmq.Socket, events: set) -> int:
+    """The first of `events` the monitored socket reports."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while time.monotonic() < deadline:
+        if mon.poll(1000) and (event := recv_monitor_message(mon)["event"]) in events:
+            return event
+    raise AssertionError(f"none of the events {events} within {WAIT_MS} ms")
+
+
+def test_status_record_reports_health_limits_and_counters(door, keys, ctx):
+    fields = status(dealer(ctx, door, keys), tag=77)
+    assert fields["state"] == protocol.STATE_READY and fields["pid"] == door.process.pid
+    assert fields["max_message_bytes"] == 112 + 8 * 8192  # a whole context's prompt and stops
+    assert (fields["max_in_flight_per_peer"], fields["max_in_flight"]) == (PER_PEER, TOTAL)
+    assert fields["vocab_size"] == 49152 and fields["max_model_len"] == 8192
+    assert fields["free_blocks"] == fields["num_blocks"] == 512
+
+
+def test_a_frame_over_the_size_limit_disconnects_its_peer(door, keys, ctx):
+    sock = dealer(ctx, door, keys)
+    limit = status(sock)["max_message_bytes"]
+    mon = sock.get_monitor_socket()
+    sock.send(b"\0" * (limit + 8))
+    assert monitor_until(mon, {zmq.EVENT_DISCONNECTED}) == zmq.EVENT_DISCONNECTED
+    # The engine serves on, and this peer too once it has reconnected.
+    assert status(sock, tag=2)["state"] == protocol.STATE_READY
+
+
+def test_submits_past_the_in_flight_bounds_get_overloaded_naming_them(door, keys, ctx):
+    a, b = dealer(ctx, door, keys), dealer(ctx, door, keys)
+    for rid in (1, 2, 3):
+        a.send(protocol.encode_submit(rid, PROMPT, LONG))
+    refused = receive(a)
+    assert isinstance(refused, protocol.ErrorRecord)
+    assert (refused.code, refused.request_id) == (protocol.ERR_OVERLOADED, 3)
+    assert "limit per connection" in refused.message
+    b.send(protocol.encode_submit(1, PROMPT, LONG))
+    b.send(protocol.encode_submit(2, PROMPT, LONG))
+    while not isinstance(rec := receive(b), protocol.ErrorRecord):
+        pass
+    assert (rec.code, rec.request_id) == (protocol.ERR_OVERLOADED, 2)
+    assert "endpoint's connections" in rec.message
+    fields = status(b)
+    assert (fields["zmq_in_flight"], fields["peer_in_flight"]) == (TOTAL, 1)
+    assert fields["overloaded"] >= 2
+    a.send(protocol.encode_abort(1))  # a slot frees: the refused submit may come again
+    assert until_finished(a, [1]) == {1: protocol.FINISH_ABORT}
+    b.send(protocol.encode_submit(2, PROMPT, LONG))
+    for sock, rids in ((a, [2]), (b, [1, 2])):
+        for rid in rids:
+            sock.send(protocol.encode_abort(rid))
+        assert set(until_finished(sock, rids).values()) == {protocol.FINISH_ABORT}
+    fields = status(b)
+    assert fields["zmq_in_flight"] == 0
+
+
+def test_malformed_frames_are_answered_before_the_second_next_step(door, keys, ctx):
+    """PROTOCOL.md's bound, by the engine's own step numbers: a record that reaches the engine
+    after it published step S is answered before any step output numbered S + 2."""
+    sock = dealer(ctx, door, keys)
+    sock.send(protocol.encode_submit(9, PROMPT, LONG))
+    while not isinstance(receive(sock), protocol.StepOutput):
+        pass  # it runs: every step now has an output for this socket
+    for tag in range(5):
+        sock.send(protocol.encode_status_query(tag))
+        sock.send(b"junk" * 4)
+        published = None
+        while True:
+            rec = receive(sock)
+            if isinstance(rec, protocol.Status):
+                published = rec.fields["step"]
+            elif isinstance(rec, protocol.ErrorRecord):
+                assert rec.code == protocol.ERR_MALFORMED and published is not None
+                break
+            else:
+                assert published is None or rec.step < published + 2
+    sock.send(protocol.encode_abort(9))
+    assert until_finished(sock, [9]) == {9: protocol.FINISH_ABORT}
+
+
+def test_curve_lets_in_only_the_allowed_keys(door, keys, ctx):
+    for sock, failure in ((dealer(ctx, door, keys, cert=keys.stranger),
+                           zmq.EVENT_HANDSHAKE_FAILED_AUTH),
+                          (dealer(ctx, door, keys, curve=False),
+                           zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)):
+        mon = sock.get_monitor_socket()
+        sock.send(protocol.encode_status_query(1))
+        assert monitor_until(mon, {failure, zmq.EVENT_HANDSHAKE_SUCCEEDED}) == failure
+        assert not sock.poll(0)
+
+
+def test_c_client_speaks_curve(door, keys, ctx, tmp_path):
+    from test_c_client_codec import _compiler_missing, _make
+
+    missing = _compiler_missing()
+    if missing:
+        pytest.skip(reason=missing)
+    binary = _make(tmp_path)
+    sock = dealer(ctx, door, keys)
+    sock.send(protocol.encode_submit(1, PROMPT, GREEDY))
+    expected = []
+    while not until_finished_into(sock, expected):
+        pass
+    args = [str(binary), "--endpoint", door.zmq_endpoint, "--curve-server-key", keys.server,
+            "--max-tokens", "8", "--temperature", "0", "--ignore-eos", "--timeout-ms", "5000"]
+    out = subprocess.run(args + ["--curve-client-key", keys.client, "--", *map(str, PROMPT)],
+                         capture_output=True, text=True, timeout=WAIT_MS / 1000)
+    assert out.returncode == 0, out.stderr
+    assert [int(x.split()[1]) for x in out.stdout.splitlines() if x.startswith("token ")] == \
+        expected
+    out = subprocess.run(args + ["--curve-client-key", keys.stranger, "--", "1", "2"],
+                         capture_output=True, text=True, timeout=WAIT_MS / 1000)
+    assert out.returncode == 3 and "is this client's public key allowed" in out.stderr
+
+
+def test_socket_directory_of_another_owner_or_mode_is_refused(tmp_path):
+    """A second process whose <tmp>/minivllm-<uid> is open to others, or not its user's,
+    refuses to put a socket there and says why."""
+    socket_dir = tmp_path / f"minivllm-{os.getuid()}"
+    socket_dir.mkdir(mode=0o755)
+    socket_dir.chmod(0o755)
+    probe = [sys.executable, "-c",
+             "from minivllm.transport import shm; print(shm.socket_endpoint('probe'))"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode != 0 and "has mode 0755, not 0700" in out.stderr
+    socket_dir.chmod(0o700)
+    if os.getuid() == 0:
+        os.chown(socket_dir, 65534, 65534)
+        out = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode != 0 and "is owned by uid 65534" in out.stderr
+        os.chown(socket_dir, 0, 0)
+    out = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith(f"ipc://{socket_dir}/")
+
+
+def test_draining_is_reported_and_refuses_submits(door, keys, ctx):
+    """Last: it leaves the module's engine draining."""
+    from minivllm.transport.control import ControlClient
+
+    control = ControlClient(ctx, door.control)
+    control.call("drain", timeout=WAIT_MS / 1000)
+    sock = dealer(ctx, door, keys)
+    assert status(sock)["state"] == protocol.STATE_DRAINING
+    sock.send(protocol.encode_submit(4, PROMPT, GREEDY))
+    refused = receive(sock)
+    assert (refused.code, refused.request_id) == (protocol.ERR_DRAINING, 4)
+    control.close()
