@@ -236,7 +236,7 @@ class TritonAttentionBackend(AttentionBackend):
     # MAX_SPLITS of them, so that batch x KV heads x splits programs fill the GPU (WAVES per
     # SM); a short context stays one run and pays no second pass. Tiles of DECODE_BLOCK_N keys.
     DECODE_BLOCK_N = 64
-    MIN_SPLIT = 256
+    MIN_SPLIT = 128
     MAX_SPLITS = 128
     WAVES = 4
 
