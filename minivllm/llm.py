@@ -11,7 +11,7 @@ from minivllm import logger
 from minivllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from minivllm.engine.engine_core import EngineCore
 from minivllm.frontend.output_processor import OutputProcessor, RequestState
-from minivllm.inputs import PromptType, parse_prompt
+from minivllm.inputs import PromptType, parse_prompt, resolve_bad_words
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 
@@ -67,7 +67,7 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 state = self.processor.add_request(
                     str(next(self._request_ids)), *parse_prompt(prompt, self.engine.tokenizer),
-                    p, lambda: next(self._owners))
+                    resolve_bad_words(p, self.engine.tokenizer), lambda: next(self._owners))
                 states.append(state)
                 requests.append([self.engine.add_request(stream.key, state.prompt_token_ids,
                                                          stream.params)

@@ -131,6 +131,14 @@ class SamplingParams:
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     structured_outputs: Optional[StructuredOutputsParams] = None
+    # Token choice, as vLLM: a bias added to a token's logit (OpenAI's logit_bias, in
+    # [-100, 100]), the only tokens that may be sampled, and words never to generate. Frontends
+    # with a tokenizer turn bad_words into bad_words_token_ids (with and without a leading
+    # space, as vLLM), which is what the engine reads.
+    logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[Sequence[int]] = None
+    bad_words: Optional[Sequence[str]] = None
+    bad_words_token_ids: Sequence[Sequence[int]] = ()
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -184,6 +192,42 @@ class SamplingParams:
                 not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
                              f"{type(self.structured_outputs).__name__}")
+
+        self._check_token_choice()
+
+    def _check_token_choice(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError("logit_bias must map token ids to biases")
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or not 0 <= token <= _INT32_MAX:
+                    raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+                _finite(f"logit_bias[{token}]", bias)
+                if not -100 <= bias <= 100:
+                    raise ValueError(f"logit_bias[{token}] must be in [-100, 100], got {bias}")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            if not self.allowed_token_ids or any(not _is_int(t) or not 0 <= t <= _INT32_MAX
+                                                 for t in self.allowed_token_ids):
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids, got "
+                                 f"{self.allowed_token_ids!r}")
+        if self.bad_words is not None and (isinstance(self.bad_words, str) or any(
+                not isinstance(w, str) or not w.strip() for w in self.bad_words)):
+            raise ValueError("bad_words must be a list of non-empty strings")
+        self.bad_words_token_ids = [list(ids) for ids in self.bad_words_token_ids]
+        if any(not ids or any(not _is_int(t) or not 0 <= t <= _INT32_MAX for t in ids)
+               for ids in self.bad_words_token_ids):
+            raise ValueError("bad_words_token_ids must be non-empty lists of token ids")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids past the vocabulary, by the field that holds them (ValueError)."""
+        for name, ids in (("logit_bias", self.logit_bias or ()),
+                          ("allowed_token_ids", self.allowed_token_ids or ()),
+                          ("bad_words", [t for w in self.bad_words_token_ids for t in w])):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary "
+                                 f"(size {vocab_size})")
 
     @property
     def greedy(self) -> bool:

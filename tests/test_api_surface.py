@@ -1,10 +1,11 @@
-"""The parts of vLLM's API surface its users' tools rely on, on a tiny random model (fast to
-load): the model's generation config as default sampling (--generation-config)."""
+"""The parts of vLLM's API surface its users' tools rely on, on tiny random models (fast to
+load): the model's generation config as default sampling (--generation-config), and the token
+choice (logit_bias, allowed_token_ids, bad words) on each device."""
 import json
-import os
 
 import httpx
 import pytest
+import torch
 
 from bench.server_proc import ServeProcess
 from minivllm import LLM, SamplingParams
@@ -59,3 +60,31 @@ def test_generation_config_defaults_served(model_dir, config_file):
         assert "default sampling from " + config_file in log and "top_k=1" in log
     finally:
         assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_token_choice_in_the_sampler(tiny_token_model, device):
+    llm = LLM(tiny_token_model("llama"), dtype="float32", device=device, num_blocks=64)
+    prompt = [5, 17, 300, 42]
+
+    def tokens(**choice) -> list[int]:
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, **choice)
+        return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    greedy = tokens()
+    first = greedy[0]
+    assert tokens(logit_bias={first: -100})[0] != first  # -100 on the greedy token moves it
+    forced = next(t for t in range(10, 20) if t not in greedy)
+    assert tokens(logit_bias={forced: 100}) == [forced] * 8  # +100 forces a token
+    assert set(tokens(allowed_token_ids=[forced, forced + 1])) <= {forced, forced + 1}
+    assert first not in tokens(bad_words_token_ids=[[first]])
+    two = tokens(bad_words_token_ids=[greedy[:2]])  # the second token only after the first
+    assert two[0] == first and two[1] != greedy[1]
+    # a batch mixes them, and a req_index a biased request used is clean for the next one
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, **c)
+              for c in ({"logit_bias": {forced: 100}}, {}, {"allowed_token_ids": [forced]})]
+    outs = llm.generate([prompt] * 3, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [[forced] * 8, greedy, [forced] * 8]
+    assert tokens() == greedy
+    with pytest.raises(ValueError, match="logit_bias: token id 5000"):
+        tokens(logit_bias={5000: 1.0})

@@ -128,6 +128,16 @@ def test_min_tokens_masks_eos_as_transformers_min_new_tokens(smollm, hf_smollm):
     assert [o.outputs[0].token_ids for o in stopped] == want
 
 
+def test_bad_words_as_text(smollm):
+    """bad_words are tokenized as vLLM does (alone and after a space): the word never comes."""
+    params = dict(temperature=0, max_tokens=12)
+    free = smollm.chat(CHATS[0], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in free.text
+    banned = smollm.chat(CHATS[0], SamplingParams(bad_words=["Paris"], **params),
+                         use_tqdm=False)[0].outputs[0]
+    assert "Paris" not in banned.text and banned.text != free.text
+
+
 def test_embedded_model_answers_chat_coherently(smollm):
     out = smollm.chat(CHATS[0], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0]
     comp = out.outputs[0]

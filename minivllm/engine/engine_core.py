@@ -116,6 +116,7 @@ class EngineCore:
         """Queue a request under `owner` (an int64 unique among unfinished requests); raises
         ValueError for a prompt or owner the engine cannot take."""
         check_prompt(prompt_token_ids, self.max_model_len, self.source.arch.vocab_size)
+        params.check_vocab(self.source.arch.vocab_size)
         req = self._request_cls(owner, prompt_token_ids, params, self.eos_token_ids,
                                 self.max_model_len, self._arrivals, time.monotonic(), priority)
         if params.structured_outputs is None:

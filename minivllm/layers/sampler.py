@@ -1,8 +1,9 @@
 """The sampler: one batch of logits in, one token per row out, vectorized over the batch.
 
-Semantics follow vLLM V1: logprobs come from the raw logits; then min_tokens masking and
-penalties (repetition, frequency, presence); then greedy argmax for greedy rows; for the others
-temperature, min_p, top_k, top_p and a draw.
+Semantics follow vLLM V1: logprobs come from the raw logits; then the token choice
+(allowed_token_ids, bad_words, logit_bias), min_tokens masking and penalties (repetition,
+frequency, presence); then greedy argmax for greedy rows; for the others temperature, min_p,
+top_k, top_p and a draw.
 
 Request state lives in tensors indexed by the scheduler's request index, so that a step costs a
 few gathers, never a per-request Python loop. Which stages run is decided from host-side counts
@@ -115,6 +116,62 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
     return logits.masked_fill_(logits < threshold, float("-inf"))
 
 
+class BadWords:
+    """Bad words of more than one token, as vLLM bans them: a word's last token is banned while
+    the output ends with the rest of the word. Each word is an entry (its request's req_index,
+    its prefix right-aligned in a window of the output's last W tokens, its last token); the
+    window holds -1 where the output is shorter, which no prefix token matches."""
+
+    def __init__(self, max_num_seqs: int, device: torch.device) -> None:
+        self.device = device
+        self.words: dict[int, list[list[int]]] = {}  # req_index -> its words (2+ tokens)
+        self.recent = torch.full((max_num_seqs, 1), -1, dtype=torch.int64, device=device)
+        self._entries: Optional[tuple[torch.Tensor, ...]] = None
+
+    def add(self, req_index: int, words: Sequence[Sequence[int]],
+            output_token_ids: Sequence[int]) -> None:
+        self.words[req_index] = [list(w) for w in words if len(w) > 1]
+        width = max(self.recent.shape[1], *(len(w) - 1 for w in self.words[req_index]))
+        if width > self.recent.shape[1]:  # pad every window on the left (older) side
+            pad = width - self.recent.shape[1]
+            self.recent = torch.nn.functional.pad(self.recent, (pad, 0), value=-1)
+        tail = list(output_token_ids)[-width:]
+        self.recent[req_index] = torch.tensor([-1] * (width - len(tail)) + tail,
+                                              dtype=torch.int64)
+        self._entries = None
+
+    def remove(self, req_index: int) -> None:
+        del self.words[req_index]
+        self._entries = None
+
+    def record(self, req_indices: torch.Tensor, token_ids: torch.Tensor) -> None:
+        shifted = torch.cat([self.recent[req_indices, 1:], token_ids.unsqueeze(1)], dim=1)
+        self.recent[req_indices] = shifted
+
+    def block(self, logits: torch.Tensor, req_indices: torch.Tensor) -> None:
+        """-inf on every entry's last token where its prefix ends the output."""
+        owners, prefixes, lasts = self._tensors()
+        row_of = torch.full((self.recent.shape[0],), -1, dtype=torch.int64, device=self.device)
+        row_of[req_indices] = torch.arange(len(req_indices), device=self.device)
+        rows = row_of[owners]
+        wildcard = prefixes == -2  # left of a short prefix: any token
+        match = ((self.recent[owners] == prefixes) | wildcard).all(dim=1) & (rows >= 0)
+        banned = torch.zeros_like(logits)
+        banned.index_put_((rows.clamp(min=0), lasts),
+                          torch.where(match, float("-inf"), 0.0), accumulate=True)
+        logits += banned
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        if self._entries is None:
+            width = self.recent.shape[1]
+            entries = [(i, [-2] * (width - len(w) + 1) + w[:-1], w[-1])
+                       for i, words in self.words.items() for w in words]
+            owners, prefixes, lasts = zip(*entries)
+            self._entries = tuple(torch.tensor(x, dtype=torch.int64, device=self.device)
+                                  for x in (owners, prefixes, lasts))
+        return self._entries
+
+
 @dataclass
 class SamplerOutput:
     """One step's tokens. Logprob fields are None when no active request asked for logprobs;
@@ -134,6 +191,9 @@ _TOP_K, _SEED, _SEEDED, _MIN_TOKENS = range(4)
 # Stage names counted over active requests to decide which stages a step runs.
 _RANDOM, _GREEDY, _TOP_K_TOP_P, _MIN_P_STAGE, _PENALTIES, _MIN_TOKENS_STAGE = (
     "random", "greedy", "top_k_top_p", "min_p", "penalties", "min_tokens")
+# logit_bias, allowed_token_ids and one-token bad words are one fixed bias row per request;
+# longer bad words depend on what was generated last.
+_BIAS, _BAD_WORDS = "bias", "bad_words"
 
 
 def _stages(params: SamplingParams, stop_ids: Sequence[int]) -> list[str]:
@@ -152,6 +212,11 @@ def _stages(params: SamplingParams, stop_ids: Sequence[int]) -> list[str]:
         stages.append(_PENALTIES)
     if params.min_tokens > 0 and stop_ids:
         stages.append(_MIN_TOKENS_STAGE)
+    if params.logit_bias or params.allowed_token_ids is not None or \
+            any(len(w) == 1 for w in params.bad_words_token_ids):
+        stages.append(_BIAS)
+    if any(len(w) > 1 for w in params.bad_words_token_ids):
+        stages.append(_BAD_WORDS)
     return stages
 
 
@@ -177,6 +242,10 @@ class Sampler:
         # Stop ids blocked under min_tokens, one row per req_index, padded by repeating the row's
         # first id (scattering a duplicate is harmless); widened when a request needs more.
         self._stop_ids = torch.zeros(max_num_seqs, 1, dtype=torch.int64, device=device)
+        # [max_num_seqs, V], added to the logits: allocated when the first request with a token
+        # choice arrives; a row is zeroed when its request leaves.
+        self._bias: Optional[torch.Tensor] = None
+        self._bad_words = BadWords(max_num_seqs, device)
         self._stages_of: dict[int, list[str]] = {}
         self._logprobs_of: dict[int, int] = {}
         self._stage_counts: Counter[str] = Counter()
@@ -197,6 +266,10 @@ class Sampler:
             self._reset_penalty_state(req_index, prompt_token_ids, output_token_ids)
         if _MIN_TOKENS_STAGE in stages:
             self._set_stop_ids(req_index, stop_ids)
+        if _BIAS in stages:
+            self._set_bias(req_index, params)
+        if _BAD_WORDS in stages:
+            self._bad_words.add(req_index, params.bad_words_token_ids, output_token_ids)
         self._stages_of[req_index] = stages
         self._stage_counts.update(stages)
         self._num_logprobs[req_index] = -1 if params.logprobs is None else params.logprobs
@@ -209,7 +282,12 @@ class Sampler:
         request finishes or leaves: until then its needs keep their stages running."""
         if req_index not in self._stages_of:
             raise ValueError(f"req_index {req_index} holds no request")
-        self._stage_counts.subtract(self._stages_of.pop(req_index))
+        stages = self._stages_of.pop(req_index)
+        if _BIAS in stages:
+            self._bias[req_index] = 0.0
+        if _BAD_WORDS in stages:
+            self._bad_words.remove(req_index)
+        self._stage_counts.subtract(stages)
         self._stage_counts += Counter()  # drops the stages that reached zero
         if req_index in self._logprobs_of:
             self._logprobs_counts[self._logprobs_of.pop(req_index)] -= 1
@@ -231,6 +309,10 @@ class Sampler:
         float_params = self._float_params[req_indices]
         int_params = self._int_params[req_indices]
         positions = self._num_sampled[req_indices]
+        if _BIAS in self._stage_counts:
+            logits += self._bias[req_indices]
+        if _BAD_WORDS in self._stage_counts:
+            self._bad_words.block(logits, req_indices)
         if _MIN_TOKENS_STAGE in self._stage_counts:
             self._block_stop_ids(logits, req_indices, int_params, positions)
         if _PENALTIES in self._stage_counts:
@@ -275,6 +357,24 @@ class Sampler:
         prompt = torch.as_tensor(prompt_token_ids, dtype=torch.int64)
         self._prompt_mask[req_index] = False
         self._prompt_mask[req_index, prompt.to(self.device)] = True
+
+    def _set_bias(self, req_index: int, params: SamplingParams) -> None:
+        if self._bias is None:
+            self._bias = torch.zeros(self.max_num_seqs, self.vocab_size, dtype=torch.float32,
+                                     device=self.device)
+        row = self._bias[req_index]
+        if params.allowed_token_ids is not None:
+            row.fill_(float("-inf"))
+            row[torch.tensor(params.allowed_token_ids, device=self.device)] = 0.0
+        else:
+            row.zero_()
+        if params.logit_bias:  # -inf + bias stays -inf: a bias cannot re-allow a token
+            ids = torch.tensor(list(params.logit_bias), dtype=torch.int64, device=self.device)
+            row.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()),
+                                                dtype=torch.float32, device=self.device))
+        banned = [w[0] for w in params.bad_words_token_ids if len(w) == 1]
+        if banned:
+            row[torch.tensor(banned, device=self.device)] = float("-inf")
 
     def _set_stop_ids(self, req_index: int, stop_ids: list[int]) -> None:
         width = self._stop_ids.shape[1]
@@ -330,6 +430,8 @@ class Sampler:
     def _record(self, req_indices: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Advances the positions (seeded noise, min_tokens) and output counts (penalties)."""
         self._num_sampled.index_add_(0, req_indices, torch.ones_like(req_indices))
+        if _BAD_WORDS in self._stage_counts:
+            self._bad_words.record(req_indices, token_ids)
         if _PENALTIES in self._stage_counts:
             ones = torch.ones(req_indices.shape, dtype=torch.int32, device=self.device)
             self._output_counts.index_put_((req_indices, token_ids), ones, accumulate=True)
