@@ -28,6 +28,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -35,23 +38,59 @@
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ELEM(p, bf16, i) ((void *)((char *)(p) + (i) * ((bf16) ? 2 : 4)))
 
-/* One ISA's kernels; the signatures are documented at their definitions in the body. */
+/* One step's attention metadata (AttentionPlan in cpu_kernels.pyx builds it once a step). */
 typedef struct {
-    void (*linear)(int bf16, int64_t M, int64_t K, int64_t N, const void *x, int64_t ldx,
-                   const void *wp, const float *bias, void *y, int64_t ldy, int out_f32);
+    int64_t B, bt_stride, block_size;
+    const int64_t *query_start, *seq_lens, *slot_mapping; /* [B+1], [B], [T] */
+    const int32_t *block_tables;                           /* [B, bt_stride] */
+    int64_t *qb_start; /* [B+1]: blocks of ATTN_QB queries before each sequence (malloc'ed) */
+    int64_t max_len;   /* the longest context */
+} cpu_attention_plan;
+
+/* A Llama/Qwen2 decoder stack for `forward`: its weights as the kernels take them (linears
+ * packed, the rest as loaded, all in the model's dtype) and its KV caches; per-layer arrays
+ * hold one pointer per layer. */
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, inter;
+    float eps, scale;
+    const void *embed, *final_norm;
+    const float *cos, *sin; /* rotary tables [positions, head_dim] */
+    const void **in_norm, **post_norm, **qkv, **o, **gate_up, **down;
+    const float **qkv_bias; /* NULL entries: no bias */
+    void **k_cache, **v_cache;
+} cpu_model;
+
+/* forward's activations, T rows each (the caller's, reused every step): res/x/h [T, hidden],
+ * qkv [T, (heads + 2 kv_heads) head_dim], attn [T, heads head_dim], gate_up [T, 2 inter],
+ * act [T, inter], in the model's dtype; xf [T, max(hidden, heads head_dim, inter)] fp32, where
+ * the AVX2 and portable bf16 linears widen their inputs. */
+typedef struct {
+    void *res, *x, *h, *qkv, *attn, *gate_up, *act;
+    float *xf;
+} cpu_buffers;
+
+/* One ISA's kernels, to be called by every thread of a parallel region (their loops are
+ * orphaned `omp for`s); the signatures are documented at their definitions in the body. The
+ * cpu_* functions below run them one at a time, each in its own region. */
+typedef void (*cpu_linear_fn)(int bf16, int64_t M, int64_t K, int64_t N, const void *x,
+                              int64_t ldx, const void *wp, const float *bias, void *y,
+                              int64_t ldy, int out_f32, float *xf);
+typedef struct {
+    cpu_linear_fn linear;
     void (*rms_norm)(int bf16, int64_t T, int64_t H, const void *x, int64_t ldx, void *res,
                      int64_t ldr, const void *weight, void *out, int64_t ldo, float eps);
-    int (*rotary)(int bf16, int64_t T, const int64_t *positions, int64_t P,
-                  const float *cos_table, const float *sin_table, int64_t D, void *q,
-                  int64_t ldq, int64_t nq, void *k, int64_t ldk, int64_t nk);
+    void (*rotary)(int bf16, int64_t T, const int64_t *positions, const float *cos_table,
+                   const float *sin_table, int64_t D, void *q, int64_t ldq, int64_t nq, void *k,
+                   int64_t ldk, int64_t nk);
     void (*silu_and_mul)(int bf16, int64_t T, int64_t F, const void *gu, int64_t ldgu,
                          void *out, int64_t ldo);
-    int (*paged_attention)(int bf16, int64_t B, const int64_t *query_start,
-                           const int64_t *seq_lens, const int32_t *block_tables,
-                           int64_t bt_stride, int64_t block_size, const int64_t *slot_mapping,
-                           const void *q, int64_t ldq, const void *k, const void *v,
-                           int64_t ldkv, void *k_cache, void *v_cache, int64_t num_blocks,
-                           int64_t H, int64_t KVH, int64_t D, float scale, void *out);
+    void (*paged_attention)(int bf16, const cpu_attention_plan *a, const void *q, int64_t ldq,
+                            const void *k, const void *v, int64_t ldkv, void *k_cache,
+                            void *v_cache, int64_t H, int64_t KVH, int64_t D, float scale,
+                            void *out);
+    void (*forward)(cpu_linear_fn linear, int bf16, const cpu_model *m, int64_t T,
+                    const int64_t *ids, const int64_t *positions, const cpu_attention_plan *a,
+                    const cpu_buffers *w, void *out);
 } cpu_kernel_table;
 
 /* ---- tuning constants, shared by every ISA ----------------------------------------------- */
@@ -104,16 +143,37 @@ static void pack_panels(int64_t N, int64_t K, int esz, const void *w, int64_t ld
     }
 }
 
-/* Whether every slot the step writes and every block its contexts read lie in the cache. */
-static int kv_indices_valid(int64_t B, const int64_t *query_start, const int64_t *seq_lens,
-                            const int32_t *block_tables, int64_t bt_stride, int64_t block_size,
-                            const int64_t *slot_mapping, int64_t num_blocks) {
-    for (int64_t t = 0; t < query_start[B]; t++)
-        if (slot_mapping[t] < 0 || slot_mapping[t] >= num_blocks * block_size) return 0;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < (seq_lens[b] + block_size - 1) / block_size; i++)
-            if ((uint32_t)block_tables[b * bt_stride + i] >= (uint64_t)num_blocks) return 0;
+/* Whether the n indices all lie in [0, limit). */
+static int indices_valid(int64_t n, const int64_t *idx, int64_t limit) {
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= limit) return 0;
     return 1;
+}
+
+/* Whether every slot the step writes and every block its contexts read lie in the cache. */
+static int kv_indices_valid(const cpu_attention_plan *a, int64_t num_blocks) {
+    if (!indices_valid(a->query_start[a->B], a->slot_mapping, num_blocks * a->block_size))
+        return 0;
+    for (int64_t b = 0; b < a->B; b++)
+        for (int64_t i = 0; i < (a->seq_lens[b] + a->block_size - 1) / a->block_size; i++)
+            if ((uint32_t)a->block_tables[b * a->bt_stride + i] >= (uint64_t)num_blocks) return 0;
+    return 1;
+}
+
+/* Fills the plan's derived fields (qb_start: free it with attention_plan_free). */
+static void attention_plan_init(cpu_attention_plan *a) {
+    a->qb_start = malloc((a->B + 1) * sizeof(int64_t));
+    a->qb_start[0] = a->max_len = 0;
+    for (int64_t b = 0; b < a->B; b++) {
+        int64_t qlen = a->query_start[b + 1] - a->query_start[b];
+        a->qb_start[b + 1] = a->qb_start[b] + (qlen + ATTN_QB - 1) / ATTN_QB;
+        a->max_len = a->seq_lens[b] > a->max_len ? a->seq_lens[b] : a->max_len;
+    }
+}
+
+static void attention_plan_free(cpu_attention_plan *a) {
+    free(a->qb_start);
+    a->qb_start = NULL;
 }
 
 /* ---- one copy of the body per ISA ---------------------------------------------------------- */
@@ -163,6 +223,7 @@ static int kv_indices_valid(int64_t B, const int64_t *query_start, const int64_t
 #define pv_sum ISA_NAME(pv_sum)
 #define attend_one ISA_NAME(attend_one)
 #define paged_attention ISA_NAME(paged_attention)
+#define forward ISA_NAME(forward)
 #define kernel_table ISA_NAME(kernel_table)
 
 #if defined(__x86_64__)
@@ -230,6 +291,7 @@ static int kv_indices_valid(int64_t B, const int64_t *query_start, const int64_t
 #undef pv_sum
 #undef attend_one
 #undef paged_attention
+#undef forward
 #undef kernel_table
 
 /* ---- run-time choice ----------------------------------------------------------------------- */
@@ -274,6 +336,75 @@ static cpu_kernel_table cpu_kernel_table_for(int isa) {
     if (isa == CPU_ISA_AVX2) return avx2_kernel_table;
 #endif
     return portable_kernel_table;
+}
+
+/* ---- the kernels one at a time, each in its own parallel region ---------------------------- */
+
+static void cpu_linear(const cpu_kernel_table *t, int bf16, int64_t M, int64_t K, int64_t N,
+                       const void *x, int64_t ldx, const void *wp, const float *bias, void *y,
+                       int64_t ldy, int out_f32) {
+    float *xf = bf16 ? malloc(M * K * sizeof(float)) : NULL;
+#pragma omp parallel
+    t->linear(bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
+    free(xf);
+}
+
+static void cpu_rms_norm(const cpu_kernel_table *t, int bf16, int64_t T, int64_t H,
+                         const void *x, int64_t ldx, void *res, int64_t ldr, const void *weight,
+                         void *out, int64_t ldo, float eps) {
+#pragma omp parallel if (T * H >= PAR_MIN_ELEMS)
+    t->rms_norm(bf16, T, H, x, ldx, res, ldr, weight, out, ldo, eps);
+}
+
+/* Returns -1, touching nothing, if a position lies outside the tables' [0, P). */
+static int cpu_rotary(const cpu_kernel_table *t, int bf16, int64_t T, const int64_t *positions,
+                      int64_t P, const float *cos_table, const float *sin_table, int64_t D,
+                      void *q, int64_t ldq, int64_t nq, void *k, int64_t ldk, int64_t nk) {
+    if (!indices_valid(T, positions, P)) return -1;
+#pragma omp parallel if (T * (nq + nk) * D >= PAR_MIN_ELEMS)
+    t->rotary(bf16, T, positions, cos_table, sin_table, D, q, ldq, nq, k, ldk, nk);
+    return 0;
+}
+
+static void cpu_silu_and_mul(const cpu_kernel_table *t, int bf16, int64_t T, int64_t F,
+                             const void *gu, int64_t ldgu, void *out, int64_t ldo) {
+#pragma omp parallel if (T * F >= PAR_MIN_ELEMS)
+    t->silu_and_mul(bf16, T, F, gu, ldgu, out, ldo);
+}
+
+/* Returns -1, touching nothing, if a slot or block index lies outside the cache. */
+static int cpu_paged_attention(const cpu_kernel_table *t, int bf16, const cpu_attention_plan *a,
+                               const void *q, int64_t ldq, const void *k, const void *v,
+                               int64_t ldkv, void *k_cache, void *v_cache, int64_t num_blocks,
+                               int64_t H, int64_t KVH, int64_t D, float scale, void *out) {
+    if (!kv_indices_valid(a, num_blocks)) return -1;
+#pragma omp parallel
+    t->paged_attention(bf16, a, q, ldq, k, v, ldkv, k_cache, v_cache, H, KVH, D, scale, out);
+    return 0;
+}
+
+/* The decoder stack on T tokens (body: forward). Returns -1 for a token id outside the
+ * vocabulary, -2 for a position outside the rotary tables, -3 for a slot or block outside the
+ * KV cache; nothing is touched then. */
+static int cpu_forward(const cpu_kernel_table *t, int bf16, const cpu_model *m, int64_t vocab,
+                       int64_t max_position, int64_t num_blocks, int64_t T, const int64_t *ids,
+                       const int64_t *positions, const cpu_attention_plan *a,
+                       const cpu_buffers *w, void *out) {
+    if (!indices_valid(T, ids, vocab)) return -1;
+    if (!indices_valid(T, positions, max_position)) return -2;
+    if (!kv_indices_valid(a, num_blocks)) return -3;
+    t->forward(t->linear, bf16, m, T, ids, positions, a, w, out);
+    return 0;
+}
+
+/* The OpenMP threads a parallel region started here would get: torch.set_num_threads's (one
+ * runtime, libgomp, serves torch and these kernels). */
+static int cpu_num_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
 }
 
 #endif

@@ -19,27 +19,68 @@ import torch
 
 cdef extern from "cpu_kernels.h" nogil:
     ctypedef struct cpu_kernel_table:
-        void (*linear)(int bf16, int64_t M, int64_t K, int64_t N, const void *x, int64_t ldx,
-                       const void *wp, const float *bias, void *y, int64_t ldy,
-                       int out_f32) noexcept nogil
-        void (*rms_norm)(int bf16, int64_t T, int64_t H, const void *x, int64_t ldx, void *res,
-                         int64_t ldr, const void *weight, void *out, int64_t ldo,
-                         float eps) noexcept nogil
-        int (*rotary)(int bf16, int64_t T, const int64_t *positions, int64_t P,
-                      const float *cos_table, const float *sin_table, int64_t D, void *q,
-                      int64_t ldq, int64_t nq, void *k, int64_t ldk, int64_t nk) noexcept nogil
-        void (*silu_and_mul)(int bf16, int64_t T, int64_t F, const void *gu, int64_t ldgu,
-                             void *out, int64_t ldo) noexcept nogil
-        int (*paged_attention)(
-            int bf16, int64_t B, const int64_t *query_start, const int64_t *seq_lens,
-            const int32_t *block_tables, int64_t bt_stride, int64_t block_size,
-            const int64_t *slot_mapping, const void *q, int64_t ldq, const void *k,
-            const void *v, int64_t ldkv, void *k_cache, void *v_cache, int64_t num_blocks,
-            int64_t H, int64_t KVH, int64_t D, float scale, void *out) noexcept nogil
+        pass
+    ctypedef struct cpu_attention_plan:
+        int64_t B, bt_stride, block_size
+        const int64_t *query_start
+        const int64_t *seq_lens
+        const int64_t *slot_mapping
+        const int32_t *block_tables
+    ctypedef struct cpu_model:
+        int64_t layers, hidden, heads, kv_heads, head_dim, inter
+        float eps, scale
+        const void *embed
+        const void *final_norm
+        const float *cos
+        const float *sin
+        const void **in_norm
+        const void **post_norm
+        const void **qkv
+        const void **o
+        const void **gate_up
+        const void **down
+        const float **qkv_bias
+        void **k_cache
+        void **v_cache
+    ctypedef struct cpu_buffers:
+        void *res
+        void *x
+        void *h
+        void *qkv
+        void *attn
+        void *gate_up
+        void *act
+        float *xf
     const char *cpu_isa_missing(int isa)
     int cpu_has_bf16_dot()
     cpu_kernel_table cpu_kernel_table_for(int isa)
     void pack_panels(int64_t N, int64_t K, int esz, const void *w, int64_t ldw, uint32_t *out)
+    void attention_plan_init(cpu_attention_plan *a)
+    void attention_plan_free(cpu_attention_plan *a)
+    void cpu_linear(const cpu_kernel_table *t, int bf16, int64_t M, int64_t K, int64_t N,
+                    const void *x, int64_t ldx, const void *wp, const float *bias, void *y,
+                    int64_t ldy, int out_f32)
+    void cpu_rms_norm(const cpu_kernel_table *t, int bf16, int64_t T, int64_t H, const void *x,
+                      int64_t ldx, void *res, int64_t ldr, const void *weight, void *out,
+                      int64_t ldo, float eps)
+    int cpu_rotary(const cpu_kernel_table *t, int bf16, int64_t T, const int64_t *positions,
+                   int64_t P, const float *cos_table, const float *sin_table, int64_t D, void *q,
+                   int64_t ldq, int64_t nq, void *k, int64_t ldk, int64_t nk)
+    void cpu_silu_and_mul(const cpu_kernel_table *t, int bf16, int64_t T, int64_t F,
+                          const void *gu, int64_t ldgu, void *out, int64_t ldo)
+    int cpu_paged_attention(const cpu_kernel_table *t, int bf16, const cpu_attention_plan *a,
+                            const void *q, int64_t ldq, const void *k, const void *v,
+                            int64_t ldkv, void *k_cache, void *v_cache, int64_t num_blocks,
+                            int64_t H, int64_t KVH, int64_t D, float scale, void *out)
+    int cpu_forward(const cpu_kernel_table *t, int bf16, const cpu_model *m, int64_t vocab,
+                    int64_t max_position, int64_t num_blocks, int64_t T, const int64_t *ids,
+                    const int64_t *positions, const cpu_attention_plan *a, const cpu_buffers *w,
+                    void *out)
+    int cpu_num_threads()
+
+cdef extern from "stdlib.h" nogil:
+    void *calloc(size_t n, size_t size)
+    void free(const void *p)
 
 cdef extern from "sys/mman.h" nogil:
     int madvise(void *addr, size_t length, int advice)
@@ -146,8 +187,8 @@ cdef class AttentionPlan:
     seq_lens [B] and slot_mapping [T] int64, block_tables int32 [B, max_blocks]."""
 
     cdef object tensors  # keeps the arrays alive while the kernels read them
-    cdef int64_t num_seqs, num_tokens, bt_stride, block_size
-    cdef uintptr_t query_start, seq_lens, block_tables, slot_mapping
+    cdef cpu_attention_plan p
+    cdef readonly int64_t num_tokens
 
     def __init__(self, query_start, seq_lens, block_tables, slot_mapping, int64_t block_size):
         b = seq_lens.shape[0]
@@ -159,10 +200,20 @@ cdef class AttentionPlan:
                 or slot_mapping.shape[0] != int(query_start[b])):
             raise ValueError("attention metadata has the wrong dtypes, shapes or strides")
         self.tensors = (query_start, seq_lens, block_tables, slot_mapping)
-        self.num_seqs, self.num_tokens = b, slot_mapping.shape[0]
-        self.bt_stride, self.block_size = block_tables.stride(0), block_size
-        self.query_start, self.seq_lens = _ptr(query_start), _ptr(seq_lens)
-        self.block_tables, self.slot_mapping = _ptr(block_tables), _ptr(slot_mapping)
+        self.num_tokens = slot_mapping.shape[0]
+        self.p.B, self.p.bt_stride, self.p.block_size = b, block_tables.stride(0), block_size
+        self.p.query_start = <const int64_t *><uintptr_t>_ptr(query_start)
+        self.p.seq_lens = <const int64_t *><uintptr_t>_ptr(seq_lens)
+        self.p.block_tables = <const int32_t *><uintptr_t>_ptr(block_tables)
+        self.p.slot_mapping = <const int64_t *><uintptr_t>_ptr(slot_mapping)
+        attention_plan_init(&self.p)
+
+    def __dealloc__(self):
+        attention_plan_free(&self.p)
+
+    @property
+    def block_size(self) -> int:
+        return self.p.block_size
 
 
 # ---- the kernels of one ISA ----------------------------------------------------------------------
@@ -189,9 +240,10 @@ cdef class CpuKernels:
     def __repr__(self):
         return f"CpuKernels({self.isa!r})"
 
-    def linear(self, x, packed, int64_t out_features, bias=None, out_dtype=None):
+    def linear(self, x, packed, int64_t out_features, bias=None, out_dtype=None, out=None):
         """x [M, K] (rows contiguous) @ W^T (+ bias, float32) -> [M, out_features] in out_dtype
-        (default x's; a bf16 x may ask for float32). `packed` comes from pack_linear_weight."""
+        (default x's; a bf16 x may ask for float32), written into `out` where given (a contiguous
+        tensor of that shape and dtype). `packed` comes from pack_linear_weight."""
         cdef int bf = _bf16(x)
         cdef int64_t k = packed.shape[1] * (2 if bf else 1)
         cdef int64_t ldx = _rows(x, k), m = x.shape[0]
@@ -204,13 +256,17 @@ cdef class CpuKernels:
         if bias is not None and (bias.dtype != torch.float32 or bias.stride(0) != 1
                                  or bias.shape[0] != out_features):
             raise ValueError("bias must be a contiguous float32 [out_features] tensor")
-        out = torch.empty((m, out_features), dtype=out_dtype)
+        if out is None:
+            out = torch.empty((m, out_features), dtype=out_dtype)
+        elif (out.dtype != out_dtype or tuple(out.shape) != (m, out_features)
+                or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous [{m}, {out_features}] {out_dtype} tensor")
         cdef uintptr_t b = 0 if bias is None else _ptr(bias)
         cdef uintptr_t px = _ptr(x), pw = _ptr(packed), py = _ptr(out)
         cdef int out_f32 = out_dtype == torch.float32
         with nogil:
-            self.t.linear(bf, m, k, out_features, <const void *>px, ldx, <const void *>pw,
-                          <const float *>b, <void *>py, out_features, out_f32)
+            cpu_linear(&self.t, bf, m, k, out_features, <const void *>px, ldx, <const void *>pw,
+                       <const float *>b, <void *>py, out_features, out_f32)
         return out
 
     def rms_norm_(self, x, residual, weight, double eps):
@@ -232,8 +288,8 @@ cdef class CpuKernels:
         out = torch.empty((t, h), dtype=x.dtype)
         cdef uintptr_t px = _ptr(x), pw = _ptr(weight), po = _ptr(out)
         with nogil:
-            self.t.rms_norm(bf, t, h, <const void *>px, ldx, <void *>pr, ldr, <const void *>pw,
-                            <void *>po, h, <float>eps)
+            cpu_rms_norm(&self.t, bf, t, h, <const void *>px, ldx, <void *>pr, ldr,
+                         <const void *>pw, <void *>po, h, <float>eps)
         return out
 
     def rotary_(self, positions, cos, sin, q, k):
@@ -256,8 +312,8 @@ cdef class CpuKernels:
         cdef int64_t p = cos.shape[0]
         cdef int rc
         with nogil:
-            rc = self.t.rotary(bf, t, <const int64_t *>pp, p, <const float *>pc,
-                               <const float *>ps, d, <void *>pq, ldq, nq, <void *>pk, ldk, nk)
+            rc = cpu_rotary(&self.t, bf, t, <const int64_t *>pp, p, <const float *>pc,
+                            <const float *>ps, d, <void *>pq, ldq, nq, <void *>pk, ldk, nk)
         if rc:
             raise IndexError(f"a position lies outside the rotary tables' [0, {p})")
 
@@ -269,7 +325,7 @@ cdef class CpuKernels:
         out = torch.empty((t, f), dtype=gate_up.dtype)
         cdef uintptr_t pg = _ptr(gate_up), po = _ptr(out)
         with nogil:
-            self.t.silu_and_mul(bf, t, f, <const void *>pg, ld, <void *>po, f)
+            cpu_silu_and_mul(&self.t, bf, t, f, <const void *>pg, ld, <void *>po, f)
         return out
 
     def paged_attention_(self, q, k, v, k_cache, v_cache, AttentionPlan plan, double scale):
@@ -298,12 +354,143 @@ cdef class CpuKernels:
         cdef int64_t ldq = q.stride(0), ldkv = k.stride(0), num_blocks = k_cache.shape[0]
         cdef int rc
         with nogil:
-            rc = self.t.paged_attention(
-                bf, plan.num_seqs, <const int64_t *>plan.query_start,
-                <const int64_t *>plan.seq_lens, <const int32_t *>plan.block_tables,
-                plan.bt_stride, plan.block_size, <const int64_t *>plan.slot_mapping,
-                <const void *>pq, ldq, <const void *>pk, <const void *>pv, ldkv, <void *>pkc,
+            rc = cpu_paged_attention(
+                &self.t, bf, &plan.p, <const void *>pq, ldq, <const void *>pk, <const void *>pv, ldkv, <void *>pkc,
                 <void *>pvc, num_blocks, h, kvh, d, <float>scale, <void *>po)
         if rc:
             raise IndexError("a slot or block index lies outside the KV cache")
         return out
+
+
+# ---- the whole decoder stack --------------------------------------------------------------------
+
+cdef const void **_pointers(list tensors) except NULL:
+    """A malloc'ed array of the tensors' data pointers (None: NULL)."""
+    cdef const void **out = <const void **>calloc(max(len(tensors), 1), sizeof(void *))
+    if out == NULL:
+        raise MemoryError()
+    for i, t in enumerate(tensors):
+        out[i] = NULL if t is None else <const void *>_ptr(t)
+    return out
+
+
+cdef class CpuDecoder:
+    """A Llama/Qwen2 decoder stack run by one C call a step (csrc: `forward`): every layer's
+    kernels in one parallel region, on activations allocated once (grown when a step has more
+    tokens than any before). Built from the model's tensors: the embedding [V, hidden], the
+    final norm, float32 rotary tables [P, head_dim], and per layer a dict of in_norm, qkv (packed,
+    with qkv_bias float32 or None), o, post_norm, gate_up, down (packed), k_cache, v_cache."""
+
+    cdef CpuKernels kernels
+    cdef cpu_model m
+    cdef cpu_buffers w
+    cdef object tensors, buffers, out
+    cdef int bf
+    cdef int64_t vocab, max_position, num_blocks, block_size, capacity, nqkv, widest
+
+    def __init__(self, CpuKernels kernels, embed, final_norm, cos, sin, list layers,
+                 int64_t heads, int64_t kv_heads, double eps):
+        self.kernels, self.bf = kernels, _bf16(embed)
+        cdef int64_t hidden = embed.shape[1], d = cos.shape[1]
+        inter = layers[0]["down"].shape[1] * (2 if self.bf else 1)
+        self.nqkv = (heads + 2 * kv_heads) * d
+        self.widest = max(hidden, heads * d, inter)
+        cache = layers[0]["k_cache"]
+        self.vocab, self.max_position = embed.shape[0], cos.shape[0]
+        self.num_blocks, self.block_size = cache.shape[0], cache.shape[1]
+        shapes = {"in_norm": (hidden,), "post_norm": (hidden,), "k_cache": tuple(cache.shape),
+                  "v_cache": tuple(cache.shape),
+                  "qkv": packed_shape(torch.empty(self.nqkv, hidden, dtype=embed.dtype)),
+                  "o": packed_shape(torch.empty(hidden, heads * d, dtype=embed.dtype)),
+                  "gate_up": packed_shape(torch.empty(2 * inter, hidden, dtype=embed.dtype)),
+                  "down": packed_shape(torch.empty(hidden, inter, dtype=embed.dtype))}
+        for layer in layers:
+            for name, shape in shapes.items():
+                t = layer[name]
+                if t.dtype != embed.dtype or tuple(t.shape) != shape or not t.is_contiguous():
+                    raise ValueError(f"layer tensor {name}: expected a contiguous {shape} "
+                                     f"{embed.dtype} tensor, got {tuple(t.shape)} {t.dtype}")
+            bias = layer["qkv_bias"]
+            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
+                                     or tuple(bias.shape) != (self.nqkv,)):
+                raise ValueError(f"qkv_bias must be a contiguous float32 [{self.nqkv}] tensor")
+        if (d not in (16, 32, 64, 128, 256) or heads % kv_heads or cache.shape[2] != kv_heads
+                or cache.shape[3] != d or not embed.is_contiguous()
+                or tuple(final_norm.shape) != (hidden,) or final_norm.dtype != embed.dtype
+                or cos.dtype != torch.float32 or sin.shape != cos.shape
+                or not cos.is_contiguous() or not sin.is_contiguous()):
+            raise ValueError("decoder shapes: head_dim in 16..256, heads a multiple of "
+                             "kv_heads, caches [blocks, block_size, kv_heads, head_dim], "
+                             "contiguous embedding, norm and float32 rotary tables")
+        self.tensors = (embed, final_norm, cos, sin, layers)
+        self.m.layers, self.m.hidden, self.m.heads, self.m.kv_heads = len(layers), hidden, heads, kv_heads
+        self.m.head_dim, self.m.inter, self.m.eps = d, inter, eps
+        self.m.scale = <float>(1.0 / (<double>d) ** 0.5)
+        self.m.embed, self.m.final_norm = <const void *>_ptr(embed), <const void *>_ptr(final_norm)
+        self.m.cos, self.m.sin = <const float *>_ptr(cos), <const float *>_ptr(sin)
+        self.m.in_norm = _pointers([l["in_norm"] for l in layers])
+        self.m.post_norm = _pointers([l["post_norm"] for l in layers])
+        self.m.qkv = _pointers([l["qkv"] for l in layers])
+        self.m.o = _pointers([l["o"] for l in layers])
+        self.m.gate_up = _pointers([l["gate_up"] for l in layers])
+        self.m.down = _pointers([l["down"] for l in layers])
+        self.m.qkv_bias = <const float **>_pointers([l["qkv_bias"] for l in layers])
+        self.m.k_cache = <void **>_pointers([l["k_cache"] for l in layers])
+        self.m.v_cache = <void **>_pointers([l["v_cache"] for l in layers])
+        self.capacity = 0
+
+    def __dealloc__(self):
+        free(self.m.in_norm)
+        free(self.m.post_norm)
+        free(self.m.qkv)
+        free(self.m.o)
+        free(self.m.gate_up)
+        free(self.m.down)
+        free(self.m.qkv_bias)
+        free(self.m.k_cache)
+        free(self.m.v_cache)
+
+    cdef _grow(self, int64_t tokens):
+        """Activations for `tokens` rows (they outlive the step: nothing is allocated while a
+        step of at most as many tokens runs)."""
+        dtype, hd, f = self.tensors[0].dtype, self.m.hidden, self.m.inter
+        widths = {"res": hd, "x": hd, "h": hd, "qkv": self.nqkv,
+                  "attn": self.m.heads * self.m.head_dim, "gate_up": 2 * f, "act": f}
+        self.buffers = {k: torch.empty(tokens, n, dtype=dtype) for k, n in widths.items()}
+        self.buffers["xf"] = torch.empty(tokens, self.widest if self.bf else 1)
+        self.out = torch.empty(tokens, hd, dtype=dtype)
+        b = self.buffers
+        self.w.res, self.w.x, self.w.h = <void *>_ptr(b["res"]), <void *>_ptr(b["x"]), <void *>_ptr(b["h"])
+        self.w.qkv, self.w.attn = <void *>_ptr(b["qkv"]), <void *>_ptr(b["attn"])
+        self.w.gate_up, self.w.act = <void *>_ptr(b["gate_up"]), <void *>_ptr(b["act"])
+        self.w.xf = <float *>_ptr(b["xf"])
+        self.capacity = tokens
+
+    def forward(self, input_ids, positions, AttentionPlan plan):
+        """Token ids and positions (int64 [T]) -> final hidden states [T, hidden]: a view of a
+        buffer the next call overwrites. The step's keys and values go into the caches."""
+        cdef int64_t t = input_ids.shape[0]
+        if (input_ids.dtype != torch.int64 or positions.dtype != torch.int64
+                or not input_ids.is_contiguous() or not positions.is_contiguous()
+                or positions.shape[0] != t or plan.num_tokens != t
+                or plan.block_size != self.block_size):
+            raise ValueError("input_ids and positions must be contiguous int64 [T] for a plan "
+                             "of T tokens and the caches' block size")
+        if t > self.capacity:
+            self._grow(max(t, 2 * self.capacity))
+        cdef uintptr_t ids = _ptr(input_ids), pos = _ptr(positions), out = _ptr(self.out)
+        cdef int rc
+        with nogil:
+            rc = cpu_forward(&self.kernels.t, self.bf, &self.m, self.vocab, self.max_position,
+                             self.num_blocks, t, <const int64_t *>ids, <const int64_t *>pos,
+                             &plan.p, &self.w, <void *>out)
+        if rc:
+            raise IndexError(("a token id lies outside the vocabulary",
+                              "a position lies outside the rotary tables",
+                              "a slot or block index lies outside the KV cache")[-rc - 1])
+        return self.out[:t]
+
+
+def num_threads() -> int:
+    """The threads the kernels run on: torch's (torch.set_num_threads), one OpenMP runtime."""
+    return cpu_num_threads()

@@ -102,31 +102,30 @@ ALWAYS_INLINE void lin_tile(int mr, const float *x, int64_t ldx, const void *w, 
     } while (0)
 
 /* x [M, K] (rows ldx elements apart) times packed weights, fp32 or bf16 (inputs, weights and
- * output alike; a bf16 output may be fp32 instead, out_f32, for logits). */
+ * output alike; a bf16 output may be fp32 instead, out_f32, for logits). A bf16 x is widened
+ * into xf ([M, K] fp32, the caller's) first. */
 static void linear(int bf16, int64_t M, int64_t K, int64_t N, const void *x, int64_t ldx,
-                   const void *wp, const float *bias, void *y, int64_t ldy, int out_f32) {
+                   const void *wp, const float *bias, void *y, int64_t ldy, int out_f32,
+                   float *xf) {
     int64_t panels = (N + 15) / 16;
-    float *xf = bf16 ? malloc(M * K * sizeof(float)) : (float *)x;
-    int64_t ldxf = bf16 ? K : ldx;
-#pragma omp parallel
-    {
-        if (bf16) {
+    if (bf16) {
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t k = 0; k < K; k++)
-                    xf[m * K + k] = bf16_to_f32(((const uint16_t *)x)[m * ldx + k]);
-        }
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++) {
-            int64_t n0 = p * 16;
-            if (bf16)
-                LIN_PANEL(lin_tile, M, xf, ldxf, (const uint16_t *)wp + p * K * 16, 1, K, y,
-                          ldy, !out_f32);
-            else
-                LIN_PANEL(lin_tile, M, xf, ldxf, (const float *)wp + p * K * 16, 0, K, y, ldy, 0);
-        }
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k < K; k++)
+                xf[m * K + k] = bf16_to_f32(((const uint16_t *)x)[m * ldx + k]);
+        x = xf;
+        ldx = K;
     }
-    if (bf16) free(xf);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        int64_t n0 = p * 16;
+        if (bf16)
+            LIN_PANEL(lin_tile, M, (const float *)x, ldx, (const uint16_t *)wp + p * K * 16, 1,
+                      K, y, ldy, !out_f32);
+        else
+            LIN_PANEL(lin_tile, M, (const float *)x, ldx, (const float *)wp + p * K * 16, 0, K,
+                      y, ldy, 0);
+    }
 }
 
 #if VEC_DPBF16
@@ -153,13 +152,14 @@ ALWAYS_INLINE VEC_DPBF16_TARGET void lin_tile_dp(int mr, const uint16_t *x, int6
 /* `linear` with the bf16 case on vdpbf16ps: the AVX-512 table's where the CPU has AVX512-BF16. */
 static VEC_DPBF16_TARGET void linear_dp(int bf16, int64_t M, int64_t K, int64_t N,
                                         const void *x, int64_t ldx, const void *wp,
-                                        const float *bias, void *y, int64_t ldy, int out_f32) {
+                                        const float *bias, void *y, int64_t ldy, int out_f32,
+                                        float *xf) {
     if (!bf16) {
-        linear(bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32);
+        linear(bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
         return;
     }
     int64_t panels = (N + 15) / 16;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
         int64_t n0 = p * 16;
         LIN_PANEL(lin_tile_dp, M, (const uint16_t *)x, ldx, (const uint16_t *)wp + p * K * 16, K,
@@ -192,7 +192,7 @@ ALWAYS_INLINE vf v_exp(vf x) {
  * rounds to the dtype first, as torch's). The variance is taken in fp32 from rounded squares. */
 static void rms_norm(int bf16, int64_t T, int64_t H, const void *x, int64_t ldx, void *res,
                      int64_t ldr, const void *weight, void *out, int64_t ldo, float eps) {
-#pragma omp parallel for schedule(static) if (T * H >= PAR_MIN_ELEMS)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const void *src = ELEM(x, bf16, t * ldx);
         vf ss = v_zero();
@@ -238,25 +238,22 @@ ALWAYS_INLINE void rotate_heads(int bf16, void *x, int64_t nheads, int64_t D, co
     }
 }
 
-/* Returns -1, touching nothing, if a position lies outside the tables' [0, P). */
-static int rotary(int bf16, int64_t T, const int64_t *positions, int64_t P, const float *cos_table,
-                  const float *sin_table, int64_t D, void *q, int64_t ldq, int64_t nq, void *k,
-                  int64_t ldk, int64_t nk) {
-    for (int64_t t = 0; t < T; t++)
-        if (positions[t] < 0 || positions[t] >= P) return -1;
-#pragma omp parallel for schedule(static) if (T * (nq + nk) * D >= PAR_MIN_ELEMS)
+/* Positions must lie in the tables (cpu_kernels.h checks them: positions_valid). */
+static void rotary(int bf16, int64_t T, const int64_t *positions, const float *cos_table,
+                   const float *sin_table, int64_t D, void *q, int64_t ldq, int64_t nq, void *k,
+                   int64_t ldk, int64_t nk) {
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const float *cs = cos_table + positions[t] * D, *sn = sin_table + positions[t] * D;
         rotate_heads(bf16, ELEM(q, bf16, t * ldq), nq, D, cs, sn);
         rotate_heads(bf16, ELEM(k, bf16, t * ldk), nk, D, cs, sn);
     }
-    return 0;
 }
 
 /* out[t] = silu(gate) * up for gu[t] = [gate | up] (F each), rounding after each op. */
 static void silu_and_mul(int bf16, int64_t T, int64_t F, const void *gu, int64_t ldgu, void *out,
                          int64_t ldo) {
-#pragma omp parallel for schedule(static) if (T * F >= PAR_MIN_ELEMS)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         for (int64_t c = 0; c < F; c += 16) {
             vf g = v_load(ELEM(gu, bf16, t * ldgu + c), bf16, F - c);
@@ -347,70 +344,96 @@ ALWAYS_INLINE void attend_one(const int DC, int bf16, const float *q, int64_t G,
     }
 }
 
-/* Returns -1, touching nothing, if a slot or block index lies outside the cache. */
-static int paged_attention(int bf16, int64_t B, const int64_t *query_start, const int64_t *seq_lens,
-                           const int32_t *block_tables, int64_t bt_stride, int64_t block_size,
-                           const int64_t *slot_mapping, const void *q, int64_t ldq,
-                           const void *k, const void *v, int64_t ldkv, void *k_cache,
-                           void *v_cache, int64_t num_blocks, int64_t H, int64_t KVH, int64_t D,
-                           float scale, void *out) {
-    if (!kv_indices_valid(B, query_start, seq_lens, block_tables, bt_stride, block_size,
-                          slot_mapping, num_blocks))
-        return -1;
-    int64_t T = query_start[B], G = H / KVH, esz = bf16 ? 2 : 4, row = KVH * D * esz;
-    int64_t *task_start = malloc((B + 1) * sizeof(int64_t)), max_len = 0;
-    task_start[0] = 0;
-    for (int64_t b = 0; b < B; b++) {
-        int64_t qlen = query_start[b + 1] - query_start[b];
-        task_start[b + 1] = task_start[b] + (qlen + ATTN_QB - 1) / ATTN_QB * KVH;
-        max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+/* Writes the step's keys/values into their slots, then attends every query of the plan (whose
+ * indices cpu_kernels.h checked against the cache: kv_indices_valid). A task is one block of
+ * ATTN_QB queries of a sequence and one KV head. */
+static void paged_attention(int bf16, const cpu_attention_plan *a, const void *q, int64_t ldq,
+                            const void *k, const void *v, int64_t ldkv, void *k_cache,
+                            void *v_cache, int64_t H, int64_t KVH, int64_t D, float scale,
+                            void *out) {
+    const int64_t *query_start = a->query_start, *seq_lens = a->seq_lens, *qb = a->qb_start;
+    int64_t T = query_start[a->B], G = H / KVH, esz = bf16 ? 2 : 4, row = KVH * D * esz;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        memcpy((char *)k_cache + a->slot_mapping[t] * row, ELEM(k, bf16, t * ldkv), row);
+        memcpy((char *)v_cache + a->slot_mapping[t] * row, ELEM(v, bf16, t * ldkv), row);
     }
+    float *scores = malloc((a->max_len + G * D) * sizeof(float)), *qf = scores + a->max_len;
+    int64_t *rows = malloc(a->max_len * sizeof(int64_t)), b = 0;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < qb[a->B] * KVH; task++) {
+        int64_t g = task / KVH, kvh = task % KVH;
+        while (g >= qb[b + 1]) b++;
+        while (g < qb[b]) b--;
+        int64_t q0 = query_start[b] + (g - qb[b]) * ATTN_QB;
+        int64_t q1 = q0 + ATTN_QB < query_start[b + 1] ? q0 + ATTN_QB : query_start[b + 1];
+        int64_t cached = seq_lens[b] - (query_start[b + 1] - query_start[b]);
+        int64_t n_max = cached + (q1 - query_start[b]);
+        const int32_t *table = a->block_tables + b * a->bt_stride;
+        for (int64_t j = 0, blk = 0; j < n_max; blk++)
+            for (int64_t off = 0; off < a->block_size && j < n_max; off++, j++)
+                rows[j] = ((int64_t)table[blk] * a->block_size + off) * row + kvh * D * esz;
+        for (int64_t i = q0; i < q1; i++) {
+            for (int64_t e = 0; e < G * D; e += 16)
+                v_storef(qf + e, v_load(ELEM(q, bf16, i * ldq + kvh * G * D + e), bf16, 16));
+            int64_t n = cached + (i - query_start[b]) + 1;
+            void *o = ELEM(out, bf16, (i * H + kvh * G) * D);
+            const char *kc = k_cache, *vc = v_cache;
+            switch (D / 16) {
+            case 1: attend_one(1, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+            case 2: attend_one(2, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+            case 4: attend_one(4, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+            case 8: attend_one(8, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+            default: attend_one(16, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
+            }
+        }
+    }
+    free(scores);
+    free(rows);
+}
+
+/* ---- the decoder stack of one step, in one parallel region ----------------------------------
+ *
+ * The layers' kernels in the order the model's modules call them (models/llama.py), with the
+ * barriers of their worksharing loops as the only synchronisation: no Python between them, no
+ * tensor allocated, no thread pool woken ~300 times a step. Every index was checked by the
+ * caller (cpu_kernels.h, cpu_forward). Linears run the table's `lin`, which is vdpbf16ps's
+ * where the CPU has it. */
+static void forward(cpu_linear_fn lin, int bf16, const cpu_model *m, int64_t T,
+                    const int64_t *ids, const int64_t *positions, const cpu_attention_plan *a,
+                    const cpu_buffers *w, void *out) {
+    int64_t hd = m->hidden, D = m->head_dim, nq = m->heads * D, nkv = m->kv_heads * D;
+    int64_t nqkv = nq + 2 * nkv, F = m->inter;
+    void *q = w->qkv, *k = ELEM(w->qkv, bf16, nq), *v = ELEM(w->qkv, bf16, nq + nkv);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            memcpy((char *)k_cache + slot_mapping[t] * row, ELEM(k, bf16, t * ldkv), row);
-            memcpy((char *)v_cache + slot_mapping[t] * row, ELEM(v, bf16, t * ldkv), row);
+        for (int64_t i = 0; i < T; i++)
+            memcpy(ELEM(w->res, bf16, i * hd), ELEM(m->embed, bf16, ids[i] * hd),
+                   hd * (bf16 ? 2 : 4));
+        for (int64_t l = 0; l < m->layers; l++) {
+            /* the first layer's residual is the embedding itself */
+            rms_norm(bf16, T, hd, l ? w->x : w->res, hd, l ? w->res : NULL, hd, m->in_norm[l],
+                     w->h, hd, m->eps);
+            lin(bf16, T, hd, nqkv, w->h, hd, m->qkv[l], m->qkv_bias[l], w->qkv, nqkv, 0,
+                      w->xf);
+            rotary(bf16, T, positions, m->cos, m->sin, D, q, nqkv, m->heads, k, nqkv,
+                   m->kv_heads);
+            paged_attention(bf16, a, q, nqkv, k, v, nqkv, m->k_cache[l], m->v_cache[l],
+                            m->heads, m->kv_heads, D, m->scale, w->attn);
+            lin(bf16, T, nq, hd, w->attn, nq, m->o[l], NULL, w->x, hd, 0, w->xf);
+            rms_norm(bf16, T, hd, w->x, hd, w->res, hd, m->post_norm[l], w->h, hd, m->eps);
+            lin(bf16, T, hd, 2 * F, w->h, hd, m->gate_up[l], NULL, w->gate_up, 2 * F, 0,
+                      w->xf);
+            silu_and_mul(bf16, T, F, w->gate_up, 2 * F, w->act, F);
+            lin(bf16, T, F, hd, w->act, F, m->down[l], NULL, w->x, hd, 0, w->xf);
         }
-        float *scores = malloc((max_len + G * D) * sizeof(float)), *qf = scores + max_len;
-        int64_t *rows = malloc(max_len * sizeof(int64_t)), b = 0;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < task_start[B]; task++) {
-            while (task >= task_start[b + 1]) b++;
-            while (task < task_start[b]) b--;
-            int64_t local = task - task_start[b], kvh = local % KVH;
-            int64_t q0 = query_start[b] + local / KVH * ATTN_QB;
-            int64_t q1 = q0 + ATTN_QB < query_start[b + 1] ? q0 + ATTN_QB : query_start[b + 1];
-            int64_t cached = seq_lens[b] - (query_start[b + 1] - query_start[b]);
-            int64_t n_max = cached + (q1 - query_start[b]);
-            const int32_t *table = block_tables + b * bt_stride;
-            for (int64_t j = 0, blk = 0; j < n_max; blk++)
-                for (int64_t off = 0; off < block_size && j < n_max; off++, j++)
-                    rows[j] = ((int64_t)table[blk] * block_size + off) * row + kvh * D * esz;
-            for (int64_t i = q0; i < q1; i++) {
-                for (int64_t e = 0; e < G * D; e += 16)
-                    v_storef(qf + e, v_load(ELEM(q, bf16, i * ldq + kvh * G * D + e), bf16, 16));
-                int64_t n = cached + (i - query_start[b]) + 1;
-                void *o = ELEM(out, bf16, (i * H + kvh * G) * D);
-                const char *kc = k_cache, *vc = v_cache;
-                switch (D / 16) {
-                case 1: attend_one(1, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
-                case 2: attend_one(2, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
-                case 4: attend_one(4, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
-                case 8: attend_one(8, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
-                default: attend_one(16, bf16, qf, G, kc, vc, rows, n, scale, scores, o); break;
-                }
-            }
-        }
-        free(scores);
-        free(rows);
+        rms_norm(bf16, T, hd, w->x, hd, w->res, hd, m->final_norm, out, hd, m->eps);
     }
-    free(task_start);
-    return 0;
 }
 
 static const cpu_kernel_table kernel_table = {linear, rms_norm, rotary, silu_and_mul,
-                                              paged_attention};
+                                              paged_attention, forward};
 
 #undef VEC_LIN_MR
 #undef VEC_DPBF16

@@ -225,6 +225,7 @@ def test_auto_names_its_choice_in_one_log_line(tiny_hf_dir, caplog, monkeypatch)
     are simulated), or plain torch with the reason where no path runs (float16)."""
     monkeypatch.delenv("MINIVLLM_KERNELS", raising=False)
     monkeypatch.setattr(logging.getLogger("minivllm"), "handlers", [caplog.handler])
+    monkeypatch.setattr(logging.getLogger("minivllm"), "propagate", False)  # once, not twice
     caplog.set_level(logging.INFO, logger="minivllm")
     path, threads = tiny_hf_dir("llama"), torch.get_num_threads()
 
@@ -235,6 +236,10 @@ def test_auto_names_its_choice_in_one_log_line(tiny_hf_dir, caplog, monkeypatch)
         return runner, lines
 
     best = next(isa for isa in cpu_kernels.ISAS if cpu_kernels.missing(isa) is None)
+    runner, lines = start("auto")  # the checkpoint is float32; bf16 is the CPU paths' fastest
+    assert lines == [f"kernels: cpu-{best} bfloat16, {threads} threads (dtype auto: bfloat16, "
+                     f"the fastest on these kernels)"]
+    assert runner.dtype == torch.bfloat16
     runner, lines = start()
     assert lines == [f"kernels: cpu-{best} float32, {threads} threads"]
     assert isinstance(runner.kernels.attention, CpuAttentionBackend)
@@ -283,3 +288,54 @@ def test_the_embedded_model_gives_the_torch_tokens(kernels):
     kwargs = dict(dtype="float32", num_blocks=32)
     assert (_greedy_tokens(None, kernels, prompts, 8, **kwargs)
             == _greedy_tokens(None, "torch", prompts, 8, **kwargs))
+
+
+# ---- the decoder stack in one call, against the module graph it replaces ---------------------
+
+class _BothForwards:
+    """A step model that runs the module graph and the C decoder on every step and checks that
+    they agree exactly (they write the same keys and values into the cache)."""
+
+    def __init__(self, runner) -> None:
+        self.model, self.decoder, self.steps = runner.model, runner.step_model, 0
+
+    def __call__(self, input_ids, positions, meta):
+        want = self.model(input_ids, positions, meta).clone()
+        got = self.decoder(input_ids, positions, meta)
+        assert torch.equal(got, want)
+        self.steps += 1
+        return got
+
+    def compute_logits(self, hidden):
+        want = self.model.compute_logits(hidden)
+        got = self.decoder.compute_logits(hidden)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        return got
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decoder_matches_the_module_graph(tiny_hf_dir, kernels, dtype):
+    """Chunked prefills, prefix-cache hits and decodes; qwen2 for the qkv bias."""
+    llm = LLM(tiny_hf_dir("qwen2"), kernels=f"cpu-{kernels.isa}", dtype=dtype, block_size=4,
+              num_blocks=64, max_num_batched_tokens=16)
+    both = llm.engine.runner.step_model = _BothForwards(llm.engine.runner)
+    rng = random.Random(3)
+    head = [rng.randrange(3, 49152) for _ in range(9)]
+    prompts = [head + [rng.randrange(3, 49152) for _ in range(n)] for n in (1, 12, 30)]
+    llm.generate(prompts, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=6),
+                 use_tqdm=False)
+    assert both.steps >= 8
+
+
+def test_kernels_run_on_torchs_openmp_threads():
+    """One OpenMP runtime in the process: the kernels' threads are torch's."""
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert cpu_kernels.num_threads() == n
+    finally:
+        torch.set_num_threads(old)

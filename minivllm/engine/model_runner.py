@@ -19,11 +19,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from minivllm.config import EngineConfig, resolve_dtype
+from minivllm.config import EngineConfig
 from minivllm.core.batch import ScheduledBatch
 from minivllm.engine.cuda_graphs import DecodeGraphs
 from minivllm.engine.step_inputs import StepStaging, cpu_inputs, fill_placeholders
 from minivllm.engine.structured_output import StepMasks
+from minivllm.layers.cpu_decoder import CpuDecoder
 from minivllm.layers.cpu_linear import use_cpu_linears
 from minivllm.layers.kernels import select_kernels
 from minivllm.layers.sampler import Sampler, SamplerOutput
@@ -81,9 +82,9 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, overlap: bool = False) -> None:
         arch = source.arch
         self.device = config.model.torch_device()
-        self.dtype = resolve_dtype(config.model.dtype, arch, self.device)
         self.max_model_len = max_model_len(config, source)
-        self.kernels = select_kernels(config.model, self.device, self.dtype, arch)
+        self.kernels = select_kernels(config.model, self.device, arch)
+        self.dtype = self.kernels.dtype
         logger.info("%s", self.kernels.describe())
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = MODEL_REGISTRY[arch.architecture](
@@ -93,6 +94,10 @@ class ModelRunner:
         if self.kernels.cpu_linears:
             self._use_cpu_linears()
         self.kv_spec = self._allocate_kv_cache(config)
+        # What runs a step's forward: on the CPU kernels the decoder stack as one C call.
+        self.step_model = (CpuDecoder(self.model, self.kernels.cpu_linears,
+                                      config.scheduler.max_num_seqs)
+                           if self.kernels.cpu_linears else self.model)
         self.sampler = Sampler(config.scheduler.max_num_seqs, arch.vocab_size, self.device,
                                seed=config.model.seed)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
@@ -162,11 +167,11 @@ class ModelRunner:
             ids = inputs.input_ids
             if self.last_tokens is not None and batch.input_ids.min() < 0:
                 ids = fill_placeholders(ids, self.last_tokens)
-            hidden = self.model(ids, inputs.positions, inputs.meta)
+            hidden = self.step_model(ids, inputs.positions, inputs.meta)
             sample_index, sample_indices = inputs.sample_index, inputs.sample_indices
         if sample_index is not None:  # None: every token is sampled (a step of decodes)
             hidden = hidden[sample_index]
-        return self.model.compute_logits(hidden), sample_indices
+        return self.step_model.compute_logits(hidden), sample_indices
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, req_indices: torch.Tensor,

