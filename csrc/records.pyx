@@ -47,7 +47,7 @@ cdef extern from "records_layout.h" nogil:
     size_t MV_LAYOUT_LEN
 
 # The header's codes under their Python names (minivllm/transport/protocol.py re-exports them).
-MAGIC, VERSION = MV_MAGIC, MV_VERSION
+MAGIC, VERSION, MIN_VERSION = MV_MAGIC, MV_VERSION, MV_MIN_VERSION
 KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = (
     MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR)
 KIND_STATUS_QUERY, KIND_STATUS = MV_KIND_STATUS_QUERY, MV_KIND_STATUS
@@ -55,6 +55,12 @@ STATE_READY, STATE_DRAINING = MV_STATE_READY, MV_STATE_DRAINING
 MAX_RECORD_BYTES, MAX_TOP_LOGPROBS = MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
 SUBMIT_FIXED_BYTES = sizeof(mv_submit)  # a submit's size before its token arrays
 SAMPLING_HAS_SEED, SAMPLING_IGNORE_EOS = MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
+SUBMIT_HAS_STRUCTURED, MAX_SPEC_BYTES = MV_SUBMIT_HAS_STRUCTURED, MV_MAX_SPEC_BYTES
+# MV_STRUCTURED_* code <-> StructuredOutputsParams' field name
+STRUCTURED_KINDS = {MV_STRUCTURED_JSON: "json", MV_STRUCTURED_REGEX: "regex",
+                    MV_STRUCTURED_CHOICE: "choice", MV_STRUCTURED_GRAMMAR: "grammar",
+                    MV_STRUCTURED_JSON_OBJECT: "json_object"}
+cdef dict _STRUCTURED_CODES = {name: code for code, name in STRUCTURED_KINDS.items()}
 STEP_HAS_LOGPROBS, ERROR_HAS_REQUEST = MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = (
     MV_FINISH_NONE, MV_FINISH_STOP, MV_FINISH_LENGTH, MV_FINISH_ABORT)
@@ -203,6 +209,8 @@ cdef class Submit:
     cdef readonly int top_k, max_tokens, min_tokens, logprobs, priority
     cdef readonly object seed
     cdef readonly bint ignore_eos
+    cdef readonly object structured_kind  # MV_STRUCTURED_* code, or None
+    cdef readonly str structured_spec
 
     def sampling_params(self):
         """The SamplingParams this record carries. A value outside the field's valid values
@@ -222,13 +230,19 @@ cdef class Submit:
         if len(negative):
             raise ValueError(f"stop_token_ids[{negative[0]}] must be >= 0, "
                              f"got {self.stop_token_ids[negative[0]]}")
+        structured = None
+        if self.structured_kind is not None:
+            from minivllm.sampling_params import StructuredOutputsParams
+            structured = StructuredOutputsParams.from_spec(
+                STRUCTURED_KINDS[self.structured_kind], self.structured_spec)
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             seed=self.seed, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             max_tokens=self.max_tokens or None, min_tokens=self.min_tokens,
             stop_token_ids=self.stop_token_ids.tolist(), ignore_eos=self.ignore_eos,
-            logprobs=None if self.logprobs == -1 else self.logprobs)
+            logprobs=None if self.logprobs == -1 else self.logprobs,
+            structured_outputs=structured)
 
     def __repr__(self) -> str:
         return (f"Submit(request_id={self.request_id}, "
@@ -314,7 +328,17 @@ def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
     cdef uint64_t n_prompt = len(prompt), n_stop = len(stop)
     if n_prompt == 0:
         raise ValueError("prompt_token_ids is empty: give at least one token")
-    cdef uint64_t size = _pad8(sizeof(mv_submit) + 4 * (n_prompt + n_stop))
+    cdef uint64_t ids_end = _pad8(sizeof(mv_submit) + 4 * (n_prompt + n_stop))
+    cdef uint64_t size = ids_end
+    cdef bytes spec = None
+    cdef uint32_t spec_kind = 0
+    so = params.structured_outputs
+    if so is not None:
+        spec, spec_kind = so.spec.encode(), _STRUCTURED_CODES[so.kind]
+        if len(spec) > MV_MAX_SPEC_BYTES:
+            raise ValueError(f"structured_outputs.{so.kind} is longer than {MV_MAX_SPEC_BYTES} "
+                             f"bytes")
+        size += sizeof(mv_structured) + _pad8(len(spec))
     if size > MV_MAX_RECORD_BYTES:
         raise ValueError(f"a prompt of {n_prompt} tokens exceeds the "
                          f"{MV_MAX_RECORD_BYTES}-byte record limit")
@@ -334,14 +358,20 @@ def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
     s.priority = priority
     cdef char* p = sink.reserve(size, timeout)
     cdef mv_submit* rec = <mv_submit*>p
-    _header(p, MV_KIND_SUBMIT, size, 0)
+    _header(p, MV_KIND_SUBMIT, size, 0 if spec is None else MV_SUBMIT_HAS_STRUCTURED)
     rec.request_id, rec.sampling = request_id, s
     rec.num_prompt_tokens, rec.num_stop_token_ids = <uint32_t>n_prompt, <uint32_t>n_stop
     # A bad id raises before commit(): the reservation is simply not published.
     _copy_ids(p + sizeof(mv_submit), prompt, "prompt_token_ids")
     _copy_ids(p + sizeof(mv_submit) + 4 * n_prompt, stop, "stop_token_ids")
     memset(p + sizeof(mv_submit) + 4 * (n_prompt + n_stop), 0,
-           size - sizeof(mv_submit) - 4 * (n_prompt + n_stop))
+           ids_end - sizeof(mv_submit) - 4 * (n_prompt + n_stop))
+    cdef mv_structured* part
+    if spec is not None:
+        part = <mv_structured*>(p + ids_end)
+        part.kind, part.spec_len = spec_kind, <uint32_t>len(spec)
+        _copy_padded(p + ids_end + sizeof(mv_structured), <const char*>spec, len(spec),
+                     size - ids_end - sizeof(mv_structured))
     sink.commit()
 
 
@@ -495,9 +525,9 @@ cdef int _check_header(const char* p, uint64_t n, mv_header* h) except -1:
     if h.magic != MV_MAGIC:
         raise ProtocolError(f"bad magic 0x{h.magic:08x}: not a minivllm record "
                             f"(expected 0x{MV_MAGIC:08x}, little-endian)")
-    if h.version != MV_VERSION:
+    if not MV_MIN_VERSION <= h.version <= MV_VERSION:
         raise ProtocolError(f"protocol version {h.version} is not supported (this engine "
-                            f"speaks version {MV_VERSION})")
+                            f"reads versions {MV_MIN_VERSION} to {MV_VERSION})")
     if h.size != n:
         raise ProtocolError(f"the header says {h.size} bytes but the frame holds {n}")
     if n % 8 or n > MV_MAX_RECORD_BYTES:
@@ -542,12 +572,33 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
                             f"{sizeof(mv_submit)}")
     memcpy(&rec, p, sizeof(mv_submit))
     cdef uint64_t n_prompt = rec.num_prompt_tokens, n_stop = rec.num_stop_token_ids
-    if h.flags or rec.sampling.flags & ~(MV_SAMPLING_HAS_SEED | MV_SAMPLING_IGNORE_EOS):
+    cdef uint32_t known = MV_SUBMIT_HAS_STRUCTURED if h.version >= 2 else 0
+    if h.flags & ~known or rec.sampling.flags & ~(MV_SAMPLING_HAS_SEED | MV_SAMPLING_IGNORE_EOS):
         raise ProtocolError("submit record with unknown flag bits set", request_id=rec.request_id)
-    if _pad8(sizeof(mv_submit) + 4 * (n_prompt + n_stop)) != n:
+    cdef uint64_t ids_end = _pad8(sizeof(mv_submit) + 4 * (n_prompt + n_stop))
+    cdef mv_structured part
+    part.kind, part.spec_len = 0, 0
+    if h.flags & MV_SUBMIT_HAS_STRUCTURED and ids_end + sizeof(mv_structured) <= n:
+        memcpy(&part, p + ids_end, sizeof(mv_structured))
+    if ids_end + (sizeof(mv_structured) + _pad8(part.spec_len)
+                  if h.flags & MV_SUBMIT_HAS_STRUCTURED else 0) != n:
         raise ProtocolError(f"submit record of {n} bytes cannot hold the {n_prompt} prompt and "
-                            f"{n_stop} stop token ids it announces", request_id=rec.request_id)
+                            f"{n_stop} stop token ids"
+                            f"{' and the structured part' if h.flags else ''} it announces",
+                            request_id=rec.request_id)
     cdef Submit out = Submit.__new__(Submit)
+    out.structured_kind, out.structured_spec = None, None
+    if h.flags & MV_SUBMIT_HAS_STRUCTURED:
+        if part.kind not in STRUCTURED_KINDS or part.spec_len > MV_MAX_SPEC_BYTES:
+            raise ProtocolError(f"submit record with structured kind {part.kind} (known: 1-5) "
+                                f"or spec length {part.spec_len} (at most {MV_MAX_SPEC_BYTES})",
+                                request_id=rec.request_id)
+        try:
+            out.structured_spec = (p + ids_end + sizeof(mv_structured))[:part.spec_len].decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"the structured spec is not valid UTF-8: {exc}",
+                                request_id=rec.request_id) from None
+        out.structured_kind = part.kind
     cdef const mv_sampling* s = &rec.sampling
     out.request_id = rec.request_id
     out.prompt_token_ids = _array(I32, n_prompt, p + sizeof(mv_submit))

@@ -29,6 +29,8 @@ static const mv_field_layout MV_LAYOUT[] = {
     MV_STRUCT(mv_submit),
     MV_FIELD(mv_submit, header), MV_FIELD(mv_submit, request_id), MV_FIELD(mv_submit, sampling),
     MV_FIELD(mv_submit, num_prompt_tokens), MV_FIELD(mv_submit, num_stop_token_ids),
+    MV_STRUCT(mv_structured),
+    MV_FIELD(mv_structured, kind), MV_FIELD(mv_structured, spec_len),
     MV_STRUCT(mv_abort),
     MV_FIELD(mv_abort, header), MV_FIELD(mv_abort, request_id),
     MV_STRUCT(mv_step_output),

@@ -1,4 +1,4 @@
-/* minivllm wire contract, version 1: every record that crosses a process boundary.
+/* minivllm wire contract, version 2: every record that crosses a process boundary.
  *
  * The same bytes travel in the shared-memory rings (one record per ring frame) and as ZeroMQ
  * frames at the endpoint for other languages. ipc/PROTOCOL.md documents every field; the
@@ -16,7 +16,8 @@
 #include <stdint.h>
 
 #define MV_MAGIC 0x5049564Du /* the bytes "MVIP" */
-#define MV_VERSION 1u
+#define MV_VERSION 2u     /* what writers write */
+#define MV_MIN_VERSION 1u /* the oldest a reader takes: version 1 is 2 without structured outputs */
 
 /* Record kinds (mv_header.kind). */
 #define MV_KIND_SUBMIT 1u      /* frontend -> engine: a new request */
@@ -60,8 +61,12 @@ typedef struct mv_sampling {
     int32_t priority;          /* lower is served first under the priority policy */
 } mv_sampling;
 
+/* mv_submit header.flags */
+#define MV_SUBMIT_HAS_STRUCTURED 1u /* an mv_structured part follows (version 2) */
+
 /* MV_KIND_SUBMIT. Followed by int32 prompt_token_ids[num_prompt_tokens], then int32
- * stop_token_ids[num_stop_token_ids], then zero padding to a multiple of 8. */
+ * stop_token_ids[num_stop_token_ids], then zero padding to a multiple of 8; then, with
+ * MV_SUBMIT_HAS_STRUCTURED, an mv_structured part. */
 typedef struct mv_submit {
     mv_header header;
     uint64_t request_id; /* chosen by the sender, unique among its unfinished requests */
@@ -69,6 +74,20 @@ typedef struct mv_submit {
     uint32_t num_prompt_tokens;  /* >= 1 */
     uint32_t num_stop_token_ids;
 } mv_submit;
+
+/* The optional part of a submit: a constraint on the output (structured outputs). Followed by
+ * spec_len bytes of UTF-8 (no terminator), zero padded to a multiple of 8. */
+typedef struct mv_structured {
+    uint32_t kind;     /* MV_STRUCTURED_* */
+    uint32_t spec_len; /* <= MV_MAX_SPEC_BYTES */
+} mv_structured;
+
+#define MV_STRUCTURED_JSON 1u        /* spec: a JSON schema, as JSON text */
+#define MV_STRUCTURED_REGEX 2u       /* spec: a regular expression the whole output matches */
+#define MV_STRUCTURED_CHOICE 3u      /* spec: a JSON array of the strings the output is one of */
+#define MV_STRUCTURED_GRAMMAR 4u     /* spec: an EBNF grammar (xgrammar's dialect), rule root */
+#define MV_STRUCTURED_JSON_OBJECT 5u /* spec: empty; the output is any JSON object */
+#define MV_MAX_SPEC_BYTES (1u << 20)
 
 /* MV_KIND_ABORT. */
 typedef struct mv_abort {
@@ -167,6 +186,7 @@ MV_STATIC_ASSERT(sizeof(mv_header) == 16, header_size);
 MV_STATIC_ASSERT(sizeof(mv_sampling) == 80, sampling_size);
 MV_STATIC_ASSERT(sizeof(mv_submit) == 112, submit_size);
 MV_STATIC_ASSERT(offsetof(mv_submit, sampling) == 24, submit_sampling_offset);
+MV_STATIC_ASSERT(sizeof(mv_structured) == 8, structured_size);
 MV_STATIC_ASSERT(sizeof(mv_abort) == 24, abort_size);
 MV_STATIC_ASSERT(sizeof(mv_step_output) == 32, step_output_size);
 MV_STATIC_ASSERT(sizeof(mv_error) == 32, error_size);

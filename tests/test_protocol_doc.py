@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import SamplingParams, StructuredOutputsParams
 from minivllm.transport import protocol
 import wire_spec
 
@@ -87,6 +87,9 @@ def test_worked_examples_are_what_the_encoder_writes():
     nan = np.nan
     expected = [
         protocol.encode_submit(7, [101, 102, 103, 104], params),
+        protocol.encode_submit(7, [101, 102], SamplingParams(
+            temperature=0, max_tokens=4,
+            structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))),
         protocol.encode_step_output(5, rids, toks, fins),
         protocol.encode_step_output(
             5, rids, toks, fins, logprobs=np.array([-0.5, nan], np.float32),
@@ -119,7 +122,8 @@ def test_code_tables_are_the_header_codes():
                               for k in ("submit", "abort", "step output", "error",
                                         "status query", "status"))
     flags = {"MV_SAMPLING_HAS_SEED": "bit 0", "MV_SAMPLING_IGNORE_EOS": "bit 1",
-             "MV_STEP_HAS_LOGPROBS": "bit 0", "MV_ERROR_HAS_REQUEST": "bit 0"}
+             "MV_STEP_HAS_LOGPROBS": "bit 0", "MV_ERROR_HAS_REQUEST": "bit 0",
+             "MV_SUBMIT_HAS_STRUCTURED": "bit 0"}
     for name, bit in flags.items():
         assert f"{bit} `{name}`" in DOC
         assert getattr(protocol, name[3:]) == 1 << int(bit[-1])

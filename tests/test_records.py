@@ -182,7 +182,7 @@ def _valid_frames():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda f: b"XXXX" + f[4:], "bad magic"),
-    (lambda f: f[:4] + struct.pack("<H", 2) + f[6:], "version 2 is not supported"),
+    (lambda f: f[:4] + struct.pack("<H", 3) + f[6:], "version 3 is not supported"),
     (lambda f: f[:6] + struct.pack("<H", 99) + f[8:], "unknown record kind 99"),
     (lambda f: f[:-8], "the header says"),
     (lambda f: f[:8] + struct.pack("<I", len(f) + 8) + f[12:] + bytes(8), "cannot hold|abort"),

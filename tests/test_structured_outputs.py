@@ -147,3 +147,120 @@ def test_async_scheduling_and_preemption_give_the_same_constrained_outputs(llm):
     assert got == want
     assert other.engine.scheduler.num_preemptions > 0
     assert not other.engine.grammars.matchers and other.engine.allocator.num_used_blocks == 0
+
+
+# ---- the OpenAI server and the ZeroMQ endpoint of one `minivllm serve` ----------------------
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from bench.server_proc import ServeProcess
+
+    zmq_endpoint = f"ipc://{tmp_path_factory.mktemp('zmq')}/engine"
+    srv = ServeProcess(["--dtype", "float32", "--num-blocks", "512",
+                        "--zmq-endpoint", zmq_endpoint])
+    srv.zmq_endpoint = zmq_endpoint
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def oai(served):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_openai_parse_returns_the_pydantic_object(oai):
+    """The openai package's own helper: response_format=<pydantic model> (a strict
+    json_schema) comes back parsed."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Pet(BaseModel):
+        name: str
+        kind: Literal["cat", "dog", "fish"]
+        age: int
+
+    completion = oai.chat.completions.parse(
+        model=MODEL, response_format=Pet, max_tokens=48, temperature=0,
+        messages=[{"role": "user", "content": "Describe a pet as JSON."}])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(choice.message.parsed, Pet)
+
+
+def test_every_door_constrains_the_output(oai):
+    """response_format json_object, vLLM's structured_outputs and its older guided_* fields,
+    on chat and completions, streamed too."""
+    ask = [{"role": "user", "content": "Answer briefly."}]
+    doors = [({"response_format": {"type": "json_object"}},
+              lambda t: isinstance(json.loads(t), dict)),
+             ({"extra_body": {"structured_outputs": {"regex": "[0-9]{4}"}}},
+              lambda t: re.fullmatch("[0-9]{4}", t)),
+             ({"extra_body": {"structured_outputs": {"choice": ["left", "right"]}}},
+              lambda t: t in ("left", "right")),
+             ({"extra_body": {"structured_outputs": {"grammar": 'root ::= "ab" [c-e]'}}},
+              lambda t: re.fullmatch("ab[c-e]", t)),
+             ({"extra_body": {"guided_json": PERSON}},
+              lambda t: jsonschema.validate(json.loads(t), PERSON) or True),
+             ({"extra_body": {"guided_regex": "[A-Z]{3}"}}, lambda t: re.fullmatch("[A-Z]{3}", t)),
+             ({"extra_body": {"guided_choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+             ({"extra_body": {"guided_grammar": 'root ::= "x" | "y"'}}, lambda t: t in "xy")]
+    for kwargs, check in doors:
+        out = oai.chat.completions.create(model=MODEL, messages=ask, max_tokens=64,
+                                          temperature=0, **kwargs).choices[0]
+        assert out.finish_reason == "stop" and check(out.message.content), (kwargs, out)
+    text = oai.completions.create(model=MODEL, prompt="Pick one:", max_tokens=8,
+                                  extra_body={"guided_choice": ["red", "blue"]}).choices[0].text
+    assert text in ("red", "blue")
+    stream = oai.chat.completions.create(model=MODEL, messages=ask, max_tokens=8, stream=True,
+                                         extra_body={"guided_regex": "(yes|no)!"})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in \
+        ("yes!", "no!")
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "blah"}}}},
+     'Unsupported type "blah"'),
+    ({"guided_json": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}},
+     "#/uniqueItems is not supported"),
+    ({"guided_regex": "a["}, "regex does not compile: Regex parsing error"),
+    ({"structured_outputs": {"grammar": 'root ::= "a" |'}}, "grammar does not compile: EBNF"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one of"),
+])
+def test_bad_specs_are_a_400_naming_the_problem(served, body, fragment):
+    import httpx
+
+    resp = httpx.post(served.url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
+        **body})
+    assert resp.status_code == 400, resp.text
+    assert fragment in resp.json()["error"]["message"]
+
+
+def test_c_client_sends_a_structured_part(served, llm, tmp_path):
+    """The C client's submit carries the spec (protocol version 2): its tokens spell a choice;
+    a grammar that does not compile comes back as an error record naming the request."""
+    import subprocess
+
+    from test_c_client_codec import _compiler_missing, _make
+
+    if _compiler_missing():
+        pytest.skip(reason=_compiler_missing())
+    binary = _make(tmp_path)
+    tok = llm.get_tokenizer()
+    prompt = [str(t) for t in tok.encode("Pick a colour:")]
+    out = subprocess.run([str(binary), "--endpoint", served.zmq_endpoint, "--max-tokens", "8",
+                          "--temperature", "0", "--choice", '["crimson", "teal"]', "--",
+                          *prompt], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tokens = [int(line.split()[1]) for line in out.stdout.splitlines()
+              if line.startswith("token ")]
+    assert tok.decode(tokens) in ("crimson", "teal")
+    assert "finish stop" in out.stdout
+    bad = subprocess.run([str(binary), "--endpoint", served.zmq_endpoint, "--regex", "a[",
+                          "--", *prompt], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "regex does not compile" in bad.stderr, bad.stderr
+

@@ -8,11 +8,13 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "minivllm_ipc.h" nogil:
-    uint32_t MV_MAGIC, MV_VERSION
+    uint32_t MV_MAGIC, MV_VERSION, MV_MIN_VERSION
     uint32_t MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR
     uint32_t MV_KIND_STATUS_QUERY, MV_KIND_STATUS, MV_STATE_READY, MV_STATE_DRAINING
     uint32_t MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
-    uint32_t MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
+    uint32_t MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS, MV_SUBMIT_HAS_STRUCTURED
+    uint32_t MV_STRUCTURED_JSON, MV_STRUCTURED_REGEX, MV_STRUCTURED_CHOICE, MV_STRUCTURED_GRAMMAR
+    uint32_t MV_STRUCTURED_JSON_OBJECT, MV_MAX_SPEC_BYTES
     uint32_t MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
     uint32_t MV_FINISH_NONE, MV_FINISH_STOP, MV_FINISH_LENGTH, MV_FINISH_ABORT
     uint32_t MV_ERR_MALFORMED, MV_ERR_INVALID_REQUEST, MV_ERR_DUPLICATE_ID, MV_ERR_OVERLOADED
@@ -35,6 +37,9 @@ cdef extern from "minivllm_ipc.h" nogil:
         mv_sampling sampling
         uint32_t num_prompt_tokens
         uint32_t num_stop_token_ids
+    ctypedef struct mv_structured:
+        uint32_t kind
+        uint32_t spec_len
     ctypedef struct mv_abort:
         mv_header header
         uint64_t request_id

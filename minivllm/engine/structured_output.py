@@ -24,6 +24,7 @@ import importlib.metadata
 import json
 import logging
 import re
+import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Optional, Sequence
@@ -39,6 +40,36 @@ GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept (each a few hundred KB at mos
 
 # xgrammar's messages start with "[hh:mm:ss] /path/file.cc:line: ": the user needs the rest.
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+# JSON-schema keywords xgrammar 0.2.9 accepts but does not enforce (measured: outputs that break
+# them pass its matcher): refused, so that a "stop" output always validates.
+UNENFORCED_KEYWORDS = frozenset({"uniqueItems", "not", "if", "then", "else", "dependentRequired",
+                                 "dependentSchemas", "unevaluatedProperties",
+                                 "unevaluatedItems"})
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("prefixItems", "allOf", "anyOf", "oneOf")
+_SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems", "contains",
+                  "propertyNames")
+
+
+def unenforced_keyword(schema: object, path: str = "#") -> Optional[str]:
+    """Where `schema` first uses a keyword of UNENFORCED_KEYWORDS ("#/properties/a/not"), or
+    None. Property names are not keywords: only subschema positions are walked."""
+    if not isinstance(schema, dict):
+        return None
+    subschemas = []
+    for key, value in schema.items():
+        if key in UNENFORCED_KEYWORDS:
+            return f"{path}/{key}"
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            subschemas += [(v, f"{path}/{key}/{name}") for name, v in value.items()]
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            subschemas += [(v, f"{path}/{key}/{i}") for i, v in enumerate(value)]
+        elif key in _SCHEMA_VALUES:
+            subschemas.append((value, f"{path}/{key}"))
+    return next((found for sub, where in subschemas
+                 if (found := unenforced_keyword(sub, where))), None)
 
 
 def _choice_ebnf(choices: Sequence[str]) -> str:
@@ -63,6 +94,7 @@ class StructuredOutputs:
         self._failed: list[tuple[int, str]] = []
         self.matchers: dict[int, object] = {}   # owner -> GrammarMatcher, until it finishes
         self._by_index: dict[int, object] = {}  # req_index -> matcher, while admitted
+        self.mask_time_s = 0.0  # host time in apply(): waiting for fills, masking (benches)
 
     # ---- WAITING_FOR_GRAMMAR ----------------------------------------------------------------
     def add(self, req) -> None:
@@ -117,6 +149,10 @@ class StructuredOutputs:
     def _compile(self, kind: str, spec: str):
         compiler = self._load()
         if kind == "json":
+            where = unenforced_keyword(json.loads(spec))
+            if where:
+                raise ValueError(f"the keyword at {where} is not supported (xgrammar does not "
+                                 f"enforce {where.rsplit('/', 1)[1]!r})")
             # No free whitespace: a small model offered it can loop on it until max_tokens.
             return compiler.compile_json_schema(spec, any_whitespace=False)
         if kind == "json_object":
@@ -241,6 +277,8 @@ class StepMasks:
         return self
 
     def apply(self, logits: torch.Tensor) -> None:
+        start = time.perf_counter()
         rows = (self._fill.result() if self._fill is not None
                 else self._so._fill(self._rows, self._matchers))
         self._so.apply(logits, rows)
+        self._so.mask_time_s += time.perf_counter() - start

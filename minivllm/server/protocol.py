@@ -5,6 +5,12 @@ answers: a string where a number belongs, a float where an integer belongs, or a
 not know is a 400 naming the field. vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, ...) are accepted too. Ranges are checked once, by
 SamplingParams, whose ValueError names the field.
+
+Structured outputs come by any of the doors vLLM users know: OpenAI's `response_format`
+(json_object, json_schema), vLLM's `structured_outputs` ({json | regex | choice | grammar |
+json_object}) and its older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`;
+one per request. Their shape is checked here; whether a schema, regex or grammar compiles is the
+engine's answer, a 400 naming the problem.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
 
 
 class APIError(Exception):
@@ -87,6 +93,53 @@ class _SamplingFields(_Strict):
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
+    # structured outputs (one of them per request)
+    response_format: Optional[dict] = None
+    structured_outputs: Optional[dict] = None
+    guided_json: Optional[Union[str, dict]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+
+    def structured_outputs_params(self) -> Optional[StructuredOutputsParams]:
+        """The request's output constraint, from whichever field carries it; APIError naming
+        the field when its shape is wrong or more than one field carries one."""
+        given = {name: value for name, value in (
+            ("response_format", self._response_format_spec()),
+            ("structured_outputs", self.structured_outputs),
+            *((f"guided_{kind}", {kind: getattr(self, f"guided_{kind}")})
+              for kind in ("json", "regex", "choice", "grammar")
+              if getattr(self, f"guided_{kind}") is not None)) if value is not None}
+        if len(given) > 1:
+            raise APIError(400, f"only one of {', '.join(given)} may constrain the output",
+                           param=list(given)[1])
+        if not given:
+            return None
+        (field, spec), = given.items()
+        unknown = sorted(set(spec) - set(STRUCTURED_KINDS))
+        if unknown:
+            raise APIError(400, f"{field}: unknown key {unknown[0]!r}; the keys are "
+                                f"{', '.join(STRUCTURED_KINDS)}", param=field)
+        try:
+            return StructuredOutputsParams(**spec)
+        except ValueError as exc:
+            raise APIError(400, f"{field}: {exc}", param=field) from None
+
+    def _response_format_spec(self) -> Optional[dict]:
+        rf = self.response_format
+        if rf is None or rf.get("type") == "text":
+            return None
+        if rf.get("type") == "json_object":
+            return {"json_object": True}
+        if rf.get("type") != "json_schema":
+            raise APIError(400, "response_format.type must be one of text, json_object, "
+                                f"json_schema; got {rf.get('type')!r}", param="response_format")
+        inner = rf.get("json_schema")
+        schema = inner.get("schema") if isinstance(inner, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema "
+                                "object", param="response_format")
+        return {"json": schema}
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         """SamplingParams for this request; out-of-range values raise APIError naming the
@@ -97,7 +150,8 @@ class _SamplingFields(_Strict):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self.structured_outputs_params())
         try:
             # None means "the default", except max_tokens, where it means "up to the context"
             return SamplingParams(**{k: v for k, v in values.items()
@@ -174,7 +228,6 @@ class ChatCompletionRequest(_SamplingFields):
     logit_bias: Optional[dict[str, float]] = None
     tools: Optional[list[dict]] = None
     tool_choice: Optional[Union[str, dict]] = None
-    response_format: Optional[dict] = None
     add_generation_prompt: bool = True
 
     def check_supported(self) -> None:
@@ -184,9 +237,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise APIError(400, "tools are not supported", param="tools")
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "only response_format {'type': 'text'} is supported",
-                           param="response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

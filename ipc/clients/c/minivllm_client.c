@@ -56,6 +56,12 @@ static const char USAGE[] =
     "  --stop-token-id N          end the request on this token id (repeatable)\n"
     "  --logprobs N               print the sampled token's logprob and the top N, N in [0, 20]\n"
     "  --priority N               lower is served first under the priority policy (default 0)\n"
+    "  --json-schema JSON         constrain the output to this JSON schema (at most one of\n"
+    "                             --json-schema, --regex, --choice, --grammar, --json-object)\n"
+    "  --regex RE                 constrain the output to match RE\n"
+    "  --choice JSON              the output is one of a JSON array of strings\n"
+    "  --grammar EBNF             constrain the output to an EBNF grammar (rule root)\n"
+    "  --json-object              the output is a JSON object\n"
     "  --timeout-ms N             give up when no token arrives for N ms (default 30000)\n"
     "  --curve-server-key KEY     CURVE: the engine's public key, 40 Z85 characters or its\n"
     "                             certificate file (NAME.key)\n"
@@ -157,7 +163,17 @@ typedef struct options {
     ids prompt, stop;
     long long timeout_ms;
     const char *curve_server, *curve_client;
+    uint32_t structured_kind; /* MV_STRUCTURED_*, 0 = none */
+    const char *structured_spec;
 } options;
+
+static void set_structured(options *o, const char *flag, uint32_t kind, const char *spec) {
+    if (o->structured_kind) die(EXIT_USAGE, "%s: the output takes one constraint", flag);
+    if (strlen(spec) > MV_MAX_SPEC_BYTES)
+        die(EXIT_USAGE, "%s: longer than %u bytes", flag, MV_MAX_SPEC_BYTES);
+    o->structured_kind = kind;
+    o->structured_spec = spec;
+}
 
 static void parse_args(int argc, char **argv, options *o) {
     memset(o, 0, sizeof *o);
@@ -184,6 +200,10 @@ static void parse_args(int argc, char **argv, options *o) {
         if (strcmp(a, "--help") == 0) {
             fputs(USAGE, stdout);
             exit(EXIT_DONE);
+        }
+        if (strcmp(a, "--json-object") == 0) {
+            set_structured(o, a, MV_STRUCTURED_JSON_OBJECT, "");
+            continue;
         }
         if (strcmp(a, "--ignore-eos") == 0) {
             s->flags |= MV_SAMPLING_IGNORE_EOS;
@@ -214,6 +234,10 @@ static void parse_args(int argc, char **argv, options *o) {
         else if (strcmp(a, "--timeout-ms") == 0) o->timeout_ms = parse_i32(a, v, 1, INT32_MAX);
         else if (strcmp(a, "--curve-server-key") == 0) o->curve_server = v;
         else if (strcmp(a, "--curve-client-key") == 0) o->curve_client = v;
+        else if (strcmp(a, "--json-schema") == 0) set_structured(o, a, MV_STRUCTURED_JSON, v);
+        else if (strcmp(a, "--regex") == 0) set_structured(o, a, MV_STRUCTURED_REGEX, v);
+        else if (strcmp(a, "--choice") == 0) set_structured(o, a, MV_STRUCTURED_CHOICE, v);
+        else if (strcmp(a, "--grammar") == 0) set_structured(o, a, MV_STRUCTURED_GRAMMAR, v);
         else die(EXIT_USAGE, "unknown option %s (see --help)", a);
     }
     if (prompt_file) {
@@ -288,11 +312,17 @@ static mv_header make_header(uint32_t kind, uint64_t size, uint32_t flags) {
     return h;
 }
 
-/* The submit record: the fixed part, prompt ids, stop ids, zero padding to 8. */
+/* The submit record: the fixed part, prompt ids, stop ids, zero padding to 8; then, for a
+ * constrained output, the mv_structured part and its spec, zero padded to 8. */
 static unsigned char *encode_submit(const options *o, size_t *size_out) {
     /* 64-bit arithmetic: two counts near 2^32 cannot wrap the size check. */
     uint64_t body = (uint64_t)sizeof(mv_submit) + 4 * ((uint64_t)o->prompt.n + o->stop.n);
-    uint64_t size = pad8(body);
+    uint64_t ids_end = pad8(body), spec_len = 0;
+    uint64_t size = ids_end;
+    if (o->structured_kind) {
+        spec_len = strlen(o->structured_spec);
+        size += sizeof(mv_structured) + pad8(spec_len);
+    }
     if (size > MV_MAX_RECORD_BYTES)
         die(EXIT_USAGE, "%zu prompt and %zu stop ids make a %" PRIu64 "-byte record; the limit "
             "is %u", o->prompt.n, o->stop.n, size, MV_MAX_RECORD_BYTES);
@@ -300,7 +330,8 @@ static unsigned char *encode_submit(const options *o, size_t *size_out) {
     if (!buf) die(EXIT_USAGE, "out of memory");
     mv_submit rec;
     memset(&rec, 0, sizeof rec);
-    rec.header = make_header(MV_KIND_SUBMIT, size, 0);
+    rec.header = make_header(MV_KIND_SUBMIT, size,
+                             o->structured_kind ? MV_SUBMIT_HAS_STRUCTURED : 0);
     rec.request_id = o->request_id;
     rec.sampling = o->sampling;
     rec.num_prompt_tokens = (uint32_t)o->prompt.n;
@@ -308,6 +339,11 @@ static unsigned char *encode_submit(const options *o, size_t *size_out) {
     memcpy(buf, &rec, sizeof rec);
     if (o->prompt.n) memcpy(buf + sizeof rec, o->prompt.v, 4 * o->prompt.n);
     if (o->stop.n) memcpy(buf + sizeof rec + 4 * o->prompt.n, o->stop.v, 4 * o->stop.n);
+    if (o->structured_kind) {
+        mv_structured part = {o->structured_kind, (uint32_t)spec_len};
+        memcpy(buf + ids_end, &part, sizeof part);
+        memcpy(buf + ids_end + sizeof part, o->structured_spec, spec_len);
+    }
     *size_out = size;
     return buf;
 }
@@ -434,7 +470,8 @@ static frame_result on_frame(const unsigned char *p, size_t n, uint64_t request_
     if (n < sizeof h) return malformed("%zu bytes, shorter than a record header", n);
     memcpy(&h, p, sizeof h);
     if (h.magic != MV_MAGIC) return malformed("bad magic 0x%08x", h.magic);
-    if (h.version != MV_VERSION) return malformed("unsupported version %u", h.version);
+    if (h.version < MV_MIN_VERSION || h.version > MV_VERSION)
+        return malformed("unsupported version %u", h.version);
     if (h.size != n) return malformed("header says %u bytes, the frame holds %zu", h.size, n);
     if (n % 8 || n > MV_MAX_RECORD_BYTES) return malformed("record size %zu", n);
     switch (h.kind) {
