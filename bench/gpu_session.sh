@@ -56,7 +56,7 @@ for stage in "$@"; do
     tests)
       run tests 420 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
         tests/test_triton_fused.py tests/test_gpu_engine.py tests/test_generate.py \
-        -k 'not smollm and not embedded and not stop_rules and not seeded and not bad_' ;;
+        -k 'not smollm and not embedded and not stop_rules and not seeded and not bad_ and not min_tokens' ;;
     tests-async)
       run tests-async 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
         tests/test_generate.py -k 'async or graphs' ;;

@@ -230,7 +230,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     # Prefill tiles by head_dim: (BLOCK_M (query, head) rows, BLOCK_N keys, warps, stages),
     # the fastest of bench/long_context.py's sweep on the H200 (Qwen2.5-0.5B at 16 k tokens,
-    # Llama-3-8B at 8 k); head_dim 64 and below take the first, larger the second.
+    # Llama-3-8B at 8 k); head_dim 64 and below take the first, larger the second (bf16).
     PREFILL_TILES = {64: (64, 64, 4, 2), 128: (128, 128, 8, 3)}
     # Split-KV decode: a context is cut into runs of at least MIN_SPLIT tokens, at most
     # MAX_SPLITS of them, so that batch x KV heads x splits programs fill the GPU (WAVES per
@@ -298,7 +298,9 @@ class TritonAttentionBackend(AttentionBackend):
                     SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT, BLOCK_N=self.DECODE_BLOCK_N,
                     num_warps=4)
         if meta.max_query_len > 1:  # never in a step of decodes (a CUDA-graph replay)
-            block_m, block_n, warps, stages = self.PREFILL_TILES[64 if head_dim <= 64 else 128]
+            # fp32 tiles take twice the shared memory: the small ones (128 x 128 overflows it)
+            small = head_dim <= 64 or q.element_size() > 2
+            block_m, block_n, warps, stages = self.PREFILL_TILES[64 if small else 128]
             grid = (triton.cdiv(meta.max_query_len * group, block_m), num_seqs, kv_heads)
             _prefill_kernel[grid](
                 q, k_cache, v_cache, out, *tables, scale * _LOG2E, *strides,
