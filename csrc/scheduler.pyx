@@ -717,8 +717,9 @@ cdef class Scheduler:
 
     # ---- allocator calls (its C API reports misuse by return value; here that is a bug) ---------
     cdef int64_t _match_prefix(self, Request req) except -1:
-        cdef int64_t cached = self.allocator.c_match_prefix(req.req_index, req.tokens,
-                                                                req.num_tokens)
+        # prompt logprobs come from the prefill's logits: such a request computes it all
+        cdef int64_t wanted = 0 if req.params.prompt_logprobs is not None else req.num_tokens
+        cdef int64_t cached = self.allocator.c_match_prefix(req.req_index, req.tokens, wanted)
         if cached < 0:
             raise RuntimeError(f"match_prefix refused req_index {req.req_index}")
         return cached

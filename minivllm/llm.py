@@ -104,6 +104,8 @@ class LLM:
                 out = self.engine.step()
                 for _, message in self.engine.take_failed():
                     raise ValueError(message)  # generate()'s finally aborts the others
+                if out.prompt_logprobs:
+                    self.processor.process_prompt_logprobs(out.prompt_logprobs)
                 if not len(out):
                     continue
                 running = len(self.processor.streams)

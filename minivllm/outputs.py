@@ -31,6 +31,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: one {token: logprob} per prompt token (its own and
+    # the top N at its position), None for the first, which has no context.
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
 
     @property
     def finished(self) -> bool:

@@ -129,6 +129,9 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    # The prompt's logprobs too (vLLM's prompt_logprobs): each prompt token's and the top N at
+    # its position, from the prefill's logits. Such a request skips the prefix cache.
+    prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     structured_outputs: Optional[StructuredOutputsParams] = None
     # Token choice, as vLLM: a bias added to a token's logit (OpenAI's logit_bias, in
@@ -186,6 +189,10 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not (0 <= self.logprobs <= 20)):
             raise ValueError(f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise ValueError(f"prompt_logprobs must be an integer in [0, 20] or None, "
+                             f"got {self.prompt_logprobs!r}")
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.structured_outputs is not None and \

@@ -1,11 +1,12 @@
 """The parts of vLLM's API surface its users' tools rely on, on tiny random models (fast to
-load): the model's generation config as default sampling (--generation-config), and the token
-choice (logit_bias, allowed_token_ids, bad words) on each device."""
+load): the model's generation config as default sampling (--generation-config), the token
+choice (logit_bias, allowed_token_ids, bad words) on each device, and prompt logprobs."""
 import json
 
 import httpx
 import pytest
 import torch
+import transformers
 
 from bench.server_proc import ServeProcess
 from minivllm import LLM, SamplingParams
@@ -88,3 +89,26 @@ def test_token_choice_in_the_sampler(tiny_token_model, device):
     assert tokens() == greedy
     with pytest.raises(ValueError, match="logit_bias: token id 5000"):
         tokens(logit_bias={5000: 1.0})
+
+
+def test_prompt_logprobs_equal_transformers_through_chunks_and_the_prefix_cache(tiny_token_model):
+    path = tiny_token_model("llama")
+    prompt = [5, 17, 300, 42] * 10 + [7, 8, 9]  # 43 tokens: three chunks of at most 16
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+    llm = LLM(path, dtype="float32", num_blocks=64, block_size=4, max_num_batched_tokens=16)
+    plain = SamplingParams(temperature=0, max_tokens=2)
+    asked = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3, n=2)
+    first = llm.generate([prompt], plain, use_tqdm=False)[0]  # fills the prefix cache
+    assert first.prompt_logprobs is None
+    out = llm.generate([prompt], asked, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0  # it skipped the cache: every position has its logprobs
+    assert llm.generate([prompt], plain, use_tqdm=False)[0].num_cached_tokens == 40
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        row = out.prompt_logprobs[pos]
+        assert abs(row[prompt[pos]] - ref[pos - 1, prompt[pos]].item()) < 1e-4
+        top = ref[pos - 1].topk(3)
+        assert set(top.indices.tolist()) <= set(row) and len(row) in (3, 4)
+    assert [c.token_ids for c in out.outputs] == [first.outputs[0].token_ids] * 2

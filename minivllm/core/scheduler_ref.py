@@ -227,7 +227,9 @@ class Scheduler:
             if req.in_flight:
                 break  # preempted while in flight: readmitted after its tokens resolve
             req.req_index = self.free_indices.pop()
-            cached = self.allocator.match_prefix(req.req_index, req.token_ids, req.num_tokens)
+            # prompt logprobs come from the prefill's logits: such a request computes it all
+            wanted = 0 if req.params.prompt_logprobs is not None else req.num_tokens
+            cached = self.allocator.match_prefix(req.req_index, req.token_ids, wanted)
             n = self._chunk(req.num_tokens - cached, budget)
             if not n or not self.allocator.allocate(req.req_index, cached + n):
                 self._release(req)  # no room now: it stays first in line

@@ -20,6 +20,7 @@ step's tokens resolve, which the mask needs).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import numpy as np
 from minivllm.config import EngineConfig
 from minivllm.core.scheduler import core_implementation
 from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.prompt_logprobs import PromptLogprobs, PromptLogprobsTracker
 from minivllm.engine.structured_output import StepMasks, StructuredOutputs
 from minivllm.engine.request_timings import RequestTimings
 from minivllm.inputs import check_prompt
@@ -54,6 +56,7 @@ class StepOutputs:
     token_ids: np.ndarray  # int64
     finish: np.ndarray     # uint8 MV_FINISH_* codes: FINISH_REASONS[code] is the reason
     logprobs: Optional[Logprobs] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None  # owner -> the prompt positions computed
 
     def __len__(self) -> int:
         return len(self.owners)
@@ -93,6 +96,7 @@ class EngineCore:
                                           config.scheduler.max_num_seqs)
         self._arrivals = 0
         self.timings = RequestTimings()
+        self.prompt_logprobs = PromptLogprobsTracker()
         logger.info("engine ready in %.1f s: %s on %s, %s, KV cache %d blocks x %d = %d tokens, "
                     "%s scheduler%s", time.perf_counter() - t0, self.source.name,
                     self.runner.device, self.runner.dtype, spec.num_blocks, spec.block_size,
@@ -130,6 +134,7 @@ class EngineCore:
 
     def abort_request(self, owner: int) -> bool:
         self.timings.forget(owner)
+        self.prompt_logprobs.forget(owner)
         return (self.grammars.abort(owner) is not None
                 or self.scheduler.abort(owner) is not None)
 
@@ -157,17 +162,26 @@ class EngineCore:
                                      req.token_ids[:req.num_prompt_tokens], self.eos_token_ids,
                                      req.output_token_ids)
             self.grammars.bind(req.req_index, req.owner)
+        self.prompt_logprobs.admitted(admitted)
         masks = None if batch is None else self.grammars.masks(
             batch.req_indices[batch.sample_rows])
         if self.overlap:
-            return self._step_overlapped(batch, masks)
+            return self._with_prompt_logprobs(batch, self._step_overlapped(batch, masks))
         if batch is None:
             if self.grammars.waiting and not self.scheduler.has_unfinished():
                 self.grammars.wait(0.01)  # nothing runs: leave the CPU to the compile
             return _NO_OUTPUTS
         sampled = self.runner.execute(batch, masks and masks.start())
         self.scheduler.update(sampled.token_ids.cpu().numpy())  # the step's one device->host sync
-        return self._outputs(sampled)
+        return self._with_prompt_logprobs(batch, self._outputs(sampled))
+
+    def _with_prompt_logprobs(self, batch, outputs: StepOutputs) -> StepOutputs:
+        """`outputs` with the prompt logprobs of `batch`, the forward that just ran."""
+        if batch is None or not self.prompt_logprobs:
+            return outputs
+        found = self.prompt_logprobs.compute(batch, self.runner.hidden,
+                                             self.runner.model.compute_logits)
+        return dataclasses.replace(outputs, prompt_logprobs=found) if found else outputs
 
     def _step_overlapped(self, batch, masks: Optional[StepMasks]) -> StepOutputs:
         """Launch this step, then apply the previous one's tokens while the GPU runs it. A step

@@ -169,6 +169,7 @@ class ModelRunner:
                 ids = fill_placeholders(ids, self.last_tokens)
             hidden = self.step_model(ids, inputs.positions, inputs.meta)
             sample_index, sample_indices = inputs.sample_index, inputs.sample_indices
+        self.hidden = hidden  # every token's, for prompt logprobs (engine/prompt_logprobs.py)
         if sample_index is not None:  # None: every token is sampled (a step of decodes)
             hidden = hidden[sample_index]
         return self.step_model.compute_logits(hidden), sample_indices

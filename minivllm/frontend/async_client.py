@@ -161,10 +161,10 @@ class AsyncEngineClient:
         text, ids = parse_prompt(prompt, self.tokenizer)
         check_prompt(ids, self.max_model_len, self.vocab_size)
         if params.logit_bias or params.allowed_token_ids is not None or params.bad_words \
-                or params.bad_words_token_ids:
-            raise ValueError("logit_bias, allowed_token_ids and bad_words are not carried to "
-                             "the engine process yet (the submit record has no room for them); "
-                             "LLM takes them")
+                or params.bad_words_token_ids or params.prompt_logprobs is not None:
+            raise ValueError("logit_bias, allowed_token_ids, bad_words and prompt_logprobs are "
+                             "not carried to the engine process yet (the wire has no room for "
+                             "them); LLM takes them")
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")

@@ -111,6 +111,8 @@ class RequestState:
         self.streams = streams
         self.error: Optional[BaseException] = None
         self.num_cached_tokens = 0
+        self.prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = (
+            None if streams[0].params.prompt_logprobs is None else [None])
 
     @property
     def finished(self) -> bool:
@@ -127,7 +129,16 @@ class RequestState:
                 None if s.logprobs is None else list(s.logprobs),
                 delta_text=delta_text, delta_token_ids=delta_tokens))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
-                             self.num_cached_tokens)
+                             self.num_cached_tokens,
+                             None if self.prompt_logprobs is None else list(self.prompt_logprobs))
+
+    def add_prompt_logprobs(self, first: int, logprobs: np.ndarray, top_ids: np.ndarray,
+                            top_logprobs: np.ndarray) -> None:
+        """Prompt positions first.. (positions already held, from a recompute, are skipped)."""
+        for i in range(max(0, len(self.prompt_logprobs) - first), len(logprobs)):
+            row = dict(zip(top_ids[i].tolist(), top_logprobs[i].tolist()))
+            row[self.prompt_token_ids[first + i]] = float(logprobs[i])
+            self.prompt_logprobs.append(row)
 
 
 class OutputProcessor:
@@ -169,6 +180,13 @@ class OutputProcessor:
             touched[id(state)] = state
         return list(touched.values()), stopped
 
+    def process_prompt_logprobs(self, found: dict) -> None:
+        """A step's prompt logprobs: owner -> (first position, logprobs, top ids, top logprobs)."""
+        for key, (first, *arrays) in found.items():
+            entry = self.streams.get(key)
+            if entry is not None:
+                entry[1].add_prompt_logprobs(first, *arrays)
+
     def release(self, state: RequestState) -> list[int]:
         """Forget a request; returns the keys of its streams still running in the engine."""
         running = []
@@ -195,6 +213,7 @@ def per_completion(params: SamplingParams) -> list[SamplingParams]:
     stay reproducible."""
     if params.n == 1:
         return [params]
-    return [dataclasses.replace(params, n=1,
-                                seed=None if params.seed is None else params.seed + i)
+    return [dataclasses.replace(params, n=1,  # the prompt's logprobs are the first one's
+                                seed=None if params.seed is None else params.seed + i,
+                                prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             for i in range(params.n)]
