@@ -231,13 +231,15 @@ def test_every_door_constrains_the_output(oai):
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one of"),
 ])
 def test_bad_specs_are_a_400_naming_the_problem(served, body, fragment):
+    """Streamed or not (a constrained stream starts once its grammar has compiled)."""
     import httpx
 
-    resp = httpx.post(served.url + "/v1/chat/completions", timeout=120, json={
-        "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
-        **body})
-    assert resp.status_code == 400, resp.text
-    assert fragment in resp.json()["error"]["message"]
+    for stream in (False, True):
+        resp = httpx.post(served.url + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream, **body})
+        assert resp.status_code == 400, resp.text
+        assert fragment in resp.json()["error"]["message"]
 
 
 def test_c_client_sends_a_structured_part(served, llm, tmp_path):

@@ -63,7 +63,10 @@ async def serve(state: ServerState, request: Request,
         recorder = MetricsRecorder(start, len(prompts))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _sse(response, _merge(streams), recorder, include_usage, state.release)
+            merged = _merge(streams)
+            if params.structured_outputs is not None:
+                merged = await _first_awaited(merged)
+            body = _sse(response, merged, recorder, include_usage, state.release)
             streams = None  # the stream owns the requests and the admission slot now
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
@@ -182,6 +185,24 @@ async def _merge(streams: list) -> Merged:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _first_awaited(merged: Merged) -> Merged:
+    """`merged`, its first output awaited before the response starts: a grammar the engine
+    cannot compile is then a 400 (EngineError), not an error event after a 200."""
+    try:
+        first = await merged.__anext__()
+    except EngineError as exc:
+        raise engine_error(exc) from None
+
+    async def rest() -> Merged:
+        try:
+            yield first
+            async for item in merged:
+                yield item
+        finally:
+            await merged.aclose()
+    return rest()
 
 
 # ---- whole: every prompt's final output, unless the client leaves first --------------------
