@@ -513,6 +513,11 @@ cdef class BlockAllocator:
         return view
 
     @property
+    def registered_blocks(self):
+        """A fresh bool array: which blocks hold a prefix-cache entry (in use or evictable)."""
+        return np.array(<uint8_t[:self.st.num_blocks]>self.st.registered, dtype=np.bool_)
+
+    @property
     def num_free_blocks(self):
         return self.st.n_free + self.st.n_cached
 

@@ -142,6 +142,11 @@ class BlockAllocator:
         return view
 
     @property
+    def registered_blocks(self) -> np.ndarray:
+        """A fresh bool array: which blocks hold a prefix-cache entry (in use or evictable)."""
+        return np.array(self._registered, dtype=np.bool_)
+
+    @property
     def num_free_blocks(self) -> int:
         """Blocks allocate() can hand out now: the free list plus evictable cached blocks."""
         return len(self._free) + len(self._lru)

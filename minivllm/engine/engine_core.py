@@ -79,6 +79,7 @@ class EngineCore:
         self.runner = ModelRunner(config, self.source, overlap)
         self.sampler = self.runner.sampler
         self._in_flight = None  # async scheduling: the step launched last
+        self.last_batch = None  # the batch the last step scheduled (the dashboard's events)
         self.max_model_len = self.runner.max_model_len
         spec = self.runner.kv_spec
         impl = core_implementation(config.scheduler.implementation)
@@ -153,6 +154,7 @@ class EngineCore:
             for req in self.grammars.take_ready():
                 self.scheduler.add_request(req)
         batch, admitted = self.scheduler.schedule()
+        self.last_batch = batch
         self.timings.scheduled(admitted, time.monotonic())
         for req_index in self.scheduler.take_released().tolist():  # before a req_index is reused
             self.sampler.remove_request(req_index)

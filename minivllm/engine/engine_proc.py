@@ -25,6 +25,7 @@ from minivllm.config import TransportConfig, shutdown_timeouts
 from minivllm.engine.clients import Client, FrontendClient, Owners, RouterClient
 from minivllm.engine.drain import Drain
 from minivllm.engine.endpoint import Endpoint, status_fields
+from minivllm.engine.events import EngineEvents
 from minivllm.engine.engine_core import EngineCore, StepOutputs
 from minivllm.transport import control, protocol, shm
 from minivllm.transport.doorbell import Bell, BellListener
@@ -65,6 +66,8 @@ class EngineProc:
         self.control.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_MESSAGE_BYTES)
         self.control.bind(self.control_endpoint)
         self.bells = BellListener(self.ctx, shm.socket_endpoint("bell"))
+        self.events = EngineEvents(self.ctx, shm.socket_endpoint("events"),
+                                   core.allocator.num_blocks)
         self.endpoint: Optional[Endpoint] = None
         self.router: Optional[zmq.Socket] = None
         self.poller = zmq.Poller()
@@ -105,6 +108,7 @@ class EngineProc:
                 else:
                     self.wait_for_work()
                 self._check_frontends()
+                self.events.tick(self)
                 if self.drain.expired():
                     self._abort_all()
         finally:
@@ -237,7 +241,9 @@ class EngineProc:
             self._fail(owner, message)
         if self._fault_step_s:
             time.sleep(self._fault_step_s)
-        self.step_times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        self.step_times.append(end - start)
+        self.events.on_step(self.core.last_batch, start, end)
         return out
 
     def _fail(self, owner: int, message: str) -> None:
@@ -417,7 +423,8 @@ class EngineProc:
         self.frontends[name] = client
         logger.info("frontend %s (pid %d) registered", name, client.pid)
         core = self.core
-        return {"bell": self.bells.endpoint, "pid": os.getpid(), "model": core.source.name,
+        return {"bell": self.bells.endpoint, "events": self.events.endpoint,
+                "pid": os.getpid(), "model": core.source.name,
                 "max_model_len": core.max_model_len,
                 "vocab_size": core.source.arch.vocab_size,
                 "eos_token_ids": list(core.eos_token_ids),
@@ -452,6 +459,7 @@ class EngineProc:
         self.frontends.clear()
         self.peers.clear()
         self.bells.close()
+        self.events.close()
         self.control.close(linger=0)
         shm.remove_endpoint(self.control_endpoint)
         if self.endpoint is not None:
