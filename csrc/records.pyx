@@ -56,6 +56,7 @@ MAX_RECORD_BYTES, MAX_TOP_LOGPROBS = MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
 SUBMIT_FIXED_BYTES = sizeof(mv_submit)  # a submit's size before its token arrays
 SAMPLING_HAS_SEED, SAMPLING_IGNORE_EOS = MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS
 SUBMIT_HAS_STRUCTURED, MAX_SPEC_BYTES = MV_SUBMIT_HAS_STRUCTURED, MV_MAX_SPEC_BYTES
+SUBMIT_HAS_TOKEN_CHOICE = MV_SUBMIT_HAS_TOKEN_CHOICE
 # MV_STRUCTURED_* code <-> StructuredOutputsParams' field name
 STRUCTURED_KINDS = {MV_STRUCTURED_JSON: "json", MV_STRUCTURED_REGEX: "regex",
                     MV_STRUCTURED_CHOICE: "choice", MV_STRUCTURED_GRAMMAR: "grammar",
@@ -122,7 +123,7 @@ cdef inline void _header(char* p, uint32_t kind, uint64_t size, uint32_t flags) 
 
 
 cdef object U64 = np.dtype(np.uint64), I32 = np.dtype(np.int32), U8 = np.dtype(np.uint8)
-cdef object F32 = np.dtype(np.float32), I64 = np.dtype(np.int64)
+cdef object F32 = np.dtype(np.float32), I64 = np.dtype(np.int64), U32 = np.dtype(np.uint32)
 
 
 cdef inline cnp.ndarray _empty(object descr, int nd, cnp.npy_intp n, cnp.npy_intp k=0):
@@ -211,6 +212,9 @@ cdef class Submit:
     cdef readonly bint ignore_eos
     cdef readonly object structured_kind  # MV_STRUCTURED_* code, or None
     cdef readonly str structured_spec
+    # the token-choice part: (bias ids, biases, allowed ids, bad-word lengths, bad-word ids), or
+    # None
+    cdef readonly object token_choice
 
     def sampling_params(self):
         """The SamplingParams this record carries. A value outside the field's valid values
@@ -235,6 +239,14 @@ cdef class Submit:
             from minivllm.sampling_params import StructuredOutputsParams
             structured = StructuredOutputsParams.from_spec(
                 STRUCTURED_KINDS[self.structured_kind], self.structured_spec)
+        choice = {}
+        if self.token_choice is not None:
+            ids, bias, allowed, lens, words = self.token_choice
+            choice = dict(logit_bias=dict(zip(ids.tolist(), bias.tolist())) or None,
+                          allowed_token_ids=allowed.tolist() or None,
+                          bad_words_token_ids=[w.tolist() for w in
+                                               np.split(words, np.cumsum(lens)[:-1])]
+                          if len(lens) else ())
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             seed=self.seed, repetition_penalty=self.repetition_penalty,
@@ -242,7 +254,7 @@ cdef class Submit:
             max_tokens=self.max_tokens or None, min_tokens=self.min_tokens,
             stop_token_ids=self.stop_token_ids.tolist(), ignore_eos=self.ignore_eos,
             logprobs=None if self.logprobs == -1 else self.logprobs,
-            structured_outputs=structured)
+            structured_outputs=structured, **choice)
 
     def __repr__(self) -> str:
         return (f"Submit(request_id={self.request_id}, "
@@ -319,6 +331,25 @@ cdef class Status:
 
 
 # ---- writers ----------------------------------------------------------------------------------
+cdef bytes _token_choice_part(params):
+    """`params`' mv_token_choice part, padded to 8, or None when it narrows nothing."""
+    if params.bad_words:
+        raise ValueError("bad_words must be tokenized into bad_words_token_ids before they "
+                         "are sent (inputs.resolve_bad_words)")
+    bias, allowed = params.logit_bias or {}, params.allowed_token_ids or []
+    words = params.bad_words_token_ids
+    if not (bias or allowed or words):
+        return None
+    tokens = [t for w in words for t in w]
+    body = b"".join([np.array([len(bias), len(allowed), len(words), len(tokens)], U32).tobytes(),
+                     np.array(list(bias), I32).tobytes(),
+                     np.array(list(bias.values()), F32).tobytes(),
+                     np.array(allowed, I32).tobytes(),
+                     np.array([len(w) for w in words], U32).tobytes(),
+                     np.array(tokens, I32).tobytes()])
+    return body + bytes(_pad8(len(body)) - len(body))
+
+
 def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
                int priority=0, double timeout=5.0) -> None:
     """Write a submit record of `prompt_token_ids` (list or int array) and `params`
@@ -339,6 +370,9 @@ def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
             raise ValueError(f"structured_outputs.{so.kind} is longer than {MV_MAX_SPEC_BYTES} "
                              f"bytes")
         size += sizeof(mv_structured) + _pad8(len(spec))
+    cdef bytes choice = _token_choice_part(params)
+    if choice is not None:
+        size += len(choice)
     if size > MV_MAX_RECORD_BYTES:
         raise ValueError(f"a prompt of {n_prompt} tokens exceeds the "
                          f"{MV_MAX_RECORD_BYTES}-byte record limit")
@@ -358,7 +392,8 @@ def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
     s.priority = priority
     cdef char* p = sink.reserve(size, timeout)
     cdef mv_submit* rec = <mv_submit*>p
-    _header(p, MV_KIND_SUBMIT, size, 0 if spec is None else MV_SUBMIT_HAS_STRUCTURED)
+    _header(p, MV_KIND_SUBMIT, size, (0 if spec is None else MV_SUBMIT_HAS_STRUCTURED)
+            | (0 if choice is None else MV_SUBMIT_HAS_TOKEN_CHOICE))
     rec.request_id, rec.sampling = request_id, s
     rec.num_prompt_tokens, rec.num_stop_token_ids = <uint32_t>n_prompt, <uint32_t>n_stop
     # A bad id raises before commit(): the reservation is simply not published.
@@ -371,7 +406,9 @@ def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
         part = <mv_structured*>(p + ids_end)
         part.kind, part.spec_len = spec_kind, <uint32_t>len(spec)
         _copy_padded(p + ids_end + sizeof(mv_structured), <const char*>spec, len(spec),
-                     size - ids_end - sizeof(mv_structured))
+                     _pad8(len(spec)))
+    if choice is not None:
+        memcpy(p + size - len(choice), <const char*>choice, len(choice))
     sink.commit()
 
 
@@ -572,7 +609,8 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
                             f"{sizeof(mv_submit)}")
     memcpy(&rec, p, sizeof(mv_submit))
     cdef uint64_t n_prompt = rec.num_prompt_tokens, n_stop = rec.num_stop_token_ids
-    cdef uint32_t known = MV_SUBMIT_HAS_STRUCTURED if h.version >= 2 else 0
+    cdef uint32_t known = ((MV_SUBMIT_HAS_STRUCTURED if h.version >= 2 else 0)
+                           | (MV_SUBMIT_HAS_TOKEN_CHOICE if h.version >= 3 else 0))
     if h.flags & ~known or rec.sampling.flags & ~(MV_SAMPLING_HAS_SEED | MV_SAMPLING_IGNORE_EOS):
         raise ProtocolError("submit record with unknown flag bits set", request_id=rec.request_id)
     cdef uint64_t ids_end = _pad8(sizeof(mv_submit) + 4 * (n_prompt + n_stop))
@@ -580,11 +618,21 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
     part.kind, part.spec_len = 0, 0
     if h.flags & MV_SUBMIT_HAS_STRUCTURED and ids_end + sizeof(mv_structured) <= n:
         memcpy(&part, p + ids_end, sizeof(mv_structured))
-    if ids_end + (sizeof(mv_structured) + _pad8(part.spec_len)
-                  if h.flags & MV_SUBMIT_HAS_STRUCTURED else 0) != n:
+    cdef uint64_t end = ids_end + (sizeof(mv_structured) + _pad8(part.spec_len)
+                                   if h.flags & MV_SUBMIT_HAS_STRUCTURED else 0)
+    cdef uint64_t choice_at = end
+    cdef mv_token_choice choice
+    memset(&choice, 0, sizeof(mv_token_choice))
+    if h.flags & MV_SUBMIT_HAS_TOKEN_CHOICE:
+        if end + sizeof(mv_token_choice) <= n:
+            memcpy(&choice, p + end, sizeof(mv_token_choice))
+        end += _pad8(sizeof(mv_token_choice) + 4 * (2 * <uint64_t>choice.num_logit_bias
+                     + <uint64_t>choice.num_allowed_token_ids + choice.num_bad_words
+                     + choice.num_bad_word_tokens))
+    if end != n:
         raise ProtocolError(f"submit record of {n} bytes cannot hold the {n_prompt} prompt and "
                             f"{n_stop} stop token ids"
-                            f"{' and the structured part' if h.flags else ''} it announces",
+                            f"{' and the optional parts' if h.flags else ''} it announces",
                             request_id=rec.request_id)
     cdef Submit out = Submit.__new__(Submit)
     out.structured_kind, out.structured_spec = None, None
@@ -599,6 +647,8 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
             raise ProtocolError(f"the structured spec is not valid UTF-8: {exc}",
                                 request_id=rec.request_id) from None
         out.structured_kind = part.kind
+    out.token_choice = (_decode_token_choice(p + choice_at, &choice, rec.request_id)
+                        if h.flags & MV_SUBMIT_HAS_TOKEN_CHOICE else None)
     cdef const mv_sampling* s = &rec.sampling
     out.request_id = rec.request_id
     out.prompt_token_ids = _array(I32, n_prompt, p + sizeof(mv_submit))
@@ -611,6 +661,19 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
     out.seed = s.seed if s.flags & MV_SAMPLING_HAS_SEED else None
     out.ignore_eos = (s.flags & MV_SAMPLING_IGNORE_EOS) != 0
     return out
+
+
+cdef tuple _decode_token_choice(const char* p, const mv_token_choice* c, uint64_t request_id):
+    """The arrays of the token-choice part at p (its counts in c, its size checked)."""
+    cdef uint64_t nb = c.num_logit_bias, na = c.num_allowed_token_ids
+    cdef uint64_t nw = c.num_bad_words, nt = c.num_bad_word_tokens
+    p += sizeof(mv_token_choice)
+    lens = _array(U32, nw, p + 4 * (2 * nb + na))
+    if lens.sum(dtype=np.uint64) != nt or (nw and lens.min() == 0):
+        raise ProtocolError(f"the {nw} bad words' lengths do not add up to the "
+                            f"{nt} bad-word tokens, or one is empty", request_id=request_id)
+    return (_array(I32, nb, p), _array(F32, nb, p + 4 * nb), _array(I32, na, p + 8 * nb),
+            lens, _array(I32, nt, p + 4 * (2 * nb + na + nw)))
 
 
 cdef struct StepShape:

@@ -1,4 +1,4 @@
-/* minivllm wire contract, version 2: every record that crosses a process boundary.
+/* minivllm wire contract, version 3: every record that crosses a process boundary.
  *
  * The same bytes travel in the shared-memory rings (one record per ring frame) and as ZeroMQ
  * frames at the endpoint for other languages. ipc/PROTOCOL.md documents every field; the
@@ -16,8 +16,8 @@
 #include <stdint.h>
 
 #define MV_MAGIC 0x5049564Du /* the bytes "MVIP" */
-#define MV_VERSION 2u     /* what writers write */
-#define MV_MIN_VERSION 1u /* the oldest a reader takes: version 1 is 2 without structured outputs */
+#define MV_VERSION 3u     /* what writers write */
+#define MV_MIN_VERSION 1u /* the oldest a reader takes: each version adds an optional submit part */
 
 /* Record kinds (mv_header.kind). */
 #define MV_KIND_SUBMIT 1u      /* frontend -> engine: a new request */
@@ -62,11 +62,13 @@ typedef struct mv_sampling {
 } mv_sampling;
 
 /* mv_submit header.flags */
-#define MV_SUBMIT_HAS_STRUCTURED 1u /* an mv_structured part follows (version 2) */
+#define MV_SUBMIT_HAS_STRUCTURED 1u   /* an mv_structured part follows (version 2) */
+#define MV_SUBMIT_HAS_TOKEN_CHOICE 2u /* then an mv_token_choice part (version 3) */
 
 /* MV_KIND_SUBMIT. Followed by int32 prompt_token_ids[num_prompt_tokens], then int32
  * stop_token_ids[num_stop_token_ids], then zero padding to a multiple of 8; then, with
- * MV_SUBMIT_HAS_STRUCTURED, an mv_structured part. */
+ * MV_SUBMIT_HAS_STRUCTURED, an mv_structured part; then, with MV_SUBMIT_HAS_TOKEN_CHOICE, an
+ * mv_token_choice part. */
 typedef struct mv_submit {
     mv_header header;
     uint64_t request_id; /* chosen by the sender, unique among its unfinished requests */
@@ -88,6 +90,19 @@ typedef struct mv_structured {
 #define MV_STRUCTURED_GRAMMAR 4u     /* spec: an EBNF grammar (xgrammar's dialect), rule root */
 #define MV_STRUCTURED_JSON_OBJECT 5u /* spec: empty; the output is any JSON object */
 #define MV_MAX_SPEC_BYTES (1u << 20)
+
+/* The optional part of a submit that narrows the tokens the sampler may choose (OpenAI's
+ * logit_bias, vLLM's allowed_token_ids and bad_words). Followed by int32
+ * bias_token_ids[num_logit_bias], float bias[num_logit_bias], int32
+ * allowed_token_ids[num_allowed_token_ids], uint32 bad_word_lens[num_bad_words], int32
+ * bad_word_token_ids[num_bad_word_tokens] (the words one after the other), then zero padding to
+ * a multiple of 8. */
+typedef struct mv_token_choice {
+    uint32_t num_logit_bias;        /* biases in [-100, 100], added to those tokens' logits */
+    uint32_t num_allowed_token_ids; /* 0: every token may be sampled */
+    uint32_t num_bad_words;         /* token sequences never generated */
+    uint32_t num_bad_word_tokens;   /* the sum of bad_word_lens */
+} mv_token_choice;
 
 /* MV_KIND_ABORT. */
 typedef struct mv_abort {
@@ -187,6 +202,7 @@ MV_STATIC_ASSERT(sizeof(mv_sampling) == 80, sampling_size);
 MV_STATIC_ASSERT(sizeof(mv_submit) == 112, submit_size);
 MV_STATIC_ASSERT(offsetof(mv_submit, sampling) == 24, submit_sampling_offset);
 MV_STATIC_ASSERT(sizeof(mv_structured) == 8, structured_size);
+MV_STATIC_ASSERT(sizeof(mv_token_choice) == 16, token_choice_size);
 MV_STATIC_ASSERT(sizeof(mv_abort) == 24, abort_size);
 MV_STATIC_ASSERT(sizeof(mv_step_output) == 32, step_output_size);
 MV_STATIC_ASSERT(sizeof(mv_error) == 32, error_size);

@@ -271,7 +271,7 @@ def _malformed_frames() -> list[bytes]:
         ok[:12],                                     # shorter than a header
         ok[:-8],                                     # truncated: size no longer matches
         _patched(ok, "I", 0, 0x4D564950),            # magic in the wrong byte order
-        _patched(ok, "H", 4, 3),                     # a version this client does not speak
+        _patched(ok, "H", 4, 4),                     # a version this client does not speak
         _patched(ok, "I", 8, len(ok) + 8),           # size lies: more than the frame
         _patched(ok + bytes(4), "I", 8, len(ok) + 4),  # size not a multiple of 8
         _patched(ok, "I", 24, 2**32 - 1),            # num_entries lies (would read 32 GiB)

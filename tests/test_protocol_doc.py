@@ -123,7 +123,7 @@ def test_code_tables_are_the_header_codes():
                                         "status query", "status"))
     flags = {"MV_SAMPLING_HAS_SEED": "bit 0", "MV_SAMPLING_IGNORE_EOS": "bit 1",
              "MV_STEP_HAS_LOGPROBS": "bit 0", "MV_ERROR_HAS_REQUEST": "bit 0",
-             "MV_SUBMIT_HAS_STRUCTURED": "bit 0"}
+             "MV_SUBMIT_HAS_STRUCTURED": "bit 0", "MV_SUBMIT_HAS_TOKEN_CHOICE": "bit 1"}
     for name, bit in flags.items():
         assert f"{bit} `{name}`" in DOC
         assert getattr(protocol, name[3:]) == 1 << int(bit[-1])

@@ -170,6 +170,25 @@ def test_encoders_reject_bad_input_with_the_field_named():
                                     np.zeros(2, np.uint8))
 
 
+def test_submit_token_choice_part_round_trips_and_its_counts_are_checked():
+    p = SamplingParams(logit_bias={5: -100.0, 7: 2.5}, allowed_token_ids=[1, 2, 3],
+                       bad_words_token_ids=[[4, 5], [6]])
+    frame = protocol.encode_submit(9, [1, 2, 3], p)
+    # pad8(112 + 4 * 3) = 128, then counts (16) and 2 + 2 + 3 + 2 + 3 four-byte values, padded
+    assert struct.unpack_from("<I", frame, 12)[0] == protocol.SUBMIT_HAS_TOKEN_CHOICE
+    assert len(frame) == 128 + 16 + 48
+    back = protocol.decode(frame).sampling_params()
+    assert (back.logit_bias, back.allowed_token_ids, back.bad_words_token_ids) == \
+        ({5: -100.0, 7: 2.5}, [1, 2, 3], [[4, 5], [6]])
+    empty_word = bytearray(frame)
+    struct.pack_into("<II", empty_word, 128 + 16 + 28, 3, 0)  # bad-word lengths [3, 0]
+    with pytest.raises(ProtocolError, match="one is empty"):
+        protocol.decode(bytes(empty_word))
+    version_2 = frame[:4] + struct.pack("<H", 2) + frame[6:]  # the part came with version 3
+    with pytest.raises(ProtocolError, match="flag"):
+        protocol.decode(version_2)
+
+
 # ---- malformed input --------------------------------------------------------------------------
 def _valid_frames():
     p = SamplingParams(stop_token_ids=[3])
@@ -182,7 +201,7 @@ def _valid_frames():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda f: b"XXXX" + f[4:], "bad magic"),
-    (lambda f: f[:4] + struct.pack("<H", 3) + f[6:], "version 3 is not supported"),
+    (lambda f: f[:4] + struct.pack("<H", 4) + f[6:], "version 4 is not supported"),
     (lambda f: f[:6] + struct.pack("<H", 99) + f[8:], "unknown record kind 99"),
     (lambda f: f[:-8], "the header says"),
     (lambda f: f[:8] + struct.pack("<I", len(f) + 8) + f[12:] + bytes(8), "cannot hold|abort"),

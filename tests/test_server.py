@@ -111,6 +111,36 @@ def test_n_logprobs_stop_and_seed(oai):
     assert len(extra.choices[0].text) > 0 and extra.usage.completion_tokens == 5
 
 
+def test_logit_bias_allowed_ids_and_bad_words_served(server, oai):
+    def ids(text):
+        return post(server, "/tokenize", {"prompt": text}).json()["tokens"]
+    paris, = ids(" Paris")
+    lyon, = ids(" Lyon")
+    prompt = "The capital of France is"
+    free = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+    assert free.choices[0].text.startswith(" Paris")
+    moved = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                   logit_bias={str(paris): -100})
+    assert not moved.choices[0].text.startswith(" Paris")
+    forced = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                    logit_bias={str(lyon): 100})
+    assert forced.choices[0].text == " Lyon Lyon Lyon"
+    chat = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, temperature=0,
+                                       logit_bias={str(lyon): 100})
+    assert chat.choices[0].message.content.split() == ["Lyon", "Lyon"]
+    allowed = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=1.0,
+                                     extra_body={"allowed_token_ids": [lyon]})
+    assert allowed.choices[0].text == " Lyon Lyon"
+    banned = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16,
+                                         temperature=0, extra_body={"bad_words": ["Paris"]})
+    assert "Paris" not in banned.choices[0].message.content
+    for bias, words in (({"abc": 1}, "token ids"), ({str(lyon): 200}, "[-100, 100]"),
+                        ({"1000000": 1}, "outside the vocabulary")):
+        r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt,
+                                             "logit_bias": bias})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
 def test_models_tokenize_detokenize_version(server):
     models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert models.json()["data"][0]["id"] == MODEL

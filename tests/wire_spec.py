@@ -24,6 +24,8 @@ LAYOUT: dict[str, tuple[int, list[tuple[str, int, str]]]] = {
                         ("sampling", 24, "sub:mv_sampling"), ("num_prompt_tokens", 104, "I"),
                         ("num_stop_token_ids", 108, "I")]),
     "mv_structured": (8, [("kind", 0, "I"), ("spec_len", 4, "I")]),
+    "mv_token_choice": (16, [("num_logit_bias", 0, "I"), ("num_allowed_token_ids", 4, "I"),
+                             ("num_bad_words", 8, "I"), ("num_bad_word_tokens", 12, "I")]),
     "mv_abort": (24, [("header", 0, "sub:mv_header"), ("request_id", 16, "Q")]),
     "mv_step_output": (32, [("header", 0, "sub:mv_header"), ("step", 16, "Q"),
                             ("num_entries", 24, "I"), ("num_top_logprobs", 28, "I")]),

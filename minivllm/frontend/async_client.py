@@ -26,7 +26,7 @@ import zmq.asyncio
 
 from minivllm.config import TransportConfig
 from minivllm.frontend.output_processor import CompletionStream, OutputProcessor, RequestState
-from minivllm.inputs import PromptType, check_prompt, parse_prompt
+from minivllm.inputs import PromptType, check_prompt, parse_prompt, resolve_bad_words
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport import protocol
@@ -102,6 +102,7 @@ class AsyncEngineClient:
 
     def _apply_info(self, info: dict) -> None:
         self.engine_pid = info["pid"]
+        self.events_endpoint: str = info["events"]  # the engine's dashboard events (XPUB)
         self.model_name = info["model"]
         self.max_model_len = info["max_model_len"]
         self.vocab_size = info["vocab_size"]
@@ -160,11 +161,11 @@ class AsyncEngineClient:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         text, ids = parse_prompt(prompt, self.tokenizer)
         check_prompt(ids, self.max_model_len, self.vocab_size)
-        if params.logit_bias or params.allowed_token_ids is not None or params.bad_words \
-                or params.bad_words_token_ids or params.prompt_logprobs is not None:
-            raise ValueError("logit_bias, allowed_token_ids, bad_words and prompt_logprobs are "
-                             "not carried to the engine process yet (the wire has no room for "
-                             "them); LLM takes them")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs are not carried back from the engine process yet "
+                             "(the step output has no room for them); LLM takes them")
+        params = resolve_bad_words(params, self.tokenizer)
+        params.check_vocab(self.vocab_size)
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")

@@ -93,6 +93,11 @@ class _SamplingFields(_Strict):
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
+    # the token choice: OpenAI's logit_bias (token id as a string -> bias), vLLM's
+    # allowed_token_ids and bad_words
+    logit_bias: Optional[dict[str, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
     # structured outputs (one of them per request)
     response_format: Optional[dict] = None
     structured_outputs: Optional[dict] = None
@@ -141,6 +146,16 @@ class _SamplingFields(_Strict):
                                 "object", param="response_format")
         return {"json": schema}
 
+    def _logit_bias(self) -> Optional[dict[int, float]]:
+        """OpenAI's map, its keys token ids written as strings, with int keys."""
+        if self.logit_bias is None:
+            return None
+        bad = next((k for k in self.logit_bias if not k.isdigit()), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias keys must be token ids (integers), got {bad!r}",
+                           param="logit_bias")
+        return {int(k): v for k, v in self.logit_bias.items()}
+
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         """SamplingParams for this request; out-of-range values raise APIError naming the
         field."""
@@ -151,14 +166,15 @@ class _SamplingFields(_Strict):
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
-            structured_outputs=self.structured_outputs_params())
+            structured_outputs=self.structured_outputs_params(), logit_bias=self._logit_bias(),
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words)
         try:
             # None means "the default", except max_tokens, where it means "up to the context"
             return SamplingParams(**{k: v for k, v in values.items()
                                      if v is not None or k == "max_tokens"})
         except ValueError as exc:
             message = str(exc).replace("None", "null")  # SamplingParams speaks Python, we JSON
-            field = message.split(" ", 1)[0]
+            field = message.split(" ", 1)[0].split("[", 1)[0]  # logit_bias[5] -> logit_bias
             if field == "max_tokens":  # chat's limit may have come as max_completion_tokens
                 field = self.completion_limit()[1]
             raise APIError(400, message, param=field) from None
@@ -171,7 +187,6 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
-    logit_bias: Optional[dict[str, float]] = None
 
     def check_supported(self) -> None:
         if self.echo:
@@ -180,8 +195,6 @@ class CompletionRequest(_SamplingFields):
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if self.logprobs is not None and not 0 <= self.logprobs <= 5:
             raise APIError(400, f"logprobs must be in [0, 5], got {self.logprobs}",
                            param="logprobs")
@@ -225,7 +238,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    logit_bias: Optional[dict[str, float]] = None
     tools: Optional[list[dict]] = None
     tool_choice: Optional[Union[str, dict]] = None
     add_generation_prompt: bool = True
@@ -235,8 +247,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise APIError(400, "messages must not be empty", param="messages")
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

@@ -14,7 +14,8 @@ from minivllm._cext.records import (  # noqa: F401
     FINISH_REASONS, FINISH_STOP, KIND_ABORT, KIND_ERROR, KIND_STATUS, KIND_STATUS_QUERY,
     KIND_STEP_OUTPUT, KIND_SUBMIT, MAGIC, MAX_RECORD_BYTES, MAX_SPEC_BYTES, MIN_VERSION,
     SAMPLING_HAS_SEED, SAMPLING_IGNORE_EOS, STATE_DRAINING, STATE_READY, STEP_HAS_LOGPROBS,
-    STRUCTURED_KINDS, SUBMIT_FIXED_BYTES, SUBMIT_HAS_STRUCTURED, VERSION, Abort, ErrorRecord,
+    STRUCTURED_KINDS, SUBMIT_FIXED_BYTES, SUBMIT_HAS_STRUCTURED, SUBMIT_HAS_TOKEN_CHOICE,
+    VERSION, Abort, ErrorRecord,
     ProtocolError, Status, StatusQuery, StepBatch, StepOutput, Submit, decode, encode_abort,
     encode_error, encode_status, encode_status_query, encode_step_output, encode_submit,
     put_abort, put_error, put_status, put_step_output, put_submit, read_batch, read_record)
