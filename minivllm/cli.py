@@ -119,7 +119,7 @@ def cmd_serve(args) -> int:
     server = ServerConfig(host=args.host, port=args.port, api_servers=args.api_servers,
                           max_pending=args.max_pending, drain_timeout_s=args.drain_timeout,
                           api_key=args.api_key, served_model_name=args.served_model_name,
-                          max_body_bytes=args.max_body_bytes)
+                          max_body_bytes=args.max_body_bytes, dashboard=args.dashboard)
     transport = TransportConfig(zmq_endpoint=args.zmq_endpoint, zmq=ZmqEndpointConfig(
         max_message_bytes=args.zmq_max_message_bytes,
         max_in_flight_per_peer=args.zmq_max_in_flight_per_peer,
@@ -168,6 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
                        help="a larger request body gets 413 before any work (default: 8 MiB)")
     serve.add_argument("--api-key", default=None)
+    serve.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                       help="do not serve the live dashboard at /dashboard")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--zmq-endpoint", default=None,
                        help="also serve the binary protocol here (ipc/PROTOCOL.md), e.g. "

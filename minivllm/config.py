@@ -380,8 +380,9 @@ class ServerConfig:
 
     `max_pending` bounds the requests in flight (accepted, not finished) per API-server process;
     past it a request gets 429 with Retry-After. On SIGTERM/SIGINT new requests get 503 and
-    in-flight ones get `drain_timeout_s` to finish. With `api_key` set, /v1 and the tokenizer
-    endpoints need `Authorization: Bearer <key>`.
+    in-flight ones get `drain_timeout_s` to finish. With `api_key` set, /v1, the tokenizer
+    endpoints and the dashboard's events need `Authorization: Bearer <key>`. `dashboard`
+    serves the live dashboard at /dashboard.
     """
 
     host: str = "127.0.0.1"
@@ -393,6 +394,7 @@ class ServerConfig:
     served_model_name: Optional[str] = None
     max_body_bytes: int = 8 << 20
     retry_after_s: int = 1
+    dashboard: bool = True
 
     def __post_init__(self) -> None:
         for name in ("port", "api_servers", "max_pending", "max_body_bytes", "retry_after_s"):

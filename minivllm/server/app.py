@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from minivllm.config import ServerConfig
 from minivllm.frontend.async_client import AsyncEngineClient
 from minivllm.server import metrics
+from minivllm.server.dashboard import add_dashboard
 from minivllm.server.protocol import (APIError, ChatCompletionRequest, ChatMessage,
                                       CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                       validation_error)
@@ -62,9 +63,9 @@ class ServerState:
         return self.started and self.client.state == "ready" and not self.draining
 
     def check_key(self, request: Request) -> None:
-        """/v1/*, /tokenize and /detokenize call this; /health, /metrics and /version do not
-        (probes and scrapers carry no key). The comparison takes the same time wherever the
-        two differ, so timing the 401 tells nothing about the key."""
+        """/v1/*, /tokenize, /detokenize and /dashboard/events call this; /health, /metrics and
+        /version do not (probes and scrapers carry no key). The comparison takes the same time
+        wherever the two differ, so timing the 401 tells nothing about the key."""
         key = self.config.api_key
         sent = request.headers.get("authorization", "")
         if key is not None and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
@@ -231,6 +232,8 @@ def build_app(state: ServerState) -> FastAPI:
 
         return {"version": metadata.version("minivllm")}
 
+    if state.config.dashboard:
+        add_dashboard(app, state)
     return app
 
 

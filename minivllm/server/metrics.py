@@ -134,9 +134,8 @@ class Scrape:
         return out
 
 
-def render(engine_stats: Optional[dict], model_name: str) -> tuple[bytes, str]:
-    """The /metrics body: this server's metrics (all processes' in multiprocess mode) and the
-    engine's, when it answered."""
+def server_families() -> list[Metric]:
+    """This server's metrics: all API-server processes' in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
@@ -144,7 +143,12 @@ def render(engine_stats: Optional[dict], model_name: str) -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(server)
     else:
         from prometheus_client import REGISTRY as server
-    families = list(server.collect())
+    return list(server.collect())
+
+
+def render(engine_stats: Optional[dict], model_name: str) -> tuple[bytes, str]:
+    """The /metrics body: this server's metrics and the engine's, when it answered."""
+    families = server_families()
     if engine_stats is not None:
         families += EngineCollector(engine_stats).collect()
     registry = CollectorRegistry()
