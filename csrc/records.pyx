@@ -51,6 +51,7 @@ MAGIC, VERSION, MIN_VERSION = MV_MAGIC, MV_VERSION, MV_MIN_VERSION
 KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = (
     MV_KIND_SUBMIT, MV_KIND_ABORT, MV_KIND_STEP_OUTPUT, MV_KIND_ERROR)
 KIND_STATUS_QUERY, KIND_STATUS = MV_KIND_STATUS_QUERY, MV_KIND_STATUS
+KIND_PROMPT_LOGPROBS, SAMPLING_PROMPT_LOGPROBS = MV_KIND_PROMPT_LOGPROBS, MV_SAMPLING_PROMPT_LOGPROBS
 STATE_READY, STATE_DRAINING = MV_STATE_READY, MV_STATE_DRAINING
 MAX_RECORD_BYTES, MAX_TOP_LOGPROBS = MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
 SUBMIT_FIXED_BYTES = sizeof(mv_submit)  # a submit's size before its token arrays
@@ -209,7 +210,7 @@ cdef class Submit:
     cdef readonly double repetition_penalty, presence_penalty, frequency_penalty
     cdef readonly int top_k, max_tokens, min_tokens, logprobs, priority
     cdef readonly object seed
-    cdef readonly bint ignore_eos
+    cdef readonly bint ignore_eos, prompt_logprobs
     cdef readonly object structured_kind  # MV_STRUCTURED_* code, or None
     cdef readonly str structured_spec
     # the token-choice part: (bias ids, biases, allowed ids, bad-word lengths, bad-word ids), or
@@ -254,6 +255,7 @@ cdef class Submit:
             max_tokens=self.max_tokens or None, min_tokens=self.min_tokens,
             stop_token_ids=self.stop_token_ids.tolist(), ignore_eos=self.ignore_eos,
             logprobs=None if self.logprobs == -1 else self.logprobs,
+            prompt_logprobs=max(self.logprobs, 0) if self.prompt_logprobs else None,
             structured_outputs=structured, **choice)
 
     def __repr__(self) -> str:
@@ -308,6 +310,20 @@ cdef class ErrorRecord:
 
     def __repr__(self) -> str:
         return f"ErrorRecord(code={self.code}, request_id={self.request_id}, {self.message!r})"
+
+
+cdef class PromptLogprobs:
+    """A decoded MV_KIND_PROMPT_LOGPROBS: prompt positions first_position.. of request_id."""
+    kind = MV_KIND_PROMPT_LOGPROBS
+    cdef readonly uint64_t request_id
+    cdef readonly uint32_t first_position
+    cdef readonly object logprobs        # float32 [n]
+    cdef readonly object top_token_ids   # int32 [n, k]
+    cdef readonly object top_logprobs    # float32 [n, k]
+
+    def __repr__(self) -> str:
+        return (f"PromptLogprobs(request_id={self.request_id}, positions "
+                f"{self.first_position}..{self.first_position + len(self.logprobs) - 1})")
 
 
 cdef class StatusQuery:
@@ -385,6 +401,11 @@ def put_submit(RecordSink sink, uint64_t request_id, prompt_token_ids, params,
     s.max_tokens = 0 if max_tokens is None else max_tokens
     s.logprobs = -1 if logprobs is None else logprobs
     s.flags = MV_SAMPLING_IGNORE_EOS if params.ignore_eos else 0
+    if params.prompt_logprobs is not None:
+        if params.prompt_logprobs != (logprobs or 0):
+            raise ValueError(f"prompt_logprobs travels as a flag with logprobs' top-N: it must "
+                             f"equal logprobs (0 without), got {params.prompt_logprobs}")
+        s.flags |= MV_SAMPLING_PROMPT_LOGPROBS
     s.seed = 0
     if seed is not None:
         s.seed = <uint64_t>(seed & 0xFFFFFFFFFFFFFFFF)
@@ -495,6 +516,33 @@ def put_error(RecordSink sink, uint32_t code, str message, request_id=None,
     sink.commit()
 
 
+def put_prompt_logprobs(RecordSink sink, uint64_t request_id, uint32_t first_position,
+                        logprobs, top_token_ids, top_logprobs, double timeout=5.0) -> None:
+    """Write prompt positions first_position.. of a request: float32 logprobs [n], int32 top
+    ids [n, k], float32 top logprobs [n, k]."""
+    cdef cnp.ndarray lp = _c_array(logprobs, F32, 1, "logprobs")
+    cdef cnp.ndarray ids = _c_array(top_token_ids, I32, 2, "top_token_ids")
+    cdef cnp.ndarray tlp = _c_array(top_logprobs, F32, 2, "top_logprobs")
+    cdef uint64_t n = lp.shape[0], k = ids.shape[1]
+    if n == 0 or first_position == 0 or ids.shape[0] != n or tlp.shape[0] != n \
+            or tlp.shape[1] != k or k > MV_MAX_TOP_LOGPROBS:
+        raise ValueError(f"prompt logprobs of {n} positions from {first_position} with top "
+                         f"{top_token_ids.shape} / {top_logprobs.shape}: need n >= 1, a first "
+                         f"position >= 1 and [n, k <= {MV_MAX_TOP_LOGPROBS}] tops")
+    cdef uint64_t size = _pad8(sizeof(mv_prompt_logprobs) + 4 * n + 8 * n * k)
+    cdef char* p = sink.reserve(size, timeout)
+    memset(p, 0, size)
+    _header(p, MV_KIND_PROMPT_LOGPROBS, size, 0)
+    cdef mv_prompt_logprobs* rec = <mv_prompt_logprobs*>p
+    rec.request_id, rec.first_position = request_id, first_position
+    rec.num_positions, rec.num_top_logprobs = <uint32_t>n, <uint32_t>k
+    p += sizeof(mv_prompt_logprobs)
+    memcpy(p, cnp.PyArray_DATA(lp), 4 * n)
+    memcpy(p + 4 * n, cnp.PyArray_DATA(ids), 4 * n * k)
+    memcpy(p + 4 * n + 4 * n * k, cnp.PyArray_DATA(tlp), 4 * n * k)
+    sink.commit()
+
+
 def put_status_query(RecordSink sink, uint64_t tag, double timeout=5.0) -> None:
     cdef char* p = sink.reserve(sizeof(mv_status_query), timeout)
     _header(p, MV_KIND_STATUS_QUERY, sizeof(mv_status_query), 0)
@@ -538,6 +586,13 @@ def encode_step_output(uint64_t step, request_ids, token_ids, finish_reasons, lo
 def encode_error(uint32_t code, str message, request_id=None) -> bytes:
     cdef BytesSink sink = BytesSink()
     put_error(sink, code, message, request_id)
+    return sink.take()
+
+
+def encode_prompt_logprobs(uint64_t request_id, uint32_t first_position, logprobs,
+                           top_token_ids, top_logprobs) -> bytes:
+    cdef BytesSink sink = BytesSink()
+    put_prompt_logprobs(sink, request_id, first_position, logprobs, top_token_ids, top_logprobs)
     return sink.take()
 
 
@@ -599,6 +654,8 @@ cdef object _decode(const char* p, uint64_t n):
         return query
     if h.kind == MV_KIND_STATUS:
         return _decode_status(p, n, h)
+    if h.kind == MV_KIND_PROMPT_LOGPROBS and h.version >= 3:
+        return _decode_prompt_logprobs(p, n, h)
     raise ProtocolError(f"unknown record kind {h.kind}")
 
 
@@ -611,7 +668,9 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
     cdef uint64_t n_prompt = rec.num_prompt_tokens, n_stop = rec.num_stop_token_ids
     cdef uint32_t known = ((MV_SUBMIT_HAS_STRUCTURED if h.version >= 2 else 0)
                            | (MV_SUBMIT_HAS_TOKEN_CHOICE if h.version >= 3 else 0))
-    if h.flags & ~known or rec.sampling.flags & ~(MV_SAMPLING_HAS_SEED | MV_SAMPLING_IGNORE_EOS):
+    cdef uint32_t sampling_known = MV_SAMPLING_HAS_SEED | MV_SAMPLING_IGNORE_EOS | (
+        MV_SAMPLING_PROMPT_LOGPROBS if h.version >= 3 else 0)
+    if h.flags & ~known or rec.sampling.flags & ~sampling_known:
         raise ProtocolError("submit record with unknown flag bits set", request_id=rec.request_id)
     cdef uint64_t ids_end = _pad8(sizeof(mv_submit) + 4 * (n_prompt + n_stop))
     cdef mv_structured part
@@ -660,6 +719,7 @@ cdef Submit _decode_submit(const char* p, uint64_t n, mv_header h):
     out.logprobs, out.priority = s.logprobs, s.priority
     out.seed = s.seed if s.flags & MV_SAMPLING_HAS_SEED else None
     out.ignore_eos = (s.flags & MV_SAMPLING_IGNORE_EOS) != 0
+    out.prompt_logprobs = (s.flags & MV_SAMPLING_PROMPT_LOGPROBS) != 0
     return out
 
 
@@ -715,6 +775,26 @@ cdef StepOutput _step_output(const char* p, const StepShape* s):
         out.logprobs = _array(F32, m, p + s.at.logprob)
         out.top_token_ids = _matrix(I32, m, s.k, p + s.at.top_ids)
         out.top_logprobs = _matrix(F32, m, s.k, p + s.at.top_logprobs)
+    return out
+
+
+cdef PromptLogprobs _decode_prompt_logprobs(const char* p, uint64_t n, mv_header h):
+    cdef mv_prompt_logprobs rec
+    if n < sizeof(mv_prompt_logprobs):
+        raise ProtocolError(f"truncated prompt-logprobs record: {n} bytes")
+    memcpy(&rec, p, sizeof(mv_prompt_logprobs))
+    cdef uint64_t m = rec.num_positions, k = rec.num_top_logprobs
+    if h.flags or rec.reserved or m == 0 or rec.first_position == 0 \
+            or k > MV_MAX_TOP_LOGPROBS or _pad8(sizeof(mv_prompt_logprobs) + 4 * m + 8 * m * k) != n:
+        raise ProtocolError(f"prompt-logprobs record of {n} bytes with flags {h.flags}, "
+                            f"{m} positions from {rec.first_position} and top {k} does not add "
+                            f"up", request_id=rec.request_id)
+    cdef PromptLogprobs out = PromptLogprobs.__new__(PromptLogprobs)
+    out.request_id, out.first_position = rec.request_id, rec.first_position
+    p += sizeof(mv_prompt_logprobs)
+    out.logprobs = _array(F32, m, p)
+    out.top_token_ids = _matrix(I32, m, k, p + 4 * m)
+    out.top_logprobs = _matrix(F32, m, k, p + 4 * m + 4 * m * k)
     return out
 
 

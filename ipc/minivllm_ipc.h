@@ -26,6 +26,7 @@
 #define MV_KIND_ERROR 4u       /* either way: a record could not be served */
 #define MV_KIND_STATUS_QUERY 5u /* client -> engine: ask for the engine's status */
 #define MV_KIND_STATUS 6u       /* engine -> client: health, limits and counters */
+#define MV_KIND_PROMPT_LOGPROBS 7u /* engine -> client: prompt positions' logprobs (version 3) */
 
 /* Hard bounds a decoder enforces before trusting a count. */
 #define MV_MAX_RECORD_BYTES (64u << 20)
@@ -42,6 +43,7 @@ typedef struct mv_header {
 /* mv_sampling.flags */
 #define MV_SAMPLING_HAS_SEED 1u
 #define MV_SAMPLING_IGNORE_EOS 2u
+#define MV_SAMPLING_PROMPT_LOGPROBS 4u /* the prompt's logprobs too, top-N as logprobs (v3) */
 
 typedef struct mv_sampling {
     /* Doubles, not floats: the engine rebuilds exactly the values the client sent, so a
@@ -135,6 +137,20 @@ typedef struct mv_step_output {
 #define MV_FINISH_LENGTH 2u /* max_tokens or the context limit */
 #define MV_FINISH_ABORT 3u  /* aborted by the client or by the engine */
 
+/* MV_KIND_PROMPT_LOGPROBS (version 3): the logprobs of prompt positions first_position ..
+ * first_position + n - 1 of a request that asked (each position's prompt token given the tokens
+ * before it), sent before the step output of the step whose prefill computed them. Followed by
+ * float logprob[n], int32 top_token_id[n * k] and float top_logprob[n * k] (row-major), then
+ * zero padding to a multiple of 8. */
+typedef struct mv_prompt_logprobs {
+    mv_header header;
+    uint64_t request_id;
+    uint32_t first_position;   /* >= 1: position 0 has no context */
+    uint32_t num_positions;    /* n >= 1 */
+    uint32_t num_top_logprobs; /* k <= MV_MAX_TOP_LOGPROBS */
+    uint32_t reserved;         /* 0 */
+} mv_prompt_logprobs;
+
 /* mv_error header.flags */
 #define MV_ERROR_HAS_REQUEST 1u /* request_id names the request that failed (it is finished) */
 
@@ -203,6 +219,7 @@ MV_STATIC_ASSERT(sizeof(mv_submit) == 112, submit_size);
 MV_STATIC_ASSERT(offsetof(mv_submit, sampling) == 24, submit_sampling_offset);
 MV_STATIC_ASSERT(sizeof(mv_structured) == 8, structured_size);
 MV_STATIC_ASSERT(sizeof(mv_token_choice) == 16, token_choice_size);
+MV_STATIC_ASSERT(sizeof(mv_prompt_logprobs) == 40, prompt_logprobs_size);
 MV_STATIC_ASSERT(sizeof(mv_abort) == 24, abort_size);
 MV_STATIC_ASSERT(sizeof(mv_step_output) == 32, step_output_size);
 MV_STATIC_ASSERT(sizeof(mv_error) == 32, error_size);

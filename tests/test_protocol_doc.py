@@ -50,7 +50,8 @@ def _layout(struct: str) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("section, struct", [
     ("Header", "mv_header"), ("Submit", "mv_submit"), ("Abort", "mv_abort"),
     ("Step output", "mv_step_output"), ("Error", "mv_error"),
-    ("Status query", "mv_status_query"), ("Status", "mv_status")])
+    ("Status query", "mv_status_query"), ("Status", "mv_status"),
+    ("Prompt logprobs", "mv_prompt_logprobs")])
 def test_record_tables_match_the_layout(section, struct):
     text = _section(section)
     documented = _fields(text.split("`mv_sampling` (80 bytes")[0], 0, 1, 3)
@@ -120,10 +121,11 @@ def test_code_tables_are_the_header_codes():
     kinds = _rows(_section("Header"))[2][4]  # the `kind` row: "1 submit, 2 abort, ..."
     assert kinds == ", ".join(f"{getattr(protocol, 'KIND_' + k.upper().replace(' ', '_'))} {k}"
                               for k in ("submit", "abort", "step output", "error",
-                                        "status query", "status"))
+                                        "status query", "status", "prompt logprobs"))
     flags = {"MV_SAMPLING_HAS_SEED": "bit 0", "MV_SAMPLING_IGNORE_EOS": "bit 1",
              "MV_STEP_HAS_LOGPROBS": "bit 0", "MV_ERROR_HAS_REQUEST": "bit 0",
-             "MV_SUBMIT_HAS_STRUCTURED": "bit 0", "MV_SUBMIT_HAS_TOKEN_CHOICE": "bit 1"}
+             "MV_SUBMIT_HAS_STRUCTURED": "bit 0", "MV_SUBMIT_HAS_TOKEN_CHOICE": "bit 1",
+             "MV_SAMPLING_PROMPT_LOGPROBS": "bit 2"}
     for name, bit in flags.items():
         assert f"{bit} `{name}`" in DOC
         assert getattr(protocol, name[3:]) == 1 << int(bit[-1])

@@ -189,6 +189,26 @@ def test_submit_token_choice_part_round_trips_and_its_counts_are_checked():
         protocol.decode(version_2)
 
 
+def test_prompt_logprobs_record_round_trips_and_is_checked():
+    lp, ids, top = (np.array([-1.5, -2.0], np.float32), np.array([[3, 9], [4, 1]], np.int32),
+                    np.array([[-0.5, -0.9], [-0.7, -1.0]], np.float32))
+    frame = protocol.encode_prompt_logprobs(7, 5, lp, ids, top)
+    assert len(frame) == 40 + 8 + 32
+    rec = protocol.decode(frame)
+    assert (rec.request_id, rec.first_position) == (7, 5)
+    assert (rec.logprobs == lp).all() and (rec.top_token_ids == ids).all() \
+        and (rec.top_logprobs == top).all()
+    for bad in (frame[:28] + struct.pack("<I", 3) + frame[32:],  # n lies
+                frame[:24] + struct.pack("<I", 0) + frame[28:],  # position 0 has no logprob
+                frame[:4] + struct.pack("<H", 2) + frame[6:]):  # kind 7 came with version 3
+        with pytest.raises(ProtocolError):
+            protocol.decode(bad)
+    params = SamplingParams(logprobs=2, prompt_logprobs=2)
+    assert protocol.decode(protocol.encode_submit(1, [1, 2], params)).sampling_params() == params
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        protocol.encode_submit(1, [1, 2], SamplingParams(logprobs=2, prompt_logprobs=1))
+
+
 # ---- malformed input --------------------------------------------------------------------------
 def _valid_frames():
     p = SamplingParams(stop_token_ids=[3])

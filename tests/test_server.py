@@ -28,6 +28,7 @@ KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 NOTHING_LEFT = {"processes": [], "shm": [], "sockets": []}
+SCORED = "The capital of France is Paris, and the capital of Spain is Madrid."
 
 
 def serve(*args: str) -> ServeProcess:
@@ -55,9 +56,12 @@ def offline():
 
     llm = LLM(dtype="float32", num_blocks=1024)
     params = SamplingParams(temperature=0, max_tokens=16)
+    scored = llm.generate(SCORED, SamplingParams(max_tokens=1, prompt_logprobs=1),
+                          use_tqdm=False)[0]
     return {"chat": llm.chat(CHAT, params, use_tqdm=False)[0].outputs[0].text,
             "completion": llm.generate("The capital of France is", params,
-                                       use_tqdm=False)[0].outputs[0].text}
+                                       use_tqdm=False)[0].outputs[0].text,
+            "scored": (scored.prompt_token_ids, scored.prompt_logprobs)}
 
 
 def post(server, path, body=None, key=KEY, **kwargs):
@@ -139,6 +143,25 @@ def test_logit_bias_allowed_ids_and_bad_words_served(server, oai):
         r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt,
                                              "logit_bias": bias})
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_echo_scores_the_prompt_as_offline(server, oai, offline):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs, max_tokens 0."""
+    ids, want = offline["scored"]
+    out = oai.completions.create(model=MODEL, prompt=SCORED, max_tokens=0, echo=True,
+                                 logprobs=1, temperature=0).choices[0]
+    assert out.text == SCORED and out.logprobs.token_logprobs[0] is None
+    assert len(out.logprobs.tokens) == len(ids) and "".join(out.logprobs.tokens) == SCORED
+    for got, row, token in zip(out.logprobs.token_logprobs[1:], want[1:], ids[1:]):
+        assert abs(got - row[token]) < 1e-4
+    both = oai.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True,
+                                  logprobs=2, temperature=0).choices[0]
+    assert both.text.startswith(SCORED) and len(both.logprobs.tokens) == len(ids) + 3
+    assert both.logprobs.token_logprobs[1:len(ids)] == \
+        pytest.approx(out.logprobs.token_logprobs[1:], abs=1e-4)
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                      "echo": True, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
 def test_models_tokenize_detokenize_version(server):

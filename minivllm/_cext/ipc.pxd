@@ -13,7 +13,7 @@ cdef extern from "minivllm_ipc.h" nogil:
     uint32_t MV_KIND_STATUS_QUERY, MV_KIND_STATUS, MV_STATE_READY, MV_STATE_DRAINING
     uint32_t MV_MAX_RECORD_BYTES, MV_MAX_TOP_LOGPROBS
     uint32_t MV_SAMPLING_HAS_SEED, MV_SAMPLING_IGNORE_EOS, MV_SUBMIT_HAS_STRUCTURED
-    uint32_t MV_SUBMIT_HAS_TOKEN_CHOICE
+    uint32_t MV_SUBMIT_HAS_TOKEN_CHOICE, MV_SAMPLING_PROMPT_LOGPROBS, MV_KIND_PROMPT_LOGPROBS
     uint32_t MV_STRUCTURED_JSON, MV_STRUCTURED_REGEX, MV_STRUCTURED_CHOICE, MV_STRUCTURED_GRAMMAR
     uint32_t MV_STRUCTURED_JSON_OBJECT, MV_MAX_SPEC_BYTES
     uint32_t MV_STEP_HAS_LOGPROBS, MV_ERROR_HAS_REQUEST
@@ -43,6 +43,10 @@ cdef extern from "minivllm_ipc.h" nogil:
         uint32_t spec_len
     ctypedef struct mv_token_choice:
         uint32_t num_logit_bias, num_allowed_token_ids, num_bad_words, num_bad_word_tokens
+    ctypedef struct mv_prompt_logprobs:
+        mv_header header
+        uint64_t request_id
+        uint32_t first_position, num_positions, num_top_logprobs, reserved
     ctypedef struct mv_abort:
         mv_header header
         uint64_t request_id

@@ -56,6 +56,9 @@ class Client:
     def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
         raise NotImplementedError
 
+    def send_prompt_logprobs(self, request_id: int, first_position: int, *arrays) -> None:
+        raise NotImplementedError
+
     def send_status(self, tag: int, fields: dict) -> None:
         raise NotImplementedError
 
@@ -97,6 +100,10 @@ class FrontendClient(Client):
     def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
         self._put(protocol.put_error, protocol.encode_error, code, message, request_id)
 
+    def send_prompt_logprobs(self, request_id: int, first_position: int, *arrays) -> None:
+        self._put(protocol.put_prompt_logprobs, protocol.encode_prompt_logprobs, request_id,
+                  first_position, *arrays)
+
     def send_status(self, tag: int, fields: dict) -> None:
         self._put(protocol.put_status, protocol.encode_status, tag, fields)
 
@@ -135,6 +142,9 @@ class RouterClient(Client):
 
     def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
         self._send(protocol.encode_error(code, message, request_id))
+
+    def send_prompt_logprobs(self, request_id: int, first_position: int, *arrays) -> None:
+        self._send(protocol.encode_prompt_logprobs(request_id, first_position, *arrays))
 
     def send_status(self, tag: int, fields: dict) -> None:
         self._send(protocol.encode_status(tag, fields))

@@ -265,8 +265,13 @@ class EngineProc:
 
     # ---- publish --------------------------------------------------------------------------
     def publish(self, out: StepOutputs) -> None:
-        """The step's entries, one record per client that has some; finished requests end."""
+        """The step's entries, one record per client that has some; finished requests end.
+        Prompt logprobs go first: a request may finish in the step that ends its prefill."""
         self.step_count += 1
+        for owner, (first, *arrays) in (out.prompt_logprobs or {}).items():
+            client = self.clients.get(int(self.owners.client[owner]))
+            if client is not None:
+                client.send_prompt_logprobs(int(self.owners.request_id[owner]), first, *arrays)
         if len(out):
             clients = self.owners.client[out.owners]
             request_ids = self.owners.request_id[out.owners]

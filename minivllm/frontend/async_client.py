@@ -161,9 +161,6 @@ class AsyncEngineClient:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         text, ids = parse_prompt(prompt, self.tokenizer)
         check_prompt(ids, self.max_model_len, self.vocab_size)
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs are not carried back from the engine process yet "
-                             "(the step output has no room for them); LLM takes them")
         params = resolve_bad_words(params, self.tokenizer)
         params.check_vocab(self.vocab_size)
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
@@ -248,6 +245,11 @@ class AsyncEngineClient:
             if isinstance(record, protocol.StepBatch):
                 self._on_step(record)
                 left -= len(record)
+            elif isinstance(record, protocol.PromptLogprobs):
+                self.processor.process_prompt_logprobs({record.request_id: (
+                    record.first_position, record.logprobs, record.top_token_ids,
+                    record.top_logprobs)})
+                left -= 1
             else:
                 self._on_error(record)
                 left -= 1

@@ -166,7 +166,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         req = await state.parse(request, CompletionRequest)
         req.check_supported()
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        params = req.sampling_params(req.completion_limit()[0], req.logprobs)
         return await serve(state, request, req, params, req.prompts(), chat=False)
 
     @app.post("/v1/chat/completions")

@@ -146,6 +146,10 @@ class _SamplingFields(_Strict):
                                 "object", param="response_format")
         return {"json": schema}
 
+    def prompt_logprobs(self, logprobs: Optional[int]) -> Optional[int]:
+        """The prompt's logprobs are asked for by echo (completions only)."""
+        return None
+
     def _logit_bias(self) -> Optional[dict[int, float]]:
         """OpenAI's map, its keys token ids written as strings, with int keys."""
         if self.logit_bias is None:
@@ -166,6 +170,7 @@ class _SamplingFields(_Strict):
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            prompt_logprobs=self.prompt_logprobs(logprobs),
             structured_outputs=self.structured_outputs_params(), logit_bias=self._logit_bias(),
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words)
         try:
@@ -189,8 +194,11 @@ class CompletionRequest(_SamplingFields):
     suffix: Optional[str] = None
 
     def check_supported(self) -> None:
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+        if self.echo and self.stream:
+            raise APIError(400, "echo is not supported with stream", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 needs echo (scoring the prompt)",
+                           param="max_tokens")
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -200,8 +208,13 @@ class CompletionRequest(_SamplingFields):
                            param="logprobs")
 
     def completion_limit(self) -> tuple[Optional[int], str]:
-        """The completion's token limit and the field that set it."""
-        return self.max_tokens, "max_tokens"
+        """The completion's token limit and the field that set it. The engine samples at least
+        one token: echo with max_tokens 0 (scoring a prompt, as lm-evaluation-harness does) asks
+        for one and the response leaves it out."""
+        return (1 if self.max_tokens == 0 else self.max_tokens), "max_tokens"
+
+    def prompt_logprobs(self, logprobs: Optional[int]) -> Optional[int]:
+        return logprobs if self.echo else None
 
     def prompts(self) -> list[Union[str, list[int]]]:
         p = self.prompt

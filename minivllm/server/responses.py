@@ -97,6 +97,37 @@ class OpenAIResponse:
 class CompletionResponse(OpenAIResponse):
     object_name, chunk_name, id_prefix = "text_completion", "text_completion", "cmpl-"
 
+    def __init__(self, model: str, tokenizer: Optional[Tokenizer], params: SamplingParams,
+                 echo: bool = False, prompt_only: bool = False) -> None:
+        super().__init__(model, tokenizer, params)
+        self.echo, self.prompt_only = echo, prompt_only
+
+    def body(self, finals: list[RequestOutput]) -> dict:
+        body = super().body(finals)
+        if self.echo:
+            pairs = [(out, c) for out in finals for c in out.outputs]
+            for choice, (out, c) in zip(body["choices"], pairs):
+                self._echo(choice, out, c)
+        return body
+
+    def _echo(self, choice: dict, out: RequestOutput, c: CompletionOutput) -> None:
+        """OpenAI's echo: the prompt before the completion, in the text and in the logprobs
+        (the first prompt token has none). max_tokens 0 keeps the prompt alone."""
+        kept = 0 if self.prompt_only else len(c.token_ids)
+        prompt = out.prompt if out.prompt is not None else self.tokenizer.decode(
+            out.prompt_token_ids, skip_special_tokens=False)
+        choice["text"] = prompt + (c.text if kept else "")
+        if choice["logprobs"] is None:
+            return
+        ids = out.prompt_token_ids
+        lp = self._logprobs(ids[1:] + c.token_ids[:kept],
+                            out.prompt_logprobs[1:] + c.logprobs[:kept])
+        lp["tokens"].insert(0, self._token(ids[0]))
+        lp["token_logprobs"].insert(0, None)
+        lp["top_logprobs"].insert(0, None)
+        lp["text_offset"] = _offsets(lp["tokens"])
+        choice["logprobs"] = lp
+
     def choice(self, index: int, c: CompletionOutput) -> dict:
         return {"index": index, "text": c.text,
                 "logprobs": self._logprobs(c.token_ids, c.logprobs),
@@ -112,16 +143,21 @@ class CompletionResponse(OpenAIResponse):
         if rows is None:
             return None
         tokens = [self._token(t) for t in ids]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
         k = self.params.logprobs or 0
         return {"tokens": tokens, "token_logprobs": [row[t] for t, row in zip(ids, rows)],
                 "top_logprobs": [{self._token(t): lp for t, lp in
                                   sorted(row.items(), key=lambda kv: -kv[1])[:max(k, 1)]}
                                  for row in rows],
-                "text_offset": offsets}
+                "text_offset": _offsets(tokens)}
+
+
+def _offsets(tokens: list[str]) -> list[int]:
+    """Each token's start in the text the tokens make."""
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return offsets
 
 
 class ChatResponse(OpenAIResponse):

@@ -58,8 +58,9 @@ async def serve(state: ServerState, request: Request,
             raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
         except EngineError as exc:
             raise engine_error(exc) from None
-        response = (ChatResponse if chat else CompletionResponse)(
-            state.model_name, state.client.tokenizer, params)
+        response = (ChatResponse(state.model_name, state.client.tokenizer, params) if chat else
+                    CompletionResponse(state.model_name, state.client.tokenizer, params,
+                                       req.echo, req.max_tokens == 0))
         recorder = MetricsRecorder(start, len(prompts))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
