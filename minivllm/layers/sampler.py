@@ -301,7 +301,7 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match "
                              f"{req_indices.shape[0]} request indices "
                              f"x vocab {self.vocab_size}")
-        if not self._logprobs_counts and self._stage_counts.keys() <= {_GREEDY}:
+        if self.plain_greedy():
             # The common benchmark case: nothing to record, nothing to convert.
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         logits = logits.to(torch.float32, copy=True)
@@ -320,6 +320,11 @@ class Sampler:
         token_ids = self._choose(logits, float_params, int_params, positions)
         self._record(req_indices, token_ids)
         return self._output(token_ids, raw_logprobs, req_indices)
+
+    def plain_greedy(self) -> bool:
+        """Whether sample() is a bare argmax of the logits: every active request greedy, with
+        no logprobs, penalties or min_tokens."""
+        return not self._logprobs_counts and self._stage_counts.keys() <= {_GREEDY}
 
     # -- add_request helpers ------------------------------------------------------------------
 
