@@ -119,7 +119,9 @@ def cmd_serve(args) -> int:
     server = ServerConfig(host=args.host, port=args.port, api_servers=args.api_servers,
                           max_pending=args.max_pending, drain_timeout_s=args.drain_timeout,
                           api_key=args.api_key, served_model_name=args.served_model_name,
-                          max_body_bytes=args.max_body_bytes, dashboard=args.dashboard)
+                          max_body_bytes=args.max_body_bytes, dashboard=args.dashboard,
+                          chat_template=args.chat_template,
+                          tool_call_parser=args.tool_call_parser)
     transport = TransportConfig(zmq_endpoint=args.zmq_endpoint, zmq=ZmqEndpointConfig(
         max_message_bytes=args.zmq_max_message_bytes,
         max_in_flight_per_peer=args.zmq_max_in_flight_per_peer,
@@ -171,6 +173,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                        help="do not serve the live dashboard at /dashboard")
     serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="a jinja chat template used instead of the model's, e.g. "
+                            "examples/tool_chat_template_smollm2.jinja (tools)")
+    serve.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                       help="take tool calls out of tool_choice=auto outputs "
+                            "(<tool_call>{json}</tool_call>)")
     serve.add_argument("--zmq-endpoint", default=None,
                        help="also serve the binary protocol here (ipc/PROTOCOL.md), e.g. "
                             "tcp://127.0.0.1:5557")

@@ -395,8 +395,22 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     retry_after_s: int = 1
     dashboard: bool = True
+    # A jinja chat template file used instead of the model's (--chat-template), and the parser
+    # that takes tool calls out of "auto" tool-choice outputs (--tool-call-parser).
+    chat_template: Optional[str] = None
+    tool_call_parser: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser not in (None, "hermes"):
+            raise ValueError(f"tool_call_parser must be 'hermes' or None, "
+                             f"got {self.tool_call_parser!r}")
+        if self.chat_template is not None:
+            from minivllm.tokenizer import compile_chat_template
+            try:
+                with open(self.chat_template, encoding="utf-8") as f:
+                    compile_chat_template(f.read())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"chat_template {self.chat_template}: {exc}") from None
         for name in ("port", "api_servers", "max_pending", "max_body_bytes", "retry_after_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

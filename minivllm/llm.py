@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Any, Optional, Sequence, Union
 
 from tqdm import tqdm
@@ -39,9 +40,19 @@ class LLM:
     It drives the same EngineCore as the engine process and feeds its step arrays to the same
     output processor as AsyncEngineClient: one output path, offline and served."""
 
-    def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, model: Optional[str] = None, chat_template: Optional[str] = None,
+                 **kwargs: Any) -> None:
+        """`chat_template`: a jinja template file (or its text) used instead of the model's
+        by chat(); the engine's settings are build_engine_config's keywords."""
         logger.configure()
         self.engine = EngineCore(build_engine_config(model, **kwargs))
+        if chat_template is not None:
+            if self.engine.tokenizer is None:
+                raise ValueError("chat_template needs a tokenizer, and this model has none")
+            if os.path.isfile(chat_template):
+                with open(chat_template, encoding="utf-8") as f:
+                    chat_template = f.read()
+            self.engine.tokenizer.use_chat_template(chat_template)
         self.processor = OutputProcessor(self.engine.tokenizer, self.engine.eos_token_ids)
         self._owners = itertools.count()
         self._request_ids = itertools.count()
@@ -83,8 +94,10 @@ class LLM:
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
+        """Apply the chat template to one conversation or a list of them (with the OpenAI-style
+        `tools` offered, for a template that shows them), then generate."""
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer, and this model has none: pass token ids "
@@ -93,7 +106,7 @@ class LLM:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
                              "or a list of such conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt)
+        prompts = [tok.apply_chat_template(c, add_generation_prompt, tools)
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -209,15 +209,28 @@ class Tokenizer:
         decoder = self._backend.decoder
         return decoder.decode(list(tokens)) if decoder is not None else "".join(tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, rendered by the model's chat template."""
+    def use_chat_template(self, source: str) -> None:
+        """Render chats with `source` (a jinja template, e.g. from --chat-template) instead of
+        the model's own; a template that does not parse is a ValueError now, not at a request."""
+        self._template = compile_chat_template(source)
+        self.chat_template = source
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template can show tools to the model (it reads `tools`)."""
+        return bool(self.chat_template) and "tools" in self.chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: Optional[list[dict]] = None) -> str:
+        """The prompt text for a conversation (and the tools offered, if any), rendered by the
+        chat template."""
         _check_messages(messages)
         if self._template is None:
             if not self.chat_template:
                 raise ValueError("model has no chat template")
-            self._template = _compile_template(self.chat_template)
+            self._template = compile_chat_template(self.chat_template)
         try:
-            return self._template.render(messages=messages,
+            return self._template.render(messages=messages, tools=tools,
                                          add_generation_prompt=add_generation_prompt,
                                          **self._special_tokens)
         except jinja2.TemplateError as e:  # raise_exception() in templates: a bad conversation
@@ -231,8 +244,11 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', "
                              f"got {type(message).__name__}")
+        # An assistant turn that called tools may have no content.
+        optional = ("content",) if message.get("tool_calls") else ()
         for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
+            if not isinstance(message.get(key), str) and not (
+                    key in optional and message.get(key) is None):
                 raise ValueError(f"messages[{i}]['{key}'] must be a string, "
                                  f"got {type(message.get(key)).__name__}")
 
@@ -248,7 +264,7 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: Optional[int] = None
                       sort_keys=sort_keys)
 
 
-def _compile_template(source: str) -> jinja2.Template:
+def compile_chat_template(source: str) -> jinja2.Template:
     """The environment transformers renders chat templates in, so outputs match it."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])

@@ -68,6 +68,9 @@ async def _serve(control: str, model: Optional[str], load_format: str, config: S
     client = await AsyncEngineClient.connect(control, model, load_format, transport,
                                              name=f"api-server-{index}")
     state.client = client
+    if config.chat_template and client.tokenizer is not None:
+        with open(config.chat_template, encoding="utf-8") as f:
+            client.tokenizer.use_chat_template(f.read())
     state.model_name = config.served_model_name or client.model_name
     server = _Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False))
     loop = asyncio.get_running_loop()

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from minivllm.config import ServerConfig
 from minivllm.frontend.async_client import AsyncEngineClient
-from minivllm.server import metrics
+from minivllm.server import metrics, tool_calls
 from minivllm.server.dashboard import add_dashboard
 from minivllm.server.protocol import (APIError, ChatCompletionRequest, ChatMessage,
                                       CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -174,8 +174,13 @@ def build_app(state: ServerState) -> FastAPI:
         req = await state.parse(request, ChatCompletionRequest)
         req.check_supported()
         params = req.sampling_params(req.completion_limit()[0], req.num_logprobs())
-        prompt = await _chat_prompt(state, req.messages, req.add_generation_prompt)
-        return await serve(state, request, req, params, [prompt], chat=True)
+        template = state.config.chat_template
+        tools, tool_mode, params = tool_calls.plan(
+            req, params, state.tokenizer,
+            f"the chat template {template}" if template else "the model's chat template",
+            state.config.tool_call_parser)
+        prompt = await _chat_prompt(state, req.messages, req.add_generation_prompt, tools)
+        return await serve(state, request, req, params, [prompt], chat=True, tools=tool_mode)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -244,11 +249,11 @@ def _detokenize(tokenizer: Tokenizer, tokens: list[int], vocab_size: int) -> str
 
 
 async def _chat_prompt(state: ServerState, messages: list[ChatMessage],
-                       add_generation_prompt: bool) -> str:
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
-    size = sum(len(m["content"]) for m in conversation)
+                       add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> str:
+    conversation = [m.template_dict() for m in messages]
+    size = sum(len(m["content"] or "") for m in conversation)
     try:
         return await state.off_loop(size, state.tokenizer.apply_chat_template, conversation,
-                                    add_generation_prompt)
+                                    add_generation_prompt, tools)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None

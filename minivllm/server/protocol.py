@@ -231,6 +231,19 @@ class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[dict], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict]] = None  # an assistant turn's calls
+    tool_call_id: Optional[str] = None  # a tool turn's answer to one
+
+    def template_dict(self) -> dict:
+        """The message as chat templates read it (an assistant's calls kept, content None
+        there when it had none)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+            message["content"] = self.text() if self.content is not None else None
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def text(self) -> str:
         """Text content; a list of parts may hold text parts only (no images here)."""
@@ -253,13 +266,12 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Optional[int] = None
     tools: Optional[list[dict]] = None
     tool_choice: Optional[Union[str, dict]] = None
+    parallel_tool_calls: Optional[bool] = None
     add_generation_prompt: bool = True
 
     def check_supported(self) -> None:
         if not self.messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        if self.tools:
-            raise APIError(400, "tools are not supported", param="tools")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

@@ -15,6 +15,7 @@ from typing import Optional
 
 from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
+from minivllm.server.tool_calls import ToolCalls
 from minivllm.tokenizer import Tokenizer
 
 
@@ -161,12 +162,28 @@ def _offsets(tokens: list[str]) -> list[int]:
 
 
 class ChatResponse(OpenAIResponse):
+    """With `tools` (a request offering tools), each sequence's text becomes content and
+    tool_calls (tool_calls.py), and a sequence that stopped on its own after calling a tool
+    finishes with "tool_calls", as OpenAI's do."""
+
     object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
+    def __init__(self, model: str, tokenizer: Optional[Tokenizer], params: SamplingParams,
+                 tools: Optional[ToolCalls] = None) -> None:
+        super().__init__(model, tokenizer, params)
+        self.tools = tools
+
     def choice(self, index: int, c: CompletionOutput) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": c.text},
+        message: dict = {"role": "assistant", "content": c.text}
+        finish = c.finish_reason
+        if self.tools is not None:
+            message["content"], calls = self.tools.message(c.text)
+            if calls:
+                message["tool_calls"] = calls
+                finish = "tool_calls" if finish == "stop" else finish
+        return {"index": index, "message": message,
                 "logprobs": self._logprobs(c.token_ids, c.logprobs),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                "finish_reason": finish, "stop_reason": c.stop_reason}
 
     def stream_head(self) -> list[dict]:
         return [self._envelope(self.chunk_name, [
@@ -175,10 +192,16 @@ class ChatResponse(OpenAIResponse):
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
         ids = c.delta_token_ids
-        delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
+        finish = c.finish_reason
+        if self.tools is None:
+            delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
+        else:
+            delta = self.tools.delta(index, c.delta_text, c.finished, c.text)
+            if finish == "stop" and self.tools.called(index):
+                finish = "tool_calls"
         return {"index": index, "delta": delta,
                 "logprobs": self._logprobs(ids, self._delta_logprobs(c, ids)),
-                "finish_reason": c.finish_reason}
+                "finish_reason": finish}
 
     def _logprobs(self, ids: list[int], rows: Optional[list[dict]]) -> Optional[dict]:
         if rows is None:

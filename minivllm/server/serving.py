@@ -25,6 +25,7 @@ from minivllm.sampling_params import SamplingParams
 from minivllm.server import metrics
 from minivllm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from minivllm.server.responses import ChatResponse, CompletionResponse, OpenAIResponse
+from minivllm.server.tool_calls import ToolCalls
 
 if TYPE_CHECKING:  # app.py imports this module
     from minivllm.server.app import ServerState
@@ -39,8 +40,10 @@ Merged = AsyncGenerator[tuple[int, RequestOutput], None]
 
 async def serve(state: ServerState, request: Request,
                 req: Union[CompletionRequest, ChatCompletionRequest], params: SamplingParams,
-                prompts: list, chat: bool) -> Union[dict, StreamingResponse]:
-    """Generate for every prompt of `req`; the whole response, or its SSE stream."""
+                prompts: list, chat: bool, tools: Optional[ToolCalls] = None
+                ) -> Union[dict, StreamingResponse]:
+    """Generate for every prompt of `req`; the whole response, or its SSE stream (a chat's
+    tool calls taken out of its text by `tools`)."""
     start = time.monotonic()
     if len(prompts) * params.n > MAX_SEQUENCES_PER_REQUEST:
         raise APIError(400, f"this request asks for {len(prompts) * params.n} sequences (n x "
@@ -58,7 +61,8 @@ async def serve(state: ServerState, request: Request,
             raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
         except EngineError as exc:
             raise engine_error(exc) from None
-        response = (ChatResponse(state.model_name, state.client.tokenizer, params) if chat else
+        response = (ChatResponse(state.model_name, state.client.tokenizer, params, tools)
+                    if chat else
                     CompletionResponse(state.model_name, state.client.tokenizer, params,
                                        req.echo, req.max_tokens == 0))
         recorder = MetricsRecorder(start, len(prompts))
