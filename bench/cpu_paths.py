@@ -33,9 +33,9 @@ from bench import records
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"  # apt libtcmalloc-minimal4
 MINIVLLM_PATHS = ("cpu-avx512", "cpu-avx2", "cpu-portable")
-# KV cache of every engine: 16 x (~40 + 128) tokens need ~150 MiB in fp32; a dozen engines with
+# KV cache of every engine: 16 x (~40 + 128) tokens need ~130 MiB in fp32; a dozen engines with
 # the default 1-4 GiB each do not fit next to the other engineers' processes.
-KV_CACHE_BYTES = 512 << 20
+KV_CACHE_BYTES = 256 << 20
 
 
 # ---- the peer's weights ------------------------------------------------------------------------
@@ -113,7 +113,8 @@ def _vllm_worker(kernels: str, dtype: str, threads: int, hf_dir: str):
 
     import vllm
 
-    llm = vllm.LLM(model=hf_dir, dtype=dtype, max_model_len=2048, enable_prefix_caching=False)
+    llm = vllm.LLM(model=hf_dir, dtype=dtype, max_model_len=2048, enable_prefix_caching=False,
+                   kv_cache_memory_bytes=KV_CACHE_BYTES)
 
     def run(work) -> float:
         params = [vllm.SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True)
@@ -158,15 +159,21 @@ class Worker:
         python = sys.executable
         if engine == "vllm":
             python = args.vllm_python
-            env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, KV_CACHE_BYTES >> 30)),  # whole GiB
-                       LD_PRELOAD=TCMALLOC,
+            env.update(LD_PRELOAD=TCMALLOC,
                        VLLM_CPU_OMP_THREADS_BIND="0" if threads == 1 else f"0-{threads - 1}")
         cmd = [python, "-m", "bench.cpu_paths", "worker", engine, kernels or "-", dtype,
                str(threads), args.hf_dir]
         self.log = open(os.path.join(args.logs, self.name.replace(" ", "_") + ".log"), "w")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, env=env)
-        self.info = self._reply()
+        for attempt in range(3):  # a start can fail for memory other processes hold just then
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.log, text=True, env=env)
+            line = self.proc.stdout.readline()
+            if line:
+                break
+            self.proc.wait()
+            print(f"worker {self.name} failed to start (see {self.log.name}), retrying")
+            time.sleep(60)
+        self.info = json.loads(line) if line else self._reply()
         self.samples: dict[tuple[int, int], list[dict]] = {}
 
     def _reply(self) -> dict:
@@ -234,6 +241,8 @@ def run(args) -> None:
                             dict(full, prefill_s=b / prefill["tok_s"], rep=rep))
                         print(f"rep {rep} batch {b:2d} {w.name:<40} {full['tok_s']:8.1f} tok/s"
                               f"  load {full['loadavg_before'][0]:.2f}", flush=True)
+                # what is measured so far, should the run be cut short
+                records.write(args.json, results + _records(workers, args))
         finally:
             for w in workers:
                 w.close()
@@ -241,16 +250,33 @@ def run(args) -> None:
     records.write(args.json, results)
 
 
+NOTE = ("engines interleaved per repetition on a 2-core machine shared with other engineers' "
+        "tests and benchmarks: each sample carries os.getloadavg() before and after it")
+
+
 def _records(workers: list[Worker], args) -> list[dict]:
+    """One record per worker and batch (median tok/s); minivllm's at its default dtype on the
+    CPU paths (bf16) carry the ratio to vLLM-CPU's best dtype at the same batch and threads."""
+    from minivllm.layers.kernels import CPU_AUTO_DTYPE
+
+    default = str(CPU_AUTO_DTYPE).removeprefix("torch.")
+    medians = {(w.name, key): statistics.median(s["tok_s"] for s in samples)
+               for w in workers for key, samples in w.samples.items()}
     out = []
     for w in workers:
         for (b, threads), samples in w.samples.items():
+            peers = {v.name: medians[v.name, (b, threads)] for v in workers
+                     if v.engine == "vllm" and (b, threads) in v.samples}
+            best = max(peers.items(), key=lambda kv: kv[1]) if peers else (None, None)
+            if not (w.engine == "minivllm" and w.dtype == default):
+                best = (None, None)
             out.append(records.record(
-                f"{w.name} batch {b}", statistics.median(s["tok_s"] for s in samples), "tok/s",
-                engine=w.engine, kernels=w.kernels or None, dtype=w.dtype, batch=b,
+                f"{w.name} batch {b}", medians[w.name, (b, threads)], "tok/s", peer=best[1],
+                peer_name=best[0], engine=w.engine, kernels=w.kernels or None, dtype=w.dtype,
+                default_dtype=w.engine == "minivllm" and w.dtype == default, batch=b,
                 threads=threads, output_len=args.output_len,
                 prefill_plus_1_s=statistics.median(s["prefill_s"] for s in samples),
-                samples=samples, worker=w.info))
+                samples=samples, worker=w.info, note=NOTE))
     return out
 
 
