@@ -22,6 +22,9 @@ from minivllm.transport import protocol
 logger = logging.getLogger(__name__)
 
 RECEIVE_QUEUE = 256  # messages ZeroMQ holds per peer before the sender is pushed back
+# The kernel's receive buffer per TCP connection (autotuned, it grows to megabytes of unread
+# submits that outlive a flooder that has gone): room for two of the largest messages.
+MIN_RECEIVE_BUFFER = 256 << 10
 MIN_MESSAGE_BYTES = 64 << 10
 
 
@@ -46,6 +49,8 @@ class Endpoint:
             self.socket.setsockopt(zmq.LINGER, 0)
             self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
             self.socket.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+            self.socket.setsockopt(zmq.RCVBUF, max(MIN_RECEIVE_BUFFER,
+                                                   2 * self.max_message_bytes))
             self.socket.setsockopt(zmq.SNDHWM, config.send_queue)
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone or full peer raises
             if config.curve:
