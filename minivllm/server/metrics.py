@@ -67,6 +67,8 @@ class EngineCollector:
         for name, doc, value in (
                 ("num_requests_running", "Requests running in the engine", s["running"]),
                 ("num_requests_waiting", "Requests waiting in the engine", s["waiting"]),
+                ("num_requests_waiting_for_grammar", "Requests whose structured-output grammar "
+                 "is compiling", s["waiting_for_grammar"]),
                 ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use", s["kv_usage"])):
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
         for name, doc, value in (
