@@ -351,7 +351,7 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(serve
 
     async def go():
         limits = httpx.Limits(max_connections=100)
-        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
+        async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as c:
             return await asyncio.gather(*(one(c) for _ in range(40)))
     responses = asyncio.run(go())
     codes = [r.status_code for r in responses]
