@@ -551,7 +551,8 @@ def test_zmq_endpoint_refuses_out_of_range_values_in_the_protocols_terms(single)
         sock.send(protocol.encode_step_output(1, [7], [5], [0]))
         rec = protocol.decode(sock.recv())
         assert (rec.code, rec.message) == (protocol.ERR_MALFORMED, "the engine takes submit "
-                                           "(kind 1) and abort (kind 2) records, not kind 3")
+                                           "(kind 1), abort (kind 2) and status query (kind 5) "
+                                           "records, not kind 3")
         sock.send(_submit(9, logprobs=-1))
         finish = protocol.FINISH_NONE
         while finish == protocol.FINISH_NONE:
