@@ -8,6 +8,7 @@
     python -m bench.chaos.run malformed --clients 2000
     python -m bench.chaos.run zmq-garbage --clients 5000
     python -m bench.chaos.run fuzz --clients 3000     # cases per parser (bench/chaos/fuzz.py)
+    python -m bench.chaos.run flood --rounds 3 --duration 40 --rate 1   # bench/chaos/flood.py
     python -m bench.chaos.run all --json bench/results/chaos_cpu.json   # or several names
 
 Each scenario starts its own server, runs, lets the dust settle, stops it (SIGTERM) and reports
@@ -35,6 +36,7 @@ import httpx
 import zmq
 
 from bench.chaos import faults
+from bench.chaos.flood import flood
 from bench.chaos.fuzz import check_http, fuzz
 from bench.server_proc import (ServeProcess, leftovers, metrics, wait_engine_idle,
                                wait_healthy)
@@ -309,6 +311,7 @@ SCENARIOS = {
     "malformed": (malformed, []),
     "zmq-garbage": (zmq_garbage, None),           # --zmq-endpoint
     "fuzz": (fuzz, None),                         # --zmq-endpoint
+    "flood": (flood, None),                       # --zmq-endpoint
     **faults.SCENARIOS,  # issue 16: process deaths and shutdowns
 }
 
@@ -317,7 +320,7 @@ def run(name: str, args) -> dict:
     fn, extra = SCENARIOS[name]
     if name == "kill-api-server":
         extra = ["--api-servers", str(args.api_servers)]
-    elif name in ("zmq-garbage", "fuzz"):
+    elif name in ("zmq-garbage", "fuzz", "flood"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             extra = ["--zmq-endpoint", f"tcp://127.0.0.1:{s.getsockname()[1]}"]
@@ -366,6 +369,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="s of load")
     ap.add_argument("--rate", type=float, default=2.0, help="requests/s of the load")
     ap.add_argument("--every", type=float, default=15.0, help="s between kills")
+    ap.add_argument("--rounds", type=int, default=3, help="quiet/flooded window pairs (flood)")
     ap.add_argument("--api-servers", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=300.0, help="per request: past it, hung")
     ap.add_argument("--json", default=None)

@@ -99,6 +99,7 @@ class EngineEvents:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, SEND_QUEUE)
         self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscribe: each gets a key frame
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions: a byte and a short topic
         self.socket.bind(endpoint)
         self.listening = False
         self.grid = KVGrid(num_blocks)
