@@ -127,6 +127,12 @@ def test_status_record_reports_health_limits_and_counters(door, keys, ctx):
     assert (fields["max_in_flight_per_peer"], fields["max_in_flight"]) == (PER_PEER, TOTAL)
     assert fields["vocab_size"] == 49152 and fields["max_model_len"] == 8192
     assert fields["free_blocks"] == fields["num_blocks"] == 512
+    with door.channel() as ch:  # a frontend asks on its request ring, hears on its output ring
+        protocol.put_status_query(ch.request_ring, 78)
+        while (rec := ch.read()) is None:
+            ch.wait(1.0)
+    assert isinstance(rec, protocol.Status) and rec.tag == 78
+    assert rec.fields["pid"] == door.process.pid and rec.fields["peer_in_flight"] == 0
 
 
 def test_a_frame_over_the_size_limit_disconnects_its_peer(door, keys, ctx):

@@ -20,4 +20,5 @@ from minivllm._cext.records import (  # noqa: F401
     VERSION, Abort, ErrorRecord,
     ProtocolError, Status, StatusQuery, StepBatch, StepOutput, Submit, decode, encode_abort,
     encode_error, encode_status, encode_status_query, encode_step_output, encode_submit,
-    put_abort, put_error, put_status, put_step_output, put_submit, read_batch, read_record)
+    put_abort, put_error, put_status, put_status_query, put_step_output, put_submit, read_batch,
+    read_record)
