@@ -159,6 +159,7 @@ class ServeProcess:
 
         [name] = [n for n in segments([self.proc.pid], shm.SOCKET_DIR) if "_control" in n]
         ctx = zmq.Context()
+        ctx.setsockopt(zmq.LINGER, 0)
         client = ControlClient(ctx, "ipc://" + os.path.join(shm.SOCKET_DIR, name))
         try:
             return client.call("stats", timeout=60)

@@ -60,6 +60,7 @@ class EngineProc:
         self.core, self.transport = core, transport
         shm.cleanup_stale()
         self.ctx = zmq.Context()
+        self.ctx.setsockopt(zmq.LINGER, 0)  # term() never waits on a vanished peer
         self.control_endpoint = transport.control or shm.socket_endpoint("control")
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)

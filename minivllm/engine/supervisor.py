@@ -208,6 +208,7 @@ class Supervisor:
         import zmq
 
         ctx = zmq.Context()
+        ctx.setsockopt(zmq.LINGER, 0)
         client = ControlClient(ctx, self.control)
         try:
             return client.call(op, timeout=timeout, engine_pid=process.pid, **args)

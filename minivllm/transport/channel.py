@@ -38,6 +38,9 @@ class EngineChannel:
         self.name = name or f"frontend-{os.getpid()}-{secrets.token_hex(2)}"
         shm.cleanup_stale()
         self.ctx = zmq.Context()
+        # No socket of this frontend may keep term() waiting on a peer that is gone (a
+        # context left to the garbage collector would hang its thread for good).
+        self.ctx.setsockopt(zmq.LINGER, 0)
         self.request_ring = self.output_ring = None
         self.listener = self.control = self.engine_bell = None
         self.engine_pid: Optional[int] = None
