@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-zmq = pytest.importorskip("zmq")
+zmq = pytest.importorskip("zmq", reason="pyzmq is a dependency of the package")
 
 from minivllm.sampling_params import SamplingParams  # noqa: E402
 from minivllm.transport import protocol  # noqa: E402

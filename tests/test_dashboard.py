@@ -141,7 +141,8 @@ def test_dashboard_in_a_real_browser(tmp_path):
     """The page asks for the key, connects, its step timeline and KV grid update under the load
     generator, its figures equal /metrics, it renders at 1280x800 and phone width, and a kill -9
     of the engine shows the restart and recovers."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="the test extra installs playwright")
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
     shots = Path(os.environ.get("MINIVLLM_DASHBOARD_SHOTS", tmp_path))

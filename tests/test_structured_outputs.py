@@ -15,7 +15,8 @@ import pytest
 
 from minivllm import LLM, SamplingParams, StructuredOutputsParams
 
-xgrammar = pytest.importorskip("xgrammar")
+xgrammar = pytest.importorskip("xgrammar", reason="structured outputs need xgrammar (pip "
+                               "install --no-deps xgrammar==0.2.9 apache-tvm-ffi)")
 
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 12},
@@ -167,7 +168,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(served):
-    openai = pytest.importorskip("openai")
+    openai = pytest.importorskip("openai", reason="the test extra installs openai")
     return openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
 
 

@@ -13,9 +13,10 @@ import pytest
 
 from minivllm.server.tool_calls import ToolCalls, parse_hermes
 
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("xgrammar")
-openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema", reason="the test extra installs jsonschema")
+pytest.importorskip("xgrammar", reason="forced tool choices need xgrammar "
+                    "(pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi)")
+openai = pytest.importorskip("openai", reason="the test extra installs openai")
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "examples",
                         "tool_chat_template_smollm2.jinja")
