@@ -77,7 +77,7 @@ def _graph_time_s(fn, repeats: int = 10) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return roofline._median_s(graph.replay, repeats=repeats)
+    return roofline.median_s(graph.replay, repeats=repeats)
 
 
 def _caches(layers: int, rows: int, context: int, block_size: int, kv_heads: int,
@@ -135,7 +135,7 @@ def prefill_kernel_s(backend, arch, tokens: int, caches, order, block_size: int)
     out = torch.empty_like(q)
     k, v = caches[0]
     backend.attend(q, k, v, out, meta, head_dim ** -0.5)
-    return roofline._median_s(lambda: backend.attend(q, k, v, out, meta, head_dim ** -0.5),
+    return roofline.median_s(lambda: backend.attend(q, k, v, out, meta, head_dim ** -0.5),
                               repeats=5)
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 
-def _median_s(fn: Callable[[], object], repeats: int = 12, warmup: int = 2) -> float:
+def median_s(fn: Callable[[], object], repeats: int = 12, warmup: int = 2) -> float:
     times = []
     for i in range(warmup + repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -30,18 +30,18 @@ def _median_s(fn: Callable[[], object], repeats: int = 12, warmup: int = 2) -> f
 def copy_bandwidth() -> float:
     src = torch.empty(1 << 31, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / _median_s(lambda: dst.copy_(src))
+    return 2 * src.nbytes / median_s(lambda: dst.copy_(src))
 
 
 def read_bandwidth() -> float:
     src = torch.empty(1 << 31, dtype=torch.bfloat16, device="cuda").normal_()
-    return src.nbytes / _median_s(lambda: torch.sum(src, dtype=torch.float32))
+    return src.nbytes / median_s(lambda: torch.sum(src, dtype=torch.float32))
 
 
 def matmul_peak(n: int = 8192) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    return 2 * n ** 3 / _median_s(lambda: a @ b)
+    return 2 * n ** 3 / median_s(lambda: a @ b)
 
 
 def measure() -> dict[str, float]:
