@@ -166,6 +166,22 @@ def _stress_consumer(name, endpoint, n, result):
     result.put((expected, sleeps, lost))
 
 
+def test_every_bell_reaches_its_listener():
+    """Each bell must wake the listener itself: a listener that refused the connection (a
+    message-size limit below the handshake's) would still 'work', one poll timeout per sleep."""
+    zctx = zmq.Context()
+    listener = BellListener(zctx, shm.socket_endpoint("bell"))
+    bell = Bell(zctx, listener.endpoint)
+    try:
+        for _ in range(20):
+            bell()
+            assert listener.wait(30.0)
+    finally:
+        bell.close()
+        listener.close()
+        zctx.destroy(linger=0)
+
+
 def test_no_lost_wakeup_under_a_million_records_with_random_pauses():
     ctx = mp.get_context("spawn")
     result = ctx.Queue()

@@ -12,6 +12,8 @@ import zmq
 
 from minivllm.transport.shm import remove_endpoint
 
+BELL_MAX_MESSAGE_BYTES = 1024
+
 
 class Bell:
     """The producer's end: `bell()` sends one empty message.
@@ -50,7 +52,10 @@ class BellListener:
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, 0)  # bells are empty: anything else disconnects
+        # Bells are empty, so a peer sending more is junk and gets disconnected; but the limit
+        # also applies to the ZMTP handshake's READY command (~30-60 bytes): 0 refused every
+        # connection and each sleep ended only at its poll timeout.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, BELL_MAX_MESSAGE_BYTES)
         self.socket.bind(endpoint)
         self.endpoint = endpoint
 
