@@ -264,12 +264,42 @@ class SchedulerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Tensor parallelism (minivllm/distributed/): `tensor_parallel_size` ranks, one process
+    each, rank 0 running the engine. With `spawn_workers` rank 0 starts the others on its host
+    (a free port on `master_addr` when `master_port` is 0); without, they are started by
+    torchrun or by hand (`python -m minivllm.distributed.worker`) and join at
+    master_addr:master_port. `remote_steps` makes every rank take its steps over ZeroMQ, the
+    path of ranks on other hosts, even on rank 0's host (tests). `backend`: gloo or nccl
+    (None: nccl on CUDA, else gloo)."""
+
+    tensor_parallel_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    spawn_workers: bool = True
+    remote_steps: bool = False
+    backend: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        if isinstance(self.master_port, bool) or not isinstance(self.master_port, int) \
+                or not 0 <= self.master_port <= 65535:
+            raise ValueError(f"master_port must be in [0, 65535], got {self.master_port!r}")
+        if not self.spawn_workers and self.master_port == 0:
+            raise ValueError("master_port 0 (a free port) works only when rank 0 spawns its "
+                             "workers: ranks started elsewhere need a fixed master_port")
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"backend must be gloo, nccl or None (auto), got {self.backend!r}")
+
+
+@dataclass
 class EngineConfig:
     """Everything the engine needs, in one place."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass

@@ -9,7 +9,8 @@ from typing import Any, Optional, Sequence, Union
 from tqdm import tqdm
 
 from minivllm import logger
-from minivllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from minivllm.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
+                             SchedulerConfig)
 from minivllm.engine.engine_core import EngineCore
 from minivllm.frontend.output_processor import OutputProcessor, RequestState
 from minivllm.inputs import PromptType, parse_prompt, resolve_bad_words
@@ -22,7 +23,7 @@ _SCHEDULER_ALIASES = {"scheduling_policy": "policy"}
 def build_engine_config(model: Optional[str] = None, **kwargs: Any) -> EngineConfig:
     """Spread flat keyword options over the per-concern dataclasses; unknown names are errors."""
     groups: dict[type, dict] = {ModelConfig: {"model": model}, CacheConfig: {},
-                                SchedulerConfig: {}}
+                                SchedulerConfig: {}, ParallelConfig: {}}
     fields = {cls: {f.name for f in dataclasses.fields(cls)} for cls in groups}
     for key, value in kwargs.items():
         name = _SCHEDULER_ALIASES.get(key, key)
@@ -31,7 +32,8 @@ def build_engine_config(model: Optional[str] = None, **kwargs: Any) -> EngineCon
             raise ValueError(f"unknown engine option {key!r}")
         groups[owner][name] = value
     return EngineConfig(ModelConfig(**groups[ModelConfig]), CacheConfig(**groups[CacheConfig]),
-                        SchedulerConfig(**groups[SchedulerConfig]))
+                        SchedulerConfig(**groups[SchedulerConfig]),
+                        ParallelConfig(**groups[ParallelConfig]))
 
 
 class LLM:

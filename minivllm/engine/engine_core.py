@@ -30,6 +30,7 @@ import numpy as np
 
 from minivllm.config import EngineConfig
 from minivllm.core.scheduler import core_implementation
+from minivllm.distributed.rank_group import RankGroup
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.prompt_logprobs import PromptLogprobs, PromptLogprobsTracker
 from minivllm.engine.structured_output import StepMasks, StructuredOutputs
@@ -72,11 +73,16 @@ class EngineCore:
         self.source = resolve_model(config.model.model, config.model.load_format)
         self.tokenizer = load_tokenizer(self.source)
         self.sampling_defaults = self._sampling_defaults(config.model.generation_config)
-        overlap = config.scheduler.async_scheduling
-        if overlap is None:
-            overlap = config.model.torch_device().type == "cuda"
-        self.overlap = overlap
-        self.runner = ModelRunner(config, self.source, overlap)
+        self.overlap = overlap = self._overlap(config)
+        # Tensor parallel: the other ranks start (or join) here, each running every step.
+        self.ranks = RankGroup(config, self.source.arch) \
+            if config.parallel.tensor_parallel_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, self.source, overlap,
+                                      **self.ranks.runner_args() if self.ranks else {})
+        except BaseException:
+            self.close()
+            raise
         self.sampler = self.runner.sampler
         self._in_flight = None  # async scheduling: the step launched last
         self.last_batch = None  # the batch the last step scheduled (the dashboard's events)
@@ -104,6 +110,23 @@ class EngineCore:
                     spec.num_tokens, config.scheduler.implementation,
                     ", async scheduling" if overlap else "")
 
+    @staticmethod
+    def _overlap(config: EngineConfig) -> bool:
+        """Async scheduling: on by default on CUDA; not yet with tensor parallelism (the other
+        ranks would need the in-flight step's tokens)."""
+        overlap = config.scheduler.async_scheduling
+        if config.parallel.tensor_parallel_size > 1:
+            if overlap:
+                raise ValueError("async_scheduling is not supported with "
+                                 "tensor_parallel_size > 1 yet")
+            return False
+        return config.model.torch_device().type == "cuda" if overlap is None else overlap
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent)."""
+        if self.ranks is not None:
+            self.ranks.close()
+
     def _sampling_defaults(self, setting: str) -> dict:
         """The generation config's sampling, for frontends to apply to requests that leave it
         unset (SamplingParams themselves are always complete)."""
@@ -122,6 +145,9 @@ class EngineCore:
         ValueError for a prompt or owner the engine cannot take."""
         check_prompt(prompt_token_ids, self.max_model_len, self.source.arch.vocab_size)
         params.check_vocab(self.source.arch.vocab_size)
+        if self.ranks is not None and params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported with tensor_parallel_size > 1 "
+                             "yet")
         req = self._request_cls(owner, prompt_token_ids, params, self.eos_token_ids,
                                 self.max_model_len, self._arrivals, time.monotonic(), priority)
         if params.structured_outputs is None:

@@ -12,21 +12,23 @@ before they were known, takes its decodes' input tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from minivllm.config import EngineConfig
 from minivllm.core.batch import ScheduledBatch
+from minivllm.distributed.group import TensorParallelGroup, share_cpu_threads
 from minivllm.engine.cuda_graphs import DecodeGraphs
 from minivllm.engine.step_inputs import StepStaging, cpu_inputs, fill_placeholders
 from minivllm.engine.structured_output import StepMasks
 from minivllm.layers.cpu_decoder import CpuDecoder
 from minivllm.layers.cpu_linear import use_cpu_linears
-from minivllm.layers.kernels import select_kernels
+from minivllm.layers.kernels import KernelSet, select_kernels
 from minivllm.layers.sampler import Sampler, SamplerOutput
 from minivllm.loader import ModelSource, load_weights
 from minivllm.models import MODEL_REGISTRY
@@ -79,16 +81,23 @@ def _default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, overlap: bool = False) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, overlap: bool = False,
+                 tp: TensorParallelGroup = TensorParallelGroup(),
+                 broadcast: Optional[Callable[[ScheduledBatch], None]] = None) -> None:
+        """`tp`: this rank's tensor-parallel group; `broadcast` (rank 0 of a group) hands each
+        step's batch to the other ranks before the forward."""
         arch = source.arch
+        self.tp, self.broadcast = tp, broadcast
         self.device = config.model.torch_device()
+        if tp.size > 1 and self.device.type == "cpu":
+            share_cpu_threads(tp.size)  # before the kernels' log line, which names the count
         self.max_model_len = max_model_len(config, source)
-        self.kernels = select_kernels(config.model, self.device, arch)
+        self.kernels = _sharded(select_kernels(config.model, self.device, arch), tp)
         self.dtype = self.kernels.dtype
         logger.info("%s", self.kernels.describe())
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = MODEL_REGISTRY[arch.architecture](
-                arch, self.kernels, max_position=self.max_model_len)
+                arch, self.kernels, max_position=self.max_model_len, tp=tp)
         self.model.load_weights(load_weights(source, self.dtype, self.device, config.model.seed))
         self.model.eval()
         if self.kernels.cpu_linears:
@@ -132,7 +141,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, config: EngineConfig) -> KVCacheSpec:
         arch, cache = self.model.arch, config.cache
-        per_block = (2 * arch.num_hidden_layers * cache.block_size * arch.num_key_value_heads
+        kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
+        per_block = (2 * arch.num_hidden_layers * cache.block_size * kv_heads
                      * arch.head_dim * torch.finfo(self.dtype).bits // 8)
         if cache.num_blocks is not None:
             num_blocks = cache.num_blocks
@@ -141,11 +151,14 @@ class ModelRunner:
             num_blocks = int(free * cache.gpu_memory_utilization) // per_block
         else:
             num_blocks = cache.cpu_kv_cache_bytes // per_block
+        # Each rank sized its cache from its own memory; rank 0's scheduler hands out slots
+        # that every rank must hold.
+        num_blocks = self.tp.min_int(num_blocks)
         if num_blocks < 1:
             raise ValueError(f"the KV-cache budget holds no block of {per_block} bytes: "
                              f"raise cpu_kv_cache_bytes or gpu_memory_utilization")
-        shape = (2, arch.num_hidden_layers, num_blocks, cache.block_size,
-                 arch.num_key_value_heads, arch.head_dim)
+        shape = (2, arch.num_hidden_layers, num_blocks, cache.block_size, kv_heads,
+                 arch.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.model.bind_kv_cache(list(self.kv_cache[0]), list(self.kv_cache[1]))
         return KVCacheSpec(num_blocks, cache.block_size, per_block)
@@ -156,8 +169,11 @@ class ModelRunner:
         return self.sample(*self.forward(batch), masks)
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits of the batch's sampled rows, and those rows' request indices."""
+    def forward(self, batch: ScheduledBatch) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The logits of the batch's sampled rows (None on a tensor-parallel rank > 0), and
+        those rows' request indices."""
+        if self.broadcast is not None:
+            self.broadcast(batch)
         if self.graphs is not None and self.graphs.serves(batch):
             hidden, sample_index, sample_indices = self.graphs.run(batch)
         else:
@@ -192,6 +208,21 @@ class ModelRunner:
         """A sampled step whose tokens the host has not waited for."""
         self._returns.append(self._returns.pop(0))  # the older pair's step is resolved by now
         return InFlight(out, *self._returns[-1])
+
+
+def _sharded(kernels: KernelSet, tp: TensorParallelGroup) -> KernelSet:
+    """The kernel set a rank of `tp` runs: with more than one rank, the packed CPU linears and
+    the one-call CPU decoder (whole weights only) and CUDA graphs (no collectives captured yet)
+    are off, and the log line says so."""
+    if tp.size == 1:
+        return kernels
+    off = [what for what, on in (("packed CPU linears and one-call CPU decoder",
+                                   kernels.cpu_linears), ("CUDA graphs", kernels.cuda_graphs))
+           if on]
+    note = f"tensor parallel rank {tp.rank} of {tp.size}: per-layer path, torch linears" + \
+        (f" ({' and '.join(off)} not sharded)" if off else "")
+    return dataclasses.replace(kernels, cpu_linears=None, cuda_graphs=False,
+                               note="; ".join(filter(None, (kernels.note, note))))
 
 
 def max_model_len(config: EngineConfig, source: ModelSource) -> int:

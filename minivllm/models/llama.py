@@ -6,10 +6,15 @@ q/k/v and gate/up projections are fused into one matmul each (fewer, larger GEMM
 checkpoint's separate tensors load into them as shards (`load_weights`, minivllm/layers/linear.py).
 The kernel set (minivllm/layers/kernels.py) gives attention and the norm, rotary and activation
 layers their kernels; on CPU the model runner also swaps in its linears (layers/cpu_linear.py).
+
+Under tensor parallelism (`tp`, a group of more than one rank) each rank holds its share of the
+heads and FFN rows (column-parallel qkv and gate/up, row-parallel o and down, followed by an
+all-reduce) and of the vocabulary (layers/vocab_parallel.py). KV heads are split like the query
+heads; with fewer KV heads than ranks each rank keeps the one KV head its query heads use.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,21 +24,41 @@ from minivllm.config import ArchConfig
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import AttentionBackend, AttentionMetadata
 from minivllm.layers.kernels import KernelSet
-from minivllm.layers.linear import MergedLinear, default_weight_loader
+from minivllm.distributed.group import TensorParallelGroup
+from minivllm.layers.linear import (MergedColumnLinear, RowParallelLinear, Shard,
+                                    default_weight_loader)
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
+from minivllm.layers.vocab_parallel import (VocabParallelEmbedding, VocabParallelHead,
+                                            gather_logits)
+
+
+def kv_head_shard(arch: ArchConfig, tp: TensorParallelGroup) -> Shard:
+    """This rank's KV heads: an equal share, or with fewer KV heads than ranks the one that
+    its query heads attend with (replicated on size / num_kv_heads ranks)."""
+    kv = arch.num_key_value_heads
+    if kv >= tp.size:
+        return Shard.of(tp, kv, "num_key_value_heads")
+    if tp.size % kv:
+        raise ValueError(f"tensor_parallel_size {tp.size} is neither a divisor nor a multiple "
+                         f"of num_key_value_heads ({kv})")
+    return Shard(tp.rank // (tp.size // kv), 1, kv)
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = arch.num_attention_heads, arch.num_key_value_heads
-        self.head_dim = arch.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(arch.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                                     bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        d = self.head_dim = arch.head_dim
+        heads, kv_heads = (Shard.of(tp, arch.num_attention_heads, "num_attention_heads"),
+                           kv_head_shard(arch, tp))
+        self.num_heads, self.num_kv_heads = heads.size, kv_heads.size
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
+        q, kv = (Shard(s.start * d, s.size * d, s.total * d) for s in (heads, kv_heads))
+        self.qkv_proj = MergedColumnLinear(arch.hidden_size, [q, kv, kv],
+                                           bias=arch.attention_bias)
+        self.o_proj = RowParallelLinear(q, arch.hidden_size, tp)
         self.rotary, self.backend = rotary, backend
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
@@ -49,10 +74,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ArchConfig, kernels: KernelSet) -> None:
+    def __init__(self, arch: ArchConfig, kernels: KernelSet, tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(arch.hidden_size, [arch.intermediate_size] * 2, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        rows = Shard.of(tp, arch.intermediate_size, "intermediate_size")
+        self.gate_up_proj = MergedColumnLinear(arch.hidden_size, [rows, rows], bias=False)
+        self.down_proj = RowParallelLinear(rows, arch.hidden_size, tp)
         self.act_fn = SiluAndMul(kernels.fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,10 +86,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, kernels: KernelSet) -> None:
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, kernels: KernelSet,
+                 tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(arch, rotary, kernels.attention)
-        self.mlp = MLP(arch, kernels)
+        self.self_attn = Attention(arch, rotary, kernels.attention, tp)
+        self.mlp = MLP(arch, kernels, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.fused)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps,
                                                 kernels.fused)
@@ -84,17 +111,18 @@ class LlamaForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, arch: ArchConfig, kernels: KernelSet, max_position: int) -> None:
+    def __init__(self, arch: ArchConfig, kernels: KernelSet, max_position: int,
+                 tp: TensorParallelGroup = TensorParallelGroup()) -> None:
         super().__init__()
-        self.arch = arch
+        self.arch, self.tp = arch, tp
         rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling,
                                  kernels.fused)
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, kernels)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, kernels, tp)
                                     for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.fused)
         self.lm_head = None if arch.tie_word_embeddings else \
-            nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+            VocabParallelHead(arch.hidden_size, arch.vocab_size, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -105,10 +133,13 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """[rows, vocab] logits (on rank 0 of a tensor-parallel group; None on the others)."""
         if self.lm_head is None:  # tied to the embedding
-            return F.linear(hidden, self.embed_tokens.weight)
-        return self.lm_head(hidden)
+            local = F.linear(hidden, self.embed_tokens.weight)
+        else:
+            local = self.lm_head(hidden)
+        return gather_logits(local, self.arch.vocab_size, self.tp)
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         for layer, k, v in zip(self.layers, k_caches, v_caches):

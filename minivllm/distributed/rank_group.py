@@ -1,0 +1,119 @@
+"""Rank 0's side of a tensor-parallel group: the other ranks' processes (when rank 0 spawns
+them), the process group, and the step hand-off.
+
+    group = RankGroup(config, arch)  # ranks started and joined; a bad head count fails here
+    group.send(batch)                # before each forward: every rank runs the same step
+    group.close()                    # STOP to every rank, join them, unlink the rings
+
+Ranks stay in lock-step: each forward's all-reduces and the logits gather wait for all of
+them. A rank that dies fails the next collective on every other rank (gloo sees its sockets
+close), and rank 0 also checks its spawned workers before each step: either way the engine
+raises RankDiedError and exits, its workers die with it (PR_SET_PDEATHSIG), and the supervisor
+restarts the whole group.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import weakref
+from typing import Optional
+
+from minivllm.config import ArchConfig, EngineConfig
+from minivllm.core.batch import ScheduledBatch
+from minivllm.distributed.group import TensorParallelGroup, join, leave, open_store
+from minivllm.distributed.step_channel import StepSender
+from minivllm.distributed.step_record import encode_step, encode_stop
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 30.0  # what a rank gets to exit after STOP before it is killed
+
+
+class RankDiedError(RuntimeError):
+    """A rank of the tensor-parallel group is gone: the engine cannot step without it."""
+
+
+def check_shardable(arch: ArchConfig, size: int) -> None:
+    """Raise ValueError, before any process starts, when `size` ranks cannot split `arch`."""
+    from minivllm.models.llama import kv_head_shard
+
+    tp = TensorParallelGroup(0, size)
+    tp.shard(arch.num_attention_heads, "num_attention_heads")
+    tp.shard(arch.intermediate_size, "intermediate_size")
+    kv_head_shard(arch, tp)
+
+
+def backend_for(config: EngineConfig) -> str:
+    if config.parallel.backend is not None:
+        return config.parallel.backend
+    return "nccl" if config.model.torch_device().type == "cuda" else "gloo"
+
+
+class RankGroup:
+    def __init__(self, config: EngineConfig, arch: ArchConfig) -> None:
+        p = config.parallel
+        check_shardable(arch, p.tensor_parallel_size)
+        self.workers: list[mp.Process] = []
+        self.sender: Optional[StepSender] = None
+        self.store = open_store(0, p.tensor_parallel_size, p.master_addr, p.master_port)
+        try:
+            if p.spawn_workers:
+                self._spawn(config, self.store.port)
+            self.tp = join(self.store, 0, p.tensor_parallel_size, backend_for(config))
+            self.sender = StepSender(self.store, p.tensor_parallel_size, p.remote_steps,
+                                     p.master_addr)
+        except BaseException:
+            self.close()
+            raise
+        self._finalizer = weakref.finalize(self, _close, self.workers, self.sender)
+        logger.info("tensor parallel: %d ranks over %s, steps to %d local rank(s) by shared "
+                    "memory and %d by ZeroMQ", self.tp.size, backend_for(config),
+                    len(self.sender.rings), len(self.sender.identities))
+
+    def _spawn(self, config: EngineConfig, port: int) -> None:
+        from minivllm.distributed.worker import worker_main
+
+        ctx = mp.get_context("spawn")
+        for rank in range(1, config.parallel.tensor_parallel_size):
+            proc = ctx.Process(target=worker_main, name=f"minivllm-tp{rank}",
+                               args=(config, rank, port, os.getpid()))
+            proc.start()
+            self.workers.append(proc)
+
+    def runner_args(self) -> dict:
+        """What rank 0's ModelRunner takes from the group."""
+        return dict(tp=self.tp, broadcast=self.send)
+
+    def send(self, batch: ScheduledBatch) -> None:
+        """Hand `batch` to every other rank (before rank 0 runs its own forward)."""
+        for rank, proc in enumerate(self.workers, start=1):
+            if not proc.is_alive():
+                raise RankDiedError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited "
+                                    f"with code {proc.exitcode}")
+        self.sender.send(encode_step(batch))
+
+    def close(self) -> None:
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        else:
+            _close(self.workers, self.sender)
+
+
+def _close(workers: list[mp.Process], sender: Optional[StepSender]) -> None:
+    """STOP to every rank, wait for them (kill the late ones), leave the group."""
+    if sender is not None:
+        try:
+            sender.send(encode_stop())
+        except Exception as exc:  # a dead rank's ring may be full: it is killed below
+            logger.warning("tensor-parallel stop not delivered: %s", exc)
+    for proc in workers:  # without a sender they never joined: nothing to wait for
+        proc.join(JOIN_TIMEOUT_S if sender is not None else 0)
+        if proc.is_alive():
+            logger.warning("tensor-parallel rank %s did not stop: killed", proc.name)
+            proc.kill()
+            proc.join()
+    if sender is not None:
+        sender.close()
+    leave()
