@@ -22,6 +22,9 @@ def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", default=None, choices=["auto", *KERNEL_SETS],
                    help="kernel set (default: $MINIVLLM_KERNELS, else auto)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks the model is split over, one process each (rank 0 spawns the "
+                        "others on this host)")
     p.add_argument("--generation-config", default="auto",
                    help="default sampling for requests that leave it unset: auto (the model "
                         "directory's generation_config.json), vllm (none), or a file or "
@@ -39,6 +42,7 @@ def _make_llm(args):
     from minivllm import LLM
     return LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
+               tensor_parallel_size=args.tensor_parallel_size,
                generation_config=args.generation_config)
 
 
@@ -101,6 +105,7 @@ def _engine_config(args):
     return build_engine_config(
         args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
+        tensor_parallel_size=args.tensor_parallel_size,
         generation_config=args.generation_config, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,

@@ -62,6 +62,10 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the engine's other tensor-parallel ranks, if any (also done at exit)."""
+        self.engine.close()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What a generate() without sampling params uses: the model's generation config
         (generation_config=auto|vllm|path), over SamplingParams' own defaults."""

@@ -472,6 +472,7 @@ class EngineProc:
             self.endpoint.close()
             shm.remove_endpoint(self.transport.zmq_endpoint)
         self.ctx.term()
+        self.core.close()
         logger.info("engine process %d stopped", os.getpid())
 
 

@@ -1,0 +1,122 @@
+"""Tensor parallelism on the CPU through gloo (issue 27): greedy tokens of TP=2 and TP=3 equal
+TP=1's, token for token, in fp32; the steps reach the other ranks by shared memory or, forced,
+by ZeroMQ over loopback TCP; a bad head count fails before any process starts; a dead rank
+fails the next step with a clear error; nothing is left behind."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from minivllm import LLM, SamplingParams
+from minivllm.core.batch import ScheduledBatch
+from minivllm.distributed.rank_group import RankDiedError
+from minivllm.distributed.step_record import decode_step, encode_step, encode_stop
+from minivllm.transport import shm
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], list(range(20, 70))]
+# Small engines: the KV cache is 16 MiB a rank, contexts stay short.
+SMALL = dict(dtype="float32", cpu_kv_cache_bytes=1 << 24, max_model_len=256)
+
+
+def _config(tmp_path, name: str, **fields) -> str:
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=1001,
+               hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+               max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=0)
+    cfg.update(fields)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _greedy(model, prompts=PROMPTS, **kwargs) -> list[list[int]]:
+    llm = LLM(model, **SMALL, **kwargs)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    finally:
+        llm.close()
+
+
+def _nothing_left_behind() -> None:
+    assert not mp.active_children()
+    assert not shm.list_segments(pid=os.getpid())
+    assert not shm.list_segments(pid=os.getpid(), directory=shm.SOCKET_DIR)
+
+
+def test_step_record_round_trips_every_array():
+    batch = ScheduledBatch(np.arange(5), np.arange(5) + 1, np.arange(5) + 2, np.array([0, 3, 5]),
+                           np.array([3, 2]), np.array([[1, 2, 3], [4, 5, 6]], np.int32),
+                           np.array([7, 9]), np.array([0, 1]))
+    back = decode_step(encode_step(batch).tobytes())
+    for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
+                 "block_tables", "req_indices", "sample_rows"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(batch, name))
+        assert getattr(back, name).dtype == getattr(batch, name).dtype
+    assert decode_step(encode_stop().tobytes()) is None
+    with pytest.raises(ValueError, match="malformed step record"):
+        decode_step(encode_step(batch).tobytes()[:-8])
+
+
+def test_a_head_count_the_size_does_not_divide_fails_before_any_rank_starts(tmp_path):
+    model = _config(tmp_path, "four-heads")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide "
+                                         r"num_attention_heads \(4\)"):
+        LLM(model, load_format="dummy", tensor_parallel_size=3, **SMALL)
+    with pytest.raises(ValueError, match="neither a divisor nor a multiple of "
+                                         "num_key_value_heads"):
+        LLM(_config(tmp_path, "kv3", num_attention_heads=12, num_key_value_heads=3),
+            load_format="dummy", tensor_parallel_size=4, **SMALL)
+    _nothing_left_behind()
+
+
+@pytest.mark.parametrize("fields", [
+    # KV heads split; vocabulary 1001 pads the second rank's shard; untied head
+    dict(),
+    # Qwen2: q/k/v biases, one KV head replicated on both ranks, tied embeddings
+    dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_key_value_heads=1,
+         tie_word_embeddings=True),
+], ids=["llama-split-kv", "qwen2-replicated-kv"])
+def test_tp2_on_a_small_model_gives_tp1_greedy_tokens(tmp_path, fields):
+    model = _config(tmp_path, "small", **fields)
+    want = _greedy(model, load_format="dummy", kernels="torch")
+    assert _greedy(model, load_format="dummy", kernels="torch", tensor_parallel_size=2) == want
+    _nothing_left_behind()
+
+
+def test_tp3_on_the_embedded_model_gives_tp1_greedy_tokens():
+    """9 query heads and 3 KV heads: one KV head and three query heads a rank."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
+    want = _greedy(None, prompts)  # the default CPU path: the one-call decoder
+    assert _greedy(None, prompts, tensor_parallel_size=3) == want
+    _nothing_left_behind()
+
+
+def test_the_remote_path_over_loopback_tcp_gives_the_same_tokens(tmp_path):
+    """remote_steps: the step records go over ZeroMQ (rank 0's ROUTER, a DEALER per rank) on
+    127.0.0.1, as they would to a rank on another host."""
+    model = _config(tmp_path, "remote")
+    want = _greedy(model, load_format="dummy", kernels="torch")
+    assert _greedy(model, load_format="dummy", kernels="torch", tensor_parallel_size=2,
+                   remote_steps=True) == want
+    _nothing_left_behind()
+
+
+def test_a_killed_rank_fails_the_next_step_clearly_and_leaves_nothing(tmp_path):
+    llm = LLM(_config(tmp_path, "dies"), load_format="dummy", kernels="torch",
+              tensor_parallel_size=2, **SMALL)
+    try:
+        (worker,) = mp.active_children()
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(60)
+        with pytest.raises(RankDiedError, match=r"tensor-parallel rank 1 \(pid \d+\) exited "
+                                                r"with code -9"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    finally:
+        llm.close()
+    _nothing_left_behind()
