@@ -31,6 +31,19 @@ def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                         "directory path")
 
 
+def _parallel(args) -> dict:
+    """--tensor-parallel-size, or under torchrun (this being rank 0) its environment."""
+    from minivllm.distributed.launch import from_env
+
+    launch = from_env()
+    if launch is None:
+        return dict(tensor_parallel_size=args.tensor_parallel_size)
+    if args.tensor_parallel_size not in (1, launch.world_size):
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} contradicts "
+                         f"WORLD_SIZE {launch.world_size}")
+    return launch.parallel_options()
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -42,7 +55,7 @@ def _make_llm(args):
     from minivllm import LLM
     return LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
-               tensor_parallel_size=args.tensor_parallel_size,
+               **_parallel(args),
                generation_config=args.generation_config)
 
 
@@ -105,7 +118,7 @@ def _engine_config(args):
     return build_engine_config(
         args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
-        tensor_parallel_size=args.tensor_parallel_size,
+        **_parallel(args),
         generation_config=args.generation_config, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,
@@ -213,6 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _scheduler_args(batch)
     args = parser.parse_args(argv)
     try:
+        from minivllm.distributed.launch import run_launched_worker
+
+        if run_launched_worker():  # under torchrun, as a rank > 0
+            return 0
         return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
                 "run-batch": cmd_run_batch}[args.command](args)
     except ValueError as e:

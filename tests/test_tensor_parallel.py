@@ -8,6 +8,9 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -97,13 +100,32 @@ def test_tp3_on_the_embedded_model_gives_tp1_greedy_tokens():
     _nothing_left_behind()
 
 
-def test_the_remote_path_over_loopback_tcp_gives_the_same_tokens(tmp_path):
-    """remote_steps: the step records go over ZeroMQ (rank 0's ROUTER, a DEALER per rank) on
-    127.0.0.1, as they would to a rank on another host."""
+def test_a_rank_launched_from_the_environment_over_the_remote_path(tmp_path):
+    """Rank 1 started as torchrun starts it (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; the
+    settings come from rank 0); remote_steps: its steps go over ZeroMQ on loopback TCP, as to
+    a rank on another host. Same tokens as TP=1; rank 1 exits when rank 0 closes."""
     model = _config(tmp_path, "remote")
     want = _greedy(model, load_format="dummy", kernels="torch")
-    assert _greedy(model, load_format="dummy", kernels="torch", tensor_parallel_size=2,
-                   remote_steps=True) == want
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    worker = subprocess.Popen([sys.executable, "-m", "minivllm.distributed.worker"], env=env)
+    try:
+        llm = LLM(model, load_format="dummy", kernels="torch", tensor_parallel_size=2,
+                  spawn_workers=False, master_port=port, remote_steps=True, **SMALL)
+        try:
+            sender = llm.engine.ranks.sender
+            assert len(sender.identities) == 1 and not sender.rings  # the ZeroMQ path
+            got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        finally:
+            llm.close()
+        assert [o.outputs[0].token_ids for o in got] == want
+        assert worker.wait(60) == 0
+    finally:
+        worker.kill()
+        worker.wait()
     _nothing_left_behind()
 
 

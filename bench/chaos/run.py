@@ -9,6 +9,7 @@
     python -m bench.chaos.run zmq-garbage --clients 5000
     python -m bench.chaos.run fuzz --clients 3000     # cases per parser (bench/chaos/fuzz.py)
     python -m bench.chaos.run flood --rounds 3 --duration 40 --rate 1   # bench/chaos/flood.py
+    python -m bench.chaos.run kill-tp-rank --duration 120 --every 30 --rate 0.5  # tp_rank.py
     python -m bench.chaos.run all --json bench/results/chaos_cpu.json   # or several names
 
 Each scenario starts its own server, runs, lets the dust settle, stops it (SIGTERM) and reports
@@ -30,12 +31,12 @@ import socket
 import sys
 import time
 from collections import Counter
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 import httpx
 import zmq
 
-from bench.chaos import faults
+from bench.chaos import faults, tp_rank
 from bench.chaos.flood import flood
 from bench.chaos.fuzz import check_http, fuzz
 from bench.server_proc import (ServeProcess, leftovers, metrics, wait_engine_idle,
@@ -96,6 +97,18 @@ async def poisson_load(url: str, duration: float, rate: float, max_tokens: int,
         return Counter(await asyncio.gather(*tasks))
 
 
+def under_load(srv: ServeProcess, args, fault: Callable[[], Awaitable[None]],
+               max_tokens: int) -> Counter:
+    """Poisson load (--duration, --rate) while the coroutine `fault()` runs; the outcomes."""
+    async def go():
+        k = asyncio.ensure_future(fault())
+        outcomes = await poisson_load(srv.url, args.duration, args.rate, max_tokens,
+                                      args.timeout)
+        await k
+        return outcomes
+    return asyncio.run(go())
+
+
 # ---- scenarios: each returns its outcome counter (and extra facts) ---------------------------
 def disconnect_storm(srv: ServeProcess, args) -> dict:
     """`clients` streams at once; each hangs up after 1..5 chunks (some before a token)."""
@@ -126,12 +139,7 @@ def kill_engine(srv: ServeProcess, args) -> dict:
             await asyncio.to_thread(wait_healthy, srv.url, 180, pid)
             await asyncio.sleep(args.every)
 
-    async def go():
-        k = asyncio.ensure_future(killer())
-        outcomes = await poisson_load(srv.url, args.duration, args.rate, 64, args.timeout)
-        await k
-        return outcomes
-    outcomes = asyncio.run(go())
+    outcomes = under_load(srv, args, killer, 64)
     wait_engine_idle(srv.url, timeout=args.timeout)
     return {"outcomes": outcomes, "engines_killed": len(kills),
             "killed_engines_left": leftovers(kills)}
@@ -151,12 +159,7 @@ def kill_api_server(srv: ServeProcess, args) -> dict:
             os.kill(victim, signal.SIGKILL)
             kills.append(victim)
 
-    async def go():
-        k = asyncio.ensure_future(killer())
-        outcomes = await poisson_load(srv.url, args.duration, args.rate, 64, args.timeout)
-        await k
-        return outcomes
-    outcomes = asyncio.run(go())
+    outcomes = under_load(srv, args, killer, 64)
     deadline = time.monotonic() + 120
     while len(srv.api_server_pids()) < args.api_servers and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -313,6 +316,7 @@ SCENARIOS = {
     "fuzz": (fuzz, None),                         # --zmq-endpoint
     "flood": (flood, None),                       # --zmq-endpoint
     **faults.SCENARIOS,  # issue 16: process deaths and shutdowns
+    **tp_rank.SCENARIOS,  # issue 27: a tensor-parallel rank killed
 }
 
 

@@ -73,11 +73,20 @@ def share_cpu_threads(size: int) -> int:
     return threads
 
 
-def open_store(rank: int, size: int, host: str, port: int) -> dist.TCPStore:
+def open_store(rank: int, host: str, port: int) -> dist.TCPStore:
     """The group's rendezvous: rank 0 hosts it (port 0: a free port, which `store.port`
-    tells the others), the other ranks connect to it."""
-    return dist.TCPStore(host, port, world_size=size, is_master=rank == 0,
+    tells the others), the other ranks connect to it. Under torchrun its agent hosts one on
+    MASTER_PORT already (TORCHELASTIC_USE_AGENT_STORE): every rank connects to that."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.TCPStore(host, port, is_master=rank == 0 and not agent,
                          timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)
+
+
+def store_key(*parts: object) -> str:
+    """A key of ours in the group's store. torchrun's agent store outlives a restart of the
+    group: its restart count keeps a new group from reading the old one's keys."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return "/".join(("minivllm", restart, *map(str, parts)))
 
 
 def join(store: dist.TCPStore, rank: int, size: int, backend: str = "gloo"

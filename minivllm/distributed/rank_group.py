@@ -22,6 +22,7 @@ from typing import Optional
 from minivllm.config import ArchConfig, EngineConfig
 from minivllm.core.batch import ScheduledBatch
 from minivllm.distributed.group import TensorParallelGroup, join, leave, open_store
+from minivllm.distributed.shared_config import post_config
 from minivllm.distributed.step_channel import StepSender
 from minivllm.distributed.step_record import encode_step, encode_stop
 
@@ -56,8 +57,9 @@ class RankGroup:
         check_shardable(arch, p.tensor_parallel_size)
         self.workers: list[mp.Process] = []
         self.sender: Optional[StepSender] = None
-        self.store = open_store(0, p.tensor_parallel_size, p.master_addr, p.master_port)
+        self.store = open_store(0, p.master_addr, p.master_port)
         try:
+            post_config(self.store, config)
             if p.spawn_workers:
                 self._spawn(config, self.store.port)
             self.tp = join(self.store, 0, p.tensor_parallel_size, backend_for(config))
@@ -77,7 +79,7 @@ class RankGroup:
         ctx = mp.get_context("spawn")
         for rank in range(1, config.parallel.tensor_parallel_size):
             proc = ctx.Process(target=worker_main, name=f"minivllm-tp{rank}",
-                               args=(config, rank, port, os.getpid()))
+                               args=(rank, config.parallel.master_addr, port, os.getpid()))
             proc.start()
             self.workers.append(proc)
 
@@ -85,12 +87,17 @@ class RankGroup:
         """What rank 0's ModelRunner takes from the group."""
         return dict(tp=self.tp, broadcast=self.send)
 
-    def send(self, batch: ScheduledBatch) -> None:
-        """Hand `batch` to every other rank (before rank 0 runs its own forward)."""
+    def check(self) -> None:
+        """Raise RankDiedError if a spawned rank has exited (ranks started elsewhere show
+        their death by failing the next collective)."""
         for rank, proc in enumerate(self.workers, start=1):
             if not proc.is_alive():
                 raise RankDiedError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited "
                                     f"with code {proc.exitcode}")
+
+    def send(self, batch: ScheduledBatch) -> None:
+        """Hand `batch` to every other rank (before rank 0 runs its own forward)."""
+        self.check()
         self.sender.send(encode_step(batch))
 
     def close(self) -> None:

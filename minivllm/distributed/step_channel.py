@@ -18,6 +18,7 @@ import numpy as np
 import torch.distributed as dist
 import zmq
 
+from minivllm.distributed.group import store_key
 from minivllm.transport import shm
 from minivllm.transport.doorbell import Bell, BellListener
 
@@ -27,7 +28,7 @@ _HELLO = b"rank"
 
 
 def _key(rank: int, what: str) -> str:
-    return f"minivllm/steps/{rank}/{what}"
+    return store_key("steps", rank, what)
 
 
 class StepSender:

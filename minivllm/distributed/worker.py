@@ -1,30 +1,31 @@
 """The process of a tensor-parallel rank > 0: its shard of the model, no scheduler, no sampler
-use. It runs every step rank 0 hands it, in lock-step with the others, until STOP.
+use. It runs every step rank 0 hands it, in lock-step with the others, until STOP. Its
+settings are rank 0's (shared_config.py).
 
-Spawned by rank 0 (rank_group.py), or started on another host by torchrun or by hand:
+Spawned by rank 0 (rank_group.py), or started elsewhere with torchrun's environment, rank 0
+being `minivllm serve|generate --tensor-parallel-size N` under the same environment (RANK=0):
 
-    MASTER_ADDR=host0 MASTER_PORT=29500 RANK=1 WORLD_SIZE=2 \\
-        python -m minivllm.distributed.worker --model ... [engine options as for rank 0]
+    MASTER_ADDR=host0 MASTER_PORT=29500 RANK=1 WORLD_SIZE=2 python -m minivllm.distributed.worker
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Optional
-
-from minivllm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # how long one wait for a step blocks (the loop just waits again)
 
 
-def worker_main(config: EngineConfig, rank: int, port: int, parent_pid: Optional[int]) -> None:
-    """Join rank 0's group as `rank` and run steps until STOP; with `parent_pid` (spawned by
-    rank 0) die with that parent."""
+def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> None:
+    """Join the group whose store is at host:port as `rank` and run steps until STOP; with
+    `parent_pid` (spawned by rank 0) die with that parent."""
     from minivllm import logger as log_setup
     from minivllm.distributed.group import join, leave, open_store
     from minivllm.distributed.rank_group import backend_for
+    from minivllm.distributed.shared_config import read_config
     from minivllm.distributed.step_channel import StepReceiver
     from minivllm.distributed.step_record import decode_step
     from minivllm.engine.model_runner import ModelRunner
@@ -34,9 +35,9 @@ def worker_main(config: EngineConfig, rank: int, port: int, parent_pid: Optional
     if parent_pid is not None:
         die_with_parent(parent_pid)
     log_setup.configure()
-    p = config.parallel
-    store = open_store(rank, p.tensor_parallel_size, p.master_addr, port)
-    tp = join(store, rank, p.tensor_parallel_size, backend_for(config))
+    store = open_store(rank, host, port)
+    config = read_config(store)
+    tp = join(store, rank, config.parallel.tensor_parallel_size, backend_for(config))
     receiver = None
     try:
         receiver = StepReceiver(store, rank)  # before the model: rank 0 waits for it
@@ -56,3 +57,16 @@ def worker_main(config: EngineConfig, rank: int, port: int, parent_pid: Optional
             receiver.close()
         leave()
     logger.info("tensor-parallel rank %d stopped", rank)
+
+
+def main() -> int:
+    from minivllm.distributed.launch import run_launched_worker
+
+    if run_launched_worker():
+        return 0
+    print("error: a worker needs torchrun's environment with RANK > 0 (RANK, WORLD_SIZE, "
+          "MASTER_ADDR, MASTER_PORT); rank 0 is `minivllm serve|generate`", file=sys.stderr)
+    return 2
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -122,6 +122,11 @@ class EngineCore:
             return False
         return config.model.torch_device().type == "cuda" if overlap is None else overlap
 
+    def check_ranks(self) -> None:
+        """Raise RankDiedError if a tensor-parallel rank that this process spawned is gone."""
+        if self.ranks is not None:
+            self.ranks.check()
+
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent)."""
         if self.ranks is not None:

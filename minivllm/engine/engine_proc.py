@@ -352,6 +352,7 @@ class EngineProc:
         if now < self._next_check:
             return
         self._next_check = now + self.transport.frontend_check_s
+        self.core.check_ranks()  # a dead tensor-parallel rank ends the engine, even when idle
         for client in list(self.frontends.values()):
             if not client.alive():
                 logger.warning("frontend %s (pid %d) died: aborting its %d requests",
