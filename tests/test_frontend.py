@@ -46,6 +46,16 @@ def test_incremental_detokenization_equals_full_decode(tokenizer):
         ids = [rng.randrange(49152) for _ in range(rng.randrange(1, 40))]
         detok = IncrementalDetokenizer(tokenizer, [1])
         assert "".join([detok.push(t) for t in ids] + [detok.flush()]) == tokenizer.decode(ids)
+    for _ in range(200):  # tokens arriving together: the text their pushes would have made
+        ids = [rng.choice((rng.randrange(400), rng.randrange(49152)))
+               for _ in range(rng.randrange(1, 40))]
+        one, many = IncrementalDetokenizer(tokenizer, [1]), IncrementalDetokenizer(tokenizer, [1])
+        start = 0
+        while start < len(ids):
+            group = ids[start:start + rng.randint(1, 6)]
+            start += len(group)
+            assert many.push_many(group) == "".join(one.push(t) for t in group)
+        assert many.flush() == one.flush()
 
 
 def test_stop_string_across_tokens_is_cut_and_never_streamed(tokenizer):

@@ -199,6 +199,22 @@ def test_curl_streams_sse_chunks_as_they_are_produced(server):
     assert len({round(t, 3) for t in times}) > len(times) // 2
 
 
+def test_streamed_chunks_are_json_dumps_of_their_dicts():
+    """A running chunk's event is framed from a template: its bytes are those of the chunk's
+    dict dumped, for any text (escapes, non-ASCII, lone surrogates) and a strange model name."""
+    from minivllm.outputs import CompletionOutput, RequestOutput
+    from minivllm.server.responses import ChatResponse, CompletionResponse, event
+
+    texts = ["", "a", 'q"\\\n\t\r\b\f\x00\x1f\x7f', "é中文🙂", "\ud800 lone", "\u2028</script>"]
+    for response in (CompletionResponse('m"\u00e9', None, SamplingParams(n=2)),
+                     ChatResponse("m", None, SamplingParams(n=2))):
+        for text in texts:
+            c = CompletionOutput(1, "x", [1], delta_text=text, delta_token_ids=[5])
+            expected = event(response._envelope(response.chunk_name,
+                                                [response.delta_choice(7, c)]))
+            assert response.stream_events(3, RequestOutput("r", None, [1], [c])) == expected
+
+
 # ---- every error row ------------------------------------------------------------------------
 @pytest.mark.parametrize("body, status, fragment", [
     (b"{not json", 400, "not valid JSON"),

@@ -5,7 +5,8 @@ UTF-8 character (the rest comes with the next token), and some tokenizers' text 
 depends on its neighbours. So each step decodes a short window, tokens [prefix, end), and emits
 what it adds to the decoding of [prefix, read). A window whose text ends in U+FFFD (an
 incomplete character) emits nothing yet; the next token completes it. The window then slides,
-so the cost per token stays constant however long the output grows.
+so the cost per token stays constant however long the output grows. Tokens that arrive
+together (a server reading several engine steps at once) are decoded in one window.
 """
 from __future__ import annotations
 
@@ -37,6 +38,22 @@ class IncrementalDetokenizer:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before):]
+
+    def push_many(self, token_ids: list[int]) -> str:
+        """push() each of `token_ids` (the tokens a stream got since its text was last read),
+        in one decoding of the window when that ends on a whole character: the text is then
+        what the pushes would have made together. Otherwise one push at a time, as they
+        would have held back the characters left incomplete."""
+        if len(token_ids) == 1:
+            return self.push(token_ids[0])
+        self.ids.extend(token_ids)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        del self.ids[len(self.ids) - len(token_ids):]
+        return "".join([self.push(t) for t in token_ids])
 
     def flush(self) -> str:
         """At the end of the output: whatever is held back (an incomplete character decodes

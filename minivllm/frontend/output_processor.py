@@ -4,12 +4,14 @@ One path for every caller: `AsyncEngineClient` feeds it the step outputs it read
 (keys are its wire request ids), `LLM` the arrays `EngineCore.step()` returns (keys are owners).
 
 The engine knows token ids only. An engine request (one of a request's `n` completions) is a
-`CompletionStream`: it appends tokens, detokenizes incrementally (each token decoded once, in a
-short window), collects logprobs, and matches stop strings on the text it adds (the overlap a
-stop string can straddle included): the cost per token stays flat however long the output. A
-match truncates the text before the stop string and finishes the completion with reason "stop";
-the caller then aborts the engine request. While running, the last (longest stop string - 1)
-characters are held back from the stream: they may be the start of a stop string.
+`CompletionStream`: it appends tokens, detokenizes incrementally (in a short window, the tokens
+that came since its text was last read decoded together: one pass per step, or per several
+steps when the reader falls behind), collects logprobs, and matches stop strings on the text it
+adds (the overlap a stop string can straddle included; a stream with stop strings decodes each
+token as it comes, since a match ends it there): the cost per token stays flat however long the
+output. A match truncates the text before the stop string and finishes the completion with
+reason "stop"; the caller then aborts the engine request. While running, the last (longest stop
+string - 1) characters are held back from the stream: they may be the start of a stop string.
 
 A `RequestState` gathers a request's streams and turns them into RequestOutput snapshots, with
 the text and tokens added since the previous snapshot in `delta_text` / `delta_token_ids`.
@@ -37,7 +39,8 @@ class CompletionStream:
                       IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                              params.skip_special_tokens))
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
-        self.text = ""
+        self._text = ""
+        self._undecoded: list[int] = []  # tokens not yet in the text
         self.token_ids: list[int] = []
         self.logprobs: Optional[list[dict[int, float]]] = [] if params.logprobs is not None \
             else None
@@ -52,6 +55,14 @@ class CompletionStream:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def text(self) -> str:
+        """The output's text so far (before any stop string)."""
+        if self._undecoded:
+            self._text += self.detok.push_many(self._undecoded)
+            self._undecoded = []
+        return self._text
+
     def add(self, token_id: int, finish_code: int,
             logprobs: Optional[dict[int, float]] = None) -> bool:
         """Apply one engine entry (token -1 carries only a finish). True if a stop string
@@ -62,7 +73,7 @@ class CompletionStream:
                 self.logprobs.append(logprobs)
                 self.cumulative_logprob = (self.cumulative_logprob or 0.0) + logprobs[token_id]
             if self.detok is not None:
-                self.text += self.detok.push(token_id)
+                self._undecoded.append(token_id)
         if finish_code:
             self._finish(FINISH_REASONS[finish_code], finish_code, token_id)
             return False
@@ -70,7 +81,7 @@ class CompletionStream:
 
     def _finish(self, reason: str, code: int, token_id: int) -> None:
         if self.detok is not None:
-            self.text += self.detok.flush()
+            self._text = self.text + self.detok.flush()
         self.finish_reason = reason
         if code == FINISH_STOP and token_id not in self.eos_token_ids:
             self.stop_reason = token_id  # a stop token id, as vLLM reports it
@@ -81,11 +92,12 @@ class CompletionStream:
         """The first stop string (in the order given) in the text ends the completion, cut
         before its first occurrence. Earlier text held none, so only the new text (and the
         len - 1 characters before it) is searched."""
-        checked, self.stop_checked = self.stop_checked, len(self.text)
+        text = self.text
+        checked, self.stop_checked = self.stop_checked, len(text)
         for stop in self.params.stop:
-            at = self.text.find(stop, max(0, checked - len(stop) + 1))
+            at = text.find(stop, max(0, checked - len(stop) + 1))
             if at >= 0:
-                self.text = self.text[:at]
+                self._text = text[:at]
                 self.finish_reason, self.stop_reason = "stop", stop
                 return True
         return False
@@ -96,9 +108,9 @@ class CompletionStream:
 
     def delta(self) -> tuple[str, list[int]]:
         """Text and tokens not given out yet (text held back while a stop string may start)."""
-        end = len(self.text) if self.finished else max(self.sent_text,
-                                                       len(self.text) - self.holdback)
-        text = self.text[self.sent_text:end]
+        text = self.text
+        end = len(text) if self.finished else max(self.sent_text, len(text) - self.holdback)
+        text = text[self.sent_text:end]
         tokens = self.token_ids[self.sent_tokens:]
         self.sent_text, self.sent_tokens = end, len(self.token_ids)
         return text, tokens

@@ -5,12 +5,19 @@ One object per HTTP request holds what every body and chunk of its response shar
 creation time, model); the two endpoints differ only in where the text and the logprobs go. A
 request of several prompts numbers its choices prompt by prompt: choice index = prompt index x n
 + the sequence's own index.
+
+A streamed response sends a chunk per sequence per engine step: the hot path of a server. Its
+SSE events are framed as text here: the envelope is rendered once per response, and a plain
+running chunk (no logprobs, no tool calls, not the last) is its choice filled into a fixed
+template, only the new text JSON-encoded. The bytes are json.dumps' of the same dict (the
+tests compare the two); every other chunk is that dict, dumped.
 """
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from json.encoder import encode_basestring  # what json.dumps(str, ensure_ascii=False) runs
 from typing import Optional
 
 from minivllm.outputs import CompletionOutput, RequestOutput
@@ -32,6 +39,15 @@ def tokenize_body(ids: list[int], max_model_len: int) -> bytes:
             f'"max_model_len":{max_model_len}}}').encode()
 
 
+def event(payload: dict) -> str:
+    """One SSE event carrying `payload` as compact JSON."""
+    return f"data: {_dumps(payload)}\n\n"
+
+
+def _dumps(payload: dict) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
 def usage(finals: list[RequestOutput]) -> dict:
     """OpenAI's usage object over every prompt of a request."""
     prompt = sum(len(o.prompt_token_ids) for o in finals)
@@ -42,7 +58,7 @@ def usage(finals: list[RequestOutput]) -> dict:
 
 class OpenAIResponse:
     """One request's response: `body` once every prompt has finished, or, streamed,
-    `stream_head`, then `stream_chunks` per engine output, then `usage_chunk` if asked for."""
+    `stream_head`, then `stream_events` per engine output, then `usage_chunk` if asked for."""
 
     object_name = ""
     chunk_name = ""
@@ -54,6 +70,8 @@ class OpenAIResponse:
         self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.n = params.n
+        # A chunk's event up to its choices: `data: {"id":...,"model":...,"choices":[`
+        self._chunk_start = "data: " + _dumps(self._envelope(self.chunk_name, []))[:-3] + "["
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -67,14 +85,10 @@ class OpenAIResponse:
     def stream_head(self) -> list[dict]:
         return []
 
-    def stream_chunks(self, i: int, out: RequestOutput) -> list[dict]:
-        """The chunks for one output of prompt `i`: one per sequence with news."""
-        chunks = []
-        for c in out.outputs:
-            if c.delta_text or c.delta_token_ids or c.finished:
-                chunks.append(self._envelope(self.chunk_name,
-                                             [self.delta_choice(i * self.n + c.index, c)]))
-        return chunks
+    def stream_events(self, i: int, out: RequestOutput) -> str:
+        """The SSE events for one output of prompt `i`: a chunk per sequence with news."""
+        return "".join(f"{self._chunk_start}{self.delta_json(i * self.n + c.index, c)}]}}\n\n"
+                       for c in out.outputs if c.delta_text or c.delta_token_ids or c.finished)
 
     def usage_chunk(self, finals: list[RequestOutput]) -> dict:
         return self._envelope(self.chunk_name, [], usage=usage(finals))
@@ -84,6 +98,10 @@ class OpenAIResponse:
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
         raise NotImplementedError
+
+    def delta_json(self, index: int, c: CompletionOutput) -> str:
+        """delta_choice(index, c) as JSON."""
+        return _dumps(self.delta_choice(index, c))
 
     def _token(self, token_id: int) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(
@@ -133,6 +151,12 @@ class CompletionResponse(OpenAIResponse):
         return {"index": index, "text": c.text,
                 "logprobs": self._logprobs(c.token_ids, c.logprobs),
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def delta_json(self, index: int, c: CompletionOutput) -> str:
+        if c.logprobs is None and not c.finished:
+            return (f'{{"index":{index},"text":{encode_basestring(c.delta_text)},'
+                    f'"logprobs":null,"finish_reason":null,"stop_reason":null}}')
+        return super().delta_json(index, c)
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
         ids = c.delta_token_ids
@@ -189,6 +213,12 @@ class ChatResponse(OpenAIResponse):
         return [self._envelope(self.chunk_name, [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None} for i in range(self.n)])]
+
+    def delta_json(self, index: int, c: CompletionOutput) -> str:
+        if self.tools is None and c.logprobs is None and not c.finished:
+            return (f'{{"index":{index},"delta":{{"content":{encode_basestring(c.delta_text)}}},'
+                    f'"logprobs":null,"finish_reason":null}}')
+        return super().delta_json(index, c)
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
         ids = c.delta_token_ids

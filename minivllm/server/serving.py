@@ -11,7 +11,6 @@ output's latencies and token counts go into the metrics on the way.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import (TYPE_CHECKING, AsyncGenerator, AsyncIterator, Awaitable, Callable, Optional,
                     Union)
@@ -24,7 +23,7 @@ from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.server import metrics
 from minivllm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from minivllm.server.responses import ChatResponse, CompletionResponse, OpenAIResponse
+from minivllm.server.responses import ChatResponse, CompletionResponse, OpenAIResponse, event
 from minivllm.server.tool_calls import ToolCalls
 
 if TYPE_CHECKING:  # app.py imports this module
@@ -136,16 +135,15 @@ class MetricsRecorder:
             if self.last[i] is None:
                 metrics.ttft.observe(now - self.start)
                 self.first[i] = now
+                metrics.token_tally.add(new, None, now)
             else:
-                gap = (now - self.last[i]) / new
-                for _ in range(new):
-                    metrics.itl.observe(gap)
+                metrics.token_tally.add(new, (now - self.last[i]) / new, now)
             self.last[i] = now
-            metrics.generation_tokens.inc(new)
         if out.finished:
             self._finished(i, out, now)
 
     def _finished(self, i: int, out: RequestOutput, now: float) -> None:
+        metrics.token_tally.flush()
         metrics.e2e.observe(now - self.start)
         if self.first[i] is not None:
             metrics.decode_time.observe(self.last[i] - self.first[i])
@@ -252,16 +250,17 @@ async def _sse(response: OpenAIResponse, merged: Merged, recorder: MetricsRecord
     finals: dict[int, RequestOutput] = {}
     try:
         for chunk in response.stream_head():
-            yield _event(chunk)
+            yield event(chunk)
         async for i, out in merged:
             recorder.observe(i, out)
             finals[i] = out
-            for chunk in response.stream_chunks(i, out):
-                yield _event(chunk)
+            events = response.stream_events(i, out)
+            if events:
+                yield events
         if include_usage:
-            yield _event(response.usage_chunk([finals[i] for i in sorted(finals)]))
+            yield event(response.usage_chunk([finals[i] for i in sorted(finals)]))
     except EngineError as exc:
-        yield _event(engine_error(exc).body())
+        yield event(engine_error(exc).body())
     except asyncio.CancelledError:
         metrics.aborted.labels("disconnect").inc()
         raise
@@ -269,7 +268,3 @@ async def _sse(response: OpenAIResponse, merged: Merged, recorder: MetricsRecord
         await merged.aclose()
         release()
     yield "data: [DONE]\n\n"
-
-
-def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
