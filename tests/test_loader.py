@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from minivllm.config import ArchConfig
-from minivllm.layers.linear import MergedLinear
+from minivllm.layers.linear import MergedColumnLinear, Shard
 from minivllm.loader import (EMBEDDED_MODEL_NAME, ModelSource, load_tokenizer, load_weights,
                              resolve_model)
 from minivllm.loader.dummy import PRESETS, expected_parameters
@@ -92,7 +92,7 @@ def test_merged_linear_loads_each_shard_into_its_rows():
     # The file lists the embedding, then layer 0's nine tensors.
     weights = dict(itertools.islice(load_weights(resolve_model(None), torch.float32, CPU), 10))
     q, k, v = (weights[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
-    qkv = MergedLinear(576, [q.shape[0], k.shape[0], v.shape[0]], bias=False)
+    qkv = MergedColumnLinear(576, [Shard.whole(w.shape[0]) for w in (q, k, v)], bias=False)
     for shard, w in enumerate((q, k, v)):
         qkv.weight.weight_loader(qkv.weight, w, shard)
     assert torch.equal(qkv.weight, torch.cat([q, k, v]))

@@ -84,8 +84,9 @@ def _load_columns(shard: Shard, param: nn.Parameter, loaded: torch.Tensor,
 
 def _narrow(loaded: torch.Tensor, dim: int, shard: Shard) -> torch.Tensor:
     if loaded.dim() <= dim or loaded.shape[dim] != shard.total:
-        raise ValueError(f"shape {tuple(loaded.shape)}: dimension {dim} should be "
-                         f"{shard.total}")
+        want = list(loaded.shape) + [1] * (dim + 1 - loaded.dim())
+        want[dim] = shard.total
+        raise ValueError(f"shape {tuple(loaded.shape)} where the model expects {tuple(want)}")
     return loaded.narrow(dim, shard.start, shard.size)
 
 
