@@ -182,6 +182,27 @@ def test_every_bell_reaches_its_listener():
         zctx.destroy(linger=0)
 
 
+def test_a_lost_wakeup_is_counted_not_hidden(pair):
+    """A bell that never comes costs only latency; check_timeout must name it. Here the
+    producer's bell goes to an endpoint nobody listens on (ours once refused every connection)."""
+    writer, reader = pair
+    zctx = zmq.Context()
+    listener = BellListener(zctx, shm.socket_endpoint("deaf"))
+    writer.bell = Bell(zctx, shm.socket_endpoint("nowhere"))
+    try:
+        assert reader.prepare_sleep()
+        writer.write(b"x" * 8)
+        assert not listener.wait(0.5)
+        reader.awake()
+        assert listener.check_timeout(reader.readable())
+        assert listener.lost_wakeups == 1
+        assert not listener.check_timeout(False)  # an idle timeout is not a lost wake-up
+    finally:
+        writer.bell.close()
+        listener.close()
+        zctx.destroy(linger=0)
+
+
 def test_no_lost_wakeup_under_a_million_records_with_random_pauses():
     ctx = mp.get_context("spawn")
     result = ctx.Queue()

@@ -326,6 +326,8 @@ class EngineProc:
             r.awake()
         if self.bells.socket in events:
             self.bells.drain()
+        elif not events:
+            self.bells.check_timeout(any(r.readable() for r in rings))
 
     # ---- clients --------------------------------------------------------------------------
     def _new_key(self) -> int:

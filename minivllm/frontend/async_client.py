@@ -215,9 +215,11 @@ class AsyncEngineClient:
                 pass
             elif ring.prepare_sleep():
                 try:
-                    await self._bell.poll(int(ENGINE_CHECK_S * 1000))
+                    rang = await self._bell.poll(int(ENGINE_CHECK_S * 1000))
                 finally:
                     ring.awake()
+                if not rang:
+                    self.channel.listener.check_timeout(ring.readable())
                 self.channel.listener.drain()
             else:
                 ring.awake()

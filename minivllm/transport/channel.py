@@ -116,9 +116,11 @@ class EngineChannel:
         if not ring.prepare_sleep():
             return True
         try:
-            self.listener.wait(timeout)
+            rang = self.listener.wait(timeout)
         finally:
             ring.awake()
+        if not rang:
+            self.listener.check_timeout(ring.readable())
         return ring.readable()
 
     @property

@@ -8,9 +8,13 @@ set, so a busy consumer costs its producers no system call. Many rings may share
 """
 from __future__ import annotations
 
+import logging
+
 import zmq
 
 from minivllm.transport.shm import remove_endpoint
+
+logger = logging.getLogger(__name__)
 
 BELL_MAX_MESSAGE_BYTES = 1024
 
@@ -58,6 +62,20 @@ class BellListener:
         self.socket.setsockopt(zmq.MAXMSGSIZE, BELL_MAX_MESSAGE_BYTES)
         self.socket.bind(endpoint)
         self.endpoint = endpoint
+        self.lost_wakeups = 0
+
+    def check_timeout(self, data_waiting: bool) -> bool:
+        """Call after a sleep that ended at its timeout. Data waiting with no bell queued is a
+        wake-up that never came: it costs only latency (the sleep's timeout), so nothing else
+        would show it. Logs the first and every 100th; returns True when one was lost."""
+        if not data_waiting or self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return False
+        self.lost_wakeups += 1
+        if self.lost_wakeups % 100 == 1:
+            logger.warning("doorbell %s: %d sleep(s) ended at their timeout with data waiting "
+                           "and no bell: producers' bells are not arriving", self.endpoint,
+                           self.lost_wakeups)
+        return True
 
     def drain(self) -> int:
         """Swallow the bells that woke us (the rings are read next); returns how many."""
