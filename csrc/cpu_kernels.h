@@ -35,6 +35,8 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_quant.h"
+
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ELEM(p, bf16, i) ((void *)((char *)(p) + (i) * ((bf16) ? 2 : 4)))
 
@@ -48,12 +50,15 @@ typedef struct {
 } cpu_attention_plan;
 
 /* A Llama/Qwen2 decoder stack for `forward`: its weights as the kernels take them (linears
- * packed, the rest as loaded, all in the model's dtype) and its KV caches; per-layer arrays
+ * packed, in the model's dtype or quantized, the rest as loaded in the model's dtype) and its
+ * KV caches; per-layer arrays
  * hold one pointer per layer. */
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, inter;
     float eps, scale;
     const void *embed, *final_norm;
+    int embed_type;    /* cpu_quant.h's QT_*: QT_DENSE, or the packed panels of a quantized head */
+    const int *wtypes; /* [layers][4]: the QT_* of qkv, o, gate_up, down */
     const float *cos, *sin; /* rotary tables [positions, head_dim] */
     const void **in_norm, **post_norm, **qkv, **o, **gate_up, **down;
     const float **qkv_bias; /* NULL entries: no bias */
@@ -72,7 +77,7 @@ typedef struct {
 /* One ISA's kernels, to be called by every thread of a parallel region (their loops are
  * orphaned `omp for`s); the signatures are documented at their definitions in the body. The
  * cpu_* functions below run them one at a time, each in its own region. */
-typedef void (*cpu_linear_fn)(int bf16, int64_t M, int64_t K, int64_t N, const void *x,
+typedef void (*cpu_linear_fn)(int wt, int bf16, int64_t M, int64_t K, int64_t N, const void *x,
                               int64_t ldx, const void *wp, const float *bias, void *y,
                               int64_t ldy, int out_f32, float *xf);
 typedef struct {
@@ -207,11 +212,16 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #define v_rint ISA_NAME(v_rint)
 #define v_scale2 ISA_NAME(v_scale2)
 #define v_bf16_pairs ISA_NAME(v_bf16_pairs)
+#define v_i8 ISA_NAME(v_i8)
+#define v_u4 ISA_NAME(v_u4)
+#define v_load_f16 ISA_NAME(v_load_f16)
 /* the body's */
 #define v_exp ISA_NAME(v_exp)
 #define lin_store ISA_NAME(lin_store)
 #define lin_tile ISA_NAME(lin_tile)
 #define linear ISA_NAME(linear)
+#define lin_widen ISA_NAME(lin_widen)
+#define qlin_tile ISA_NAME(qlin_tile)
 #define lin_tile_dp ISA_NAME(lin_tile_dp)
 #define linear_dp ISA_NAME(linear_dp)
 #define rms_norm ISA_NAME(rms_norm)
@@ -236,7 +246,7 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define ISA avx2
 #include "cpu_vec_avx2.h"
 #include "cpu_kernels_body.h"
@@ -276,10 +286,15 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #undef v_rint
 #undef v_scale2
 #undef v_bf16_pairs
+#undef v_i8
+#undef v_u4
+#undef v_load_f16
 #undef v_exp
 #undef lin_store
 #undef lin_tile
 #undef linear
+#undef lin_widen
+#undef qlin_tile
 #undef lin_tile_dp
 #undef linear_dp
 #undef rms_norm
@@ -307,8 +322,9 @@ static const char *cpu_isa_missing(int isa) {
           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
           __builtin_cpu_supports("fma")))
         return "a CPU with AVX-512 (avx512f, avx512bw, avx512vl, avx512dq)";
-    if (isa == CPU_ISA_AVX2 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
-        return "a CPU with AVX2 and FMA";
+    if (isa == CPU_ISA_AVX2 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                 __builtin_cpu_supports("f16c")))
+        return "a CPU with AVX2, FMA and F16C";
 #else
     if (isa != CPU_ISA_PORTABLE) return "an x86-64 CPU";
 #endif
@@ -340,12 +356,12 @@ static cpu_kernel_table cpu_kernel_table_for(int isa) {
 
 /* ---- the kernels one at a time, each in its own parallel region ---------------------------- */
 
-static void cpu_linear(const cpu_kernel_table *t, int bf16, int64_t M, int64_t K, int64_t N,
-                       const void *x, int64_t ldx, const void *wp, const float *bias, void *y,
-                       int64_t ldy, int out_f32) {
+static void cpu_linear(const cpu_kernel_table *t, int wt, int bf16, int64_t M, int64_t K,
+                       int64_t N, const void *x, int64_t ldx, const void *wp, const float *bias,
+                       void *y, int64_t ldy, int out_f32) {
     float *xf = bf16 ? malloc(M * K * sizeof(float)) : NULL;
 #pragma omp parallel
-    t->linear(bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
+    t->linear(wt, bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
     free(xf);
 }
 

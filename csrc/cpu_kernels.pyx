@@ -3,7 +3,7 @@
 # warns; they never cross a call (every vector function is always_inline).
 # distutils: extra_compile_args = -fopenmp -ffp-contract=off -Wno-psabi
 # distutils: extra_link_args = -fopenmp
-# distutils: depends = csrc/cpu_kernels_body.h csrc/cpu_vec_avx512.h csrc/cpu_vec_avx2.h csrc/cpu_vec_portable.h
+# distutils: depends = csrc/cpu_kernels_body.h csrc/cpu_quant.h csrc/cpu_vec_avx512.h csrc/cpu_vec_avx2.h csrc/cpu_vec_portable.h
 """CPU kernels of the forward pass (csrc/cpu_kernels.h), called on torch tensors.
 
 The kernels exist once per ISA (`ISAS`, best first); `CpuKernels(isa)` holds one ISA's and
@@ -12,8 +12,12 @@ instruction the CPU does not have. The wrappers take tensors and pass their data
 check what a wrong call would turn into memory corruption (dtypes, strides, shapes, indices) and
 nothing else. A trailing `_` marks a function that writes into one of its arguments. Callers in
 minivllm/layers/ use these only on CPU, for float32 and bfloat16.
+
+Linear weights are dense (the model's dtype) or GGUF quantization blocks, kept as such and
+dequantized in registers (csrc/cpu_quant.h): a weight's `qtype` is ggml's type number, 0 for
+dense; QUANT_TYPES names the ones the kernels run.
 """
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 
 import torch
 
@@ -31,6 +35,8 @@ cdef extern from "cpu_kernels.h" nogil:
         float eps, scale
         const void *embed
         const void *final_norm
+        int embed_type
+        const int *wtypes
         const float *cos
         const float *sin
         const void **in_norm
@@ -55,9 +61,12 @@ cdef extern from "cpu_kernels.h" nogil:
     int cpu_has_bf16_dot()
     cpu_kernel_table cpu_kernel_table_for(int isa)
     void pack_panels(int64_t N, int64_t K, int esz, const void *w, int64_t ldw, uint32_t *out)
+    int64_t q_type_bytes(int qt)
+    int64_t q_panel_block_bytes(int qt)
+    void pack_q_panels(int qt, int64_t N, int64_t K, const uint8_t *w, int64_t ldw, uint8_t *out)
     void attention_plan_init(cpu_attention_plan *a)
     void attention_plan_free(cpu_attention_plan *a)
-    void cpu_linear(const cpu_kernel_table *t, int bf16, int64_t M, int64_t K, int64_t N,
+    void cpu_linear(const cpu_kernel_table *t, int wt, int bf16, int64_t M, int64_t K, int64_t N,
                     const void *x, int64_t ldx, const void *wp, const float *bias, void *y,
                     int64_t ldy, int out_f32)
     void cpu_rms_norm(const cpu_kernel_table *t, int bf16, int64_t T, int64_t H, const void *x,
@@ -180,6 +189,49 @@ def pack_linear_weight(weight, out):
     return out
 
 
+# ggml's numbers of the quantization types the linear kernels run (csrc/cpu_quant.h).
+QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+BLOCK = 32  # input features per quantization block
+
+
+def quant_packed_shape(int qtype, int64_t n, int64_t k) -> tuple:
+    """The kernel's uint8 panels for an [n, k] weight of quantization `qtype` (QUANT_TYPES):
+    [ceil(n/16), k/32, 16 blocks' bytes], the file's blocks with 16 rows interleaved."""
+    if qtype not in QUANT_TYPES.values():
+        raise ValueError(f"no kernel runs ggml type {qtype}; they run {', '.join(QUANT_TYPES)}")
+    if k % BLOCK:
+        raise ValueError(f"a quantized weight needs in_features a multiple of {BLOCK}, got {k}")
+    return ((n + 15) // 16, k // BLOCK, q_panel_block_bytes(qtype))
+
+
+def pack_quant_weight(int qtype, const uint8_t[:, ::1] blocks, int64_t k, out):
+    """Writes the file's blocks of an [N, k] weight (a C-contiguous uint8 array [N, k/32 *
+    block bytes], e.g. a read-only view of the file) into `out` (a contiguous uint8 tensor of
+    quant_packed_shape), the padding rows zero."""
+    cdef int64_t n = blocks.shape[0]
+    shape = quant_packed_shape(qtype, n, k)
+    if blocks.shape[1] != k // BLOCK * q_type_bytes(qtype):
+        raise ValueError(f"blocks of a {k}-feature row take {k // BLOCK * q_type_bytes(qtype)} "
+                         f"bytes, got {blocks.shape[1]}")
+    if out.dtype != torch.uint8 or tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 {shape} tensor")
+    cdef uintptr_t po = _ptr(out)
+    with nogil:
+        pack_q_panels(qtype, n, k, &blocks[0, 0], blocks.shape[1], <uint8_t *>po)
+    return out
+
+
+cdef int64_t _in_features(packed, int qtype, int bf) except -1:
+    """K of a packed weight: dense (packed_shape) or quantized (quant_packed_shape)."""
+    if qtype:
+        if (packed.dtype != torch.uint8 or packed.dim() != 3
+                or packed.shape[2] != quant_packed_shape(qtype, 1, BLOCK)[2]):
+            raise ValueError(f"a ggml type {qtype} weight must be uint8 panels "
+                             f"(quant_packed_shape), got {tuple(packed.shape)} {packed.dtype}")
+        return packed.shape[1] * BLOCK
+    return packed.shape[1] * (2 if bf else 1)
+
+
 # ---- attention metadata ------------------------------------------------------------------------
 
 cdef class AttentionPlan:
@@ -240,14 +292,17 @@ cdef class CpuKernels:
     def __repr__(self):
         return f"CpuKernels({self.isa!r})"
 
-    def linear(self, x, packed, int64_t out_features, bias=None, out_dtype=None, out=None):
+    def linear(self, x, packed, int64_t out_features, bias=None, out_dtype=None, out=None,
+               int qtype=0):
         """x [M, K] (rows contiguous) @ W^T (+ bias, float32) -> [M, out_features] in out_dtype
         (default x's; a bf16 x may ask for float32), written into `out` where given (a contiguous
-        tensor of that shape and dtype). `packed` comes from pack_linear_weight."""
+        tensor of that shape and dtype). `packed` comes from pack_linear_weight (qtype 0) or
+        pack_quant_weight (qtype: its ggml type)."""
         cdef int bf = _bf16(x)
-        cdef int64_t k = packed.shape[1] * (2 if bf else 1)
+        cdef int64_t k = _in_features(packed, qtype, bf)
         cdef int64_t ldx = _rows(x, k), m = x.shape[0]
-        _same_dtype(x, packed)
+        if not qtype:
+            _same_dtype(x, packed)
         if packed.shape[0] * 16 < out_features:
             raise ValueError(f"the packed weight has fewer than {out_features} outputs")
         out_dtype = x.dtype if out_dtype is None else out_dtype
@@ -265,7 +320,7 @@ cdef class CpuKernels:
         cdef uintptr_t px = _ptr(x), pw = _ptr(packed), py = _ptr(out)
         cdef int out_f32 = out_dtype == torch.float32
         with nogil:
-            cpu_linear(&self.t, bf, m, k, out_features, <const void *>px, ldx, <const void *>pw,
+            cpu_linear(&self.t, qtype, bf, m, k, out_features, <const void *>px, ldx, <const void *>pw,
                        <const float *>b, <void *>py, out_features, out_f32)
         return out
 
@@ -379,7 +434,10 @@ cdef class CpuDecoder:
     kernels in one parallel region, on activations allocated once (grown when a step has more
     tokens than any before). Built from the model's tensors: the embedding [V, hidden], the
     final norm, float32 rotary tables [P, head_dim], and per layer a dict of in_norm, qkv (packed,
-    with qkv_bias float32 or None), o, post_norm, gate_up, down (packed), k_cache, v_cache."""
+    with qkv_bias float32 or None), o, post_norm, gate_up, down (packed), k_cache, v_cache, and
+    optionally `types`: {weight name: ggml type} for the linears packed quantized
+    (pack_quant_weight). A quantized embedding (embed_type, with `vocab`) is the LM head's
+    packed panels, dequantized row by row on lookup."""
 
     cdef CpuKernels kernels
     cdef cpu_model m
@@ -389,44 +447,65 @@ cdef class CpuDecoder:
     cdef int64_t vocab, max_position, num_blocks, block_size, capacity, nqkv, widest
 
     def __init__(self, CpuKernels kernels, embed, final_norm, cos, sin, list layers,
-                 int64_t heads, int64_t kv_heads, double eps):
-        self.kernels, self.bf = kernels, _bf16(embed)
-        cdef int64_t hidden = embed.shape[1], d = cos.shape[1]
-        inter = layers[0]["down"].shape[1] * (2 if self.bf else 1)
+                 int64_t heads, int64_t kv_heads, double eps, int embed_type=0,
+                 int64_t vocab=0):
+        self.kernels, self.bf = kernels, _bf16(final_norm)
+        dtype = final_norm.dtype
+        cdef int64_t hidden = final_norm.shape[0], d = cos.shape[1]
+        types0 = layers[0].get("types", {})
+        inter = _in_features(layers[0]["down"], types0.get("down", 0), self.bf)
         self.nqkv = (heads + 2 * kv_heads) * d
         self.widest = max(hidden, heads * d, inter)
         cache = layers[0]["k_cache"]
-        self.vocab, self.max_position = embed.shape[0], cos.shape[0]
+        self.vocab = vocab if embed_type else embed.shape[0]
+        self.max_position = cos.shape[0]
         self.num_blocks, self.block_size = cache.shape[0], cache.shape[1]
-        shapes = {"in_norm": (hidden,), "post_norm": (hidden,), "k_cache": tuple(cache.shape),
-                  "v_cache": tuple(cache.shape),
-                  "qkv": packed_shape(torch.empty(self.nqkv, hidden, dtype=embed.dtype)),
-                  "o": packed_shape(torch.empty(hidden, heads * d, dtype=embed.dtype)),
-                  "gate_up": packed_shape(torch.empty(2 * inter, hidden, dtype=embed.dtype)),
-                  "down": packed_shape(torch.empty(hidden, inter, dtype=embed.dtype))}
+        linears = {"qkv": (self.nqkv, hidden), "o": (hidden, heads * d),
+                   "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+
+        def shape_of(n, k, int qtype):
+            return (quant_packed_shape(qtype, n, k) if qtype
+                    else packed_shape(torch.empty(n, k, dtype=dtype, device="meta")))
+
+        wtypes = []
         for layer in layers:
-            for name, shape in shapes.items():
+            types = layer.get("types", {})
+            shapes = {"in_norm": ((hidden,), dtype), "post_norm": ((hidden,), dtype),
+                      "k_cache": (tuple(cache.shape), dtype),
+                      "v_cache": (tuple(cache.shape), dtype)}
+            for name, (n, k) in linears.items():
+                qtype = types.get(name, 0)
+                shapes[name] = (shape_of(n, k, qtype), torch.uint8 if qtype else dtype)
+                wtypes.append(qtype)
+            for name, (shape, dt) in shapes.items():
                 t = layer[name]
-                if t.dtype != embed.dtype or tuple(t.shape) != shape or not t.is_contiguous():
+                if t.dtype != dt or tuple(t.shape) != shape or not t.is_contiguous():
                     raise ValueError(f"layer tensor {name}: expected a contiguous {shape} "
-                                     f"{embed.dtype} tensor, got {tuple(t.shape)} {t.dtype}")
+                                     f"{dt} tensor, got {tuple(t.shape)} {t.dtype}")
             bias = layer["qkv_bias"]
             if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
                                      or tuple(bias.shape) != (self.nqkv,)):
                 raise ValueError(f"qkv_bias must be a contiguous float32 [{self.nqkv}] tensor")
+        embed_shape = (quant_packed_shape(embed_type, self.vocab, hidden) if embed_type
+                       else (self.vocab, hidden))
+        if tuple(embed.shape) != embed_shape or embed.dtype != (torch.uint8 if embed_type
+                                                                  else dtype):
+            raise ValueError(f"the embedding must be {embed_shape} "
+                             f"{'uint8' if embed_type else dtype}, got {tuple(embed.shape)}")
         if (d not in (16, 32, 64, 128, 256) or heads % kv_heads or cache.shape[2] != kv_heads
                 or cache.shape[3] != d or not embed.is_contiguous()
-                or tuple(final_norm.shape) != (hidden,) or final_norm.dtype != embed.dtype
                 or cos.dtype != torch.float32 or sin.shape != cos.shape
                 or not cos.is_contiguous() or not sin.is_contiguous()):
             raise ValueError("decoder shapes: head_dim in 16..256, heads a multiple of "
                              "kv_heads, caches [blocks, block_size, kv_heads, head_dim], "
                              "contiguous embedding, norm and float32 rotary tables")
-        self.tensors = (embed, final_norm, cos, sin, layers)
+        wtypes_t = torch.tensor(wtypes, dtype=torch.int32)
+        self.tensors = (embed, final_norm, cos, sin, layers, wtypes_t)
         self.m.layers, self.m.hidden, self.m.heads, self.m.kv_heads = len(layers), hidden, heads, kv_heads
         self.m.head_dim, self.m.inter, self.m.eps = d, inter, eps
         self.m.scale = <float>(1.0 / (<double>d) ** 0.5)
         self.m.embed, self.m.final_norm = <const void *>_ptr(embed), <const void *>_ptr(final_norm)
+        self.m.embed_type, self.m.wtypes = embed_type, <const int *><uintptr_t>_ptr(wtypes_t)
         self.m.cos, self.m.sin = <const float *>_ptr(cos), <const float *>_ptr(sin)
         self.m.in_norm = _pointers([l["in_norm"] for l in layers])
         self.m.post_norm = _pointers([l["post_norm"] for l in layers])
@@ -453,7 +532,7 @@ cdef class CpuDecoder:
     cdef _grow(self, int64_t tokens):
         """Activations for `tokens` rows (they outlive the step: nothing is allocated while a
         step of at most as many tokens runs)."""
-        dtype, hd, f = self.tensors[0].dtype, self.m.hidden, self.m.inter
+        dtype, hd, f = self.tensors[1].dtype, self.m.hidden, self.m.inter
         widths = {"res": hd, "x": hd, "h": hd, "qkv": self.nqkv,
                   "attn": self.m.heads * self.m.head_dim, "gate_up": 2 * f, "act": f}
         self.buffers = {k: torch.empty(tokens, n, dtype=dtype) for k, n in widths.items()}

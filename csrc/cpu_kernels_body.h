@@ -78,53 +78,119 @@ ALWAYS_INLINE void lin_tile(int mr, const float *x, int64_t ldx, const void *w, 
     lin_store(mr, acc, y, ldy, out_bf16, m0, n0, N, bias);
 }
 
-/* One panel for rows [0, M): full chunks of VEC_LIN_MR rows, then the tail with its exact row
- * count (the switch makes `mr` a constant in each copy, so the accumulators stay in
- * registers; the cases at or above VEC_LIN_MR are compiled out). */
-#define LIN_CASE(R, TILE, ...) \
-    case R: if (R < VEC_LIN_MR) TILE(R, __VA_ARGS__, m0, n0, N, bias); break;
-#define LIN_PANEL(TILE, M, ...)                                                      \
+/* One panel for rows [0, M): full chunks of MR rows, then the tail with its exact row count
+ * (the switch makes `mr` a constant in each copy, so the accumulators stay in registers; the
+ * cases at or above MR are compiled out). */
+#define LIN_CASE(MR, R, TILE, ...) \
+    case R: if (R < MR) TILE(R, __VA_ARGS__, m0, n0, N, bias); break;
+#define LIN_PANEL(MR, TILE, M, ...)                                                  \
     do {                                                                             \
         int64_t m0 = 0;                                                              \
-        for (; m0 + VEC_LIN_MR <= (M); m0 += VEC_LIN_MR)                             \
-            TILE(VEC_LIN_MR, __VA_ARGS__, m0, n0, N, bias);                          \
+        for (; m0 + MR <= (M); m0 += MR)                                             \
+            TILE(MR, __VA_ARGS__, m0, n0, N, bias);                                  \
         switch ((int)((M) - m0)) {                                                   \
-            LIN_CASE(1, TILE, __VA_ARGS__) LIN_CASE(2, TILE, __VA_ARGS__)            \
-            LIN_CASE(3, TILE, __VA_ARGS__) LIN_CASE(4, TILE, __VA_ARGS__)            \
-            LIN_CASE(5, TILE, __VA_ARGS__) LIN_CASE(6, TILE, __VA_ARGS__)            \
-            LIN_CASE(7, TILE, __VA_ARGS__) LIN_CASE(8, TILE, __VA_ARGS__)            \
-            LIN_CASE(9, TILE, __VA_ARGS__) LIN_CASE(10, TILE, __VA_ARGS__)           \
-            LIN_CASE(11, TILE, __VA_ARGS__) LIN_CASE(12, TILE, __VA_ARGS__)          \
-            LIN_CASE(13, TILE, __VA_ARGS__) LIN_CASE(14, TILE, __VA_ARGS__)          \
-            LIN_CASE(15, TILE, __VA_ARGS__)                                          \
+            LIN_CASE(MR, 1, TILE, __VA_ARGS__) LIN_CASE(MR, 2, TILE, __VA_ARGS__)    \
+            LIN_CASE(MR, 3, TILE, __VA_ARGS__) LIN_CASE(MR, 4, TILE, __VA_ARGS__)    \
+            LIN_CASE(MR, 5, TILE, __VA_ARGS__) LIN_CASE(MR, 6, TILE, __VA_ARGS__)    \
+            LIN_CASE(MR, 7, TILE, __VA_ARGS__) LIN_CASE(MR, 8, TILE, __VA_ARGS__)    \
+            LIN_CASE(MR, 9, TILE, __VA_ARGS__) LIN_CASE(MR, 10, TILE, __VA_ARGS__)   \
+            LIN_CASE(MR, 11, TILE, __VA_ARGS__) LIN_CASE(MR, 12, TILE, __VA_ARGS__)  \
+            LIN_CASE(MR, 13, TILE, __VA_ARGS__) LIN_CASE(MR, 14, TILE, __VA_ARGS__)  \
+            LIN_CASE(MR, 15, TILE, __VA_ARGS__)                                      \
         default: break;                                                              \
         }                                                                            \
     } while (0)
 
-/* x [M, K] (rows ldx elements apart) times packed weights, fp32 or bf16 (inputs, weights and
- * output alike; a bf16 output may be fp32 instead, out_f32, for logits). A bf16 x is widened
- * into xf ([M, K] fp32, the caller's) first. */
-static void linear(int bf16, int64_t M, int64_t K, int64_t N, const void *x, int64_t ldx,
-                   const void *wp, const float *bias, void *y, int64_t ldy, int out_f32,
-                   float *xf) {
-    int64_t panels = (N + 15) / 16;
-    if (bf16) {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t k = 0; k < K; k++)
-                xf[m * K + k] = bf16_to_f32(((const uint16_t *)x)[m * ldx + k]);
-        x = xf;
-        ldx = K;
+/* Quantized weights (cpu_quant.h's panels of GGUF blocks), dequantized in registers as the
+ * oracle (gguf.quants) does, bit for bit: d * (q - 8), d * q + m, d * q. qt is a constant in
+ * each copy (qlinear's switch). */
+ALWAYS_INLINE void qlin_tile(int mr, const int qt, const float *x, int64_t ldx, const uint8_t *w,
+                             int64_t K, void *y, int64_t ldy, int out_bf16, int64_t m0,
+                             int64_t n0, int64_t N, const float *bias) {
+    vf acc[VEC_QLIN_MR];
+    const int64_t pb = q_panel_block_bytes(qt);
+    x += m0 * ldx;
+    for (int r = 0; r < mr; r++) acc[r] = v_zero();
+    for (int64_t k0 = 0; k0 < K; k0 += Q_BLOCK, w += pb) {
+        for (int64_t c = 0; c < pb; c += 64) __builtin_prefetch(w + c + LIN_PF, 0, 3);
+        const uint8_t *qs = w + q_quants_offset(qt);
+        const float *xk = x + k0;
+        vf d = v_load_f16(w);
+        if (qt == QT_Q8_0) {
+            for (int j = 0; j < Q_BLOCK; j++) {
+                vf wj = v_mul(v_i8(qs + j * 16), d);
+                for (int r = 0; r < mr; r++) acc[r] = v_fma(v_set1(xk[r * ldx + j]), wj, acc[r]);
+            }
+            continue;
+        }
+        vf m = qt == QT_Q4_1 ? v_load_f16(w + 32) : v_set1(8.0f);
+        for (int j = 0; j < Q_BLOCK / 2; j++) {
+            vf lo, hi;
+            v_u4(qs + j * 16, &lo, &hi);
+            if (qt == QT_Q4_0) {
+                lo = v_mul(d, v_sub(lo, m));
+                hi = v_mul(d, v_sub(hi, m));
+            } else {
+                lo = v_add(v_mul(d, lo), m);
+                hi = v_add(v_mul(d, hi), m);
+            }
+            for (int r = 0; r < mr; r++) {
+                acc[r] = v_fma(v_set1(xk[r * ldx + j]), lo, acc[r]);
+                acc[r] = v_fma(v_set1(xk[r * ldx + j + 16]), hi, acc[r]);
+            }
+        }
     }
+    lin_store(mr, acc, y, ldy, out_bf16, m0, n0, N, bias);
+}
+
+/* A bf16 x widened into xf ([M, K] fp32, the caller's); returns the fp32 rows to read. */
+static const float *lin_widen(int bf16, int64_t M, int64_t K, const void *x, int64_t *ldx,
+                              float *xf) {
+    if (!bf16) return x;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++)
+            xf[m * K + k] = bf16_to_f32(((const uint16_t *)x)[m * *ldx + k]);
+    *ldx = K;
+    return xf;
+}
+
+/* x [M, K] (rows ldx elements apart) times packed weights of type wt: QT_DENSE, in the model's
+ * dtype (fp32 or bf16: inputs, weights and output alike; a bf16 output may be fp32 instead,
+ * out_f32, for logits), or a GGUF quantization (cpu_quant.h) with K a multiple of 32. A bf16 x
+ * is widened into xf ([M, K] fp32, the caller's) first. */
+static void linear(int wt, int bf16, int64_t M, int64_t K, int64_t N, const void *x,
+                   int64_t ldx, const void *wp, const float *bias, void *y, int64_t ldy,
+                   int out_f32, float *xf) {
+    int64_t panels = (N + 15) / 16;
+    const float *xw = lin_widen(bf16, M, K, x, &ldx, xf);
+    int out_bf16 = bf16 && !out_f32;
+    int64_t qpanel = K / Q_BLOCK * q_panel_block_bytes(wt);
+    const uint8_t *qp = wp;
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
         int64_t n0 = p * 16;
-        if (bf16)
-            LIN_PANEL(lin_tile, M, (const float *)x, ldx, (const uint16_t *)wp + p * K * 16, 1,
-                      K, y, ldy, !out_f32);
-        else
-            LIN_PANEL(lin_tile, M, (const float *)x, ldx, (const float *)wp + p * K * 16, 0, K,
-                      y, ldy, 0);
+        switch (wt) {
+        case QT_Q4_0:
+            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q4_0, xw, ldx, qp + p * qpanel, K, y, ldy,
+                      out_bf16);
+            break;
+        case QT_Q4_1:
+            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q4_1, xw, ldx, qp + p * qpanel, K, y, ldy,
+                      out_bf16);
+            break;
+        case QT_Q8_0:
+            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q8_0, xw, ldx, qp + p * qpanel, K, y, ldy,
+                      out_bf16);
+            break;
+        default:
+            if (bf16)
+                LIN_PANEL(VEC_LIN_MR, lin_tile, M, xw, ldx, (const uint16_t *)wp + p * K * 16,
+                          1, K, y, ldy, out_bf16);
+            else
+                LIN_PANEL(VEC_LIN_MR, lin_tile, M, xw, ldx, (const float *)wp + p * K * 16, 0,
+                          K, y, ldy, 0);
+        }
     }
 }
 
@@ -149,20 +215,20 @@ ALWAYS_INLINE VEC_DPBF16_TARGET void lin_tile_dp(int mr, const uint16_t *x, int6
     lin_store(mr, acc, y, ldy, out_bf16, m0, n0, N, bias);
 }
 
-/* `linear` with the bf16 case on vdpbf16ps: the AVX-512 table's where the CPU has AVX512-BF16. */
-static VEC_DPBF16_TARGET void linear_dp(int bf16, int64_t M, int64_t K, int64_t N,
+/* `linear` with the dense bf16 case on vdpbf16ps: the AVX-512 table's where the CPU has AVX512-BF16. */
+static VEC_DPBF16_TARGET void linear_dp(int wt, int bf16, int64_t M, int64_t K, int64_t N,
                                         const void *x, int64_t ldx, const void *wp,
                                         const float *bias, void *y, int64_t ldy, int out_f32,
                                         float *xf) {
-    if (!bf16) {
-        linear(bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
+    if (!bf16 || wt != QT_DENSE) {
+        linear(wt, bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
         return;
     }
     int64_t panels = (N + 15) / 16;
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
         int64_t n0 = p * 16;
-        LIN_PANEL(lin_tile_dp, M, (const uint16_t *)x, ldx, (const uint16_t *)wp + p * K * 16, K,
+        LIN_PANEL(VEC_LIN_MR, lin_tile_dp, M, (const uint16_t *)x, ldx, (const uint16_t *)wp + p * K * 16, K,
                   y, ldy, !out_f32);
     }
 }
@@ -398,7 +464,8 @@ static void paged_attention(int bf16, const cpu_attention_plan *a, const void *q
  * barriers of their worksharing loops as the only synchronisation: no Python between them, no
  * tensor allocated, no thread pool woken ~300 times a step. Every index was checked by the
  * caller (cpu_kernels.h, cpu_forward). Linears run the table's `lin`, which is vdpbf16ps's
- * where the CPU has it. */
+ * where the CPU has it, on each weight's type (m->wtypes); a quantized embedding is
+ * dequantized row by row. */
 static void forward(cpu_linear_fn lin, int bf16, const cpu_model *m, int64_t T,
                     const int64_t *ids, const int64_t *positions, const cpu_attention_plan *a,
                     const cpu_buffers *w, void *out) {
@@ -408,25 +475,31 @@ static void forward(cpu_linear_fn lin, int bf16, const cpu_model *m, int64_t T,
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < T; i++)
-            memcpy(ELEM(w->res, bf16, i * hd), ELEM(m->embed, bf16, ids[i] * hd),
-                   hd * (bf16 ? 2 : 4));
+        for (int64_t i = 0; i < T; i++) {
+            if (m->embed_type == QT_DENSE)
+                memcpy(ELEM(w->res, bf16, i * hd), ELEM(m->embed, bf16, ids[i] * hd),
+                       hd * (bf16 ? 2 : 4));
+            else
+                q_dequant_row(m->embed_type, hd, m->embed, ids[i], bf16,
+                              ELEM(w->res, bf16, i * hd));
+        }
         for (int64_t l = 0; l < m->layers; l++) {
+            const int *wt = m->wtypes + 4 * l;
             /* the first layer's residual is the embedding itself */
             rms_norm(bf16, T, hd, l ? w->x : w->res, hd, l ? w->res : NULL, hd, m->in_norm[l],
                      w->h, hd, m->eps);
-            lin(bf16, T, hd, nqkv, w->h, hd, m->qkv[l], m->qkv_bias[l], w->qkv, nqkv, 0,
-                      w->xf);
+            lin(wt[0], bf16, T, hd, nqkv, w->h, hd, m->qkv[l], m->qkv_bias[l], w->qkv, nqkv, 0,
+                w->xf);
             rotary(bf16, T, positions, m->cos, m->sin, D, q, nqkv, m->heads, k, nqkv,
                    m->kv_heads);
             paged_attention(bf16, a, q, nqkv, k, v, nqkv, m->k_cache[l], m->v_cache[l],
                             m->heads, m->kv_heads, D, m->scale, w->attn);
-            lin(bf16, T, nq, hd, w->attn, nq, m->o[l], NULL, w->x, hd, 0, w->xf);
+            lin(wt[1], bf16, T, nq, hd, w->attn, nq, m->o[l], NULL, w->x, hd, 0, w->xf);
             rms_norm(bf16, T, hd, w->x, hd, w->res, hd, m->post_norm[l], w->h, hd, m->eps);
-            lin(bf16, T, hd, 2 * F, w->h, hd, m->gate_up[l], NULL, w->gate_up, 2 * F, 0,
-                      w->xf);
+            lin(wt[2], bf16, T, hd, 2 * F, w->h, hd, m->gate_up[l], NULL, w->gate_up, 2 * F, 0,
+                w->xf);
             silu_and_mul(bf16, T, F, w->gate_up, 2 * F, w->act, F);
-            lin(bf16, T, F, hd, w->act, F, m->down[l], NULL, w->x, hd, 0, w->xf);
+            lin(wt[3], bf16, T, F, hd, w->act, F, m->down[l], NULL, w->x, hd, 0, w->xf);
         }
         rms_norm(bf16, T, hd, w->x, hd, w->res, hd, m->final_norm, out, hd, m->eps);
     }
@@ -436,6 +509,7 @@ static const cpu_kernel_table kernel_table = {linear, rms_norm, rotary, silu_and
                                               paged_attention, forward};
 
 #undef VEC_LIN_MR
+#undef VEC_QLIN_MR
 #undef VEC_DPBF16
 #undef VEC_DPBF16_TARGET
 #undef VEC_MASKED_TAILS

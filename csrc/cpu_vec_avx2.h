@@ -5,6 +5,8 @@
 /* Rows a linear tile keeps in accumulators: 6 x 2 of the 16 ymm registers, leaving the weight
  * row and a broadcast input (the usual 6x16 AVX2 micro-kernel). */
 #define VEC_LIN_MR 6
+/* The quantized tile also holds its scales and two dequantized weight rows (8 ymm). */
+#define VEC_QLIN_MR 4
 
 typedef struct {
     __m256 lo, hi;
@@ -142,6 +144,31 @@ ALWAYS_INLINE void v_bf16_pairs(const void *p, vf *even, vf *odd) {
                  _mm256_castsi256_ps(_mm256_slli_epi32(u1, 16))};
     *odd = (vf){_mm256_castsi256_ps(_mm256_and_si256(u0, high)),
                 _mm256_castsi256_ps(_mm256_and_si256(u1, high))};
+}
+
+/* 16 fp16 -> fp32 (F16C). */
+ALWAYS_INLINE vf v_load_f16(const void *p) {
+    return (vf){_mm256_cvtph_ps(_mm_loadu_si128(p)),
+                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p + 1))};
+}
+
+ALWAYS_INLINE vf avx2_u8_to_f32(__m128i b) {
+    return (vf){_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+}
+
+/* 16 bytes -> their low nibbles and their high nibbles as 0..15 in fp32. */
+ALWAYS_INLINE void v_u4(const void *p, vf *lo, vf *hi) {
+    __m128i b = _mm_loadu_si128(p), m = _mm_set1_epi8(0x0F);
+    *lo = avx2_u8_to_f32(_mm_and_si128(b, m));
+    *hi = avx2_u8_to_f32(_mm_and_si128(_mm_srli_epi16(b, 4), m));
+}
+
+/* 16 int8 -> fp32. */
+ALWAYS_INLINE vf v_i8(const void *p) {
+    __m128i b = _mm_loadu_si128(p);
+    return (vf){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
 }
 
 #undef AVX2_MAP

@@ -1,8 +1,10 @@
 /* The vector layer on AVX-512 (F/BW/VL/DQ): a vf is one zmm register; tails are masked loads
  * and stores. Included by cpu_kernels.h under its target pragma; names prefixed there. */
 
-/* Rows a linear tile keeps in accumulators: 16 of the 32 zmm registers. */
+/* Rows a linear tile keeps in accumulators: 16 of the 32 zmm registers (the quantized tile
+ * also holds its scales and two dequantized weight rows). */
 #define VEC_LIN_MR 16
+#define VEC_QLIN_MR 16
 /* vdpbf16ps for the bf16 linear where the CPU has AVX512-BF16: only the functions marked
  * VEC_DPBF16_TARGET may use it, and the table takes them only on such a CPU. */
 #define VEC_DPBF16 1
@@ -110,4 +112,19 @@ ALWAYS_INLINE void v_bf16_pairs(const void *p, vf *even, vf *odd) {
  * of w, by vdpbf16ps (AVX512-BF16). */
 ALWAYS_INLINE VEC_DPBF16_TARGET vf avx512_dot_bf16_pairs(vf acc, uint32_t x_pair, __m512bh w) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)x_pair), w);
+}
+
+/* 16 fp16 -> fp32 (vcvtph2ps, AVX512F). */
+ALWAYS_INLINE vf v_load_f16(const void *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(p)); }
+
+/* 16 bytes -> their low nibbles and their high nibbles as 0..15 in fp32. */
+ALWAYS_INLINE void v_u4(const void *p, vf *lo, vf *hi) {
+    __m128i b = _mm_loadu_si128(p), m = _mm_set1_epi8(0x0F);
+    *lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m)));
+    *hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)));
+}
+
+/* 16 int8 -> fp32. */
+ALWAYS_INLINE vf v_i8(const void *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
 }

@@ -7,11 +7,15 @@
 
 /* Rows a linear tile keeps in accumulators: 4 x 4 of SSE2's 16 xmm registers. */
 #define VEC_LIN_MR 4
+/* The quantized tile also holds its scales and two dequantized weight rows (16 xmm). */
+#define VEC_QLIN_MR 2
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t portable_vi __attribute__((vector_size(64)));
 typedef uint32_t portable_vu __attribute__((vector_size(64)));
 typedef uint16_t portable_vh __attribute__((vector_size(32)));
+typedef uint8_t portable_vb __attribute__((vector_size(16)));
+typedef int8_t portable_vsb __attribute__((vector_size(16)));
 
 /* a where m is set (all ones), else b */
 ALWAYS_INLINE vf portable_select(portable_vi m, vf a, vf b) {
@@ -111,4 +115,28 @@ ALWAYS_INLINE void v_bf16_pairs(const void *p, vf *even, vf *odd) {
     memcpy(&u, p, sizeof u);
     *even = (vf)(u << 16);
     *odd = (vf)(u & 0xFFFF0000u);
+}
+
+/* 16 fp16 -> fp32 (cpu_quant.h's scalar conversion: baseline x86-64 has no F16C). */
+ALWAYS_INLINE vf v_load_f16(const void *p) {
+    uint16_t h[16];
+    vf v;
+    memcpy(h, p, sizeof h);
+    for (int i = 0; i < 16; i++) v[i] = f16_to_f32(h[i]);
+    return v;
+}
+
+/* 16 bytes -> their low nibbles and their high nibbles as 0..15 in fp32. */
+ALWAYS_INLINE void v_u4(const void *p, vf *lo, vf *hi) {
+    portable_vb b;
+    memcpy(&b, p, sizeof b);
+    *lo = __builtin_convertvector(b & 0x0F, vf);
+    *hi = __builtin_convertvector(b >> 4, vf);
+}
+
+/* 16 int8 -> fp32. */
+ALWAYS_INLINE vf v_i8(const void *p) {
+    portable_vsb b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vf);
 }

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from minivllm.config import KERNEL_SETS, ServerConfig, ZmqEndpointConfig
+from minivllm.config import KERNEL_SETS, QUANTIZATIONS, ServerConfig, ZmqEndpointConfig
 
 _MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
                "SmolLM2-135M-Instruct)")
@@ -22,6 +22,9 @@ def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", default=None, choices=["auto", *KERNEL_SETS],
                    help="kernel set (default: $MINIVLLM_KERNELS, else auto)")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                   help="GGUF weights on the CPU kernels: gguf-native keeps them quantized, "
+                        "none dequantizes at load, auto takes the faster")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks the model is split over, one process each (rank 0 spawns the "
                         "others on this host)")
@@ -56,7 +59,7 @@ def _make_llm(args):
     return LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
                **_parallel(args),
-               generation_config=args.generation_config)
+               generation_config=args.generation_config, quantization=args.quantization)
 
 
 def _params(args):
@@ -119,7 +122,8 @@ def _engine_config(args):
         args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
         **_parallel(args),
-        generation_config=args.generation_config, max_num_seqs=args.max_num_seqs,
+        generation_config=args.generation_config, quantization=args.quantization,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,
         batch_wait_ms=args.batch_wait_ms, async_scheduling=args.async_scheduling,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _DTYPES = ("float32", "bfloat16", "float16")
 # The kernel sets of layers/kernels.py, which `ModelConfig.kernels` names (or "auto").
+QUANTIZATIONS = ("auto", "gguf-native", "none")
 KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
 
 
@@ -177,8 +178,15 @@ class ModelConfig:
     # Default sampling for requests that leave it unset (loader/generation_config.py): auto (the
     # model directory's generation_config.json), vllm (none), or a file or directory path.
     generation_config: str = "auto"
+    # GGUF weights on the CPU kernels: gguf-native keeps the linears' quantization blocks and
+    # dequantizes in registers (an error where a tensor's type has no kernel), none dequantizes
+    # at load; auto takes the faster of the two on the chosen kernels (layers/cpu_linear.py).
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got "
+                             f"{self.quantization!r}")
         if self.generation_config not in ("auto", "vllm") and \
                 not os.path.exists(str(self.generation_config)):
             raise ValueError(f"generation_config must be auto, vllm or an existing path; got "

@@ -7,7 +7,9 @@ norm / gate-up / SiLU / down, and the final norm in one OpenMP parallel region w
 synchronisation is the kernels' own barriers, on activations allocated once. The module graph
 stays the specification (tests/test_cpu_kernels.py holds the two to the same outputs); this
 replaces the ~300 Python calls, tensor allocations and parallel regions it costs per step.
-Logits come from the packed LM head into a buffer reused every step.
+Logits come from the packed LM head into a buffer reused every step. Linears packed quantized
+(cpu_linear.quantized_modules) run so inside the C call too, and a tied embedding whose head is
+quantized is looked up in the head's blocks.
 """
 from __future__ import annotations
 
@@ -29,13 +31,18 @@ class CpuDecoder:
                         post_norm=layer.post_attention_layernorm.weight.data,
                         qkv=attn.qkv_proj.packed, qkv_bias=attn.qkv_proj.bias,
                         o=attn.o_proj.packed, gate_up=mlp.gate_up_proj.packed,
-                        down=mlp.down_proj.packed, k_cache=attn.k_cache, v_cache=attn.v_cache)
+                        down=mlp.down_proj.packed, k_cache=attn.k_cache, v_cache=attn.v_cache,
+                        types=dict(qkv=attn.qkv_proj.qtype, o=attn.o_proj.qtype,
+                                   gate_up=mlp.gate_up_proj.qtype, down=mlp.down_proj.qtype))
 
+        self.head = head = model.lm_head
+        # An empty embedding: the tied embedding was dropped for its quantized head.
+        embed, embed_type = ((head.packed, head.qtype) if model.embed_tokens.weight.numel() == 0
+                             else (model.embed_tokens.weight.data, 0))
         self.decoder = cpu_kernels.CpuDecoder(
-            kernels, model.embed_tokens.weight.data, model.norm.weight.data, rotary.cos,
-            rotary.sin, [tensors(layer) for layer in layers], arch.num_attention_heads,
-            arch.num_key_value_heads, arch.rms_norm_eps)
-        self.head = model.lm_head
+            kernels, embed, model.norm.weight.data, rotary.cos, rotary.sin,
+            [tensors(layer) for layer in layers], arch.num_attention_heads,
+            arch.num_key_value_heads, arch.rms_norm_eps, embed_type, arch.vocab_size)
         self.logits = torch.empty(max_num_seqs, arch.vocab_size, dtype=torch.float32)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -48,4 +55,5 @@ class CpuDecoder:
         """float32 logits [rows, vocab], in a buffer the next step overwrites."""
         head = self.head
         return head.kernels.linear(hidden.contiguous(), head.packed, head.out_features,
-                                   head.bias, torch.float32, self.logits[:hidden.shape[0]])
+                                   head.bias, torch.float32, self.logits[:hidden.shape[0]],
+                                   qtype=head.qtype)

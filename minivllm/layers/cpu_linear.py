@@ -11,65 +11,178 @@ of linears (cold weights), what ran before -> ours:
 
 At M = 1 weights stream at 30-50 GB/s (it varies with the host's other tenants); at M = 16
 fp32 runs at ~170 GFLOPS of a ~190 hot-cache peak.
+
+A GGUF model's linears may stay in the file's quantization blocks (`quantized_modules`,
+`--quantization gguf-native`): the kernels dequantize them in registers, so a step reads the
+file's 4.5-8.5 bits a weight instead of 16 or 32.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import logging
+from typing import Iterable, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from minivllm._cext import cpu_kernels
 
+logger = logging.getLogger(__name__)
+
+# A weight as the kernels take it: dense [N, K], or (ggml type, the file's blocks [N, bytes]).
+Weight = Union[torch.Tensor, tuple[int, np.ndarray]]
+
 
 class CpuLinear(nn.Module):
     """y = x W^T + b for x [M, in_features], from a packed weight (`pack_weights`), on one
-    ISA's kernels. `out_dtype` float32 lets a bf16 layer write fp32 (the LM head's logits)."""
+    ISA's kernels. `out_dtype` float32 lets a bf16 layer write fp32 (the LM head's logits).
+    `qtype`: the weight's ggml quantization type, 0 for dense."""
 
     def __init__(self, packed: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],
-                 kernels: cpu_kernels.CpuKernels, out_dtype: Optional[torch.dtype] = None) -> None:
+                 kernels: cpu_kernels.CpuKernels, out_dtype: Optional[torch.dtype] = None,
+                 qtype: int = 0) -> None:
         super().__init__()
         self.out_features, self.out_dtype, self.kernels = out_features, out_dtype, kernels
+        self.qtype = qtype
         self.register_buffer("packed", packed, persistent=False)
         # The kernel adds the bias in fp32 before its one rounding of the output.
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.linear(x, self.packed, self.out_features, self.bias, self.out_dtype)
+        return self.kernels.linear(x, self.packed, self.out_features, self.bias, self.out_dtype,
+                                   qtype=self.qtype)
 
 
-def pack_weights(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The kernel's layout of each [N, K] weight, all in one huge-page buffer, in order."""
-    shapes = [cpu_kernels.packed_shape(w) for w in weights]
-    sizes = [torch.Size(s).numel() * w.element_size() for s, w in zip(shapes, weights)]
+def _layout(w: Weight) -> tuple[tuple, torch.dtype]:
+    if isinstance(w, torch.Tensor):
+        return cpu_kernels.packed_shape(w), w.dtype
+    qtype, blocks = w
+    k = blocks.shape[1] // (cpu_kernels.quant_packed_shape(qtype, 1, cpu_kernels.BLOCK)[2] // 16)
+    return cpu_kernels.quant_packed_shape(qtype, blocks.shape[0], k * cpu_kernels.BLOCK), \
+        torch.uint8
+
+
+def pack_weights(weights: Sequence[Weight]) -> list[torch.Tensor]:
+    """The kernel's layout of each weight, all in one huge-page buffer, in order."""
+    layouts = [_layout(w) for w in weights]
+    sizes = [torch.Size(s).numel() * dt.itemsize for s, dt in layouts]
     arena = cpu_kernels.empty_huge_pages(sum(sizes))
     packed, offset = [], 0
-    for w, shape, size in zip(weights, shapes, sizes):
-        out = arena[offset:offset + size].view(w.dtype).view(shape)
-        packed.append(cpu_kernels.pack_linear_weight(w, out))
+    for w, (shape, dtype), size in zip(weights, layouts, sizes):
+        out = arena[offset:offset + size].view(dtype).view(shape)
+        if isinstance(w, torch.Tensor):
+            packed.append(cpu_kernels.pack_linear_weight(w, out))
+        else:
+            qtype, blocks = w
+            packed.append(cpu_kernels.pack_quant_weight(qtype, blocks,
+                                                        shape[1] * cpu_kernels.BLOCK, out))
         offset += size
     return packed
 
 
+def quantized_modules(model: nn.Module, blocks: Iterable[tuple[str, int, np.ndarray]],
+                      strict: bool) -> dict[str, tuple[int, np.ndarray]]:
+    """The GGUF blocks (loader.gguf.load_blocks) of each linear of `model` that the kernels run
+    quantized, by module name ("lm_head" for the head, tied or not), a fused module's shards
+    stacked in order. A linear whose type the kernels do not run stays dense, with a log line
+    naming it, or with `strict` (gguf-native asked for) is a ValueError. Float tensors (F32,
+    F16, BF16) stay dense: they are no quantization."""
+    tied = model.arch.tie_word_embeddings
+    modules = dict(model.named_modules())
+    parts: dict[str, dict[int, tuple[str, int, np.ndarray]]] = {}
+    for hf, qtype, raw in blocks:
+        name, shard = hf.removeprefix("model.").removesuffix(".weight"), 0
+        if name == "embed_tokens":
+            if not tied:
+                continue
+            name = "lm_head"
+        for part, (fused, shard_id) in model.packed_modules_mapping.items():
+            if name.endswith(f".{part}"):
+                name, shard = f"{name[:-len(part)]}{fused}", shard_id
+                break
+        parts.setdefault(name, {})[shard] = (hf, qtype, raw)
+    runs = set(cpu_kernels.QUANT_TYPES.values())
+    dense = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+    out = {}
+    for name, shards in parts.items():
+        tensors = [shards[i] for i in sorted(shards)]
+        types = [GGMLQuantizationType(qtype) for _, qtype, _ in tensors]
+        if all(t in dense for t in types):
+            continue
+        module = modules.get(name)
+        features = (model.arch.vocab_size if name == "lm_head" else module.out_features)
+        rows = sum(raw.shape[0] for _, _, raw in tensors)
+        if any(t not in runs for t in types) or len(set(types)) > 1:
+            why = (f"GGUF tensor(s) {', '.join(hf for hf, _, _ in tensors)} of type(s) "
+                   f"{', '.join(t.name for t in types)}: the CPU kernels run "
+                   f"{', '.join(cpu_kernels.QUANT_TYPES)}, one type per linear")
+        elif rows != features:
+            why = (f"{name}: this model's rank holds {features} of its {rows} rows (tensor "
+                   f"parallel): quantized linears run whole")
+        else:
+            out[name] = (int(types[0]), np.concatenate([raw for _, _, raw in tensors])
+                         if len(tensors) > 1 else tensors[0][2])
+            continue
+        if strict:
+            raise ValueError(f"quantization gguf-native: {why}; use --quantization none")
+        logger.info("quantization: %s: %s dequantized", why, name)
+    return out
+
+
+def keep_quantized(quantization: str, source_kind: str,
+                   kernels: Optional[cpu_kernels.CpuKernels], dtype: torch.dtype) -> bool:
+    """Whether the linears keep a model's GGUF blocks (config.ModelConfig.quantization), logged
+    in one line; a ValueError where gguf-native was asked for and cannot run. auto keeps them
+    where that is faster: everywhere except bf16 on vdpbf16ps (AVX512-BF16), whose dense bf16
+    linears beat the dequantization to fp32 (30 layers of the embedded model, 2 threads: 1 row
+    8.7 ms bf16 vs 13-16 Q4_1, 16 rows 20 vs 39; fp32 26 vs 13 at 1 row)."""
+    if quantization == "none" or source_kind != "gguf":
+        if quantization == "gguf-native":
+            raise ValueError(f"quantization gguf-native needs a GGUF model, not {source_kind}")
+        return False
+    if kernels is None:
+        if quantization == "gguf-native":
+            raise ValueError("quantization gguf-native needs the CPU kernels (kernels cpu-*)")
+        return False
+    if quantization == "auto" and dtype == torch.bfloat16 and kernels.bf16_dot:
+        logger.info("quantization: none (auto: dense bf16 on vdpbf16ps is faster than the "
+                    "GGUF blocks dequantized in registers)")
+        return False
+    logger.info("quantization: gguf-native (%s): GGUF blocks dequantized in registers",
+                quantization)
+    return True
+
+
 def use_cpu_linears(model: nn.Module, kernels: cpu_kernels.CpuKernels,
-                    head: Optional[tuple] = None) -> None:
+                    head: Optional[tuple] = None,
+                    quantized: Optional[dict[str, tuple[int, np.ndarray]]] = None) -> None:
     """Replace every nn.Linear under `model` in place by a CpuLinear on `kernels` (their unpacked
-    weights are dropped). `head` = (weight, bias) becomes `model.lm_head`, writing fp32 logits."""
+    weights are dropped). `head` = (weight, bias) becomes `model.lm_head`, writing fp32 logits.
+    `quantized` (quantized_modules) gives the modules that keep their GGUF blocks; a tied
+    embedding whose head is quantized is dropped too: the C decoder looks its rows up in the
+    head (cpu_decoder.py)."""
+    quantized = quantized or {}
     sites = list(_linears(model))
-    specs = [(child.weight, child.bias, None) for _, _, child in sites]
+    specs = [(quantized.get(path, child.weight), child.weight.shape[0], child.bias, None)
+             for path, _, _, child in sites]
     if head is not None:
-        specs.append((head[0], head[1], torch.float32))
-    packed = pack_weights([w for w, _, _ in specs])
-    layers = [CpuLinear(p, w.shape[0], b, kernels, dt) for p, (w, b, dt) in zip(packed, specs)]
-    for (parent, name, _), layer in zip(sites, layers):
+        specs.append((quantized.get("lm_head", head[0]), head[0].shape[0], head[1],
+                      torch.float32))
+    packed = pack_weights([w for w, _, _, _ in specs])
+    layers = [CpuLinear(p, n, b, kernels, dt, 0 if isinstance(w, torch.Tensor) else w[0])
+              for p, (w, n, b, dt) in zip(packed, specs)]
+    for (_, parent, name, _), layer in zip(sites, layers):
         setattr(parent, name, layer)
     if head is not None:
         model.lm_head = layers[-1]
+        if "lm_head" in quantized and head[0] is model.embed_tokens.weight:
+            model.embed_tokens.weight.data = torch.empty(0, dtype=head[0].dtype)
 
 
-def _linears(module: nn.Module):
+def _linears(module: nn.Module, prefix: str = ""):
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            yield module, name, child
+            yield f"{prefix}{name}", module, name, child
         else:
-            yield from _linears(child)
+            yield from _linears(child, f"{prefix}{name}.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import numpy as np
     import torch
 
 import importlib.util
@@ -24,7 +25,7 @@ from minivllm.loader.embedded import EMBEDDED_MODEL_NAME, embedded_gguf_path
 from minivllm.loader.gguf_header import read_gguf_header
 from minivllm.tokenizer import Tokenizer
 
-__all__ = ["ModelSource", "resolve_model", "load_weights", "load_tokenizer",
+__all__ = ["ModelSource", "resolve_model", "load_weights", "load_blocks", "load_tokenizer",
            "EMBEDDED_MODEL_NAME", "embedded_gguf_path"]
 
 _LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
@@ -102,6 +103,13 @@ def load_weights(source: ModelSource, dtype: torch.dtype, device: torch.device, 
     if source.kind == "dummy":
         return dummy.load_weights(source.arch, dtype, device, seed)
     raise ValueError(f"unknown model source kind {source.kind!r}")
+
+
+def load_blocks(source: ModelSource) -> Iterator[tuple[str, int, "np.ndarray"]]:
+    """A GGUF model's 2-D weights as the file's quantization blocks (loader.gguf.load_blocks)."""
+    if source.kind != "gguf":
+        raise ValueError(f"only GGUF models have quantization blocks, not {source.kind}")
+    return gguf.load_blocks(source.path, read_gguf_header(source.path), source.arch)
 
 
 def load_tokenizer(source: ModelSource) -> Optional[Tokenizer]:

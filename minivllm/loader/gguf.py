@@ -1,4 +1,6 @@
-"""A GGUF file (llama.cpp): architecture from its metadata, weights dequantized to HF layout."""
+"""A GGUF file (llama.cpp): architecture from its metadata, weights dequantized to HF layout,
+or the linear weights' quantization blocks as they are (`load_blocks`, for the CPU kernels that
+dequantize in registers)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -78,7 +80,8 @@ def _required(table: dict, key: str) -> Any:
     return table[key]
 
 
-def _dequantize(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
+def _raw(data: np.ndarray, info: GGUFTensorInfo) -> tuple[GGMLQuantizationType, np.ndarray]:
+    """The tensor's type and its bytes, one row of blocks per row: [..., row bytes]."""
     try:
         qtype = GGMLQuantizationType(info.ggml_type)
         block_size, type_size = GGML_QUANT_SIZES[qtype]
@@ -87,7 +90,11 @@ def _dequantize(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
                          f"{info.ggml_type}") from None
     nbytes = int(np.prod(info.shape)) // block_size * type_size
     raw = data[info.offset:info.offset + nbytes]
-    raw = raw.reshape(quant_shape_to_byte_shape(info.shape, qtype))
+    return qtype, raw.reshape(quant_shape_to_byte_shape(info.shape, qtype))
+
+
+def _dequantize(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
+    qtype, raw = _raw(data, info)
     try:
         return dequantize(raw, qtype)
     except NotImplementedError as e:
@@ -100,6 +107,31 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _permuted_heads(arch: ArchConfig) -> dict[str, int]:
+    """The projections whose rows llama.cpp permuted, and their head counts: only its llama
+    converter permutes q/k; its qwen2 converter does not."""
+    return ({"q_proj": arch.num_attention_heads, "k_proj": arch.num_key_value_heads}
+            if arch.architecture == "llama" else {})
+
+
+def load_blocks(path: str, header: GGUFHeader, arch: ArchConfig
+                ) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(HF name, ggml type, blocks) of every 2-D weight as the file stores it: uint8
+    [out, in / block size * block bytes], rows in Hugging Face's order (q/k un-permuted; a
+    permutation of whole rows keeps every block intact). Views of the file where no row moves."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    heads = _permuted_heads(arch)
+    for info in header.tensors:
+        if len(info.shape) != 2:
+            continue
+        name = hf_name(info.name)
+        qtype, raw = _raw(data, info)
+        module = name.split(".")[-2]
+        if module in heads:
+            raw = np.ascontiguousarray(_unpermute(raw, heads[module]))
+        yield name, int(qtype), raw
+
+
 def load_weights(path: str, header: GGUFHeader, arch: ArchConfig, dtype: torch.dtype,
                  device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor dequantized to float32, un-permuted, then cast to `dtype` on `device`."""
@@ -107,9 +139,7 @@ def load_weights(path: str, header: GGUFHeader, arch: ArchConfig, dtype: torch.d
 
     data = np.memmap(path, dtype=np.uint8, mode="r")
     expected = dict(expected_parameters(arch))
-    # Only llama.cpp's llama converter permutes q/k; its qwen2 converter does not.
-    heads = ({"q_proj": arch.num_attention_heads, "k_proj": arch.num_key_value_heads}
-             if arch.architecture == "llama" else {})
+    heads = _permuted_heads(arch)
     for info in header.tensors:
         name = hf_name(info.name)
         if expected.pop(name, None) != info.shape:

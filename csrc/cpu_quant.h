@@ -1,0 +1,111 @@
+/* GGUF's quantized weight blocks as the linear kernels keep them: ISA-independent parts
+ * (types, the panel layout and its packing, one row's dequantization). Included by
+ * cpu_kernels.h before the per-ISA bodies, whose `qlinear` dequantizes in registers.
+ *
+ * llama.cpp stores a weight row by row, each row K / 32 blocks of 32 input features:
+ *   Q4_0 (18 B): fp16 d, 16 bytes qs; w[i] = d * (q[i] - 8)
+ *   Q4_1 (20 B): fp16 d, fp16 m, 16 bytes qs; w[i] = d * q[i] + m
+ *   Q8_0 (34 B): fp16 d, 32 int8 qs; w[i] = d * q[i]
+ * where the 4-bit q[i] of qs[j] is its low nibble for i = j and its high nibble for i = j + 16.
+ *
+ * The kernels take the same blocks with 16 rows interleaved, the panels of the dense layout
+ * (cpu_kernels.h, pack_panels): a panel is [K/32] blocks of 16 rows, each block their 16
+ * scales d (fp16), for Q4_1 their 16 mins m, then the quants byte by byte across the rows:
+ * qs[j][row] for j < 16 (4-bit) or 32 (Q8_0). One load of 16 bytes then holds input features
+ * j and j + 16 of 16 output columns (Q4), or feature j (Q8_0). Same bytes as the file, N padded
+ * to 16 with zero blocks. */
+
+/* ggml's type numbers; 0 (F32) stands for a dense weight in the model's dtype. */
+enum { QT_DENSE = 0, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8 };
+
+#define Q_BLOCK 32 /* input features per block */
+
+/* Bytes of one file block of type qt; 0: not a type the kernels run. */
+static inline int64_t q_type_bytes(int qt) {
+    return qt == QT_Q4_0 ? 18 : qt == QT_Q4_1 ? 20 : qt == QT_Q8_0 ? 34 : 0;
+}
+
+/* Bytes of one panel block (16 rows). */
+static inline int64_t q_panel_block_bytes(int qt) { return 16 * q_type_bytes(qt); }
+
+/* Byte offset of the quants in a panel block (after d, and m for Q4_1). */
+static inline int64_t q_quants_offset(int qt) { return qt == QT_Q4_1 ? 64 : 32; }
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, u;
+    if (exp == 0x1F) {
+        u = sign | 0x7F800000u | (man << 13); /* inf, nan */
+    } else if (exp) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalize */
+        int e = -1;
+        do {
+            man <<= 1;
+            e++;
+        } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    } else {
+        u = sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* fp32 -> bf16, round to nearest even, quiet NaNs: torch's cast. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Packs N rows of K / 32 file blocks of type qt (rows ldw bytes apart) into panels. */
+static void pack_q_panels(int qt, int64_t N, int64_t K, const uint8_t *w, int64_t ldw,
+                          uint8_t *out) {
+    int64_t nb = K / Q_BLOCK, tb = q_type_bytes(qt), pb = q_panel_block_bytes(qt);
+    int64_t scales = qt == QT_Q4_1 ? 2 : 1, nq = qt == QT_Q8_0 ? 32 : 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < (N + 15) / 16; p++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *dst = out + (p * nb + b) * pb;
+            memset(dst, 0, pb);
+            for (int64_t r = 0; r < 16 && p * 16 + r < N; r++) {
+                const uint8_t *src = w + (p * 16 + r) * ldw + b * tb;
+                for (int64_t s = 0; s < scales; s++) memcpy(dst + s * 32 + r * 2, src + s * 2, 2);
+                for (int64_t j = 0; j < nq; j++) dst[scales * 32 + j * 16 + r] = src[scales * 2 + j];
+            }
+        }
+    }
+}
+
+/* Row n of a packed [N, K] weight of type qt, dequantized into out (fp32 or bf16): the
+ * embedding lookup of a model whose embedding is its quantized LM head. */
+static void q_dequant_row(int qt, int64_t K, const uint8_t *wp, int64_t n, int bf16, void *out) {
+    int64_t nb = K / Q_BLOCK, pb = q_panel_block_bytes(qt), r = n % 16;
+    const uint8_t *panel = wp + (n / 16) * nb * pb;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = panel + b * pb, *qs = blk + q_quants_offset(qt);
+        uint16_t h;
+        memcpy(&h, blk + r * 2, 2);
+        float d = f16_to_f32(h), m = 0.0f;
+        if (qt == QT_Q4_1) {
+            memcpy(&h, blk + 32 + r * 2, 2);
+            m = f16_to_f32(h);
+        }
+        for (int64_t i = 0; i < Q_BLOCK; i++) {
+            float v;
+            if (qt == QT_Q8_0) {
+                v = d * (float)(int8_t)qs[i * 16 + r];
+            } else {
+                int q = (qs[(i % 16) * 16 + r] >> (i < 16 ? 0 : 4)) & 0xF;
+                v = qt == QT_Q4_0 ? d * (float)(q - 8) : d * (float)q + m;
+            }
+            int64_t k = b * Q_BLOCK + i;
+            if (bf16)
+                ((uint16_t *)out)[k] = f32_to_bf16(v);
+            else
+                ((float *)out)[k] = v;
+        }
+    }
+}

@@ -1,0 +1,142 @@
+"""GGUF quantized weights on the CPU kernels (csrc/cpu_quant.h, `qlinear`): against
+gguf.quants.dequantize then torch, on every ISA path this CPU runs (the others skip, saying what
+the CPU lacks), and end to end on the embedded Q4_1 / Q8_0 model."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from minivllm import LLM, SamplingParams
+from minivllm._cext import cpu_kernels
+from minivllm.layers.cpu_linear import CpuLinear, pack_weights, quantized_modules
+
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(
+    cpu_kernels.missing(isa) is not None, reason=f"needs {cpu_kernels.missing(isa)}"))
+    for isa in cpu_kernels.ISAS]
+QTYPES = [GGMLQuantizationType[name] for name in cpu_kernels.QUANT_TYPES]
+
+
+def random_blocks(qtype: GGMLQuantizationType, n: int, k: int, rng: np.random.Generator
+                  ) -> np.ndarray:
+    """Valid blocks of an [n, k] weight: random quants, finite fp16 scales (and mins)."""
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n, k // block, nbytes), dtype=np.uint8)
+    scales = 2 if qtype == GGMLQuantizationType.Q4_1 else 1
+    for s, spread in zip(range(scales), (0.02, 0.2)):
+        raw[:, :, 2 * s:2 * s + 2] = (rng.standard_normal((n, k // block, 1)) * spread
+                                      ).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
+def test_quantized_linear_matches_the_dequantize_oracle(isa, qtype):
+    """Rows around each path's tile height (AVX-512 16, AVX2 4, portable 2) and past it; N off
+    16 columns; K of 1, 3, 5 and 18 blocks (not a multiple of 64); fp32 and bf16 inputs."""
+    kernels, rng = cpu_kernels.CpuKernels(isa), np.random.default_rng(int(qtype))
+    for m, n, k in [(1, 37, 96), (17, 33, 160), (5, 16, 32), (40, 50, 576)]:
+        raw = random_blocks(qtype, n, k, rng)
+        w = torch.from_numpy(dequantize(raw, qtype))
+        layer = CpuLinear(pack_weights([(int(qtype), raw)])[0], n, torch.randn(n), kernels,
+                          qtype=int(qtype))
+        x = torch.randn(m, k)
+        want = x @ w.T + layer.bias
+        # The weights are the oracle's bit for bit: what differs is fp32 summation order.
+        bound = (x.abs() @ w.abs().T) * 1e-5 + 1e-6
+        assert ((layer(x) - want).abs() <= bound).all(), (m, n, k)
+        xb = x.bfloat16()
+        want = xb.float() @ w.T + layer.bias
+        got = layer(xb)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-3)
+
+
+def test_packing_refuses_what_no_kernel_runs():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q4_1), 16, 48)
+    with pytest.raises(ValueError, match="no kernel runs ggml type 12"):
+        cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q4_K), 16, 256)
+
+
+# ---- the embedded model, end to end -----------------------------------------------------------
+
+PARITY_PROMPTS = ["The capital of France is", "def fibonacci(n):",
+                  "Write a haiku about the sea.", "1, 2, 3, 4,"]
+
+
+def _greedy(llm: LLM) -> list:
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=16)
+    return [o.outputs[0].token_ids for o in llm.generate(PARITY_PROMPTS, params, use_tqdm=False)]
+
+
+@pytest.fixture
+def minivllm_log(caplog, monkeypatch):
+    """caplog for the `minivllm` logger, which does not propagate to the root."""
+    monkeypatch.setattr(logging.getLogger("minivllm"), "handlers", [caplog.handler])
+    monkeypatch.setattr(logging.getLogger("minivllm"), "propagate", False)
+    caplog.set_level(logging.INFO, logger="minivllm")
+    return caplog
+
+
+def test_the_embedded_model_runs_4_bit_with_the_dequantized_tokens(minivllm_log):
+    """fp32 activations: greedy tokens equal to the weights dequantized at load, with the
+    linears and the tied embedding held as the file's Q4_1 / Q8_0 blocks (0.16x fp32 bytes)."""
+    native = LLM(None, dtype="float32", num_blocks=32, quantization="gguf-native")
+    caplog = minivllm_log
+    assert "quantization: gguf-native (gguf-native)" in caplog.text
+    model = native.engine.runner.model
+    assert model.embed_tokens.weight.numel() == 0  # looked up in the quantized head
+    linears = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    assert {m.qtype for m in linears} == {int(GGMLQuantizationType.Q4_1),
+                                          int(GGMLQuantizationType.Q8_0)}
+    held = sum(m.packed.numel() for m in linears)
+    assert held <= 0.2 * 134_515_008 * 4
+    got = _greedy(native)
+    del native
+    assert got == _greedy(LLM(None, dtype="float32", num_blocks=32, quantization="none"))
+
+
+class _Tiny(torch.nn.Module):
+    """What quantized_modules reads of a model: arch, modules, packed_modules_mapping."""
+
+    packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arch = type("Arch", (), dict(tie_word_embeddings=True, vocab_size=32,
+                                          hidden_size=64))
+        self.mlp = torch.nn.Module()
+        self.mlp.gate_up_proj = torch.nn.Linear(64, 32, bias=False)
+        self.mlp.down_proj = torch.nn.Linear(32, 64, bias=False)
+
+
+def test_a_type_without_kernel_is_dequantized_with_a_log_line_or_refused(minivllm_log):
+    rng = np.random.default_rng(0)
+    q41, q40, q8 = (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_0,
+                    GGMLQuantizationType.Q8_0)
+    q4k = np.zeros((64, 144), dtype=np.uint8)  # one Q4_K super-block of 256 per row
+    blocks = [("model.mlp.gate_proj.weight", int(q41), random_blocks(q41, 16, 64, rng)),
+              ("model.mlp.up_proj.weight", int(q40), random_blocks(q40, 16, 64, rng)),
+              ("model.mlp.down_proj.weight", int(GGMLQuantizationType.Q4_K), q4k),
+              ("model.embed_tokens.weight", int(q8), random_blocks(q8, 32, 64, rng))]
+    kept = quantized_modules(_Tiny(), blocks, strict=False)
+    assert list(kept) == ["lm_head"] and kept["lm_head"][0] == int(q8)
+    text = minivllm_log.text
+    assert "mlp.gate_up_proj dequantized" in text and "Q4_1, Q4_0" in text
+    assert "model.mlp.down_proj.weight of type(s) Q4_K" in text
+    with pytest.raises(ValueError, match="gguf-native: GGUF tensor.*use --quantization none"):
+        quantized_modules(_Tiny(), blocks, strict=True)
+
+
+def test_gguf_native_needs_a_gguf_model_and_the_cpu_kernels():
+    with pytest.raises(ValueError, match="needs a GGUF model, not dummy"):
+        LLM("smollm2-135m", load_format="dummy", num_blocks=8, quantization="gguf-native")
+    with pytest.raises(ValueError, match="needs the CPU kernels"):
+        LLM(None, kernels="torch", num_blocks=8, quantization="gguf-native")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(None, quantization="q4")
