@@ -119,6 +119,11 @@ def test_a_rank_launched_from_the_environment_over_the_remote_path(tmp_path):
             sender = llm.engine.ranks.sender
             assert len(sender.identities) == 1 and not sender.rings  # the ZeroMQ path
             got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+            # what /metrics labels by rank: each rank's KV cache, its host and pid
+            ranks = llm.engine.ranks_info()
+            assert [r["rank"] for r in ranks] == [0, 1]
+            assert ranks[1]["pid"] == worker.pid
+            assert ranks[0]["kv_cache_bytes"] == ranks[1]["kv_cache_bytes"] > 0
         finally:
             llm.close()
         assert [o.outputs[0].token_ids for o in got] == want

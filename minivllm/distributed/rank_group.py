@@ -13,15 +13,18 @@ restarts the whole group.
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
+import socket
 import weakref
 from typing import Optional
 
 from minivllm.config import ArchConfig, EngineConfig
 from minivllm.core.batch import ScheduledBatch
-from minivllm.distributed.group import TensorParallelGroup, join, leave, open_store
+from minivllm.distributed.group import (TensorParallelGroup, join, leave, open_store,
+                                        store_key)
 from minivllm.distributed.shared_config import post_config
 from minivllm.distributed.step_channel import StepSender
 from minivllm.distributed.step_record import encode_step, encode_stop
@@ -43,6 +46,17 @@ def check_shardable(arch: ArchConfig, size: int) -> None:
     tp.shard(arch.num_attention_heads, "num_attention_heads")
     tp.shard(arch.intermediate_size, "intermediate_size")
     kv_head_shard(arch, tp)
+
+
+def rank_info(rank: int, kv_cache_bytes: int) -> dict:
+    """What /metrics labels a rank's figures with, and the figure that differs by rank."""
+    return dict(rank=rank, host=socket.gethostname(), pid=os.getpid(),
+                kv_cache_bytes=kv_cache_bytes)
+
+
+def post_rank_info(store, rank: int, kv_cache_bytes: int) -> None:
+    """A rank > 0, once its model and KV cache are up, tells rank 0 about itself."""
+    store.set(store_key("ranks", rank, "info"), json.dumps(rank_info(rank, kv_cache_bytes)))
 
 
 def backend_for(config: EngineConfig) -> str:
@@ -99,6 +113,12 @@ class RankGroup:
         """Hand `batch` to every other rank (before rank 0 runs its own forward)."""
         self.check()
         self.sender.send(encode_step(batch))
+
+    def ranks_info(self) -> list[dict]:
+        """rank_info() of every other rank that has posted it (all of them once the engine is
+        ready: their forwards ran with rank 0's)."""
+        keys = [store_key("ranks", r, "info") for r in range(1, self.tp.size)]
+        return [json.loads(self.store.get(k)) for k in keys if self.store.check([k])]
 
     def close(self) -> None:
         finalizer = getattr(self, "_finalizer", None)

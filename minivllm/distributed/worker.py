@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -24,7 +25,7 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
     `parent_pid` (spawned by rank 0) die with that parent."""
     from minivllm import logger as log_setup
     from minivllm.distributed.group import join, leave, open_store
-    from minivllm.distributed.rank_group import backend_for
+    from minivllm.distributed.rank_group import backend_for, post_rank_info
     from minivllm.distributed.shared_config import read_config
     from minivllm.distributed.step_channel import StepReceiver
     from minivllm.distributed.step_record import decode_step
@@ -33,7 +34,13 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
     from minivllm.loader import resolve_model
 
     if parent_pid is not None:
-        die_with_parent(parent_pid)
+        # A spawned rank lives and stops with its engine: STOP ends it, and so does the
+        # engine's death (SIGKILL: nothing of it is worth saving). The signals a terminal or
+        # `timeout` sends to the whole process group are the engine's to act on: a rank that
+        # died of them would fail the steps of the engine's drain.
+        die_with_parent(parent_pid, signal.SIGKILL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log_setup.configure()
     store = open_store(rank, host, port)
     config = read_config(store)
@@ -43,6 +50,7 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
         receiver = StepReceiver(store, rank)  # before the model: rank 0 waits for it
         source = resolve_model(config.model.model, config.model.load_format)
         runner = ModelRunner(config, source, overlap=False, tp=tp)
+        post_rank_info(store, rank, runner.kv_cache_bytes)
         logger.info("tensor-parallel rank %d of %d ready (pid %d)", rank, tp.size, os.getpid())
         while True:
             record = receiver.recv(IDLE_WAIT_S)

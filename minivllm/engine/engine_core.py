@@ -30,7 +30,7 @@ import numpy as np
 
 from minivllm.config import EngineConfig
 from minivllm.core.scheduler import core_implementation
-from minivllm.distributed.rank_group import RankGroup
+from minivllm.distributed.rank_group import RankGroup, rank_info
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.prompt_logprobs import PromptLogprobs, PromptLogprobsTracker
 from minivllm.engine.structured_output import StepMasks, StructuredOutputs
@@ -121,6 +121,11 @@ class EngineCore:
                                  "tensor_parallel_size > 1 yet")
             return False
         return config.model.torch_device().type == "cuda" if overlap is None else overlap
+
+    def ranks_info(self) -> list[dict]:
+        """Each tensor-parallel rank's identity and KV-cache size (rank 0: this process)."""
+        own = [rank_info(0, self.runner.kv_cache_bytes)]
+        return own + (self.ranks.ranks_info() if self.ranks is not None else [])
 
     def check_ranks(self) -> None:
         """Raise RankDiedError if a tensor-parallel rank that this process spawned is gone."""

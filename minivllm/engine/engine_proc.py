@@ -449,7 +449,7 @@ class EngineProc:
                 "prefix_queries": alloc.prefix_queries, "prefix_hits": alloc.prefix_hits,
                 "preemptions": sched.num_preemptions, "frontends": sorted(self.frontends),
                 "zmq_peers": len(self.peers), "zmq_in_flight": self.zmq_in_flight(),
-                "step_p99_s": self.step_p99(),
+                "step_p99_s": self.step_p99(), "ranks": self.core.ranks_info(),
                 **self.core.timings.snapshot(), **self.counters}
 
     # ---- stop -------------------------------------------------------------------------------

@@ -171,6 +171,10 @@ class ModelRunner:
         self.model.bind_kv_cache(list(self.kv_cache[0]), list(self.kv_cache[1]))
         return KVCacheSpec(num_blocks, cache.block_size, per_block)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
     def execute(self, batch: ScheduledBatch, masks: Optional[StepMasks] = None) -> SamplerOutput:
         """Forward the batch and sample one token for each row in `batch.sample_rows`, under
         the grammar masks of its constrained rows if any."""

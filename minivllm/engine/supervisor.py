@@ -40,18 +40,18 @@ class EngineStartError(RuntimeError):
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """First thing in a child process: have it get SIGTERM (a graceful stop) when its parent
-    dies, however it dies, so that nothing runs on unsupervised (Linux's PR_SET_PDEATHSIG).
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """First thing in a child process: have it get `sig` (SIGTERM: a graceful stop) when its
+    parent dies, however it dies, so that nothing runs on unsupervised (PR_SET_PDEATHSIG).
     The parent may have died before this call: hence the check of who the parent is now. The
     signal follows the *thread* that started the child: start children from threads that
     outlive them."""
     import ctypes
 
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
 
 
 def _engine_main(engine_config: EngineConfig, transport: TransportConfig, conn, parent_pid: int,

@@ -116,6 +116,12 @@ class EngineCollector:
                 ("prefix_cache_hits", "Prefix-cache hits (blocks)", s["prefix_hits"]),
                 ("num_preemptions", "Requests preempted", s["preemptions"])):
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        ranks = GaugeMetricFamily(PREFIX + "kv_cache_bytes", "KV-cache bytes of each "
+                                  "tensor-parallel rank (its share of the KV heads)",
+                                  labels=["rank", "host", "pid"])
+        for r in s["ranks"]:
+            ranks.add_metric([str(r["rank"]), r["host"], str(r["pid"])], r["kv_cache_bytes"])
+        yield ranks
         hit_rate = s["prefix_hits"] / s["prefix_queries"] if s["prefix_queries"] else 0.0
         yield GaugeMetricFamily(PREFIX + "prefix_cache_hit_rate",
                                 "Prefix-cache hits per lookup since start", value=hit_rate)
