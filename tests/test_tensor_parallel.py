@@ -52,6 +52,19 @@ def _nothing_left_behind() -> None:
     assert not shm.list_segments(pid=os.getpid(), directory=shm.SOCKET_DIR)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launched_rank(port: int) -> subprocess.Popen:
+    """Rank 1 of 2 started as torchrun starts it."""
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    return subprocess.Popen([sys.executable, "-m", "minivllm.distributed.worker"], env=env)
+
+
 def test_step_record_round_trips_every_array():
     batch = ScheduledBatch(np.arange(5), np.arange(5) + 1, np.arange(5) + 2, np.array([0, 3, 5]),
                            np.array([3, 2]), np.array([[1, 2, 3], [4, 5, 6]], np.int32),
@@ -75,6 +88,20 @@ def test_a_head_count_the_size_does_not_divide_fails_before_any_rank_starts(tmp_
                                          "num_key_value_heads"):
         LLM(_config(tmp_path, "kv3", num_attention_heads=12, num_key_value_heads=3),
             load_format="dummy", tensor_parallel_size=4, **SMALL)
+    _nothing_left_behind()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be a positive integer"),
+    (dict(tensor_parallel_size=2, spawn_workers=False),
+     "master_port 0 .* works only when rank 0 spawns its workers"),
+    (dict(tensor_parallel_size=2, backend="mpi"), "backend must be gloo, nccl"),
+    (dict(tensor_parallel_size=2, async_scheduling=True),
+     "async_scheduling is not supported with tensor_parallel_size > 1"),
+])
+def test_bad_parallel_options_are_named(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(_config(tmp_path, "opts"), load_format="dummy", **SMALL, **options)
     _nothing_left_behind()
 
 
@@ -106,12 +133,8 @@ def test_a_rank_launched_from_the_environment_over_the_remote_path(tmp_path):
     a rank on another host. Same tokens as TP=1; rank 1 exits when rank 0 closes."""
     model = _config(tmp_path, "remote")
     want = _greedy(model, load_format="dummy", kernels="torch")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port))
-    worker = subprocess.Popen([sys.executable, "-m", "minivllm.distributed.worker"], env=env)
+    port = _free_port()
+    worker = _launched_rank(port)
     try:
         llm = LLM(model, load_format="dummy", kernels="torch", tensor_parallel_size=2,
                   spawn_workers=False, master_port=port, remote_steps=True, **SMALL)
@@ -132,6 +155,28 @@ def test_a_rank_launched_from_the_environment_over_the_remote_path(tmp_path):
         worker.kill()
         worker.wait()
     _nothing_left_behind()
+
+
+def test_a_launched_rank_exits_when_rank_0_is_killed(tmp_path):
+    """No parent to die with: it notices that rank 0's store is gone while it waits."""
+    port = _free_port()
+    worker = _launched_rank(port)
+    rank0 = subprocess.Popen([sys.executable, "-c", f"""
+from minivllm import LLM
+llm = LLM({_config(tmp_path, "orphan")!r}, load_format="dummy", kernels="torch",
+          tensor_parallel_size=2, spawn_workers=False, master_port={port}, remote_steps=True,
+          **{SMALL!r})
+print("ready", flush=True)
+input()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert rank0.stdout.readline() == "ready\n"
+        rank0.kill()
+        assert worker.wait(120) == 1
+    finally:
+        for proc in (rank0, worker):
+            proc.kill()
+            proc.wait()
 
 
 def test_a_killed_rank_fails_the_next_step_clearly_and_leaves_nothing(tmp_path):

@@ -24,7 +24,7 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
     """Join the group whose store is at host:port as `rank` and run steps until STOP; with
     `parent_pid` (spawned by rank 0) die with that parent."""
     from minivllm import logger as log_setup
-    from minivllm.distributed.group import join, leave, open_store
+    from minivllm.distributed.group import join, leave, open_store, store_key
     from minivllm.distributed.rank_group import backend_for, post_rank_info
     from minivllm.distributed.shared_config import read_config
     from minivllm.distributed.step_channel import StepReceiver
@@ -55,6 +55,7 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
         while True:
             record = receiver.recv(IDLE_WAIT_S)
             if record is None:
+                _check_rank0(store, store_key("config"), host, port)
                 continue
             batch = decode_step(record)
             if batch is None:
@@ -65,6 +66,17 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
             receiver.close()
         leave()
     logger.info("tensor-parallel rank %d stopped", rank)
+
+
+def _check_rank0(store, key: str, host: str, port: int) -> None:
+    """A rank that rank 0 did not spawn has no parent to die with; but the store lives in rank
+    0 (outside torchrun, whose agent stops the group itself), and fails once rank 0 is gone."""
+    try:
+        store.check([key])
+    except RuntimeError as exc:  # torch's DistNetworkError / DistStoreError
+        logger.error("rank 0 is gone (its store at %s:%d: %s): exiting", host, port,
+                     str(exc).splitlines()[0])
+        raise SystemExit(1) from None
 
 
 def main() -> int:
