@@ -14,14 +14,18 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from minivllm import LLM, SamplingParams
 from minivllm.core.batch import ScheduledBatch
 from minivllm.distributed.rank_group import RankDiedError
-from minivllm.distributed.step_record import decode_step, encode_step, encode_stop
+from minivllm.distributed.step_record import (decode_record, encode_logits, encode_step,
+                                              encode_stop)
 from minivllm.transport import shm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+WITH_PROMPT_LOGPROBS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                      prompt_logprobs=2)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], list(range(20, 70))]
 # Small engines: the KV cache is 16 MiB a rank, contexts stay short.
 SMALL = dict(dtype="float32", cpu_kv_cache_bytes=1 << 24, max_model_len=256)
@@ -38,12 +42,16 @@ def _config(tmp_path, name: str, **fields) -> str:
     return str(path)
 
 
-def _greedy(model, prompts=PROMPTS, **kwargs) -> list[list[int]]:
+def _generate(model, prompts=PROMPTS, params=GREEDY, **kwargs) -> list:
     llm = LLM(model, **SMALL, **kwargs)
     try:
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        return llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.close()
+
+
+def _greedy(model, prompts=PROMPTS, **kwargs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in _generate(model, prompts, **kwargs)]
 
 
 def _nothing_left_behind() -> None:
@@ -69,14 +77,17 @@ def test_step_record_round_trips_every_array():
     batch = ScheduledBatch(np.arange(5), np.arange(5) + 1, np.arange(5) + 2, np.array([0, 3, 5]),
                            np.array([3, 2]), np.array([[1, 2, 3], [4, 5, 6]], np.int32),
                            np.array([7, 9]), np.array([0, 1]))
-    back = decode_step(encode_step(batch).tobytes())
+    back = decode_record(encode_step(batch).tobytes())
     for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
                  "block_tables", "req_indices", "sample_rows"):
         np.testing.assert_array_equal(getattr(back, name), getattr(batch, name))
         assert getattr(back, name).dtype == getattr(batch, name).dtype
-    assert decode_step(encode_stop().tobytes()) is None
+    assert decode_record(encode_stop().tobytes()) is None
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(3, 5).to(dtype)
+        assert torch.equal(decode_record(encode_logits(hidden).tobytes()), hidden)
     with pytest.raises(ValueError, match="malformed step record"):
-        decode_step(encode_step(batch).tobytes()[:-8])
+        decode_record(encode_step(batch).tobytes()[:-8])
 
 
 def test_a_head_count_the_size_does_not_divide_fails_before_any_rank_starts(tmp_path):
@@ -113,9 +124,17 @@ def test_bad_parallel_options_are_named(tmp_path, options, message):
          tie_word_embeddings=True),
 ], ids=["llama-split-kv", "qwen2-replicated-kv"])
 def test_tp2_on_a_small_model_gives_tp1_greedy_tokens(tmp_path, fields):
+    """And the prompt logprobs, whose logits every rank computes a shard of."""
     model = _config(tmp_path, "small", **fields)
-    want = _greedy(model, load_format="dummy", kernels="torch")
-    assert _greedy(model, load_format="dummy", kernels="torch", tensor_parallel_size=2) == want
+    want = _generate(model, params=WITH_PROMPT_LOGPROBS, load_format="dummy", kernels="torch")
+    got = _generate(model, params=WITH_PROMPT_LOGPROBS, load_format="dummy", kernels="torch",
+                    tensor_parallel_size=2)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    for g, w in zip(got, want):
+        assert g.prompt_logprobs[0] is None and len(g.prompt_logprobs) == len(w.prompt_logprobs)
+        for gp, wp in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]):
+            assert gp.keys() == wp.keys()
+            assert [gp[t] for t in wp] == pytest.approx([wp[t] for t in wp], abs=1e-4)
     _nothing_left_behind()
 
 

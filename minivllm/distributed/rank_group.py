@@ -19,7 +19,7 @@ import multiprocessing as mp
 import os
 import socket
 import weakref
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from minivllm.config import ArchConfig, EngineConfig
 from minivllm.core.batch import ScheduledBatch
@@ -27,7 +27,10 @@ from minivllm.distributed.group import (TensorParallelGroup, join, leave, open_s
                                         store_key)
 from minivllm.distributed.shared_config import post_config
 from minivllm.distributed.step_channel import StepSender
-from minivllm.distributed.step_record import encode_step, encode_stop
+from minivllm.distributed.step_record import encode_logits, encode_step, encode_stop
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class RankGroup:
 
     def runner_args(self) -> dict:
         """What rank 0's ModelRunner takes from the group."""
-        return dict(tp=self.tp, broadcast=self.send)
+        return dict(tp=self.tp, ranks=self)
 
     def check(self) -> None:
         """Raise RankDiedError if a spawned rank has exited (ranks started elsewhere show
@@ -113,6 +116,12 @@ class RankGroup:
         """Hand `batch` to every other rank (before rank 0 runs its own forward)."""
         self.check()
         self.sender.send(encode_step(batch))
+
+    def send_hidden(self, hidden: "torch.Tensor") -> None:
+        """Hand hidden states to every other rank, whose vocabulary shards of their logits
+        rank 0 gathers next (prompt logprobs)."""
+        self.check()
+        self.sender.send(encode_logits(hidden))
 
     def ranks_info(self) -> list[dict]:
         """rank_info() of every other rank that has posted it (all of them once the engine is

@@ -28,7 +28,8 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
     from minivllm.distributed.rank_group import backend_for, post_rank_info
     from minivllm.distributed.shared_config import read_config
     from minivllm.distributed.step_channel import StepReceiver
-    from minivllm.distributed.step_record import decode_step
+    from minivllm.core.batch import ScheduledBatch
+    from minivllm.distributed.step_record import decode_record
     from minivllm.engine.model_runner import ModelRunner
     from minivllm.engine.supervisor import die_with_parent
     from minivllm.loader import resolve_model
@@ -57,10 +58,13 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
             if record is None:
                 _check_rank0(store, store_key("config"), host, port)
                 continue
-            batch = decode_step(record)
-            if batch is None:
+            item = decode_record(record)
+            if item is None:
                 break
-            runner.forward(batch)
+            if isinstance(item, ScheduledBatch):
+                runner.forward(item)
+            else:  # hidden states rank 0 wants logits of (prompt logprobs)
+                runner.compute_logits(item)
     finally:
         if receiver is not None:
             receiver.close()

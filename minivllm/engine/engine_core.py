@@ -155,9 +155,6 @@ class EngineCore:
         ValueError for a prompt or owner the engine cannot take."""
         check_prompt(prompt_token_ids, self.max_model_len, self.source.arch.vocab_size)
         params.check_vocab(self.source.arch.vocab_size)
-        if self.ranks is not None and params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported with tensor_parallel_size > 1 "
-                             "yet")
         req = self._request_cls(owner, prompt_token_ids, params, self.eos_token_ids,
                                 self.max_model_len, self._arrivals, time.monotonic(), priority)
         if params.structured_outputs is None:
@@ -218,7 +215,7 @@ class EngineCore:
         if batch is None or not self.prompt_logprobs:
             return outputs
         found = self.prompt_logprobs.compute(batch, self.runner.hidden,
-                                             self.runner.model.compute_logits)
+                                             self.runner.compute_logits)
         return dataclasses.replace(outputs, prompt_logprobs=found) if found else outputs
 
     def _step_overlapped(self, batch, masks: Optional[StepMasks]) -> StepOutputs:

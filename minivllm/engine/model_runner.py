@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from minivllm.layers.kernels import KernelSet, select_kernels
 from minivllm.layers.sampler import Sampler, SamplerOutput
 from minivllm.loader import ModelSource, load_blocks, load_weights
 from minivllm.models import MODEL_REGISTRY
+
+if TYPE_CHECKING:  # rank_group imports the worker, which imports this module
+    from minivllm.distributed.rank_group import RankGroup
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +86,11 @@ def _default_dtype(dtype: torch.dtype):
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, overlap: bool = False,
                  tp: TensorParallelGroup = TensorParallelGroup(),
-                 broadcast: Optional[Callable[[ScheduledBatch], None]] = None) -> None:
-        """`tp`: this rank's tensor-parallel group; `broadcast` (rank 0 of a group) hands each
-        step's batch to the other ranks before the forward."""
+                 ranks: Optional[RankGroup] = None) -> None:
+        """`tp`: this rank's tensor-parallel group; `ranks` (rank 0 of a group): the other
+        ranks, handed each step's batch before the forward."""
         arch = source.arch
-        self.tp, self.broadcast = tp, broadcast
+        self.tp, self.ranks = tp, ranks
         self.device = config.model.torch_device()
         if tp.size > 1 and self.device.type == "cpu":
             share_cpu_threads(tp.size)  # before the kernels' log line, which names the count
@@ -184,8 +187,8 @@ class ModelRunner:
     def forward(self, batch: ScheduledBatch) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """The logits of the batch's sampled rows (None on a tensor-parallel rank > 0), and
         those rows' request indices."""
-        if self.broadcast is not None:
-            self.broadcast(batch)
+        if self.ranks is not None:
+            self.ranks.send(batch)
         if self.graphs is not None and self.graphs.serves(batch):
             hidden, sample_index, sample_indices = self.graphs.run(batch)
         else:
@@ -201,6 +204,14 @@ class ModelRunner:
         if sample_index is not None:  # None: every token is sampled (a step of decodes)
             hidden = hidden[sample_index]
         return self.step_model.compute_logits(hidden), sample_indices
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """Logits of any hidden states (prompt logprobs); every rank of a group computes its
+        vocabulary shard, so rank 0 hands them the states first."""
+        if self.ranks is not None:
+            self.ranks.send_hidden(hidden)
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, req_indices: torch.Tensor,
