@@ -27,7 +27,9 @@ from minivllm.distributed.group import (TensorParallelGroup, join, leave, open_s
                                         store_key)
 from minivllm.distributed.shared_config import post_config
 from minivllm.distributed.step_channel import StepSender
-from minivllm.distributed.step_record import encode_logits, encode_step, encode_stop
+from minivllm.distributed.step_record import (encode_logits, encode_step, encode_stop,
+                                              largest_record)
+from minivllm.engine.prompt_logprobs import ROWS_PER_PASS
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +71,7 @@ def backend_for(config: EngineConfig) -> str:
 
 
 class RankGroup:
-    def __init__(self, config: EngineConfig, arch: ArchConfig) -> None:
+    def __init__(self, config: EngineConfig, arch: ArchConfig, max_model_len: int) -> None:
         p = config.parallel
         check_shardable(arch, p.tensor_parallel_size)
         self.workers: list[mp.Process] = []
@@ -81,7 +83,7 @@ class RankGroup:
                 self._spawn(config, self.store.port)
             self.tp = join(self.store, 0, p.tensor_parallel_size, backend_for(config))
             self.sender = StepSender(self.store, p.tensor_parallel_size, p.remote_steps,
-                                     p.master_addr)
+                                     p.master_addr, _ring_capacity(config, arch, max_model_len))
         except BaseException:
             self.close()
             raise
@@ -135,6 +137,15 @@ class RankGroup:
             finalizer()
         else:
             _close(self.workers, self.sender)
+
+
+def _ring_capacity(config: EngineConfig, arch: ArchConfig, max_model_len: int) -> int:
+    """A step ring holds two of the largest records (rank 0 may be one step ahead)."""
+    s = config.scheduler
+    largest = largest_record(s.max_num_batched_tokens, s.max_num_seqs,
+                             -(-max_model_len // config.cache.block_size), ROWS_PER_PASS,
+                             arch.hidden_size)
+    return max(1 << 20, 1 << (2 * largest + 64).bit_length())
 
 
 def _close(workers: list[mp.Process], sender: Optional[StepSender]) -> None:

@@ -22,7 +22,6 @@ from minivllm.distributed.group import store_key
 from minivllm.transport import shm
 from minivllm.transport.doorbell import Bell, BellListener
 
-RING_CAPACITY = 1 << 23  # a step's arrays: block tables dominate (max_num_seqs x blocks x 4 B)
 SPIN_S = 50e-6  # as TransportConfig.spin_us: a reader spins this long before it sleeps
 _HELLO = b"rank"
 
@@ -34,19 +33,21 @@ def _key(rank: int, what: str) -> str:
 class StepSender:
     """Rank 0's end: one ring per local rank, one ROUTER for the remote ones."""
 
-    def __init__(self, store: dist.Store, size: int, remote: bool, host: str) -> None:
+    def __init__(self, store: dist.Store, size: int, remote: bool, host: str,
+                 ring_capacity: int) -> None:
         self.ctx = zmq.Context()
         self.ctx.setsockopt(zmq.LINGER, 0)
         self.rings: list = []
         self.router: Optional[zmq.Socket] = None
         self.identities: list[bytes] = []
         try:
-            self._connect(store, size, remote, host)
+            self._connect(store, size, remote, host, ring_capacity)
         except BaseException:
             self.close()
             raise
 
-    def _connect(self, store: dist.Store, size: int, remote: bool, host: str) -> None:
+    def _connect(self, store: dist.Store, size: int, remote: bool, host: str,
+                 ring_capacity: int) -> None:
         here = socket.gethostname()
         far = [r for r in range(1, size)
                if remote or store.get(_key(r, "host")).decode() != here]
@@ -59,7 +60,7 @@ class StepSender:
             if r in far:
                 store.set(_key(r, "ring"), "zmq " + endpoint)
                 continue
-            ring = shm.create_ring(f"tp{r}", RING_CAPACITY)
+            ring = shm.create_ring(f"tp{r}", ring_capacity)
             self.rings.append(ring)
             store.set(_key(r, "ring"), ring.name)
         for ring, r in zip(self.rings, (r for r in range(1, size) if r not in far)):

@@ -28,6 +28,14 @@ _INT64_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "s
                  "req_indices", "sample_rows")
 
 
+def largest_record(max_tokens: int, max_seqs: int, max_blocks: int, logits_rows: int,
+                   hidden_size: int) -> int:
+    """Bytes of the largest record an engine with these limits sends: a step of `max_tokens`
+    tokens over `max_seqs` rows with whole block tables, or `logits_rows` fp32 hidden states."""
+    step = 8 * (_HEADER + 3 * max_tokens + 3 * max_seqs + 1 + max_seqs) + 4 * max_seqs * max_blocks
+    return max(step + 8, 8 * _HEADER + 4 * logits_rows * hidden_size)
+
+
 def encode_step(batch: ScheduledBatch) -> np.ndarray:
     """The record of `batch` (a uint8 array)."""
     tables = np.ascontiguousarray(batch.block_tables, dtype=np.int32)

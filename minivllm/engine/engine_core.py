@@ -31,7 +31,7 @@ import numpy as np
 from minivllm.config import EngineConfig
 from minivllm.core.scheduler import core_implementation
 from minivllm.distributed.rank_group import RankGroup, rank_info
-from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.model_runner import ModelRunner, max_model_len
 from minivllm.engine.prompt_logprobs import PromptLogprobs, PromptLogprobsTracker
 from minivllm.engine.structured_output import StepMasks, StructuredOutputs
 from minivllm.engine.request_timings import RequestTimings
@@ -75,7 +75,7 @@ class EngineCore:
         self.sampling_defaults = self._sampling_defaults(config.model.generation_config)
         self.overlap = overlap = self._overlap(config)
         # Tensor parallel: the other ranks start (or join) here, each running every step.
-        self.ranks = RankGroup(config, self.source.arch) \
+        self.ranks = RankGroup(config, self.source.arch, max_model_len(config, self.source)) \
             if config.parallel.tensor_parallel_size > 1 else None
         try:
             self.runner = ModelRunner(config, self.source, overlap,

@@ -18,7 +18,7 @@ from minivllm.core.batch import ScheduledBatch
 
 PromptLogprobs = dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]]
 # Logits of this many positions at a time: [rows, vocab] fp32 stays small (50 MB at 49k).
-_ROWS_PER_PASS = 256
+ROWS_PER_PASS = 256
 
 
 class PromptLogprobsTracker:
@@ -80,10 +80,10 @@ def _logprobs(hidden: torch.Tensor, targets: np.ndarray, k: int,
     """(logprob of each target [n], top-k ids [n, k], their logprobs [n, k]), in fp32."""
     target = torch.as_tensor(targets, device=hidden.device).unsqueeze(1)
     parts = []
-    for i in range(0, len(target), _ROWS_PER_PASS):
-        logprobs = compute_logits(hidden[i:i + _ROWS_PER_PASS]).float().log_softmax(dim=-1)
+    for i in range(0, len(target), ROWS_PER_PASS):
+        logprobs = compute_logits(hidden[i:i + ROWS_PER_PASS]).float().log_softmax(dim=-1)
         top = logprobs.topk(k, dim=-1)
-        parts.append((logprobs.gather(1, target[i:i + _ROWS_PER_PASS]).squeeze(1),
+        parts.append((logprobs.gather(1, target[i:i + ROWS_PER_PASS]).squeeze(1),
                       top.indices, top.values))
     sampled, top_ids, top_logprobs = (torch.cat(p).cpu().numpy() for p in zip(*parts))
     return sampled, top_ids.astype(np.int32), top_logprobs
