@@ -11,14 +11,18 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
+from minivllm.config import SupervisorConfig, TransportConfig
 from minivllm.core.batch import ScheduledBatch
 from minivllm.distributed.rank_group import RankDiedError
+from minivllm.engine.supervisor import Supervisor
+from minivllm.llm import build_engine_config
 from minivllm.distributed.step_record import (decode_record, encode_logits, encode_step,
                                               encode_stop)
 from minivllm.transport import shm
@@ -211,3 +215,34 @@ def test_a_killed_rank_fails_the_next_step_clearly_and_leaves_nothing(tmp_path):
     finally:
         llm.close()
     _nothing_left_behind()
+
+
+def _ranks_of(engine_pid: int) -> list[int]:
+    """The engine's spawned rank processes (its children but the resource tracker)."""
+    psutil = pytest.importorskip("psutil", reason="finds the engine's rank processes")
+    return [c.pid for c in psutil.Process(engine_pid).children()
+            if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def test_the_supervisor_restarts_the_group_of_a_killed_rank(tmp_path):
+    config = build_engine_config(_config(tmp_path, "supervised"), load_format="dummy",
+                                 kernels="torch", tensor_parallel_size=2, **SMALL)
+    sup = Supervisor(config, TransportConfig(), SupervisorConfig(backoff_s=0.1))
+    sup.start()
+    try:
+        old = [sup.engine_pid, *_ranks_of(sup.engine_pid)]
+        assert len(old) == 2
+        os.kill(old[1], signal.SIGKILL)
+        deadline = time.monotonic() + 300  # a bound for a loaded machine, not a speed check
+        while not (sup.restarts == 1 and sup.state == "ready"):
+            assert time.monotonic() < deadline, f"no new group: {sup.state}"
+            time.sleep(0.1)
+        new = [sup.engine_pid, *_ranks_of(sup.engine_pid)]
+        assert new[0] != old[0] and len(new) == 2
+    finally:
+        sup.shutdown()
+    assert not any(shm.pid_alive(p) for p in old + new)
+    _nothing_left_behind()
+    for pid in old + new:
+        assert not shm.list_segments(pid=pid)
+        assert not shm.list_segments(pid=pid, directory=shm.SOCKET_DIR)
