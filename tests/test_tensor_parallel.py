@@ -32,6 +32,7 @@ WITH_PROMPT_LOGPROBS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos
                                       prompt_logprobs=2)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], list(range(20, 70))]
 # Small engines: the KV cache is 16 MiB a rank, contexts stay short.
+THREADS = torch.get_num_threads()
 SMALL = dict(dtype="float32", cpu_kv_cache_bytes=1 << 24, max_model_len=256)
 
 
@@ -59,6 +60,7 @@ def _greedy(model, prompts=PROMPTS, **kwargs) -> list[list[int]]:
 
 
 def _nothing_left_behind() -> None:
+    assert torch.get_num_threads() == THREADS  # rank 0's share of the CPUs given back
     assert not mp.active_children()
     assert not shm.list_segments(pid=os.getpid())
     assert not shm.list_segments(pid=os.getpid(), directory=shm.SOCKET_DIR)

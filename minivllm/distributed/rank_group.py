@@ -19,20 +19,19 @@ import multiprocessing as mp
 import os
 import socket
 import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
+
+import torch
 
 from minivllm.config import ArchConfig, EngineConfig
 from minivllm.core.batch import ScheduledBatch
 from minivllm.distributed.group import (TensorParallelGroup, join, leave, open_store,
-                                        store_key)
+                                        share_cpu_threads, store_key)
 from minivllm.distributed.shared_config import post_config
 from minivllm.distributed.step_channel import StepSender
 from minivllm.distributed.step_record import (encode_logits, encode_step, encode_stop,
                                               largest_record)
 from minivllm.engine.prompt_logprobs import ROWS_PER_PASS
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +75,10 @@ class RankGroup:
         check_shardable(arch, p.tensor_parallel_size)
         self.workers: list[mp.Process] = []
         self.sender: Optional[StepSender] = None
+        # This process's threads while it is rank 0 (given back on close: LLM's caller keeps
+        # its process).
+        self.threads = share_cpu_threads(p.tensor_parallel_size) \
+            if config.model.torch_device().type == "cpu" else None
         self.store = open_store(0, p.master_addr, p.master_port)
         try:
             post_config(self.store, config)
@@ -87,7 +90,8 @@ class RankGroup:
         except BaseException:
             self.close()
             raise
-        self._finalizer = weakref.finalize(self, _close, self.workers, self.sender)
+        self._finalizer = weakref.finalize(self, _close, self.workers, self.sender,
+                                           self.threads)
         logger.info("tensor parallel: %d ranks over %s, steps to %d local rank(s) by shared "
                     "memory and %d by ZeroMQ", self.tp.size, backend_for(config),
                     len(self.sender.rings), len(self.sender.identities))
@@ -119,7 +123,7 @@ class RankGroup:
         self.check()
         self.sender.send(encode_step(batch))
 
-    def send_hidden(self, hidden: "torch.Tensor") -> None:
+    def send_hidden(self, hidden: torch.Tensor) -> None:
         """Hand hidden states to every other rank, whose vocabulary shards of their logits
         rank 0 gathers next (prompt logprobs)."""
         self.check()
@@ -136,7 +140,7 @@ class RankGroup:
         if finalizer is not None:
             finalizer()
         else:
-            _close(self.workers, self.sender)
+            _close(self.workers, self.sender, self.threads)
 
 
 def _ring_capacity(config: EngineConfig, arch: ArchConfig, max_model_len: int) -> int:
@@ -148,8 +152,10 @@ def _ring_capacity(config: EngineConfig, arch: ArchConfig, max_model_len: int) -
     return max(1 << 20, 1 << (2 * largest + 64).bit_length())
 
 
-def _close(workers: list[mp.Process], sender: Optional[StepSender]) -> None:
-    """STOP to every rank, wait for them (kill the late ones), leave the group."""
+def _close(workers: list[mp.Process], sender: Optional[StepSender],
+           threads: Optional[int]) -> None:
+    """STOP to every rank, wait for them (kill the late ones), leave the group, give this
+    process its `threads` back."""
     if sender is not None:
         try:
             sender.send(encode_stop())
@@ -164,3 +170,5 @@ def _close(workers: list[mp.Process], sender: Optional[StepSender]) -> None:
     if sender is not None:
         sender.close()
     leave()
+    if threads is not None:
+        torch.set_num_threads(threads)

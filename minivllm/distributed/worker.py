@@ -24,7 +24,8 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
     """Join the group whose store is at host:port as `rank` and run steps until STOP; with
     `parent_pid` (spawned by rank 0) die with that parent."""
     from minivllm import logger as log_setup
-    from minivllm.distributed.group import join, leave, open_store, store_key
+    from minivllm.distributed.group import (join, leave, open_store, share_cpu_threads,
+                                            store_key)
     from minivllm.distributed.rank_group import backend_for, post_rank_info
     from minivllm.distributed.shared_config import read_config
     from minivllm.distributed.step_channel import StepReceiver
@@ -50,6 +51,8 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
     try:
         receiver = StepReceiver(store, rank)  # before the model: rank 0 waits for it
         source = resolve_model(config.model.model, config.model.load_format)
+        if config.model.torch_device().type == "cpu":
+            share_cpu_threads(tp.size)
         runner = ModelRunner(config, source, overlap=False, tp=tp)
         post_rank_info(store, rank, runner.kv_cache_bytes)
         logger.info("tensor-parallel rank %d of %d ready (pid %d)", rank, tp.size, os.getpid())

@@ -22,7 +22,7 @@ import torch
 
 from minivllm.config import EngineConfig
 from minivllm.core.batch import ScheduledBatch
-from minivllm.distributed.group import TensorParallelGroup, share_cpu_threads
+from minivllm.distributed.group import TensorParallelGroup
 from minivllm.engine.cuda_graphs import DecodeGraphs
 from minivllm.engine.step_inputs import StepStaging, cpu_inputs, fill_placeholders
 from minivllm.engine.structured_output import StepMasks
@@ -92,8 +92,6 @@ class ModelRunner:
         arch = source.arch
         self.tp, self.ranks = tp, ranks
         self.device = config.model.torch_device()
-        if tp.size > 1 and self.device.type == "cpu":
-            share_cpu_threads(tp.size)  # before the kernels' log line, which names the count
         self.max_model_len = max_model_len(config, source)
         self.kernels = _sharded(select_kernels(config.model, self.device, arch), tp)
         self.dtype = self.kernels.dtype
