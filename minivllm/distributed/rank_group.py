@@ -73,6 +73,10 @@ class RankGroup:
     def __init__(self, config: EngineConfig, arch: ArchConfig, max_model_len: int) -> None:
         p = config.parallel
         check_shardable(arch, p.tensor_parallel_size)
+        if config.model.quantization.startswith("gguf-native"):
+            raise ValueError(f"quantization {config.model.quantization} does not shard: with "
+                             f"tensor_parallel_size > 1 the linears run dense weights "
+                             f"(quantization none or auto)")
         self.workers: list[mp.Process] = []
         self.sender: Optional[StepSender] = None
         # This process's threads while it is rank 0 (given back on close: LLM's caller keeps
