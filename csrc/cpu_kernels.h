@@ -59,6 +59,7 @@ typedef struct {
     const void *embed, *final_norm;
     int embed_type;    /* cpu_quant.h's QT_*: QT_DENSE, or the packed panels of a quantized head */
     const int *wtypes; /* [layers][4]: the QT_* of qkv, o, gate_up, down */
+    int act_q8;        /* quantized linears on the table's linear_q8 (the int8 path) */
     const float *cos, *sin; /* rotary tables [positions, head_dim] */
     const void **in_norm, **post_norm, **qkv, **o, **gate_up, **down;
     const float **qkv_bias; /* NULL entries: no bias */
@@ -93,9 +94,11 @@ typedef struct {
                             const void *k, const void *v, int64_t ldkv, void *k_cache,
                             void *v_cache, int64_t H, int64_t KVH, int64_t D, float scale,
                             void *out);
-    void (*forward)(cpu_linear_fn linear, int bf16, const cpu_model *m, int64_t T,
+    void (*forward)(cpu_linear_fn linear, cpu_linear_fn linear_q8, int bf16, const cpu_model *m,
+                    int64_t T,
                     const int64_t *ids, const int64_t *positions, const cpu_attention_plan *a,
                     const cpu_buffers *w, void *out);
+    cpu_linear_fn linear_q8; /* the int8 path for quantized weights; NULL where the CPU lacks it */
 } cpu_kernel_table;
 
 /* ---- tuning constants, shared by every ISA ----------------------------------------------- */
@@ -212,8 +215,10 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #define v_rint ISA_NAME(v_rint)
 #define v_scale2 ISA_NAME(v_scale2)
 #define v_bf16_pairs ISA_NAME(v_bf16_pairs)
-#define v_i8 ISA_NAME(v_i8)
-#define v_u4 ISA_NAME(v_u4)
+#define vq ISA_NAME(vq)
+#define v_loadi ISA_NAME(v_loadi)
+#define v_nibble ISA_NAME(v_nibble)
+#define v_sbyte ISA_NAME(v_sbyte)
 #define v_load_f16 ISA_NAME(v_load_f16)
 /* the body's */
 #define v_exp ISA_NAME(v_exp)
@@ -224,6 +229,9 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #define qlin_tile ISA_NAME(qlin_tile)
 #define lin_tile_dp ISA_NAME(lin_tile_dp)
 #define linear_dp ISA_NAME(linear_dp)
+#define quantize_rows_q8 ISA_NAME(quantize_rows_q8)
+#define qlin_tile_q8 ISA_NAME(qlin_tile_q8)
+#define linear_q8 ISA_NAME(linear_q8)
 #define rms_norm ISA_NAME(rms_norm)
 #define rotate_heads ISA_NAME(rotate_heads)
 #define rotary ISA_NAME(rotary)
@@ -286,8 +294,10 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #undef v_rint
 #undef v_scale2
 #undef v_bf16_pairs
-#undef v_i8
-#undef v_u4
+#undef vq
+#undef v_loadi
+#undef v_nibble
+#undef v_sbyte
 #undef v_load_f16
 #undef v_exp
 #undef lin_store
@@ -297,6 +307,9 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #undef qlin_tile
 #undef lin_tile_dp
 #undef linear_dp
+#undef quantize_rows_q8
+#undef qlin_tile_q8
+#undef linear_q8
 #undef rms_norm
 #undef rotate_heads
 #undef rotary
@@ -341,12 +354,23 @@ static int cpu_has_bf16_dot(void) {
 #endif
 }
 
+/* Whether the CPU has AVX512-VNNI: the AVX-512 table then has the int8 path (linear_q8). */
+static int cpu_has_int8_dot(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
 /* The table of a supported ISA (check cpu_isa_missing first). */
 static cpu_kernel_table cpu_kernel_table_for(int isa) {
 #if defined(__x86_64__)
     if (isa == CPU_ISA_AVX512) {
         cpu_kernel_table t = avx512_kernel_table;
         if (cpu_has_bf16_dot()) t.linear = avx512_linear_dp;
+        if (cpu_has_int8_dot()) t.linear_q8 = avx512_linear_q8;
         return t;
     }
     if (isa == CPU_ISA_AVX2) return avx2_kernel_table;
@@ -356,12 +380,14 @@ static cpu_kernel_table cpu_kernel_table_for(int isa) {
 
 /* ---- the kernels one at a time, each in its own parallel region ---------------------------- */
 
-static void cpu_linear(const cpu_kernel_table *t, int wt, int bf16, int64_t M, int64_t K,
-                       int64_t N, const void *x, int64_t ldx, const void *wp, const float *bias,
-                       void *y, int64_t ldy, int out_f32) {
-    float *xf = bf16 ? malloc(M * K * sizeof(float)) : NULL;
+/* act_q8: a quantized weight on the int8 path (t->linear_q8, which the caller checked). */
+static void cpu_linear(const cpu_kernel_table *t, int wt, int act_q8, int bf16, int64_t M,
+                       int64_t K, int64_t N, const void *x, int64_t ldx, const void *wp,
+                       const float *bias, void *y, int64_t ldy, int out_f32) {
+    cpu_linear_fn lin = act_q8 && wt != QT_DENSE ? t->linear_q8 : t->linear;
+    float *xf = bf16 || act_q8 ? malloc(M * K * sizeof(float)) : NULL;
 #pragma omp parallel
-    t->linear(wt, bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
+    lin(wt, bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
     free(xf);
 }
 
@@ -409,7 +435,7 @@ static int cpu_forward(const cpu_kernel_table *t, int bf16, const cpu_model *m, 
     if (!indices_valid(T, ids, vocab)) return -1;
     if (!indices_valid(T, positions, max_position)) return -2;
     if (!kv_indices_valid(a, num_blocks)) return -3;
-    t->forward(t->linear, bf16, m, T, ids, positions, a, w, out);
+    t->forward(t->linear, m->act_q8 ? t->linear_q8 : NULL, bf16, m, T, ids, positions, a, w, out);
     return 0;
 }
 

@@ -15,7 +15,8 @@ minivllm/layers/ use these only on CPU, for float32 and bfloat16.
 
 Linear weights are dense (the model's dtype) or GGUF quantization blocks, kept as such and
 dequantized in registers (csrc/cpu_quant.h): a weight's `qtype` is ggml's type number, 0 for
-dense; QUANT_TYPES names the ones the kernels run.
+dense; QUANT_TYPES names the ones the kernels run. With `act_q8` (where `int8_dot`: AVX-512 with
+VNNI) a quantized linear quantizes its inputs to int8 and multiplies in integers, as llama.cpp.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 
@@ -37,6 +38,7 @@ cdef extern from "cpu_kernels.h" nogil:
         const void *final_norm
         int embed_type
         const int *wtypes
+        int act_q8
         const float *cos
         const float *sin
         const void **in_norm
@@ -59,6 +61,7 @@ cdef extern from "cpu_kernels.h" nogil:
         float *xf
     const char *cpu_isa_missing(int isa)
     int cpu_has_bf16_dot()
+    int cpu_has_int8_dot()
     cpu_kernel_table cpu_kernel_table_for(int isa)
     void pack_panels(int64_t N, int64_t K, int esz, const void *w, int64_t ldw, uint32_t *out)
     int64_t q_type_bytes(int qt)
@@ -66,7 +69,8 @@ cdef extern from "cpu_kernels.h" nogil:
     void pack_q_panels(int qt, int64_t N, int64_t K, const uint8_t *w, int64_t ldw, uint8_t *out)
     void attention_plan_init(cpu_attention_plan *a)
     void attention_plan_free(cpu_attention_plan *a)
-    void cpu_linear(const cpu_kernel_table *t, int wt, int bf16, int64_t M, int64_t K, int64_t N,
+    void cpu_linear(const cpu_kernel_table *t, int wt, int act_q8, int bf16, int64_t M, int64_t K,
+                    int64_t N,
                     const void *x, int64_t ldx, const void *wp, const float *bias, void *y,
                     int64_t ldy, int out_f32)
     void cpu_rms_norm(const cpu_kernel_table *t, int bf16, int64_t T, int64_t H, const void *x,
@@ -232,6 +236,15 @@ cdef int64_t _in_features(packed, int qtype, int bf) except -1:
     return packed.shape[1] * (2 if bf else 1)
 
 
+cdef int _int8_path(CpuKernels kernels, bint act_q8, int qtype) except -1:
+    if act_q8 and not kernels.int8_dot:
+        raise ValueError(f"the int8 path needs AVX-512 kernels on a CPU with AVX512-VNNI, not "
+                         f"{kernels.isa} here")
+    if act_q8 and not qtype:
+        raise ValueError("the int8 path runs quantized weights only")
+    return 0
+
+
 # ---- attention metadata ------------------------------------------------------------------------
 
 cdef class AttentionPlan:
@@ -277,7 +290,7 @@ cdef class CpuKernels:
 
     cdef cpu_kernel_table t
     cdef readonly str isa
-    cdef readonly bint bf16_dot
+    cdef readonly bint bf16_dot, int8_dot
 
     def __init__(self, str isa):
         if isa not in ISAS:
@@ -288,17 +301,19 @@ cdef class CpuKernels:
         self.isa = isa
         self.t = cpu_kernel_table_for(ISAS.index(isa))
         self.bf16_dot = isa == "avx512" and cpu_has_bf16_dot()
+        self.int8_dot = isa == "avx512" and cpu_has_int8_dot()
 
     def __repr__(self):
         return f"CpuKernels({self.isa!r})"
 
     def linear(self, x, packed, int64_t out_features, bias=None, out_dtype=None, out=None,
-               int qtype=0):
+               int qtype=0, bint act_q8=False):
         """x [M, K] (rows contiguous) @ W^T (+ bias, float32) -> [M, out_features] in out_dtype
         (default x's; a bf16 x may ask for float32), written into `out` where given (a contiguous
         tensor of that shape and dtype). `packed` comes from pack_linear_weight (qtype 0) or
-        pack_quant_weight (qtype: its ggml type)."""
+        pack_quant_weight (qtype: its ggml type); act_q8 takes the int8 path."""
         cdef int bf = _bf16(x)
+        _int8_path(self, act_q8, qtype)
         cdef int64_t k = _in_features(packed, qtype, bf)
         cdef int64_t ldx = _rows(x, k), m = x.shape[0]
         if not qtype:
@@ -320,7 +335,7 @@ cdef class CpuKernels:
         cdef uintptr_t px = _ptr(x), pw = _ptr(packed), py = _ptr(out)
         cdef int out_f32 = out_dtype == torch.float32
         with nogil:
-            cpu_linear(&self.t, qtype, bf, m, k, out_features, <const void *>px, ldx, <const void *>pw,
+            cpu_linear(&self.t, qtype, act_q8, bf, m, k, out_features, <const void *>px, ldx, <const void *>pw,
                        <const float *>b, <void *>py, out_features, out_f32)
         return out
 
@@ -437,7 +452,8 @@ cdef class CpuDecoder:
     with qkv_bias float32 or None), o, post_norm, gate_up, down (packed), k_cache, v_cache, and
     optionally `types`: {weight name: ggml type} for the linears packed quantized
     (pack_quant_weight). A quantized embedding (embed_type, with `vocab`) is the LM head's
-    packed panels, dequantized row by row on lookup."""
+    packed panels, dequantized row by row on lookup. `act_q8`: quantized linears on the int8
+    path."""
 
     cdef CpuKernels kernels
     cdef cpu_model m
@@ -448,8 +464,10 @@ cdef class CpuDecoder:
 
     def __init__(self, CpuKernels kernels, embed, final_norm, cos, sin, list layers,
                  int64_t heads, int64_t kv_heads, double eps, int embed_type=0,
-                 int64_t vocab=0):
+                 int64_t vocab=0, bint act_q8=False):
         self.kernels, self.bf = kernels, _bf16(final_norm)
+        if act_q8 and not kernels.int8_dot:
+            _int8_path(kernels, act_q8, 0)
         dtype = final_norm.dtype
         cdef int64_t hidden = final_norm.shape[0], d = cos.shape[1]
         types0 = layers[0].get("types", {})
@@ -506,6 +524,7 @@ cdef class CpuDecoder:
         self.m.scale = <float>(1.0 / (<double>d) ** 0.5)
         self.m.embed, self.m.final_norm = <const void *>_ptr(embed), <const void *>_ptr(final_norm)
         self.m.embed_type, self.m.wtypes = embed_type, <const int *><uintptr_t>_ptr(wtypes_t)
+        self.m.act_q8 = act_q8
         self.m.cos, self.m.sin = <const float *>_ptr(cos), <const float *>_ptr(sin)
         self.m.in_norm = _pointers([l["in_norm"] for l in layers])
         self.m.post_norm = _pointers([l["post_norm"] for l in layers])
@@ -536,7 +555,8 @@ cdef class CpuDecoder:
         widths = {"res": hd, "x": hd, "h": hd, "qkv": self.nqkv,
                   "attn": self.m.heads * self.m.head_dim, "gate_up": 2 * f, "act": f}
         self.buffers = {k: torch.empty(tokens, n, dtype=dtype) for k, n in widths.items()}
-        self.buffers["xf"] = torch.empty(tokens, self.widest if self.bf else 1)
+        # fp32 inputs of the bf16 linears, or the int8 path's quantized inputs
+        self.buffers["xf"] = torch.empty(tokens, self.widest if self.bf or self.m.act_q8 else 1)
         self.out = torch.empty(tokens, hd, dtype=dtype)
         b = self.buffers
         self.w.res, self.w.x, self.w.h = <void *>_ptr(b["res"]), <void *>_ptr(b["x"]), <void *>_ptr(b["h"])

@@ -9,6 +9,9 @@
 #ifndef VEC_DPBF16
 #define VEC_DPBF16 0
 #endif
+#ifndef VEC_VNNI
+#define VEC_VNNI 0
+#endif
 
 #ifndef VEC_MASKED_TAILS
 /* Tails through a 64-byte stack buffer: the ISA has no masked loads of 16-bit elements. */
@@ -117,26 +120,32 @@ ALWAYS_INLINE void qlin_tile(int mr, const int qt, const float *x, int64_t ldx, 
         const float *xk = x + k0;
         vf d = v_load_f16(w);
         if (qt == QT_Q8_0) {
-            for (int j = 0; j < Q_BLOCK; j++) {
-                vf wj = v_mul(v_i8(qs + j * 16), d);
-                for (int r = 0; r < mr; r++) acc[r] = v_fma(v_set1(xk[r * ldx + j]), wj, acc[r]);
+            for (int g = 0; g < Q_BLOCK / 4; g++) {
+                vq c = v_loadi(qs + g * 64);
+                for (int i = 0; i < 4; i++) {
+                    vf wj = v_mul(v_sbyte(c, i), d);
+                    for (int r = 0; r < mr; r++)
+                        acc[r] = v_fma(v_set1(xk[r * ldx + 4 * g + i]), wj, acc[r]);
+                }
             }
             continue;
         }
         vf m = qt == QT_Q4_1 ? v_load_f16(w + 32) : v_set1(8.0f);
-        for (int j = 0; j < Q_BLOCK / 2; j++) {
-            vf lo, hi;
-            v_u4(qs + j * 16, &lo, &hi);
-            if (qt == QT_Q4_0) {
-                lo = v_mul(d, v_sub(lo, m));
-                hi = v_mul(d, v_sub(hi, m));
-            } else {
-                lo = v_add(v_mul(d, lo), m);
-                hi = v_add(v_mul(d, hi), m);
-            }
-            for (int r = 0; r < mr; r++) {
-                acc[r] = v_fma(v_set1(xk[r * ldx + j]), lo, acc[r]);
-                acc[r] = v_fma(v_set1(xk[r * ldx + j + 16]), hi, acc[r]);
+        for (int g = 0; g < Q_BLOCK / 8; g++) {
+            vq c = v_loadi(qs + g * 64);
+            for (int i = 0; i < 4; i++) {
+                vf lo = v_nibble(c, 8 * i), hi = v_nibble(c, 8 * i + 4);
+                if (qt == QT_Q4_0) {
+                    lo = v_mul(d, v_sub(lo, m));
+                    hi = v_mul(d, v_sub(hi, m));
+                } else {
+                    lo = v_add(v_mul(d, lo), m);
+                    hi = v_add(v_mul(d, hi), m);
+                }
+                for (int r = 0; r < mr; r++) {
+                    acc[r] = v_fma(v_set1(xk[r * ldx + 4 * g + i]), lo, acc[r]);
+                    acc[r] = v_fma(v_set1(xk[r * ldx + 16 + 4 * g + i]), hi, acc[r]);
+                }
             }
         }
     }
@@ -230,6 +239,126 @@ static VEC_DPBF16_TARGET void linear_dp(int wt, int bf16, int64_t M, int64_t K, 
         int64_t n0 = p * 16;
         LIN_PANEL(VEC_LIN_MR, lin_tile_dp, M, (const uint16_t *)x, ldx, (const uint16_t *)wp + p * K * 16, K,
                   y, ldy, !out_f32);
+    }
+}
+#endif
+
+#if VEC_VNNI
+/* ---- the int8 path (--quantization gguf-native-q8): llama.cpp's arithmetic --------------------
+ *
+ * Inputs are quantized per row and block of 32 to int8, x ~ xd * xq with xd = max|x| / 127
+ * (llama.cpp's Q8_0 activations), and a block's dot product with 16 rows of weights is integer:
+ * vpdpbusd multiplies a 64-byte chunk of unsigned weight bytes (the nibbles, or Q8_0's quants
+ * + 128) by four broadcast int8 inputs, 64 products in one instruction. The block's sum is then
+ * scaled in fp32: d * xd * (sum - offset * sum(xq)) (+ m * xd * sum(xq) for Q4_1), offset 8 for
+ * Q4_0 and 128 for Q8_0. The fp32 path's results differ by the inputs' rounding to 8 bits. */
+
+/* x [M, K] (fp32 or bf16) -> xq [M, K] int8, xd [M, K/32] scales, xs [M, K/32] sums of xq. */
+static VEC_VNNI_TARGET void quantize_rows_q8(int bf16, int64_t M, int64_t K, const void *x,
+                                             int64_t ldx, int8_t *xq, float *xd, int32_t *xs) {
+    int64_t nb = K / Q_BLOCK;
+#pragma omp for schedule(static)
+    for (int64_t mb = 0; mb < M * nb; mb++) {
+        int64_t m = mb / nb, k = mb % nb * Q_BLOCK;
+        vf a0 = v_load(ELEM(x, bf16, m * ldx + k), bf16, 16);
+        vf a1 = v_load(ELEM(x, bf16, m * ldx + k + 16), bf16, 16);
+        vf amax = v_max(v_max(a0, v_sub(v_zero(), a0)), v_max(a1, v_sub(v_zero(), a1)));
+        float d = v_hmax(amax) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m512i q0 = _mm512_cvtps_epi32(v_mul(a0, v_set1(id)));
+        __m512i q1 = _mm512_cvtps_epi32(v_mul(a1, v_set1(id)));
+        _mm_storeu_si128((__m128i *)(xq + m * K + k), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + m * K + k + 16), _mm512_cvtepi32_epi8(q1));
+        xd[mb] = d;
+        xs[mb] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+ALWAYS_INLINE __m512i avx512_bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* Rows m0..m0+mr of the quantized inputs against one panel (cpu_quant.h) of type qt. */
+ALWAYS_INLINE VEC_VNNI_TARGET void qlin_tile_q8(int mr, const int qt, const int8_t *xq,
+                                               int64_t K, const float *xd, const int32_t *xs,
+                                               const uint8_t *w, void *y, int64_t ldy,
+                                               int out_bf16, int64_t m0, int64_t n0, int64_t N,
+                                               const float *bias) {
+    vf acc[VEC_Q8_MR];
+    __m512i is[VEC_Q8_MR];
+    const int64_t pb = q_panel_block_bytes(qt), nb = K / Q_BLOCK;
+    const int32_t offset = qt == QT_Q4_0 ? 8 : qt == QT_Q8_0 ? 128 : 0;
+    xq += m0 * K;
+    xd += m0 * nb;
+    xs += m0 * nb;
+    for (int r = 0; r < mr; r++) acc[r] = v_zero();
+    for (int64_t b = 0; b < nb; b++, w += pb) {
+        for (int64_t c = 0; c < pb; c += 64) __builtin_prefetch(w + c + LIN_PF, 0, 3);
+        const uint8_t *qs = w + q_quants_offset(qt);
+        const int8_t *xb = xq + b * Q_BLOCK;
+        for (int r = 0; r < mr; r++) is[r] = _mm512_setzero_si512();
+        if (qt == QT_Q8_0) {
+            for (int g = 0; g < Q_BLOCK / 4; g++) {
+                __m512i c = _mm512_xor_si512(_mm512_loadu_si512(qs + g * 64),
+                                             _mm512_set1_epi8((char)0x80));
+                for (int r = 0; r < mr; r++)
+                    is[r] = _mm512_dpbusd_epi32(is[r], c, avx512_bcast4(xb + r * K + 4 * g));
+            }
+        } else {
+            for (int g = 0; g < Q_BLOCK / 8; g++) {
+                __m512i c = _mm512_loadu_si512(qs + g * 64), mask = _mm512_set1_epi8(0x0F);
+                __m512i lo = _mm512_and_si512(c, mask);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+                for (int r = 0; r < mr; r++) {
+                    is[r] = _mm512_dpbusd_epi32(is[r], lo, avx512_bcast4(xb + r * K + 4 * g));
+                    is[r] = _mm512_dpbusd_epi32(is[r], hi,
+                                                avx512_bcast4(xb + r * K + 16 + 4 * g));
+                }
+            }
+        }
+        vf d = v_load_f16(w);
+        for (int r = 0; r < mr; r++) {
+            int32_t sx = xs[r * nb + b];
+            float dx = xd[r * nb + b];
+            __m512i sum = offset ? _mm512_sub_epi32(is[r], _mm512_set1_epi32(offset * sx)) : is[r];
+            acc[r] = v_fma(v_mul(d, v_set1(dx)), _mm512_cvtepi32_ps(sum), acc[r]);
+            if (qt == QT_Q4_1)
+                acc[r] = v_fma(v_load_f16(w + 32), v_set1(dx * (float)sx), acc[r]);
+        }
+    }
+    lin_store(mr, acc, y, ldy, out_bf16, m0, n0, N, bias);
+}
+
+/* `linear` for quantized weights on the int8 path: x quantized into xf (the caller's, at least
+ * [M, K] fp32 of room) first. The AVX-512 table's `linear_q8` where the CPU has AVX512-VNNI. */
+static VEC_VNNI_TARGET void linear_q8(int wt, int bf16, int64_t M, int64_t K, int64_t N,
+                                      const void *x, int64_t ldx, const void *wp,
+                                      const float *bias, void *y, int64_t ldy, int out_f32,
+                                      float *xf) {
+    int64_t panels = (N + 15) / 16, qpanel = K / Q_BLOCK * q_panel_block_bytes(wt);
+    int8_t *xq = (int8_t *)xf;
+    float *xd = (float *)(xq + M * K);
+    int32_t *xs = (int32_t *)(xd + M * K / Q_BLOCK);
+    int out_bf16 = bf16 && !out_f32;
+    const uint8_t *qp = wp;
+    quantize_rows_q8(bf16, M, K, x, ldx, xq, xd, xs);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        int64_t n0 = p * 16;
+        switch (wt) {
+        case QT_Q4_0:
+            LIN_PANEL(VEC_Q8_MR, qlin_tile_q8, M, QT_Q4_0, xq, K, xd, xs, qp + p * qpanel, y,
+                      ldy, out_bf16);
+            break;
+        case QT_Q4_1:
+            LIN_PANEL(VEC_Q8_MR, qlin_tile_q8, M, QT_Q4_1, xq, K, xd, xs, qp + p * qpanel, y,
+                      ldy, out_bf16);
+            break;
+        default:
+            LIN_PANEL(VEC_Q8_MR, qlin_tile_q8, M, QT_Q8_0, xq, K, xd, xs, qp + p * qpanel, y,
+                      ldy, out_bf16);
+        }
     }
 }
 #endif
@@ -464,9 +593,10 @@ static void paged_attention(int bf16, const cpu_attention_plan *a, const void *q
  * barriers of their worksharing loops as the only synchronisation: no Python between them, no
  * tensor allocated, no thread pool woken ~300 times a step. Every index was checked by the
  * caller (cpu_kernels.h, cpu_forward). Linears run the table's `lin`, which is vdpbf16ps's
- * where the CPU has it, on each weight's type (m->wtypes); a quantized embedding is
- * dequantized row by row. */
-static void forward(cpu_linear_fn lin, int bf16, const cpu_model *m, int64_t T,
+ * where the CPU has it, on each weight's type (m->wtypes), or `lin_q8` (the int8 path, NULL
+ * when off) where the weight is quantized; a quantized embedding is dequantized row by row. */
+static void forward(cpu_linear_fn lin, cpu_linear_fn lin_q8, int bf16, const cpu_model *m,
+                    int64_t T,
                     const int64_t *ids, const int64_t *positions, const cpu_attention_plan *a,
                     const cpu_buffers *w, void *out) {
     int64_t hd = m->hidden, D = m->head_dim, nq = m->heads * D, nkv = m->kv_heads * D;
@@ -483,25 +613,28 @@ static void forward(cpu_linear_fn lin, int bf16, const cpu_model *m, int64_t T,
                 q_dequant_row(m->embed_type, hd, m->embed, ids[i], bf16,
                               ELEM(w->res, bf16, i * hd));
         }
+/* the int8 path's linear (NULL: none) for quantized weights, else the table's */
+#define LIN(t, ...) ((t) != QT_DENSE && lin_q8 ? lin_q8 : lin)(t, __VA_ARGS__)
         for (int64_t l = 0; l < m->layers; l++) {
             const int *wt = m->wtypes + 4 * l;
             /* the first layer's residual is the embedding itself */
             rms_norm(bf16, T, hd, l ? w->x : w->res, hd, l ? w->res : NULL, hd, m->in_norm[l],
                      w->h, hd, m->eps);
-            lin(wt[0], bf16, T, hd, nqkv, w->h, hd, m->qkv[l], m->qkv_bias[l], w->qkv, nqkv, 0,
+            LIN(wt[0], bf16, T, hd, nqkv, w->h, hd, m->qkv[l], m->qkv_bias[l], w->qkv, nqkv, 0,
                 w->xf);
             rotary(bf16, T, positions, m->cos, m->sin, D, q, nqkv, m->heads, k, nqkv,
                    m->kv_heads);
             paged_attention(bf16, a, q, nqkv, k, v, nqkv, m->k_cache[l], m->v_cache[l],
                             m->heads, m->kv_heads, D, m->scale, w->attn);
-            lin(wt[1], bf16, T, nq, hd, w->attn, nq, m->o[l], NULL, w->x, hd, 0, w->xf);
+            LIN(wt[1], bf16, T, nq, hd, w->attn, nq, m->o[l], NULL, w->x, hd, 0, w->xf);
             rms_norm(bf16, T, hd, w->x, hd, w->res, hd, m->post_norm[l], w->h, hd, m->eps);
-            lin(wt[2], bf16, T, hd, 2 * F, w->h, hd, m->gate_up[l], NULL, w->gate_up, 2 * F, 0,
+            LIN(wt[2], bf16, T, hd, 2 * F, w->h, hd, m->gate_up[l], NULL, w->gate_up, 2 * F, 0,
                 w->xf);
             silu_and_mul(bf16, T, F, w->gate_up, 2 * F, w->act, F);
-            lin(wt[3], bf16, T, F, hd, w->act, F, m->down[l], NULL, w->x, hd, 0, w->xf);
+            LIN(wt[3], bf16, T, F, hd, w->act, F, m->down[l], NULL, w->x, hd, 0, w->xf);
         }
         rms_norm(bf16, T, hd, w->x, hd, w->res, hd, m->final_norm, out, hd, m->eps);
+#undef LIN
     }
 }
 
@@ -512,6 +645,9 @@ static const cpu_kernel_table kernel_table = {linear, rms_norm, rotary, silu_and
 #undef VEC_QLIN_MR
 #undef VEC_DPBF16
 #undef VEC_DPBF16_TARGET
+#undef VEC_VNNI
+#undef VEC_VNNI_TARGET
+#undef VEC_Q8_MR
 #undef VEC_MASKED_TAILS
 #undef LIN_CASE
 #undef LIN_PANEL

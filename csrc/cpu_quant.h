@@ -10,10 +10,12 @@
  *
  * The kernels take the same blocks with 16 rows interleaved, the panels of the dense layout
  * (cpu_kernels.h, pack_panels): a panel is [K/32] blocks of 16 rows, each block their 16
- * scales d (fp16), for Q4_1 their 16 mins m, then the quants byte by byte across the rows:
- * qs[j][row] for j < 16 (4-bit) or 32 (Q8_0). One load of 16 bytes then holds input features
- * j and j + 16 of 16 output columns (Q4), or feature j (Q8_0). Same bytes as the file, N padded
- * to 16 with zero blocks. */
+ * scales d (fp16), for Q4_1 their 16 mins m, then the quants in 64-byte chunks g, one 32-bit
+ * lane per row holding four consecutive input features: byte 4 r + i of chunk g is
+ *   Q4: q[r][4g + i] | q[r][16 + 4g + i] << 4 (g < 4)    Q8_0: q[r][4g + i] (g < 8).
+ * A lane shifted right by 8 i (+ 4) and masked is then feature 4g + i (+ 16) of the 16 rows
+ * (the fp32 path), and a chunk is what vpdpbusd multiplies by four broadcast int8 inputs (the
+ * int8 path). Same bytes as the file, N padded to 16 with zero blocks. */
 
 /* ggml's type numbers; 0 (F32) stands for a dense weight in the model's dtype. */
 enum { QT_DENSE = 0, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8 };
@@ -72,8 +74,11 @@ static void pack_q_panels(int qt, int64_t N, int64_t K, const uint8_t *w, int64_
             memset(dst, 0, pb);
             for (int64_t r = 0; r < 16 && p * 16 + r < N; r++) {
                 const uint8_t *src = w + (p * 16 + r) * ldw + b * tb;
+                const uint8_t *qs = src + scales * 2;
+                uint8_t *qd = dst + scales * 32;
                 for (int64_t s = 0; s < scales; s++) memcpy(dst + s * 32 + r * 2, src + s * 2, 2);
-                for (int64_t j = 0; j < nq; j++) dst[scales * 32 + j * 16 + r] = src[scales * 2 + j];
+                for (int64_t j = 0; j < nq; j++) /* file byte j: features j (, j + 16) */
+                    qd[(j / 4) * 64 + r * 4 + j % 4] = qs[j];
             }
         }
     }
@@ -96,9 +101,9 @@ static void q_dequant_row(int qt, int64_t K, const uint8_t *wp, int64_t n, int b
         for (int64_t i = 0; i < Q_BLOCK; i++) {
             float v;
             if (qt == QT_Q8_0) {
-                v = d * (float)(int8_t)qs[i * 16 + r];
+                v = d * (float)(int8_t)qs[(i / 4) * 64 + r * 4 + i % 4];
             } else {
-                int q = (qs[(i % 16) * 16 + r] >> (i < 16 ? 0 : 4)) & 0xF;
+                int j = i % 16, q = (qs[(j / 4) * 64 + r * 4 + j % 4] >> (i < 16 ? 0 : 4)) & 0xF;
                 v = qt == QT_Q4_0 ? d * (float)(q - 8) : d * (float)q + m;
             }
             int64_t k = b * Q_BLOCK + i;

@@ -152,23 +152,31 @@ ALWAYS_INLINE vf v_load_f16(const void *p) {
                 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p + 1))};
 }
 
-ALWAYS_INLINE vf avx2_u8_to_f32(__m128i b) {
-    return (vf){_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+/* 16 32-bit lanes of integers: a 64-byte chunk of quantized weights (cpu_quant.h). */
+typedef struct {
+    __m256i lo, hi;
+} vq;
+
+ALWAYS_INLINE vq v_loadi(const void *p) {
+    return (vq){_mm256_loadu_si256(p), _mm256_loadu_si256((const __m256i *)p + 1)};
 }
 
-/* 16 bytes -> their low nibbles and their high nibbles as 0..15 in fp32. */
-ALWAYS_INLINE void v_u4(const void *p, vf *lo, vf *hi) {
-    __m128i b = _mm_loadu_si128(p), m = _mm_set1_epi8(0x0F);
-    *lo = avx2_u8_to_f32(_mm_and_si128(b, m));
-    *hi = avx2_u8_to_f32(_mm_and_si128(_mm_srli_epi16(b, 4), m));
+ALWAYS_INLINE __m256 avx2_nibble(__m256i v, const int s) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, s), _mm256_set1_epi32(15)));
 }
 
-/* 16 int8 -> fp32. */
-ALWAYS_INLINE vf v_i8(const void *p) {
-    __m128i b = _mm_loadu_si128(p);
-    return (vf){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+/* The 4 bits at bit s of each lane, 0..15, in fp32 (s a constant). */
+ALWAYS_INLINE vf v_nibble(vq v, const int s) {
+    return (vf){avx2_nibble(v.lo, s), avx2_nibble(v.hi, s)};
+}
+
+ALWAYS_INLINE __m256 avx2_sbyte(__m256i v, const int i) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * i), 24));
+}
+
+/* Byte i of each lane as a signed int8, in fp32 (i a constant). */
+ALWAYS_INLINE vf v_sbyte(vq v, const int i) {
+    return (vf){avx2_sbyte(v.lo, i), avx2_sbyte(v.hi, i)};
 }
 
 #undef AVX2_MAP

@@ -10,6 +10,12 @@
 #define VEC_DPBF16 1
 #define VEC_DPBF16_TARGET __attribute__((target("avx512bf16")))
 #define VEC_MASKED_TAILS 1
+/* vpdpbusd for the int8 path where the CPU has AVX512-VNNI: only the functions marked
+ * VEC_VNNI_TARGET use it, and the table takes them only on such a CPU. */
+#define VEC_VNNI 1
+#define VEC_VNNI_TARGET __attribute__((target("avx512vnni")))
+/* Rows the int8 tile keeps: an int32 and an fp32 accumulator each. */
+#define VEC_Q8_MR 12
 
 typedef __m512 vf;
 
@@ -117,14 +123,17 @@ ALWAYS_INLINE VEC_DPBF16_TARGET vf avx512_dot_bf16_pairs(vf acc, uint32_t x_pair
 /* 16 fp16 -> fp32 (vcvtph2ps, AVX512F). */
 ALWAYS_INLINE vf v_load_f16(const void *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(p)); }
 
-/* 16 bytes -> their low nibbles and their high nibbles as 0..15 in fp32. */
-ALWAYS_INLINE void v_u4(const void *p, vf *lo, vf *hi) {
-    __m128i b = _mm_loadu_si128(p), m = _mm_set1_epi8(0x0F);
-    *lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m)));
-    *hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)));
+/* 16 32-bit lanes of integers: a 64-byte chunk of quantized weights (cpu_quant.h). */
+typedef __m512i vq;
+
+ALWAYS_INLINE vq v_loadi(const void *p) { return _mm512_loadu_si512(p); }
+
+/* The 4 bits at bit s of each lane, 0..15, in fp32 (s a constant). */
+ALWAYS_INLINE vf v_nibble(vq v, const int s) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, s), _mm512_set1_epi32(15)));
 }
 
-/* 16 int8 -> fp32. */
-ALWAYS_INLINE vf v_i8(const void *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+/* Byte i of each lane as a signed int8, in fp32 (i a constant). */
+ALWAYS_INLINE vf v_sbyte(vq v, const int i) {
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * i), 24));
 }

@@ -14,8 +14,6 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t portable_vi __attribute__((vector_size(64)));
 typedef uint32_t portable_vu __attribute__((vector_size(64)));
 typedef uint16_t portable_vh __attribute__((vector_size(32)));
-typedef uint8_t portable_vb __attribute__((vector_size(16)));
-typedef int8_t portable_vsb __attribute__((vector_size(16)));
 
 /* a where m is set (all ones), else b */
 ALWAYS_INLINE vf portable_select(portable_vi m, vf a, vf b) {
@@ -126,17 +124,21 @@ ALWAYS_INLINE vf v_load_f16(const void *p) {
     return v;
 }
 
-/* 16 bytes -> their low nibbles and their high nibbles as 0..15 in fp32. */
-ALWAYS_INLINE void v_u4(const void *p, vf *lo, vf *hi) {
-    portable_vb b;
-    memcpy(&b, p, sizeof b);
-    *lo = __builtin_convertvector(b & 0x0F, vf);
-    *hi = __builtin_convertvector(b >> 4, vf);
+/* 16 32-bit lanes of integers: a 64-byte chunk of quantized weights (cpu_quant.h). */
+typedef portable_vu vq;
+
+ALWAYS_INLINE vq v_loadi(const void *p) {
+    vq v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* 16 int8 -> fp32. */
-ALWAYS_INLINE vf v_i8(const void *p) {
-    portable_vsb b;
-    memcpy(&b, p, sizeof b);
-    return __builtin_convertvector(b, vf);
+/* The 4 bits at bit s of each lane, 0..15, in fp32 (s a constant). */
+ALWAYS_INLINE vf v_nibble(vq v, const int s) {
+    return __builtin_convertvector((v >> s) & 15u, vf);
+}
+
+/* Byte i of each lane as a signed int8, in fp32 (i a constant). */
+ALWAYS_INLINE vf v_sbyte(vq v, const int i) {
+    return __builtin_convertvector((portable_vi)(v << (24 - 8 * i)) >> 24, vf);
 }

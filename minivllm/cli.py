@@ -24,7 +24,8 @@ def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help="kernel set (default: $MINIVLLM_KERNELS, else auto)")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="GGUF weights on the CPU kernels: gguf-native keeps them quantized, "
-                        "none dequantizes at load, auto takes the faster")
+                        "gguf-native-q8 also quantizes their inputs to int8 (AVX512-VNNI), "
+                        "none dequantizes at load, auto takes the fastest")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks the model is split over, one process each (rank 0 spawns the "
                         "others on this host)")
@@ -143,7 +144,8 @@ def cmd_serve(args) -> int:
                           api_key=args.api_key, served_model_name=args.served_model_name,
                           max_body_bytes=args.max_body_bytes, dashboard=args.dashboard,
                           chat_template=args.chat_template,
-                          tool_call_parser=args.tool_call_parser)
+                          tool_call_parser=args.tool_call_parser,
+                          stream_interval_s=args.stream_interval_ms / 1000)
     transport = TransportConfig(zmq_endpoint=args.zmq_endpoint, zmq=ZmqEndpointConfig(
         max_message_bytes=args.zmq_max_message_bytes,
         max_in_flight_per_peer=args.zmq_max_in_flight_per_peer,
@@ -192,6 +194,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
                        help="a larger request body gets 413 before any work (default: 8 MiB)")
     serve.add_argument("--api-key", default=None)
+    serve.add_argument("--stream-interval-ms", type=float, default=0.0,
+                       help="a streamed response sends at most one chunk per this many ms, "
+                            "the tokens of the steps between together: less CPU per token "
+                            "(default 0: a chunk per engine step)")
     serve.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                        help="do not serve the live dashboard at /dashboard")
     serve.add_argument("--served-model-name", default=None)

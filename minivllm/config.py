@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _DTYPES = ("float32", "bfloat16", "float16")
 # The kernel sets of layers/kernels.py, which `ModelConfig.kernels` names (or "auto").
-QUANTIZATIONS = ("auto", "gguf-native", "none")
+QUANTIZATIONS = ("auto", "gguf-native", "gguf-native-q8", "none")
 KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
 
 
@@ -179,8 +179,9 @@ class ModelConfig:
     # model directory's generation_config.json), vllm (none), or a file or directory path.
     generation_config: str = "auto"
     # GGUF weights on the CPU kernels: gguf-native keeps the linears' quantization blocks and
-    # dequantizes in registers (an error where a tensor's type has no kernel), none dequantizes
-    # at load; auto takes the faster of the two on the chosen kernels (layers/cpu_linear.py).
+    # dequantizes in registers (an error where a tensor's type has no kernel), gguf-native-q8
+    # also quantizes their inputs to int8 (integer dot products, as llama.cpp; AVX512-VNNI),
+    # none dequantizes at load; auto takes the fastest (layers/cpu_linear.py).
     quantization: str = "auto"
 
     def __post_init__(self) -> None:

@@ -56,6 +56,30 @@ def test_quantized_linear_matches_the_dequantize_oracle(isa, qtype):
         torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-3)
 
 
+INT8 = pytest.mark.skipif(
+    cpu_kernels.missing("avx512") is not None or not cpu_kernels.CpuKernels("avx512").int8_dot,
+    reason="the int8 path needs AVX-512 with AVX512-VNNI")
+
+
+@INT8
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
+def test_int8_path_matches_the_oracle_on_quantized_inputs(qtype):
+    """The oracle: inputs rounded per block of 32 to xd * int8 with xd = max|x| / 127 (what
+    llama.cpp's Q8_0 activations hold), times the dequantized weights."""
+    kernels, rng = cpu_kernels.CpuKernels("avx512"), np.random.default_rng(int(qtype) + 1)
+    for m, n, k in [(1, 37, 96), (13, 33, 160), (25, 50, 576)]:
+        raw = random_blocks(qtype, n, k, rng)
+        w = torch.from_numpy(dequantize(raw, qtype))
+        layer = CpuLinear(pack_weights([(int(qtype), raw)])[0], n, None, kernels,
+                          qtype=int(qtype), act_q8=True)
+        x = torch.randn(m, k)
+        blocks = x.view(m, k // 32, 32)
+        xd = blocks.abs().amax(-1, keepdim=True) / 127
+        want = (torch.round(blocks / xd) * xd).view(m, k) @ w.T
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5 * want.abs().max())
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_packing_refuses_what_no_kernel_runs():
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q4_1), 16, 48)
@@ -74,6 +98,9 @@ def _greedy(llm: LLM) -> list:
     return [o.outputs[0].token_ids for o in llm.generate(PARITY_PROMPTS, params, use_tqdm=False)]
 
 
+_FP32_INPUTS: list = []  # the gguf-native fp32 path's tokens, for the int8 path's agreement
+
+
 @pytest.fixture
 def minivllm_log(caplog, monkeypatch):
     """caplog for the `minivllm` logger, which does not propagate to the root."""
@@ -88,7 +115,7 @@ def test_the_embedded_model_runs_4_bit_with_the_dequantized_tokens(minivllm_log)
     linears and the tied embedding held as the file's Q4_1 / Q8_0 blocks (0.16x fp32 bytes)."""
     native = LLM(None, dtype="float32", num_blocks=32, quantization="gguf-native")
     caplog = minivllm_log
-    assert "quantization: gguf-native (gguf-native)" in caplog.text
+    assert "quantization: gguf-native (asked for)" in caplog.text
     model = native.engine.runner.model
     assert model.embed_tokens.weight.numel() == 0  # looked up in the quantized head
     linears = [m for m in model.modules() if isinstance(m, CpuLinear)]
@@ -99,6 +126,24 @@ def test_the_embedded_model_runs_4_bit_with_the_dequantized_tokens(minivllm_log)
     got = _greedy(native)
     del native
     assert got == _greedy(LLM(None, dtype="float32", num_blocks=32, quantization="none"))
+    _FP32_INPUTS[:] = got
+
+
+@INT8
+def test_auto_takes_the_int8_path_whose_tokens_agree_with_fp32_inputs(minivllm_log):
+    """Teacher-forced: at each position of the fp32-input path's own continuation, the int8
+    path's greedy choice. bench/gguf_native.py measures it on the 16 chat prompts x 64 tokens
+    (>= 95 % there, in bench/results/gguf_native_cpu.json); here 62 of 64 agree."""
+    from bench.gguf_native import agreement
+
+    llm = LLM(None, dtype="float32", num_blocks=32)
+    assert "quantization: gguf-native-q8 (auto: int8 inputs on AVX512-VNNI" in minivllm_log.text
+    assert llm.engine.runner.model.lm_head.act_q8
+    reference = _FP32_INPUTS or _greedy(LLM(None, dtype="float32", num_blocks=32,
+                                            quantization="gguf-native"))
+    tok = llm.get_tokenizer()
+    work = [(tok.encode(p), 16) for p in PARITY_PROMPTS]
+    assert agreement(llm, work, reference) >= 0.9
 
 
 class _Tiny(torch.nn.Module):

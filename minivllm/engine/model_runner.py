@@ -27,7 +27,7 @@ from minivllm.engine.cuda_graphs import DecodeGraphs
 from minivllm.engine.step_inputs import StepStaging, cpu_inputs, fill_placeholders
 from minivllm.engine.structured_output import StepMasks
 from minivllm.layers.cpu_decoder import CpuDecoder
-from minivllm.layers.cpu_linear import keep_quantized, quantized_modules, use_cpu_linears
+from minivllm.layers.cpu_linear import quantization_mode, quantized_modules, use_cpu_linears
 from minivllm.layers.kernels import KernelSet, select_kernels
 from minivllm.layers.sampler import Sampler, SamplerOutput
 from minivllm.loader import ModelSource, load_blocks, load_weights
@@ -96,16 +96,16 @@ class ModelRunner:
         self.kernels = _sharded(select_kernels(config.model, self.device, arch), tp)
         self.dtype = self.kernels.dtype
         logger.info("%s", self.kernels.describe())
-        native = keep_quantized(config.model.quantization, source.kind,
-                                self.kernels.cpu_linears, self.dtype)
+        quantization = quantization_mode(config.model.quantization, source.kind,
+                                         self.kernels.cpu_linears, self.dtype)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = MODEL_REGISTRY[arch.architecture](
                 arch, self.kernels, max_position=self.max_model_len, tp=tp)
         self.model.load_weights(load_weights(source, self.dtype, self.device, config.model.seed))
         self.model.eval()
         if self.kernels.cpu_linears:
-            self._use_cpu_linears(source if native else None,
-                                  strict=config.model.quantization == "gguf-native")
+            self._use_cpu_linears(source, quantization,
+                                  strict=config.model.quantization.startswith("gguf-native"))
         self.kv_spec = self._allocate_kv_cache(config)
         # What runs a step's forward: on the CPU kernels the decoder stack as one C call.
         self.step_model = (CpuDecoder(self.model, self.kernels.cpu_linears,
@@ -133,10 +133,9 @@ class ModelRunner:
                                        self.kv_spec.block_size, config.scheduler.max_num_seqs,
                                        max_blocks, self.device, self.last_tokens)
 
-    def _use_cpu_linears(self, gguf_source: Optional[ModelSource] = None,
-                         strict: bool = False) -> None:
-        """`gguf_source`: a GGUF model whose linears keep their quantization blocks (`strict`:
-        every one of them, else an error)."""
+    def _use_cpu_linears(self, source: ModelSource, quantization: str, strict: bool) -> None:
+        """`quantization` (cpu_linear.quantization_mode) other than none: the linears keep the
+        GGUF file's quantization blocks (`strict`: every one of them, else an error)."""
         model, head = self.model, self.model.lm_head
         # A tied head gets its own packed copy. Logits come out in fp32 straight from the
         # kernel's accumulators: the sampler's argmax over bf16 rows took 1.4 ms a step at 16
@@ -144,9 +143,10 @@ class ModelRunner:
         weight, bias = ((model.embed_tokens.weight, None) if head is None
                         else (head.weight, head.bias))
         model.lm_head = None  # packed with the others, as the last weight
-        quantized = None if gguf_source is None else quantized_modules(
-            model, load_blocks(gguf_source), strict)
-        use_cpu_linears(model, self.kernels.cpu_linears, head=(weight, bias), quantized=quantized)
+        quantized = None if quantization == "none" else quantized_modules(
+            model, load_blocks(source), strict)
+        use_cpu_linears(model, self.kernels.cpu_linears, head=(weight, bias), quantized=quantized,
+                        act_q8=quantization == "gguf-native-q8")
 
     def _allocate_kv_cache(self, config: EngineConfig) -> KVCacheSpec:
         arch, cache = self.model.arch, config.cache

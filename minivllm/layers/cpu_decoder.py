@@ -42,7 +42,8 @@ class CpuDecoder:
         self.decoder = cpu_kernels.CpuDecoder(
             kernels, embed, model.norm.weight.data, rotary.cos, rotary.sin,
             [tensors(layer) for layer in layers], arch.num_attention_heads,
-            arch.num_key_value_heads, arch.rms_norm_eps, embed_type, arch.vocab_size)
+            arch.num_key_value_heads, arch.rms_norm_eps, embed_type, arch.vocab_size,
+            head.act_q8)
         self.logits = torch.empty(max_num_seqs, arch.vocab_size, dtype=torch.float32)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -56,4 +57,4 @@ class CpuDecoder:
         head = self.head
         return head.kernels.linear(hidden.contiguous(), head.packed, head.out_features,
                                    head.bias, torch.float32, self.logits[:hidden.shape[0]],
-                                   qtype=head.qtype)
+                                   qtype=head.qtype, act_q8=head.act_q8)

@@ -37,21 +37,22 @@ Weight = Union[torch.Tensor, tuple[int, np.ndarray]]
 class CpuLinear(nn.Module):
     """y = x W^T + b for x [M, in_features], from a packed weight (`pack_weights`), on one
     ISA's kernels. `out_dtype` float32 lets a bf16 layer write fp32 (the LM head's logits).
-    `qtype`: the weight's ggml quantization type, 0 for dense."""
+    `qtype`: the weight's ggml quantization type, 0 for dense; `act_q8`: a quantized weight
+    multiplies int8-quantized inputs (the int8 path)."""
 
     def __init__(self, packed: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],
                  kernels: cpu_kernels.CpuKernels, out_dtype: Optional[torch.dtype] = None,
-                 qtype: int = 0) -> None:
+                 qtype: int = 0, act_q8: bool = False) -> None:
         super().__init__()
         self.out_features, self.out_dtype, self.kernels = out_features, out_dtype, kernels
-        self.qtype = qtype
+        self.qtype, self.act_q8 = qtype, act_q8 and qtype != 0
         self.register_buffer("packed", packed, persistent=False)
         # The kernel adds the bias in fp32 before its one rounding of the output.
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear(x, self.packed, self.out_features, self.bias, self.out_dtype,
-                                   qtype=self.qtype)
+                                   qtype=self.qtype, act_q8=self.act_q8)
 
 
 def _layout(w: Weight) -> tuple[tuple, torch.dtype]:
@@ -130,36 +131,51 @@ def quantized_modules(model: nn.Module, blocks: Iterable[tuple[str, int, np.ndar
     return out
 
 
-def keep_quantized(quantization: str, source_kind: str,
-                   kernels: Optional[cpu_kernels.CpuKernels], dtype: torch.dtype) -> bool:
-    """Whether the linears keep a model's GGUF blocks (config.ModelConfig.quantization), logged
-    in one line; a ValueError where gguf-native was asked for and cannot run. auto keeps them
-    where that is faster: everywhere except bf16 on vdpbf16ps (AVX512-BF16), whose dense bf16
-    linears beat the dequantization to fp32 (30 layers of the embedded model, 2 threads: 1 row
-    8.7 ms bf16 vs 13-16 Q4_1, 16 rows 20 vs 39; fp32 26 vs 13 at 1 row)."""
+def quantization_mode(quantization: str, source_kind: str,
+                      kernels: Optional[cpu_kernels.CpuKernels], dtype: torch.dtype) -> str:
+    """What runs a model's linears (config.ModelConfig.quantization), logged in one line: none
+    (dense), gguf-native (the GGUF blocks, fp32 inputs) or gguf-native-q8 (the blocks times
+    int8 inputs); a ValueError where a gguf-native mode was asked for and cannot run. auto
+    takes the fastest that held parity (AUTO_MEASURED)."""
+    native = quantization.startswith("gguf-native")
     if quantization == "none" or source_kind != "gguf":
-        if quantization == "gguf-native":
-            raise ValueError(f"quantization gguf-native needs a GGUF model, not {source_kind}")
-        return False
+        if native:
+            raise ValueError(f"quantization {quantization} needs a GGUF model, not {source_kind}")
+        return "none"
     if kernels is None:
-        if quantization == "gguf-native":
-            raise ValueError("quantization gguf-native needs the CPU kernels (kernels cpu-*)")
-        return False
-    if quantization == "auto" and dtype == torch.bfloat16 and kernels.bf16_dot:
-        logger.info("quantization: none (auto: dense bf16 on vdpbf16ps is faster than the "
-                    "GGUF blocks dequantized in registers)")
-        return False
-    logger.info("quantization: gguf-native (%s): GGUF blocks dequantized in registers",
-                quantization)
-    return True
+        if native:
+            raise ValueError(f"quantization {quantization} needs the CPU kernels (kernels cpu-*)")
+        return "none"
+    if quantization == "gguf-native-q8" and not kernels.int8_dot:
+        raise ValueError(f"quantization gguf-native-q8 needs AVX-512 kernels on a CPU with "
+                         f"AVX512-VNNI, not {kernels.isa} here")
+    mode = quantization
+    if quantization == "auto":
+        mode = ("gguf-native-q8" if kernels.int8_dot
+                else "none" if dtype == torch.bfloat16 and kernels.bf16_dot else "gguf-native")
+    logger.info("quantization: %s (%s)", mode, f"auto: {AUTO_MEASURED[mode]}"
+                if quantization == "auto" else "asked for")
+    return mode
+
+
+# Why auto takes each mode (bench/gguf_native.py, results in bench/results/gguf_native_cpu.json).
+AUTO_MEASURED = {
+    "gguf-native-q8": "int8 inputs on AVX512-VNNI, the fastest: 30 layers of linears of the "
+                      "embedded model, 2 threads, 1 row 2.4 ms vs 4.9 fp32 inputs vs 13 dense "
+                      "bf16; 16 rows 23 vs 56 vs 35",
+    "gguf-native": "no AVX512-VNNI here: the GGUF blocks with fp32 inputs beat dense weights",
+    "none": "dense bf16 on vdpbf16ps beats the GGUF blocks with fp32 inputs at 16 rows",
+}
 
 
 def use_cpu_linears(model: nn.Module, kernels: cpu_kernels.CpuKernels,
                     head: Optional[tuple] = None,
-                    quantized: Optional[dict[str, tuple[int, np.ndarray]]] = None) -> None:
+                    quantized: Optional[dict[str, tuple[int, np.ndarray]]] = None,
+                    act_q8: bool = False) -> None:
     """Replace every nn.Linear under `model` in place by a CpuLinear on `kernels` (their unpacked
     weights are dropped). `head` = (weight, bias) becomes `model.lm_head`, writing fp32 logits.
-    `quantized` (quantized_modules) gives the modules that keep their GGUF blocks; a tied
+    `quantized` (quantized_modules) gives the modules that keep their GGUF blocks (on the int8
+    path with `act_q8`); a tied
     embedding whose head is quantized is dropped too: the C decoder looks its rows up in the
     head (cpu_decoder.py)."""
     quantized = quantized or {}
@@ -170,7 +186,7 @@ def use_cpu_linears(model: nn.Module, kernels: cpu_kernels.CpuKernels,
         specs.append((quantized.get("lm_head", head[0]), head[0].shape[0], head[1],
                       torch.float32))
     packed = pack_weights([w for w, _, _, _ in specs])
-    layers = [CpuLinear(p, n, b, kernels, dt, 0 if isinstance(w, torch.Tensor) else w[0])
+    layers = [CpuLinear(p, n, b, kernels, dt, 0 if isinstance(w, torch.Tensor) else w[0], act_q8)
               for p, (w, n, b, dt) in zip(packed, specs)]
     for (_, parent, name, _), layer in zip(sites, layers):
         setattr(parent, name, layer)
