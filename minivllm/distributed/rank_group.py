@@ -83,8 +83,8 @@ class RankGroup:
         # its process).
         self.threads = share_cpu_threads(p.tensor_parallel_size) \
             if config.model.torch_device().type == "cpu" else None
-        self.store = open_store(0, p.master_addr, p.master_port)
         try:
+            self.store = open_store(0, p.master_addr, p.master_port)
             post_config(self.store, config)
             if p.spawn_workers:
                 self._spawn(config, self.store.port)
@@ -134,8 +134,8 @@ class RankGroup:
         self.sender.send(encode_logits(hidden))
 
     def ranks_info(self) -> list[dict]:
-        """rank_info() of every other rank that has posted it (all of them once the engine is
-        ready: their forwards ran with rank 0's)."""
+        """rank_info() of every other rank that has posted it (each does once its model and KV
+        cache are up, about when rank 0's are)."""
         keys = [store_key("ranks", r, "info") for r in range(1, self.tp.size)]
         return [json.loads(self.store.get(k)) for k in keys if self.store.check([k])]
 
