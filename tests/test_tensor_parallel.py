@@ -20,7 +20,7 @@ import torch
 from minivllm import LLM, SamplingParams
 from minivllm.config import SupervisorConfig, TransportConfig
 from minivllm.core.batch import ScheduledBatch
-from minivllm.distributed.rank_group import RankDiedError
+from minivllm.distributed.group import RankDiedError
 from minivllm.engine.supervisor import Supervisor
 from minivllm.llm import build_engine_config
 from minivllm.distributed.step_record import (decode_record, encode_logits, encode_step,
@@ -207,7 +207,8 @@ input()
             proc.wait()
 
 
-def test_a_killed_rank_fails_the_next_step_clearly_and_leaves_nothing(tmp_path):
+def test_a_killed_spawned_rank_fails_the_next_step_clearly_and_leaves_nothing(tmp_path):
+    """Rank 0 sees its child gone before it hands out the step."""
     llm = LLM(_config(tmp_path, "dies"), load_format="dummy", kernels="torch",
               tensor_parallel_size=2, **SMALL)
     try:
@@ -219,6 +220,28 @@ def test_a_killed_rank_fails_the_next_step_clearly_and_leaves_nothing(tmp_path):
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     finally:
         llm.close()
+    _nothing_left_behind()
+
+
+def test_a_killed_launched_rank_fails_the_next_collective_clearly(tmp_path):
+    """A rank rank 0 did not spawn: its death shows in the first collective (gloo sees its
+    sockets close), which names it a dead rank rather than a transport error."""
+    port = _free_port()
+    worker = _launched_rank(port)
+    try:
+        llm = LLM(_config(tmp_path, "dies-far"), load_format="dummy", kernels="torch",
+                  tensor_parallel_size=2, spawn_workers=False, master_port=port, **SMALL)
+        try:
+            worker.kill()
+            worker.wait()
+            with pytest.raises(RankDiedError, match="tensor-parallel all-reduce failed, a rank "
+                                                    "is gone"):
+                llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        finally:
+            llm.close()
+    finally:
+        worker.kill()
+        worker.wait()
     _nothing_left_behind()
 
 

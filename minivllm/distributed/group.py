@@ -21,6 +21,15 @@ import torch.distributed as dist
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=300)
 
 
+class RankDiedError(RuntimeError):
+    """A rank of the tensor-parallel group is gone: the engine cannot step without it."""
+
+
+def _rank_gone(what: str, exc: Exception) -> RankDiedError:
+    return RankDiedError(f"tensor-parallel {what} failed, a rank is gone (or hung): "
+                         f"{str(exc).splitlines()[0]}")
+
+
 @dataclass(frozen=True)
 class TensorParallelGroup:
     rank: int = 0
@@ -42,7 +51,10 @@ class TensorParallelGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place."""
         if self.size > 1:
-            dist.all_reduce(x)
+            try:
+                dist.all_reduce(x)
+            except RuntimeError as exc:  # gloo/NCCL: a peer's sockets closed, or a timeout
+                raise _rank_gone("all-reduce", exc) from exc
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -51,7 +63,10 @@ class TensorParallelGroup:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_first else None
-        dist.gather(x, parts, dst=0)
+        try:
+            dist.gather(x, parts, dst=0)
+        except RuntimeError as exc:
+            raise _rank_gone("gather", exc) from exc
         return torch.cat(parts, dim=-1) if self.is_first else None
 
     def min_int(self, value: int) -> int:

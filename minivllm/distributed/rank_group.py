@@ -25,8 +25,8 @@ import torch
 
 from minivllm.config import ArchConfig, EngineConfig
 from minivllm.core.batch import ScheduledBatch
-from minivllm.distributed.group import (TensorParallelGroup, join, leave, open_store,
-                                        share_cpu_threads, store_key)
+from minivllm.distributed.group import (RankDiedError, TensorParallelGroup, join, leave,
+                                        open_store, share_cpu_threads, store_key)
 from minivllm.distributed.shared_config import post_config
 from minivllm.distributed.step_channel import StepSender
 from minivllm.distributed.step_record import (encode_logits, encode_step, encode_stop,
@@ -36,10 +36,6 @@ from minivllm.engine.prompt_logprobs import ROWS_PER_PASS
 logger = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 30.0  # what a rank gets to exit after STOP before it is killed
-
-
-class RankDiedError(RuntimeError):
-    """A rank of the tensor-parallel group is gone: the engine cannot step without it."""
 
 
 def check_shardable(arch: ArchConfig, size: int) -> None:

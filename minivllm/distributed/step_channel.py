@@ -18,7 +18,7 @@ import numpy as np
 import torch.distributed as dist
 import zmq
 
-from minivllm.distributed.group import store_key
+from minivllm.distributed.group import RankDiedError, store_key
 from minivllm.transport import shm
 from minivllm.transport.doorbell import Bell, BellListener
 
@@ -72,7 +72,11 @@ class StepSender:
         for ring in self.rings:
             ring.write(record, timeout=60.0)
         for identity in self.identities:
-            self.router.send_multipart([identity, record], copy=False)
+            try:
+                self.router.send_multipart([identity, record], copy=False)
+            except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the rank's connection is gone
+                raise RankDiedError(f"a tensor-parallel rank on the remote path is "
+                                    f"unreachable: {exc}") from exc
 
     def close(self) -> None:
         for ring in self.rings:
