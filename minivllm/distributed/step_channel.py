@@ -24,6 +24,7 @@ from minivllm.transport.doorbell import Bell, BellListener
 
 SPIN_S = 50e-6  # as TransportConfig.spin_us: a reader spins this long before it sleeps
 _HELLO = b"rank"
+HELLO_TIMEOUT_MS = 300_000  # a remote rank connects right after joining the process group
 
 
 def _key(rank: int, what: str) -> str:
@@ -66,6 +67,10 @@ class StepSender:
         for ring, r in zip(self.rings, (r for r in range(1, size) if r not in far)):
             ring.bell = Bell(self.ctx, store.get(_key(r, "bell")).decode())
         for _ in far:  # each remote rank says hello once connected: then sends reach it
+            if not self.router.poll(HELLO_TIMEOUT_MS):
+                raise RankDiedError(f"{len(far) - len(self.identities)} remote tensor-parallel "
+                                    f"rank(s) joined the group but never connected to "
+                                    f"{endpoint}")
             self.identities.append(self.router.recv_multipart()[0])
 
     def send(self, record: np.ndarray) -> None:
