@@ -21,6 +21,7 @@ from minivllm import LLM, SamplingParams
 from minivllm.config import SupervisorConfig, TransportConfig
 from minivllm.core.batch import ScheduledBatch
 from minivllm.distributed.group import RankDiedError
+from minivllm.distributed.rank_group import RankGroup
 from minivllm.engine.supervisor import Supervisor
 from minivllm.llm import build_engine_config
 from minivllm.distributed.step_record import (decode_record, encode_logits, encode_step,
@@ -220,6 +221,21 @@ def test_a_killed_spawned_rank_fails_the_next_step_clearly_and_leaves_nothing(tm
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     finally:
         llm.close()
+    _nothing_left_behind()
+
+
+def test_a_rank_that_dies_before_joining_fails_the_start_at_once(tmp_path, monkeypatch):
+    """Not after the join's timeout: rank 0 watches its spawned ranks until they join."""
+    spawn = RankGroup._spawn
+
+    def spawn_and_kill(self, *args):
+        spawn(self, *args)
+        os.kill(self.workers[0].pid, signal.SIGKILL)
+    monkeypatch.setattr(RankGroup, "_spawn", spawn_and_kill)
+    with pytest.raises(RankDiedError, match=r"rank 1 \(pid \d+\) exited with code -9 before "
+                                            r"joining the group"):
+        LLM(_config(tmp_path, "early"), load_format="dummy", kernels="torch",
+            tensor_parallel_size=2, **SMALL)
     _nothing_left_behind()
 
 

@@ -25,9 +25,14 @@ class RankDiedError(RuntimeError):
     """A rank of the tensor-parallel group is gone: the engine cannot step without it."""
 
 
-def _rank_gone(what: str, exc: Exception) -> RankDiedError:
-    return RankDiedError(f"tensor-parallel {what} failed, a rank is gone (or hung): "
-                         f"{str(exc).splitlines()[0]}")
+def _collective(what: str, collective, *args, **kwargs) -> None:
+    """Run a torch.distributed collective; its failure (gloo/NCCL: a peer's sockets closed,
+    or a timeout) is a RankDiedError."""
+    try:
+        collective(*args, **kwargs)
+    except RuntimeError as exc:
+        raise RankDiedError(f"tensor-parallel {what} failed, a rank is gone (or hung): "
+                            f"{str(exc).splitlines()[0]}") from exc
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,7 @@ class TensorParallelGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place."""
         if self.size > 1:
-            try:
-                dist.all_reduce(x)
-            except RuntimeError as exc:  # gloo/NCCL: a peer's sockets closed, or a timeout
-                raise _rank_gone("all-reduce", exc) from exc
+            _collective("all-reduce", dist.all_reduce, x)
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -63,10 +65,7 @@ class TensorParallelGroup:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_first else None
-        try:
-            dist.gather(x, parts, dst=0)
-        except RuntimeError as exc:
-            raise _rank_gone("gather", exc) from exc
+        _collective("gather", dist.gather, x, parts, dst=0)
         return torch.cat(parts, dim=-1) if self.is_first else None
 
     def min_int(self, value: int) -> int:
@@ -75,7 +74,7 @@ class TensorParallelGroup:
         if self.size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        _collective("all-reduce", dist.all_reduce, t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
 

@@ -59,6 +59,11 @@ def post_rank_info(store, rank: int, kv_cache_bytes: int) -> None:
     store.set(store_key("ranks", rank, "info"), json.dumps(rank_info(rank, kv_cache_bytes)))
 
 
+def joining_key(rank: int) -> str:
+    """Posted by a rank just before it joins the process group."""
+    return store_key("ranks", rank, "joining")
+
+
 def backend_for(config: EngineConfig) -> str:
     if config.parallel.backend is not None:
         return config.parallel.backend
@@ -84,6 +89,7 @@ class RankGroup:
             post_config(self.store, config)
             if p.spawn_workers:
                 self._spawn(config, self.store.port)
+                self._await_joining()
             self.tp = join(self.store, 0, p.tensor_parallel_size, backend_for(config))
             self.sender = StepSender(self.store, p.tensor_parallel_size, p.remote_steps,
                                      p.master_addr, _ring_capacity(config, arch, max_model_len))
@@ -105,6 +111,17 @@ class RankGroup:
                                args=(rank, config.parallel.master_addr, port, os.getpid()))
             proc.start()
             self.workers.append(proc)
+
+    def _await_joining(self) -> None:
+        """Wait until every spawned rank is about to join the process group: one that dies
+        before (an import, the store) would otherwise leave rank 0 waiting in the join for
+        the whole timeout."""
+        for rank, proc in enumerate(self.workers, start=1):
+            while not self.store.check([joining_key(rank)]):
+                proc.join(0.05)  # returns at once if it exits
+                if proc.exitcode is not None:
+                    raise RankDiedError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited "
+                                        f"with code {proc.exitcode} before joining the group")
 
     def runner_args(self) -> dict:
         """What rank 0's ModelRunner takes from the group."""

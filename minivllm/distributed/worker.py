@@ -26,7 +26,7 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
     from minivllm import logger as log_setup
     from minivllm.distributed.group import (join, leave, open_store, share_cpu_threads,
                                             store_key)
-    from minivllm.distributed.rank_group import backend_for, post_rank_info
+    from minivllm.distributed.rank_group import backend_for, joining_key, post_rank_info
     from minivllm.distributed.shared_config import read_config
     from minivllm.distributed.step_channel import StepReceiver
     from minivllm.core.batch import ScheduledBatch
@@ -46,6 +46,7 @@ def worker_main(rank: int, host: str, port: int, parent_pid: Optional[int]) -> N
     log_setup.configure()
     store = open_store(rank, host, port)
     config = read_config(store)
+    store.set(joining_key(rank), "")
     tp = join(store, rank, config.parallel.tensor_parallel_size, backend_for(config))
     receiver = None
     try:
