@@ -488,11 +488,13 @@ SINGLE_MAX_BODY = 9 << 20  # past the default 8 MiB: an 8.5 MiB body gets in by 
 
 @pytest.fixture(scope="module")
 def single():
-    """One API server with --max-body-bytes 9 MiB and the ZeroMQ endpoint (`.zmq`)."""
+    """One API server with --max-body-bytes 9 MiB, the ZeroMQ endpoint (`.zmq`) and
+    --stream-interval-ms 1000."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    srv = serve("--max-body-bytes", str(SINGLE_MAX_BODY), "--zmq-endpoint", endpoint)
+    srv = serve("--max-body-bytes", str(SINGLE_MAX_BODY), "--zmq-endpoint", endpoint,
+                "--stream-interval-ms", "1000")
     srv.zmq = endpoint
     yield srv
     assert srv.stop() == 0
@@ -530,6 +532,23 @@ def test_the_body_limit_is_a_flag(single):
                       timeout=60)
     assert resp.status_code == 413
     assert resp.json()["error"]["message"].endswith(f"the limit is {SINGLE_MAX_BODY}")
+
+
+def test_a_stream_interval_sends_the_same_text_in_fewer_chunks(single):
+    """--stream-interval-ms 1000: the steps of each pause go out as one chunk (fewer chunks
+    than tokens unless every step took a second), and the chunks make the unstreamed text."""
+    body = {"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True}
+    whole = httpx.post(single.url + "/v1/completions", json=body, timeout=120).json()
+    chunks = []
+    with httpx.stream("POST", single.url + "/v1/completions", json=dict(body, stream=True),
+                      timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:])["choices"][0])
+    assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["finish_reason"] == "length"
+    assert len(chunks) < 24
 
 
 def _submit(request_id: int, **wire) -> bytes:

@@ -4,7 +4,8 @@ Completions and chat completions differ only in their prompts and their response
 (`responses.py`); the rest is one path, `serve`: the bound on sequences per request, admission,
 one engine stream per prompt (each carrying its n sequences), the streams merged as their
 outputs come, then either collected into one JSON body (a client that disconnects first has its
-requests aborted) or sent as SSE chunks as they are made, with a usage chunk when asked for.
+requests aborted) or sent as SSE chunks as they are made (at most one per stream per
+`--stream-interval-ms` when set), with a usage chunk when asked for.
 Engine errors become OpenAI errors (503 while the engine is down or draining), and every
 output's latencies and token counts go into the metrics on the way.
 """
@@ -67,7 +68,7 @@ async def serve(state: ServerState, request: Request,
         recorder = MetricsRecorder(start, len(prompts))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            merged = _merge(streams)
+            merged = _merge(streams, state.config.stream_interval_s)
             if params.structured_outputs is not None:
                 merged = await _first_awaited(merged)
             body = _sse(response, merged, recorder, include_usage, state.release)
@@ -155,25 +156,27 @@ class MetricsRecorder:
         metrics.request_max_generation_tokens.observe(max(len(c.token_ids) for c in out.outputs))
 
 
-async def _merge(streams: list) -> Merged:
-    """(prompt index, output) from every prompt's stream, as they come."""
+async def _merge(streams: list, interval: float = 0.0) -> Merged:
+    """(prompt index, output) from every prompt's stream, as they come; with `interval`, at
+    most one output of a stream per `interval` s."""
+    sources = streams if not interval else [_paced(s, interval) for s in streams]
     if len(streams) == 1:
         try:
-            async for out in streams[0]:
+            async for out in sources[0]:
                 yield 0, out
         finally:
             streams[0].close()
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i, stream):
+    async def pump(i, source):
         try:
-            async for out in stream:
+            async for out in source:
                 await queue.put((i, out, None))
         except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
             await queue.put((i, None, exc))
         await queue.put((i, None, None))
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(sources)]
     try:
         open_streams = len(streams)
         while open_streams:
@@ -188,6 +191,15 @@ async def _merge(streams: list) -> Merged:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _paced(stream, interval: float) -> AsyncIterator[RequestOutput]:
+    """`stream`'s outputs, `interval` s apart at least: the engine steps of each pause come
+    as one output (its snapshot holds every token since the last), so as one SSE write."""
+    async for out in stream:
+        yield out
+        if not out.finished:
+            await asyncio.sleep(interval)
 
 
 async def _first_awaited(merged: Merged) -> Merged:
