@@ -65,6 +65,7 @@ cdef extern from "cpu_kernels.h" nogil:
     cpu_kernel_table cpu_kernel_table_for(int isa)
     void pack_panels(int64_t N, int64_t K, int esz, const void *w, int64_t ldw, uint32_t *out)
     int64_t q_type_bytes(int qt)
+    int64_t q_block_elems(int qt)
     int64_t q_panel_block_bytes(int qt)
     void pack_q_panels(int qt, int64_t N, int64_t K, const uint8_t *w, int64_t ldw, uint8_t *out)
     void attention_plan_init(cpu_attention_plan *a)
@@ -194,8 +195,8 @@ def pack_linear_weight(weight, out):
 
 
 # ggml's numbers of the quantization types the linear kernels run (csrc/cpu_quant.h).
-QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
-BLOCK = 32  # input features per quantization block
+QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}
+BLOCK = 32  # input features per panel block
 
 
 def quant_packed_shape(int qtype, int64_t n, int64_t k) -> tuple:
@@ -203,9 +204,16 @@ def quant_packed_shape(int qtype, int64_t n, int64_t k) -> tuple:
     [ceil(n/16), k/32, 16 blocks' bytes], the file's blocks with 16 rows interleaved."""
     if qtype not in QUANT_TYPES.values():
         raise ValueError(f"no kernel runs ggml type {qtype}; they run {', '.join(QUANT_TYPES)}")
-    if k % BLOCK:
-        raise ValueError(f"a quantized weight needs in_features a multiple of {BLOCK}, got {k}")
+    if k % q_block_elems(qtype):
+        raise ValueError(f"a ggml type {qtype} weight needs in_features a multiple of "
+                         f"{q_block_elems(qtype)}, got {k}")
     return ((n + 15) // 16, k // BLOCK, q_panel_block_bytes(qtype))
+
+
+def quant_in_features(int qtype, int64_t row_bytes) -> int:
+    """The input features of a weight row of `row_bytes` file bytes of type `qtype`."""
+    quant_packed_shape(qtype, 1, 0)  # a type the kernels run
+    return row_bytes // q_type_bytes(qtype) * q_block_elems(qtype)
 
 
 def pack_quant_weight(int qtype, const uint8_t[:, ::1] blocks, int64_t k, out):
@@ -214,9 +222,9 @@ def pack_quant_weight(int qtype, const uint8_t[:, ::1] blocks, int64_t k, out):
     quant_packed_shape), the padding rows zero."""
     cdef int64_t n = blocks.shape[0]
     shape = quant_packed_shape(qtype, n, k)
-    if blocks.shape[1] != k // BLOCK * q_type_bytes(qtype):
-        raise ValueError(f"blocks of a {k}-feature row take {k // BLOCK * q_type_bytes(qtype)} "
-                         f"bytes, got {blocks.shape[1]}")
+    cdef int64_t row = k // q_block_elems(qtype) * q_type_bytes(qtype)
+    if blocks.shape[1] != row:
+        raise ValueError(f"blocks of a {k}-feature row take {row} bytes, got {blocks.shape[1]}")
     if out.dtype != torch.uint8 or tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous uint8 {shape} tensor")
     cdef uintptr_t po = _ptr(out)
@@ -229,7 +237,8 @@ cdef int64_t _in_features(packed, int qtype, int bf) except -1:
     """K of a packed weight: dense (packed_shape) or quantized (quant_packed_shape)."""
     if qtype:
         if (packed.dtype != torch.uint8 or packed.dim() != 3
-                or packed.shape[2] != quant_packed_shape(qtype, 1, BLOCK)[2]):
+                or qtype not in QUANT_TYPES.values()
+                or packed.shape[2] != q_panel_block_bytes(qtype)):
             raise ValueError(f"a ggml type {qtype} weight must be uint8 panels "
                              f"(quant_packed_shape), got {tuple(packed.shape)} {packed.dtype}")
         return packed.shape[1] * BLOCK

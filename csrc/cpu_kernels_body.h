@@ -105,8 +105,8 @@ ALWAYS_INLINE void lin_tile(int mr, const float *x, int64_t ldx, const void *w, 
     } while (0)
 
 /* Quantized weights (cpu_quant.h's panels of GGUF blocks), dequantized in registers as the
- * oracle (gguf.quants) does, bit for bit: d * (q - 8), d * q + m, d * q. qt is a constant in
- * each copy (qlinear's switch). */
+ * oracle (gguf.quants) does, bit for bit: d * (q - 8), d * q + m (Q4_1, Q4_K), d * q. qt is a
+ * constant in each copy (qlinear's switch). */
 ALWAYS_INLINE void qlin_tile(int mr, const int qt, const float *x, int64_t ldx, const uint8_t *w,
                              int64_t K, void *y, int64_t ldy, int out_bf16, int64_t m0,
                              int64_t n0, int64_t N, const float *bias) {
@@ -118,7 +118,7 @@ ALWAYS_INLINE void qlin_tile(int mr, const int qt, const float *x, int64_t ldx, 
         for (int64_t c = 0; c < pb; c += 64) __builtin_prefetch(w + c + LIN_PF, 0, 3);
         const uint8_t *qs = w + q_quants_offset(qt);
         const float *xk = x + k0;
-        vf d = v_load_f16(w);
+        vf d = qt == QT_Q4_K ? v_loadf(w) : v_load_f16(w);
         if (qt == QT_Q8_0) {
             for (int g = 0; g < Q_BLOCK / 4; g++) {
                 vq c = v_loadi(qs + g * 64);
@@ -130,7 +130,8 @@ ALWAYS_INLINE void qlin_tile(int mr, const int qt, const float *x, int64_t ldx, 
             }
             continue;
         }
-        vf m = qt == QT_Q4_1 ? v_load_f16(w + 32) : v_set1(8.0f);
+        vf m = qt == QT_Q4_1 ? v_load_f16(w + 32) : qt == QT_Q4_K ? v_loadf(w + 64)
+                                                                 : v_set1(8.0f);
         for (int g = 0; g < Q_BLOCK / 8; g++) {
             vq c = v_loadi(qs + g * 64);
             for (int i = 0; i < 4; i++) {
@@ -192,6 +193,10 @@ static void linear(int wt, int bf16, int64_t M, int64_t K, int64_t N, const void
             LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q8_0, xw, ldx, qp + p * qpanel, K, y, ldy,
                       out_bf16);
             break;
+        case QT_Q4_K:
+            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q4_K, xw, ldx, qp + p * qpanel, K, y, ldy,
+                      out_bf16);
+            break;
         default:
             if (bf16)
                 LIN_PANEL(VEC_LIN_MR, lin_tile, M, xw, ldx, (const uint16_t *)wp + p * K * 16,
@@ -250,8 +255,9 @@ static VEC_DPBF16_TARGET void linear_dp(int wt, int bf16, int64_t M, int64_t K, 
  * (llama.cpp's Q8_0 activations), and a block's dot product with 16 rows of weights is integer:
  * vpdpbusd multiplies a 64-byte chunk of unsigned weight bytes (the nibbles, or Q8_0's quants
  * + 128) by four broadcast int8 inputs, 64 products in one instruction. The block's sum is then
- * scaled in fp32: d * xd * (sum - offset * sum(xq)) (+ m * xd * sum(xq) for Q4_1), offset 8 for
- * Q4_0 and 128 for Q8_0. The fp32 path's results differ by the inputs' rounding to 8 bits. */
+ * scaled in fp32: d * xd * (sum - offset * sum(xq)) (+ m * xd * sum(xq) for Q4_1 and Q4_K),
+ * offset 8 for Q4_0 and 128 for Q8_0. The fp32 path's results differ by the inputs' rounding
+ * to 8 bits. */
 
 /* x [M, K] (fp32 or bf16) -> xq [M, K] int8, xd [M, K/32] scales, xs [M, K/32] sums of xq. */
 static VEC_VNNI_TARGET void quantize_rows_q8(int bf16, int64_t M, int64_t K, const void *x,
@@ -317,14 +323,15 @@ ALWAYS_INLINE VEC_VNNI_TARGET void qlin_tile_q8(int mr, const int qt, const int8
                 }
             }
         }
-        vf d = v_load_f16(w);
+        vf d = qt == QT_Q4_K ? v_loadf(w) : v_load_f16(w);
+        vf m = qt == QT_Q4_K ? v_loadf(w + 64) : v_load_f16(w + 32);
         for (int r = 0; r < mr; r++) {
             int32_t sx = xs[r * nb + b];
             float dx = xd[r * nb + b];
             __m512i sum = offset ? _mm512_sub_epi32(is[r], _mm512_set1_epi32(offset * sx)) : is[r];
             acc[r] = v_fma(v_mul(d, v_set1(dx)), _mm512_cvtepi32_ps(sum), acc[r]);
-            if (qt == QT_Q4_1)
-                acc[r] = v_fma(v_load_f16(w + 32), v_set1(dx * (float)sx), acc[r]);
+            if (qt == QT_Q4_1 || qt == QT_Q4_K)
+                acc[r] = v_fma(m, v_set1(dx * (float)sx), acc[r]);
         }
     }
     lin_store(mr, acc, y, ldy, out_bf16, m0, n0, N, bias);
@@ -353,6 +360,10 @@ static VEC_VNNI_TARGET void linear_q8(int wt, int bf16, int64_t M, int64_t K, in
             break;
         case QT_Q4_1:
             LIN_PANEL(VEC_Q8_MR, qlin_tile_q8, M, QT_Q4_1, xq, K, xd, xs, qp + p * qpanel, y,
+                      ldy, out_bf16);
+            break;
+        case QT_Q4_K:
+            LIN_PANEL(VEC_Q8_MR, qlin_tile_q8, M, QT_Q4_K, xq, K, xd, xs, qp + p * qpanel, y,
                       ldy, out_bf16);
             break;
         default:

@@ -26,20 +26,27 @@ def random_blocks(qtype: GGMLQuantizationType, n: int, k: int, rng: np.random.Ge
     """Valid blocks of an [n, k] weight: random quants, finite fp16 scales (and mins)."""
     block, nbytes = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n, k // block, nbytes), dtype=np.uint8)
-    scales = 2 if qtype == GGMLQuantizationType.Q4_1 else 1
+    scales = 2 if qtype in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K) else 1
     for s, spread in zip(range(scales), (0.02, 0.2)):
         raw[:, :, 2 * s:2 * s + 2] = (rng.standard_normal((n, k // block, 1)) * spread
                                       ).astype(np.float16).view(np.uint8)
     return raw.reshape(n, -1)
 
 
+def _shapes(qtype: GGMLQuantizationType, shapes: list) -> list:
+    """(m, n, k) with k in whole file blocks: Q4_K's super-blocks take 256 features."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    return [(m, n, -(-k // block) * block if block > 32 else k) for m, n, k in shapes]
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 def test_quantized_linear_matches_the_dequantize_oracle(isa, qtype):
     """Rows around each path's tile height (AVX-512 16, AVX2 4, portable 2) and past it; N off
-    16 columns; K of 1, 3, 5 and 18 blocks (not a multiple of 64); fp32 and bf16 inputs."""
+    16 columns; K of 1, 3, 5 and 18 blocks (not a multiple of 64; Q4_K: 1-3 super-blocks of
+    256, each of 8 sub-blocks); fp32 and bf16 inputs."""
     kernels, rng = cpu_kernels.CpuKernels(isa), np.random.default_rng(int(qtype))
-    for m, n, k in [(1, 37, 96), (17, 33, 160), (5, 16, 32), (40, 50, 576)]:
+    for m, n, k in _shapes(qtype, [(1, 37, 96), (17, 33, 160), (5, 16, 32), (40, 50, 576)]):
         raw = random_blocks(qtype, n, k, rng)
         w = torch.from_numpy(dequantize(raw, qtype))
         layer = CpuLinear(pack_weights([(int(qtype), raw)])[0], n, torch.randn(n), kernels,
@@ -67,7 +74,7 @@ def test_int8_path_matches_the_oracle_on_quantized_inputs(qtype):
     """The oracle: inputs rounded per block of 32 to xd * int8 with xd = max|x| / 127 (what
     llama.cpp's Q8_0 activations hold), times the dequantized weights."""
     kernels, rng = cpu_kernels.CpuKernels("avx512"), np.random.default_rng(int(qtype) + 1)
-    for m, n, k in [(1, 37, 96), (13, 33, 160), (25, 50, 576)]:
+    for m, n, k in _shapes(qtype, [(1, 37, 96), (13, 33, 160), (25, 50, 576)]):
         raw = random_blocks(qtype, n, k, rng)
         w = torch.from_numpy(dequantize(raw, qtype))
         layer = CpuLinear(pack_weights([(int(qtype), raw)])[0], n, None, kernels,
@@ -83,8 +90,8 @@ def test_int8_path_matches_the_oracle_on_quantized_inputs(qtype):
 def test_packing_refuses_what_no_kernel_runs():
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q4_1), 16, 48)
-    with pytest.raises(ValueError, match="no kernel runs ggml type 12"):
-        cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q4_K), 16, 256)
+    with pytest.raises(ValueError, match="no kernel runs ggml type 14"):
+        cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q6_K), 16, 256)
 
 
 # ---- the embedded model, end to end -----------------------------------------------------------
@@ -164,16 +171,16 @@ def test_a_type_without_kernel_is_dequantized_with_a_log_line_or_refused(minivll
     rng = np.random.default_rng(0)
     q41, q40, q8 = (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_0,
                     GGMLQuantizationType.Q8_0)
-    q4k = np.zeros((64, 144), dtype=np.uint8)  # one Q4_K super-block of 256 per row
+    q6k = np.zeros((64, 210), dtype=np.uint8)  # one Q6_K super-block of 256 per row
     blocks = [("model.mlp.gate_proj.weight", int(q41), random_blocks(q41, 16, 64, rng)),
               ("model.mlp.up_proj.weight", int(q40), random_blocks(q40, 16, 64, rng)),
-              ("model.mlp.down_proj.weight", int(GGMLQuantizationType.Q4_K), q4k),
+              ("model.mlp.down_proj.weight", int(GGMLQuantizationType.Q6_K), q6k),
               ("model.embed_tokens.weight", int(q8), random_blocks(q8, 32, 64, rng))]
     kept = quantized_modules(_Tiny(), blocks, strict=False)
     assert list(kept) == ["lm_head"] and kept["lm_head"][0] == int(q8)
     text = minivllm_log.text
     assert "mlp.gate_up_proj dequantized" in text and "Q4_1, Q4_0" in text
-    assert "model.mlp.down_proj.weight of type(s) Q4_K" in text
+    assert "model.mlp.down_proj.weight of type(s) Q6_K" in text
     with pytest.raises(ValueError, match="gguf-native: GGUF tensor.*use --quantization none"):
         quantized_modules(_Tiny(), blocks, strict=True)
 

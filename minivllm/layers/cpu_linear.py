@@ -14,7 +14,7 @@ fp32 runs at ~170 GFLOPS of a ~190 hot-cache peak.
 
 A GGUF model's linears may stay in the file's quantization blocks (`quantized_modules`,
 `--quantization gguf-native`): the kernels dequantize them in registers, so a step reads the
-file's 4.5-8.5 bits a weight instead of 16 or 32.
+file's 4.5-8.5 bits a weight (6 for Q4_K) instead of 16 or 32.
 """
 from __future__ import annotations
 
@@ -59,9 +59,8 @@ def _layout(w: Weight) -> tuple[tuple, torch.dtype]:
     if isinstance(w, torch.Tensor):
         return cpu_kernels.packed_shape(w), w.dtype
     qtype, blocks = w
-    k = blocks.shape[1] // (cpu_kernels.quant_packed_shape(qtype, 1, cpu_kernels.BLOCK)[2] // 16)
-    return cpu_kernels.quant_packed_shape(qtype, blocks.shape[0], k * cpu_kernels.BLOCK), \
-        torch.uint8
+    k = cpu_kernels.quant_in_features(qtype, blocks.shape[1])
+    return cpu_kernels.quant_packed_shape(qtype, blocks.shape[0], k), torch.uint8
 
 
 def pack_weights(weights: Sequence[Weight]) -> list[torch.Tensor]:
