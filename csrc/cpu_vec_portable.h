@@ -135,7 +135,7 @@ ALWAYS_INLINE vq v_loadi(const void *p) {
 
 /* The 4 bits at bit s of each lane, 0..15, in fp32 (s a constant). */
 ALWAYS_INLINE vf v_nibble(vq v, const int s) {
-    return __builtin_convertvector((v >> s) & 15u, vf);
+    return __builtin_convertvector((portable_vi)((v >> s) & 15u), vf); /* signed: cvtdq2ps */
 }
 
 /* Byte i of each lane as a signed int8, in fp32 (i a constant). */
