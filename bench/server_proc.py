@@ -75,14 +75,16 @@ class ServeProcess:
     server's logging, which would look like a hang) and kept for reports."""
 
     def __init__(self, args: Sequence[str] | str = (), start_timeout: float = 300.0,
-                 env: Optional[dict] = None, wait: bool = True) -> None:
+                 env: Optional[dict] = None, wait: bool = True,
+                 cwd: Optional[str] = None) -> None:
+        """`cwd`: the code tree whose minivllm it runs (`python -m` imports from there)."""
         if isinstance(args, str):
             args = shlex.split(args)
         self.args = list(args)
         env = {**os.environ, "MINIVLLM_LOG_LEVEL": "WARNING", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "minivllm.cli", "serve", "--port", "0", *self.args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
             start_new_session=True,  # a Ctrl-C of the bench is not also the server's SIGINT
             # a killed bench leaves no server behind: SIGTERM (a graceful stop) when it dies
             preexec_fn=functools.partial(die_with_parent, os.getpid()))

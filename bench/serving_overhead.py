@@ -1,0 +1,188 @@
+"""Serving at engine speed: served output tok/s against offline, and API-server CPU per token.
+
+    python -m bench.serving_overhead --requests 64 --prompt-len 128 --output-len 128 \
+        --api-servers 1 --json bench/results/serving_overhead_cpu.json
+    python -m bench.serving_overhead ... --tree /tmp/before --tree .   # two code trees, A/B
+
+One workload (`--requests` token-id prompts of `--prompt-len`, greedy, exactly `--output-len`
+new tokens each, all sent at once) goes through the same engine settings twice in one run:
+1. offline: `LLM.generate` in this process (one warm-up run first), output tok/s;
+2. served: `minivllm serve --api-servers K` in a subprocess, every request streamed (SSE, the
+   load generator of bench/serve_load.py in this process); output tok/s from the first send
+   to the last [DONE], and each API server's CPU time (utime + stime from /proc, over the load
+   window, warm-up excluded) divided by the tokens streamed: the CPU per streamed token.
+   Their CPU while idle (`IDLE_S` before the load: doorbell poll timeouts, uvicorn's ticks) is
+   recorded too, and the figure less that rate over the load's wall time: at a few hundred
+   tokens a second the idle floor alone is several us per token.
+With several `--tree`s the served run is repeated per code tree (each a checkout whose
+minivllm the server subprocess imports: its working directory), interleaved `--repeats`
+times, so a before/after pair shares the machine's state; `--stream-interval-ms` adds the last
+tree served with that flag. The CPU figure recorded is the lowest of the repeats (contention
+from other work only adds CPU time: cache misses, preemptions); every run is in `runs`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import time
+from typing import Optional
+
+from bench.records import record, write
+from bench.serve_load import Request, run_load
+from bench.server_proc import ServeProcess, leftovers
+from bench.bench_engine_overhead import proc_cpu_s
+
+
+def tiny_model(directory: str) -> str:
+    """A 2-layer Llama of SmolLM2's vocabulary (dummy weights) beside the embedded model's
+    tokenizer: an engine whose steps take milliseconds on this CPU, so the API servers, not
+    the model, set the pace (the GPU's regime). Returns its config.json."""
+    import json
+
+    from minivllm.loader import embedded_gguf_path
+    from minivllm.tokenizer import Tokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    tok = Tokenizer.from_gguf(embedded_gguf_path())
+    tok.backend.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                   "chat_template": tok.chat_template}, f)
+    config = os.path.join(directory, "config.json")
+    with open(config, "w") as f:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                   "vocab_size": tok.vocab_size, "hidden_size": 64, "intermediate_size": 128,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "max_position_embeddings": 2048, "tie_word_embeddings": True,
+                   "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}, f)
+    return config
+
+
+IDLE_S = 5.0  # the API servers' idle CPU is measured over this long before the load
+
+
+def workload(n: int, prompt_len: int, output_len: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+    return [Request([rng.randrange(1000, 8000) for _ in range(prompt_len)], None, prompt_len,
+                    output_len) for _ in range(n)]
+
+
+def offline(work: list[Request], engine_args: dict) -> float:
+    """LLM.generate's output tok/s on `work` (after one warm-up run of it)."""
+    from minivllm.llm import LLM
+    from minivllm.sampling_params import SamplingParams
+
+    llm = LLM(**engine_args)
+    prompts = [r.prompt for r in work]
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+              for r in work]
+    llm.generate(prompts, params, use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return tokens / wall
+
+
+def served(tree: str, work: list[Request], serve_args: list[str]) -> dict:
+    """One served run from code tree `tree`: throughput and each API server's CPU."""
+    srv = ServeProcess(serve_args, cwd=tree)
+    try:
+        pids = srv.process_tree()
+        api = srv.api_server_pids()
+        asyncio.run(run_load(srv.url, work[:4], model="default", progress=False))  # warm-up
+        idle = {p: proc_cpu_s(p) for p in api}
+        time.sleep(IDLE_S)
+        before = {p: proc_cpu_s(p) for p in api}
+        summary, _ = asyncio.run(run_load(srv.url, work, model="default", progress=False))
+        cpu = {p: proc_cpu_s(p) - before[p] for p in api}
+        idle_rate = sum(before[p] - idle[p] for p in api) / IDLE_S
+    finally:
+        code = srv.stop()
+    left = leftovers(pids)
+    if code != 0 or any(left.values()):
+        raise RuntimeError(f"the server exited {code}, leaving {left}")
+    if summary["counts"]["ok"] != len(work):
+        raise RuntimeError(f"not every request succeeded: {summary['counts']} "
+                           f"{summary['errors']}")
+    tokens, wall = summary["output_tokens"], summary["duration_s"]
+    return {"tok_s": summary["output_token_throughput"], "tokens": tokens,
+            "cpu_s": sum(cpu.values()), "cpu_s_per_server": sorted(cpu.values()),
+            "us_per_token": 1e6 * sum(cpu.values()) / tokens,
+            "idle_cpu_percent": 100 * idle_rate,
+            "us_per_token_less_idle": 1e6 * (sum(cpu.values()) - idle_rate * wall) / tokens,
+            "itl_p50_ms": summary["itl_ms"]["p50"]}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--api-servers", type=int, default=1)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--model", choices=["tiny", "embedded"], default="tiny",
+                    help="tiny: 2 layers of dummy weights with SmolLM2's tokenizer (steps of "
+                         "milliseconds); embedded: SmolLM2-135M-Instruct")
+    ap.add_argument("--kernels", default="auto")
+    ap.add_argument("--tiny-dir", default="/tmp/minivllm-tiny-smollm2")
+    ap.add_argument("--tree", action="append", default=None,
+                    help="a code tree to serve from (repeat for an A/B; default: this one)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--stream-interval-ms", type=float, default=0.0,
+                    help="also serve from the last tree with this --stream-interval-ms")
+    ap.add_argument("--no-offline", dest="offline", action="store_false")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    trees = [os.path.abspath(t) for t in (args.tree or ["."])]
+    work = workload(args.requests, args.prompt_len, args.output_len, args.seed)
+    load = [os.getloadavg()]
+    engine_args: dict = {"max_num_seqs": args.max_num_seqs, "kernels": args.kernels}
+    serve_args = ["--max-num-seqs", str(args.max_num_seqs), "--api-servers",
+                  str(args.api_servers), "--kernels", args.kernels, "--served-model-name",
+                  "default", "--no-dashboard"]
+    if args.model == "tiny":
+        config = tiny_model(args.tiny_dir)
+        engine_args.update(model=config, load_format="dummy")
+        serve_args += [config, "--load-format", "dummy"]
+    offline_tok_s = offline(work, engine_args) if args.offline else None
+    # (label, code tree, extra serve arguments) of each served configuration
+    configs = [(tree, tree, []) for tree in trees]
+    if args.stream_interval_ms:
+        configs.append((f"{trees[-1]} --stream-interval-ms {args.stream_interval_ms:g}",
+                        trees[-1], ["--stream-interval-ms", str(args.stream_interval_ms)]))
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
+    for _ in range(args.repeats):
+        for label, tree, extra in configs:
+            run = served(tree, work, serve_args + extra)
+            load.append(os.getloadavg())
+            runs[label].append(run)
+            print(f"{label}: {run['tok_s']:.1f} tok/s served, {run['us_per_token']:.2f} us "
+                  f"CPU per streamed token ({run['us_per_token_less_idle']:.2f} less idle "
+                  f"{run['idle_cpu_percent']:.2f} % of a core; {run['tokens']} tokens, API "
+                  f"servers' CPU {run['cpu_s']:.2f} s, ITL p50 {run['itl_p50_ms']:.1f} ms)",
+                  flush=True)
+    cfg = dict(requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len,
+               api_servers=args.api_servers, max_num_seqs=args.max_num_seqs,
+               kernels=args.kernels,
+               model=("2-layer Llama, hidden 64, dummy weights, SmolLM2's tokenizer"
+                      if args.model == "tiny" else "embedded SmolLM2-135M-Instruct"),
+               load_average=[[round(x, 2) for x in la] for la in load])
+    records = []
+    for label, rs in runs.items():
+        best = min(rs, key=lambda r: r["us_per_token"])
+        records.append(record(f"API-server CPU per streamed token ({label})",
+                              best["us_per_token"], "us/token", target=10.0,
+                              runs=rs, **cfg))
+        tok_s = sorted(r["tok_s"] for r in rs)[len(rs) // 2]
+        records.append(record(f"served output tok/s ({label})", tok_s, "tokens/s",
+                              peer=offline_tok_s, peer_name="offline LLM.generate, same run",
+                              **cfg))
+    write(args.json, records)
+
+
+if __name__ == "__main__":
+    main()
