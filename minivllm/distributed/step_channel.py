@@ -21,6 +21,7 @@ import zmq
 from minivllm.distributed.group import RankDiedError, store_key
 from minivllm.transport import shm
 from minivllm.transport.doorbell import Bell, BellListener
+from minivllm.transport.zmq_context import process_context
 
 SPIN_S = 50e-6  # as TransportConfig.spin_us: a reader spins this long before it sleeps
 _HELLO = b"rank"
@@ -36,8 +37,7 @@ class StepSender:
 
     def __init__(self, store: dist.Store, size: int, remote: bool, host: str,
                  ring_capacity: int) -> None:
-        self.ctx = zmq.Context()
-        self.ctx.setsockopt(zmq.LINGER, 0)
+        self.ctx = process_context()
         self.rings: list = []
         self.router: Optional[zmq.Socket] = None
         self.identities: list[bytes] = []
@@ -92,15 +92,13 @@ class StepSender:
         if self.router is not None:
             self.router.close(linger=0)
             self.router = None
-        self.ctx.term()
 
 
 class StepReceiver:
     """A rank > 0's end: its ring and doorbell, or a DEALER connected to rank 0."""
 
     def __init__(self, store: dist.Store, rank: int) -> None:
-        self.ctx = zmq.Context()
-        self.ctx.setsockopt(zmq.LINGER, 0)
+        self.ctx = process_context()
         self.ring = self.listener = self.dealer = None
         try:
             self._connect(store, rank)
@@ -142,4 +140,3 @@ class StepReceiver:
             if sock is not None:
                 sock.close()
         self.ring = self.listener = self.dealer = None
-        self.ctx.term()

@@ -29,6 +29,7 @@ from minivllm.engine.events import EngineEvents
 from minivllm.engine.engine_core import EngineCore, StepOutputs
 from minivllm.transport import control, protocol, shm
 from minivllm.transport.doorbell import Bell, BellListener
+from minivllm.transport.zmq_context import process_context
 from minivllm.transport.protocol import ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ class EngineProc:
     def __init__(self, core: EngineCore, transport: TransportConfig) -> None:
         self.core, self.transport = core, transport
         shm.cleanup_stale()
-        self.ctx = zmq.Context()
-        self.ctx.setsockopt(zmq.LINGER, 0)  # term() never waits on a vanished peer
+        self.ctx = process_context()
         self.control_endpoint = transport.control or shm.socket_endpoint("control")
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -474,7 +474,6 @@ class EngineProc:
         if self.endpoint is not None:
             self.endpoint.close()
             shm.remove_endpoint(self.transport.zmq_endpoint)
-        self.ctx.term()
         self.core.close()
         logger.info("engine process %d stopped", os.getpid())
 

@@ -22,6 +22,7 @@ from minivllm.config import TransportConfig
 from minivllm.transport import protocol, shm
 from minivllm.transport.control import ControlClient, EngineGoneError
 from minivllm.transport.doorbell import Bell, BellListener
+from minivllm.transport.zmq_context import process_context
 
 
 HEALTH_ATTEMPT_S = 1.0  # a health request lost with a dying engine is sent again after this
@@ -37,10 +38,7 @@ class EngineChannel:
         self.config = config or TransportConfig()
         self.name = name or f"frontend-{os.getpid()}-{secrets.token_hex(2)}"
         shm.cleanup_stale()
-        self.ctx = zmq.Context()
-        # No socket of this frontend may keep term() waiting on a peer that is gone (a
-        # context left to the garbage collector would hang its thread for good).
-        self.ctx.setsockopt(zmq.LINGER, 0)
+        self.ctx = process_context()
         self.request_ring = self.output_ring = None
         self.listener = self.control = self.engine_bell = None
         self.engine_pid: Optional[int] = None
@@ -146,8 +144,6 @@ class EngineChannel:
                 part.close()
         self.engine_bell = self.listener = self.control = None
         self.request_ring = self.output_ring = None
-        if not self.ctx.closed:
-            self.ctx.term()
 
     def __enter__(self) -> "EngineChannel":
         return self
