@@ -195,7 +195,7 @@ def pack_linear_weight(weight, out):
 
 
 # ggml's numbers of the quantization types the linear kernels run (csrc/cpu_quant.h).
-QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}
+QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 BLOCK = 32  # input features per panel block
 
 

@@ -105,8 +105,8 @@ ALWAYS_INLINE void lin_tile(int mr, const float *x, int64_t ldx, const void *w, 
     } while (0)
 
 /* Quantized weights (cpu_quant.h's panels of GGUF blocks), dequantized in registers as the
- * oracle (gguf.quants) does, bit for bit: d * (q - 8), d * q + m (Q4_1, Q4_K), d * q. qt is a
- * constant in each copy (qlinear's switch). */
+ * oracle (gguf.quants) does, bit for bit: d * (q - 8), d * q + m (Q4_1, Q4_K), d * q (Q8_0,
+ * Q6_K with a scale for each 16 features). qt is a constant in each copy (qlinear's switch). */
 ALWAYS_INLINE void qlin_tile(int mr, const int qt, const float *x, int64_t ldx, const uint8_t *w,
                              int64_t K, void *y, int64_t ldy, int out_bf16, int64_t m0,
                              int64_t n0, int64_t N, const float *bias) {
@@ -118,12 +118,13 @@ ALWAYS_INLINE void qlin_tile(int mr, const int qt, const float *x, int64_t ldx, 
         for (int64_t c = 0; c < pb; c += 64) __builtin_prefetch(w + c + LIN_PF, 0, 3);
         const uint8_t *qs = w + q_quants_offset(qt);
         const float *xk = x + k0;
-        vf d = qt == QT_Q4_K ? v_loadf(w) : v_load_f16(w);
-        if (qt == QT_Q8_0) {
+        vf d = qt == QT_Q4_K || qt == QT_Q6_K ? v_loadf(w) : v_load_f16(w);
+        if (qt == QT_Q8_0 || qt == QT_Q6_K) {
+            vf d1 = qt == QT_Q6_K ? v_loadf(w + 64) : d; /* Q6_K: features 16-31's scale */
             for (int g = 0; g < Q_BLOCK / 4; g++) {
                 vq c = v_loadi(qs + g * 64);
                 for (int i = 0; i < 4; i++) {
-                    vf wj = v_mul(v_sbyte(c, i), d);
+                    vf wj = v_mul(v_sbyte(c, i), g < 4 ? d : d1);
                     for (int r = 0; r < mr; r++)
                         acc[r] = v_fma(v_set1(xk[r * ldx + 4 * g + i]), wj, acc[r]);
                 }
@@ -195,6 +196,10 @@ static void linear(int wt, int bf16, int64_t M, int64_t K, int64_t N, const void
             break;
         case QT_Q4_K:
             LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q4_K, xw, ldx, qp + p * qpanel, K, y, ldy,
+                      out_bf16);
+            break;
+        case QT_Q6_K:
+            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q6_K, xw, ldx, qp + p * qpanel, K, y, ldy,
                       out_bf16);
             break;
         default:
@@ -338,7 +343,8 @@ ALWAYS_INLINE VEC_VNNI_TARGET void qlin_tile_q8(int mr, const int qt, const int8
 }
 
 /* `linear` for quantized weights on the int8 path: x quantized into xf (the caller's, at least
- * [M, K] fp32 of room) first. The AVX-512 table's `linear_q8` where the CPU has AVX512-VNNI. */
+ * [M, K] fp32 of room) first; Q6_K takes `linear`, fp32 inputs. The AVX-512 table's
+ * `linear_q8` where the CPU has AVX512-VNNI. */
 static VEC_VNNI_TARGET void linear_q8(int wt, int bf16, int64_t M, int64_t K, int64_t N,
                                       const void *x, int64_t ldx, const void *wp,
                                       const float *bias, void *y, int64_t ldy, int out_f32,
@@ -349,6 +355,10 @@ static VEC_VNNI_TARGET void linear_q8(int wt, int bf16, int64_t M, int64_t K, in
     int32_t *xs = (int32_t *)(xd + M * K / Q_BLOCK);
     int out_bf16 = bf16 && !out_f32;
     const uint8_t *qp = wp;
+    if (wt == QT_Q6_K) { /* two scales a block: fp32 inputs (cpu_linear.py logs it) */
+        linear(wt, bf16, M, K, N, x, ldx, wp, bias, y, ldy, out_f32, xf);
+        return;
+    }
     quantize_rows_q8(bf16, M, K, x, ldx, xq, xd, xs);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; p++) {

@@ -11,8 +11,12 @@
  *   Q4_K (144 B): fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc[8] and mins mn[8], 128 bytes
  *   qs; sub-block s (32 features) is w[i] = (d * sc[s]) * q[i] - dmin * mn[s], its q[i] the
  *   low (s even) or high (s odd) nibbles of qs[32 (s / 2) + i].
+ *   Q6_K (210 B): 128 bytes ql (4 low bits), 64 bytes qh (2 high bits), 16 int8 scales sc,
+ *   fp16 d; w[e] = (d * sc[e / 16]) * (q[e] - 32).
  * A Q4_K sub-block enters the panels as a Q4_1 block whose scale and min are those fp32
- * products (exact: the oracle rounds them so too), 12 bytes a row instead of 4.5.
+ * products (exact: the oracle rounds them so too), 12 bytes a row instead of 4.5; a Q6_K
+ * 32-feature block as a Q8_0 block of q - 32 with two fp32 scales d * sc, one for each 16
+ * features (40 bytes a row instead of 26.25).
  *
  * The kernels take the same blocks with 16 rows interleaved, the panels of the dense layout
  * (cpu_kernels.h, pack_panels): a panel is [K/32] blocks of 16 rows, each block their 16
@@ -25,26 +29,31 @@
  * 16 with zero blocks. */
 
 /* ggml's type numbers; 0 (F32) stands for a dense weight in the model's dtype. */
-enum { QT_DENSE = 0, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8, QT_Q4_K = 12 };
+enum { QT_DENSE = 0, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };
 
 #define Q_BLOCK 32 /* input features per panel block */
 
 /* Input features per file block of type qt. */
-static inline int64_t q_block_elems(int qt) { return qt == QT_Q4_K ? 256 : 32; }
+static inline int64_t q_block_elems(int qt) { return qt == QT_Q4_K || qt == QT_Q6_K ? 256 : 32; }
 
 /* Bytes of one file block of type qt; 0: not a type the kernels run. */
 static inline int64_t q_type_bytes(int qt) {
-    return qt == QT_Q4_0 ? 18 : qt == QT_Q4_1 ? 20 : qt == QT_Q8_0 ? 34 : qt == QT_Q4_K ? 144 : 0;
+    return qt == QT_Q4_0   ? 18
+           : qt == QT_Q4_1 ? 20
+           : qt == QT_Q8_0 ? 34
+           : qt == QT_Q4_K ? 144
+           : qt == QT_Q6_K ? 210
+                           : 0;
 }
 
-/* Bytes of one panel block (16 rows): scales (fp16, Q4_K's fp32), mins, quants. */
+/* Bytes of one panel block (16 rows): scales (fp16; Q4_K's, Q6_K's fp32), mins, quants. */
 static inline int64_t q_panel_block_bytes(int qt) {
-    return qt == QT_Q4_K ? 384 : 16 * q_type_bytes(qt);
+    return qt == QT_Q4_K ? 384 : qt == QT_Q6_K ? 640 : 16 * q_type_bytes(qt);
 }
 
-/* Byte offset of the quants in a panel block (after d, and m for Q4_1 / Q4_K). */
+/* Byte offset of the quants in a panel block (after d, and m for Q4_1 / Q4_K; Q6_K: d0, d1). */
 static inline int64_t q_quants_offset(int qt) {
-    return qt == QT_Q4_K ? 128 : qt == QT_Q4_1 ? 64 : 32;
+    return qt == QT_Q4_K || qt == QT_Q6_K ? 128 : qt == QT_Q4_1 ? 64 : 32;
 }
 
 static inline float f16_to_f32(uint16_t h) {
@@ -102,6 +111,25 @@ static void pack_q4_k_sub(const uint8_t *src, int64_t s, int64_t r, uint8_t *dst
     }
 }
 
+/* Q6_K 32-feature block t of the super-block at src into one row r of a panel block (dst). */
+static void pack_q6_k_block(const uint8_t *src, int64_t t, int64_t r, uint8_t *dst) {
+    const uint8_t *ql = src, *qh = src + 128;
+    const int8_t *sc = (const int8_t *)(src + 192);
+    uint16_t h;
+    memcpy(&h, src + 208, 2);
+    float d = f16_to_f32(h);
+    for (int64_t half = 0; half < 2; half++) {
+        float D = d * (float)sc[2 * t + half];
+        memcpy(dst + half * 64 + r * 4, &D, 4);
+    }
+    for (int64_t i = 0; i < 32; i++) {
+        int64_t e = 32 * t + i, g = e / 128, k = e % 128;
+        int lo = (ql[64 * g + k % 64] >> (4 * (k / 64))) & 0xF;
+        int hi = (qh[32 * g + k % 32] >> (2 * (k / 32))) & 3;
+        dst[128 + (i / 4) * 64 + r * 4 + i % 4] = (uint8_t)(int8_t)((lo | hi << 4) - 32);
+    }
+}
+
 /* Packs N rows of file blocks of type qt ([K / block elems] a row, rows ldw bytes apart) into
  * panels. */
 static void pack_q_panels(int qt, int64_t N, int64_t K, const uint8_t *w, int64_t ldw,
@@ -115,8 +143,9 @@ static void pack_q_panels(int qt, int64_t N, int64_t K, const uint8_t *w, int64_
             memset(dst, 0, pb);
             for (int64_t r = 0; r < 16 && p * 16 + r < N; r++) {
                 const uint8_t *row = w + (p * 16 + r) * ldw;
-                if (qt == QT_Q4_K) {
-                    pack_q4_k_sub(row + b / 8 * tb, b % 8, r, dst);
+                if (qt == QT_Q4_K || qt == QT_Q6_K) {
+                    (qt == QT_Q4_K ? pack_q4_k_sub : pack_q6_k_block)(row + b / 8 * tb, b % 8, r,
+                                                                       dst);
                     continue;
                 }
                 const uint8_t *src = row + b * tb, *qs = src + scales * 2;
@@ -138,7 +167,7 @@ static void q_dequant_row(int qt, int64_t K, const uint8_t *wp, int64_t n, int b
         const uint8_t *blk = panel + b * pb, *qs = blk + q_quants_offset(qt);
         uint16_t h;
         float d, m = 0.0f;
-        if (qt == QT_Q4_K) {
+        if (qt == QT_Q4_K || qt == QT_Q6_K) { /* Q6_K: d0 and d1 */
             memcpy(&d, blk + r * 4, 4);
             memcpy(&m, blk + 64 + r * 4, 4);
         } else {
@@ -151,8 +180,9 @@ static void q_dequant_row(int qt, int64_t K, const uint8_t *wp, int64_t n, int b
         }
         for (int64_t i = 0; i < Q_BLOCK; i++) {
             float v;
-            if (qt == QT_Q8_0) {
-                v = d * (float)(int8_t)qs[(i / 4) * 64 + r * 4 + i % 4];
+            if (qt == QT_Q8_0 || qt == QT_Q6_K) {
+                float di = qt == QT_Q6_K && i >= 16 ? m : d;
+                v = di * (float)(int8_t)qs[(i / 4) * 64 + r * 4 + i % 4];
             } else {
                 int j = i % 16, q = (qs[(j / 4) * 64 + r * 4 + j % 4] >> (i < 16 ? 0 : 4)) & 0xF;
                 v = qt == QT_Q4_0 ? d * (float)(q - 8) : d * (float)q + m;

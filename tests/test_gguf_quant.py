@@ -28,9 +28,11 @@ def random_blocks(qtype: GGMLQuantizationType, n: int, k: int, rng: np.random.Ge
     block, nbytes = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n, k // block, nbytes), dtype=np.uint8)
     scales = 2 if qtype in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K) else 1
-    for s, spread in zip(range(scales), (0.02, 0.2)):
-        raw[:, :, 2 * s:2 * s + 2] = (rng.standard_normal((n, k // block, 1)) * spread
-                                      ).astype(np.float16).view(np.uint8)
+    # byte offsets of the fp16 scale (and min): Q6_K keeps its d last
+    offsets = [208] if qtype == GGMLQuantizationType.Q6_K else [0, 2][:scales]
+    for at, spread in zip(offsets, (0.02, 0.2)):
+        raw[:, :, at:at + 2] = (rng.standard_normal((n, k // block, 1)) * spread
+                                ).astype(np.float16).view(np.uint8)
     return raw.reshape(n, -1)
 
 
@@ -52,7 +54,7 @@ def test_quantized_linear_matches_the_dequantize_oracle(isa, qtype):
         w = torch.from_numpy(dequantize(raw, qtype))
         layer = CpuLinear(pack_weights([(int(qtype), raw)])[0], n, torch.randn(n), kernels,
                           qtype=int(qtype))
-        x = torch.randn(m, k)
+        x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
         want = x @ w.T + layer.bias
         # The weights are the oracle's bit for bit: what differs is fp32 summation order.
         bound = (x.abs() @ w.abs().T) * 1e-5 + 1e-6
@@ -73,17 +75,19 @@ INT8 = pytest.mark.skipif(
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 def test_int8_path_matches_the_oracle_on_quantized_inputs(qtype):
     """The oracle: inputs rounded per block of 32 to xd * int8 with xd = max|x| / 127 (what
-    llama.cpp's Q8_0 activations hold), times the dequantized weights."""
+    llama.cpp's Q8_0 activations hold), times the dequantized weights; Q6_K (two scales a
+    block) takes fp32 inputs there."""
     kernels, rng = cpu_kernels.CpuKernels("avx512"), np.random.default_rng(int(qtype) + 1)
     for m, n, k in _shapes(qtype, [(1, 37, 96), (13, 33, 160), (25, 50, 576)]):
         raw = random_blocks(qtype, n, k, rng)
         w = torch.from_numpy(dequantize(raw, qtype))
         layer = CpuLinear(pack_weights([(int(qtype), raw)])[0], n, None, kernels,
                           qtype=int(qtype), act_q8=True)
-        x = torch.randn(m, k)
+        x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
         blocks = x.view(m, k // 32, 32)
         xd = blocks.abs().amax(-1, keepdim=True) / 127
-        want = (torch.round(blocks / xd) * xd).view(m, k) @ w.T
+        rounded = torch.round(blocks * (1 / xd)) * xd  # times the reciprocal, as llama.cpp
+        want = (x if qtype == GGMLQuantizationType.Q6_K else rounded.view(m, k)) @ w.T
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5 * want.abs().max())
         assert layer(x.bfloat16()).dtype == torch.bfloat16
 
@@ -91,8 +95,8 @@ def test_int8_path_matches_the_oracle_on_quantized_inputs(qtype):
 def test_packing_refuses_what_no_kernel_runs():
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q4_1), 16, 48)
-    with pytest.raises(ValueError, match="no kernel runs ggml type 14"):
-        cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q6_K), 16, 256)
+    with pytest.raises(ValueError, match="no kernel runs ggml type 13"):
+        cpu_kernels.quant_packed_shape(int(GGMLQuantizationType.Q5_K), 16, 256)
 
 
 # ---- the embedded model, end to end -----------------------------------------------------------

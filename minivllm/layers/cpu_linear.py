@@ -185,6 +185,11 @@ def use_cpu_linears(model: nn.Module, kernels: cpu_kernels.CpuKernels,
     embedding whose head is quantized is dropped too: the C decoder looks its rows up in the
     head (cpu_decoder.py)."""
     quantized = quantized or {}
+    q6 = [name for name, (qtype, _) in quantized.items()
+          if qtype == cpu_kernels.QUANT_TYPES["Q6_K"]]
+    if act_q8 and q6:
+        logger.info("quantization: %d Q6_K linear(s) (e.g. %s) take fp32 inputs: the int8 path "
+                    "runs one scale a block", len(q6), q6[0])
     sites = list(_linears(model))
     specs = [(quantized.get(path, child.weight), child.weight.shape[0], child.bias, None)
              for path, _, _, child in sites]
