@@ -175,7 +175,7 @@ def test_dashboard_in_a_real_browser(tmp_path):
             load = subprocess.Popen(
                 cwd=Path(__file__).resolve().parent.parent, args=[sys.executable, "-m", "bench.serve_load", "--url", srv.url, "--api-key", KEY,
                  "--endpoint", "chat", "--rate", "4", "--num-requests", "8",
-                 "--max-concurrency", "4", "--prompt-len", "48", "--output-len", "16",
+                 "--max-concurrency", "4", "--prompt-len", "48", "--output-len", "128",
                  "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             wait_for("() => S.steps.length >= 8 && S.grid && S.grid.some((v) => v >= 2)")
             timeline = page.evaluate("document.getElementById('timeline').toDataURL()")

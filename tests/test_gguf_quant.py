@@ -160,12 +160,12 @@ def test_the_int8_path_tokens_agree_with_fp32_inputs():
 @pytest.mark.parametrize("isa", ISAS)
 def test_auto_names_its_mode_in_one_log_line(isa, minivllm_log):
     """float32 keeps fp32 inputs (parity) where the GGUF blocks are faster than dense weights
-    (not on the portable path); bf16 takes the int8 path where the CPU has VNNI, else dense."""
+    (not on the portable path); bf16 takes dense weights (the int8 path is opt-in)."""
     kernels = cpu_kernels.CpuKernels(isa)
     fp32 = quantization_mode("auto", "gguf", kernels, torch.float32)
     assert fp32 == ("none" if isa == "portable" else "gguf-native")
     bf16 = quantization_mode("auto", "gguf", kernels, torch.bfloat16)
-    assert bf16 == ("gguf-native-q8" if kernels.int8_dot else "none")
+    assert bf16 == "none"
     lines = [r.getMessage() for r in minivllm_log.records]
     assert lines[0].startswith(f"quantization: {fp32} (auto: ")
     assert lines[1].startswith(f"quantization: {bf16} (auto: ")
