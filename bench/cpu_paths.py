@@ -216,12 +216,9 @@ def _start_workers(args, threads: int, out: list[Worker]) -> None:
 
 
 def run(args) -> None:
-    from bench.offline_throughput import chat_workload
-    from minivllm import LLM
+    from bench.offline_throughput import chat_token_work
 
-    llm = LLM(kernels="torch", dtype="float32", num_blocks=8)
-    work16 = [(ids, args.output_len) for ids, _ in chat_workload(llm, 16, args.output_len)]
-    del llm
+    work16 = chat_token_work(16, args.output_len)
     works = {b: work16[:b] for b in args.batches}
     os.makedirs(args.logs, exist_ok=True)
     results = []

@@ -187,12 +187,9 @@ def parity(work: list) -> dict:
 # ---- the driver --------------------------------------------------------------------------------
 
 def run(args) -> None:
-    from bench.offline_throughput import chat_workload
-    from minivllm import LLM
+    from bench.offline_throughput import chat_token_work
 
-    llm = LLM(kernels="torch", dtype="float32", num_blocks=8)
-    work16 = [(ids, args.output_len) for ids, _ in chat_workload(llm, 16, args.output_len)]
-    del llm
+    work16 = chat_token_work(16, args.output_len)
     works = {b: work16[:b] for b in args.batches}
     os.makedirs(args.logs, exist_ok=True)
     checks = parity([(ids, 64) for ids, _ in work16]) if args.parity else None

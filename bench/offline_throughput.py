@@ -42,6 +42,12 @@ def chat_workload(llm: LLM, n: int, output_len: int) -> list[tuple[list[int], in
         output_len) for i in range(n)]
 
 
+def chat_token_work(n: int, output_len: int) -> list[tuple[list[int], int]]:
+    """chat_workload's prompts as token ids of the embedded model, made without a full engine."""
+    llm = LLM(kernels="torch", dtype="float32", num_blocks=8)
+    return chat_workload(llm, n, output_len)
+
+
 def ragged_workload(vocab: int, n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(n)]

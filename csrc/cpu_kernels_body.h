@@ -181,27 +181,19 @@ static void linear(int wt, int bf16, int64_t M, int64_t K, int64_t N, const void
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
         int64_t n0 = p * 16;
+        /* one case per type: the type is a constant inside each, so qlin_tile is
+         * specialized for it */
+#define QLIN_CASE(T) case T: \
+            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, T, xw, ldx, qp + p * qpanel, K, y, ldy, \
+                      out_bf16); \
+            break;
         switch (wt) {
-        case QT_Q4_0:
-            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q4_0, xw, ldx, qp + p * qpanel, K, y, ldy,
-                      out_bf16);
-            break;
-        case QT_Q4_1:
-            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q4_1, xw, ldx, qp + p * qpanel, K, y, ldy,
-                      out_bf16);
-            break;
-        case QT_Q8_0:
-            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q8_0, xw, ldx, qp + p * qpanel, K, y, ldy,
-                      out_bf16);
-            break;
-        case QT_Q4_K:
-            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q4_K, xw, ldx, qp + p * qpanel, K, y, ldy,
-                      out_bf16);
-            break;
-        case QT_Q6_K:
-            LIN_PANEL(VEC_QLIN_MR, qlin_tile, M, QT_Q6_K, xw, ldx, qp + p * qpanel, K, y, ldy,
-                      out_bf16);
-            break;
+        QLIN_CASE(QT_Q4_0)
+        QLIN_CASE(QT_Q4_1)
+        QLIN_CASE(QT_Q8_0)
+        QLIN_CASE(QT_Q4_K)
+        QLIN_CASE(QT_Q6_K)
+#undef QLIN_CASE
         default:
             if (bf16)
                 LIN_PANEL(VEC_LIN_MR, lin_tile, M, xw, ldx, (const uint16_t *)wp + p * K * 16,

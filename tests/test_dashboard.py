@@ -144,7 +144,7 @@ def test_dashboard_in_a_real_browser(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="the test extra installs playwright")
     if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+        pytest.skip(reason="no chromium on PATH (Debian: apt-get install chromium)")
     shots = Path(os.environ.get("MINIVLLM_DASHBOARD_SHOTS", tmp_path))
     srv = ServeProcess(["--dtype", "float32", "--num-blocks", "512", "--api-key", KEY])
     pids = srv.process_tree()
