@@ -141,17 +141,22 @@ class ServeProcess:
         return self.proc.pid
 
     def engine_pid(self) -> int:
-        return httpx.get(self.url + "/health", timeout=10).json()["engine_pid"]
+        """The engine's pid (the first's, with data parallelism)."""
+        return self.engine_pids()[0]
 
     def process_tree(self) -> list[int]:
         """This process and every descendant (engine, API servers, resource tracker)."""
         return [self.proc.pid, *descendants(self.proc.pid)]
 
+    def engine_pids(self) -> list[int]:
+        """Its engines' pids, by data-parallel rank."""
+        return [e["pid"] for e in httpx.get(self.url + "/health", timeout=10).json()["engines"]]
+
     def api_server_pids(self, engine: Optional[int] = None) -> list[int]:
         """Its API-server processes (`engine`: the engine's pid, when /health cannot tell)."""
-        engine = engine or self.engine_pid()
+        engines = [engine] if engine else self.engine_pids()
         return [p for p in descendants(self.proc.pid) if _ppid(p) == self.proc.pid
-                and p != engine and "resource_tracker" not in _cmdline(p)]
+                and p not in engines and "resource_tracker" not in _cmdline(p)]
 
     def engine_stats(self) -> dict:
         """The engine's stats, asked on its control socket (its file carries this pid)."""
@@ -267,17 +272,51 @@ def wait_not_serving(url: str, timeout: float = 120.0) -> None:
 
 
 def wait_healthy(url: str, timeout: float = 300.0, engine_pid: Optional[int] = None) -> int:
-    """Wait for /health 200 (with an engine other than `engine_pid`, after a restart)."""
+    """Wait for /health 200 with every engine ready (after a restart: `engine_pid` none of
+    them); returns the first engine's pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             resp = httpx.get(url + "/health", timeout=5)
-            if resp.status_code == 200 and resp.json()["engine_pid"] != engine_pid:
-                return resp.json()["engine_pid"]
+            engines = resp.json().get("engines", []) if resp.status_code == 200 else []
+            if engines and all(e["state"] == "ready" and e["pid"] != engine_pid
+                               for e in engines):
+                return engines[0]["pid"]
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} was not healthy within {timeout:g} s")
+
+
+def check_served(code: Optional[int], pids: Sequence[int], summary: dict, sent: int) -> None:
+    """RuntimeError unless a benchmark's server stopped cleanly (exit `code` 0, nothing of
+    `pids` left) and every one of the `sent` requests of the load's `summary` succeeded."""
+    left = leftovers(pids)
+    if code != 0 or any(left.values()):
+        raise RuntimeError(f"the server exited {code}, leaving {left}")
+    if summary["counts"]["ok"] != sent:
+        raise RuntimeError(f"not every request succeeded: {summary['counts']} "
+                           f"{summary['errors']}")
+
+
+def zmq_status(endpoint: str, timeout_s: float = 60.0) -> dict:
+    """The fields of the status record an engine's ZeroMQ endpoint answers a query with."""
+    import zmq
+
+    from minivllm.transport import protocol
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send(protocol.encode_status_query(1))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"the engine at {endpoint} did not answer a status query")
+        return protocol.decode(sock.recv()).fields
+    finally:
+        sock.close()
+        ctx.term()
 
 
 def leftovers(pids: Sequence[int], settle: float = 10.0) -> dict[str, list]:

@@ -31,7 +31,7 @@ from typing import Optional
 
 from bench.records import record, write
 from bench.serve_load import Request, run_load
-from bench.server_proc import ServeProcess, leftovers
+from bench.server_proc import ServeProcess, check_served
 from bench.bench_engine_overhead import proc_cpu_s
 
 
@@ -101,12 +101,7 @@ def served(tree: str, work: list[Request], serve_args: list[str]) -> dict:
         idle_rate = sum(before[p] - idle[p] for p in api) / IDLE_S
     finally:
         code = srv.stop()
-    left = leftovers(pids)
-    if code != 0 or any(left.values()):
-        raise RuntimeError(f"the server exited {code}, leaving {left}")
-    if summary["counts"]["ok"] != len(work):
-        raise RuntimeError(f"not every request succeeded: {summary['counts']} "
-                           f"{summary['errors']}")
+    check_served(code, pids, summary, len(work))
     tokens, wall = summary["output_tokens"], summary["duration_s"]
     return {"tok_s": summary["output_token_throughput"], "tokens": tokens,
             "cpu_s": sum(cpu.values()), "cpu_s_per_server": sorted(cpu.values()),

@@ -122,7 +122,7 @@ def _engine_config(args):
     return build_engine_config(
         args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
-        **_parallel(args),
+        **_parallel(args), data_parallel_size=getattr(args, "data_parallel_size", 1),
         generation_config=args.generation_config, quantization=args.quantization,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -187,6 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-servers", type=int, default=1,
                        help="API-server processes sharing the port, each a frontend")
+    serve.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                       help="engines behind the API servers, each on its own GPU or its own "
+                            "CPU cores; each new request goes to the least loaded")
     serve.add_argument("--max-pending", type=int, default=1024,
                        help="requests in flight per API server before 429")
     serve.add_argument("--drain-timeout", type=float, default=30.0,

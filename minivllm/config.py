@@ -274,7 +274,11 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    """Tensor parallelism (minivllm/distributed/): `tensor_parallel_size` ranks, one process
+    """Data parallelism: `minivllm serve` runs `data_parallel_size` engines behind the same API
+    servers, each on its own GPU or its own CPU cores (minivllm/distributed/data_parallel.py);
+    `data_parallel_rank` is this engine's index, set by the launcher.
+
+    Tensor parallelism (minivllm/distributed/): `tensor_parallel_size` ranks, one process
     each, rank 0 running the engine. With `spawn_workers` rank 0 starts the others on its host
     (a free port on `master_addr` when `master_port` is 0); without, they are started by
     torchrun or by hand (`python -m minivllm.distributed.worker`) and join at
@@ -283,6 +287,8 @@ class ParallelConfig:
     (None: nccl on CUDA, else gloo)."""
 
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     spawn_workers: bool = True
@@ -291,6 +297,11 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("data_parallel_size", self.data_parallel_size)
+        if not (isinstance(self.data_parallel_rank, int)
+                and 0 <= self.data_parallel_rank < self.data_parallel_size):
+            raise ValueError(f"data_parallel_rank must be in [0, {self.data_parallel_size}), "
+                             f"got {self.data_parallel_rank!r}")
         if isinstance(self.master_port, bool) or not isinstance(self.master_port, int) \
                 or not 0 <= self.master_port <= 65535:
             raise ValueError(f"master_port must be in [0, 65535], got {self.master_port!r}")

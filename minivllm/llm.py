@@ -47,7 +47,11 @@ class LLM:
         """`chat_template`: a jinja template file (or its text) used instead of the model's
         by chat(); the engine's settings are build_engine_config's keywords."""
         logger.configure()
-        self.engine = EngineCore(build_engine_config(model, **kwargs))
+        config = build_engine_config(model, **kwargs)
+        if config.parallel.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 runs several engine processes: use "
+                             "`minivllm serve --data-parallel-size N` (LLM is one engine)")
+        self.engine = EngineCore(config)
         if chat_template is not None:
             if self.engine.tokenizer is None:
                 raise ValueError("chat_template needs a tokenizer, and this model has none")

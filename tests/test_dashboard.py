@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -137,6 +138,19 @@ def bucket_of(q: float, buckets: list[tuple[float, float]]) -> tuple[float, floa
     return (buckets[i - 1][0] if i else 0.0), buckets[i][0]
 
 
+def _open(p, url: str):
+    """Chromium on the dashboard at 1280x800: (browser, page, the page's errors, wait_for)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/dashboard")
+
+    def wait_for(js: str, arg=None) -> None:
+        page.wait_for_function(js, arg=arg, timeout=WAIT_S * 1000, polling=100)
+    return browser, page, errors, wait_for
+
+
 def test_dashboard_in_a_real_browser(tmp_path):
     """The page asks for the key, connects, its step timeline and KV grid update under the load
     generator, its figures equal /metrics, it renders at 1280x800 and phone width, and a kill -9
@@ -152,17 +166,10 @@ def test_dashboard_in_a_real_browser(tmp_path):
     try:
         assert httpx.get(srv.url + "/dashboard/events").status_code == 401
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(srv.url + "/dashboard")
+            browser, page, errors, wait_for = _open(p, srv.url)
 
             def shown(k: str) -> str:
                 return page.text_content(f'[data-k="{k}"]')
-
-            def wait_for(js: str, arg=None) -> None:
-                page.wait_for_function(js, arg=arg, timeout=WAIT_S * 1000, polling=100)
 
             wait_for("() => !document.getElementById('keyform').hidden")  # asks for the key
             page.fill("#key", KEY)
@@ -295,3 +302,51 @@ def _check_at_rest(page, shown, url: str) -> None:
             lower, upper = bucket_of(q / 100, buckets)
             value = float(shown(f"{short}_p{q}")) / 1000
             assert lower - 1e-4 <= value <= upper + 1e-4, (short, q, value, lower, upper)
+
+
+def test_dashboard_shows_every_data_parallel_engine(tmp_path):
+    """With two engines the page lists both (pids as /health says), draws the one picked, and
+    names the engine that a kill -9 took down and that came back."""
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="the test extra installs playwright")
+    if CHROMIUM is None:
+        pytest.skip(reason="no chromium on PATH (Debian: apt-get install chromium)")
+    shots = Path(os.environ.get("MINIVLLM_DASHBOARD_SHOTS", tmp_path))
+    srv = ServeProcess(["--data-parallel-size", "2", "--dtype", "float32", "--num-blocks", "256"])
+    pids = srv.process_tree()
+    try:
+        engines = srv.engine_pids()
+        with sync_api.sync_playwright() as p:
+            browser, page, errors, wait_for = _open(p, srv.url)
+            wait_for("() => document.getElementById('status').textContent === 'connected'")
+
+            def one(i: int) -> None:  # (playwright's sync API holds this thread's loop)
+                httpx.post(srv.url + "/v1/completions", timeout=WAIT_S, json={
+                    "prompt": f"Story {i}:", "max_tokens": 48,
+                    "ignore_eos": True}).raise_for_status()
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(one, range(8)))
+            wait_for("() => S.engines.length === 2 && "
+                     "S.engines.every((e) => e.last && e.last.counters.generation_tokens > 0)")
+            page.wait_for_timeout(100)  # one animation frame draws what came
+            rows = page.evaluate("[...document.querySelectorAll('#engines-table tbody tr')]"
+                                 ".map((tr) => [...tr.cells].map((td) => td.textContent))")
+            assert [int(r[2]) for r in rows] == engines and [r[1] for r in rows] == ["ready"] * 2
+            page.select_option("#engine-select", "1")
+            wait_for("(pid) => document.getElementById('engine-pid').textContent == pid",
+                     engines[1])
+            assert page.evaluate("S.grid !== null && S.steps.length > 0")
+            page.screenshot(path=str(shots / "dashboard_data_parallel.png"))
+
+            os.kill(engines[1], signal.SIGKILL)
+            new = wait_healthy(srv.url, timeout=WAIT_S, engine_pid=engines[1])
+            assert new == engines[0]
+            wait_for("() => document.getElementById('status').textContent"
+                     ".includes('engine 1 restarted')")
+            assert not errors
+            browser.close()
+    finally:
+        pids = sorted(set(pids + srv.process_tree()))
+        code = srv.stop()
+    assert code == 0
+    assert leftovers(pids) == {"processes": [], "shm": [], "sockets": []}

@@ -10,6 +10,7 @@
     python -m bench.chaos.run fuzz --clients 3000     # cases per parser (bench/chaos/fuzz.py)
     python -m bench.chaos.run flood --rounds 3 --duration 40 --rate 1   # bench/chaos/flood.py
     python -m bench.chaos.run kill-tp-rank --duration 120 --every 30 --rate 0.5  # tp_rank.py
+    python -m bench.chaos.run kill-dp-engine --duration 120 --every 30 --rate 2  # dp_engine.py
     python -m bench.chaos.run all --json bench/results/chaos_cpu.json   # or several names
 
 Each scenario starts its own server, runs, lets the dust settle, stops it (SIGTERM) and reports
@@ -36,7 +37,7 @@ from typing import Awaitable, Callable, Optional
 import httpx
 import zmq
 
-from bench.chaos import faults, tp_rank
+from bench.chaos import dp_engine, faults, tp_rank
 from bench.chaos.flood import flood
 from bench.chaos.fuzz import check_http, fuzz
 from bench.server_proc import (ServeProcess, leftovers, metrics, wait_engine_idle,
@@ -317,6 +318,7 @@ SCENARIOS = {
     "flood": (flood, None),                       # --zmq-endpoint
     **faults.SCENARIOS,  # issue 16: process deaths and shutdowns
     **tp_rank.SCENARIOS,  # issue 27: a tensor-parallel rank killed
+    **dp_engine.SCENARIOS,  # issue 28: one data-parallel engine killed
 }
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from minivllm.config import TransportConfig, shutdown_timeouts
+from minivllm.distributed import data_parallel
 from minivllm.engine.clients import Client, FrontendClient, Owners, RouterClient
 from minivllm.engine.drain import Drain
 from minivllm.engine.endpoint import Endpoint, status_fields
@@ -489,6 +490,7 @@ def run_engine(engine_config, transport: TransportConfig,
     from minivllm import logger as log_setup
 
     log_setup.configure()
+    data_parallel.take_share(engine_config)
     proc = EngineProc(EngineCore(engine_config), transport)
     if ready is not None:
         ready()

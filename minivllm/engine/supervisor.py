@@ -82,6 +82,9 @@ class Supervisor:
         if self.transport.control is None:  # fixed now: restarts must bind the same endpoint
             self.transport.control = shm.socket_endpoint("control")
         self.config = config or SupervisorConfig()
+        parallel = engine_config.parallel
+        self.name = (f"engine {parallel.data_parallel_rank}" if parallel.data_parallel_size > 1
+                     else "engine")  # in its log lines
         self.state = "stopped"
         self.process: Optional[mp.Process] = None
         self.restarts = 0
@@ -120,7 +123,8 @@ class Supervisor:
     def _spawn_locked(self) -> None:
         ctx = mp.get_context("spawn")
         receiver, sender = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_engine_main, name="minivllm-engine", args=(
+        self.process = ctx.Process(target=_engine_main, name="minivllm-" + self.name.replace(
+            " ", "-"), args=(
             self.engine_config, self.transport, sender, os.getpid(), self.drain_timeout_s))
         self.process.start()
         sender.close()
@@ -132,7 +136,7 @@ class Supervisor:
                 if receiver.poll(0.1):
                     kind, detail = receiver.recv()
                     if kind == "ready":
-                        logger.info("engine process %d ready", self.process.pid)
+                        logger.info("%s process %d ready", self.name, self.process.pid)
                         return
                     raise EngineStartError(f"the engine failed to start: "
                                            f"{detail.strip().splitlines()[-1]}\n{detail}")
@@ -160,13 +164,13 @@ class Supervisor:
                 continue
             if self._stopping.is_set():
                 return
-            logger.error("engine process %d exited with code %s", self.process.pid,
+            logger.error("%s process %d exited with code %s", self.name, self.process.pid,
                          self.process.exitcode)
             self.state = "restarting"
             if not self._restart():
                 if not self._stopping.is_set():
                     self.state = "failed"
-                    logger.error("engine restarts exhausted (%d within %g s): giving up",
+                    logger.error("%s restarts exhausted (%d within %g s): giving up", self.name,
                                  self.config.restart_limit, self.config.restart_window_s)
                 return
             self.state = "ready"
@@ -188,7 +192,7 @@ class Supervisor:
             try:
                 self._spawn()
             except EngineStartError as exc:
-                logger.error("engine restart failed: %s", str(exc).splitlines()[0])
+                logger.error("%s restart failed: %s", self.name, str(exc).splitlines()[0])
                 failures += 1
                 continue
             self.restarts += 1

@@ -110,6 +110,11 @@ class AsyncEngineClient:
         # the model's generation config (--generation-config), for requests that leave it unset
         self.sampling_defaults: dict = info["sampling_defaults"]
 
+    @property
+    def in_flight(self) -> int:
+        """Requests of this client not finished (or not yet read to their end)."""
+        return len(self._requests)
+
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:

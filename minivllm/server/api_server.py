@@ -23,7 +23,7 @@ import uvicorn
 
 from minivllm.config import ServerConfig, TransportConfig, shutdown_timeouts
 from minivllm.engine.supervisor import die_with_parent
-from minivllm.frontend.async_client import AsyncEngineClient
+from minivllm.frontend.data_parallel_client import DataParallelClient
 from minivllm.server.app import ServerState, build_app
 
 logger = logging.getLogger(__name__)
@@ -52,21 +52,18 @@ class _Server(uvicorn.Server):
 STEP_ANSWER_S = 60.0
 
 
-async def _step_p99(client: AsyncEngineClient) -> float:
-    """The engine's p99 step time, asked now; 0 if it is down or hung."""
-    if client.state != "ready":
-        return 0.0
-    try:
-        return (await client.call("stats", timeout=STEP_ANSWER_S))["step_p99_s"]
-    except (TimeoutError, RuntimeError):
-        return 0.0
+async def _step_p99(client: DataParallelClient) -> float:
+    """The slowest engine's p99 step time, asked now; 0 if all are down or hung."""
+    stats = await client.call_all("stats", timeout=STEP_ANSWER_S)
+    return max((s["step_p99_s"] for s in stats if s is not None), default=0.0)
 
 
-async def _serve(control: str, model: Optional[str], load_format: str, config: ServerConfig,
-                 transport: TransportConfig, index: int, ready, all_up) -> None:
+async def _serve(controls: list[str], model: Optional[str], load_format: str,
+                 config: ServerConfig, transport: TransportConfig, index: int, ready,
+                 all_up) -> None:
     state = ServerState(config, all_up)
-    client = await AsyncEngineClient.connect(control, model, load_format, transport,
-                                             name=f"api-server-{index}")
+    client = await DataParallelClient.connect(controls, model, load_format, transport,
+                                              name=f"api-server-{index}")
     state.client = client
     if config.chat_template and client.tokenizer is not None:
         with open(config.chat_template, encoding="utf-8") as f:
@@ -110,14 +107,15 @@ async def _serve(control: str, model: Optional[str], load_format: str, config: S
         await client.shutdown()
 
 
-def run_api_server(control: str, model: Optional[str], load_format: str, config: ServerConfig,
-                   transport: TransportConfig, index: int, parent_pid: int, ready,
-                   all_up) -> None:
+def run_api_server(controls: list[str], model: Optional[str], load_format: str,
+                   config: ServerConfig, transport: TransportConfig, index: int,
+                   parent_pid: int, ready, all_up) -> None:
     """Process main of API server `index` (spawned by `minivllm serve`, whose pid is
-    `parent_pid`): it sets `ready` once it listens, and answers /health 200 only once the
-    launcher has set `all_up` (every API server ready)."""
+    `parent_pid`), a frontend of every engine (`controls`: their control endpoints, by
+    data-parallel rank): it sets `ready` once it listens, and answers /health 200 only once
+    the launcher has set `all_up` (every API server ready)."""
     from minivllm import logger as log_setup
 
     die_with_parent(parent_pid)
     log_setup.configure()
-    asyncio.run(_serve(control, model, load_format, config, transport, index, ready, all_up))
+    asyncio.run(_serve(controls, model, load_format, config, transport, index, ready, all_up))

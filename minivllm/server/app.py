@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from minivllm.config import ServerConfig
-from minivllm.frontend.async_client import AsyncEngineClient
+from minivllm.frontend.data_parallel_client import DataParallelClient
 from minivllm.server import metrics, tool_calls
 from minivllm.server.dashboard import add_dashboard
 from minivllm.server.protocol import (APIError, ChatCompletionRequest, ChatMessage,
@@ -47,7 +47,7 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, all_up=None) -> None:
         self.config = config
-        self.client: Optional[AsyncEngineClient] = None
+        self.client: Optional[DataParallelClient] = None
         self.all_up = all_up  # an Event the launcher sets once every API server is up
         self.draining = False
         self.in_flight = 0
@@ -193,22 +193,18 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.ready:
-            return {"status": "ok", "engine_pid": state.client.engine_pid}
+        if state.ready:  # one engine of several may be restarting: the others serve
+            return {"status": "ok", "engines": state.client.engines()}
         status = "draining" if state.draining else (
             "starting" if not state.started else "engine_" + state.client.state)
         return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        stats = None
+        stats: list = []
         if state.client is not None:
             metrics.restarts.set(state.client.restarts)
-        if state.client is not None and state.client.state == "ready":
-            try:
-                stats = await state.client.call("stats", timeout=2.0)
-            except (TimeoutError, RuntimeError):
-                pass
+            stats = await state.client.call_all("stats", timeout=2.0)
         body, content_type = metrics.render(stats, state.model_name)
         return Response(body, media_type=content_type)
 

@@ -1,7 +1,9 @@
-"""`minivllm serve`: the engine under its supervisor, and N API-server processes on one port.
+"""`minivllm serve`: the engines under their supervisors, and N API-server processes on one port.
 
     serve process (this) ── Supervisor ── engine process (model, KV cache, step loop)
-                        └── API server 0..N-1 (uvicorn + AsyncEngineClient; no torch)
+                        ├── ... one Supervisor and engine per data-parallel rank
+                        └── API server 0..N-1 (uvicorn + DataParallelClient; no torch),
+                            each a frontend of every engine
 
 Before anything loads it claims the port: an abstract Unix socket named after it keeps a
 second `serve` off it (its pid is named), and a bind without SO_REUSEPORT finds another
@@ -32,6 +34,7 @@ from typing import Optional
 
 from minivllm.config import (EngineConfig, ServerConfig, SupervisorConfig, TransportConfig,
                              shutdown_timeouts)
+from minivllm.distributed import data_parallel
 from minivllm.engine.supervisor import Supervisor
 from minivllm.server.api_server import STEP_ANSWER_S, listening_socket, run_api_server
 from minivllm.transport import shm
@@ -99,8 +102,12 @@ class Launcher:
                  transport: Optional[TransportConfig] = None,
                  supervisor: Optional[SupervisorConfig] = None) -> None:
         self.engine_config, self.server = engine_config, server
-        self.supervisor = Supervisor(engine_config, transport, supervisor,
-                                     drain_timeout_s=server.drain_timeout_s)
+        size = engine_config.parallel.data_parallel_size
+        transport = transport or TransportConfig()
+        self.supervisors = [Supervisor(data_parallel.engine_config(engine_config, rank),
+                                       data_parallel.transport(transport, rank, size),
+                                       supervisor, drain_timeout_s=server.drain_timeout_s)
+                            for rank in range(size)]
         self.ctx = mp.get_context("spawn")
         self.api_servers: list[Optional[mp.Process]] = [None] * server.api_servers
         self.all_up = self.ctx.Event()
@@ -111,8 +118,9 @@ class Launcher:
         ready = self.ctx.Event()
         model = self.engine_config.model
         proc = self.ctx.Process(target=run_api_server, name=f"minivllm-api-{index}", args=(
-            self.supervisor.control, model.model, model.load_format, self.server,
-            self.supervisor.transport, index, os.getpid(), ready, self.all_up))
+            [sup.control for sup in self.supervisors], model.model, model.load_format,
+            self.server, self.supervisors[0].transport, index, os.getpid(), ready,
+            self.all_up))
         proc.start()
         self.api_servers[index] = proc
         while not ready.wait(0.2):
@@ -124,7 +132,8 @@ class Launcher:
 
     def _on_signal(self, *_) -> None:
         self.stop.set()
-        self.supervisor.begin_shutdown()  # an engine starting now gives up
+        for sup in self.supervisors:
+            sup.begin_shutdown()  # an engine starting now gives up
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
@@ -147,7 +156,8 @@ class Launcher:
         try:
             self.metrics_dir = shm.private_dir("metrics")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # for the API servers
-            self.supervisor.start()
+            for sup in self.supervisors:  # from this thread: engines die with it
+                sup.start()
             for i in range(self.server.api_servers):
                 self._start_api_server(i)
             if probe is not None:
@@ -155,7 +165,12 @@ class Launcher:
             self.all_up.set()
             print(f"minivllm: serving {self.server.served_model_name or 'the model'} on "
                   f"http://{self.server.host}:{self.server.port} "
-                  f"({self.server.api_servers} API server(s))", flush=True)
+                  f"({self.server.api_servers} API server(s), {len(self.supervisors)} "
+                  f"engine(s))", flush=True)
+            for sup in self.supervisors:
+                if sup.transport.zmq_endpoint:
+                    print(f"minivllm: {sup.name} ZeroMQ endpoint {sup.transport.zmq_endpoint}",
+                          flush=True)
             self._watch()
             return 0
         except _Stopped:
@@ -179,18 +194,20 @@ class Launcher:
 
     def _shutdown(self) -> None:
         """The API servers and the engine drain at once; see shutdown_timeouts."""
-        self.supervisor.begin_shutdown()
+        for sup in self.supervisors:
+            sup.begin_shutdown()
         start = time.monotonic()
         running = [p for p in self.api_servers if p is not None and p.is_alive()]
         for proc in running:
             os.kill(proc.pid, signal.SIGTERM)
-        stats = self.supervisor.call("stats", timeout=STEP_ANSWER_S)
-        drain_s, grace_s = shutdown_timeouts(self.server.drain_timeout_s,
-                                             stats["step_p99_s"] if stats else 0.0)
+        stats = [sup.call("stats", timeout=STEP_ANSWER_S) for sup in self.supervisors]
+        drain_s, grace_s = shutdown_timeouts(self.server.drain_timeout_s, max(
+            (s["step_p99_s"] for s in stats if s), default=0.0))
 
         def left(seconds: float) -> float:
             return max(0.0, start + seconds - time.monotonic())
-        self.supervisor.call("drain", timeout=grace_s, timeout_s=left(drain_s))  # ZeroMQ peers'
+        for sup in self.supervisors:  # the ZeroMQ peers' requests
+            sup.call("drain", timeout=grace_s, timeout_s=left(drain_s))
         for proc in running:
             proc.join(left(drain_s + grace_s))
             if proc.is_alive():
@@ -198,7 +215,8 @@ class Launcher:
                              "(%g + %g s): killing it", proc.pid, drain_s, grace_s)
                 proc.kill()
                 proc.join(5)
-        self.supervisor.shutdown(drain=True, timeout=left(drain_s), grace=grace_s)
+        for sup in self.supervisors:  # each has drained meanwhile: one deadline for all
+            sup.shutdown(drain=True, timeout=left(drain_s), grace=grace_s)
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         logger.info("minivllm stopped")

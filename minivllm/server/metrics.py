@@ -5,8 +5,8 @@ token counters, rejections) live in each API-server process and are summed by
 prometheus_client's multiprocess mode: `minivllm serve` points PROMETHEUS_MULTIPROC_DIR at a
 fresh directory before any API server starts. Engine-level figures (running and waiting
 requests, KV-cache usage, prefix-cache hits, preemptions, queue and prefill times) are the
-engine's own: each scrape asks the engine over the control channel, so they are never double
-counted.
+engine's own: each scrape asks every engine over the control channel, so they are never double
+counted, and each carries its engine's data-parallel rank (label `engine`).
 
 Dashboards built for vLLM (its Grafana board, its alerts) read `vllm:` names with a `model_name`
 label: every figure whose meaning and unit are vLLM's is served under both names (VLLM_NAMES),
@@ -97,43 +97,61 @@ token_tally = TokenTally()
 
 
 class EngineCollector:
-    """Engine-level gauges and counters from one `stats` reply."""
+    """Engine-level gauges, counters and histograms, one series per engine (label `engine`,
+    its data-parallel rank), from the engines' `stats` replies (None: that one did not
+    answer)."""
 
-    def __init__(self, stats: dict) -> None:
-        self.stats = stats
+    def __init__(self, stats: list[Optional[dict]]) -> None:
+        self.stats = [(str(i), s) for i, s in enumerate(stats) if s is not None]
+
+    def _family(self, cls, name: str, doc: str, key) -> Metric:
+        family = cls(PREFIX + name, doc, labels=["engine"])
+        for engine, s in self.stats:
+            family.add_metric([engine], key(s))
+        return family
 
     def collect(self):
-        s = self.stats
-        for name, doc, value in (
-                ("num_requests_running", "Requests running in the engine", s["running"]),
-                ("num_requests_waiting", "Requests waiting in the engine", s["waiting"]),
+        for name, doc, key in (
+                ("num_requests_running", "Requests running in the engine", "running"),
+                ("num_requests_waiting", "Requests waiting in the engine", "waiting"),
                 ("num_requests_waiting_for_grammar", "Requests whose structured-output grammar "
-                 "is compiling", s["waiting_for_grammar"]),
-                ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use", s["kv_usage"])):
-            yield GaugeMetricFamily(PREFIX + name, doc, value=value)
-        for name, doc, value in (
-                ("prefix_cache_queries", "Prefix-cache lookups (blocks)", s["prefix_queries"]),
-                ("prefix_cache_hits", "Prefix-cache hits (blocks)", s["prefix_hits"]),
-                ("num_preemptions", "Requests preempted", s["preemptions"])):
-            yield CounterMetricFamily(PREFIX + name, doc, value=value)
+                 "is compiling", "waiting_for_grammar"),
+                ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use", "kv_usage")):
+            yield self._family(GaugeMetricFamily, name, doc, lambda s, k=key: s[k])
+        for name, doc, key in (
+                ("prefix_cache_queries", "Prefix-cache lookups (blocks)", "prefix_queries"),
+                ("prefix_cache_hits", "Prefix-cache hits (blocks)", "prefix_hits"),
+                ("num_preemptions", "Requests preempted", "preemptions"),
+                ("engine_requests", "Requests the engine took (HTTP and ZeroMQ)", "requests"),
+                ("engine_prompt_tokens", "Prompt tokens of the requests the engine took",
+                 "prompt_tokens"),
+                ("engine_generation_tokens", "Tokens the engine generated", "generation_tokens"),
+                ("engine_steps", "Steps the engine ran", "step")):
+            yield self._family(CounterMetricFamily, name, doc, lambda s, k=key: s[k])
+        yield self._family(GaugeMetricFamily, "prefix_cache_hit_rate",
+                           "Prefix-cache hits per lookup since start",
+                           lambda s: s["prefix_hits"] / s["prefix_queries"]
+                           if s["prefix_queries"] else 0.0)
         ranks = GaugeMetricFamily(PREFIX + "kv_cache_bytes", "KV-cache bytes of each "
                                   "tensor-parallel rank (its share of the KV heads)",
-                                  labels=["rank", "host", "pid"])
-        for r in s["ranks"]:
-            ranks.add_metric([str(r["rank"]), r["host"], str(r["pid"])], r["kv_cache_bytes"])
+                                  labels=["engine", "rank", "host", "pid"])
+        for engine, s in self.stats:
+            for r in s["ranks"]:
+                ranks.add_metric([engine, str(r["rank"]), r["host"], str(r["pid"])],
+                                 r["kv_cache_bytes"])
         yield ranks
-        hit_rate = s["prefix_hits"] / s["prefix_queries"] if s["prefix_queries"] else 0.0
-        yield GaugeMetricFamily(PREFIX + "prefix_cache_hit_rate",
-                                "Prefix-cache hits per lookup since start", value=hit_rate)
         for name, doc, key in (
                 ("request_queue_time_seconds", "Time from arrival in the engine to first "
                  "scheduled", "queue_time"),
                 ("request_prefill_time_seconds", "Time from first scheduled to first token",
                  "prefill_time")):
-            h = s[key]
-            buckets = [(repr(le), n) for le, n in zip(h["bounds"], h["cumulative"])]
-            yield HistogramMetricFamily(PREFIX + name, doc, sum_value=h["sum"],
-                                        buckets=buckets + [("+Inf", h["cumulative"][-1])])
+            family = HistogramMetricFamily(PREFIX + name, doc, labels=["engine"])
+            for engine, s in self.stats:
+                h = s[key]
+                buckets = [(repr(le), n) for le, n in zip(h["bounds"], h["cumulative"])]
+                family.add_metric([engine], buckets + [("+Inf", h["cumulative"][-1])],
+                                  sum_value=h["sum"])
+            yield family
 
 
 # minivllm name -> the vLLM names serving the same figure in the same unit. vLLM calls KV-cache
@@ -194,12 +212,10 @@ def server_families() -> list[Metric]:
     return list(server.collect())
 
 
-def render(engine_stats: Optional[dict], model_name: str) -> tuple[bytes, str]:
-    """The /metrics body: this server's metrics and the engine's, when it answered."""
+def render(engine_stats: list[Optional[dict]], model_name: str) -> tuple[bytes, str]:
+    """The /metrics body: this server's metrics and the engines' (those that answered)."""
     token_tally.flush()
-    families = server_families()
-    if engine_stats is not None:
-        families += EngineCollector(engine_stats).collect()
+    families = server_families() + list(EngineCollector(engine_stats).collect())
     registry = CollectorRegistry()
     registry.register(Scrape(families, model_name))
     return generate_latest(registry), CONTENT_TYPE_LATEST

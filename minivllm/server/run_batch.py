@@ -123,12 +123,13 @@ async def _run(supervisor, engine_config: EngineConfig, config: BatchConfig, tod
     import httpx
     from tqdm import tqdm
 
-    from minivllm.frontend.async_client import AsyncEngineClient
+    from minivllm.frontend.data_parallel_client import DataParallelClient
     from minivllm.server.app import ServerState, build_app
 
     model = engine_config.model
-    client = await AsyncEngineClient.connect(supervisor.control, model.model, model.load_format,
-                                             supervisor.transport, name="run-batch")
+    client = await DataParallelClient.connect([supervisor.control], model.model,
+                                              model.load_format, supervisor.transport,
+                                              name="run-batch")
     state = ServerState(ServerConfig(max_pending=config.max_concurrency,
                                      served_model_name=config.served_model_name))
     state.client = client

@@ -1,12 +1,13 @@
-"""One API server's side of the dashboard: a subscriber to the engine's events, fanned out to the
-browsers connected to this server as server-sent events.
+"""One API server's side of the dashboard: a subscriber to every engine's events, fanned out to
+the browsers connected to this server as server-sent events.
 
-The SUB socket exists only while a browser listens here, so an engine with no dashboard open
+The SUB sockets exist only while a browser listens here, so an engine with no dashboard open
 anywhere computes nothing (engine/events.py). Engine messages go out as they came, one
-`event: engine` each, never decoded here. Every PULSE_S, and at once when the engine dies or
-comes back, an `event: server` adds what only the API servers know: the engine's state and
-restarts, and the request metrics of /metrics (TTFT and inter-token percentiles, finishes,
-rejections, aborts), from the same multiprocess collection /metrics reads.
+`event: engine` each, never decoded here: only the engine's data-parallel rank is spliced in
+front (`{"engine":i,...`). Every PULSE_S, and at once when an engine dies or comes back, an
+`event: server` adds what only the API servers know: each engine's state and restarts, and the
+request metrics of /metrics (TTFT and inter-token percentiles, finishes, rejections, aborts),
+from the same multiprocess collection /metrics reads.
 """
 from __future__ import annotations
 
@@ -95,14 +96,10 @@ class EventHub:
             if not queue.full():
                 queue.put_nowait(item)
 
-    def _engine_key(self) -> tuple:
-        client = self.state.client
-        return client.state, client.restarts, client.engine_pid
-
     def _server_event(self) -> bytes:
         client = self.state.client
         return json.dumps({"time": time.time(), "engine_state": client.state,
-                           "engine_pid": client.engine_pid, "restarts": client.restarts,
+                           "engines": client.engines(), "restarts": client.restarts,
                            "draining": self.state.draining, "in_flight": self.state.in_flight,
                            **request_figures(metrics.server_families())},
                           separators=(",", ":")).encode()
@@ -111,26 +108,35 @@ class EventHub:
         """Subscribe (again when a restarted engine has a new endpoint), forward, pulse."""
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context()
-        sub, endpoint = None, None
+        clients = self.state.client.clients
+        subs: list = [None] * len(clients)
+        endpoints: list = [None] * len(clients)
+        poller = zmq.asyncio.Poller()
         loop = asyncio.get_running_loop()
-        seen, next_pulse = self._engine_key(), loop.time() + PULSE_S
+        seen, next_pulse = self.state.client.engines(), loop.time() + PULSE_S
         try:
             while not self.state.draining:
-                if self.state.client.events_endpoint != endpoint:
-                    if sub is not None:
-                        sub.close(linger=0)
-                    endpoint = self.state.client.events_endpoint
-                    sub = self._ctx.socket(zmq.SUB)
-                    sub.setsockopt(zmq.LINGER, 0)
-                    sub.connect(endpoint)
-                    sub.subscribe(b"")
-                if await sub.poll(int(WATCH_S * 1000)):
-                    self._publish(sse("engine", await sub.recv()))
-                key = self._engine_key()
-                if key != seen or loop.time() >= next_pulse:
-                    seen, next_pulse = key, loop.time() + PULSE_S
+                for i, client in enumerate(clients):
+                    if client.events_endpoint != endpoints[i]:
+                        if subs[i] is not None:
+                            poller.unregister(subs[i])
+                            subs[i].close(linger=0)
+                        endpoints[i] = client.events_endpoint
+                        subs[i] = self._ctx.socket(zmq.SUB)
+                        subs[i].setsockopt(zmq.LINGER, 0)
+                        subs[i].connect(endpoints[i])
+                        subs[i].subscribe(b"")
+                        poller.register(subs[i], zmq.POLLIN)
+                for sub, _ in await poller.poll(int(WATCH_S * 1000)):
+                    message = await sub.recv()
+                    self._publish(sse("engine", b'{"engine":%d,' % subs.index(sub)
+                                      + message[1:]))
+                engines = self.state.client.engines()
+                if engines != seen or loop.time() >= next_pulse:
+                    seen, next_pulse = engines, loop.time() + PULSE_S
                     self._publish(sse("server", self._server_event()))
             self._publish(None)  # draining: the streams end, so uvicorn can stop
         finally:
-            if sub is not None:
-                sub.close(linger=0)
+            for sub in subs:
+                if sub is not None:
+                    sub.close(linger=0)

@@ -1,7 +1,8 @@
 // minivllm's live dashboard: reads /dashboard/events (server-sent events, read with fetch so
 // that an API key travels in the Authorization header, never in a URL) and draws what the
-// engine's step loop does. Event formats: ipc/PROTOCOL.md, "Dashboard events" (`engine`) and
-// minivllm/server/dashboard/hub.py (`server`).
+// engines' step loops do: every engine in the engines table, the one picked in full. Event
+// formats: ipc/PROTOCOL.md, "Dashboard events" (`engine`, with its data-parallel rank spliced
+// in as `engine`) and minivllm/server/dashboard/hub.py (`server`).
 "use strict";
 
 const MAX_BARS = 240;        // steps in the timeline
@@ -11,9 +12,17 @@ const RETRY_MS = 1000;       // reconnect delay after the stream drops
 
 const S = {
   key: sessionStorage.getItem("minivllm-api-key"),
-  pid: null, restarts: null, engineState: null, seq: null,
-  grid: null, steps: [], queues: [], rates: [], live: [], dirty: false,
+  restarts: null, engineState: null, dirty: false,
+  engines: [],  // per data-parallel rank: what its events said (see engine())
+  view: 0,      // the engine drawn in full
+  get steps() { return engine(S.view).steps; },
+  get grid() { return engine(S.view).grid; },
 };
+
+function engine(rank) {
+  return S.engines[rank] ||= { pid: null, seq: null, grid: null, steps: [], queues: [],
+                               rates: [], live: [], last: null, tps: 0, state: "?" };
+}
 
 const $ = (id) => document.getElementById(id);
 const css = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
@@ -92,27 +101,39 @@ function onBlock(block) {
 
 // ---- engine events ---------------------------------------------------------------------------
 function onEngine(m) {
-  if (m.pid !== S.pid) {  // a new engine (a restart, or the first message): start afresh
-    S.pid = m.pid;
-    S.grid = null;
-    S.rates = [];
-  } else if (S.seq !== null && m.seq !== S.seq + 1 && !m.kv.key) {
-    S.grid = null;  // a message was dropped: wait for the next key frame
+  const E = engine(m.engine || 0);
+  if (m.pid !== E.pid) {  // a new engine (a restart, or the first message): start afresh
+    E.pid = m.pid;
+    E.grid = null;
+    E.rates = [];
+  } else if (E.seq !== null && m.seq !== E.seq + 1 && !m.kv.key) {
+    E.grid = null;  // a message was dropped: wait for the next key frame
   }
-  S.seq = m.seq;
-  applyGrid(m.kv);
+  E.seq = m.seq;
+  applyGrid(E, m.kv);
   for (const s of m.steps) {
-    S.steps.push(s);
+    E.steps.push(s);
   }
-  S.steps.splice(0, Math.max(0, S.steps.length - MAX_BARS));
+  E.steps.splice(0, Math.max(0, E.steps.length - MAX_BARS));
   const q = m.queues;
-  S.queues.push([q.waiting, q.running, q.preempted]);
-  S.queues.splice(0, Math.max(0, S.queues.length - MAX_POINTS));
+  E.queues.push([q.waiting, q.running, q.preempted]);
+  E.queues.splice(0, Math.max(0, E.queues.length - MAX_POINTS));
   const c = m.counters;
-  S.rates.push([m.time, c.generation_tokens, c.prompt_tokens]);
-  while (S.rates.length > 2 && m.time - S.rates[0][0] > RATE_WINDOW_S) S.rates.shift();
-  S.live = m.requests;
+  E.rates.push([m.time, c.generation_tokens, c.prompt_tokens]);
+  while (E.rates.length > 2 && m.time - E.rates[0][0] > RATE_WINDOW_S) E.rates.shift();
+  const [t0, g0, p0] = E.rates[0], [t1, g1, p1] = E.rates[E.rates.length - 1];
+  const dt = t1 - t0;
+  E.tps = dt > 0 ? (g1 - g0) / dt : 0;
+  E.prompt_tps = dt > 0 ? (p1 - p0) / dt : 0;
+  E.live = m.requests;
+  E.last = m;
+  if ((m.engine || 0) === S.view) showEngine(E);
+}
 
+function showEngine(E) {
+  const m = E.last;
+  if (!m) return;
+  const q = m.queues, c = m.counters;
   $("engine-pid").textContent = m.pid;
   show("step", m.step);
   if (m.steps.length) {
@@ -125,34 +146,70 @@ function onEngine(m) {
   show("kv_used", m.kv.used); show("kv_cached", m.kv.cached); show("kv_free", m.kv.free);
   show("kv_blocks", m.kv.blocks); show("kv_per_cell", m.kv.per_cell);
   show("live", m.requests.length);
-  const [t0, g0, p0] = S.rates[0], [t1, g1, p1] = S.rates[S.rates.length - 1];
-  const dt = t1 - t0;
-  show("gen_tps", dt > 0 ? ((g1 - g0) / dt).toFixed(1) : "0");
-  show("prompt_tps", dt > 0 ? ((p1 - p0) / dt).toFixed(1) : "0");
+  show("gen_tps", E.tps.toFixed(1));
+  show("prompt_tps", E.prompt_tps.toFixed(1));
   $("rings").textContent = m.rings.map((r) =>
     `${r.name}: request ring ${(100 * r.request).toFixed(1)} %, output ring ` +
     `${(100 * r.output).toFixed(1)} %${r.backlog ? `, backlog ${r.backlog}` : ""}`).join(" · ");
 }
 
-function applyGrid(kv) {
-  if (kv.key || !S.grid || S.grid.length !== kv.cells) {
+function applyGrid(E, kv) {
+  if (kv.key || !E.grid || E.grid.length !== kv.cells) {
     if (!kv.key) return;
-    S.grid = new Int32Array(kv.cells);
+    E.grid = new Int32Array(kv.cells);
   }
   const r = kv.runs;
-  for (let i = 0; i < r.length; i += 3) S.grid.fill(r[i + 2], r[i], r[i] + r[i + 1]);
+  for (let i = 0; i < r.length; i += 3) E.grid.fill(r[i + 2], r[i], r[i] + r[i + 1]);
+}
+
+$("engine-select").addEventListener("change", (ev) => {
+  S.view = Number(ev.target.value);
+  showEngine(engine(S.view));
+  S.dirty = true;
+});
+
+function drawEngines() {
+  const many = S.engines.length > 1;
+  $("engines").hidden = $("engine-select").hidden = !many;
+  if (!many) return;
+  const select = $("engine-select");
+  while (select.options.length < S.engines.length) {
+    select.add(new Option(`engine ${select.options.length}`, select.options.length));
+  }
+  $("engines-table").tBodies[0].replaceChildren(...S.engines.map((E, i) => {
+    const m = E.last, tr = document.createElement("tr");
+    const kv = m ? `${(100 * m.kv.used / m.kv.blocks).toFixed(1)} %` : "-";
+    for (const v of [i, E.state, E.serverPid, m ? m.step : "-", m ? m.queues.running : "-",
+                     m ? m.queues.waiting : "-", kv, m ? m.counters.generation_tokens : "-",
+                     E.tps.toFixed(1)]) {
+      const td = document.createElement("td");
+      td.textContent = String(v ?? "-");
+      tr.append(td);
+    }
+    return tr;
+  }));
 }
 
 // ---- server events ---------------------------------------------------------------------------
 function onServer(m) {
-  const before = S.restarts, state = m.engine_state;
+  const before = S.restarts, dead = m.engines.filter((e) => e.state === "dead");
+  const state = dead.length ? "dead" : m.engine_state;
+  const name = (e) => m.engines.length > 1 ? `engine ${e.engine}` : "the engine";
+  const restarted = m.engines.find((e) => e.restarts > (engine(e.engine).restarts ?? e.restarts));
+  for (const e of m.engines) {  // the pid the API server sees (events may lag a restart)
+    Object.assign(engine(e.engine), { state: e.state, serverPid: e.pid, restarts: e.restarts });
+  }
   show("restarts", m.restarts);
   show("in_flight", m.in_flight);
-  $("engine-state").textContent = state;
-  if (state === "dead") {
-    status("the engine died: the supervisor is restarting it…", "bad");
+  $("engine-state").textContent = m.engines.length > 1 ?
+    m.engines.map((e) => e.state).join(" / ") : state;
+  $("engine-pid").textContent = engine(S.view).serverPid;
+  if (dead.length) {
+    status(`${dead.map(name).join(", ")} died: the supervisor is restarting it…`, "bad");
   } else if (before !== null && m.restarts > before) {
-    status(`engine restarted (restart ${m.restarts}, now pid ${m.engine_pid}) at ` +
+    const e = restarted || m.engines[0];
+    status(`${m.engines.length > 1 ? `engine ${e.engine}` : "engine"} restarted (restart ` +
+           `${e.restarts}, now pid ${e.pid}) at ` +
            new Date(m.time * 1000).toLocaleTimeString() + ": reconnected", "warn");
   } else if (S.engineState === "dead" && state === "ready") {
     status("engine back: reconnected", "warn");
@@ -193,7 +250,7 @@ function ownerColour(value) {
 
 function drawTimeline() {
   const [ctx, w, h] = canvas2d("timeline");
-  const steps = S.steps, barW = w / MAX_BARS;
+  const steps = engine(S.view).steps, barW = w / MAX_BARS;
   const maxTokens = Math.max(1, ...steps.map((s) => s[0] + s[2]));
   const maxMs = Math.max(1e-3, ...steps.map((s) => s[3]));
   const x0 = w - steps.length * barW;
@@ -218,7 +275,7 @@ function drawTimeline() {
 
 function drawGrid() {
   const [ctx, w, h] = canvas2d("kvgrid");
-  const grid = S.grid;
+  const grid = engine(S.view).grid;
   if (!grid) return;
   const cols = Math.ceil(Math.sqrt(grid.length * w / h)), rows = Math.ceil(grid.length / cols);
   const size = Math.min(w / cols, h / rows), gap = size > 4 ? 1 : 0;
@@ -232,7 +289,7 @@ function drawGrid() {
 
 function drawQueues() {
   const [ctx, w, h] = canvas2d("queues");
-  const points = S.queues, max = Math.max(1, ...points.map((p) => Math.max(...p)));
+  const points = engine(S.view).queues, max = Math.max(1, ...points.map((p) => Math.max(...p)));
   [css("--warn"), css("--ok"), css("--bad")].forEach((colour, k) => {
     ctx.strokeStyle = colour;
     ctx.beginPath();
@@ -246,7 +303,7 @@ function drawQueues() {
 
 function drawLive() {
   const body = $("live").tBodies[0];
-  body.replaceChildren(...S.live.map((r) => {
+  body.replaceChildren(...engine(S.view).live.map((r) => {
     const tr = document.createElement("tr");
     const cells = [r.client, r.id, r.state, r.prompt, r.computed, r.output];
     cells.forEach((v, i) => {
@@ -267,7 +324,7 @@ function drawLive() {
 function frame() {
   if (S.dirty) {
     S.dirty = false;
-    drawTimeline(); drawGrid(); drawQueues(); drawLive();
+    drawTimeline(); drawGrid(); drawQueues(); drawLive(); drawEngines();
   }
   requestAnimationFrame(frame);
 }
