@@ -201,18 +201,26 @@ def test_curl_streams_sse_chunks_as_they_are_produced(server):
 
 def test_streamed_chunks_are_json_dumps_of_their_dicts():
     """A running chunk's event is framed from a template: its bytes are those of the chunk's
-    dict dumped, for any text (escapes, non-ASCII, lone surrogates) and a strange model name."""
+    dict dumped, for any text (escapes, non-ASCII, lone surrogates) and a strange model name;
+    and it is one line even for str.splitlines (httpx's aiter_lines), which also breaks at
+    U+0085, U+2028 and U+2029 (a sampled U+0085 once cut a chaos run's event in two)."""
     from minivllm.outputs import CompletionOutput, RequestOutput
     from minivllm.server.responses import ChatResponse, CompletionResponse, event
 
-    texts = ["", "a", 'q"\\\n\t\r\b\f\x00\x1f\x7f', "é中文🙂", "\ud800 lone", "\u2028</script>"]
+    texts = ["", "a", 'q"\\\n\t\r\b\f\x00\x1f\x7f', "é中文🙂", "\ud800 lone", "\u2028</script>",
+             "\x85\x1c\x1d\x1e\x0b\x0c\u2029"]
     for response in (CompletionResponse('m"\u00e9', None, SamplingParams(n=2)),
                      ChatResponse("m", None, SamplingParams(n=2))):
         for text in texts:
             c = CompletionOutput(1, "x", [1], delta_text=text, delta_token_ids=[5])
             expected = event(response._envelope(response.chunk_name,
                                                 [response.delta_choice(7, c)]))
-            assert response.stream_events(3, RequestOutput("r", None, [1], [c])) == expected
+            sent = response.stream_events(3, RequestOutput("r", None, [1], [c]))
+            assert sent == expected
+            line, blank = sent.splitlines()
+            choice = json.loads(line.removeprefix("data: "))["choices"][0]
+            got = choice["text"] if "text" in choice else choice["delta"]["content"]
+            assert blank == "" and got == text
 
 
 # ---- every error row ------------------------------------------------------------------------

@@ -39,13 +39,24 @@ def tokenize_body(ids: list[int], max_model_len: int) -> bytes:
             f'"max_model_len":{max_model_len}}}').encode()
 
 
+# SSE ends lines at CR and LF only, but Python's str.splitlines also at these (httpx's
+# aiter_lines splits a generated U+0085 into two lines, and the event's JSON is cut): escaped,
+# they decode the same and split nothing.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def event(payload: dict) -> str:
     """One SSE event carrying `payload` as compact JSON."""
-    return f"data: {_dumps(payload)}\n\n"
+    return f"data: {_dumps(payload).translate(_LINE_BREAKS)}\n\n"
 
 
 def _dumps(payload: dict) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def _text(text: str) -> str:
+    """`text` as a JSON string for an SSE event."""
+    return encode_basestring(text).translate(_LINE_BREAKS)
 
 
 def usage(finals: list[RequestOutput]) -> dict:
@@ -154,7 +165,7 @@ class CompletionResponse(OpenAIResponse):
 
     def delta_json(self, index: int, c: CompletionOutput) -> str:
         if c.logprobs is None and not c.finished:
-            return (f'{{"index":{index},"text":{encode_basestring(c.delta_text)},'
+            return (f'{{"index":{index},"text":{_text(c.delta_text)},'
                     f'"logprobs":null,"finish_reason":null,"stop_reason":null}}')
         return super().delta_json(index, c)
 
@@ -216,7 +227,7 @@ class ChatResponse(OpenAIResponse):
 
     def delta_json(self, index: int, c: CompletionOutput) -> str:
         if self.tools is None and c.logprobs is None and not c.finished:
-            return (f'{{"index":{index},"delta":{{"content":{encode_basestring(c.delta_text)}}},'
+            return (f'{{"index":{index},"delta":{{"content":{_text(c.delta_text)}}},'
                     f'"logprobs":null,"finish_reason":null}}')
         return super().delta_json(index, c)
 
