@@ -322,21 +322,22 @@ def test_dashboard_shows_every_data_parallel_engine(tmp_path):
 
             def one(i: int) -> None:  # (playwright's sync API holds this thread's loop)
                 httpx.post(srv.url + "/v1/completions", timeout=WAIT_S, json={
-                    "prompt": f"Story {i}:", "max_tokens": 48,
+                    "prompt": f"Story {i}:", "max_tokens": 128,
                     "ignore_eos": True}).raise_for_status()
             with ThreadPoolExecutor(8) as pool:
-                list(pool.map(one, range(8)))
-            wait_for("() => S.engines.length === 2 && "
-                     "S.engines.every((e) => e.last && e.last.counters.generation_tokens > 0)")
-            page.wait_for_timeout(100)  # one animation frame draws what came
+                load = pool.map(one, range(8))
+                wait_for("() => S.engines.length === 2 && S.engines.every((e) => e.last && "
+                         "e.last.counters.generation_tokens > 0)")
+                page.select_option("#engine-select", "1")
+                wait_for("(pid) => document.getElementById('engine-pid').textContent == pid",
+                         engines[1])
+                page.wait_for_timeout(100)  # one animation frame draws what came
+                assert page.evaluate("S.grid !== null && S.steps.length > 0")
+                page.screenshot(path=str(shots / "dashboard_data_parallel.png"))
+                list(load)
             rows = page.evaluate("[...document.querySelectorAll('#engines-table tbody tr')]"
                                  ".map((tr) => [...tr.cells].map((td) => td.textContent))")
             assert [int(r[2]) for r in rows] == engines and [r[1] for r in rows] == ["ready"] * 2
-            page.select_option("#engine-select", "1")
-            wait_for("(pid) => document.getElementById('engine-pid').textContent == pid",
-                     engines[1])
-            assert page.evaluate("S.grid !== null && S.steps.length > 0")
-            page.screenshot(path=str(shots / "dashboard_data_parallel.png"))
 
             os.kill(engines[1], signal.SIGKILL)
             new = wait_healthy(srv.url, timeout=WAIT_S, engine_pid=engines[1])
