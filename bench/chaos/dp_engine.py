@@ -1,6 +1,6 @@
 """Chaos: SIGKILL one data-parallel engine of two under load (issue 28).
 
-    python -m bench.chaos.run kill-dp-engine --duration 120 --every 30 --rate 2
+    python -m bench.chaos.run kill-dp-engine --duration 120 --every 30 --rate 4
 
 The server runs the embedded model at --data-parallel-size 2. Each kill takes a random engine;
 only the requests it held may fail (read from /metrics just before the kill: its running and
@@ -44,7 +44,7 @@ def kill_dp_engine(srv: ServeProcess, args) -> dict:
             await asyncio.to_thread(wait_healthy, srv.url, 600, victim)
             await asyncio.sleep(args.every)
 
-    outcomes = under_load(srv, args, killer, 64)
+    outcomes = under_load(srv, args, killer, 256)  # long enough that a kill finds some
     errored = outcomes.get("errored", 0)
     return {"outcomes": outcomes, "engines_killed": len(kills),
             "held_by_killed_engines": held, "unhealthy_probes": unhealthy,

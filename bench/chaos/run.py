@@ -10,7 +10,7 @@
     python -m bench.chaos.run fuzz --clients 3000     # cases per parser (bench/chaos/fuzz.py)
     python -m bench.chaos.run flood --rounds 3 --duration 40 --rate 1   # bench/chaos/flood.py
     python -m bench.chaos.run kill-tp-rank --duration 120 --every 30 --rate 0.5  # tp_rank.py
-    python -m bench.chaos.run kill-dp-engine --duration 120 --every 30 --rate 2  # dp_engine.py
+    python -m bench.chaos.run kill-dp-engine --duration 120 --every 30 --rate 4  # dp_engine.py
     python -m bench.chaos.run all --json bench/results/chaos_cpu.json   # or several names
 
 Each scenario starts its own server, runs, lets the dust settle, stops it (SIGTERM) and reports
