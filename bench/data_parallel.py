@@ -54,7 +54,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     work = workload(args.requests, args.prompt_len, args.output_len, args.seed)
-    serve_args = ["--dtype", args.dtype, "--max-num-seqs", str(args.requests)]
+    serve_args = ["--dtype", args.dtype, "--max-num-seqs", str(args.requests),
+                  "--served-model-name", "default"]
     runs: dict[int, list[dict]] = {size: [] for size in args.sizes}
     for repeat in range(args.repeats):
         for size in args.sizes:
