@@ -281,7 +281,9 @@ def test_kill9_of_one_api_server_others_keep_serving(server):
 
 
 def test_engine_kill9_under_load_then_sigterm_with_slow_readers():
-    srv = ServeProcess(["--dtype", "float32", "--num-blocks", "512", "--drain-timeout", "15"])
+    # The drain must outlast the 6 short requests admitted before SIGTERM on a loaded machine
+    # (15 s did not beside two busy loops); the slow readers hold it to its end.
+    srv = ServeProcess(["--dtype", "float32", "--num-blocks", "512", "--drain-timeout", "40"])
     try:
         engine = srv.engine_pid()
 
@@ -302,7 +304,7 @@ def test_engine_kill9_under_load_then_sigterm_with_slow_readers():
         readers = [_slow_reader(srv.url, 5000) for _ in range(3)]
 
         async def sigterm():
-            in_flight = asyncio.ensure_future(_many(srv.url, [_body(24) for _ in range(6)]))
+            in_flight = asyncio.ensure_future(_many(srv.url, [_body(12) for _ in range(6)]))
             await asyncio.to_thread(wait_engine_holds, srv.url, 6 + 3)  # and the slow readers
             srv.proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(wait_not_serving, srv.url)

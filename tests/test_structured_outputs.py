@@ -221,7 +221,7 @@ def test_every_door_constrains_the_output(oai):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in \
         ("yes!", "no!")
     import httpx
-    gauge = re.search(r"^minivllm:num_requests_waiting_for_grammar (\S+)$",
+    gauge = re.search(r'^minivllm:num_requests_waiting_for_grammar\{engine="0"\} (\S+)$',
                       httpx.get(str(oai.base_url.join("/metrics"))).text, re.M)
     assert gauge and float(gauge.group(1)) == 0  # the state has a gauge; nothing waits now
 

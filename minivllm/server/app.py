@@ -121,6 +121,10 @@ class ServerState:
     def release(self) -> None:
         self.in_flight -= 1
         metrics.in_flight.dec()
+        # A request's last tokens are counted when it ends, however it ends: an aborted
+        # stream's would otherwise wait for this server's next token, and another server's
+        # scrape would miss them.
+        metrics.token_tally.flush()
 
     @property
     def tokenizer(self) -> Tokenizer:
