@@ -37,15 +37,6 @@ cdef extern from "numpy/arrayobject.h":
 
 from minivllm._cext.ipc cimport *
 
-cdef extern from "records_layout.h" nogil:
-    ctypedef struct mv_field_layout:
-        const char* record
-        const char* field
-        size_t offset
-        size_t size
-    const mv_field_layout* MV_LAYOUT
-    size_t MV_LAYOUT_LEN
-
 # The header's codes under their Python names (minivllm/transport/protocol.py re-exports them).
 MAGIC, VERSION, MIN_VERSION = MV_MAGIC, MV_VERSION, MV_MIN_VERSION
 KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = (
@@ -73,12 +64,6 @@ ERR_OVERLOADED, ERR_DRAINING, ERR_INTERNAL = MV_ERR_OVERLOADED, MV_ERR_DRAINING,
 _REASON_OF = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length",
               FINISH_ABORT: "abort"}
 FINISH_REASONS = tuple(_REASON_OF[code] for code in range(len(_REASON_OF)))
-
-
-def layout() -> list:
-    """(struct, field, offset, size) for every field of the header, as compiled."""
-    return [(MV_LAYOUT[i].record.decode(), MV_LAYOUT[i].field.decode(), MV_LAYOUT[i].offset,
-             MV_LAYOUT[i].size) for i in range(MV_LAYOUT_LEN)]
 
 
 class ProtocolError(ValueError):
