@@ -548,49 +548,21 @@ def put_status(RecordSink sink, uint64_t tag, dict fields, double timeout=5.0) -
     sink.commit()
 
 
-def encode_submit(uint64_t request_id, prompt_token_ids, params, int priority=0) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_submit(sink, request_id, prompt_token_ids, params, priority)
-    return sink.take()
+def _encoder(put):
+    """put's twin that returns the record as bytes (a ZeroMQ frame) instead of writing it into
+    a ring."""
+    def encode(*args, **kwargs) -> bytes:
+        cdef BytesSink sink = BytesSink()
+        put(sink, *args, **kwargs)
+        return sink.take()
+    encode.__name__ = encode.__qualname__ = put.__name__.replace("put_", "encode_")
+    return encode
 
 
-def encode_abort(uint64_t request_id) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_abort(sink, request_id)
-    return sink.take()
-
-
-def encode_step_output(uint64_t step, request_ids, token_ids, finish_reasons, logprobs=None,
-                       top_token_ids=None, top_logprobs=None) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_step_output(sink, step, request_ids, token_ids, finish_reasons, logprobs,
-                    top_token_ids, top_logprobs)
-    return sink.take()
-
-
-def encode_error(uint32_t code, str message, request_id=None) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_error(sink, code, message, request_id)
-    return sink.take()
-
-
-def encode_prompt_logprobs(uint64_t request_id, uint32_t first_position, logprobs,
-                           top_token_ids, top_logprobs) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_prompt_logprobs(sink, request_id, first_position, logprobs, top_token_ids, top_logprobs)
-    return sink.take()
-
-
-def encode_status_query(uint64_t tag) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_status_query(sink, tag)
-    return sink.take()
-
-
-def encode_status(uint64_t tag, dict fields) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_status(sink, tag, fields)
-    return sink.take()
+encode_submit, encode_abort, encode_step_output, encode_error = map(
+    _encoder, (put_submit, put_abort, put_step_output, put_error))
+encode_prompt_logprobs, encode_status_query, encode_status = map(
+    _encoder, (put_prompt_logprobs, put_status_query, put_status))
 
 
 # ---- readers ----------------------------------------------------------------------------------
