@@ -535,13 +535,11 @@ def put_status_query(RecordSink sink, uint64_t tag, double timeout=5.0) -> None:
     sink.commit()
 
 
-_NO_HEADER = dict(magic=0, version=0, kind=0, size=0, flags=0)  # _header() writes it
-
-
 def put_status(RecordSink sink, uint64_t tag, dict fields, double timeout=5.0) -> None:
     """Write a status record: `fields` holds a value for every field of mv_status after the
     tag (Cython's struct conversion names the one missing)."""
-    cdef mv_status rec = dict(fields, header=_NO_HEADER, tag=tag)
+    cdef mv_status rec = dict(fields, tag=tag,  # _header() writes the header
+                              header=dict(magic=0, version=0, kind=0, size=0, flags=0))
     _header(<char*>&rec, MV_KIND_STATUS, sizeof(mv_status), 0)
     cdef char* p = sink.reserve(sizeof(mv_status), timeout)
     memcpy(p, &rec, sizeof(mv_status))

@@ -554,11 +554,6 @@ cdef class Scheduler:
         released, self._released = self._released, []
         return np.array(released, dtype=np.int64)
 
-    def update(self, sampled):
-        """Apply this step's sampled tokens (one per sampling row, in row order). Returns the
-        number of outputs, which are in `out_owners`, `out_tokens`, `out_finish`, `out_index`."""
-        return self._apply_sampled(sampled)
-
     def defer(self):
         """update() for a step whose tokens are still on the device (see the reference)."""
         cdef Py_ssize_t i
@@ -589,11 +584,6 @@ cdef class Scheduler:
         self.num_samples = 0
         if self._aborted_rows:
             self._aborted_rows.clear()
-
-    def resolve(self, sampled):
-        """The deferred step's tokens (one per sampling row, in row order). Outputs as
-        update()'s."""
-        return self._resolve(sampled)
 
     # ---- policy -------------------------------------------------------------------------------
     cdef int64_t _schedule_running(self, int64_t budget, int mode) except -1:
@@ -880,8 +870,10 @@ cdef class Scheduler:
             self.held_copied[i] = now
 
     # ---- update -------------------------------------------------------------------------------
-    cdef Py_ssize_t _apply_sampled(self, sampled) except -1:
-        """update()'s loop: advance every row, append sampled tokens, finish what stops."""
+    def update(self, sampled):
+        """Apply this step's sampled tokens (one per sampling row, in row order): advance every
+        row, append sampled tokens, finish what stops. Returns the number of outputs, which are
+        in `out_owners`, `out_tokens`, `out_finish`, `out_index`."""
         cdef cnp.ndarray arr = as_int64_array(sampled)
         if arr.ndim != 1 or arr.shape[0] < self.num_samples:
             raise ValueError(f"update() needs {self.num_samples} sampled tokens in a 1-D array, "
@@ -934,8 +926,9 @@ cdef class Scheduler:
         return 0
 
     # ---- resolve ------------------------------------------------------------------------------
-    cdef Py_ssize_t _resolve(self, sampled) except -1:
-        """resolve()'s loop (the reference's, with update()'s outputs)."""
+    def resolve(self, sampled):
+        """The deferred step's tokens (one per sampling row, in row order), as the reference's
+        resolve(). Outputs as update()'s."""
         cdef cnp.ndarray arr = as_int64_array(sampled)
         cdef Py_ssize_t i, k = 0, m = 0, needed = 0
         for i in range(self.num_deferred):
