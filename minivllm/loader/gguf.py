@@ -3,12 +3,7 @@ or the linear weights' quantization blocks as they are (`load_blocks`, for the C
 dequantize in registers)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
-    import torch
-
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -17,6 +12,9 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 from minivllm.config import SUPPORTED_ARCHITECTURES, ArchConfig
 from minivllm.loader.dummy import expected_parameters
 from minivllm.loader.gguf_header import GGUFHeader, GGUFTensorInfo
+
+if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import torch
 
 # llama.cpp tensor names -> Hugging Face names (the ".weight"/".bias" suffix carries over).
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
