@@ -91,14 +91,6 @@ def _raw(data: np.ndarray, info: GGUFTensorInfo) -> tuple[GGMLQuantizationType, 
     return qtype, raw.reshape(quant_shape_to_byte_shape(info.shape, qtype))
 
 
-def _dequantize(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
-    qtype, raw = _raw(data, info)
-    try:
-        return dequantize(raw, qtype)
-    except NotImplementedError as e:
-        raise ValueError(f"GGUF tensor {info.name!r}: {e}") from None
-
-
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (it interleaves each head's two rotary halves)."""
     out = w.shape[0]
@@ -143,7 +135,11 @@ def load_weights(path: str, header: GGUFHeader, arch: ArchConfig, dtype: torch.d
         if expected.pop(name, None) != info.shape:
             raise ValueError(f"{path!r}: unexpected tensor {info.name!r} of shape {info.shape} "
                              f"for this {arch.architecture} model")
-        w = _dequantize(data, info)
+        qtype, raw = _raw(data, info)
+        try:
+            w = dequantize(raw, qtype)
+        except NotImplementedError as e:
+            raise ValueError(f"GGUF tensor {info.name!r}: {e}") from None
         module = name.split(".")[-2]
         if module in heads:
             w = _unpermute(w, heads[module])
