@@ -103,8 +103,7 @@ def _meta(qlens: list[int], seq_lens: list[int], order: torch.Tensor, block_size
     lens = np.array(seq_lens, dtype=np.int64)
     t = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
     slots = torch.zeros(int(starts[-1]), dtype=torch.int64, device="cuda")
-    return AttentionMetadata(slots, t(starts), t(lens), tables, starts, lens, max(qlens),
-                             max(seq_lens))
+    return AttentionMetadata(slots, t(starts), t(lens), tables, starts, lens, max(qlens))
 
 
 def decode_kernel_s(backend, arch, batch: int, context: int, layers: int, caches, order,

@@ -268,59 +268,16 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #include "cpu_kernels_body.h"
 #undef ISA
 
-/* The names are the body's business: the code that includes this file sees the tables only. */
-#undef vf
-#undef v_zero
-#undef v_set1
-#undef v_add
-#undef v_sub
-#undef v_mul
-#undef v_div
-#undef v_max
-#undef v_min
-#undef v_fma
-#undef v_fnma
-#undef v_loadf
-#undef v_storef
-#undef v_load_full
-#undef v_store_full
-#undef v_load
-#undef v_store
-#undef v_round_to
-#undef v_tail
-#undef v_hsum
-#undef v_hmax
-#undef v_hsum16
-#undef v_rint
-#undef v_scale2
-#undef v_bf16_pairs
-#undef vq
-#undef v_loadi
-#undef v_nibble
-#undef v_sbyte
-#undef v_load_f16
-#undef v_exp
-#undef lin_store
-#undef lin_tile
+/* The renaming macros above stay defined: with ISA undefined, a kernel name used past here would
+ * read ISA_<name> and fail to compile, not call one ISA's copy. Only the names of the table's
+ * fields, which the code below reads, are freed. */
 #undef linear
-#undef lin_widen
-#undef qlin_tile
-#undef lin_tile_dp
-#undef linear_dp
-#undef quantize_rows_q8
-#undef qlin_tile_q8
-#undef linear_q8
 #undef rms_norm
-#undef rotate_heads
 #undef rotary
 #undef silu_and_mul
-#undef qk_scores
-#undef softmax_numerators
-#undef pv_sum
-#undef attend_one
 #undef paged_attention
 #undef forward
-#undef kernel_table
+#undef linear_q8
 
 /* ---- run-time choice ----------------------------------------------------------------------- */
 

@@ -453,6 +453,10 @@ cdef const void **_pointers(list tensors) except NULL:
     return out
 
 
+_LAYER_ARRAYS = ("in_norm", "post_norm", "qkv", "o", "gate_up", "down", "qkv_bias", "k_cache",
+                 "v_cache")
+
+
 cdef class CpuDecoder:
     """A Llama/Qwen2 decoder stack run by one C call a step (csrc: `forward`): every layer's
     kernels in one parallel region, on activations allocated once (grown when a step has more
@@ -535,27 +539,17 @@ cdef class CpuDecoder:
         self.m.embed_type, self.m.wtypes = embed_type, <const int *><uintptr_t>_ptr(wtypes_t)
         self.m.act_q8 = act_q8
         self.m.cos, self.m.sin = <const float *>_ptr(cos), <const float *>_ptr(sin)
-        self.m.in_norm = _pointers([l["in_norm"] for l in layers])
-        self.m.post_norm = _pointers([l["post_norm"] for l in layers])
-        self.m.qkv = _pointers([l["qkv"] for l in layers])
-        self.m.o = _pointers([l["o"] for l in layers])
-        self.m.gate_up = _pointers([l["gate_up"] for l in layers])
-        self.m.down = _pointers([l["down"] for l in layers])
-        self.m.qkv_bias = <const float **>_pointers([l["qkv_bias"] for l in layers])
-        self.m.k_cache = <void **>_pointers([l["k_cache"] for l in layers])
-        self.m.v_cache = <void **>_pointers([l["v_cache"] for l in layers])
+        # The per-layer pointer arrays, in one allocation (in_norm's: __dealloc__ frees it).
+        cdef Py_ssize_t L = len(layers)
+        cdef const void **p = _pointers([l[name] for name in _LAYER_ARRAYS for l in layers])
+        self.m.in_norm, self.m.post_norm, self.m.qkv = p, p + L, p + 2 * L
+        self.m.o, self.m.gate_up, self.m.down = p + 3 * L, p + 4 * L, p + 5 * L
+        self.m.qkv_bias = <const float **>(p + 6 * L)
+        self.m.k_cache, self.m.v_cache = <void **>(p + 7 * L), <void **>(p + 8 * L)
         self.capacity = 0
 
     def __dealloc__(self):
         free(self.m.in_norm)
-        free(self.m.post_norm)
-        free(self.m.qkv)
-        free(self.m.o)
-        free(self.m.gate_up)
-        free(self.m.down)
-        free(self.m.qkv_bias)
-        free(self.m.k_cache)
-        free(self.m.v_cache)
 
     cdef _grow(self, int64_t tokens):
         """Activations for `tokens` rows (they outlive the step: nothing is allocated while a

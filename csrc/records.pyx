@@ -37,15 +37,6 @@ cdef extern from "numpy/arrayobject.h":
 
 from minivllm._cext.ipc cimport *
 
-cdef extern from "records_layout.h" nogil:
-    ctypedef struct mv_field_layout:
-        const char* record
-        const char* field
-        size_t offset
-        size_t size
-    const mv_field_layout* MV_LAYOUT
-    size_t MV_LAYOUT_LEN
-
 # The header's codes under their Python names (minivllm/transport/protocol.py re-exports them).
 MAGIC, VERSION, MIN_VERSION = MV_MAGIC, MV_VERSION, MV_MIN_VERSION
 KIND_SUBMIT, KIND_ABORT, KIND_STEP_OUTPUT, KIND_ERROR = (
@@ -73,12 +64,6 @@ ERR_OVERLOADED, ERR_DRAINING, ERR_INTERNAL = MV_ERR_OVERLOADED, MV_ERR_DRAINING,
 _REASON_OF = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length",
               FINISH_ABORT: "abort"}
 FINISH_REASONS = tuple(_REASON_OF[code] for code in range(len(_REASON_OF)))
-
-
-def layout() -> list:
-    """(struct, field, offset, size) for every field of the header, as compiled."""
-    return [(MV_LAYOUT[i].record.decode(), MV_LAYOUT[i].field.decode(), MV_LAYOUT[i].offset,
-             MV_LAYOUT[i].size) for i in range(MV_LAYOUT_LEN)]
 
 
 class ProtocolError(ValueError):
@@ -550,62 +535,32 @@ def put_status_query(RecordSink sink, uint64_t tag, double timeout=5.0) -> None:
     sink.commit()
 
 
-_NO_HEADER = dict(magic=0, version=0, kind=0, size=0, flags=0)  # _header() writes it
-
-
 def put_status(RecordSink sink, uint64_t tag, dict fields, double timeout=5.0) -> None:
     """Write a status record: `fields` holds a value for every field of mv_status after the
     tag (Cython's struct conversion names the one missing)."""
-    cdef mv_status rec = dict(fields, header=_NO_HEADER, tag=tag)
+    cdef mv_status rec = dict(fields, tag=tag,  # _header() writes the header
+                              header=dict(magic=0, version=0, kind=0, size=0, flags=0))
     _header(<char*>&rec, MV_KIND_STATUS, sizeof(mv_status), 0)
     cdef char* p = sink.reserve(sizeof(mv_status), timeout)
     memcpy(p, &rec, sizeof(mv_status))
     sink.commit()
 
 
-def encode_submit(uint64_t request_id, prompt_token_ids, params, int priority=0) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_submit(sink, request_id, prompt_token_ids, params, priority)
-    return sink.take()
+def _encoder(put):
+    """put's twin that returns the record as bytes (a ZeroMQ frame) instead of writing it into
+    a ring."""
+    def encode(*args, **kwargs) -> bytes:
+        cdef BytesSink sink = BytesSink()
+        put(sink, *args, **kwargs)
+        return sink.take()
+    encode.__name__ = encode.__qualname__ = put.__name__.replace("put_", "encode_")
+    return encode
 
 
-def encode_abort(uint64_t request_id) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_abort(sink, request_id)
-    return sink.take()
-
-
-def encode_step_output(uint64_t step, request_ids, token_ids, finish_reasons, logprobs=None,
-                       top_token_ids=None, top_logprobs=None) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_step_output(sink, step, request_ids, token_ids, finish_reasons, logprobs,
-                    top_token_ids, top_logprobs)
-    return sink.take()
-
-
-def encode_error(uint32_t code, str message, request_id=None) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_error(sink, code, message, request_id)
-    return sink.take()
-
-
-def encode_prompt_logprobs(uint64_t request_id, uint32_t first_position, logprobs,
-                           top_token_ids, top_logprobs) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_prompt_logprobs(sink, request_id, first_position, logprobs, top_token_ids, top_logprobs)
-    return sink.take()
-
-
-def encode_status_query(uint64_t tag) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_status_query(sink, tag)
-    return sink.take()
-
-
-def encode_status(uint64_t tag, dict fields) -> bytes:
-    cdef BytesSink sink = BytesSink()
-    put_status(sink, tag, fields)
-    return sink.take()
+encode_submit, encode_abort, encode_step_output, encode_error = map(
+    _encoder, (put_submit, put_abort, put_step_output, put_error))
+encode_prompt_logprobs, encode_status_query, encode_status = map(
+    _encoder, (put_prompt_logprobs, put_status_query, put_status))
 
 
 # ---- readers ----------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ cdef extern from "ring.h" nogil:
     void mv_cpu_relax()
 
 HEADER_BYTES = MV_RING_HEADER_BYTES
-FRAME_OVERHEAD = MV_FRAME_HEADER_BYTES
 
 
 class RingFullError(TimeoutError):
@@ -123,14 +122,6 @@ cdef class Ring(RecordSink):
     @property
     def capacity(self) -> int:
         return self.capacity
-
-    @property
-    def creator_pid(self) -> int:
-        return self.hdr.creator_pid
-
-    @property
-    def max_record_bytes(self) -> int:
-        return self.capacity - MV_FRAME_HEADER_BYTES
 
     # ---- producer ------------------------------------------------------------------------
     cdef char* reserve(self, size_t n, double timeout) except NULL:

@@ -395,26 +395,21 @@ cdef class Scheduler:
         cdef Py_ssize_t n = self.max_num_seqs, i
         q_init(&self.waiting_q, n)
         q_init(&self.running_q, n)  # never grows: at most max_num_seqs run
+        # The nine int64 arrays of n entries share one allocation (row_len's).
+        cdef int64_t* a = <int64_t*>PyMem_Malloc(9 * n * sizeof(int64_t))
+        if a == NULL:
+            raise MemoryError()
+        self.row_len, self.index_tenancy, self.held_index = a, a + n, a + 2 * n
+        self.held_tenancy, self.held_epoch, self.held_copied = a + 3 * n, a + 4 * n, a + 5 * n
+        self.d_n, self.d_computed, self.d_index = a + 6 * n, a + 7 * n, a + 8 * n
         self.free_indices = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
         self.order = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
         self.row_req = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
-        self.row_len = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.index_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.held_index = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.held_tenancy = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.held_epoch = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.held_copied = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.d_req = <PyObject**>PyMem_Malloc(n * sizeof(PyObject*))
-        self.d_n = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.d_computed = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
-        self.d_index = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
         self.d_flags = <int8_t*>PyMem_Malloc(n * sizeof(int8_t))
         self.held_indices = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
-        if not (self.free_indices and self.order and self.row_req and self.row_len
-                and self.index_tenancy and self.held_index and self.held_tenancy
-                and self.held_epoch and self.held_copied and self.d_req and self.d_n
-                and self.d_computed and self.d_index and self.d_flags
-                and self.held_indices):
+        if not (self.free_indices and self.order and self.row_req and self.d_req
+                and self.d_flags and self.held_indices):
             raise MemoryError()
         for i in range(n):
             self.free_indices[i] = <int32_t>(n - 1 - i)
@@ -455,9 +450,6 @@ cdef class Scheduler:
             for i in range(self.num_deferred):
                 Py_XDECREF(self.d_req[i])
         PyMem_Free(self.d_req)
-        PyMem_Free(self.d_n)
-        PyMem_Free(self.d_computed)
-        PyMem_Free(self.d_index)
         PyMem_Free(self.d_flags)
         PyMem_Free(self.held_indices)
         PyMem_Free(self.waiting_q.items)
@@ -465,12 +457,7 @@ cdef class Scheduler:
         PyMem_Free(self.free_indices)
         PyMem_Free(self.order)
         PyMem_Free(self.row_req)
-        PyMem_Free(self.row_len)
-        PyMem_Free(self.index_tenancy)
-        PyMem_Free(self.held_index)
-        PyMem_Free(self.held_tenancy)
-        PyMem_Free(self.held_epoch)
-        PyMem_Free(self.held_copied)
+        PyMem_Free(self.row_len)  # and the other int64 arrays (_init_state)
 
     # ---- inspection ---------------------------------------------------------------------------
     @property
@@ -554,11 +541,6 @@ cdef class Scheduler:
         released, self._released = self._released, []
         return np.array(released, dtype=np.int64)
 
-    def update(self, sampled):
-        """Apply this step's sampled tokens (one per sampling row, in row order). Returns the
-        number of outputs, which are in `out_owners`, `out_tokens`, `out_finish`, `out_index`."""
-        return self._apply_sampled(sampled)
-
     def defer(self):
         """update() for a step whose tokens are still on the device (see the reference)."""
         cdef Py_ssize_t i
@@ -589,11 +571,6 @@ cdef class Scheduler:
         self.num_samples = 0
         if self._aborted_rows:
             self._aborted_rows.clear()
-
-    def resolve(self, sampled):
-        """The deferred step's tokens (one per sampling row, in row order). Outputs as
-        update()'s."""
-        return self._resolve(sampled)
 
     # ---- policy -------------------------------------------------------------------------------
     cdef int64_t _schedule_running(self, int64_t budget, int mode) except -1:
@@ -880,8 +857,10 @@ cdef class Scheduler:
             self.held_copied[i] = now
 
     # ---- update -------------------------------------------------------------------------------
-    cdef Py_ssize_t _apply_sampled(self, sampled) except -1:
-        """update()'s loop: advance every row, append sampled tokens, finish what stops."""
+    def update(self, sampled):
+        """Apply this step's sampled tokens (one per sampling row, in row order): advance every
+        row, append sampled tokens, finish what stops. Returns the number of outputs, which are
+        in `out_owners`, `out_tokens`, `out_finish`, `out_index`."""
         cdef cnp.ndarray arr = as_int64_array(sampled)
         if arr.ndim != 1 or arr.shape[0] < self.num_samples:
             raise ValueError(f"update() needs {self.num_samples} sampled tokens in a 1-D array, "
@@ -934,8 +913,9 @@ cdef class Scheduler:
         return 0
 
     # ---- resolve ------------------------------------------------------------------------------
-    cdef Py_ssize_t _resolve(self, sampled) except -1:
-        """resolve()'s loop (the reference's, with update()'s outputs)."""
+    def resolve(self, sampled):
+        """The deferred step's tokens (one per sampling row, in row order), as the reference's
+        resolve(). Outputs as update()'s."""
         cdef cnp.ndarray arr = as_int64_array(sampled)
         cdef Py_ssize_t i, k = 0, m = 0, needed = 0
         for i in range(self.num_deferred):

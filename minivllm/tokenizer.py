@@ -123,7 +123,7 @@ class Tokenizer:
 
     def __init__(self, backend: _Backend, special_tokens: Mapping[str, Optional[str]],
                  chat_template: Optional[str]) -> None:
-        self._backend = backend
+        self.backend = backend  # its DecodeStream detokenizes incrementally
         # bos_token, eos_token... as strings: chat templates read them as variables.
         self._special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
         self.bos_token_id: Optional[int] = self._id_of("bos_token")
@@ -134,14 +134,9 @@ class Tokenizer:
         self.chat_template: Optional[str] = chat_template
         self._template: Optional[jinja2.Template] = None
 
-    @property
-    def backend(self) -> _Backend:
-        """The `tokenizers.Tokenizer` underneath (its DecodeStream detokenizes incrementally)."""
-        return self._backend
-
     def _id_of(self, name: str) -> Optional[int]:
         token = self._special_tokens.get(name)
-        return None if token is None else self._backend.token_to_id(token)
+        return None if token is None else self.backend.token_to_id(token)
 
     @classmethod
     def from_hf_dir(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
@@ -191,22 +186,22 @@ class Tokenizer:
         # The batch methods release the GIL while they work (encode holds it for the whole
         # text), so a long text encoded in a worker thread leaves the other threads running;
         # the _fast one skips the character offsets, whose freeing would hold the GIL again.
-        return self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+        return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; ids without a token (a model's padded vocabulary) decode to nothing."""
         ids = list(ids)
         if len(ids) > _DECODE_WITHOUT_GIL:
-            return self._backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+            return self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """Vocabulary strings of `ids` ("" for an id without a token, as in `decode`)."""
-        return [self._backend.id_to_token(i) or "" for i in ids]
+        return [self.backend.id_to_token(i) or "" for i in ids]
 
     def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
         """Text of vocabulary strings, through the tokenizer's decoder (byte-level for BPE)."""
-        decoder = self._backend.decoder
+        decoder = self.backend.decoder
         return decoder.decode(list(tokens)) if decoder is not None else "".join(tokens)
 
     def use_chat_template(self, source: str) -> None:

@@ -43,4 +43,4 @@ def step_metadata(rows, tables, block_size: int, device="cpu") -> AttentionMetad
         for i, (c, q) in enumerate(rows)]).astype(np.int64)
     t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     return AttentionMetadata(t(slots), t(starts), t(seq_lens), t(tables), starts, seq_lens,
-                             int(qlens.max()), int(seq_lens.max()))
+                             int(qlens.max()))

@@ -15,11 +15,11 @@ from minivllm.engine.supervisor import EngineStartError, Supervisor
 from minivllm.frontend.async_client import AsyncEngineClient, EngineDeadError
 from minivllm.frontend.detokenizer import IncrementalDetokenizer
 from minivllm.frontend.output_processor import CompletionStream
-from minivllm.frontend.sync_client import EngineClient
 from minivllm.llm import build_engine_config
 from minivllm.loader import load_tokenizer, resolve_model
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport import shm
+from sync_client import EngineClient
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "List three colours:", "def fibonacci(n):", "Bonjour, comment ça va ?",

@@ -92,7 +92,7 @@ def test_merged_linear_loads_each_shard_into_its_rows():
     # The file lists the embedding, then layer 0's nine tensors.
     weights = dict(itertools.islice(load_weights(resolve_model(None), torch.float32, CPU), 10))
     q, k, v = (weights[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
-    qkv = MergedColumnLinear(576, [Shard.whole(w.shape[0]) for w in (q, k, v)], bias=False)
+    qkv = MergedColumnLinear(576, [Shard(0, len(w), len(w)) for w in (q, k, v)], bias=False)
     for shard, w in enumerate((q, k, v)):
         qkv.weight.weight_loader(qkv.weight, w, shard)
     assert torch.equal(qkv.weight, torch.cat([q, k, v]))

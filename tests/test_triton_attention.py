@@ -143,7 +143,7 @@ def test_padding_rows_write_nothing_and_attend_to_nothing():
     tables = np.array([[3, 1], [0, 0], [0, 0]], dtype=np.int32)
     starts, seq_lens = np.arange(4, dtype=np.int64), np.array([20, 0, 0], dtype=np.int64)
     t = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731
-    meta = AttentionMetadata(slots, t(starts), t(seq_lens), t(tables), starts, seq_lens, 1, 20)
+    meta = AttentionMetadata(slots, t(starts), t(seq_lens), t(tables), starts, seq_lens, 1)
     backend = _backend()
     backend.prepare(meta, block_size)
     q = torch.randn(3, heads, head_dim, device=DEVICE).bfloat16()

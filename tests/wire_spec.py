@@ -1,15 +1,21 @@
 """The wire specification as a table, for the tests: ipc/PROTOCOL.md's record layouts in Python.
 
 `LAYOUT` gives, for each struct, its size and each field's offset and `struct`-module type. The
-tests compare it with the layout the compiler produced from ipc/minivllm_ipc.h
-(`records.layout()`) and with PROTOCOL.md's tables, and `pack()` builds records from it alone:
+tests compare it with the layout the C compiler makes of ipc/minivllm_ipc.h
+(`compiled_layout()`) and with PROTOCOL.md's tables, and `pack()` builds records from it alone:
 an encoder independent of the C codecs it checks.
 """
 from __future__ import annotations
 
+import functools
+import os
+import shlex
 import struct
+import subprocess
+import sysconfig
+import tempfile
 
-from minivllm._cext import records
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # struct -> (size, [(field, offset, struct-module type)]); "sub:<struct>" nests a struct.
 LAYOUT: dict[str, tuple[int, list[tuple[str, int, str]]]] = {
@@ -53,6 +59,20 @@ def field_size(kind: str) -> int:
     return LAYOUT[kind[4:]][0] if kind.startswith("sub:") else struct.calcsize("<" + kind)
 
 
+@functools.cache
+def compiled_layout() -> tuple[tuple[str, str, int, int], ...]:
+    """(struct, field, offset, size) of every field ("" for the whole struct), as the compiler
+    that builds the extensions lays ipc/minivllm_ipc.h out: tests/records_layout.c, run."""
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "records_layout")
+        subprocess.run([*cc, "-I", os.path.join(HERE, "..", "ipc"),
+                        os.path.join(HERE, "records_layout.c"), "-o", exe], check=True)
+        lines = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    return tuple((rec, field, int(offset), int(size))
+                 for rec, field, offset, size in (line.split(",") for line in lines.split()))
+
+
 def check_layout() -> None:
     """Raise if the compiled structs (ipc/minivllm_ipc.h as built) differ from LAYOUT."""
     spec = {}
@@ -60,11 +80,11 @@ def check_layout() -> None:
         spec[(name, "")] = (0, size)
         for field, offset, kind in fields:
             spec[(name, field)] = (offset, field_size(kind))
-    compiled = {(rec, field): (offset, size) for rec, field, offset, size in records.layout()}
+    compiled = {(rec, field): (offset, size) for rec, field, offset, size in compiled_layout()}
     if compiled != spec:
         diff = sorted(set(compiled.items()) ^ set(spec.items()))
-        raise AssertionError(f"the compiled record layout differs from the specification "
-                             f"(rebuild with `python setup.py build_ext --inplace`): {diff}")
+        raise AssertionError(f"the compiled record layout differs from the specification: "
+                             f"{diff}")
 
 
 def pack(name: str, **values: object) -> bytes:

@@ -41,13 +41,13 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from bench.server_proc import ServeProcess, metrics
-from minivllm._cext.records import layout
 from minivllm.inputs import check_prompt
 from minivllm.loader import load_tokenizer, resolve_model
 from minivllm.sampling_params import SamplingParams
 from minivllm.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                       DetokenizeRequest, TokenizeRequest)
 from minivllm.transport import protocol
+from tests.wire_spec import compiled_layout
 
 MODEL = "SmolLM2-135M-Instruct"
 SEED = 17
@@ -238,7 +238,7 @@ def _check_stream(text: str) -> Optional[str]:
 
 
 # ---- ZeroMQ ----------------------------------------------------------------------------------
-FIELDS = {(rec, field): (offset, size) for rec, field, offset, size in layout() if field}
+FIELDS = {(rec, field): (offset, size) for rec, field, offset, size in compiled_layout() if field}
 SAMPLING_AT = FIELDS["mv_submit", "sampling"][0]
 RAW = {4: [struct.pack("<i", v) for v in (-2**31, -2, -1, 0, 1, 20, 21, 2**31 - 1)]
        + [struct.pack("<I", v) for v in (2**31, 2**32 - 1)] + [struct.pack("<f", math.nan)],

@@ -89,8 +89,8 @@ class BlockAllocator:
                             ("max_seqs", max_seqs), ("max_blocks_per_seq", max_blocks_per_seq)):
             if int(value) <= 0 or int(value) >= 2**31:
                 raise ValueError(f"{name} must be in [1, 2**31), got {value}")
-        self._num_blocks = int(num_blocks)
-        self._block_size = int(block_size)
+        self.num_blocks = int(num_blocks)
+        self.block_size = int(block_size)
         self.max_seqs = int(max_seqs)
         self.max_blocks_per_seq = int(max_blocks_per_seq)
         self.enable_prefix_caching = bool(enable_prefix_caching)
@@ -119,22 +119,14 @@ class BlockAllocator:
         # Prefix cache: chained hash -> block id.
         self._cache: dict[int, int] = {}
 
-        self._num_used = 0
-        self._prefix_queries = 0
-        self._prefix_hits = 0
+        self.num_used_blocks = 0
+        self.prefix_queries = 0  # KV blocks looked up in the prefix cache
+        self.prefix_hits = 0
         # Test hook: AND-ed into every block hash. Setting it to a small value (before first
         # use) forces hash collisions, to exercise the verification path. Not for production.
         self._hash_mask = _MASK64
 
     # ------------------------------------------------------------------ stats
-    @property
-    def num_blocks(self) -> int:
-        return self._num_blocks
-
-    @property
-    def block_size(self) -> int:
-        return self._block_size
-
     @property
     def ref_counts(self) -> np.ndarray:
         view = self._ref_counts.view()
@@ -152,24 +144,12 @@ class BlockAllocator:
         return len(self._free) + len(self._lru)
 
     @property
-    def num_used_blocks(self) -> int:
-        return self._num_used
-
-    @property
     def num_cached_blocks(self) -> int:
         return len(self._lru)
 
     @property
     def usage(self) -> float:
-        return self._num_used / self._num_blocks
-
-    @property
-    def prefix_queries(self) -> int:
-        return self._prefix_queries
-
-    @property
-    def prefix_hits(self) -> int:
-        return self._prefix_hits
+        return self.num_used_blocks / self.num_blocks
 
     # ------------------------------------------------------------------ sizing
     def blocks_needed(self, seq: int, num_total_tokens: int) -> int:
@@ -177,7 +157,7 @@ class BlockAllocator:
         self._check_seq(seq)
         if num_total_tokens < 0:
             raise ValueError(f"num_total_tokens must be >= 0, got {num_total_tokens}")
-        want = -(-num_total_tokens // self._block_size)
+        want = -(-num_total_tokens // self.block_size)
         return max(0, want - int(self.num_seq_blocks[seq]))
 
     def can_allocate(self, seq: int, num_total_tokens: int) -> bool:
@@ -196,7 +176,7 @@ class BlockAllocator:
             raise ValueError(f"match_prefix on seq {seq}, which already holds blocks")
         if not self.enable_prefix_caching:
             return 0
-        bs = self._block_size
+        bs = self.block_size
         # Leave at least one token to compute: the model must produce logits for the last one.
         max_hits = min((num_tokens - 1) // bs, self.max_blocks_per_seq) if num_tokens > 0 else 0
         parent = ROOT_HASH
@@ -204,11 +184,11 @@ class BlockAllocator:
         for i in range(max_hits):
             block_tokens = tokens[i * bs:(i + 1) * bs]
             h = hash_block(parent, block_tokens) & self._hash_mask
-            self._prefix_queries += 1
+            self.prefix_queries += 1
             block = self._cache.get(h)
             if block is None or not self._same_content(block, parent, i, block_tokens):
                 break
-            self._prefix_hits += 1
+            self.prefix_hits += 1
             self._attach(seq, block)
             parent = h
             hits += 1
@@ -231,12 +211,12 @@ class BlockAllocator:
         self._check_seq(seq)
         tokens = self._check_tokens(token_ids, num_tokens)
         n_blocks = int(self.num_seq_blocks[seq])
-        if num_tokens > n_blocks * self._block_size:
+        if num_tokens > n_blocks * self.block_size:
             raise ValueError(f"commit of {num_tokens} tokens on seq {seq}, "
                              f"which holds only {n_blocks} blocks")
         if not self.enable_prefix_caching:
             return
-        bs = self._block_size
+        bs = self.block_size
         parent = self._last_hash[seq]
         for i in range(self._num_committed[seq], num_tokens // bs):
             block_tokens = tokens[i * bs:(i + 1) * bs]
@@ -263,7 +243,7 @@ class BlockAllocator:
     def _attach(self, seq: int, block: int) -> None:
         """Append block to the seq's table and take a reference on it."""
         if self._ref_counts[block] == 0:
-            self._num_used += 1
+            self.num_used_blocks += 1
             self._lru.pop(block, None)  # a cached block in use is no longer evictable
         self._ref_counts[block] += 1
         n = int(self.num_seq_blocks[seq])
@@ -273,7 +253,7 @@ class BlockAllocator:
     def _release(self, block: int) -> None:
         self._ref_counts[block] -= 1
         if self._ref_counts[block] == 0:
-            self._num_used -= 1
+            self.num_used_blocks -= 1
             if self._registered[block]:
                 self._lru[block] = None      # most recently freed: evicted last
             else:
@@ -308,7 +288,7 @@ class BlockAllocator:
         """Assert the internal structures agree; return (free list, LRU) in order."""
         free, lru = list(self._free), list(self._lru)
         assert len(set(free)) == len(free), "free list holds a block twice"
-        for b in range(self._num_blocks):
+        for b in range(self.num_blocks):
             zero = self._ref_counts[b] == 0
             assert (b in free) == (zero and not self._registered[b]), f"block {b} free-list state"
             assert (b in self._lru) == (zero and self._registered[b]), f"block {b} LRU state"
@@ -326,7 +306,7 @@ class BlockAllocator:
         need = self.blocks_needed(seq, num_total_tokens)
         if self.num_seq_blocks[seq] + need > self.max_blocks_per_seq:
             raise ValueError(f"{num_total_tokens} tokens exceed max_blocks_per_seq="
-                             f"{self.max_blocks_per_seq} blocks of {self._block_size}")
+                             f"{self.max_blocks_per_seq} blocks of {self.block_size}")
         return need
 
     @staticmethod

@@ -50,17 +50,22 @@ class Client:
         self.key, self.name = key, name
         self.requests: dict[int, int] = {}
 
-    def send_step(self, step: int, *arrays) -> None:
+    def _put(self, put, encode, *args) -> None:
+        """Send one record: `put` writes it into a ring, `encode` makes it a frame."""
         raise NotImplementedError
+
+    def send_step(self, step: int, *arrays) -> None:
+        self._put(protocol.put_step_output, protocol.encode_step_output, step, *arrays)
 
     def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
-        raise NotImplementedError
+        self._put(protocol.put_error, protocol.encode_error, code, message, request_id)
 
     def send_prompt_logprobs(self, request_id: int, first_position: int, *arrays) -> None:
-        raise NotImplementedError
+        self._put(protocol.put_prompt_logprobs, protocol.encode_prompt_logprobs, request_id,
+                  first_position, *arrays)
 
     def send_status(self, tag: int, fields: dict) -> None:
-        raise NotImplementedError
+        self._put(protocol.put_status, protocol.encode_status, tag, fields)
 
     def close(self) -> None:
         pass
@@ -94,19 +99,6 @@ class FrontendClient(Client):
                 return
             self.backlog.popleft()
 
-    def send_step(self, step: int, *arrays) -> None:
-        self._put(protocol.put_step_output, protocol.encode_step_output, step, *arrays)
-
-    def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
-        self._put(protocol.put_error, protocol.encode_error, code, message, request_id)
-
-    def send_prompt_logprobs(self, request_id: int, first_position: int, *arrays) -> None:
-        self._put(protocol.put_prompt_logprobs, protocol.encode_prompt_logprobs, request_id,
-                  first_position, *arrays)
-
-    def send_status(self, tag: int, fields: dict) -> None:
-        self._put(protocol.put_status, protocol.encode_status, tag, fields)
-
     def alive(self) -> bool:
         return shm.pid_alive(self.pid)
 
@@ -129,22 +121,10 @@ class RouterClient(Client):
         self.identity, self.socket = identity, socket
         self.gone = self.stalled = False
 
-    def _send(self, frame: bytes) -> None:
+    def _put(self, put, encode, *args) -> None:
         try:
-            self.socket.send_multipart([self.identity, frame], zmq.NOBLOCK)
+            self.socket.send_multipart([self.identity, encode(*args)], zmq.NOBLOCK)
         except zmq.Again:  # ROUTER_MANDATORY: its send queue (SNDHWM) is full
             self.gone = self.stalled = True
         except zmq.ZMQError:  # ROUTER_MANDATORY: the peer disconnected
             self.gone = True
-
-    def send_step(self, step: int, *arrays) -> None:
-        self._send(protocol.encode_step_output(step, *arrays))
-
-    def send_error(self, code: int, message: str, request_id: Optional[int] = None) -> None:
-        self._send(protocol.encode_error(code, message, request_id))
-
-    def send_prompt_logprobs(self, request_id: int, first_position: int, *arrays) -> None:
-        self._send(protocol.encode_prompt_logprobs(request_id, first_position, *arrays))
-
-    def send_status(self, tag: int, fields: dict) -> None:
-        self._send(protocol.encode_status(tag, fields))

@@ -74,7 +74,7 @@ class DecodeGraphs:
             query_start_loc=self._region(self._QUERY_START, size + 1),
             seq_lens=self._region(self._SEQ_LENS, size), block_tables=self._tables[:size],
             query_start_host=np.arange(size + 1), seq_lens_host=np.zeros(size, np.int64),
-            max_query_len=1, max_seq_len=0)
+            max_query_len=1)
 
     @torch.inference_mode()
     def _capture(self, model: torch.nn.Module, backend: AttentionBackend) -> None:

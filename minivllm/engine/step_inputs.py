@@ -40,8 +40,7 @@ def _metadata(batch: ScheduledBatch, slot_mapping: torch.Tensor, query_start: to
     return AttentionMetadata(
         slot_mapping=slot_mapping, query_start_loc=query_start, seq_lens=seq_lens,
         block_tables=block_tables, query_start_host=batch.query_start_loc,
-        seq_lens_host=batch.seq_lens, max_query_len=int(np.diff(batch.query_start_loc).max()),
-        max_seq_len=int(batch.seq_lens.max()))
+        seq_lens_host=batch.seq_lens, max_query_len=int(np.diff(batch.query_start_loc).max()))
 
 
 def fill_placeholders(input_ids: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:

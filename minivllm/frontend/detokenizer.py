@@ -31,27 +31,21 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Append one token; returns the new text it completes ("" while a character is
         incomplete)."""
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        if len(after) <= len(before) or after.endswith(REPLACEMENT):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
+        return self.push_many([token_id])
 
     def push_many(self, token_ids: list[int]) -> str:
         """push() each of `token_ids` (the tokens a stream got since its text was last read),
         in one decoding of the window when that ends on a whole character: the text is then
         what the pushes would have made together. Otherwise one push at a time, as they
         would have held back the characters left incomplete."""
-        if len(token_ids) == 1:
-            return self.push(token_ids[0])
         self.ids.extend(token_ids)
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
+        if len(token_ids) == 1:
+            return ""  # its character is still incomplete: held back
         del self.ids[len(self.ids) - len(token_ids):]
         return "".join([self.push(t) for t in token_ids])
 

@@ -28,7 +28,6 @@ class AttentionMetadata:
     query_start_host: np.ndarray
     seq_lens_host: np.ndarray
     max_query_len: int
-    max_seq_len: int
     prepared: Optional[object] = None  # whatever the backend derives once per step (prepare())
 
 

@@ -29,10 +29,6 @@ class Shard(NamedTuple):
     total: int
 
     @classmethod
-    def whole(cls, total: int) -> "Shard":
-        return cls(0, total, total)
-
-    @classmethod
     def of(cls, tp: TensorParallelGroup, total: int, what: str) -> "Shard":
         return cls(*tp.shard(total, what), total)
 

@@ -316,7 +316,10 @@ class Sampler:
         if _MIN_TOKENS_STAGE in self._stage_counts:
             self._block_stop_ids(logits, req_indices, int_params, positions)
         if _PENALTIES in self._stage_counts:
-            logits = self._penalize(logits, req_indices, float_params)
+            # Rows of requests without penalties carry stale state; neutral penalties ignore it.
+            logits = apply_penalties(logits, self._prompt_mask[req_indices],
+                                     self._output_counts[req_indices], float_params[:, _REPETITION],
+                                     float_params[:, _PRESENCE], float_params[:, _FREQUENCY])
         token_ids = self._choose(logits, float_params, int_params, positions)
         self._record(req_indices, token_ids)
         return self._output(token_ids, raw_logprobs, req_indices)
@@ -401,14 +404,6 @@ class Sampler:
         short = (positions < int_params[:, _MIN_TOKENS]).unsqueeze(1)
         values = logits.gather(1, stop_ids).masked_fill_(short, float("-inf"))
         logits.scatter_(1, stop_ids, values)
-
-    def _penalize(self, logits: torch.Tensor, req_indices: torch.Tensor,
-                  float_params: torch.Tensor) -> torch.Tensor:
-        # Rows of requests without penalties carry stale state, but neutral penalties ignore it.
-        return apply_penalties(logits, self._prompt_mask[req_indices],
-                               self._output_counts[req_indices],
-                               float_params[:, _REPETITION], float_params[:, _PRESENCE],
-                               float_params[:, _FREQUENCY])
 
     def _choose(self, logits: torch.Tensor, float_params: torch.Tensor,
                 int_params: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

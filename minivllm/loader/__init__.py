@@ -7,23 +7,20 @@ weights (Hugging Face names, one tensor at a time) and build its tokenizer.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
-    import numpy as np
-    import torch
-
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
-
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from minivllm.config import ArchConfig
 from minivllm.loader import dummy, gguf, hf_dir
 from minivllm.loader.embedded import EMBEDDED_MODEL_NAME, embedded_gguf_path
 from minivllm.loader.gguf_header import read_gguf_header
 from minivllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import numpy as np
+    import torch
 
 __all__ = ["ModelSource", "resolve_model", "load_weights", "load_blocks", "load_tokenizer",
            "EMBEDDED_MODEL_NAME", "embedded_gguf_path"]

@@ -5,16 +5,13 @@ architecture, which the other loaders check checkpoints against.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Iterator
+
+from minivllm.config import ArchConfig
 
 if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
     import torch
-
-import dataclasses
-from typing import Iterator
-
-
-from minivllm.config import ArchConfig
 
 # The real models' config.json values. smollm2-135m is the embedded model's shape and, like the
 # embedded GGUF once dequantized, float32.

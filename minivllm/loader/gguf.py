@@ -3,12 +3,7 @@ or the linear weights' quantization blocks as they are (`load_blocks`, for the C
 dequantize in registers)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
-    import torch
-
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -17,6 +12,9 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 from minivllm.config import SUPPORTED_ARCHITECTURES, ArchConfig
 from minivllm.loader.dummy import expected_parameters
 from minivllm.loader.gguf_header import GGUFHeader, GGUFTensorInfo
+
+if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import torch
 
 # llama.cpp tensor names -> Hugging Face names (the ".weight"/".bias" suffix carries over).
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
@@ -93,14 +91,6 @@ def _raw(data: np.ndarray, info: GGUFTensorInfo) -> tuple[GGMLQuantizationType, 
     return qtype, raw.reshape(quant_shape_to_byte_shape(info.shape, qtype))
 
 
-def _dequantize(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
-    qtype, raw = _raw(data, info)
-    try:
-        return dequantize(raw, qtype)
-    except NotImplementedError as e:
-        raise ValueError(f"GGUF tensor {info.name!r}: {e}") from None
-
-
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (it interleaves each head's two rotary halves)."""
     out = w.shape[0]
@@ -145,7 +135,11 @@ def load_weights(path: str, header: GGUFHeader, arch: ArchConfig, dtype: torch.d
         if expected.pop(name, None) != info.shape:
             raise ValueError(f"{path!r}: unexpected tensor {info.name!r} of shape {info.shape} "
                              f"for this {arch.architecture} model")
-        w = _dequantize(data, info)
+        qtype, raw = _raw(data, info)
+        try:
+            w = dequantize(raw, qtype)
+        except NotImplementedError as e:
+            raise ValueError(f"GGUF tensor {info.name!r}: {e}") from None
         module = name.split(".")[-2]
         if module in heads:
             w = _unpermute(w, heads[module])

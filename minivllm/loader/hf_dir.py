@@ -1,20 +1,18 @@
 """A Hugging Face model directory: config.json and *.safetensors (sharded or not)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
-    import torch
-
 import glob
 import json
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from safetensors import safe_open
 
 from minivllm.config import ArchConfig
 from minivllm.loader.dummy import expected_parameters
+
+if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models without it
+    import torch
 
 _INDEX = "model.safetensors.index.json"
 

@@ -16,8 +16,6 @@ import secrets
 import time
 from typing import Optional, Sequence
 
-import zmq
-
 from minivllm.config import TransportConfig
 from minivllm.transport import protocol, shm
 from minivllm.transport.control import ControlClient, EngineGoneError
@@ -120,11 +118,6 @@ class EngineChannel:
         if not rang:
             self.listener.check_timeout(ring.readable())
         return ring.readable()
-
-    @property
-    def fileno(self) -> int:
-        """The doorbell's file descriptor, for an event loop to watch (see zmq.FD)."""
-        return self.listener.socket.getsockopt(zmq.FD)
 
     # ---- control --------------------------------------------------------------------------
     def call(self, op: str, timeout: float = 10.0, **args) -> dict:

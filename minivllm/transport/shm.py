@@ -10,6 +10,7 @@ its own resource tracker, which would otherwise unlink a segment it does not own
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -105,19 +106,15 @@ def _open(name: str, create_size: int = 0) -> shared_memory.SharedMemory:
 
 
 def unlink_segment(name: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(SHM_DIR, name))
-    except FileNotFoundError:
-        pass
 
 
 def remove_endpoint(endpoint: str) -> None:
     """Delete an ipc:// endpoint's socket file (ZeroMQ leaves it behind)."""
     if endpoint.startswith("ipc://"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint[len("ipc://"):])
-        except FileNotFoundError:
-            pass
 
 
 def pid_alive(pid: int) -> bool:
@@ -154,12 +151,10 @@ def cleanup_stale() -> list[str]:
         for name in list_segments(directory=directory):
             if not pid_alive(int(_NAME.match(name).group(1))):
                 path = os.path.join(directory, name)
-                try:
+                with contextlib.suppress(FileNotFoundError):  # removed by someone else first
                     if os.path.isdir(path):
                         shutil.rmtree(path)
                     else:
                         os.unlink(path)
                     removed.append(name)
-                except FileNotFoundError:
-                    pass
     return removed

@@ -1,4 +1,5 @@
-"""EngineClient: AsyncEngineClient for scripts, on an event loop in a background thread.
+"""EngineClient, the tests' synchronous client: AsyncEngineClient on an event loop in a
+background thread.
 
     with EngineClient(control_endpoint) as client:
         outs = client.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=16))

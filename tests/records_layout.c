@@ -1,7 +1,8 @@
-/* The record layouts as the compiler lays them out, as a table that Python can read:
- * minivllm/transport/protocol.py compares it with the offsets PROTOCOL.md gives. */
-#ifndef MINIVLLM_RECORDS_LAYOUT_H
-#define MINIVLLM_RECORDS_LAYOUT_H
+/* The record layouts as the compiler lays them out: one line a field, "struct,field,offset,size"
+ * (field empty for the whole struct). tests/wire_spec.py builds and runs this program and
+ * compares its table with the specification's. */
+#include <stddef.h>
+#include <stdio.h>
 
 #include "minivllm_ipc.h"
 
@@ -64,6 +65,10 @@ static const mv_field_layout MV_LAYOUT[] = {
     MV_FIELD(mv_status, prefix_queries), MV_FIELD(mv_status, prefix_hits),
     MV_FIELD(mv_status, step_p99_s),
 };
-#define MV_LAYOUT_LEN (sizeof(MV_LAYOUT) / sizeof(MV_LAYOUT[0]))
 
-#endif /* MINIVLLM_RECORDS_LAYOUT_H */
+int main(void) {
+    for (size_t i = 0; i < sizeof(MV_LAYOUT) / sizeof(MV_LAYOUT[0]); i++)
+        printf("%s,%s,%zu,%zu\n", MV_LAYOUT[i].record, MV_LAYOUT[i].field, MV_LAYOUT[i].offset,
+               MV_LAYOUT[i].size);
+    return 0;
+}
