@@ -137,6 +137,21 @@ def _engine_status(endpoint: str) -> dict:
         ctx.term()
 
 
+def _until_settled(endpoint: str, timeout: float) -> None:
+    """Until the engine has read what a gone flooder left in the kernel's and ZeroMQ's buffers
+    (nothing running, its counters still for a second): else the next quiet window pays."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        now = {k: v for k, v in _engine_status(endpoint).items()
+               if k in ("requests", "overloaded", "errors", "running")}
+        if now == last and now["running"] == 0:
+            return
+        assert time.monotonic() < deadline, f"the engine was still reading the flood: {now}"
+        last = now
+        time.sleep(1.0)
+
+
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -176,6 +191,7 @@ def _flooded(srv, args, endpoint: str, seed: int) -> tuple[list, dict, dict]:
     finally:
         peer.terminate()
         peer.wait(args.timeout)
+        _until_settled(endpoint, args.timeout)
     with open(out) as f:
         report = json.load(f)
     os.unlink(out)
