@@ -139,6 +139,7 @@ class Result:
     status: str = "error"        # ok | 429 | 5xx | error | timeout
     http_status: int = 0
     queued_s: float = 0.0        # waiting in the client (concurrency cap, static batch)
+    arrived: float = 0.0         # time.perf_counter() at its arrival
     ttft_s: Optional[float] = None
     e2e_s: Optional[float] = None
     chunk_times: list[float] = field(default_factory=list)  # token chunks, s after the send
@@ -315,7 +316,7 @@ async def run_load(url: str, workload: list[Request], *, model: str, rate: float
         finally:
             if sem is not None:
                 sem.release()
-        res.queued_s = queued
+        res.queued_s, res.arrived = queued, arrived
         results[i] = res
         counts["ok" if res.status == "ok" else "429" if res.status == "429" else "err"] += 1
         bar.set_postfix(counts, refresh=False)

@@ -1,8 +1,9 @@
 """The ZeroMQ endpoint as a public door (issue 18), against a real engine process behind CURVE
 on TCP, with small in-flight bounds: frames past the size limit disconnect their peer, submits
-past the bounds get OVERLOADED naming them, malformed frames are answered before the second
-next step, status records report health, limits and draining, only allowed CURVE keys get in
-(from Python and from the C client), and the socket directory is checked like OpenSSH's."""
+past the bounds get OVERLOADED naming them (and those a gone peer left queued too), a flood is
+read at a bounded pace, malformed frames are answered before the second next step, status
+records report health, limits and draining, only allowed CURVE keys get in (from Python and
+from the C client), and the socket directory is checked like OpenSSH's."""
 from __future__ import annotations
 
 import os
@@ -190,6 +191,82 @@ def test_unread_submits_past_the_bound_are_refused_not_queued(door, keys, ctx):
         time.sleep(0.05)
     assert now["aborted"] - before["aborted"] == PER_PEER
     assert now["free_blocks"] == now["num_blocks"]
+
+
+# A peer in a process of its own: sends `count` long submits (0: until killed) and reads
+# nothing; send blocks while the endpoint pushes back. Then it exits (its submits delivered).
+FLOODER = """
+import sys, zmq, zmq.auth
+from minivllm.sampling_params import SamplingParams
+from minivllm.transport import protocol
+endpoint, client, server, count = sys.argv[1:]
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(client)
+sock.curve_serverkey = zmq.auth.load_certificate(server)[0]
+sock.connect(endpoint)
+params = SamplingParams(temperature=0, max_tokens=5000, ignore_eos=True)
+rid = 0
+while rid < int(count) or count == "0":
+    sock.send(protocol.encode_submit(rid, [1, 2, 3], params))
+    rid += 1
+sock.close()
+ctx.term()
+"""
+
+
+def flooder(door, keys, count: int = 0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", FLOODER, door.zmq_endpoint, keys.client,
+                             keys.server, str(count)])
+
+
+def test_a_flood_is_read_at_a_bounded_pace(door, keys, ctx):
+    """A second process submits as fast as the endpoint takes them and never reads: the engine
+    answers at most ZMQ_READS_PER_INGEST of its messages per ZMQ_BACKLOG_INTERVAL_S (the rest
+    wait in ZeroMQ, which pushes back on it), however fast it could refuse them. The window is
+    timed from before the first status query's send to after the last one's answer, so it
+    holds the engine's own interval between the two whatever the machine's load."""
+    from minivllm.engine.engine_proc import ZMQ_BACKLOG_INTERVAL_S, ZMQ_READS_PER_INGEST
+
+    watcher = dealer(ctx, door, keys)
+    peer = flooder(door, keys)
+    try:
+        start = status(watcher)["overloaded"]
+        while True:  # until the flood is under way
+            t0 = time.monotonic()
+            first = status(watcher)
+            if first["overloaded"] - start >= 1000:
+                break
+            assert peer.poll() is None, f"the flooder exited with {peer.returncode}"
+            time.sleep(0.05)
+        time.sleep(2.0)
+        last = status(watcher)
+        elapsed = time.monotonic() - t0
+    finally:
+        peer.kill()
+        peer.wait()
+    turns = elapsed / ZMQ_BACKLOG_INTERVAL_S + 2  # and one turn at each end of the window
+    assert 0 < last["overloaded"] - first["overloaded"] <= ZMQ_READS_PER_INGEST * turns
+    while status(watcher)["zmq_in_flight"]:  # gone: its requests are aborted
+        time.sleep(0.05)
+
+
+def test_submits_a_gone_peer_left_queued_are_refused_not_run(door, keys, ctx):
+    """A second process sends 300 submits and exits before the engine has read them: once the
+    engine finds it gone, the rest it left queued are refused, not admitted PER_PEER at a time
+    for nobody to read."""
+    watcher = dealer(ctx, door, keys)
+    before = status(watcher)
+    assert flooder(door, keys, count=300).wait(WAIT_MS / 1000) == 0
+    while True:
+        now = status(watcher)
+        admitted = now["requests"] - before["requests"]
+        if admitted + now["overloaded"] - before["overloaded"] == 300:
+            break
+        time.sleep(0.05)
+    assert admitted <= PER_PEER
+    while status(watcher)["zmq_in_flight"]:
+        time.sleep(0.05)
 
 
 def test_malformed_frames_are_answered_before_the_second_next_step(door, keys, ctx):

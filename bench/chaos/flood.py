@@ -17,12 +17,15 @@ with
 The flooder's own sending is paced (on 2 cores its CPU would be the engine's); its submits are
 not: they go as fast as the endpoint's backpressure lets them.
 It passes when the HTTP TTFT p99 with the flood stays within 1.2x of without, the engine keeps
-its pid, its memory stays bounded, and every HTTP request ends.
+its pid, its memory stays bounded, and every HTTP request ends. The flooded requests are also
+reported split by arrival: before the engine found the flooder gone (its unread records filled
+its send queue; until then its admitted requests share every step) and after.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import socket
@@ -137,6 +140,21 @@ def _engine_status(endpoint: str) -> dict:
         ctx.term()
 
 
+def _until_settled(endpoint: str, timeout: float) -> None:
+    """Until the engine has read what a gone flooder left in the kernel's and ZeroMQ's buffers
+    (nothing running, its counters still for a second): else the next quiet window pays."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        now = {k: v for k, v in _engine_status(endpoint).items()
+               if k in ("requests", "overloaded", "errors", "running")}
+        if now == last and now["running"] == 0:
+            return
+        assert time.monotonic() < deadline, f"the engine was still reading the flood: {now}"
+        last = now
+        time.sleep(1.0)
+
+
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -159,27 +177,43 @@ def _load(srv, args, seed: int) -> list:
     return results
 
 
-def _flooded(srv, args, endpoint: str, seed: int) -> tuple[list, dict, dict]:
+def _watch_gone(endpoint: str, aborted: int, stop: threading.Event, found: list) -> None:
+    """Append the time.perf_counter() at which the engine found the flooder gone (it never
+    reads: its send queue filled), seen as its admitted requests' aborts (no HTTP client of
+    this scenario aborts)."""
+    while not stop.wait(0.25):
+        if _engine_status(endpoint)["aborted"] > aborted:
+            found.append(time.perf_counter())
+            return
+
+
+def _flooded(srv, args, endpoint: str, seed: int) -> tuple[list, dict, dict, float]:
     """The workload while a flooder process runs: results, the flooder's report, the engine's
-    status during the flood."""
+    status during the flood, when the flooder was found gone (perf_counter; inf: never)."""
     out = os.path.join(tempfile.gettempdir(), f"flood-{os.getpid()}.json")
-    before = _engine_status(endpoint)["overloaded"]
+    before = _engine_status(endpoint)
     peer = subprocess.Popen([sys.executable, "-m", "bench.chaos.flood", endpoint, "--out", out])
+    stop, found = threading.Event(), []
+    watcher = threading.Thread(target=_watch_gone, args=(endpoint, before["aborted"], stop, found))
     try:
+        watcher.start()
         deadline = time.monotonic() + args.timeout
-        while _engine_status(endpoint)["overloaded"] == before:  # the flood is under way
+        while _engine_status(endpoint)["overloaded"] == before["overloaded"]:  # under way
             assert time.monotonic() < deadline, "no flood arrived"
             assert peer.poll() is None, f"the flooder exited with {peer.returncode}"
             time.sleep(0.2)
         results = _load(srv, args, seed)
         during = _engine_status(endpoint)
     finally:
+        stop.set()
+        watcher.join()
         peer.terminate()
         peer.wait(args.timeout)
+        _until_settled(endpoint, args.timeout)
     with open(out) as f:
         report = json.load(f)
     os.unlink(out)
-    return results, report, during
+    return results, report, during, found[0] if found else math.inf
 
 
 def flood(srv, args) -> dict:
@@ -194,13 +228,19 @@ def flood(srv, args) -> dict:
     engine = srv.engine_pid()
     _load(srv, argparse.Namespace(duration=4, rate=1, timeout=args.timeout), seed=99)  # warm
     quiet, flooded, reports = [], [], []
+    before_gone, after_gone = [], []  # flooded requests by arrival: the flooder found gone?
     load_start = os.getloadavg()[0]
     rss = {"before": _rss_mb(engine), "max_during": 0.0}
     for r in range(args.rounds):
         quiet += _load(srv, args, seed=r)
-        results, report, during = _flooded(srv, args, endpoint, seed=r)
+        start = time.perf_counter()
+        results, report, during, gone = _flooded(srv, args, endpoint, seed=r)
         flooded += results
-        reports.append({**report, "engine_status_during": during})
+        before_gone += [x for x in results if x.arrived < gone]
+        after_gone += [x for x in results if x.arrived >= gone]
+        reports.append({**report, "engine_status_during": during,
+                        "found_gone_after_s": round(gone - start, 2) if gone < math.inf
+                        else None})
         rss["max_during"] = max(rss["max_during"], _rss_mb(engine))
         wait_engine_idle(srv.url, timeout=args.timeout)
     q = summarize(quiet, args.duration * args.rounds, None, None)
@@ -210,10 +250,16 @@ def flood(srv, args) -> dict:
                         "errored": q["counts"]["error"] + f["counts"]["error"],
                         "rejected": q["counts"]["429"] + f["counts"]["429"],
                         "hung": q["counts"]["timeout"] + f["counts"]["timeout"]})
+    split = {name: {"requests": len(part), "ttft_ms": summarize(part, 1, None, None)["ttft_ms"]}
+             for name, part in (("before", before_gone), ("after", after_gone)) if part}
     return {"outcomes": outcomes, "same_engine": srv.engine_pid() == engine,
             "rounds": args.rounds, "window_s": args.duration, "http_rate": args.rate,
             "ttft_ms_quiet": q["ttft_ms"], "ttft_ms_flooded": f["ttft_ms"],
-            "ttft_p99_ratio": round(ratio, 3), "tpot_ms_quiet": q["tpot_ms"],
+            "ttft_p99_ratio": round(ratio, 3),
+            # While the flooder's admitted requests run (until its unread records fill its
+            # send queue, found_gone_after_s) and after: the quota's cost against the flood's.
+            "ttft_ms_flooded_by_arrival_vs_flooder_found_gone": split,
+            "tpot_ms_quiet": q["tpot_ms"],
             "tpot_ms_flooded": f["tpot_ms"], "flooders": reports,
             "engine_rss_mb": {k: round(v) for k, v in rss.items()},
             "machine_loadavg_1m": {"start": load_start, "end": os.getloadavg()[0]},

@@ -25,6 +25,10 @@ RECEIVE_QUEUE = 256  # messages ZeroMQ holds per peer before the sender is pushe
 # The kernel's receive buffer per TCP connection (autotuned, it grows to megabytes of unread
 # submits that outlive a flooder that has gone): room for two of the largest messages.
 MIN_RECEIVE_BUFFER = 256 << 10
+# The kernel's send buffer per TCP connection: autotuned, it holds ~20,000 more records for a
+# peer that does not read, so `send_queue` alone would take three times as long to fill (the
+# flooder's admitted requests run all that while). Step outputs are small; this is plenty.
+SEND_BUFFER = 256 << 10
 MIN_MESSAGE_BYTES = 64 << 10
 
 
@@ -52,6 +56,7 @@ class Endpoint:
             self.socket.setsockopt(zmq.RCVBUF, max(MIN_RECEIVE_BUFFER,
                                                    2 * self.max_message_bytes))
             self.socket.setsockopt(zmq.SNDHWM, config.send_queue)
+            self.socket.setsockopt(zmq.SNDBUF, SEND_BUFFER)
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone or full peer raises
             if config.curve:
                 self.auth = _start_curve(ctx, self.socket, config)

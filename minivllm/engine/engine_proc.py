@@ -47,8 +47,16 @@ FAULT_STEP_S = "MINIVLLM_FAULT_STEP_S"
 # ZeroMQ messages one ingest reads: a flooding peer costs a step at most this many decodes;
 # the rest wait in ZeroMQ's bounded queue, which pushes back on the sender.
 ZMQ_READS_PER_INGEST = 64
+# While messages are left waiting after a read, the endpoint is read again only this much
+# later, idle or not: a flood gets at most ZMQ_READS_PER_INGEST answers per interval instead of
+# as many as the engine can write (an idle engine looped on it at ~28,000/s, and the flooder
+# and both sides' ZeroMQ threads with it, on the cores the steps need). Its senders then
+# block on ZeroMQ's backpressure, costing no CPU.
+ZMQ_BACKLOG_INTERVAL_S = 0.02
 CONTROL_MAX_MESSAGE_BYTES = 1 << 20  # control messages are small JSON objects
-STALLED_MEMORY = 4096  # identities of peers that stopped reading, remembered to refuse them
+# Identities of peers found gone (disconnected, or their send queue left full), remembered so
+# that the submits they left queued are refused, not run for nobody.
+GONE_MEMORY = 4096
 
 
 def _readable(socket: zmq.Socket) -> bool:
@@ -75,15 +83,20 @@ class EngineProc:
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.bells.socket, zmq.POLLIN)
+        self.paced_poller = self.poller  # the sleep's sockets while the endpoint waits its turn
+        self.router_paced_until = 0.0  # time.monotonic() before which the endpoint is not read
         if transport.zmq_endpoint:
             self.endpoint = Endpoint(self.ctx, transport.zmq_endpoint, transport.zmq,
                                      core.max_model_len)
             self.router = self.endpoint.socket
+            self.paced_poller = zmq.Poller()
+            self.paced_poller.register(self.control, zmq.POLLIN)
+            self.paced_poller.register(self.bells.socket, zmq.POLLIN)
             self.poller.register(self.router, zmq.POLLIN)
         self.clients: dict[int, Client] = {}
         self.frontends: dict[str, FrontendClient] = {}
         self.peers: dict[bytes, RouterClient] = {}
-        self.stalled: OrderedDict[bytes, None] = OrderedDict()
+        self.gone_peers: OrderedDict[bytes, None] = OrderedDict()
         self._next_key = 0
         self.owners = Owners()
         self.step_count = 0
@@ -136,6 +149,9 @@ class EngineProc:
             self._handle(client, record)
 
     def _read_router(self) -> None:
+        now = time.monotonic()
+        if now < self.router_paced_until:
+            return
         for _ in range(ZMQ_READS_PER_INGEST):
             if not _readable(self.router):
                 return
@@ -155,6 +171,8 @@ class EngineProc:
             except ProtocolError as exc:
                 client.send_error(exc.code, str(exc), exc.request_id)
             self._forget_idle_peer(client)
+        if _readable(self.router):  # a backlog: its next turn comes after the interval
+            self.router_paced_until = now + ZMQ_BACKLOG_INTERVAL_S
 
     def _forget_idle_peer(self, client: Client) -> None:
         """A ROUTER peer is remembered only while it has requests in flight (every connection
@@ -190,8 +208,8 @@ class EngineProc:
             if refusal:
                 self.counters["overloaded"] += 1
                 client.send_error(protocol.ERR_OVERLOADED, refusal, rid)
-                if not client.stalled:  # that answer went out: the peer reads again
-                    self.stalled.pop(client.identity, None)
+                if not client.gone:  # that answer went out: the peer reads again
+                    self.gone_peers.pop(client.identity, None)
                 return
         owner = self.owners.add(client.key, rid)
         try:
@@ -210,9 +228,10 @@ class EngineProc:
         """Why the endpoint takes no new request from `client` now, or None (the in-flight
         bounds: OVERLOADED, as HTTP's 429)."""
         limits = self.transport.zmq
-        if client.identity in self.stalled:
-            return (f"this connection left {limits.send_queue} records unread, so its requests "
-                    f"were aborted: read what the engine sends, then retry")
+        if client.identity in self.gone_peers:
+            return (f"this connection was found gone (disconnected, or {limits.send_queue} "
+                    f"records left unread), so its requests were aborted: read what the engine "
+                    f"sends, then retry")
         if len(client.requests) >= limits.max_in_flight_per_peer:
             return (f"this connection has {len(client.requests)} requests in flight, the limit "
                     f"per connection: retry when one finishes")
@@ -320,14 +339,16 @@ class EngineProc:
             for r in rings:
                 r.awake()
             return
-        timeout = self.transport.frontend_check_s
-        timeout = self.drain.wait_s(timeout)
-        events = dict(self.poller.poll(int(timeout * 1000) + 1))
+        timeout = self.drain.wait_s(self.transport.frontend_check_s)
+        poller, paced = self.poller, self.router_paced_until - time.monotonic()
+        if paced > 0:  # the endpoint has a backlog but not its turn: sleep until the turn
+            poller, timeout = self.paced_poller, min(timeout, paced)
+        events = dict(poller.poll(int(timeout * 1000) + 1))
         for r in rings:
             r.awake()
         if self.bells.socket in events:
             self.bells.drain()
-        elif not events:
+        elif not events and paced <= 0:
             self.bells.check_timeout(any(r.readable() for r in rings))
 
     # ---- clients --------------------------------------------------------------------------
@@ -344,11 +365,11 @@ class EngineProc:
             client.close(unlink=unlink)
         elif isinstance(client, RouterClient):
             self.peers.pop(client.identity, None)
-            if client.stalled:  # refused until it reads (_overload)
-                self.stalled[client.identity] = None
-                self.stalled.move_to_end(client.identity)
-                if len(self.stalled) > STALLED_MEMORY:
-                    self.stalled.popitem(last=False)
+            if client.gone:  # refused until it reads (_overload)
+                self.gone_peers[client.identity] = None
+                self.gone_peers.move_to_end(client.identity)
+                if len(self.gone_peers) > GONE_MEMORY:
+                    self.gone_peers.popitem(last=False)
 
     def _check_frontends(self) -> None:
         now = time.monotonic()
