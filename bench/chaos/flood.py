@@ -38,6 +38,7 @@ import time
 
 import zmq
 
+from bench.server_proc import zmq_status
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport import protocol
 
@@ -125,28 +126,13 @@ def flooder(endpoint: str, out: str) -> None:
 
 
 # ---- the scenario (run.py) ---------------------------------------------------------------------
-def _engine_status(endpoint: str) -> dict:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send(protocol.encode_status_query(1))
-        if not sock.poll(60_000):
-            raise TimeoutError("the engine did not answer a status query")
-        return protocol.decode(sock.recv()).fields
-    finally:
-        sock.close()
-        ctx.term()
-
-
 def _until_settled(endpoint: str, timeout: float) -> None:
     """Until the engine has read what a gone flooder left in the kernel's and ZeroMQ's buffers
     (nothing running, its counters still for a second): else the next quiet window pays."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        now = {k: v for k, v in _engine_status(endpoint).items()
+        now = {k: v for k, v in zmq_status(endpoint).items()
                if k in ("requests", "overloaded", "errors", "running")}
         if now == last and now["running"] == 0:
             return
@@ -182,7 +168,7 @@ def _watch_gone(endpoint: str, aborted: int, stop: threading.Event, found: list)
     reads: its send queue filled), seen as its admitted requests' aborts (no HTTP client of
     this scenario aborts)."""
     while not stop.wait(0.25):
-        if _engine_status(endpoint)["aborted"] > aborted:
+        if zmq_status(endpoint)["aborted"] > aborted:
             found.append(time.perf_counter())
             return
 
@@ -191,19 +177,19 @@ def _flooded(srv, args, endpoint: str, seed: int) -> tuple[list, dict, dict, flo
     """The workload while a flooder process runs: results, the flooder's report, the engine's
     status during the flood, when the flooder was found gone (perf_counter; inf: never)."""
     out = os.path.join(tempfile.gettempdir(), f"flood-{os.getpid()}.json")
-    before = _engine_status(endpoint)
+    before = zmq_status(endpoint)
     peer = subprocess.Popen([sys.executable, "-m", "bench.chaos.flood", endpoint, "--out", out])
     stop, found = threading.Event(), []
     watcher = threading.Thread(target=_watch_gone, args=(endpoint, before["aborted"], stop, found))
     try:
         watcher.start()
         deadline = time.monotonic() + args.timeout
-        while _engine_status(endpoint)["overloaded"] == before["overloaded"]:  # under way
+        while zmq_status(endpoint)["overloaded"] == before["overloaded"]:  # under way
             assert time.monotonic() < deadline, "no flood arrived"
             assert peer.poll() is None, f"the flooder exited with {peer.returncode}"
             time.sleep(0.2)
         results = _load(srv, args, seed)
-        during = _engine_status(endpoint)
+        during = zmq_status(endpoint)
     finally:
         stop.set()
         watcher.join()
