@@ -243,6 +243,12 @@ def wait_engine_idle(url: str, timeout: float = 60.0) -> dict[str, float]:
                          f"{last.get('minivllm:kv_cache_usage_perc')}")
 
 
+def engine_holds(m: dict[str, float], engine: int) -> float:
+    """The requests data-parallel engine `engine` holds (running or waiting), from metrics()."""
+    return sum(m.get(f"minivllm:num_requests_{q}{{engine={engine}}}", 0)
+               for q in ("running", "waiting"))
+
+
 def wait_engine_holds(url: str, n: int, timeout: float = 120.0) -> None:
     """Poll /metrics until the engine holds `n` requests or more (running or waiting): they
     are in flight, not on their way."""

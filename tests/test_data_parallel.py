@@ -10,8 +10,8 @@ import signal
 import httpx
 import pytest
 
-from bench.server_proc import (ServeProcess, free_port, leftovers, metrics, wait_engine_holds,
-                               wait_engine_idle, wait_healthy, zmq_status)
+from bench.server_proc import (ServeProcess, engine_holds, free_port, leftovers, metrics,
+                               wait_engine_holds, wait_engine_idle, wait_healthy, zmq_status)
 from minivllm.distributed.data_parallel import cores_of, zmq_endpoint
 
 TIMEOUT = 180.0  # per request: past it, a request is hung
@@ -57,11 +57,6 @@ async def _many(url: str, n: int, max_tokens: int) -> list[str]:
         return list(await asyncio.gather(*(_stream(client, max_tokens) for _ in range(n))))
 
 
-def _held(m: dict, engine: int) -> float:
-    return sum(m.get(f"minivllm:num_requests_{q}{{engine={engine}}}", 0)
-               for q in ("running", "waiting"))
-
-
 def test_two_engines_share_the_load_and_one_dies_alone():
     port = free_port()
     srv = ServeProcess(["--data-parallel-size", "2", "--dtype", "float32", "--num-blocks", "512",
@@ -82,7 +77,7 @@ def test_two_engines_share_the_load_and_one_dies_alone():
         async def crash() -> tuple[list[str], float]:
             in_flight = asyncio.ensure_future(_many(srv.url, 12, 300))
             await asyncio.to_thread(wait_engine_holds, srv.url, 12)
-            on_killed = _held(metrics(srv.url), 1)
+            on_killed = engine_holds(metrics(srv.url), 1)
             os.kill(engines[1], signal.SIGKILL)
             return await in_flight, on_killed
         outcomes, on_killed = asyncio.run(crash())

@@ -17,7 +17,7 @@ import signal
 
 import httpx
 
-from bench.server_proc import ServeProcess, leftovers, metrics, wait_healthy
+from bench.server_proc import ServeProcess, engine_holds, leftovers, metrics, wait_healthy
 
 
 def kill_dp_engine(srv: ServeProcess, args) -> dict:
@@ -33,8 +33,7 @@ def kill_dp_engine(srv: ServeProcess, args) -> dict:
             rank = rng.randrange(2)
             victim = srv.engine_pids()[rank]
             m = await asyncio.to_thread(metrics, srv.url)
-            held.append(sum(m.get(f"minivllm:num_requests_{q}{{engine={rank}}}", 0)
-                            for q in ("running", "waiting")))
+            held.append(engine_holds(m, rank))
             os.kill(victim, signal.SIGKILL)
             kills.append(victim)
             for _ in range(20):  # the other engine serves on: /health stays 200
