@@ -260,6 +260,9 @@ def test_engine_killed_mid_generation_fails_requests_fast_then_recovers(offline)
             long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
             tasks = [client.submit(p, long) for p in PROMPTS]
             await asyncio.sleep(0.5)
+            # The reader falls behind (the loop blocked): the engine dies with records unread in
+            # its output ring. A reader that kept polling them spun without yielding.
+            time.sleep(1.0)
             old_pid = sup.engine_pid
             os.kill(old_pid, signal.SIGKILL)
             results = await asyncio.gather(*tasks, return_exceptions=True)

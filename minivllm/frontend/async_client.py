@@ -214,9 +214,12 @@ class AsyncEngineClient:
         spin_s = self.channel.config.spin_us * 1e-6
         next_check = time.monotonic() + ENGINE_CHECK_S
         while self.state != "closed":
-            if self.state == "ready" and self._drain():
+            if self.state == "dead":  # the rings hold the dead engine's records until
+                await asyncio.sleep(ENGINE_CHECK_S)  # re-attachment empties them
+                continue
+            if self._drain():
                 await asyncio.sleep(0)  # let the consumers run, then read on
-            elif self.state == "ready" and ring.spin(spin_s):
+            elif ring.spin(spin_s):
                 pass
             elif ring.prepare_sleep():
                 try:
@@ -230,7 +233,7 @@ class AsyncEngineClient:
                 ring.awake()
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + ENGINE_CHECK_S
-                if self.state == "ready" and not pid_alive(self.engine_pid):
+                if not pid_alive(self.engine_pid):
                     self._engine_died()
 
     def _drain(self) -> bool:
