@@ -325,11 +325,21 @@ def zmq_status(endpoint: str, timeout_s: float = 60.0) -> dict:
         ctx.term()
 
 
+def _exiting(pid: int) -> bool:
+    """Whether `pid` runs or still exits: a killed process's main thread shows as a zombie
+    while its other threads still exit, and they hold its files (listening sockets) open."""
+    try:
+        return shm.pid_alive(pid) or len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
+
+
 def leftovers(pids: Sequence[int], settle: float = 10.0) -> dict[str, list]:
     """What the given processes left once stopped: any still running, their /dev/shm segments
-    and their ZeroMQ socket files. Processes get `settle` seconds to finish exiting."""
+    and their ZeroMQ socket files. Processes get `settle` seconds to finish exiting (every
+    thread: then their sockets are closed)."""
     deadline = time.monotonic() + settle
-    while any(shm.pid_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(_exiting(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return {"processes": [p for p in pids if shm.pid_alive(p)], "shm": segments(pids),
+    return {"processes": [p for p in pids if _exiting(p)], "shm": segments(pids),
             "sockets": segments(pids, shm.SOCKET_DIR)}
