@@ -11,7 +11,8 @@
 # transformers), ragged-ab (the ragged 256 run, async scheduling on and off, ours alone),
 # batching (the serving batching table: a capacity probe, then bench.batching_table at 60%),
 # long-qwen / long-llama (bench.long_context: long-context decode and prefill against the
-# roofline; SWEEP=1 times the attention kernels' knobs too).
+# roofline; SWEEP=1 times the attention kernels' knobs too), decode-knobs (the decode
+# kernel's knobs at batch-1 long contexts), structured (bench.structured_outputs, issue 24).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -123,6 +124,15 @@ for stage in "$@"; do
       TAILN=40 run long-llama 420 python3 -m bench.long_context --model llama-3-8b \
         --shapes 1x7900 16x4000 --prefill 8000 ${SWEEP:+--sweep} \
         --json "$RES/long_context_llama-3-8b.json" ;;
+    decode-knobs)  # issue 21: the decode kernel's knobs at the batch-1 long-context shapes
+      TAILN=3 run knobs-qwen 300 python3 -m bench.long_context --model qwen2.5-0.5b \
+        --shapes 1x30000 --steps 8 --sweep --json "$RES/decode_knobs_qwen2.5-0.5b.json"
+      TAILN=3 run knobs-llama 300 python3 -m bench.long_context --model llama-3-8b \
+        --shapes 1x7900 --steps 8 --sweep --json "$RES/decode_knobs_llama-3-8b.json" ;;
+    structured)  # issue 24's H200 target
+      TAILN=12 run structured 300 python3 -m bench.structured_outputs --model qwen2.5-0.5b \
+        --load-format dummy --dtype bfloat16 --outputs 0 --batch 64 --tokens 256 \
+        --json "$RES/structured_outputs_h200.json" ;;
     decode)
       run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
         --json "$RES/decode_llama-3-8b_bs1.json"

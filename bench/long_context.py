@@ -215,15 +215,26 @@ def main() -> None:
                                    fraction_of_bandwidth=per_layer_kv / kernel / bw,
                                    splits=backend.decode_splits(batch, arch.num_key_value_heads)))
         if args.sweep:
-            for knobs in itertools.product((64, 128, 256), (4, 8), (128, 512), (64, 128)):
+            best = None
+            for knobs in itertools.product(((64, 512, 8), (128, 128, 4), (128, 256, 8),
+                                            (256, 128, 4)),
+                                           (32, 64, 128), (2, 4, 8), (1, 3)):
                 trial = TritonAttentionBackend()
-                trial.MIN_SPLIT, trial.WAVES, trial.MAX_SPLITS, trial.DECODE_BLOCK_N = knobs
-                t = decode_kernel_s(trial, arch, batch, context, layers, caches, order,
-                                    block_size)
-                recs.append(records.record(
-                    f"{shape}: sweep MIN_SPLIT {knobs[0]} WAVES {knobs[1]} MAX_SPLITS "
-                    f"{knobs[2]} DECODE_BLOCK_N {knobs[3]}", t * 1e6, "us",
-                    fraction_of_bandwidth=per_layer_kv / t / bw))
+                (trial.MIN_SPLIT, trial.MAX_SPLITS, trial.WAVES), trial.DECODE_BLOCK_N, \
+                    trial.DECODE_WARPS, trial.DECODE_STAGES = knobs
+                try:
+                    t = decode_kernel_s(trial, arch, batch, context, layers, caches, order,
+                                        block_size)
+                except Exception as exc:  # out of shared memory or registers: say so, go on
+                    print(f"decode knobs {knobs}: {type(exc).__name__}: {exc}")
+                    continue
+                label = (f"MIN_SPLIT {knobs[0][0]} MAX_SPLITS {knobs[0][1]} WAVES {knobs[0][2]} "
+                         f"DECODE_BLOCK_N {knobs[1]} warps {knobs[2]} stages {knobs[3]}")
+                recs.append(records.record(f"{shape}: sweep {label}", t * 1e6, "us",
+                                           fraction_of_bandwidth=per_layer_kv / t / bw))
+                best = min(best or (t, label), (t, label))
+            print(f"{shape}: fastest decode knobs {best[1]}: {best[0] * 1e6:.2f} us "
+                  f"({per_layer_kv / best[0] / bw:.0%} of the bandwidth)", flush=True)
         del caches
         torch.cuda.empty_cache()
     if args.prefill:

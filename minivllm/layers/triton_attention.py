@@ -234,8 +234,11 @@ class TritonAttentionBackend(AttentionBackend):
     PREFILL_TILES = {64: (64, 64, 4, 2), 128: (128, 128, 8, 3)}
     # Split-KV decode: a context is cut into runs of at least MIN_SPLIT tokens, at most
     # MAX_SPLITS of them, so that batch x KV heads x splits programs fill the GPU (WAVES per
-    # SM); a short context stays one run and pays no second pass. Tiles of DECODE_BLOCK_N keys.
+    # SM); a short context stays one run and pays no second pass. Tiles of DECODE_BLOCK_N keys,
+    # DECODE_WARPS warps a program, DECODE_STAGES software-pipeline stages for the tile loads.
     DECODE_BLOCK_N = 64
+    DECODE_WARPS = 4
+    DECODE_STAGES = 3
     MIN_SPLIT = 128
     MAX_SPLITS = 128
     WAVES = 4
@@ -290,7 +293,7 @@ class TritonAttentionBackend(AttentionBackend):
                 BLOCK_G=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
                 HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=self.DECODE_BLOCK_N,
                 SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT, PRECISION=precision, DOT=dot,
-                num_warps=4)
+                num_warps=self.DECODE_WARPS, num_stages=self.DECODE_STAGES)
             if splits > 1:
                 _combine_kernel[(num_seqs, heads)](
                     out, part_out, part_lse, meta.seq_lens, meta.query_start_loc,
