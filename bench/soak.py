@@ -2,6 +2,7 @@
 
     python -m bench.soak --duration 600 --rate 2 --json bench/results/soak_cpu.json \
         --plot bench/results/soak_cpu.png
+    python -m bench.soak --replot bench/results/soak_cpu.json   # redraw the PNG, run nothing
 
 Open-loop Poisson load (streaming clients, a few of which hang up mid-stream, so aborts are
 soaked too) against `minivllm serve --api-servers 2`, sampling every `--every` s each server
@@ -21,8 +22,9 @@ import shlex
 import sys
 import threading
 import time
+from typing import Optional
 
-from bench import records
+from bench import plots, records
 from bench.chaos.run import body, client, stream
 from bench.server_proc import ServeProcess, leftovers, metrics, segments, wait_engine_idle
 
@@ -79,32 +81,60 @@ async def load(url: str, duration: float, rate: float, timeout: float,
     return outcomes
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(doc: dict, source: Optional[str], path: str) -> None:
+    """RSS, open fds, KV usage and running requests against time; a series that never moves
+    (the shm segments, as a rule) is named in the title with its value instead of drawn."""
+    rows = doc["samples"]
+    plt = plots.pyplot()
     t = [r["t"] / 60 for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    shm = plots.constant(r["shm_segments"] for r in rows)
+    fig, axes = plt.subplots(1, 3 if shm is not None else 4, figsize=(17, 5.2))
+    growth = doc.get("rss_growth", {})
     for name in rows[-1]["rss_mb"]:
-        axes[0].plot(t, [r["rss_mb"].get(name) for r in rows], label=name)
-        axes[1].plot(t, [r["fds"].get(name) for r in rows], label=name)
-    axes[2].plot(t, [r["shm_segments"] for r in rows])
-    axes[3].plot(t, [r["kv_usage"] for r in rows], label="KV usage")
-    axes[3].plot(t, [None if r["running"] is None else r["running"] / 100 for r in rows],
-                 label="running / 100")
-    for ax, name in zip(axes, ("RSS (MiB)", "open fds", "/dev/shm segments",
-                               "engine KV usage, running requests")):
-        ax.set_title(name)
-        ax.set_xlabel("minutes")
+        for ax, key, unit in ((axes[0], "rss_mb", " MiB"), (axes[1], "fds", "")):
+            ys = [r[key].get(name) for r in rows]
+            flat = plots.constant(ys)
+            label = name + (f", {flat:,.0f}{unit} throughout" if flat is not None else "")
+            if key == "rss_mb" and flat is None and name in growth:
+                label += f", {growth[name]:+.1%} first to last quarter"
+            ax.plot(t, ys, label=label)
+    axes[0].set_ylabel("resident memory (MiB)")
+    axes[0].set_title("RSS per process")
+    axes[1].set_ylabel("open file descriptors")
+    axes[1].set_title("open fds per process")
+    kv, run = axes[2], axes[2].twinx()
+    kv.plot(t, [None if r["kv_usage"] is None else 100 * r["kv_usage"] for r in rows],
+            color="tab:blue", label="KV cache used (%, left)")
+    run.plot(t, [r["running"] for r in rows], color="tab:orange", alpha=0.7,
+             label="running requests (right)")
+    kv.set_ylabel("KV cache blocks in use (%)")
+    run.set_ylabel("running requests")
+    seqs = shlex.split(doc["serve"])
+    cap = int(seqs[seqs.index("--max-num-seqs") + 1]) if "--max-num-seqs" in seqs else None
+    run.set_ylim(0, cap or None)
+    kv.set_title("engine load" + (f" (running cap: --max-num-seqs {cap})" if cap else ""))
+    if shm is None:
+        axes[3].plot(t, [r["shm_segments"] for r in rows])
+        axes[3].set_ylabel("/dev/shm segments")
+        axes[3].set_title("transport shared-memory segments")
+    for ax in axes:
+        ax.set_xlabel("time since start (min)")
+        ax.set_ylim(bottom=0)  # zero-based: a flat line reads flat
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for ax in (*axes[:2], kv):
+        handles, labels = ax.get_legend_handles_labels()
+        if ax is kv:
+            handles += run.get_legend_handles_labels()[0]
+            labels += run.get_legend_handles_labels()[1]
+        ax.legend(handles, labels, fontsize=8, ncol=2, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.16))
+    said = {"left": "hung up by their client mid-stream (on purpose)"}
+    outcomes = ", ".join(f"{v} {said.get(k, k)}" for k, v in doc.get("outcomes", {}).items())
+    what = (f"soak: {doc['duration_s'] / 60:g} min at {doc['rate']:g} req/s Poisson "
+            f"({outcomes}); minivllm serve {doc['serve']}")
+    if shm is not None:
+        what += f"\n/dev/shm segments: {shm} in every one of the {len(rows)} samples (not drawn)"
+    plots.save(fig, path, plots.caption(source, doc, what, model_from=doc["serve"]))
 
 
 def main() -> int:
@@ -117,8 +147,14 @@ def main() -> int:
     ap.add_argument("--max-growth", type=float, default=0.10, help="RSS, first to last quarter")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--plot", default=None)
+    ap.add_argument("--plot", default=None, help="PNG (default with --replot: the JSON's name)")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="run nothing: redraw --plot from this committed soak JSON")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), args.replot, args.plot or args.replot[:-len(".json")] + ".png")
+        return 0
     srv = ServeProcess(shlex.split(args.serve_common))
     rows: list[dict] = []
     try:
@@ -168,17 +204,15 @@ def main() -> int:
           f"fds (least, end) {fds}; shm segments {sorted({r['shm_segments'] for r in rows})}")
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    doc = {"serve": args.serve_common, "duration_s": args.duration, "rate": args.rate,
+           "outcomes": outcomes, "rss_growth": growth, "fds": fds, "checks": checks,
+           "hung_sent_at_s": hung_at, "server_stderr_tail": "".join(srv.stderr)[-5000:],
+           "samples": rows, "server_exit": code, "left_behind": left, **records.context()}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"serve": args.serve_common, "duration_s": args.duration,
-                       "rate": args.rate, "outcomes": outcomes, "rss_growth": growth,
-                       "fds": fds, "checks": checks, "hung_sent_at_s": hung_at,
-                       "server_stderr_tail": "".join(srv.stderr)[-5000:],
-                       "samples": rows, "server_exit": code,
-                       "left_behind": left, **records.context()}, f, indent=1)
+            json.dump(doc, f, indent=1)
     if args.plot:
-        plot(rows, args.plot, f"soak: {args.duration / 60:g} min at {args.rate:g} req/s, "
-                              f"minivllm serve {args.serve_common}")
+        plot(doc, args.json, args.plot)
     return 0 if all(checks.values()) else 1
 
 
