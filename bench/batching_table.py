@@ -11,18 +11,23 @@ against ~5 req/s), e.g. from `python -m bench.serve_load --serve-args "..." --nu
 Every row serves the same requests (same prompts, output lengths and Poisson arrival times)
 through `minivllm serve` started with that row's scheduler flags, measured by bench.serve_load
 (streaming clients, latencies from each request's arrival). Writes
-bench/results/batching_<tag>.{json,md,png}.
+bench/results/batching_<tag>.{json,md,png}. Redraw a committed PNG from its JSON, running nothing:
+
+    python -m bench.batching_table --replot bench/results/batching_cpu.json
+    python -m bench.batching_table --replot bench/results/batching_h100.json
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import random
 import shlex
 import sys
+from typing import Optional
 
-from bench import records
+from bench import plots, records
 from bench.serve_load import build_workload, length_sampler, print_summary, run_load, \
     served_model
 from bench.server_proc import ServeProcess, leftovers, wait_engine_idle
@@ -93,35 +98,50 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(doc: dict, source: Optional[str], path: str) -> None:
+    """One row per scheme, three panels: throughput, TTFT and inter-token latency."""
     import numpy as np
 
-    labels = [r["label"].replace(", ", ",\n").replace(" + ", "\n+ ") for r in rows]
-    x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    for off, key, name, color in ((-0.2, "saturated", "max (all sent at once)", "tab:green"),
-                                  (0.2, "summary", "at the Poisson rate", "tab:olive")):
-        axes[0].bar(x + off, [r[key]["output_token_throughput"] for r in rows], 0.4,
-                    label=name, color=color)
-    axes[0].set_title("throughput (output tok/s)")
-    axes[0].legend()
-    for ax, metric in ((axes[1], "ttft_ms"), (axes[2], "itl_ms")):
-        for off, q, color in ((-0.2, "p50", "tab:blue"), (0.2, "p99", "tab:red")):
-            ax.bar(x + off, [r["summary"][metric][q] for r in rows], 0.4, label=q, color=color)
-        ax.set_yscale("log")
-        ax.set_title(metric[:-3].upper() + " (ms, log)")
-        ax.legend()
-    for ax in axes:
-        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plt = plots.pyplot()
+    rows = doc["rows"]
+    y = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 1.8 + 0.62 * len(rows)), sharey=True)
+    panels = (
+        (axes[0], "throughput (output tokens/s, linear)",
+         (("saturated", "output_token_throughput", f"max: all {doc['num_requests']} sent at once",
+           "tab:green"),
+          ("summary", "output_token_throughput", f"at {doc['rate']:g} req/s Poisson arrivals",
+           "tab:olive"))),
+        (axes[1], "time to first token (ms, log scale)",
+         (("summary", ("ttft_ms", "p50"), "p50", "tab:blue"),
+          ("summary", ("ttft_ms", "p99"), "p99", "tab:red"))),
+        (axes[2], "inter-token latency (ms, log scale)",
+         (("summary", ("itl_ms", "p50"), "p50", "tab:blue"),
+          ("summary", ("itl_ms", "p99"), "p99", "tab:red"))))
+    for ax, xlabel, bars in panels:
+        shown: list[float] = []
+        for off, (part, key, name, color) in zip((-0.2, 0.2), bars):
+            vals = [r[part][key] if isinstance(key, str) else r[part][key[0]][key[1]]
+                    for r in rows]
+            drawn = ax.barh(y + off, vals, 0.4, label=name, color=color)
+            ax.bar_label(drawn, labels=[plots.number(v) for v in vals], fontsize=7, padding=2)
+            shown += vals
+        if ax is axes[0]:
+            ax.set_xlim(0, max(shown) * 1.15)  # room for the value labels
+        else:
+            ax.set_xscale("log")
+            ax.set_xlim(plots.decade_floor(shown), max(shown) * 2.0)
+        plots.plain_numbers(ax.xaxis)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+        plots.legend_below(ax, offset=-0.1)
+    axes[0].set_yticks(y, [r["label"] for r in rows], fontsize=9)
+    axes[0].invert_yaxis()
+    what = (f"batching schemes, one workload of {doc['num_requests']} requests: max throughput "
+            f"with all sent at once; latencies at {doc['rate']:g} req/s Poisson arrivals, "
+            f"from each arrival\nevery server: minivllm serve {doc['serve_common']} + the "
+            f"row's flags (bench/results/{os.path.basename(path)[:-4]}.md)")
+    plots.save(fig, path, plots.caption(source, doc, what, model_from=doc["serve_common"]))
 
 
 def main() -> int:
@@ -136,7 +156,13 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=16, help="batch size of the batched rows")
     ap.add_argument("--rows", default=None, help="comma list of row numbers (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="run nothing: redraw the PNG beside this committed batching JSON")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), args.replot, args.replot[:-len(".json")] + ".png")
+        return 0
     args.prompt_spec, args.output_spec = args.prompt_len, args.output_len
     args.prompt_len, args.output_len = map(length_sampler, (args.prompt_len, args.output_len))
     # build_workload's remaining knobs: synthetic token-id prompts on /v1/completions.
@@ -169,10 +195,10 @@ def main() -> int:
                     "summary": summary, "saturated": saturated, "server_exit": code,
                     "leftovers": left})
     base = f"bench/results/batching_{args.tag}"
+    doc = {"serve_common": args.serve_common, "num_requests": args.num_requests,
+           "rate": args.rate, "seed": args.seed, "rows": out, **records.context()}
     with open(base + ".json", "w") as f:
-        json.dump({"serve_common": args.serve_common, "num_requests": args.num_requests,
-                   "rate": args.rate, "seed": args.seed, "rows": out, **records.context()},
-                  f, indent=1)
+        json.dump(doc, f, indent=1)
     table = markdown(out)
     with open(base + ".md", "w") as f:
         f.write(f"# Batching schemes, one workload ({args.tag})\n\n"
@@ -183,8 +209,7 @@ def main() -> int:
                 f"Poisson arrivals of {args.rate:g}/s, counted from each request's arrival.\n\n"
                 + table)
     print("\n" + table)
-    plot(out, base + ".png", f"batching schemes ({args.tag}): {args.num_requests} requests; "
-                             f"latencies at {args.rate:g}/s; {args.serve_common}")
+    plot(doc, base + ".json", base + ".png")
     return 0
 
 

@@ -81,15 +81,41 @@ def caption(path: Optional[str], doc: dict, what: str, model_from: Optional[str]
     return what + "\n" + " | ".join(parts)
 
 
-def plain_numbers(axis) -> None:
-    """Tick labels as 1,000 and 20 on a log axis too, not 10^3 and 2x10^1."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
+def number(v: float) -> str:
+    """A measured value as a label: 20,708 / 245 / 14 / 1.17."""
+    return f"{v:,.0f}" if abs(v) >= 10 else f"{v:.3g}"
 
-    fmt = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
-    axis.set_major_formatter(fmt)
+
+def plain_numbers(axis) -> None:
+    """Tick labels as 1,000 and 20 on a log axis too, not 10^3 and 2x10^1. Call it once the
+    data is drawn: a log axis over more than two decades gets its powers of ten only."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
     if axis.get_scale() == "log":
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        low, high = axis.get_view_interval()
+        subs = (1.0,) if high / max(low, 1e-12) > 150 else (1.0, 2.0, 5.0)
+        axis.set_major_locator(LogLocator(base=10, subs=subs))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def decade_floor(values: Iterable[float]) -> float:
+    """Where a log axis of bars should start: the power of ten below the least value (half
+    of it when that value sits on the power), so every bar has a visible length from a round
+    base."""
+    import math
+
+    least = min(values)
+    base = 10 ** math.floor(math.log10(least))
+    return base / 2 if least / base < 1.5 else base
+
+
+def legend_below(ax, handles=None, labels=None, offset: float = -0.16) -> None:
+    """The legend under the axes, where it covers no data."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, fontsize=8, ncol=2, loc="upper center",
+              bbox_to_anchor=(0.5, offset))
 
 
 def constant(values: Iterable) -> Optional[float]:

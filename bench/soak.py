@@ -126,8 +126,7 @@ def plot(doc: dict, source: Optional[str], path: str) -> None:
         if ax is kv:
             handles += run.get_legend_handles_labels()[0]
             labels += run.get_legend_handles_labels()[1]
-        ax.legend(handles, labels, fontsize=8, ncol=2, loc="upper center",
-                  bbox_to_anchor=(0.5, -0.16))
+        plots.legend_below(ax, handles, labels)
     said = {"left": "hung up by their client mid-stream (on purpose)"}
     outcomes = ", ".join(f"{v} {said.get(k, k)}" for k, v in doc.get("outcomes", {}).items())
     what = (f"soak: {doc['duration_s'] / 60:g} min at {doc['rate']:g} req/s Poisson "
