@@ -141,7 +141,8 @@ def plot(doc: dict, source: Optional[str], path: str) -> None:
             f"with all sent at once; latencies at {doc['rate']:g} req/s Poisson arrivals, "
             f"from each arrival\nevery server: minivllm serve {doc['serve_common']} + the "
             f"row's flags (bench/results/{os.path.basename(path)[:-4]}.md)")
-    plots.save(fig, path, plots.caption(source, doc, what, model_from=doc["serve_common"]))
+    plots.save(fig, path,
+               plots.caption(source, doc, what, subject=plots.model(doc["serve_common"])))
 
 
 def main() -> int:

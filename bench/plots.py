@@ -51,33 +51,41 @@ def result_date(path: Optional[str], doc: Optional[dict] = None) -> str:
 
 def machine(m: dict) -> str:
     """The GPU when there was one (its host in brackets), else the CPU model and its cores."""
-    host = f"{m.get('cpu', 'CPU')}, {m['cores']} cores" if m.get("cores") else m.get("cpu", "CPU")
+    cpu = " ".join(m.get("cpu", "CPU").replace("(R)", "").replace("(TM)", "").split())
+    host = f"{cpu}, {m['cores']} cores" if m.get("cores") else cpu
     return f"{m['gpu']} (host: {host})" if m.get("gpu") else host
+
+
+def dummy(command: str) -> bool:
+    """Whether a serve flag string or a bench command line loads dummy weights."""
+    words = shlex.split(command)
+    return "--load-format=dummy" in words or any(
+        w == "--load-format" and words[i + 1:i + 2] == ["dummy"] for i, w in enumerate(words))
+
+
+DUMMY = "dummy weights: random, real shapes"
 
 
 def model(command: str) -> str:
     """The model a serve flag string or a bench command line names, and whose weights."""
     words = shlex.split(command)
-    name = None
-    for i, w in enumerate(words):
-        if w == "--model" and i + 1 < len(words):
-            name = words[i + 1]
-    if name is None and words and not words[0].startswith("-") and not words[0].endswith(".py") \
-            and "python" not in words[0]:
+    name = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--model"), None)
+    if name is None and words and not words[0].startswith("-") and "python" not in words[0]:
         name = words[0]  # `minivllm serve MODEL ...`: the serve flags start with it
-    dummy = any(w == "--load-format" and i + 1 < len(words) and words[i + 1] == "dummy"
-                for i, w in enumerate(words)) or "--load-format=dummy" in words
     if name is None:
         return EMBEDDED
-    return f"{name} (dummy weights: random, real shapes)" if dummy else name
+    return f"{name} ({DUMMY})" if dummy(command) else name
 
 
-def caption(path: Optional[str], doc: dict, what: str, model_from: Optional[str] = None) -> str:
-    """Two lines: what was measured; model and weights, machine, date, source file."""
-    parts = [model(model_from if model_from is not None else doc.get("command", "")),
-             machine(doc.get("machine", {})), f"measured {result_date(path, doc)}"]
-    if path is not None:
-        parts.append(os.path.basename(path))
+def caption(sources, doc: dict, what: str, subject: Optional[str] = None) -> str:
+    """Two lines: what was measured; then the model and its weights (`subject`, by default
+    what the doc's command names), the machine, the date and the result file(s) drawn from
+    (`sources`: a path, several, or None when the run draws before writing any)."""
+    paths = [sources] if isinstance(sources, str) or sources is None else list(sources)
+    parts = [subject if subject is not None else model(doc.get("command", "")),
+             machine(doc.get("machine", {})),
+             "measured " + ", ".join(sorted({result_date(p, doc) for p in paths}))]
+    parts += [os.path.basename(p) for p in paths if p is not None]
     return what + "\n" + " | ".join(parts)
 
 
@@ -124,8 +132,25 @@ def constant(values: Iterable) -> Optional[float]:
     return seen.pop() if len(seen) == 1 else None
 
 
+def _wrap(line: str, width: int) -> list[str]:
+    """Lines of at most `width` characters, broken between " | " fields where it can."""
+    import textwrap
+
+    out: list[str] = []
+    for part in line.split(" | "):
+        if out and len(out[-1]) + 3 + len(part) <= width:
+            out[-1] += " | " + part
+        else:
+            out += textwrap.wrap(part, width, break_on_hyphens=False)
+    return out
+
+
 def save(fig, path: str, title: str, dpi: int = 110) -> None:
-    fig.suptitle(title, fontsize=10)
+    """Title the figure, wrapping each line to the figure's width (about 12 characters an
+    inch at 10 pt), and write it."""
+    width = int(fig.get_figwidth() * 12)
+    fig.suptitle("\n".join(w for line in title.split("\n") for w in _wrap(line, width)),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)

@@ -133,7 +133,8 @@ def plot(doc: dict, source: Optional[str], path: str) -> None:
             f"({outcomes}); minivllm serve {doc['serve']}")
     if shm is not None:
         what += f"\n/dev/shm segments: {shm} in every one of the {len(rows)} samples (not drawn)"
-    plots.save(fig, path, plots.caption(source, doc, what, model_from=doc["serve"]))
+    plots.save(fig, path,
+               plots.caption(source, doc, what, subject=plots.model(doc["serve"])))
 
 
 def main() -> int:
