@@ -19,7 +19,8 @@ Every request streams (SSE) and every chunk is timestamped on arrival: TTFT (sen
 token), ITL (gap between token chunks, pooled), TPOT ((E2E - TTFT) / (tokens - 1), per
 request) and E2E, p50/p90/p99; request and token throughput; goodput (requests/s that met
 `--slo-ttft-ms` and `--slo-tpot-ms`); counts of ok / 429 / 5xx / other errors / timeouts.
-`--rate a,b,c` sweeps rates; `--plot` draws latency percentiles against rate.
+`--rate a,b,c` sweeps rates; `--plot` draws latency percentiles against rate, and
+`--replot out.json --plot out.png` redraws it from the JSON without sending anything.
 
 Prompts: `--prompt-len` and `--output-len` take `N`, `fixed:N` or `uniform:A:B` (tokens);
 completions prompts are token ids (exact lengths on any server), chat prompts are words (about
@@ -388,28 +389,34 @@ def print_summary(s: dict) -> None:
         print(f"   ! {err}")
 
 
-def plot(runs: list[dict], path: str, title: str) -> None:
-    """Latency percentiles against offered request rate (achieved rate for static batches)."""
-    import matplotlib
+def plot(doc: dict, source: Optional[str], path: str) -> None:
+    """Latency percentiles against offered request rate (achieved rate for a run that sent
+    everything at once), one panel per latency, from a --json document."""
+    from bench import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    runs = doc["runs"]
+    plt = plots.pyplot()
     xs = [r["rate"] if r["rate"] is not None else r["request_throughput"] for r in runs]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for ax, name in zip(axes, ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms")):
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.8))
+    names = {"ttft_ms": "time to first token", "itl_ms": "inter-token latency",
+             "tpot_ms": "time per output token", "e2e_ms": "end-to-end latency"}
+    for ax, (name, title) in zip(axes, names.items()):
         for q, style in zip(PERCENTILES, ("-o", "--s", ":^")):
             ys = [r[name][f"p{q}"] for r in runs]
             ax.plot(xs, [math.nan if y is None else y for y in ys], style, label=f"p{q}")
-        ax.set_title(name[:-3].upper())
-        ax.set_xlabel("offered rate (req/s)")
+        ax.set_title(title)
+        ax.set_xlabel("offered rate (req/s; achieved, for all at once)")
         ax.set_ylabel("ms")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)  # zero-based: a flat latency reads flat
+        plots.plain_numbers(ax.yaxis)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.legend(fontsize=8)
+    what = f"{doc['model']} via /v1/{doc['endpoint']}: {runs[0]['requests']} requests per rate"
+    if doc.get("serve_args"):
+        what += f" (minivllm serve {doc['serve_args']})"
+    subject = plots.model(doc["serve_args"]) if doc.get("serve_args") else doc["model"]
+    plots.save(fig, path, plots.caption(source, doc, what, subject=subject))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -420,6 +427,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     target.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     target.add_argument("--serve-args", help="start `minivllm serve --port 0 ARGS` for the run "
                                              "(stopped with SIGTERM afterwards)")
+    target.add_argument("--replot", metavar="JSON",
+                        help="send nothing: redraw --plot (default: the JSON's name, .png) "
+                             "from a --json file")
     ap.add_argument("--model", default=None, help="default: the first of /v1/models")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
@@ -467,6 +477,10 @@ async def _warmup(url: str, args, model: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), args.replot, args.plot or args.replot[:-len(".json")] + ".png")
+        return 0
     server = None
     if args.serve_args is not None:
         from bench.server_proc import ServeProcess
@@ -496,18 +510,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if server is not None:
             exit_code = server.stop()
             print(f"server stopped, exit status {exit_code}", file=sys.stderr)
-    if args.json:
-        from bench import records
+    from bench import records
 
-        doc = {"url": None if server else url, "serve_args": args.serve_args, "model": model,
-               "endpoint": args.endpoint, "slo_ttft_ms": args.slo_ttft_ms,
-               "slo_tpot_ms": args.slo_tpot_ms, "runs": runs, "server_exit": exit_code,
-               **records.context()}
+    doc = {"url": None if server else url, "serve_args": args.serve_args, "model": model,
+           "endpoint": args.endpoint, "slo_ttft_ms": args.slo_ttft_ms,
+           "slo_tpot_ms": args.slo_tpot_ms, "runs": runs, "server_exit": exit_code,
+           **records.context()}
+    if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     if args.plot:
-        plot(runs, args.plot, f"{model} via {args.endpoint}" +
-             (f" (minivllm serve {args.serve_args})" if args.serve_args else ""))
+        plot(doc, args.json, args.plot)
     return 1 if server is not None and exit_code != 0 else 0
 
 
