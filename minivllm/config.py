@@ -333,6 +333,9 @@ class ZmqEndpointConfig:
     unfinished requests of one connection and of all of them; past either a submit gets
     MV_ERR_OVERLOADED, as HTTP answers 429. `send_queue` records may wait for a peer that does
     not read (ZMQ_SNDHWM); past that the peer counts as gone and its requests are aborted.
+    A peer refused `max_refusals` times in a row for its own limit (none of its submits
+    admitted between) ignores the refusals: it is cut off, its requests are aborted, and what
+    it sends later is refused until it reconnects.
     With `curve_secret_key` (a ZeroMQ certificate file with the server's key pair) and
     `curve_clients` (a directory of the allowed clients' public certificates) the endpoint
     takes only CURVE-encrypted connections from those clients.
@@ -342,6 +345,7 @@ class ZmqEndpointConfig:
     max_in_flight_per_peer: int = 16
     max_in_flight: int = 64
     send_queue: int = 10000
+    max_refusals: int = 1024
     curve_secret_key: Optional[str] = None
     curve_clients: Optional[str] = None
 
@@ -353,7 +357,7 @@ class ZmqEndpointConfig:
             if not 4096 <= self.max_message_bytes <= MAX_RECORD_BYTES:
                 raise ValueError(f"max_message_bytes must be in [4096, {MAX_RECORD_BYTES}] "
                                  f"(the protocol's record limit), got {self.max_message_bytes}")
-        for name in ("max_in_flight_per_peer", "max_in_flight", "send_queue"):
+        for name in ("max_in_flight_per_peer", "max_in_flight", "send_queue", "max_refusals"):
             _positive(name, getattr(self, name))
         if (self.curve_secret_key is None) != (self.curve_clients is None):
             raise ValueError("curve_secret_key and curve_clients go together: the server's "

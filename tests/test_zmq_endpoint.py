@@ -2,8 +2,9 @@
 on TCP, with small in-flight bounds: frames past the size limit disconnect their peer, submits
 past the bounds get OVERLOADED naming them (and those a gone peer left queued too), a flood is
 read at a bounded pace, malformed frames are answered before the second next step, status
-records report health, limits and draining, only allowed CURVE keys get in (from Python and
-from the C client), and the socket directory is checked like OpenSSH's."""
+records report health, limits and draining, a peer that ignores its refusals is cut off, only
+allowed CURVE keys get in (from Python and from the C client), and the socket directory is
+checked like OpenSSH's."""
 from __future__ import annotations
 
 import os
@@ -193,6 +194,27 @@ def test_unread_submits_past_the_bound_are_refused_not_queued(door, keys, ctx):
     assert now["free_blocks"] == now["num_blocks"]
 
 
+def test_a_peer_that_ignores_its_refusals_is_cut_off(door, keys, ctx):
+    """A peer that keeps submitting past its limit (max_refusals refusals in a row) floods:
+    its admitted requests are aborted at once, not left to share every step until its send
+    queue fills; what it submits later is refused until it reconnects."""
+    limit = ZmqEndpointConfig().max_refusals
+    peer = dealer(ctx, door, keys)
+    sent = range(PER_PEER + limit)
+    for rid in sent:
+        peer.send(protocol.encode_submit(rid, PROMPT, LONG))
+    ended = until_finished(peer, sent)
+    assert [ended[rid] for rid in range(PER_PEER)] == [protocol.FINISH_ABORT] * PER_PEER
+    assert {ended[rid].code for rid in sent[PER_PEER:]} == {protocol.ERR_OVERLOADED}
+    peer.send(protocol.encode_submit(limit + 10, PROMPT, GREEDY))
+    refused = receive(peer)
+    assert isinstance(refused, protocol.ErrorRecord) and "cut off" in refused.message, refused
+    fresh = dealer(ctx, door, keys)
+    fresh.send(protocol.encode_submit(1, PROMPT, GREEDY))
+    assert until_finished(fresh, [1]) == {1: protocol.FINISH_LENGTH}
+    assert status(fresh)["zmq_in_flight"] == 0
+
+
 # A peer in a process of its own: sends `count` long submits (0: until killed) and reads
 # nothing; send blocks while the endpoint pushes back. Then it exits (its submits delivered).
 FLOODER = """
@@ -247,8 +269,19 @@ def test_a_flood_is_read_at_a_bounded_pace(door, keys, ctx):
         peer.wait()
     turns = elapsed / ZMQ_BACKLOG_INTERVAL_S + 2  # and one turn at each end of the window
     assert 0 < last["overloaded"] - first["overloaded"] <= ZMQ_READS_PER_INGEST * turns
-    while status(watcher)["zmq_in_flight"]:  # gone: its requests are aborted
-        time.sleep(0.05)
+    settle(watcher)
+
+
+def settle(watcher) -> None:
+    """Until the engine has read what a killed flooder left queued (nothing in flight, its
+    counters still for a second): the next test counts refusals."""
+    last, deadline = None, time.monotonic() + WAIT_MS / 1000
+    while (now := {k: v for k, v in status(watcher).items()
+                   if k in ("requests", "overloaded", "zmq_in_flight")}) != last \
+            or now["zmq_in_flight"]:
+        assert time.monotonic() < deadline, f"the engine was still reading the flood: {now}"
+        last = now
+        time.sleep(1.0)
 
 
 def test_submits_a_gone_peer_left_queued_are_refused_not_run(door, keys, ctx):

@@ -120,6 +120,7 @@ class RouterClient(Client):
         super().__init__(key, f"zmq:{identity.hex()}")
         self.identity, self.socket = identity, socket
         self.gone = self.stalled = False
+        self.refused = 0  # submits refused in a row for its own in-flight limit
 
     def _put(self, put, encode, *args) -> None:
         try:

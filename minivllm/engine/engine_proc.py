@@ -54,9 +54,18 @@ ZMQ_READS_PER_INGEST = 64
 # block on ZeroMQ's backpressure, costing no CPU.
 ZMQ_BACKLOG_INTERVAL_S = 0.02
 CONTROL_MAX_MESSAGE_BYTES = 1 << 20  # control messages are small JSON objects
-# Identities of peers found gone (disconnected, or their send queue left full), remembered so
-# that the submits they left queued are refused, not run for nobody.
+# Identities of peers found gone (disconnected, or their send queue left full) or cut off
+# (they ignored their refusals), remembered so that the submits they left queued are refused,
+# not run for nobody.
 GONE_MEMORY = 4096
+
+
+def _remember(identities: OrderedDict, identity: bytes) -> None:
+    """Add `identity` to a bounded memory of peers, forgetting the oldest past GONE_MEMORY."""
+    identities[identity] = None
+    identities.move_to_end(identity)
+    if len(identities) > GONE_MEMORY:
+        identities.popitem(last=False)
 
 
 def _readable(socket: zmq.Socket) -> bool:
@@ -97,6 +106,7 @@ class EngineProc:
         self.frontends: dict[str, FrontendClient] = {}
         self.peers: dict[bytes, RouterClient] = {}
         self.gone_peers: OrderedDict[bytes, None] = OrderedDict()
+        self.cut_off_peers: OrderedDict[bytes, None] = OrderedDict()
         self._next_key = 0
         self.owners = Owners()
         self.step_count = 0
@@ -210,7 +220,12 @@ class EngineProc:
                 client.send_error(protocol.ERR_OVERLOADED, refusal, rid)
                 if not client.gone:  # that answer went out: the peer reads again
                     self.gone_peers.pop(client.identity, None)
+                if len(client.requests) >= self.transport.zmq.max_in_flight_per_peer:
+                    client.refused += 1
+                    if client.refused >= self.transport.zmq.max_refusals:
+                        self._cut_off(client)
                 return
+            client.refused = 0
         owner = self.owners.add(client.key, rid)
         try:
             self.core.add_request(owner, rec.prompt_token_ids, rec.sampling_params(),
@@ -228,6 +243,11 @@ class EngineProc:
         """Why the endpoint takes no new request from `client` now, or None (the in-flight
         bounds: OVERLOADED, as HTTP's 429)."""
         limits = self.transport.zmq
+        if client.identity in self.cut_off_peers:
+            return (f"this connection was cut off: it sent {limits.max_refusals} submits in a "
+                    f"row past its limit of {limits.max_in_flight_per_peer} requests in flight, "
+                    f"so its requests were aborted; reconnect, and retry a refused submit only "
+                    f"once one of your requests has ended")
         if client.identity in self.gone_peers:
             return (f"this connection was found gone (disconnected, or {limits.send_queue} "
                     f"records left unread), so its requests were aborted: read what the engine "
@@ -239,6 +259,16 @@ class EngineProc:
             return (f"the endpoint's connections have {limits.max_in_flight} requests in "
                     f"flight, its limit: retry later")
         return None
+
+    def _cut_off(self, client: RouterClient) -> None:
+        """A peer that ignores its refusals floods: its requests, which share every step with
+        everyone else's, end now (an abort entry each), not once its send queue fills."""
+        logger.warning("client %s sent %d submits in a row past its limit of %d in flight: "
+                       "cut off, its %d requests aborted", client.name, client.refused,
+                       self.transport.zmq.max_in_flight_per_peer, len(client.requests))
+        _remember(self.cut_off_peers, client.identity)
+        for rid in list(client.requests):
+            self._abort(client, rid)
 
     def zmq_in_flight(self) -> int:
         return sum(len(p.requests) for p in self.peers.values())
@@ -366,10 +396,7 @@ class EngineProc:
         elif isinstance(client, RouterClient):
             self.peers.pop(client.identity, None)
             if client.gone:  # refused until it reads (_overload)
-                self.gone_peers[client.identity] = None
-                self.gone_peers.move_to_end(client.identity)
-                if len(self.gone_peers) > GONE_MEMORY:
-                    self.gone_peers.popitem(last=False)
+                _remember(self.gone_peers, client.identity)
 
     def _check_frontends(self) -> None:
         now = time.monotonic()
