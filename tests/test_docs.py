@@ -4,7 +4,7 @@ root, against real processes; README's first command (its serve-and-ask part) do
 says; every relative link resolves inside the repository; every committed result is cited;
 docs/configuration.md is what the argument parser prints.
 
-Blocks that talk to a server (they name port 8000, or the ZeroMQ endpoint's 5557) share one
+Blocks that talk to a server (they name `:8000`, or the ZeroMQ endpoint's `:5557`) share one
 `minivllm serve`, started once with the tools template and a ZeroMQ endpoint: the test puts its
 ports in their place (and in $URL and $OPENAI_BASE_URL, which the example scripts read).
 Install and test commands are never marked: `.ci/run` runs those."""
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MARK = "<!-- runnable -->"
 BLOCK_TIMEOUT_S = 600  # a generous bound on one block: some load the model on a loaded machine
 RUNNERS = {"bash": ["bash", "-euo", "pipefail"], "python": [sys.executable]}
-SERVER_PORTS = re.compile(r"\b(8000|5557)\b")
+SERVER_PORTS = re.compile(r"(?<=:)(8000|5557)\b")  # in a URL or endpoint: host:8000
 NEVER_RUNNABLE = re.compile(r"\b(pip install|apt-get|pytest)\b")
 
 
