@@ -340,11 +340,12 @@ def configuration_reference(parser: Optional[argparse.ArgumentParser] = None) ->
              "docs/configuration.md`; do not edit (tests/test_docs.py fails when they "
              "differ). -->", "",
              "Every flag of every `minivllm` subcommand, as `minivllm COMMAND --help` prints "
-             "it. The Python API (`LLM(...)`) takes the engine flags as keywords, with `_` for "
-             "`-`.", ""]
+             "it. `LLM(...)` takes the engine and scheduler flags as keywords: "
+             "`--max-num-seqs 8` is `max_num_seqs=8`, `--no-prefix-caching` is "
+             "`enable_prefix_caching=False`.", ""]
     for name, sub in _subcommands(parser).items():
-        lines += [f"## `minivllm {name}`", "", sub.description or "", "", "```text",
-                  " ".join(sub.format_usage().split()), "```", ""]
+        # no usage line: argparse lays it out differently from one Python to the next
+        lines += [f"## `minivllm {name}`", "", sub.description or "", ""]
         rows = [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
         if not rows:
             continue
