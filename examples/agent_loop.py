@@ -4,12 +4,15 @@ Start the server with the tools template first:
 
     minivllm serve --chat-template examples/tool_chat_template_smollm2.jinja \
         --tool-call-parser hermes
-    python examples/agent_loop.py [--url http://127.0.0.1:8000/v1] ["a question"]
+    pip install openai
+    python examples/agent_loop.py [--url URL] ["a question"]   # URL: $OPENAI_BASE_URL, else
+                                                               # http://127.0.0.1:8000/v1
 
 The first turn forces a call (tool_choice="required": a grammar makes the arguments valid
 against the tool's schema); later turns let the model choose ("auto"), within --max-turns.
 """
 import argparse
+import os
 import json
 
 import openai
@@ -42,7 +45,8 @@ def run_tool(name: str, arguments: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("question", nargs="?", default="What is the weather in Paris?")
-    ap.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    ap.add_argument("--url", default=os.environ.get("OPENAI_BASE_URL",
+                                                  "http://127.0.0.1:8000/v1"))
     ap.add_argument("--api-key", default="unused")
     ap.add_argument("--max-turns", type=int, default=3)
     args = ap.parse_args()

@@ -31,4 +31,5 @@ echo "# errors come in OpenAI's shape"
 curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d '{"prompt": "hi", "top_p": 2}'; echo
 
 echo "# Prometheus metrics (first lines)"
-curl -s "$URL/metrics" | grep '^minivllm:' | head -12
+# awk, not head: head would close the pipe early, and pipefail would fail the script on it
+curl -s "$URL/metrics" | awk '/^minivllm:/ && n++ < 12'

@@ -1,15 +1,19 @@
 """The official `openai` package against minivllm. Start the server first:  minivllm serve
 
-    python examples/openai_client.py [--url http://127.0.0.1:8000/v1]
+    pip install openai        # not part of minivllm's own install (the test extra has it)
+    python examples/openai_client.py [--url URL]   # default: $OPENAI_BASE_URL, else
+                                                   # http://127.0.0.1:8000/v1
 """
 import argparse
+import os
 
 import openai
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    ap.add_argument("--url", default=os.environ.get("OPENAI_BASE_URL",
+                                                  "http://127.0.0.1:8000/v1"))
     ap.add_argument("--api-key", default="unused")  # needed when serve runs with --api-key
     args = ap.parse_args()
     client = openai.OpenAI(base_url=args.url, api_key=args.api_key)

@@ -1,5 +1,6 @@
 """Command line: `minivllm generate "prompt"`, `minivllm chat`, `minivllm serve`,
-`minivllm run-batch`."""
+`minivllm run-batch`, and `minivllm reference`: the Markdown reference of every flag
+(docs/configuration.md is its output; a test holds the two together)."""
 from __future__ import annotations
 
 import argparse
@@ -10,18 +11,38 @@ from minivllm.config import KERNEL_SETS, QUANTIZATIONS, ServerConfig, ZmqEndpoin
 
 _MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
                "SmolLM2-135M-Instruct)")
+_EXIT_WORDS = ("/exit", "/quit")  # chat commands handled here, never sent to the model
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every default: argparse's own " (default: X)" unless the help already
+    says what the default means (a None that stands for "the model's", say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.required or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     if model_flag:
         p.add_argument("--model", default=None, help=_MODEL_HELP)
-    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"],
+                   help="how to read the model: auto guesses from the path; dummy makes random "
+                        "weights of a named shape (qwen2.5-0.5b, llama-3-8b, ...)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations; auto: the checkpoint's, bfloat16 on the CPU "
+                        "kernels")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if "
+                   "available)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length, prompt + output (default: the model's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler and of dummy weights")
     p.add_argument("--kernels", default=None, choices=["auto", *KERNEL_SETS],
-                   help="kernel set (default: $MINIVLLM_KERNELS, else auto)")
+                   help="kernel set; a set the CPU lacks is an error at start (default: "
+                        "$MINIVLLM_KERNELS, else auto: the best the machine has)")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="GGUF weights on the CPU kernels: gguf-native keeps them quantized, "
                         "gguf-native-q8 also quantizes their inputs to int8 (AVX512-VNNI), "
@@ -49,10 +70,13 @@ def _parallel(args) -> dict:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most per answer")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy (the same answer every run)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probabilities sum to this")
+    p.add_argument("--top-k", type=int, default=-1,
+                   help="sample from the k likeliest tokens (-1: all)")
 
 
 def _make_llm(args):
@@ -78,10 +102,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    """Chat turn by turn, the answer printed as it is generated. Interactive unless --message
+    is given; /exit, /quit or end of input leaves (Ctrl-C too: main turns it into 130)."""
     params = _params(args)
     llm = _make_llm(args)
+    tokenizer = llm.get_tokenizer()
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer, and this model has none: use generate with "
+                         "token ids, or a model that has one")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     prompts = list(args.message) if args.message else None
+    if prompts is None:
+        print(f"Type a message; {' or '.join(_EXIT_WORDS)} (or Ctrl-D) leaves.", flush=True)
     while True:
         if prompts is not None:
             if not prompts:
@@ -91,29 +123,51 @@ def cmd_chat(args) -> int:
             try:
                 user = input("you> ")
             except EOFError:
+                print()  # the prompt line was left open
                 return 0
         if not user.strip():
             continue
+        if user.strip().lower() in _EXIT_WORDS:
+            return 0
         messages.append({"role": "user", "content": user})
-        reply = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
-        print(reply if prompts is not None else f"assistant> {reply}", flush=True)
+        if prompts is None:
+            print("assistant> ", end="", flush=True)
+        reply = ""
+        for out in llm.stream(tokenizer.apply_chat_template(messages, True), params):
+            delta = out.outputs[0].delta_text
+            reply += delta
+            print(delta, end="", flush=True)
+        print(flush=True)
         messages.append({"role": "assistant", "content": reply})
 
 
 def _scheduler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    p.add_argument("--policy", default="decode-first", choices=["decode-first", "prefill-first"])
-    p.add_argument("--batch-wait-ms", type=float, default=0.0)
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="requests running at once (the batch); the others wait")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens one engine step computes at most, prefill and decode together")
+    p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                   help="prefill a prompt in one step instead of in chunks beside the decodes "
+                        "(default: chunked)")
+    p.add_argument("--policy", default="decode-first", choices=["decode-first", "prefill-first"],
+                   help="what a step fills first: running decodes (steady inter-token times) "
+                        "or waiting prompts (lower time to first token)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="an idle engine waits up to this long for more arrivals before its "
+                        "first prefill (dynamic batching; 0: no wait)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the GPU runs this one (default: on CUDA)")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: "
                    "from --cpu-kv-cache-bytes or --gpu-memory-utilization)")
-    p.add_argument("--cpu-kv-cache-bytes", type=int, default=1 << 30)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--cpu-kv-cache-bytes", type=int, default=1 << 30,
+                   help="KV-cache size on the CPU, in bytes (1 GiB)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory the weights, activations and KV cache may "
+                        "take")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of a prompt prefix seen before (default: "
+                        "reused)")
 
 
 def _engine_config(args):
@@ -168,23 +222,36 @@ def cmd_run_batch(args) -> int:
     return run_batch(engine, config)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="minivllm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="complete one or more prompts")
-    gen.add_argument("prompt", nargs="+")
-    chat = sub.add_parser("chat", help="chat with the model (interactive, or --message)")
-    chat.add_argument("--message", action="append", help="send this and exit (repeatable)")
-    chat.add_argument("--system", default=None)
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag (also the source of docs/configuration.md)."""
+    parser = argparse.ArgumentParser(prog="minivllm", formatter_class=_HelpFormatter,
+                                     description="A small LLM inference engine and server "
+                                                 "built the way vLLM is built.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    gen = add("generate", "complete one or more prompts and print each completion")
+    gen.add_argument("prompt", nargs="+", help="the prompts, each one argument")
+    chat = add("chat", "chat with the model, each answer streamed as it is generated "
+                       "(interactive: /exit, /quit or Ctrl-D leaves; or --message)")
+    chat.add_argument("--message", action="append",
+                      help="send this and exit (repeatable: one turn each) (default: none, "
+                           "interactive)")
+    chat.add_argument("--system", default=None,
+                      help="a system message opening the conversation (default: none)")
     for p in (gen, chat):
         _engine_args(p)
         _sampling_args(p)
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve = add("serve", "OpenAI-compatible HTTP server (Ctrl-C or SIGTERM drains and stops)")
     serve.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
     _engine_args(serve, model_flag=False)
     _scheduler_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000,
+                       help="TCP port (0: a free one, printed once serving)")
     serve.add_argument("--api-servers", type=int, default=1,
                        help="API-server processes sharing the port, each a frontend")
     serve.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -196,23 +263,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
                        help="a larger request body gets 413 before any work (default: 8 MiB)")
-    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` on /v1/*, /tokenize, "
+                            "/detokenize and the dashboard's events (default: none, open)")
     serve.add_argument("--stream-interval-ms", type=float, default=0.0,
                        help="a streamed response sends at most one chunk per this many ms, "
                             "the tokens of the steps between together: less CPU per token "
-                            "(default 0: a chunk per engine step)")
+                            "(default: 0, a chunk per engine step)")
     serve.add_argument("--no-dashboard", dest="dashboard", action="store_false",
-                       help="do not serve the live dashboard at /dashboard")
-    serve.add_argument("--served-model-name", default=None)
+                       help="do not serve the live dashboard at /dashboard (default: served)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model's name in the API (default: the model's own)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a jinja chat template used instead of the model's, e.g. "
-                            "examples/tool_chat_template_smollm2.jinja (tools)")
+                            "examples/tool_chat_template_smollm2.jinja (tools) (default: the "
+                            "model's)")
     serve.add_argument("--tool-call-parser", default=None, choices=["hermes"],
                        help="take tool calls out of tool_choice=auto outputs "
-                            "(<tool_call>{json}</tool_call>)")
+                            "(<tool_call>{json}</tool_call>) (default: none, tool calls stay "
+                            "text)")
     serve.add_argument("--zmq-endpoint", default=None,
                        help="also serve the binary protocol here (ipc/PROTOCOL.md), e.g. "
-                            "tcp://127.0.0.1:5557")
+                            "tcp://127.0.0.1:5557 (default: none, HTTP only)")
     zmq_limits = ZmqEndpointConfig()
     serve.add_argument("--zmq-max-message-bytes", type=int, default=None,
                        help="a larger frame disconnects its peer (default: a whole context's "
@@ -224,20 +296,79 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="unfinished requests of all ZeroMQ connections before OVERLOADED")
     serve.add_argument("--zmq-curve-secret-key", default=None,
                        help="CURVE: the server's certificate file with its secret key "
-                            "(zmq.auth.create_certificates writes NAME.key_secret)")
+                            "(zmq.auth.create_certificates writes NAME.key_secret) (default: "
+                            "none, no encryption)")
     serve.add_argument("--zmq-curve-clients", default=None,
                        help="CURVE: directory of the allowed clients' public certificates "
-                            "(*.key); only they can connect")
-    batch = sub.add_parser("run-batch", help="OpenAI batch file (JSONL) in, results out; "
-                           "resumable: a rerun keeps the results written and runs the rest")
-    batch.add_argument("-i", "--input-file", required=True)
-    batch.add_argument("-o", "--output-file", required=True)
+                            "(*.key); only they can connect (default: none)")
+    batch = add("run-batch", "OpenAI batch file (JSONL) in, results out; resumable: a rerun "
+                             "keeps the results written and runs the rest")
+    batch.add_argument("-i", "--input-file", required=True,
+                       help="one request a line: {custom_id, method, url, body}")
+    batch.add_argument("-o", "--output-file", required=True,
+                       help="one result a line, written as each finishes")
     batch.add_argument("--max-concurrency", type=int, default=256,
                        help="requests in flight at once")
-    batch.add_argument("--served-model-name", default=None)
+    batch.add_argument("--served-model-name", default=None,
+                       help="the model's name in the results (default: the model's own)")
     _engine_args(batch)
     _scheduler_args(batch)
-    args = parser.parse_args(argv)
+    add("reference", "print the Markdown reference of every subcommand's flags (the source "
+                     "of docs/configuration.md)")
+    return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def _cell(text: str) -> str:
+    # escaped so that GitHub shows them as written: a table cell, a tag, emphasis
+    text = " ".join(text.split())
+    for char, escaped in (("|", "\\|"), ("<", "&lt;"), (">", "&gt;"), ("*", "\\*")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def configuration_reference(parser: Optional[argparse.ArgumentParser] = None) -> str:
+    """docs/configuration.md: each subcommand's flags with their help and default, as
+    `--help` shows them, in one Markdown table per subcommand."""
+    parser = parser or build_parser()
+    lines = ["# Configuration reference", "",
+             "<!-- Generated from minivllm/cli.py by `python -m minivllm.cli reference > "
+             "docs/configuration.md`; do not edit (tests/test_docs.py fails when they "
+             "differ). -->", "",
+             "Every flag of every `minivllm` subcommand, as `minivllm COMMAND --help` prints "
+             "it. `LLM(...)` takes the engine and scheduler flags as keywords: "
+             "`--max-num-seqs 8` is `max_num_seqs=8`, `--no-prefix-caching` is "
+             "`enable_prefix_caching=False`.", ""]
+    for name, sub in _subcommands(parser).items():
+        # no usage line: argparse lays it out differently from one Python to the next
+        lines += [f"## `minivllm {name}`", "", sub.description or "", ""]
+        rows = [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
+        if not rows:
+            continue
+        lines += ["| flag | default | meaning |", "|---|---|---|"]
+        formatter = sub._get_formatter()
+        for action in rows:
+            flag = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
+            if action.choices is not None:
+                flag += " {" + ", ".join(f"`{c}`" for c in action.choices) + "}"
+            text = formatter._expand_help(action)
+            default = "required" if action.required else ""
+            if text.endswith(")") and "(default: " in text:
+                text, default = text[:-1].rsplit("(default: ", 1)
+            lines.append(f"| {flag} | {_cell(default)} | {_cell(text)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "reference":
+        sys.stdout.write(configuration_reference())
+        return 0
     try:
         from minivllm.distributed.launch import run_launched_worker
 
@@ -248,6 +379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the requests were aborted on the way out
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

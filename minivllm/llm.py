@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from tqdm import tqdm
 
@@ -79,6 +79,29 @@ class LLM:
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One RequestOutput per prompt, in prompt order. Prompts are text or token-id lists."""
+        states: list[RequestState] = []
+        for states in self._steps(prompts, sampling_params, use_tqdm):
+            pass
+        return [state.snapshot() for state in states]
+
+    def stream(self, prompt: PromptType,
+               sampling_params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
+        """One prompt's output after every engine step that advanced it, its new text in
+        `outputs[i].delta_text`; the last one is finished. Closing the iterator early (or an
+        interrupt) aborts the request."""
+        for states in self._steps(prompt, sampling_params, use_tqdm=False):
+            out = states[0].snapshot()
+            if out.finished or any(c.delta_token_ids for c in out.outputs):
+                yield out
+            if out.finished:
+                return
+
+    def _steps(self, prompts: Union[PromptType, Sequence[PromptType]],
+               sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]],
+               use_tqdm: bool) -> Iterator[list[RequestState]]:
+        """Add the prompts' requests and step until the engine is idle, yielding their states
+        after each step and once more at the end; however the iteration ends, nothing of
+        these requests stays in the engine."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params or self.get_default_sampling_params(),
                                  len(prompts))
@@ -93,14 +116,18 @@ class LLM:
                 requests.append([self.engine.add_request(stream.key, state.prompt_token_ids,
                                                          stream.params)
                                  for stream in state.streams][0])
-            self._run(use_tqdm, sum(len(s.streams) for s in states))
+            total = sum(len(s.streams) for s in states)
+            with tqdm(total=total, desc="generating", disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished():
+                    bar.update(self._step())
+                    yield states
         finally:
             for state in states:  # a bad prompt or an interrupt: leave nothing in the engine
                 for owner in self.processor.release(state):
                     self.engine.abort_request(owner)
         for state, req in zip(states, requests):
             state.num_cached_tokens = req.num_cached_tokens
-        return [state.snapshot() for state in states]
+        yield states
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
@@ -120,24 +147,22 @@ class LLM:
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, use_tqdm: bool, total: int) -> None:
-        """Step until the engine is idle; the processor keeps what each step brought."""
-        with tqdm(total=total, desc="generating", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                out = self.engine.step()
-                for _, message in self.engine.take_failed():
-                    raise ValueError(message)  # generate()'s finally aborts the others
-                if out.prompt_logprobs:
-                    self.processor.process_prompt_logprobs(out.prompt_logprobs)
-                if not len(out):
-                    continue
-                running = len(self.processor.streams)
-                _, stopped = self.processor.process(out.owners, out.token_ids, out.finish,
-                                                    out.logprobs)
-                for owner in stopped:
-                    self.engine.abort_request(owner)
-                bar.update(running - len(self.processor.streams))
-
+    def _step(self) -> int:
+        """One engine step; the processor keeps what it brought. Returns the completions it
+        finished."""
+        out = self.engine.step()
+        for _, message in self.engine.take_failed():
+            raise ValueError(message)  # _steps' finally aborts the others
+        if out.prompt_logprobs:
+            self.processor.process_prompt_logprobs(out.prompt_logprobs)
+        if not len(out):
+            return 0
+        running = len(self.processor.streams)
+        _, stopped = self.processor.process(out.owners, out.token_ids, out.finish,
+                                            out.logprobs)
+        for owner in stopped:
+            self.engine.abort_request(owner)
+        return running - len(self.processor.streams)
 
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
