@@ -4,13 +4,15 @@
     async for out in client.generate("Hello", SamplingParams(max_tokens=32)):
         print(out.outputs[0].delta_text, end="")
     final = await client.submit([1, 2, 3], params)       # the same path, as a future
+    await client.shutdown()   # README.md, "Python async client", has the whole script
 
 One reader task drains the output ring into the output processor (the same one `LLM` uses); a
 consumer wakes once per engine step however many tokens arrived (`RequestState` coalesces them). Requests go out as
 submit records into the request ring. The reader spins `spin_us` when the ring runs dry, then
 sleeps on the doorbell; every `ENGINE_CHECK_S` it checks that the engine process still lives.
 If it died, every request in flight fails with EngineDeadError at once, new ones are refused
-with it, and the client re-attaches as soon as a (restarted) engine answers on the control
+with it, the reader leaves the rings alone (they hold the dead engine's records), and the
+client re-attaches, emptying them, as soon as a (restarted) engine answers on the control
 socket.
 """
 from __future__ import annotations
