@@ -203,8 +203,8 @@ def cmd_serve(args) -> int:
     transport = TransportConfig(zmq_endpoint=args.zmq_endpoint, zmq=ZmqEndpointConfig(
         max_message_bytes=args.zmq_max_message_bytes,
         max_in_flight_per_peer=args.zmq_max_in_flight_per_peer,
-        max_in_flight=args.zmq_max_in_flight, curve_secret_key=args.zmq_curve_secret_key,
-        curve_clients=args.zmq_curve_clients))
+        max_in_flight=args.zmq_max_in_flight, max_refusals=args.zmq_max_refusals,
+        curve_secret_key=args.zmq_curve_secret_key, curve_clients=args.zmq_curve_clients))
     from minivllm import logger as log_setup
 
     log_setup.configure()
@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unfinished requests per ZeroMQ connection before OVERLOADED")
     serve.add_argument("--zmq-max-in-flight", type=int, default=zmq_limits.max_in_flight,
                        help="unfinished requests of all ZeroMQ connections before OVERLOADED")
+    serve.add_argument("--zmq-max-refusals", type=int, default=zmq_limits.max_refusals,
+                       help="OVERLOADED refusals in a row for its own limit after which a "
+                            "ZeroMQ connection is cut off (its requests aborted, refused until "
+                            "it reconnects)")
     serve.add_argument("--zmq-curve-secret-key", default=None,
                        help="CURVE: the server's certificate file with its secret key "
                             "(zmq.auth.create_certificates writes NAME.key_secret) (default: "
