@@ -164,6 +164,7 @@ class LLM:
             self.engine.abort_request(owner)
         return running - len(self.processor.streams)
 
+
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
