@@ -233,8 +233,9 @@ def main() -> None:
                 recs.append(records.record(f"{shape}: sweep {label}", t * 1e6, "us",
                                            fraction_of_bandwidth=per_layer_kv / t / bw))
                 best = min(best or (t, label), (t, label))
-            print(f"{shape}: fastest decode knobs {best[1]}: {best[0] * 1e6:.2f} us "
-                  f"({per_layer_kv / best[0] / bw:.0%} of the bandwidth)", flush=True)
+            if best is not None:
+                print(f"{shape}: fastest decode knobs {best[1]}: {best[0] * 1e6:.2f} us "
+                      f"({per_layer_kv / best[0] / bw:.0%} of the bandwidth)", flush=True)
         del caches
         torch.cuda.empty_cache()
     if args.prefill:
