@@ -131,7 +131,7 @@ for stage in "$@"; do
         --shapes 1x7900 --steps 8 --sweep --json "$RES/decode_knobs_llama-3-8b.json" ;;
     structured)  # issue 24's H200 target
       TAILN=12 run structured 300 python3 -m bench.structured_outputs --model qwen2.5-0.5b \
-        --load-format dummy --dtype bfloat16 --outputs 0 --batch 64 --tokens 256 \
+        --load-format dummy --dtype bfloat16 --outputs 0 --batch 64 --tokens 256 --profile \
         --json "$RES/structured_outputs_h200.json" ;;
     decode)
       run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \

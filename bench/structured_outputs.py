@@ -192,7 +192,7 @@ def sync(llm: LLM) -> None:
 def timed_run(llm: LLM, prompts: list, params: SamplingParams, tokens: int) -> dict:
     grammars = llm.engine.grammars
     load_before = os.getloadavg()[0]
-    mask_s = grammars.mask_time_s
+    mask_s, fill_s = grammars.mask_time_s, grammars.fill_time_s
     sync(llm)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -203,12 +203,26 @@ def timed_run(llm: LLM, prompts: list, params: SamplingParams, tokens: int) -> d
     constrained = sum(next((i + 1 for i, t in enumerate(o.outputs[0].token_ids) if t in eos),
                            tokens) for o in outs)
     return {"tok_s": len(prompts) * tokens / elapsed, "seconds": elapsed,
-            "mask_s": grammars.mask_time_s - mask_s,
+            "mask_s": grammars.mask_time_s - mask_s, "fill_s": grammars.fill_time_s - fill_s,
             "constrained_share": constrained / (len(prompts) * tokens),
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
-def run_throughput(llm: LLM, batch: int, tokens: int, rounds: int) -> list[dict]:
+def print_profile(llm: LLM, prompts: list, params: SamplingParams, name: str) -> None:
+    """The host calls a run spends most in (a device wait shows as cudaStreamSynchronize or
+    a copy), to find what keeps the host from running ahead of the GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if llm.engine.runner.device.type == "cuda":  # adds the CUDA runtime's calls
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+        sync(llm)
+    print(f"profile, {name}:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+def run_throughput(llm: LLM, batch: int, tokens: int, rounds: int,
+                   profile: bool = False) -> list[dict]:
     tok = llm.get_tokenizer()
     vocab = llm.engine.source.arch.vocab_size
     if tok is not None and tok.chat_template:
@@ -230,12 +244,16 @@ def run_throughput(llm: LLM, batch: int, tokens: int, rounds: int) -> list[dict]
             run = timed_run(llm, prompts, constrained if name == "constrained" else plain,
                             tokens)
             runs[name].append(run)
-            print(f"  {name:13s} {run['tok_s']:8.1f} tok/s  (mask {run['mask_s']:.2f} s, "
-                  f"load {run['load_before']:.1f} -> {run['load_after']:.1f})")
+            print(f"  {name:13s} {run['tok_s']:8.1f} tok/s  (mask {run['mask_s']:.3f} s, "
+                  f"fill {run['fill_s']:.3f} s, load {run['load_before']:.1f} -> "
+                  f"{run['load_after']:.1f})")
     medians = {k: statistics.median(r["tok_s"] for r in v) for k, v in runs.items()}
     ratio = medians["constrained"] / medians["unconstrained"]
     print(f"throughput: constrained {medians['constrained']:.1f} / unconstrained "
           f"{medians['unconstrained']:.1f} tok/s = {ratio:.3f}")
+    if profile:
+        for name, p in (("unconstrained", plain), ("constrained", constrained)):
+            print_profile(llm, prompts, p, name)
     return [records.record(f"batch {batch} x {tokens} tokens, nested schema: constrained tok/s",
                            medians["constrained"], "tok/s", peer=medians["unconstrained"],
                            peer_name="unconstrained, same engine", runs=runs)]
@@ -290,6 +308,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per throughput request")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved throughput run pairs")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where the host's time goes in one run of each kind")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype,
@@ -301,7 +321,7 @@ def main() -> None:
         llm.engine.grammars.tokenizer = synthetic_tokenizer(llm.engine.source.arch.vocab_size)
     elif args.outputs:
         results += run_conformance(llm, args.outputs)
-    results += run_throughput(llm, args.batch, args.tokens, args.rounds)
+    results += run_throughput(llm, args.batch, args.tokens, args.rounds, args.profile)
     results += run_compile_overlap(llm, args.batch)
     records.write(args.json, results)
 

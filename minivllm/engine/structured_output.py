@@ -89,12 +89,14 @@ class StructuredOutputs:
         self._compiler = None  # xgrammar.GrammarCompiler over this tokenizer's vocabulary
         self._batch_matcher = None
         self._bitmask: Optional[torch.Tensor] = None  # [max_num_seqs, ceil(V / 32)] int32, host
+        self._rows: Optional[torch.Tensor] = None     # [max_num_seqs] int32, pinned (CUDA)
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self.waiting: dict[int, tuple[object, Future]] = {}  # owner -> (request, compile)
         self._failed: list[tuple[int, str]] = []
         self.matchers: dict[int, object] = {}   # owner -> GrammarMatcher, until it finishes
         self._by_index: dict[int, object] = {}  # req_index -> matcher, while admitted
         self.mask_time_s = 0.0  # host time in apply(): waiting for fills, masking (benches)
+        self.fill_time_s = 0.0  # host time filling bitmasks, on whichever thread (benches)
 
     # ---- WAITING_FOR_GRAMMAR ----------------------------------------------------------------
     def add(self, req) -> None:
@@ -233,6 +235,7 @@ class StructuredOutputs:
 
     def fill(self, rows: list[int], matchers: list) -> list[int]:
         """Fill the bitmask rows of the matchers still running; returns those rows."""
+        start = time.perf_counter()
         live = [(r, m) for r, m in zip(rows, matchers) if not m.is_terminated()]
         if live:
             if self._bitmask is None:
@@ -241,8 +244,10 @@ class StructuredOutputs:
                                                                  self.vocab_size)
                 if self.device.type == "cuda":
                     self._bitmask = self._bitmask.pin_memory()
+                    self._rows = torch.zeros(self.max_num_seqs, dtype=torch.int32).pin_memory()
             self._batch_matcher.batch_fill_next_token_bitmask(
                 [m for _, m in live], self._bitmask, [r for r, _ in live])
+        self.fill_time_s += time.perf_counter() - start
         return [r for r, _ in live]
 
     def fill_async(self, rows: list[int], matchers: list) -> Future:
@@ -262,11 +267,17 @@ class StructuredOutputs:
     def apply(self, logits: torch.Tensor, rows: list[int]) -> None:
         if not rows:
             return
-        bitmask = self._bitmask[:logits.shape[0]]
+        bitmask, indices = self._bitmask[:logits.shape[0]], rows
         if bitmask.device != logits.device:
+            # Both copies from pinned memory: xgrammar would copy a list of rows from pageable
+            # memory, which waits for the forward queued ahead of it, and the host could not
+            # run ahead of the GPU. Reusing the buffers is safe: the next fill comes after this
+            # step's tokens, so after these copies ran.
             bitmask = bitmask.to(logits.device, non_blocking=True)
+            self._rows.numpy()[:len(rows)] = rows
+            indices = self._rows[:len(rows)].to(logits.device, non_blocking=True)
         self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
-                                              indices=rows)
+                                              indices=indices)
 
 
 class StepMasks:
