@@ -218,10 +218,10 @@ def main() -> None:
             best = None
             for knobs in itertools.product(((64, 512, 8), (128, 128, 4), (128, 256, 8),
                                             (256, 128, 4)),
-                                           (32, 64, 128), (2, 4, 8), (1, 3)):
+                                           (64, 128), (2, 4), (1, 3), (False, True)):
                 trial = TritonAttentionBackend()
                 (trial.MIN_SPLIT, trial.MAX_SPLITS, trial.WAVES), trial.DECODE_BLOCK_N, \
-                    trial.DECODE_WARPS, trial.DECODE_STAGES = knobs
+                    trial.DECODE_WARPS, trial.DECODE_STAGES, trial.FUSED_COMBINE = knobs
                 try:
                     t = decode_kernel_s(trial, arch, batch, context, layers, caches, order,
                                         block_size)
@@ -229,7 +229,8 @@ def main() -> None:
                     print(f"decode knobs {knobs}: {type(exc).__name__}: {exc}")
                     continue
                 label = (f"MIN_SPLIT {knobs[0][0]} MAX_SPLITS {knobs[0][1]} WAVES {knobs[0][2]} "
-                         f"DECODE_BLOCK_N {knobs[1]} warps {knobs[2]} stages {knobs[3]}")
+                         f"DECODE_BLOCK_N {knobs[1]} warps {knobs[2]} stages {knobs[3]} "
+                         f"FUSED_COMBINE {knobs[4]}")
                 recs.append(records.record(f"{shape}: sweep {label}", t * 1e6, "us",
                                            fraction_of_bandwidth=per_layer_kv / t / bw))
                 best = min(best or (t, label), (t, label))

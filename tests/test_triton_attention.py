@@ -52,12 +52,15 @@ def test_matches_reference_on_ragged_steps(dtype, heads, kv_heads, head_dim, blo
         _check(_backend(), rows, tables, dtype, heads, kv_heads, head_dim, block_size, 48)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["combine-kernel", "fused-combine"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_split_kv_decode_matches_reference_at_long_contexts(dtype):
+def test_split_kv_decode_matches_reference_at_long_contexts(dtype, fused):
     """Flash-decoding: contexts cut into runs (odd lengths, a run of one token, one exactly
-    one run long), a one-token prompt, a prefill chunk beside them, GQA groups of 7. On the
-    CPU the interpreter gets short contexts and small runs; the GPU the real lengths."""
+    one run long), a one-token prompt, a prefill chunk beside them, GQA groups of 7; the
+    partials merged by a second kernel or by each context's last split. On the CPU the
+    interpreter gets short contexts and small runs; the GPU the real lengths."""
     backend = _backend()
+    backend.FUSED_COMBINE = fused
     if ON_GPU:
         lengths, block_size = [30001, 7900, 257, 256, 4097], 16
     else:
@@ -72,7 +75,10 @@ def test_split_kv_decode_matches_reference_at_long_contexts(dtype):
     for i, n in enumerate(need):
         tables[i, :n], blocks = blocks[:n], blocks[n:]
     torch.manual_seed(7)
-    _check(backend, rows, tables, dtype, 14, 2, 64, block_size, sum(need) + 8)
+    for _ in range(2):  # twice: the arrival counts are left at zero for the next launch
+        _check(backend, rows, tables, dtype, 14, 2, 64, block_size, sum(need) + 8)
+    if fused:
+        assert not backend._arrived.any()
 
 
 def _check(backend, rows, tables, dtype, heads, kv_heads, head_dim, block_size, num_blocks):

@@ -55,12 +55,15 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt
 # width does not compile a new kernel variant mid-run.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                   block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2, stride_qt,
-                   stride_qh, stride_ot, stride_oh, stride_bt, GROUP: tl.constexpr,
+                   arrived_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, GROUP: tl.constexpr,
                    BLOCK_G: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                   MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
-    """One program per (sequence, KV head, split of its context)."""
+                   MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+                   FUSED_COMBINE: tl.constexpr):
+    """One program per (sequence, KV head, split of its context). FUSED_COMBINE: the split
+    that finishes last for its (sequence, KV head) merges the partials itself, counted in
+    `arrived_ptr` (zeros, left zero), instead of a second launch of _combine_kernel."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -97,6 +100,14 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
                  mask=head_ok[:, None])
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=head_ok)
+        if FUSED_COMBINE:
+            tl.debug_barrier()  # every thread's partial is stored before the count says so
+            count = arrived_ptr + b * KV_HEADS + kvh
+            if tl.atomic_add(count, 1, sem="acq_rel") == n_splits - 1:
+                for h in range(kvh * GROUP, kvh * GROUP + GROUP):
+                    _combine_head(out_ptr, part_out_ptr, part_lse_ptr, b, h, token, n_splits,
+                                  stride_ot, stride_oh, KV_HEADS * GROUP, HEAD_DIM, SPLITS)
+                tl.store(count, 0)  # for the next launch (a CUDA graph's replay)
 
 
 @triton.jit
@@ -122,6 +133,15 @@ def _combine_kernel(out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, query_sta
     n_splits, _ = _splits_of(tl.load(seq_lens_ptr + b), SPLITS, MIN_SPLIT, BLOCK_N)
     if n_splits == 1:
         return  # the decode kernel wrote the output itself
+    _combine_head(out_ptr, part_out_ptr, part_lse_ptr, b, h, token, n_splits, stride_ot,
+                  stride_oh, HEADS, HEAD_DIM, SPLITS)
+
+
+@triton.jit
+def _combine_head(out_ptr, part_out_ptr, part_lse_ptr, b, h, token, n_splits, stride_ot,
+                  stride_oh, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  SPLITS: tl.constexpr):
+    """Query head h's output from its splits' partials."""
     s = tl.arange(0, SPLITS)
     part = (b * HEADS + h) * SPLITS + s
     lse = tl.load(part_lse_ptr + part, mask=s < n_splits, other=float("-inf"))
@@ -239,6 +259,7 @@ class TritonAttentionBackend(AttentionBackend):
     DECODE_BLOCK_N = 64
     DECODE_WARPS = 4
     DECODE_STAGES = 3
+    FUSED_COMBINE = False  # the last split of a context combines (no second launch)
     MIN_SPLIT = 128
     MAX_SPLITS = 128
     WAVES = 4
@@ -246,6 +267,7 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self) -> None:
         self.num_sms = (torch.cuda.get_device_properties(0).multi_processor_count
                         if torch.cuda.is_available() else 4)
+        self._arrived: torch.Tensor | None = None  # FUSED_COMBINE's per-(sequence, KV head) counts
 
     def decode_splits(self, num_seqs: int, kv_heads: int) -> int:
         """Splits per context: a power of two, from the batch's shape alone (not its lengths),
@@ -255,6 +277,15 @@ class TritonAttentionBackend(AttentionBackend):
                 self.WAVES * self.num_sms):
             splits *= 2
         return splits
+
+    def _counts(self, device: torch.device) -> torch.Tensor:
+        """FUSED_COMBINE's arrival counts. Allocated once, at the most a split step can need
+        (decode_splits splits only batch x KV heads <= WAVES x SMs / 2), never reallocated:
+        a captured CUDA graph keeps the address it saw."""
+        if self._arrived is None:
+            self._arrived = torch.zeros(self.WAVES * self.num_sms, dtype=torch.int32,
+                                        device=device)
+        return self._arrived
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         # Whether any row has one query: a step of prefill chunks alone skips the decode launch.
@@ -287,14 +318,17 @@ class TritonAttentionBackend(AttentionBackend):
             splits = self.decode_splits(num_seqs, kv_heads)
             part_out = q.new_empty((num_seqs, heads, splits, head_dim), dtype=torch.float32)
             part_lse = q.new_empty((num_seqs, heads, splits), dtype=torch.float32)
+            fused = self.FUSED_COMBINE and splits > 1
             _decode_kernel[(num_seqs, kv_heads, splits)](
-                q, k_cache, v_cache, out, part_out, part_lse, *tables, scale * _LOG2E,
+                q, k_cache, v_cache, out, part_out, part_lse, (self._counts(q.device) if fused else part_lse),
+                *tables, scale * _LOG2E,
                 *strides, meta.block_tables.stride(0), GROUP=group,
                 BLOCK_G=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
                 HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=self.DECODE_BLOCK_N,
                 SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT, PRECISION=precision, DOT=dot,
-                num_warps=self.DECODE_WARPS, num_stages=self.DECODE_STAGES)
-            if splits > 1:
+                FUSED_COMBINE=fused, num_warps=self.DECODE_WARPS,
+                num_stages=self.DECODE_STAGES)
+            if splits > 1 and not fused:
                 _combine_kernel[(num_seqs, heads)](
                     out, part_out, part_lse, meta.seq_lens, meta.query_start_loc,
                     out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=head_dim,
