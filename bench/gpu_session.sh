@@ -12,7 +12,8 @@
 # batching (the serving batching table: a capacity probe, then bench.batching_table at 60%),
 # long-qwen / long-llama (bench.long_context: long-context decode and prefill against the
 # roofline; SWEEP=1 times the attention kernels' knobs too), decode-knobs (the decode
-# kernel's knobs at batch-1 long contexts), structured (bench.structured_outputs, issue 24).
+# kernel's knobs at batch-1 long contexts), structured (bench.structured_outputs, issue 24),
+# serve-ragged (bench.serving_overhead: the ragged 256 through serve against offline, issue 23).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -133,6 +134,11 @@ for stage in "$@"; do
       TAILN=12 run structured 300 python3 -m bench.structured_outputs --model qwen2.5-0.5b \
         --load-format dummy --dtype bfloat16 --outputs 0 --batch 64 --tokens 256 --profile \
         --json "$RES/structured_outputs_h200.json" ;;
+    serve-ragged)  # issue 23's H200 target: the ragged 256 served against offline, same engine
+      TAILN=6 run serve-ragged 420 python3 -m bench.serving_overhead --model qwen2.5-0.5b \
+        --load-format dummy --dtype bfloat16 --workload ragged --requests 256 \
+        --max-num-seqs 256 --api-servers 8 --load-procs 6 \
+        --json "$RES/serving_ragged_h200.json" ;;
     decode)
       run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
         --json "$RES/decode_llama-3-8b_bs1.json"

@@ -63,10 +63,50 @@ def tiny_model(directory: str) -> str:
 IDLE_S = 5.0  # the API servers' idle CPU is measured over this long before the load
 
 
-def workload(n: int, prompt_len: int, output_len: int, seed: int) -> list[Request]:
+def workload(n: int, prompt_len: int, output_len: int, seed: int,
+             ragged: bool = False) -> list[Request]:
+    """`n` token-id prompts; `ragged`: bench.offline_throughput's ragged lengths (prompt and
+    output each 100..1024) instead of `prompt_len` / `output_len`."""
+    if ragged:
+        from bench.offline_throughput import ragged_workload
+        return [Request(ids, None, len(ids), out)
+                for ids, out in ragged_workload(8000, n, seed)]
     rng = random.Random(seed)
     return [Request([rng.randrange(1000, 8000) for _ in range(prompt_len)], None, prompt_len,
                     output_len) for _ in range(n)]
+
+
+def _load_part(url: str, part: list[Request], out) -> None:
+    """One load-generator process: its share of the requests, timed on the wall clock."""
+    start = time.time()
+    summary, _ = asyncio.run(run_load(url, part, model="default", progress=False))
+    out.put((start, time.time(), summary))
+
+
+def load(url: str, work: list[Request], procs: int) -> dict:
+    """The workload sent by `procs` load-generator processes (round-robin shares, all at
+    once); one process runs in this one. The summary's throughput is every process's tokens
+    over the span from the first start to the last end."""
+    if procs <= 1:
+        return asyncio.run(run_load(url, work, model="default", progress=False))[0]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=_load_part, args=(url, work[i::procs], out))
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    parts = [out.get() for _ in workers]
+    for w in workers:
+        w.join()
+    tokens = sum(p[2]["output_tokens"] for p in parts)
+    span = max(p[1] for p in parts) - min(p[0] for p in parts)
+    itl = sorted(p[2]["itl_ms"]["p50"] for p in parts)
+    counts = {k: sum(p[2]["counts"][k] for p in parts) for k in parts[0][2]["counts"]}
+    return {"output_tokens": tokens, "duration_s": span, "output_token_throughput": tokens / span,
+            "counts": counts, "errors": [e for p in parts for e in p[2]["errors"]],
+            "itl_ms": {"p50": itl[len(itl) // 2]}}  # the median of the processes' medians
 
 
 def offline(work: list[Request], engine_args: dict) -> float:
@@ -86,7 +126,7 @@ def offline(work: list[Request], engine_args: dict) -> float:
     return tokens / wall
 
 
-def served(tree: str, work: list[Request], serve_args: list[str]) -> dict:
+def served(tree: str, work: list[Request], serve_args: list[str], procs: int = 1) -> dict:
     """One served run from code tree `tree`: throughput and each API server's CPU."""
     srv = ServeProcess(serve_args, cwd=tree)
     try:
@@ -96,7 +136,7 @@ def served(tree: str, work: list[Request], serve_args: list[str]) -> dict:
         idle = {p: proc_cpu_s(p) for p in api}
         time.sleep(IDLE_S)
         before = {p: proc_cpu_s(p) for p in api}
-        summary, _ = asyncio.run(run_load(srv.url, work, model="default", progress=False))
+        summary = load(srv.url, work, procs)
         cpu = {p: proc_cpu_s(p) - before[p] for p in api}
         idle_rate = sum(before[p] - idle[p] for p in api) / IDLE_S
     finally:
@@ -118,9 +158,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--api-servers", type=int, default=1)
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--model", choices=["tiny", "embedded"], default="tiny",
+    ap.add_argument("--model", default="tiny",
                     help="tiny: 2 layers of dummy weights with SmolLM2's tokenizer (steps of "
-                         "milliseconds); embedded: SmolLM2-135M-Instruct")
+                         "milliseconds); embedded: SmolLM2-135M-Instruct; or any model name "
+                         "or path serve takes (on a GPU: qwen2.5-0.5b --load-format dummy)")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--workload", choices=["fixed", "ragged"], default="fixed",
+                    help="fixed: --prompt-len / --output-len; ragged: bench.offline_throughput's")
+    ap.add_argument("--load-procs", type=int, default=1,
+                    help="load-generator processes sharing the requests")
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--tiny-dir", default="/tmp/minivllm-tiny-smollm2")
     ap.add_argument("--tree", action="append", default=None,
@@ -133,7 +180,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     trees = [os.path.abspath(t) for t in (args.tree or ["."])]
-    work = workload(args.requests, args.prompt_len, args.output_len, args.seed)
+    work = workload(args.requests, args.prompt_len, args.output_len, args.seed,
+                    args.workload == "ragged")
     load = [os.getloadavg()]
     engine_args: dict = {"max_num_seqs": args.max_num_seqs, "kernels": args.kernels}
     serve_args = ["--max-num-seqs", str(args.max_num_seqs), "--api-servers",
@@ -143,6 +191,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         config = tiny_model(args.tiny_dir)
         engine_args.update(model=config, load_format="dummy")
         serve_args += [config, "--load-format", "dummy"]
+    elif args.model != "embedded":
+        engine_args.update(model=args.model, load_format=args.load_format, dtype=args.dtype)
+        serve_args += [args.model, "--load-format", args.load_format, "--dtype", args.dtype]
     offline_tok_s = offline(work, engine_args) if args.offline else None
     # (label, code tree, extra serve arguments) of each served configuration
     configs = [(tree, tree, []) for tree in trees]
@@ -152,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
     for _ in range(args.repeats):
         for label, tree, extra in configs:
-            run = served(tree, work, serve_args + extra)
+            run = served(tree, work, serve_args + extra, args.load_procs)
             load.append(os.getloadavg())
             runs[label].append(run)
             print(f"{label}: {run['tok_s']:.1f} tok/s served, {run['us_per_token']:.2f} us "
@@ -160,11 +211,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"{run['idle_cpu_percent']:.2f} % of a core; {run['tokens']} tokens, API "
                   f"servers' CPU {run['cpu_s']:.2f} s, ITL p50 {run['itl_p50_ms']:.1f} ms)",
                   flush=True)
-    cfg = dict(requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len,
-               api_servers=args.api_servers, max_num_seqs=args.max_num_seqs,
-               kernels=args.kernels,
+    cfg = dict(requests=args.requests, workload=args.workload, prompt_len=args.prompt_len,
+               output_len=args.output_len, api_servers=args.api_servers,
+               load_procs=args.load_procs, max_num_seqs=args.max_num_seqs,
+               kernels=args.kernels, dtype=args.dtype,
                model=("2-layer Llama, hidden 64, dummy weights, SmolLM2's tokenizer"
-                      if args.model == "tiny" else "embedded SmolLM2-135M-Instruct"),
+                      if args.model == "tiny" else "embedded SmolLM2-135M-Instruct"
+                      if args.model == "embedded" else f"{args.model} ({args.load_format})"),
                load_average=[[round(x, 2) for x in la] for la in load])
     records = []
     for label, rs in runs.items():
