@@ -30,6 +30,15 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _non_negative(name: str, value: Any, integer: bool = False) -> None:
+    """A finite number >= 0 (`integer`: an int); bools are refused either way."""
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            or value < 0:
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} "
+                         f">= 0, got {value!r}")
+
+
 @dataclass
 class ArchConfig:
     """The network's shape: the subset of a Hugging Face config.json that the models read."""
@@ -267,9 +276,7 @@ class SchedulerConfig:
             raise ValueError(f"policy must be decode-first or prefill-first; got {self.policy!r}")
         if self.priority not in ("fcfs", "priority"):
             raise ValueError(f"priority must be fcfs or priority; got {self.priority!r}")
-        if not (isinstance(self.batch_wait_ms, (int, float)) and math.isfinite(self.batch_wait_ms)
-                and self.batch_wait_ms >= 0):
-            raise ValueError(f"batch_wait_ms must be a finite number >= 0, got {self.batch_wait_ms!r}")
+        _non_negative("batch_wait_ms", self.batch_wait_ms)
 
 
 @dataclass
@@ -396,10 +403,7 @@ class TransportConfig:
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 4096 or cap & (cap - 1):
             raise ValueError(f"ring_capacity must be a power of two >= 4096, got {cap!r}")
         for name in ("spin_us", "ring_timeout_s", "frontend_check_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _non_negative(name, getattr(self, name))
 
 
 @dataclass
@@ -419,13 +423,8 @@ class SupervisorConfig:
 
     def __post_init__(self) -> None:
         for name in ("start_timeout_s", "restart_window_s", "backoff_s", "backoff_max_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.restart_limit, bool) or not isinstance(self.restart_limit, int) \
-                or self.restart_limit < 0:
-            raise ValueError(f"restart_limit must be an integer >= 0, got {self.restart_limit!r}")
+            _non_negative(name, getattr(self, name))
+        _non_negative("restart_limit", self.restart_limit, integer=True)
 
 
 @dataclass
@@ -469,19 +468,14 @@ class ServerConfig:
                     compile_chat_template(f.read())
             except (OSError, ValueError) as exc:
                 raise ValueError(f"chat_template {self.chat_template}: {exc}") from None
-        for name in ("port", "api_servers", "max_pending", "max_body_bytes", "retry_after_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("port", "max_body_bytes", "retry_after_s"):
+            _non_negative(name, getattr(self, name), integer=True)
         if self.port > 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         _positive("api_servers", self.api_servers)
         _positive("max_pending", self.max_pending)
         for name in ("drain_timeout_s", "stream_interval_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _non_negative(name, getattr(self, name))
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None")
 
