@@ -45,7 +45,6 @@ cimport numpy as cnp
 from minivllm._cext.block_allocator cimport BlockAllocator
 from minivllm._cext.ipc cimport MV_FINISH_ABORT, MV_FINISH_LENGTH, MV_FINISH_NONE, MV_FINISH_STOP
 
-from minivllm._cext.records import FINISH_REASONS
 from minivllm.core.batch import ScheduledBatch
 from minivllm.core.request import RequestStatus
 
@@ -135,20 +134,12 @@ cdef class Request:
         self.min_tokens = params.min_tokens
 
     @property
-    def finish_reason(self):
-        return FINISH_REASONS[self.finish_code]
-
-    @property
     def status(self):
         return _STATUS[self.state]
 
     @property
     def output_token_ids(self):
         return self.token_ids[self.num_prompt_tokens:self.num_tokens]
-
-    @property
-    def num_output_tokens(self):
-        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def sort_key(self):

@@ -125,7 +125,7 @@ def batch_view(batch):
 def request_view(r) -> tuple:
     return (r.owner, r.priority, r.arrival_seq, r.num_prompt_tokens, r.max_total_tokens,
             r.token_ids.tolist(), r.num_tokens, r.num_computed_tokens, r.num_cached_tokens,
-            r.req_index, r.status, r.finish_reason, r.output_token_ids.tolist(), r.sort_key)
+            r.req_index, r.status, r.finish_code, r.output_token_ids.tolist(), r.sort_key)
 
 
 def side_view(side: Side) -> tuple:

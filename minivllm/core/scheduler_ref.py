@@ -235,7 +235,7 @@ class Scheduler:
                 self._release(req)  # no room now: it stays first in line
                 break
             self.waiting.pop(0)
-            if req.num_output_tokens == 0:
+            if req.num_tokens == req.num_prompt_tokens:  # not a resumed preemption
                 req.num_cached_tokens = cached
             req.num_computed_tokens = cached
             req.status = RequestStatus.RUNNING
