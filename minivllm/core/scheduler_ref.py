@@ -51,12 +51,11 @@ class _Deferred:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator, max_model_len: int,
+    def __init__(self, config: SchedulerConfig, allocator,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.allocator = allocator
         self.block_size = allocator.block_size
-        self.max_model_len = max_model_len
         self.clock = clock
         self.waiting: list[Request] = []
         self.running: list[Request] = []
