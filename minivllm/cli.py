@@ -79,12 +79,23 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="sample from the k likeliest tokens (-1: all)")
 
 
+# The flags whose dest is an engine option's keyword (LLM(...), build_engine_config).
+_ENGINE_OPTIONS = ("load_format", "dtype", "device", "max_model_len", "seed", "kernels",
+                   "generation_config", "quantization", "data_parallel_size", "max_num_seqs",
+                   "max_num_batched_tokens", "enable_chunked_prefill", "policy", "batch_wait_ms",
+                   "async_scheduling", "block_size", "num_blocks", "cpu_kv_cache_bytes",
+                   "gpu_memory_utilization", "enable_prefix_caching")
+
+
+def _engine_options(args) -> dict:
+    """The engine flags this subcommand has, as keywords."""
+    return {**{k: getattr(args, k) for k in _ENGINE_OPTIONS if hasattr(args, k)},
+            **_parallel(args)}
+
+
 def _make_llm(args):
     from minivllm import LLM
-    return LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-               max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
-               **_parallel(args),
-               generation_config=args.generation_config, quantization=args.quantization)
+    return LLM(args.model, **_engine_options(args))
 
 
 def _params(args):
@@ -173,19 +184,7 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args):
     from minivllm.llm import build_engine_config
 
-    return build_engine_config(
-        args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
-        **_parallel(args), data_parallel_size=getattr(args, "data_parallel_size", 1),
-        generation_config=args.generation_config, quantization=args.quantization,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,
-        batch_wait_ms=args.batch_wait_ms, async_scheduling=args.async_scheduling,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching)
+    return build_engine_config(args.model, **_engine_options(args))
 
 
 def cmd_serve(args) -> int:
