@@ -7,7 +7,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from minivllm.config import KERNEL_SETS, QUANTIZATIONS, ServerConfig, ZmqEndpointConfig
+from minivllm.config import (DTYPES, KERNEL_SETS, LOAD_FORMATS, QUANTIZATIONS, ServerConfig,
+                             ZmqEndpointConfig)
 
 _MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
                "SmolLM2-135M-Instruct)")
@@ -28,10 +29,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     if model_flag:
         p.add_argument("--model", default=None, help=_MODEL_HELP)
-    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"],
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="how to read the model: auto guesses from the path; dummy makes random "
                         "weights of a named shape (qwen2.5-0.5b, llama-3-8b, ...)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights and activations; auto: the checkpoint's, bfloat16 on the CPU "
                         "kernels")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if "

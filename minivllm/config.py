@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
 # The kernel sets of layers/kernels.py, which `ModelConfig.kernels` names (or "auto").
 QUANTIZATIONS = ("auto", "gguf-native", "gguf-native-q8", "none")
 KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
@@ -160,11 +161,11 @@ def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.d
     import torch
 
     if dtype == "auto":
-        dtype = arch.torch_dtype if arch.torch_dtype in _DTYPES else "float32"
+        dtype = arch.torch_dtype if arch.torch_dtype in DTYPES else "float32"
         if device.type == "cpu" and dtype == "float16":
             dtype = "float32"
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return getattr(torch, dtype)
 
 
@@ -201,8 +202,9 @@ class ModelConfig:
                 not os.path.exists(str(self.generation_config)):
             raise ValueError(f"generation_config must be auto, vllm or an existing path; got "
                              f"{self.generation_config!r}")
-        if self.load_format not in ("auto", "hf", "gguf", "dummy"):
-            raise ValueError(f"load_format must be auto, hf, gguf or dummy; got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; "
+                             f"got {self.load_format!r}")
         if self.kernels is None:
             self.kernels = os.environ.get("MINIVLLM_KERNELS", "auto")
         if self.kernels not in ("auto", *KERNEL_SETS):
@@ -210,8 +212,8 @@ class ModelConfig:
                              f"{', '.join(KERNEL_SETS)}; got {self.kernels!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
         if self.max_model_len is not None:
