@@ -18,11 +18,6 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-# The token-id types the C core accepts without a copy.
-ctypedef fused tok_t:
-    int32_t
-    int64_t
-
 cdef int32_t NIL = -1  # "no block": list terminator, empty hash-table entry
 
 # ------------------------------------------------------------------------------------------------
@@ -43,13 +38,12 @@ cdef inline uint64_t rotl(uint64_t x, int r) noexcept nogil:
     return (x << r) | (x >> (64 - r))
 
 
-cdef inline uint64_t hash_tokens(uint64_t parent, const tok_t* tokens, int32_t n) noexcept nogil:
+cdef inline uint64_t hash_tokens(uint64_t parent, const int64_t* tokens, int32_t n) noexcept nogil:
     cdef uint64_t h = parent + P5
     cdef uint64_t k
     cdef int32_t i
     for i in range(n):
-        # Sign-extend to 64 bits, then reinterpret: int32 and int64 ids hash alike.
-        k = <uint64_t>(<int64_t>tokens[i]) * P2
+        k = <uint64_t>tokens[i] * P2
         k = rotl(k, 31) * P1
         h ^= k
         h = rotl(h, 27) * P1 + P4
@@ -64,10 +58,8 @@ cdef inline uint64_t hash_tokens(uint64_t parent, const tok_t* tokens, int32_t n
 def hash_block(uint64_t parent_hash, token_ids):
     """Chained hash of one block (for tests: must equal block_allocator_ref.hash_block)."""
     cdef cnp.ndarray arr = _as_token_array(token_ids)
-    cdef int32_t n = <int32_t>cnp.PyArray_DIM(arr, 0)
-    if cnp.PyArray_TYPE(arr) == cnp.NPY_INT32:
-        return hash_tokens(parent_hash, <const int32_t*>cnp.PyArray_DATA(arr), n)
-    return hash_tokens(parent_hash, <const int64_t*>cnp.PyArray_DATA(arr), n)
+    return hash_tokens(parent_hash, <const int64_t*>cnp.PyArray_DATA(arr),
+                       <int32_t>cnp.PyArray_DIM(arr, 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +179,7 @@ cdef inline int32_t take_block(AllocState* s) noexcept nogil:
 
 
 cdef inline void register_block(AllocState* s, int32_t b, uint64_t h, uint64_t parent,
-                                int32_t pos, const tok_t* tokens) noexcept nogil:
+                                int32_t pos, const int64_t* tokens) noexcept nogil:
     if ht_index_of(s, h) >= 0:
         return  # same content already cached in another block: keep the old mapping
     ht_insert(s, h, b)
@@ -202,7 +194,7 @@ cdef inline void register_block(AllocState* s, int32_t b, uint64_t h, uint64_t p
 
 
 cdef inline bint same_content(const AllocState* s, int32_t b, uint64_t parent, int32_t pos,
-                              const tok_t* tokens) noexcept nogil:
+                              const int64_t* tokens) noexcept nogil:
     """Verify a hash hit: never trust the 64-bit hash alone."""
     if s.blk_parent[b] != parent or s.blk_pos[b] != pos:
         return False
@@ -227,7 +219,7 @@ cdef inline int64_t blocks_needed(const AllocState* s, int32_t seq, int64_t n_to
     return need if need > 0 else 0
 
 
-cdef int64_t match_prefix_impl(AllocState* s, int32_t seq, const tok_t* tokens,
+cdef int64_t match_prefix_impl(AllocState* s, int32_t seq, const int64_t* tokens,
                                int64_t n_tokens) noexcept nogil:
     if bad_seq(s, seq) or n_tokens < 0 or s.seq_nblocks[seq] != 0:
         return -1
@@ -270,7 +262,7 @@ cdef int allocate_impl(AllocState* s, int32_t seq, int64_t n_tokens) noexcept no
     return 1
 
 
-cdef int commit_impl(AllocState* s, int32_t seq, const tok_t* tokens,
+cdef int commit_impl(AllocState* s, int32_t seq, const int64_t* tokens,
                      int64_t n_tokens) noexcept nogil:
     if bad_seq(s, seq) or n_tokens < 0:
         return -1
@@ -313,13 +305,13 @@ cdef int free_impl(AllocState* s, int32_t seq) noexcept nogil:
 # Python-side argument handling.
 # ------------------------------------------------------------------------------------------------
 cdef cnp.ndarray _as_token_array(object token_ids):
-    """token_ids as a contiguous 1-D int32/int64 array; copies only when it must."""
+    """token_ids as a contiguous 1-D int64 array; copies only when it must."""
     cdef cnp.ndarray arr
     if cnp.PyArray_Check(token_ids):
         arr = <cnp.ndarray>token_ids
         # Read in place only if C can: contiguous, aligned, native byte order.
         if (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_ISCARRAY_RO(arr)
-                and (cnp.PyArray_TYPE(arr) == cnp.NPY_INT32 or cnp.PyArray_TYPE(arr) == cnp.NPY_INT64)):
+                and cnp.PyArray_TYPE(arr) == cnp.NPY_INT64):
             return arr
     arr = np.asarray(token_ids)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
@@ -333,16 +325,17 @@ cdef int _check_seq(const AllocState* s, Py_ssize_t seq) except -1:
     return 0
 
 
-cdef int64_t _checked_need(const AllocState* s, Py_ssize_t seq, Py_ssize_t num_total_tokens) except -1:
-    """blocks_needed(), raising where allocate() would: bad seq, negative or too many tokens."""
+cdef int _check_allocate(const AllocState* s, Py_ssize_t seq,
+                         Py_ssize_t num_total_tokens) except -1:
+    """Raise where allocate_impl() would refuse: bad seq, negative or too many tokens."""
     _check_seq(s, seq)
     if num_total_tokens < 0:
         raise ValueError(f"num_total_tokens must be >= 0, got {num_total_tokens}")
-    cdef int64_t need = blocks_needed(s, <int32_t>seq, num_total_tokens)
-    if s.seq_nblocks[seq] + need > s.max_blocks_per_seq:
+    if s.seq_nblocks[seq] + blocks_needed(s, <int32_t>seq, num_total_tokens) \
+            > s.max_blocks_per_seq:
         raise ValueError(f"{num_total_tokens} tokens exceed max_blocks_per_seq="
                          f"{s.max_blocks_per_seq} blocks of {s.block_size}")
-    return need
+    return 0
 
 
 cdef cnp.ndarray _check_tokens(token_ids, Py_ssize_t num_tokens):
@@ -352,16 +345,11 @@ cdef cnp.ndarray _check_tokens(token_ids, Py_ssize_t num_tokens):
     return arr
 
 
-cdef uint64_t _ht_capacity(int64_t num_blocks):
-    cdef uint64_t cap = 1
-    while cap < <uint64_t>(2 * num_blocks):
-        cap <<= 1
-    return cap
-
-
 cdef _alloc_private_arrays(AllocState* s):
     cdef int64_t nb = s.num_blocks
-    cdef uint64_t cap = _ht_capacity(nb)
+    cdef uint64_t cap = 1
+    while cap < <uint64_t>(2 * nb):
+        cap <<= 1
     s.ht_mask = cap - 1
     s.seq_ncommitted = <int32_t*>calloc(s.max_seqs, sizeof(int32_t))
     s.seq_last_hash = <uint64_t*>calloc(s.max_seqs, sizeof(uint64_t))
@@ -451,14 +439,11 @@ cdef class BlockAllocator:
         cdef cnp.ndarray arr = _check_tokens(token_ids, num_tokens)
         if self.st.seq_nblocks[seq] != 0:
             raise ValueError(f"match_prefix on seq {seq}, which already holds blocks")
-        if cnp.PyArray_TYPE(arr) == cnp.NPY_INT32:
-            return match_prefix_impl(&self.st, <int32_t>seq,
-                                     <const int32_t*>cnp.PyArray_DATA(arr), num_tokens)
         return match_prefix_impl(&self.st, <int32_t>seq,
                                  <const int64_t*>cnp.PyArray_DATA(arr), num_tokens)
 
     def allocate(self, Py_ssize_t seq, Py_ssize_t num_total_tokens):
-        _checked_need(&self.st, seq, num_total_tokens)
+        _check_allocate(&self.st, seq, num_total_tokens)
         return allocate_impl(&self.st, <int32_t>seq, num_total_tokens) == 1
 
     def commit(self, Py_ssize_t seq, token_ids, Py_ssize_t num_tokens):
@@ -467,23 +452,11 @@ cdef class BlockAllocator:
         if num_tokens > <int64_t>self.st.seq_nblocks[seq] * self.st.block_size:
             raise ValueError(f"commit of {num_tokens} tokens on seq {seq}, "
                              f"which holds only {self.st.seq_nblocks[seq]} blocks")
-        if cnp.PyArray_TYPE(arr) == cnp.NPY_INT32:
-            commit_impl(&self.st, <int32_t>seq, <const int32_t*>cnp.PyArray_DATA(arr), num_tokens)
-        else:
-            commit_impl(&self.st, <int32_t>seq, <const int64_t*>cnp.PyArray_DATA(arr), num_tokens)
+        commit_impl(&self.st, <int32_t>seq, <const int64_t*>cnp.PyArray_DATA(arr), num_tokens)
 
     def free(self, Py_ssize_t seq):
         _check_seq(&self.st, seq)
         free_impl(&self.st, <int32_t>seq)
-
-    def blocks_needed(self, Py_ssize_t seq, Py_ssize_t num_total_tokens):
-        _check_seq(&self.st, seq)
-        if num_total_tokens < 0:
-            raise ValueError(f"num_total_tokens must be >= 0, got {num_total_tokens}")
-        return blocks_needed(&self.st, <int32_t>seq, num_total_tokens)
-
-    def can_allocate(self, Py_ssize_t seq, Py_ssize_t num_total_tokens):
-        return _checked_need(&self.st, seq, num_total_tokens) <= self.st.n_free + self.st.n_cached
 
     # ------------------------------------------------------------------ stats
     @property

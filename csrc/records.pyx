@@ -138,8 +138,11 @@ cdef inline object _matrix(object descr, cnp.npy_intp n, cnp.npy_intp k, const c
 
 
 # ---- token lists: Python lists without a numpy round trip, arrays without a copy ------------
-cdef object _as_int32_array(object ids, str what):
-    """A contiguous int32 array of ids, or raises naming `what`."""
+cdef object _ids_for_copy(object ids, str what):
+    """`ids` for _copy_ids: a list as it is, anything else as a contiguous int32 array (or
+    raises naming `what`)."""
+    if type(ids) is list:
+        return ids
     if isinstance(ids, np.ndarray) and (<cnp.ndarray>ids).dtype == np.int32 \
             and (<cnp.ndarray>ids).flags.c_contiguous and (<cnp.ndarray>ids).ndim == 1:
         return ids
@@ -175,13 +178,6 @@ cdef Py_ssize_t _copy_ids(char* dst, object ids, str what) except -1:
     if n:
         memcpy(dst, &view[0], n * 4)
     return n
-
-
-cdef inline object _ids_for_copy(object ids, str what):
-    """Lists go to _copy_ids as they are; anything else becomes an int32 array first."""
-    if type(ids) is list:
-        return ids
-    return _as_int32_array(ids, what)
 
 
 # ---- records ----------------------------------------------------------------------------------

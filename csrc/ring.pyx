@@ -208,9 +208,8 @@ cdef class Ring(RecordSink):
         behind it. Records stay valid until consume_to() passes them.
 
         A frame whose length runs past what the producer published (a corrupt or hostile
-        producer) is never read. At tail, everything published so far is discarded (counted in
-        `discarded_bytes`) and RingCorruptError raised; the consumer stays inside the segment
-        and reads on. Past tail it reads as the end (NULL): the records before it are good,
+        producer) is never read. At tail, everything published so far is discarded and
+        RingCorruptError raised; the consumer stays inside the segment and reads on. Past tail it reads as the end (NULL): the records before it are good,
         and the next read from tail meets it."""
         cdef mv_frame* frame
         cdef uint64_t offset, need, dropped
@@ -229,7 +228,6 @@ cdef class Ring(RecordSink):
                 if pos[0] != self.tail:
                     return NULL
                 dropped = self.head_seen - self.tail
-                self.discarded_bytes += dropped
                 self.consume_to(self.head_seen)
                 pos[0] = self.tail
                 raise RingCorruptError(f"ring {self.name}: a frame's length runs past the "

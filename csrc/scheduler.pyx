@@ -10,7 +10,7 @@ per-request Python work.
 How the state is kept
 - `Request` is a cdef class with the reference's attribute names. What the step loops read (token
   counts, req_index, priority, stop ids, the token buffer) are C fields; the Python-facing objects
-  (the id, params, the frozensets, the numpy token buffer) ride along for the engine.
+  (params, the numpy token buffer) ride along for the engine.
 - The waiting and running queues are C ring buffers of *borrowed* Request pointers. The owning
   references live in the dict `_requests` (id -> Request; `requests` is a read-only view), which
   holds every unfinished request; a request leaves it only after it has left both queues. The one other place a request can be named is
@@ -45,7 +45,6 @@ cimport numpy as cnp
 from minivllm._cext.block_allocator cimport BlockAllocator
 from minivllm._cext.ipc cimport MV_FINISH_ABORT, MV_FINISH_LENGTH, MV_FINISH_NONE, MV_FINISH_STOP
 
-from minivllm._cext.records import FINISH_REASONS
 from minivllm.core.batch import ScheduledBatch
 from minivllm.core.request import RequestStatus
 
@@ -104,8 +103,6 @@ cdef class Request:
     cdef readonly object params
     cdef readonly cnp.ndarray token_ids    # int64 [max_total_tokens]: the prompt, then outputs
     cdef readonly int finish_code          # MV_FINISH_*
-    cdef readonly frozenset eos_ids
-    cdef readonly frozenset stop_ids
     cdef cnp.ndarray _stop_array           # owns stop_tokens
 
     def __init__(self, int64_t owner, prompt_token_ids, params, eos_token_ids,
@@ -126,17 +123,12 @@ cdef class Request:
         self.req_index = -1
         self.state = WAITING
         self.row = -1
-        self.eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)
-        self.stop_ids = frozenset(params.stop_token_ids)
         # eos and stop ids end a request alike: one C array serves the check.
-        self._stop_array = np.array(sorted(self.eos_ids | self.stop_ids), dtype=np.int64)
+        stop = {*(() if params.ignore_eos else eos_token_ids), *params.stop_token_ids}
+        self._stop_array = np.array(sorted(stop), dtype=np.int64)
         self.stop_tokens = <const int64_t*>cnp.PyArray_DATA(self._stop_array)
         self.num_stop_tokens = len(self._stop_array)
         self.min_tokens = params.min_tokens
-
-    @property
-    def finish_reason(self):
-        return FINISH_REASONS[self.finish_code]
 
     @property
     def status(self):
@@ -145,10 +137,6 @@ cdef class Request:
     @property
     def output_token_ids(self):
         return self.token_ids[self.num_prompt_tokens:self.num_tokens]
-
-    @property
-    def num_output_tokens(self):
-        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def sort_key(self):
@@ -297,7 +285,6 @@ cdef class Scheduler:
     cdef readonly object config
     cdef readonly BlockAllocator allocator
     cdef readonly int32_t block_size
-    cdef readonly int64_t max_model_len
     cdef public object clock
     cdef dict _requests                    # owner -> Request: owns every unfinished request
     cdef readonly object requests          # a read-only view of it: the queues borrow from it
@@ -365,15 +352,13 @@ cdef class Scheduler:
     cdef int32_t* held_indices
     cdef Py_ssize_t num_held
 
-    def __init__(self, config, BlockAllocator allocator not None, int64_t max_model_len,
-                 clock=time.monotonic):
+    def __init__(self, config, BlockAllocator allocator not None, clock=time.monotonic):
         if allocator.max_seqs < config.max_num_seqs:
             raise ValueError(f"the allocator has {allocator.max_seqs} req_indices, fewer than "
                              f"max_num_seqs={config.max_num_seqs}")
         self.config = config
         self.allocator = allocator
         self.block_size = allocator.block_size
-        self.max_model_len = max_model_len
         self.clock = clock
         self._released = []
         self._requests = {}

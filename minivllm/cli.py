@@ -7,7 +7,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from minivllm.config import KERNEL_SETS, QUANTIZATIONS, ServerConfig, ZmqEndpointConfig
+from minivllm.config import (DTYPES, KERNEL_SETS, LOAD_FORMATS, QUANTIZATIONS, ServerConfig,
+                             ZmqEndpointConfig)
 
 _MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
                "SmolLM2-135M-Instruct)")
@@ -28,10 +29,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     if model_flag:
         p.add_argument("--model", default=None, help=_MODEL_HELP)
-    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"],
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="how to read the model: auto guesses from the path; dummy makes random "
                         "weights of a named shape (qwen2.5-0.5b, llama-3-8b, ...)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights and activations; auto: the checkpoint's, bfloat16 on the CPU "
                         "kernels")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if "
@@ -79,12 +80,23 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="sample from the k likeliest tokens (-1: all)")
 
 
+# The flags whose dest is an engine option's keyword (LLM(...), build_engine_config).
+_ENGINE_OPTIONS = ("load_format", "dtype", "device", "max_model_len", "seed", "kernels",
+                   "generation_config", "quantization", "data_parallel_size", "max_num_seqs",
+                   "max_num_batched_tokens", "enable_chunked_prefill", "policy", "batch_wait_ms",
+                   "async_scheduling", "block_size", "num_blocks", "cpu_kv_cache_bytes",
+                   "gpu_memory_utilization", "enable_prefix_caching")
+
+
+def _engine_options(args) -> dict:
+    """The engine flags this subcommand has, as keywords."""
+    return {**{k: getattr(args, k) for k in _ENGINE_OPTIONS if hasattr(args, k)},
+            **_parallel(args)}
+
+
 def _make_llm(args):
     from minivllm import LLM
-    return LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-               max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
-               **_parallel(args),
-               generation_config=args.generation_config, quantization=args.quantization)
+    return LLM(args.model, **_engine_options(args))
 
 
 def _params(args):
@@ -173,19 +185,7 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args):
     from minivllm.llm import build_engine_config
 
-    return build_engine_config(
-        args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        max_model_len=args.max_model_len, seed=args.seed, kernels=args.kernels,
-        **_parallel(args), data_parallel_size=getattr(args, "data_parallel_size", 1),
-        generation_config=args.generation_config, quantization=args.quantization,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=args.enable_chunked_prefill, policy=args.policy,
-        batch_wait_ms=args.batch_wait_ms, async_scheduling=args.async_scheduling,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching)
+    return build_engine_config(args.model, **_engine_options(args))
 
 
 def cmd_serve(args) -> int:

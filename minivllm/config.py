@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
 # The kernel sets of layers/kernels.py, which `ModelConfig.kernels` names (or "auto").
 QUANTIZATIONS = ("auto", "gguf-native", "gguf-native-q8", "none")
 KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
@@ -28,6 +29,15 @@ KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative(name: str, value: Any, integer: bool = False) -> None:
+    """A finite number >= 0 (`integer`: an int); bools are refused either way."""
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            or value < 0:
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} "
+                         f">= 0, got {value!r}")
 
 
 @dataclass
@@ -151,11 +161,11 @@ def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.d
     import torch
 
     if dtype == "auto":
-        dtype = arch.torch_dtype if arch.torch_dtype in _DTYPES else "float32"
+        dtype = arch.torch_dtype if arch.torch_dtype in DTYPES else "float32"
         if device.type == "cpu" and dtype == "float16":
             dtype = "float32"
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return getattr(torch, dtype)
 
 
@@ -192,8 +202,9 @@ class ModelConfig:
                 not os.path.exists(str(self.generation_config)):
             raise ValueError(f"generation_config must be auto, vllm or an existing path; got "
                              f"{self.generation_config!r}")
-        if self.load_format not in ("auto", "hf", "gguf", "dummy"):
-            raise ValueError(f"load_format must be auto, hf, gguf or dummy; got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; "
+                             f"got {self.load_format!r}")
         if self.kernels is None:
             self.kernels = os.environ.get("MINIVLLM_KERNELS", "auto")
         if self.kernels not in ("auto", *KERNEL_SETS):
@@ -201,8 +212,8 @@ class ModelConfig:
                              f"{', '.join(KERNEL_SETS)}; got {self.kernels!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
         if self.max_model_len is not None:
@@ -267,9 +278,7 @@ class SchedulerConfig:
             raise ValueError(f"policy must be decode-first or prefill-first; got {self.policy!r}")
         if self.priority not in ("fcfs", "priority"):
             raise ValueError(f"priority must be fcfs or priority; got {self.priority!r}")
-        if not (isinstance(self.batch_wait_ms, (int, float)) and math.isfinite(self.batch_wait_ms)
-                and self.batch_wait_ms >= 0):
-            raise ValueError(f"batch_wait_ms must be a finite number >= 0, got {self.batch_wait_ms!r}")
+        _non_negative("batch_wait_ms", self.batch_wait_ms)
 
 
 @dataclass
@@ -396,10 +405,7 @@ class TransportConfig:
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 4096 or cap & (cap - 1):
             raise ValueError(f"ring_capacity must be a power of two >= 4096, got {cap!r}")
         for name in ("spin_us", "ring_timeout_s", "frontend_check_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _non_negative(name, getattr(self, name))
 
 
 @dataclass
@@ -419,13 +425,8 @@ class SupervisorConfig:
 
     def __post_init__(self) -> None:
         for name in ("start_timeout_s", "restart_window_s", "backoff_s", "backoff_max_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.restart_limit, bool) or not isinstance(self.restart_limit, int) \
-                or self.restart_limit < 0:
-            raise ValueError(f"restart_limit must be an integer >= 0, got {self.restart_limit!r}")
+            _non_negative(name, getattr(self, name))
+        _non_negative("restart_limit", self.restart_limit, integer=True)
 
 
 @dataclass
@@ -469,19 +470,14 @@ class ServerConfig:
                     compile_chat_template(f.read())
             except (OSError, ValueError) as exc:
                 raise ValueError(f"chat_template {self.chat_template}: {exc}") from None
-        for name in ("port", "api_servers", "max_pending", "max_body_bytes", "retry_after_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("port", "max_body_bytes", "retry_after_s"):
+            _non_negative(name, getattr(self, name), integer=True)
         if self.port > 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         _positive("api_servers", self.api_servers)
         _positive("max_pending", self.max_pending)
         for name in ("drain_timeout_s", "stream_interval_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _non_negative(name, getattr(self, name))
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None")
 

@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
+from minivllm._cext import records
+
 
 def _finite(name: str, value: float) -> None:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
@@ -23,12 +25,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-# The longest structured-outputs spec taken (a schema, regex or grammar as UTF-8): it travels in
-# the submit record and is compiled on the engine's worker thread.
-MAX_SPEC_BYTES = 1 << 20
+def _is_token_id(value: object) -> bool:
+    return _is_int(value) and 0 <= value <= _INT32_MAX
 
-# The kinds, in the order ipc/minivllm_ipc.h numbers them (MV_STRUCTURED_*, from 1).
-STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+# The kinds in MV_STRUCTURED_* order, and the longest spec (a schema, regex or grammar as UTF-8)
+# the submit record carries to the engine's compiler: ipc/minivllm_ipc.h's.
+STRUCTURED_KINDS = tuple(records.STRUCTURED_KINDS.values())
+MAX_SPEC_BYTES = records.MAX_SPEC_BYTES
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,7 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if any(not _is_int(t) or not 0 <= t <= _INT32_MAX for t in self.stop_token_ids):
+        if not all(map(_is_token_id, self.stop_token_ids)):
             raise ValueError(f"stop_token_ids must be integers in [0, {_INT32_MAX}], "
                              f"got {self.stop_token_ids!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs)
@@ -207,23 +211,21 @@ class SamplingParams:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError("logit_bias must map token ids to biases")
             for token, bias in self.logit_bias.items():
-                if not _is_int(token) or not 0 <= token <= _INT32_MAX:
+                if not _is_token_id(token):
                     raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
                 _finite(f"logit_bias[{token}]", bias)
                 if not -100 <= bias <= 100:
                     raise ValueError(f"logit_bias[{token}] must be in [-100, 100], got {bias}")
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
-            if not self.allowed_token_ids or any(not _is_int(t) or not 0 <= t <= _INT32_MAX
-                                                 for t in self.allowed_token_ids):
+            if not self.allowed_token_ids or not all(map(_is_token_id, self.allowed_token_ids)):
                 raise ValueError("allowed_token_ids must be a non-empty list of token ids, got "
                                  f"{self.allowed_token_ids!r}")
         if self.bad_words is not None and (isinstance(self.bad_words, str) or any(
                 not isinstance(w, str) or not w.strip() for w in self.bad_words)):
             raise ValueError("bad_words must be a list of non-empty strings")
         self.bad_words_token_ids = [list(ids) for ids in self.bad_words_token_ids]
-        if any(not ids or any(not _is_int(t) or not 0 <= t <= _INT32_MAX for t in ids)
-               for ids in self.bad_words_token_ids):
+        if any(not ids or not all(map(_is_token_id, ids)) for ids in self.bad_words_token_ids):
             raise ValueError("bad_words_token_ids must be non-empty lists of token ids")
 
     def check_vocab(self, vocab_size: int) -> None:

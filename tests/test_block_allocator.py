@@ -117,8 +117,6 @@ def test_bad_arguments(impl):
     with pytest.raises(ValueError):
         a.allocate(0, 13)            # 4 blocks > max_blocks_per_seq
     with pytest.raises(ValueError):
-        a.can_allocate(0, 13)
-    with pytest.raises(ValueError):
         a.allocate(0, -1)
     with pytest.raises(ValueError):
         a.match_prefix(0, t, 21)     # more tokens than the array holds
@@ -131,8 +129,6 @@ def test_bad_arguments(impl):
         a.commit(0, t, 9)            # beyond the seq's 2 blocks
     with pytest.raises(ValueError):
         a.match_prefix(0, t, 8)      # seq already holds blocks
-    assert a.blocks_needed(0, 12) == 1 and a.blocks_needed(0, 3) == 0
-    assert a.blocks_needed(0, 100) == 23  # arithmetic only; allocate would raise
     check_invariants(a)
 
 
@@ -163,7 +159,6 @@ def test_allocate_failure_changes_nothing(impl):
     a.free(0)                    # -> 3 cached blocks, 3 free
     assert a.allocate(1, 2)      # 1 block from the free list
     before = snapshot(a)
-    assert not a.can_allocate(2, 12)
     assert not a.allocate(2, 12)  # needs 6, only 5 allocatable
     assert snapshot(a) == before
     assert a.match_prefix(2, t, 6) == 4   # the cached blocks survived the failed attempt
@@ -396,8 +391,6 @@ class Differential:
             self.tokens[seq], self.computed[seq] = tokens, cached
 
     def allocate(self, seq, extra):
-        self.call("blocks_needed", seq, self.computed[seq] + extra)
-        self.call("can_allocate", seq, self.computed[seq] + extra)
         self.call("allocate", seq, self.computed[seq] + extra)
 
     def commit(self, seq, k, dtype):

@@ -46,7 +46,6 @@ cdef class Ring(RecordSink):
     cdef readonly bint created
     cdef public object bell      # called with no argument when the consumer must be woken
     cdef readonly uint64_t bells_rung
-    cdef readonly uint64_t discarded_bytes  # consumer: corrupt frames skipped (see peek)
 
     cdef int _wait_room(self, uint64_t need, double timeout) except -1
     cdef const char* peek(self, uint32_t* length) except? NULL

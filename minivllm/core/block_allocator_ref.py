@@ -151,19 +151,6 @@ class BlockAllocator:
     def usage(self) -> float:
         return self.num_used_blocks / self.num_blocks
 
-    # ------------------------------------------------------------------ sizing
-    def blocks_needed(self, seq: int, num_total_tokens: int) -> int:
-        """Additional blocks allocate(seq, num_total_tokens) would take (0 if already covered)."""
-        self._check_seq(seq)
-        if num_total_tokens < 0:
-            raise ValueError(f"num_total_tokens must be >= 0, got {num_total_tokens}")
-        want = -(-num_total_tokens // self.block_size)
-        return max(0, want - int(self.num_seq_blocks[seq]))
-
-    def can_allocate(self, seq: int, num_total_tokens: int) -> bool:
-        need = self._checked_need(seq, num_total_tokens)
-        return need <= self.num_free_blocks
-
     # ------------------------------------------------------------------ operations
     def match_prefix(self, seq: int, token_ids, num_tokens: int) -> int:
         """Attach cached blocks for the longest cached prefix of token_ids[:num_tokens].
@@ -303,7 +290,11 @@ class BlockAllocator:
             raise ValueError(f"seq {seq} out of range [0, {self.max_seqs})")
 
     def _checked_need(self, seq: int, num_total_tokens: int) -> int:
-        need = self.blocks_needed(seq, num_total_tokens)
+        """Blocks allocate(seq, num_total_tokens) takes (0 if already covered), or raises."""
+        self._check_seq(seq)
+        if num_total_tokens < 0:
+            raise ValueError(f"num_total_tokens must be >= 0, got {num_total_tokens}")
+        need = max(0, -(-num_total_tokens // self.block_size) - int(self.num_seq_blocks[seq]))
         if self.num_seq_blocks[seq] + need > self.max_blocks_per_seq:
             raise ValueError(f"{num_total_tokens} tokens exceed max_blocks_per_seq="
                              f"{self.max_blocks_per_seq} blocks of {self.block_size}")

@@ -6,11 +6,11 @@ so the core keeps no other map from batch rows to requests."""
 from __future__ import annotations
 
 import enum
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from minivllm._cext.records import FINISH_LENGTH, FINISH_NONE, FINISH_REASONS, FINISH_STOP
+from minivllm._cext.records import FINISH_LENGTH, FINISH_NONE, FINISH_STOP
 from minivllm.sampling_params import SamplingParams
 
 
@@ -50,16 +50,8 @@ class Request:
         return self.token_ids[self.num_prompt_tokens:self.num_tokens]
 
     @property
-    def num_output_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
-
-    @property
     def sort_key(self) -> tuple[int, int]:
         return (self.priority, self.arrival_seq)
-
-    @property
-    def finish_reason(self) -> Optional[str]:
-        return FINISH_REASONS[self.finish_code]
 
     def append_token(self, token: int) -> int:
         """Record a sampled token; return its finish code (FINISH_NONE: it goes on)."""

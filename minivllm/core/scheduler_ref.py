@@ -51,12 +51,11 @@ class _Deferred:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator, max_model_len: int,
+    def __init__(self, config: SchedulerConfig, allocator,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.allocator = allocator
         self.block_size = allocator.block_size
-        self.max_model_len = max_model_len
         self.clock = clock
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -235,7 +234,7 @@ class Scheduler:
                 self._release(req)  # no room now: it stays first in line
                 break
             self.waiting.pop(0)
-            if req.num_output_tokens == 0:
+            if req.num_tokens == req.num_prompt_tokens:  # not a resumed preemption
                 req.num_cached_tokens = cached
             req.num_computed_tokens = cached
             req.status = RequestStatus.RUNNING

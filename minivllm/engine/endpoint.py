@@ -45,7 +45,6 @@ class Endpoint:
 
     def __init__(self, ctx: zmq.Context, address: str, config: ZmqEndpointConfig,
                  max_model_len: int) -> None:
-        self.address, self.config = address, config
         self.max_message_bytes = message_limit(config, max_model_len)
         self.auth = None
         self.socket = ctx.socket(zmq.ROUTER)

@@ -93,7 +93,7 @@ class EngineCore:
         self.allocator = impl.BlockAllocator(
             spec.num_blocks, spec.block_size, config.scheduler.max_num_seqs,
             -(-self.max_model_len // spec.block_size), config.cache.enable_prefix_caching)
-        self.scheduler = impl.Scheduler(config.scheduler, self.allocator, self.max_model_len)
+        self.scheduler = impl.Scheduler(config.scheduler, self.allocator)
         eos = set(self.source.arch.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

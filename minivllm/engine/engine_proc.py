@@ -89,18 +89,16 @@ class EngineProc:
                                    core.allocator.num_blocks)
         self.endpoint: Optional[Endpoint] = None
         self.router: Optional[zmq.Socket] = None
-        self.poller = zmq.Poller()
-        self.poller.register(self.control, zmq.POLLIN)
-        self.poller.register(self.bells.socket, zmq.POLLIN)
-        self.paced_poller = self.poller  # the sleep's sockets while the endpoint waits its turn
+        # The sockets an idle loop sleeps on; paced: all but the endpoint, while it waits its turn.
+        self.poller, self.paced_poller = zmq.Poller(), zmq.Poller()
+        for poller in (self.poller, self.paced_poller):
+            poller.register(self.control, zmq.POLLIN)
+            poller.register(self.bells.socket, zmq.POLLIN)
         self.router_paced_until = 0.0  # time.monotonic() before which the endpoint is not read
         if transport.zmq_endpoint:
             self.endpoint = Endpoint(self.ctx, transport.zmq_endpoint, transport.zmq,
                                      core.max_model_len)
             self.router = self.endpoint.socket
-            self.paced_poller = zmq.Poller()
-            self.paced_poller.register(self.control, zmq.POLLIN)
-            self.paced_poller.register(self.bells.socket, zmq.POLLIN)
             self.poller.register(self.router, zmq.POLLIN)
         self.clients: dict[int, Client] = {}
         self.frontends: dict[str, FrontendClient] = {}

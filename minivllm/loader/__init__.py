@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from minivllm.config import ArchConfig
+from minivllm.config import LOAD_FORMATS, ArchConfig
 from minivllm.loader import dummy, gguf, hf_dir
 from minivllm.loader.embedded import EMBEDDED_MODEL_NAME, embedded_gguf_path
 from minivllm.loader.gguf_header import read_gguf_header
@@ -25,8 +25,6 @@ if TYPE_CHECKING:  # torch only where weights are made: frontends resolve models
 __all__ = ["ModelSource", "resolve_model", "load_weights", "load_blocks", "load_tokenizer",
            "EMBEDDED_MODEL_NAME", "embedded_gguf_path"]
 
-_LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
-
 
 @dataclass
 class ModelSource:
@@ -38,8 +36,8 @@ class ModelSource:
 
 def resolve_model(model: Optional[str], load_format: str = "auto") -> ModelSource:
     """What `model` names: None/"embedded", a GGUF file, a HF directory, or (dummy) a preset."""
-    if load_format not in _LOAD_FORMATS:
-        raise ValueError(f"load_format must be one of {', '.join(_LOAD_FORMATS)}; "
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; "
                          f"got {load_format!r}")
     if load_format == "dummy":
         return _resolve_dummy(model)

@@ -6,8 +6,6 @@ one another (tests/wire_spec.py, tests/test_protocol_doc.py).
 """
 from __future__ import annotations
 
-# The transport's vocabulary, re-exported. The codes come from ipc/minivllm_ipc.h through the
-# compiled codecs: never typed again in Python.
 from minivllm._cext.records import (  # noqa: F401
     ERR_DRAINING, ERR_DUPLICATE_ID, ERR_INTERNAL, ERR_INVALID_REQUEST, ERR_MALFORMED,
     ERR_OVERLOADED, ERROR_HAS_REQUEST, FINISH_ABORT, FINISH_LENGTH, FINISH_NONE,
