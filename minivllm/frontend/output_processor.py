@@ -115,6 +115,15 @@ class CompletionStream:
         self.sent_text, self.sent_tokens = end, len(self.token_ids)
         return text, tokens
 
+    def output(self) -> CompletionOutput:
+        """The completion so far (its text up to what delta() gave out: the whole text once
+        finished), with what is new since the last one in delta_text / delta_token_ids."""
+        delta_text, delta_tokens = self.delta()
+        return CompletionOutput(self.index, self._text[:self.sent_text], list(self.token_ids),
+                                self.finish_reason, self.stop_reason, self.cumulative_logprob,
+                                None if self.logprobs is None else list(self.logprobs),
+                                delta_text, delta_tokens)
+
 
 class RequestState:
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
@@ -128,18 +137,14 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.streams)
+        for s in self.streams:  # (a loop: a server asks this per request per step)
+            if s.finish_reason is None:
+                return False
+        return True
 
     def snapshot(self) -> RequestOutput:
         """The request so far: cumulative text and tokens, plus what is new since last time."""
-        outputs = []
-        for s in self.streams:
-            delta_text, delta_tokens = s.delta()
-            outputs.append(CompletionOutput(
-                s.index, s.text if s.finished else s.text[:s.sent_text], list(s.token_ids),
-                s.finish_reason, s.stop_reason, s.cumulative_logprob,
-                None if s.logprobs is None else list(s.logprobs),
-                delta_text=delta_text, delta_token_ids=delta_tokens))
+        outputs = [s.output() for s in self.streams]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              self.num_cached_tokens,
                              None if self.prompt_logprobs is None else list(self.prompt_logprobs))
