@@ -115,11 +115,13 @@ class CompletionStream:
         self.sent_text, self.sent_tokens = end, len(self.token_ids)
         return text, tokens
 
-    def output(self) -> CompletionOutput:
+    def output(self, copy_token_ids: bool = True) -> CompletionOutput:
         """The completion so far (its text up to what delta() gave out: the whole text once
-        finished), with what is new since the last one in delta_text / delta_token_ids."""
+        finished), with what is new since the last one in delta_text / delta_token_ids; its
+        token_ids a copy of this stream's unless `copy_token_ids` is False."""
         delta_text, delta_tokens = self.delta()
-        return CompletionOutput(self.index, self._text[:self.sent_text], list(self.token_ids),
+        return CompletionOutput(self.index, self._text[:self.sent_text],
+                                list(self.token_ids) if copy_token_ids else self.token_ids,
                                 self.finish_reason, self.stop_reason, self.cumulative_logprob,
                                 None if self.logprobs is None else list(self.logprobs),
                                 delta_text, delta_tokens)
@@ -131,6 +133,7 @@ class RequestState:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.streams = streams
         self.error: Optional[BaseException] = None
+        self.copy_token_ids = True  # False: outputs share the streams' token_ids lists
         self.num_cached_tokens = 0
         self.prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = (
             None if streams[0].params.prompt_logprobs is None else [None])
@@ -144,7 +147,7 @@ class RequestState:
 
     def snapshot(self) -> RequestOutput:
         """The request so far: cumulative text and tokens, plus what is new since last time."""
-        outputs = [s.output() for s in self.streams]
+        outputs = [s.output(self.copy_token_ids) for s in self.streams]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              self.num_cached_tokens,
                              None if self.prompt_logprobs is None else list(self.prompt_logprobs))
