@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from minivllm.frontend.detokenizer import IncrementalDetokenizer
+from minivllm.frontend.detokenizer import IncrementalDetokenizer, byte_tables
 from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport.protocol import FINISH_REASONS, FINISH_STOP
@@ -168,6 +168,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.streams: dict[int, tuple[CompletionStream, RequestState]] = {}
+        if tokenizer is not None:
+            byte_tables(tokenizer)  # made now, not in the first request's latency
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams, new_key: Callable[[], int]) -> RequestState:
