@@ -33,7 +33,25 @@ def tokenizer():
 
 
 # ---- detokenization and stop strings (no engine) --------------------------------------------
-def test_incremental_detokenization_equals_full_decode(tokenizer):
+def _windowed(tokenizer):
+    """The same tokenizer with its ByteLevel decoder in a Sequence: the same decoding, but not
+    the byte table's (IncrementalDetokenizer decodes windows of tokens)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders
+
+    from minivllm.tokenizer import Tokenizer
+
+    backend = Backend.from_str(tokenizer.backend.to_str())
+    backend.decoder = decoders.Sequence([decoders.ByteLevel()])
+    return Tokenizer(backend, {}, None)
+
+
+@pytest.mark.parametrize("path", ["byte table", "windows"])
+def test_incremental_detokenization_equals_full_decode(tokenizer, path):
+    from minivllm.frontend.detokenizer import byte_tables
+
+    tokenizer = tokenizer if path == "byte table" else _windowed(tokenizer)
+    assert (byte_tables(tokenizer) is not None) == (path == "byte table")
     rng = random.Random(0)
     texts = ["héllo 世界 🎉 ok", "naïve café — “quotes” ✓", "🙂🙃😉" * 3, "abc\n\tdef  ghi"]
     for text in texts:
@@ -43,9 +61,12 @@ def test_incremental_detokenization_equals_full_decode(tokenizer):
         assert "".join(pieces) == tokenizer.decode(ids) == text
         assert not any("\ufffd" in p for p in pieces)  # no half characters streamed
     for _ in range(50):  # random ids, incomplete bytes included: same text as a full decode
-        ids = [rng.randrange(49152) for _ in range(rng.randrange(1, 40))]
-        detok = IncrementalDetokenizer(tokenizer, [1])
-        assert "".join([detok.push(t) for t in ids] + [detok.flush()]) == tokenizer.decode(ids)
+        ids = [rng.choice((rng.randrange(20), rng.randrange(49152)))
+               for _ in range(rng.randrange(1, 40))]
+        skip = rng.random() < 0.5  # special tokens (ids below 17) kept or skipped
+        detok = IncrementalDetokenizer(tokenizer, [1], skip_special_tokens=skip)
+        assert "".join([detok.push(t) for t in ids] + [detok.flush()]) == \
+            tokenizer.decode(ids, skip_special_tokens=skip)
     for _ in range(200):  # tokens arriving together: the text their pushes would have made
         ids = [rng.choice((rng.randrange(400), rng.randrange(49152)))
                for _ in range(rng.randrange(1, 40))]

@@ -76,7 +76,7 @@ class AsyncEngineClient:
         self.processor = OutputProcessor(tokenizer, self.eos_token_ids)
         self._requests: dict[str, RequestState] = {}
         self._request_ids = itertools.count()
-        self._events: dict[int, asyncio.Event] = {}  # id(state) -> its consumer's wake-up
+        self._events: dict[int, Wakeup] = {}  # id(state) -> its consumer's wake-up
         self.state = "ready"  # ready | dead (the engine died; re-attaching) | closed
         self.restarts = 0     # engine restarts this client re-attached after
         self._control_lock = asyncio.Lock()
@@ -130,11 +130,16 @@ class AsyncEngineClient:
             stream.close()
 
     def open(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-             request_id: Optional[str] = None) -> "RequestStream":
+             request_id: Optional[str] = None, copy_token_ids: bool = True) -> "RequestStream":
         """generate(), but the request is checked and sent now (a server answers 400 before
-        it starts a response); close() the stream if you stop reading before it finishes."""
+        it starts a response); close() the stream if you stop reading before it finishes.
+        copy_token_ids=False: each output's token_ids is the sequence's own list, which later
+        tokens extend, not a copy (for a reader that needs an output's token_ids only once it
+        has finished, as the server: the copies grow with the output)."""
         params = params or SamplingParams(**self.sampling_defaults)
-        return RequestStream(self, self._add(prompt, params, request_id))
+        state = self._add(prompt, params, request_id)
+        state.copy_token_ids = copy_token_ids
+        return RequestStream(self, state)
 
     def submit(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                request_id: Optional[str] = None) -> "asyncio.Task[RequestOutput]":
@@ -176,7 +181,7 @@ class AsyncEngineClient:
         state = self.processor.add_request(request_id, text, ids, params,
                                            lambda: next(self._wire_ids))
         self._requests[request_id] = state
-        self._events[id(state)] = asyncio.Event()
+        self._events[id(state)] = Wakeup()
         try:
             for stream in state.streams:
                 self.channel.submit(stream.key, ids, stream.params)
@@ -367,6 +372,32 @@ class AsyncEngineClient:
             await asyncio.get_running_loop().run_in_executor(None, self.channel.close)
 
 
+class Wakeup:
+    """asyncio.Event for a request's one consumer, set by the reader per engine step that
+    advanced the request, cleared by the wait it ends: a bare future per wait, without Event's
+    waiter deque (a step wakes every request in flight)."""
+
+    __slots__ = ("is_set", "_waiter")
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._waiter: Optional[asyncio.Future] = None
+
+    def set(self) -> None:
+        self.is_set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self) -> None:
+        if not self.is_set:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.is_set = False
+
+
 class RequestStream:
     """The outputs of one request, as an async iterator. Cancelling a wait on it, close(), or
     an error aborts what is still running in the engine and forgets the request."""
@@ -388,12 +419,11 @@ class RequestStream:
         except BaseException:
             self.close()
             raise
-        self._event.clear()
         if self.state.error is not None:
             self.close()
             raise self.state.error
         out = self.state.snapshot()
-        if out.finished:
+        if self.state.finished:
             self.close()
         return out
 

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from minivllm.frontend.detokenizer import IncrementalDetokenizer
+from minivllm.frontend.detokenizer import IncrementalDetokenizer, byte_tables
 from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport.protocol import FINISH_REASONS, FINISH_STOP
@@ -115,6 +115,17 @@ class CompletionStream:
         self.sent_text, self.sent_tokens = end, len(self.token_ids)
         return text, tokens
 
+    def output(self, copy_token_ids: bool = True) -> CompletionOutput:
+        """The completion so far (its text up to what delta() gave out: the whole text once
+        finished), with what is new since the last one in delta_text / delta_token_ids; its
+        token_ids a copy of this stream's unless `copy_token_ids` is False."""
+        delta_text, delta_tokens = self.delta()
+        return CompletionOutput(self.index, self._text[:self.sent_text],
+                                list(self.token_ids) if copy_token_ids else self.token_ids,
+                                self.finish_reason, self.stop_reason, self.cumulative_logprob,
+                                None if self.logprobs is None else list(self.logprobs),
+                                delta_text, delta_tokens)
+
 
 class RequestState:
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
@@ -122,24 +133,21 @@ class RequestState:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.streams = streams
         self.error: Optional[BaseException] = None
+        self.copy_token_ids = True  # False: outputs share the streams' token_ids lists
         self.num_cached_tokens = 0
         self.prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = (
             None if streams[0].params.prompt_logprobs is None else [None])
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.streams)
+        for s in self.streams:  # (a loop: a server asks this per request per step)
+            if s.finish_reason is None:
+                return False
+        return True
 
     def snapshot(self) -> RequestOutput:
         """The request so far: cumulative text and tokens, plus what is new since last time."""
-        outputs = []
-        for s in self.streams:
-            delta_text, delta_tokens = s.delta()
-            outputs.append(CompletionOutput(
-                s.index, s.text if s.finished else s.text[:s.sent_text], list(s.token_ids),
-                s.finish_reason, s.stop_reason, s.cumulative_logprob,
-                None if s.logprobs is None else list(s.logprobs),
-                delta_text=delta_text, delta_token_ids=delta_tokens))
+        outputs = [s.output(self.copy_token_ids) for s in self.streams]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              self.num_cached_tokens,
                              None if self.prompt_logprobs is None else list(self.prompt_logprobs))
@@ -160,6 +168,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.streams: dict[int, tuple[CompletionStream, RequestState]] = {}
+        if tokenizer is not None:
+            byte_tables(tokenizer)  # made now, not in the first request's latency
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams, new_key: Callable[[], int]) -> RequestState:

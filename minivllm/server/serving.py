@@ -17,7 +17,8 @@ from typing import (TYPE_CHECKING, AsyncGenerator, AsyncIterator, Awaitable, Cal
                     Union)
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from minivllm.frontend.async_client import EngineDeadError, EngineDrainingError, EngineError
 from minivllm.outputs import RequestOutput
@@ -41,7 +42,7 @@ Merged = AsyncGenerator[tuple[int, RequestOutput], None]
 async def serve(state: ServerState, request: Request,
                 req: Union[CompletionRequest, ChatCompletionRequest], params: SamplingParams,
                 prompts: list, chat: bool, tools: Optional[ToolCalls] = None
-                ) -> Union[dict, StreamingResponse]:
+                ) -> Union[dict, "EventStream"]:
     """Generate for every prompt of `req`; the whole response, or its SSE stream (a chat's
     tool calls taken out of its text by `tools`)."""
     start = time.monotonic()
@@ -55,8 +56,8 @@ async def serve(state: ServerState, request: Request,
         limit, limit_field = req.completion_limit()
         inputs = [await _engine_prompt(state, p, limit, limit_field, chat) for p in prompts]
         try:
-            for prompt in inputs:
-                streams.append(state.client.open(prompt, params))
+            for prompt in inputs:  # token_ids are read once finished: no copy per output
+                streams.append(state.client.open(prompt, params, copy_token_ids=False))
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
         except EngineError as exc:
@@ -71,12 +72,10 @@ async def serve(state: ServerState, request: Request,
             merged = _merge(streams, state.config.stream_interval_s)
             if params.structured_outputs is not None:
                 merged = await _first_awaited(merged)
-            body = _sse(response, merged, recorder, include_usage, state.release)
-            streams = None  # the stream owns the requests and the admission slot now
-            return StreamingResponse(body, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-        finals = await _until_done_or_disconnect(request, _collect(_merge(streams), recorder))
+            streams = None  # the response owns the requests and the admission slot now
+            return _sse(response, merged, recorder, include_usage, state.release)
+        finals = await _until_done_or_disconnect(request.receive,
+                                                 _collect(_merge(streams), recorder))
         return response.body(finals)
     finally:
         if streams is not None:
@@ -131,16 +130,20 @@ class MetricsRecorder:
 
     def observe(self, i: int, out: RequestOutput) -> None:
         now = time.monotonic()
-        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        new, finished = 0, True
+        for c in out.outputs:  # (one loop: this runs per request per engine step)
+            new += len(c.delta_token_ids)
+            finished = finished and c.finish_reason is not None
         if new:
-            if self.last[i] is None:
+            last = self.last[i]
+            if last is None:
                 metrics.ttft.observe(now - self.start)
                 self.first[i] = now
                 metrics.token_tally.add(new, None, now)
             else:
-                metrics.token_tally.add(new, (now - self.last[i]) / new, now)
+                metrics.token_tally.add(new, (now - last) / new, now)
             self.last[i] = now
-        if out.finished:
+        if finished:
             self._finished(i, out, now)
 
     def _finished(self, i: int, out: RequestOutput, now: float) -> None:
@@ -229,10 +232,11 @@ async def _collect(merged: Merged, recorder: MetricsRecorder) -> list[RequestOut
     return finals
 
 
-async def _until_done_or_disconnect(request: Request, work: Awaitable):
-    """Await `work`; if the client goes away first, cancel it (aborting its requests)."""
+async def _until_done_or_disconnect(receive: Receive, work: Awaitable):
+    """Await `work`; if the client goes away first (`receive`: the request's ASGI receive),
+    cancel it (aborting its requests)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(_disconnected(receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
@@ -251,32 +255,71 @@ def _result(task: asyncio.Task):
         raise engine_error(exc) from None
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
 # ---- streamed: SSE chunks as outputs come, then [DONE] ---------------------------------------
-async def _sse(response: OpenAIResponse, merged: Merged, recorder: MetricsRecorder,
-               include_usage: bool, release: Callable[[], None]) -> AsyncIterator[str]:
-    finals: dict[int, RequestOutput] = {}
-    try:
-        for chunk in response.stream_head():
-            yield event(chunk)
-        async for i, out in merged:
-            recorder.observe(i, out)
-            finals[i] = out
-            events = response.stream_events(i, out)
-            if events:
-                yield events
-        if include_usage:
-            yield event(response.usage_chunk([finals[i] for i in sorted(finals)]))
-    except EngineError as exc:
-        yield event(engine_error(exc).body())
-    except asyncio.CancelledError:
-        metrics.aborted.labels("disconnect").inc()
-        raise
-    finally:
-        await merged.aclose()
-        release()
-    yield "data: [DONE]\n\n"
+# The scope key of the HTTP server's own ASGI send (with_server_send)
+SERVER_SEND = "minivllm.server_send"
+
+
+def with_server_send(app: ASGIApp) -> ASGIApp:
+    """`app` with the HTTP server's own send in every request's scope: EventStream writes its
+    body there, past the three Python wrappers of send that the middlewares and the route add
+    per message (they only watch for the response's start, which goes through them)."""
+    async def app_with_server_send(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await app(scope, receive, send)
+    return app_with_server_send
+
+
+class EventStream(Response):
+    """The SSE response: `write(send)` sends its events straight to the HTTP server's ASGI
+    send, one write per engine output, in a task that a client's disconnect cancels. This is
+    the hot path of a server: StreamingResponse would add an async generator's step and a task
+    group per response, and the middlewares' wrappers of send per chunk."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, write: Callable[[Send], Awaitable[None]]) -> None:
+        self.write, self.status_code, self.background = write, 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        send = scope.get(SERVER_SEND, send)
+        try:
+            await _until_done_or_disconnect(receive, self.write(send))
+        except APIError:  # the client has gone: there is nobody to end the response for
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _sse(response: OpenAIResponse, merged: Merged, recorder: MetricsRecorder,
+         include_usage: bool, release: Callable[[], None]) -> EventStream:
+    async def write(send: Send) -> None:
+        def body(events: str) -> dict:
+            return {"type": "http.response.body", "body": events.encode(), "more_body": True}
+        finals: dict[int, RequestOutput] = {}
+        try:
+            head = "".join(event(chunk) for chunk in response.stream_head())
+            if head:
+                await send(body(head))
+            async for i, out in merged:
+                recorder.observe(i, out)
+                finals[i] = out
+                events = response.stream_events(i, out)
+                if events:
+                    await send(body(events))
+            if include_usage:
+                await send(body(event(response.usage_chunk([finals[i] for i in sorted(finals)]))))
+        except EngineError as exc:
+            await send(body(event(engine_error(exc).body())))
+        finally:
+            await merged.aclose()
+            release()
+        await send(body("data: [DONE]\n\n"))
+    return EventStream(write)
