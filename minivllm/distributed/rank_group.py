@@ -123,10 +123,6 @@ class RankGroup:
                     raise RankDiedError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited "
                                         f"with code {proc.exitcode} before joining the group")
 
-    def runner_args(self) -> dict:
-        """What rank 0's ModelRunner takes from the group."""
-        return dict(tp=self.tp, ranks=self)
-
     def check(self) -> None:
         """Raise RankDiedError if a spawned rank has exited (ranks started elsewhere show
         their death by failing the next collective)."""

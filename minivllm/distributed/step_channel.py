@@ -124,14 +124,10 @@ class StepReceiver:
             if not self.dealer.poll(int(timeout * 1000)):
                 return None
             return self.dealer.recv()
-        ring = self.ring
-        record = ring.read()
-        if record is None and not ring.spin(SPIN_S) and ring.prepare_sleep():
-            try:
-                self.listener.wait(timeout)
-            finally:
-                ring.awake()
-        return record if record is not None else ring.read()
+        record = self.ring.read()
+        if record is None and self.listener.wait_for(self.ring, SPIN_S, timeout):
+            record = self.ring.read()
+        return record
 
     def close(self) -> None:
         if self.ring is not None:

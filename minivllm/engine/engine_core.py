@@ -78,8 +78,7 @@ class EngineCore:
         self.ranks = RankGroup(config, self.source.arch, max_model_len(config, self.source)) \
             if config.parallel.tensor_parallel_size > 1 else None
         try:
-            self.runner = ModelRunner(config, self.source, overlap,
-                                      **self.ranks.runner_args() if self.ranks else {})
+            self.runner = ModelRunner(config, self.source, overlap, ranks=self.ranks)
         except BaseException:
             self.close()
             raise
@@ -226,7 +225,7 @@ class EngineCore:
         if batch is None:
             self._in_flight = None
         elif masks is None or done is None:
-            self._in_flight = self.runner.launch(batch, masks)
+            self._in_flight = self.runner.in_flight(self.runner.execute(batch, masks))
         else:
             logits = self.runner.forward(batch)
             outputs, done = self._resolve(done), None

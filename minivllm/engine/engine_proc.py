@@ -12,6 +12,7 @@ client that dies has its requests aborted and its blocks freed.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -105,7 +106,7 @@ class EngineProc:
         self.peers: dict[bytes, RouterClient] = {}
         self.gone_peers: OrderedDict[bytes, None] = OrderedDict()
         self.cut_off_peers: OrderedDict[bytes, None] = OrderedDict()
-        self._next_key = 0
+        self._keys = itertools.count(1)  # each client's key
         self.owners = Owners()
         self.step_count = 0
         self.drain = Drain()
@@ -167,7 +168,7 @@ class EngineProc:
             identity = frames[0]
             client = self.peers.get(identity)
             if client is None:
-                client = self.peers[identity] = RouterClient(self._new_key(), identity,
+                client = self.peers[identity] = RouterClient(next(self._keys), identity,
                                                              self.router)
                 self.clients[client.key] = client
             if len(frames) != 2:
@@ -380,10 +381,6 @@ class EngineProc:
             self.bells.check_timeout(any(r.readable() for r in rings))
 
     # ---- clients --------------------------------------------------------------------------
-    def _new_key(self) -> int:
-        self._next_key += 1
-        return self._next_key
-
     def _drop(self, client: Client, unlink: bool = False) -> None:
         for rid in list(client.requests):
             self._abort(client, rid, notify=False)
@@ -473,7 +470,7 @@ class EngineProc:
         except BaseException:
             request_ring.close()
             raise
-        client = FrontendClient(self._new_key(), name, int(m["pid"]), request_ring, output_ring,
+        client = FrontendClient(next(self._keys), name, int(m["pid"]), request_ring, output_ring,
                                 Bell(self.ctx, m["bell"]))
         self.clients[client.key] = client
         self.frontends[name] = client

@@ -5,7 +5,7 @@ On CUDA a step's inputs go through pinned staging buffers in one asynchronous co
 other steps (prefill chunks) run eagerly. The kernels are `ModelConfig.kernels`' set
 (layers/kernels.py), selected here once and passed to the model.
 
-Under async scheduling `launch()` returns at once with the step in flight: its tokens land in a
+Under async scheduling a step is sampled `in_flight()`, not waited for: its tokens land in a
 pinned host buffer, and on the device in `last_tokens[req_index]`, where the next step, built
 before they were known, takes its decodes' input tokens.
 """
@@ -87,9 +87,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, overlap: bool = False,
                  tp: TensorParallelGroup = TensorParallelGroup(),
                  ranks: Optional[RankGroup] = None) -> None:
-        """`tp`: this rank's tensor-parallel group; `ranks` (rank 0 of a group): the other
-        ranks, handed each step's batch before the forward."""
+        """`tp`: this rank's tensor-parallel group; `ranks` (rank 0 of a group, whose `tp` it
+        brings): the other ranks, handed each step's batch before the forward."""
         arch = source.arch
+        tp = tp if ranks is None else ranks.tp
         self.tp, self.ranks = tp, ranks
         self.device = config.model.torch_device()
         self.max_model_len = max_model_len(config, source)
@@ -221,12 +222,8 @@ class ModelRunner:
             self.last_tokens[req_indices] = out.token_ids
         return out
 
-    def launch(self, batch: ScheduledBatch, masks: Optional[StepMasks] = None) -> InFlight:
-        """execute() without waiting for the tokens (async scheduling)."""
-        return self.in_flight(self.execute(batch, masks))
-
     def in_flight(self, out: SamplerOutput) -> InFlight:
-        """A sampled step whose tokens the host has not waited for."""
+        """A sampled step whose tokens the host has not waited for (async scheduling)."""
         self._returns.append(self._returns.pop(0))  # the older pair's step is resolved by now
         return InFlight(out, *self._returns[-1])
 

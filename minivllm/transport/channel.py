@@ -106,18 +106,8 @@ class EngineChannel:
 
     def wait(self, timeout: float) -> bool:
         """Until the output ring has a record (True) or `timeout` seconds pass (False)."""
-        ring = self.output_ring
-        if ring.spin(min(self.config.spin_us * 1e-6, timeout)):
-            return True
-        if not ring.prepare_sleep():
-            return True
-        try:
-            rang = self.listener.wait(timeout)
-        finally:
-            ring.awake()
-        if not rang:
-            self.listener.check_timeout(ring.readable())
-        return ring.readable()
+        return self.listener.wait_for(self.output_ring, min(self.config.spin_us * 1e-6, timeout),
+                                      timeout)
 
     # ---- control --------------------------------------------------------------------------
     def call(self, op: str, timeout: float = 10.0, **args) -> dict:

@@ -96,6 +96,19 @@ class BellListener:
         self.drain()
         return True
 
+    def wait_for(self, ring, spin_s: float, timeout: float) -> bool:
+        """The consumer's side of the protocol for one `ring` whose producer rings this bell:
+        spin `spin_s`, then sleep until a record is waiting (True) or `timeout` s pass (False)."""
+        if ring.spin(spin_s) or not ring.prepare_sleep():
+            return True
+        try:
+            rang = self.wait(timeout)
+        finally:
+            ring.awake()
+        if not rang:
+            self.check_timeout(ring.readable())
+        return ring.readable()
+
     def close(self) -> None:
         self.socket.close(linger=0)
         remove_endpoint(self.endpoint)
