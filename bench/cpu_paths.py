@@ -49,6 +49,7 @@ def build_hf_dir(out: str) -> None:
     from gguf.quants import dequantize
     from safetensors.torch import save_file
 
+    from bench.offline_throughput import hf_config
     from minivllm.loader import load_tokenizer, load_weights, resolve_model
     from minivllm.loader.gguf import hf_name
 
@@ -70,7 +71,7 @@ def build_hf_dir(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dict(arch.to_hf(), torch_dtype="float32"), f, indent=1)
+        json.dump(dict(hf_config(arch), torch_dtype="float32"), f, indent=1)
     tok = load_tokenizer(source)
     tok.backend.save(os.path.join(out, "tokenizer.json"))
     names = tok.convert_ids_to_tokens([arch.bos_token_id, arch.eos_token_ids[0], 0])

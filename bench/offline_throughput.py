@@ -28,7 +28,7 @@ import transformers
 
 from bench import records
 from minivllm import LLM, SamplingParams
-from minivllm.config import KERNEL_SETS
+from minivllm.config import KERNEL_SETS, ArchConfig
 from minivllm.loader import load_weights
 
 TOPICS = ["the sea", "volcanoes", "bread", "chess", "the moon", "bees", "trains", "rain",
@@ -82,10 +82,40 @@ def run_minivllm(llm: LLM, work) -> float:
     return sum(o for _, o in work) / elapsed
 
 
+def hf_config(arch: ArchConfig) -> dict:
+    """`arch` as a Hugging Face config.json: what transformers (the oracle of the tests and
+    benchmarks) and the CPU peers build the same network from."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM" if arch.architecture == "llama"
+                          else "Qwen2ForCausalLM"],
+        "model_type": arch.architecture,
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.intermediate_size,
+        "num_hidden_layers": arch.num_hidden_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_key_value_heads,
+        "head_dim": arch.head_dim,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "rope_theta": arch.rope_theta,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "bos_token_id": arch.bos_token_id,
+        "eos_token_id": list(arch.eos_token_ids) or None,
+        "torch_dtype": arch.torch_dtype,
+    }
+    if arch.architecture == "llama":
+        cfg["attention_bias"] = arch.attention_bias
+        cfg["mlp_bias"] = False
+    if arch.rope_scaling:
+        cfg["rope_scaling"] = arch.rope_scaling
+    return cfg
+
+
 def hf_model(llm: LLM, dtype: torch.dtype, seed: int):
     """A transformers model holding exactly the weights minivllm loaded."""
     source = llm.engine.source
-    config = transformers.AutoConfig.for_model(**source.arch.to_hf())
+    config = transformers.AutoConfig.for_model(**hf_config(source.arch))
     device = llm.engine.runner.device
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

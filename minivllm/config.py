@@ -115,34 +115,6 @@ class ArchConfig:
         except KeyError as e:
             raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
 
-    def to_hf(self) -> dict:
-        """The Hugging Face config.json equivalent (for the transformers oracle in tests)."""
-        cfg = {
-            "architectures": ["LlamaForCausalLM" if self.architecture == "llama"
-                              else "Qwen2ForCausalLM"],
-            "model_type": self.architecture,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) or None,
-            "torch_dtype": self.torch_dtype,
-        }
-        if self.architecture == "llama":
-            cfg["attention_bias"] = self.attention_bias
-            cfg["mlp_bias"] = False
-        if self.rope_scaling:
-            cfg["rope_scaling"] = self.rope_scaling
-        return cfg
-
 
 def _rope_scaling(cfg: dict) -> Optional[dict]:
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.offline_throughput import hf_config
 from minivllm.config import ArchConfig
 from minivllm.layers.linear import MergedColumnLinear, Shard
 from minivllm.loader import (EMBEDDED_MODEL_NAME, ModelSource, load_tokenizer, load_weights,
@@ -280,7 +281,7 @@ def test_dummy_presets_have_transformers_parameter_shapes(preset):
     source = resolve_model(preset, "dummy")
     assert (source.kind, source.path, source.name, source.arch) == ("dummy", None, preset,
                                                                     PRESETS[preset])
-    config = source.arch.to_hf()
+    config = hf_config(source.arch)
     with torch.device("meta"):  # shapes only: llama-3-8b would take 32 GB in float32
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
