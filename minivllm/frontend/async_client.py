@@ -24,7 +24,6 @@ import time
 from typing import AsyncIterator, Optional
 
 import zmq
-import zmq.asyncio
 
 from minivllm.config import TransportConfig
 from minivllm.frontend.output_processor import CompletionStream, OutputProcessor, RequestState
@@ -82,7 +81,6 @@ class AsyncEngineClient:
         self._control_lock = asyncio.Lock()
         self._reader: Optional[asyncio.Task] = None
         self._reconnect: Optional[asyncio.Task] = None
-        self._bell = zmq.asyncio.Socket.from_socket(channel.listener.socket)
 
     @classmethod
     async def connect(cls, control: str, model: Optional[str] = None, load_format: str = "auto",
@@ -220,28 +218,32 @@ class AsyncEngineClient:
         ring = self.channel.output_ring
         spin_s = self.channel.config.spin_us * 1e-6
         next_check = time.monotonic() + ENGINE_CHECK_S
-        while self.state != "closed":
-            if self.state == "dead":  # the rings hold the dead engine's records until
-                await asyncio.sleep(ENGINE_CHECK_S)  # re-attachment empties them
-                continue
-            if self._drain():
-                await asyncio.sleep(0)  # let the consumers run, then read on
-            elif ring.spin(spin_s):
-                pass
-            elif ring.prepare_sleep():
-                try:
-                    rang = await self._bell.poll(int(ENGINE_CHECK_S * 1000))
-                finally:
+        bell = BellWaiter(self.channel.listener.socket)
+        try:
+            while self.state != "closed":
+                if self.state == "dead":  # the rings hold the dead engine's records until
+                    await asyncio.sleep(ENGINE_CHECK_S)  # re-attachment empties them
+                    continue
+                if self._drain():
+                    await asyncio.sleep(0)  # let the consumers run, then read on
+                elif ring.spin(spin_s):
+                    pass
+                elif ring.prepare_sleep():
+                    try:
+                        rang = await bell.wait(ENGINE_CHECK_S)
+                    finally:
+                        ring.awake()
+                    if not rang:
+                        self.channel.listener.check_timeout(ring.readable())
+                    self.channel.listener.drain()
+                else:
                     ring.awake()
-                if not rang:
-                    self.channel.listener.check_timeout(ring.readable())
-                self.channel.listener.drain()
-            else:
-                ring.awake()
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + ENGINE_CHECK_S
-                if not pid_alive(self.engine_pid):
-                    self._engine_died()
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + ENGINE_CHECK_S
+                    if not pid_alive(self.engine_pid):
+                        self._engine_died()
+        finally:
+            bell.close()
 
     def _drain(self) -> bool:
         """Read what the engine wrote, a batch of step outputs at a time (their arrays made
@@ -370,6 +372,49 @@ class AsyncEngineClient:
                              return_exceptions=True)
         async with self._control_lock:
             await asyncio.get_running_loop().run_in_executor(None, self.channel.close)
+
+
+class BellWaiter:
+    """A sleep on a BellListener's socket in the event loop: its file descriptor watched for
+    the reader's life (loop.add_reader), a bare future and a timer per sleep. (zmq.asyncio's
+    poll() makes a Poller, three futures and their callbacks per call, and the reader sleeps
+    once per engine step or more.)"""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+        self.fd = socket.getsockopt(zmq.FD)
+        self.loop = asyncio.get_running_loop()
+        self._waiter: Optional[asyncio.Future] = None
+        self.loop.add_reader(self.fd, self._on_fd)
+
+    def _bell_queued(self) -> bool:
+        # ZeroMQ's descriptor says only that the socket's state may have changed; EVENTS
+        # processes the change (which clears the descriptor) and tells if a bell is queued.
+        return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def _on_fd(self) -> None:
+        if self._bell_queued() and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    async def wait(self, timeout: float) -> bool:
+        """Until a bell is queued (True) or `timeout` seconds pass (False)."""
+        if self._bell_queued():
+            return True
+        self._waiter = waiter = self.loop.create_future()
+        timer = self.loop.call_later(timeout, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+
+
+def _resolve(future: asyncio.Future, result) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 class Wakeup:
