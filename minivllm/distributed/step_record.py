@@ -14,7 +14,7 @@ group runs the same build).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
