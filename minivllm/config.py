@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +29,11 @@ KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def one_of(name: str, value: Any, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 def _non_negative(name: str, value: Any, integer: bool = False) -> None:
@@ -136,8 +141,7 @@ def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.d
         dtype = arch.torch_dtype if arch.torch_dtype in DTYPES else "float32"
         if device.type == "cpu" and dtype == "float16":
             dtype = "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    one_of("dtype", dtype, DTYPES)
     return getattr(torch, dtype)
 
 
@@ -167,16 +171,12 @@ class ModelConfig:
     quantization: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got "
-                             f"{self.quantization!r}")
+        one_of("quantization", self.quantization, QUANTIZATIONS)
         if self.generation_config not in ("auto", "vllm") and \
                 not os.path.exists(str(self.generation_config)):
             raise ValueError(f"generation_config must be auto, vllm or an existing path; got "
                              f"{self.generation_config!r}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; "
-                             f"got {self.load_format!r}")
+        one_of("load_format", self.load_format, LOAD_FORMATS)
         if self.kernels is None:
             self.kernels = os.environ.get("MINIVLLM_KERNELS", "auto")
         if self.kernels not in ("auto", *KERNEL_SETS):
@@ -184,8 +184,7 @@ class ModelConfig:
                              f"{', '.join(KERNEL_SETS)}; got {self.kernels!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        one_of("dtype", self.dtype, ("auto", *DTYPES))
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
         if self.max_model_len is not None:
@@ -238,18 +237,12 @@ class SchedulerConfig:
     implementation: str = "cython"
 
     def __post_init__(self) -> None:
-        if self.implementation not in ("cython", "python"):
-            raise ValueError(f"implementation must be cython or python; got "
-                             f"{self.implementation!r}")
-        if self.async_scheduling not in (None, True, False):
-            raise ValueError(f"async_scheduling must be True, False or None (auto), "
-                             f"got {self.async_scheduling!r}")
+        one_of("implementation", self.implementation, ("cython", "python"))
+        one_of("async_scheduling", self.async_scheduling, (None, True, False))
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        if self.policy not in ("decode-first", "prefill-first"):
-            raise ValueError(f"policy must be decode-first or prefill-first; got {self.policy!r}")
-        if self.priority not in ("fcfs", "priority"):
-            raise ValueError(f"priority must be fcfs or priority; got {self.priority!r}")
+        one_of("policy", self.policy, ("decode-first", "prefill-first"))
+        one_of("priority", self.priority, ("fcfs", "priority"))
         _non_negative("batch_wait_ms", self.batch_wait_ms)
 
 
@@ -289,8 +282,7 @@ class ParallelConfig:
         if not self.spawn_workers and self.master_port == 0:
             raise ValueError("master_port 0 (a free port) works only when rank 0 spawns its "
                              "workers: ranks started elsewhere need a fixed master_port")
-        if self.backend not in (None, "gloo", "nccl"):
-            raise ValueError(f"backend must be gloo, nccl or None (auto), got {self.backend!r}")
+        one_of("backend", self.backend, ("gloo", "nccl", None))
 
 
 @dataclass
@@ -432,9 +424,7 @@ class ServerConfig:
     stream_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.tool_call_parser not in (None, "hermes"):
-            raise ValueError(f"tool_call_parser must be 'hermes' or None, "
-                             f"got {self.tool_call_parser!r}")
+        one_of("tool_call_parser", self.tool_call_parser, ("hermes", None))
         if self.chat_template is not None:
             from minivllm.tokenizer import compile_chat_template
             try:

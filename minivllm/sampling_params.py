@@ -29,6 +29,12 @@ def _is_token_id(value: object) -> bool:
     return _is_int(value) and 0 <= value <= _INT32_MAX
 
 
+def _int_in(name: str, value: object, lo: int, hi: int, optional: bool = False) -> None:
+    if not (optional and value is None) and (not _is_int(value) or not lo <= value <= hi):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}]"
+                         f"{' or None' if optional else ''}, got {value!r}")
+
+
 # The kinds in MV_STRUCTURED_* order, and the longest spec (a schema, regex or grammar as UTF-8)
 # the submit record carries to the engine's compiler: ipc/minivllm_ipc.h's.
 STRUCTURED_KINDS = tuple(records.STRUCTURED_KINDS.values())
@@ -171,13 +177,8 @@ class SamplingParams:
             _finite(name, value)
             if not (-2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens)
-                                            or not 1 <= self.max_tokens <= _INT32_MAX):
-            raise ValueError(f"max_tokens must be an integer in [1, {_INT32_MAX}] or None, "
-                             f"got {self.max_tokens!r}")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= _INT32_MAX:
-            raise ValueError(f"min_tokens must be an integer in [0, {_INT32_MAX}], "
-                             f"got {self.min_tokens!r}")
+        _int_in("max_tokens", self.max_tokens, 1, _INT32_MAX, optional=True)
+        _int_in("min_tokens", self.min_tokens, 0, _INT32_MAX)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed "
                              f"max_tokens ({self.max_tokens})")
@@ -190,13 +191,8 @@ class SamplingParams:
         if not all(map(_is_token_id, self.stop_token_ids)):
             raise ValueError(f"stop_token_ids must be integers in [0, {_INT32_MAX}], "
                              f"got {self.stop_token_ids!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs)
-                                          or not (0 <= self.logprobs <= 20)):
-            raise ValueError(f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
-        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
-                                                 or not 0 <= self.prompt_logprobs <= 20):
-            raise ValueError(f"prompt_logprobs must be an integer in [0, 20] or None, "
-                             f"got {self.prompt_logprobs!r}")
+        _int_in("logprobs", self.logprobs, 0, 20, optional=True)
+        _int_in("prompt_logprobs", self.prompt_logprobs, 0, 20, optional=True)
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.structured_outputs is not None and \

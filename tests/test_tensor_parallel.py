@@ -113,7 +113,7 @@ def test_a_head_count_the_size_does_not_divide_fails_before_any_rank_starts(tmp_
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be a positive integer"),
     (dict(tensor_parallel_size=2, spawn_workers=False),
      "master_port 0 .* works only when rank 0 spawns its workers"),
-    (dict(tensor_parallel_size=2, backend="mpi"), "backend must be gloo, nccl"),
+    (dict(tensor_parallel_size=2, backend="mpi"), "backend must be one of gloo, nccl, None"),
     (dict(tensor_parallel_size=2, async_scheduling=True),
      "async_scheduling is not supported with tensor_parallel_size > 1"),
     (dict(tensor_parallel_size=2, quantization="gguf-native"),

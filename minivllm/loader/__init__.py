@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from minivllm.config import LOAD_FORMATS, ArchConfig
+from minivllm.config import LOAD_FORMATS, ArchConfig, one_of
 from minivllm.loader import dummy, gguf, hf_dir
 from minivllm.loader.embedded import EMBEDDED_MODEL_NAME, embedded_gguf_path
 from minivllm.loader.gguf_header import read_gguf_header
@@ -36,9 +36,7 @@ class ModelSource:
 
 def resolve_model(model: Optional[str], load_format: str = "auto") -> ModelSource:
     """What `model` names: None/"embedded", a GGUF file, a HF directory, or (dummy) a preset."""
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; "
-                         f"got {load_format!r}")
+    one_of("load_format", load_format, LOAD_FORMATS)
     if load_format == "dummy":
         return _resolve_dummy(model)
     if model is None or model == "embedded":
