@@ -36,13 +36,14 @@ def one_of(name: str, value: Any, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
-def _non_negative(name: str, value: Any, integer: bool = False) -> None:
-    """A finite number >= 0 (`integer`: an int); bools are refused either way."""
+def _non_negative(name: str, value: Any, integer: bool = False, most: float = math.inf) -> None:
+    """A finite number in [0, most] (`integer`: an int); bools are refused either way."""
     kinds = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
-            or value < 0:
+            or not 0 <= value <= most:
+        bounds = ">= 0" if most == math.inf else f"in [0, {most}]"
         raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} "
-                         f">= 0, got {value!r}")
+                         f"{bounds}, got {value!r}")
 
 
 @dataclass
@@ -276,9 +277,7 @@ class ParallelConfig:
                 and 0 <= self.data_parallel_rank < self.data_parallel_size):
             raise ValueError(f"data_parallel_rank must be in [0, {self.data_parallel_size}), "
                              f"got {self.data_parallel_rank!r}")
-        if isinstance(self.master_port, bool) or not isinstance(self.master_port, int) \
-                or not 0 <= self.master_port <= 65535:
-            raise ValueError(f"master_port must be in [0, 65535], got {self.master_port!r}")
+        _non_negative("master_port", self.master_port, integer=True, most=65535)
         if not self.spawn_workers and self.master_port == 0:
             raise ValueError("master_port 0 (a free port) works only when rank 0 spawns its "
                              "workers: ranks started elsewhere need a fixed master_port")
@@ -432,10 +431,9 @@ class ServerConfig:
                     compile_chat_template(f.read())
             except (OSError, ValueError) as exc:
                 raise ValueError(f"chat_template {self.chat_template}: {exc}") from None
-        for name in ("port", "max_body_bytes", "retry_after_s"):
+        _non_negative("port", self.port, integer=True, most=65535)
+        for name in ("max_body_bytes", "retry_after_s"):
             _non_negative(name, getattr(self, name), integer=True)
-        if self.port > 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
         _positive("api_servers", self.api_servers)
         _positive("max_pending", self.max_pending)
         for name in ("drain_timeout_s", "stream_interval_s"):
