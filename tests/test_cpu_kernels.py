@@ -371,3 +371,31 @@ def test_kernels_run_on_torchs_openmp_threads():
             assert cpu_kernels.num_threads() == n
     finally:
         torch.set_num_threads(old)
+
+
+def test_thread_choice_runs_the_faster_count_and_probes_the_other(monkeypatch):
+    """ThreadChoice (layers/cpu_decoder.py) on a clock where a step's time depends on the
+    thread count: contended (2 threads 20x slower), then quiet (2 threads 1.5x faster)."""
+    from minivllm.layers.cpu_decoder import ThreadChoice
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the clock decides here
+    cost, now = {1: 1.0, 2: 20.0}, [0.0]
+    choice = ThreadChoice(2, clock=lambda: now[0])
+
+    def run(steps: int) -> list[int]:
+        ran = []
+        for _ in range(steps):
+            n = choice.choose(1)
+            now[0] += cost[n]
+            choice.done()
+            ran.append(n)
+        return ran
+
+    ran = run(2000)
+    assert ran[:2] == [2, 1] and 2 in ran[2:]  # both timed, then the slower one probed again
+    time_2 = sum(cost[n] for n in ran[2:] if n == 2)
+    assert time_2 < 0.1 * sum(cost[n] for n in ran[2:])  # probes cost little
+    cost.update({1: 1.5, 2: 1.0})
+    ran = run(2000)[-500:]  # back to both threads once they are faster, probing one
+    assert ran.count(2) > 0.95 * len(ran) and 1 in ran
+    assert ThreadChoice(1).choose(16) == 1
