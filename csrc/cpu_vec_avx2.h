@@ -7,6 +7,9 @@
 #define VEC_LIN_MR 6
 /* The quantized tile also holds its scales and two dequantized weight rows (8 ymm). */
 #define VEC_QLIN_MR 4
+/* Accumulators of the attention's value tile (GQA heads x head-dimension
+ * chunks): 6 x 2 of the 16 ymm registers, leaving a value chunk and a broadcast weight. */
+#define VEC_ATTN_ACC 6
 
 typedef struct {
     __m256 lo, hi;

@@ -5,6 +5,9 @@
  * also holds its scales and two dequantized weight rows). */
 #define VEC_LIN_MR 16
 #define VEC_QLIN_MR 16
+/* Accumulators of the attention's value tile (GQA heads x head-dimension
+ * chunks): 24 of the 32 zmm registers, leaving a value chunk and a broadcast weight. */
+#define VEC_ATTN_ACC 24
 /* vdpbf16ps for the bf16 linear where the CPU has AVX512-BF16: only the functions marked
  * VEC_DPBF16_TARGET may use it, and the table takes them only on such a CPU. */
 #define VEC_DPBF16 1

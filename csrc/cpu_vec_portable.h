@@ -9,6 +9,9 @@
 #define VEC_LIN_MR 4
 /* The quantized tile also holds its scales and two dequantized weight rows (16 xmm). */
 #define VEC_QLIN_MR 2
+/* Accumulators of the attention's value tile (GQA heads x head-dimension
+ * chunks): 3 x 4 of SSE2's 16 xmm registers, leaving a value chunk and a broadcast weight. */
+#define VEC_ATTN_ACC 3
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t portable_vi __attribute__((vector_size(64)));

@@ -155,6 +155,37 @@ def test_cpu_attention_matches_reference(kernels, dtype, heads, kv_heads, head_d
             torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 2), (16, 2)])
+def test_cpu_attention_long_contexts_every_gqa_ratio(kernels, dtype, heads, kv_heads):
+    """The query heads of a KV head read its rows together (GQA ratios 1, 3, 4, 8): long,
+    odd contexts, decodes and a chunk after a long cached prefix, against the reference."""
+    head_dim, block_size = 64, 16
+    rows = [(1020, 1), (517, 1), (333, 37), (0, 1), (1, 1), (700, 19)]
+    need = [-(-(c + q) // block_size) for c, q in rows]
+    num_blocks = sum(need) + 3
+    blocks = np.random.RandomState(kv_heads).permutation(num_blocks)
+    tables = np.zeros((len(rows), max(need)), dtype=np.int32)
+    for i, n in enumerate(need):
+        tables[i, :n], blocks = blocks[:n], blocks[n:]
+    torch.manual_seed(heads)
+    T = sum(q for _, q in rows)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    q = torch.randn(T, heads, head_dim).to(dtype)
+    k, v = torch.randn(2, T, kv_heads, head_dim).to(dtype)
+    ref, fast = TorchAttentionBackend(), CpuAttentionBackend(kernels)
+    meta_ref, meta_fast = (step_metadata(rows, tables, block_size) for _ in range(2))
+    ref.prepare(meta_ref, block_size)
+    fast.prepare(meta_fast, block_size)
+    want_cache = cache.float()
+    want = ref.forward(q.float(), k.float(), v.float(), want_cache[0], want_cache[1], meta_ref,
+                       head_dim ** -0.5)
+    got = fast.forward(q, k, v, cache[0], cache[1], meta_fast, head_dim ** -0.5)
+    assert torch.equal(cache.float(), want_cache)
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
 def test_pack_weights_shares_one_buffer():
     weights = [torch.randn(40, 64), torch.randn(16, 96)]
     packed = pack_weights(weights)
@@ -340,3 +371,31 @@ def test_kernels_run_on_torchs_openmp_threads():
             assert cpu_kernels.num_threads() == n
     finally:
         torch.set_num_threads(old)
+
+
+def test_thread_choice_runs_the_faster_count_and_probes_the_other(monkeypatch):
+    """ThreadChoice (layers/cpu_decoder.py) on a clock where a step's time depends on the
+    thread count: contended (2 threads 20x slower), then quiet (2 threads 1.5x faster)."""
+    from minivllm.layers.cpu_decoder import ThreadChoice
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the clock decides here
+    cost, now = {1: 1.0, 2: 20.0}, [0.0]
+    choice = ThreadChoice(2, clock=lambda: now[0])
+
+    def run(steps: int) -> list[int]:
+        ran = []
+        for _ in range(steps):
+            n = choice.choose(1)
+            now[0] += cost[n]
+            choice.done()
+            ran.append(n)
+        return ran
+
+    ran = run(2000)
+    assert ran[:2] == [2, 1] and 2 in ran[2:]  # both timed, then the slower one probed again
+    time_2 = sum(cost[n] for n in ran[2:] if n == 2)
+    assert time_2 < 0.1 * sum(cost[n] for n in ran[2:])  # probes cost little
+    cost.update({1: 1.5, 2: 1.0})
+    ran = run(2000)[-500:]  # back to both threads once they are faster, probing one
+    assert ran.count(2) > 0.95 * len(ran) and 1 in ran
+    assert ThreadChoice(1).choose(16) == 1

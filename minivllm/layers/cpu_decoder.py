@@ -13,10 +13,86 @@ quantized is looked up in the head's blocks.
 """
 from __future__ import annotations
 
+import logging
+import time
+from typing import Callable
+
 import torch
 
 from minivllm._cext import cpu_kernels
 from minivllm.layers.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+class ThreadChoice:
+    """The thread count of each step: all the configured threads, or one where one is faster.
+
+    A step of the decoder crosses ~350 barriers (each kernel's worksharing loop ends in one),
+    and on a CPU shared with other busy processes each barrier waits until the OS runs every
+    thread of the team again: measured at 2 threads on 2 cores at load 7, one decode ran at
+    4-15 tok/s against 47-50 on one thread (at load 10-13, 0.8-3 s a step against 14-50 ms).
+    So for each size of step (token counts by powers of two) both counts are timed, the
+    faster one runs, and the other is timed again after 16 of its steps' worth of time, then
+    after twice as many each time it loses again (up to 64), back to 16 when the choice flips:
+    a probe of the slower count costs at most 1/17 of the time, soon 1/65, and a change of
+    load is followed within 65 of the slower count's steps."""
+
+    PROBE_MIN, PROBE_MAX, ALPHA = 16, 64, 0.3
+
+    def __init__(self, threads: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.threads, self.clock = threads, clock
+        self.buckets: dict[int, dict] = {}
+        self.current = threads
+
+    def choose(self, tokens: int) -> int:
+        """The thread count to run a step of `tokens` on (then report it by `done`)."""
+        if self.threads == 1:
+            return 1
+        b = self.buckets.setdefault(tokens.bit_length(), {
+            "tokens": tokens, "time": {}, "best": self.threads, "wait": 0,
+            "interval": self.PROBE_MIN})
+        missing = [n for n in (self.threads, 1) if n not in b["time"]]
+        if missing:
+            n = missing[0]
+        elif b["wait"] <= 0:
+            n = 1 if b["best"] != 1 else self.threads
+        else:
+            n = b["best"]
+        self._set(n)
+        self._bucket, self._start = b, self.clock()
+        return n
+
+    def done(self) -> None:
+        """Ends the step begun by the last `choose`."""
+        if self.threads == 1:
+            return
+        b, n, dt = self._bucket, self.current, self.clock() - self._start
+        old = b["time"].get(n)
+        # a probe's time replaces its count's, which is stale; the running count's is smoothed
+        b["time"][n] = dt if old is None or n != b["best"] else old + self.ALPHA * (dt - old)
+        if len(b["time"]) < 2:
+            return
+        best = min(b["time"], key=b["time"].get)
+        if n != b["best"]:  # a probe (or the first timing of this count)
+            b["interval"] = self.PROBE_MIN if best != b["best"] else \
+                min(2 * b["interval"], self.PROBE_MAX)
+            # in steps of the faster count: a probe costs at most 1 / interval of the time
+            slower = max(b["time"].values()) / b["time"][best]
+            b["wait"] = int(b["interval"] * slower)
+        else:
+            b["wait"] -= 1
+        if best != b["best"]:
+            logger.info("CPU decoder: steps of ~%d tokens run on %d thread%s now (%.1f ms a "
+                        "step against %.1f on %d)", b["tokens"], best,
+                        "s" if best > 1 else "", 1e3 * b["time"][best],
+                        1e3 * b["time"][b["best"]], b["best"])
+            b["best"] = best
+
+    def _set(self, n: int) -> None:
+        if n != self.current:
+            torch.set_num_threads(n)
+            self.current = n
 
 
 class CpuDecoder:
@@ -45,12 +121,17 @@ class CpuDecoder:
             arch.num_key_value_heads, arch.rms_norm_eps, embed_type, arch.vocab_size,
             head.act_q8)
         self.logits = torch.empty(max_num_seqs, arch.vocab_size, dtype=torch.float32)
+        self.threads = ThreadChoice(torch.get_num_threads())
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         """[T] token ids and positions -> [T, hidden] final hidden states (until the next call);
-        `meta.prepared` is the step's AttentionPlan (CpuAttentionBackend.prepare)."""
-        return self.decoder.forward(input_ids, positions, meta.prepared)
+        `meta.prepared` is the step's AttentionPlan (CpuAttentionBackend.prepare). Runs on the
+        thread count `self.threads` chose for a step of its size (the logits too)."""
+        self.threads.choose(input_ids.shape[0])
+        hidden = self.decoder.forward(input_ids, positions, meta.prepared)
+        self.threads.done()
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [rows, vocab], in a buffer the next step overwrites."""
