@@ -378,7 +378,8 @@ def test_thread_choice_runs_the_faster_count_and_probes_the_other(monkeypatch):
     thread count: contended (2 threads 20x slower), then quiet (2 threads 1.5x faster)."""
     from minivllm.layers.cpu_decoder import ThreadChoice
 
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the clock decides here
+    counts = []  # the clock decides here, not the real threads
+    monkeypatch.setattr(torch, "set_num_threads", counts.append)
     cost, now = {1: 1.0, 2: 20.0}, [0.0]
     choice = ThreadChoice(2, clock=lambda: now[0])
 
@@ -388,6 +389,7 @@ def test_thread_choice_runs_the_faster_count_and_probes_the_other(monkeypatch):
             n = choice.choose(1)
             now[0] += cost[n]
             choice.done()
+            assert counts[-1:] in ([], [2])  # the process's count is given back every step
             ran.append(n)
         return ran
 

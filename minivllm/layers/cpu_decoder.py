@@ -64,10 +64,13 @@ class ThreadChoice:
         return n
 
     def done(self) -> None:
-        """Ends the step begun by the last `choose`."""
+        """Ends the step begun by the last `choose`, and gives the process its configured
+        count back: torch's thread count is the whole process's (an LLM() in someone's
+        program, the logits, the sampler)."""
         if self.threads == 1:
             return
         b, n, dt = self._bucket, self.current, self.clock() - self._start
+        self._set(self.threads)
         old = b["time"].get(n)
         # a probe's time replaces its count's, which is stale; the running count's is smoothed
         b["time"][n] = dt if old is None or n != b["best"] else old + self.ALPHA * (dt - old)
@@ -127,7 +130,7 @@ class CpuDecoder:
                  meta: AttentionMetadata) -> torch.Tensor:
         """[T] token ids and positions -> [T, hidden] final hidden states (until the next call);
         `meta.prepared` is the step's AttentionPlan (CpuAttentionBackend.prepare). Runs on the
-        thread count `self.threads` chose for a step of its size (the logits too)."""
+        thread count `self.threads` chose for a step of its size."""
         self.threads.choose(input_ids.shape[0])
         hidden = self.decoder.forward(input_ids, positions, meta.prepared)
         self.threads.done()
