@@ -129,19 +129,12 @@ VLLM_AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def _vllm_libraries() -> list[str]:
-    """The vLLM extension modules (_C*.so) mapped by this process and its descendants: which
-    build the model worker loaded."""
-    parent = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            pass
-    ours, found = {os.getpid()}, set()
-    for _ in range(4):  # the engine core's workers are grandchildren
-        ours |= {pid for pid, pp in parent.items() if pp in ours}
-    for pid in ours:
+    """The vLLM extension modules (_C*.so) mapped by this process and its descendants (the
+    engine core's workers): which build the model worker loaded."""
+    from bench.server_proc import descendants
+
+    found = set()
+    for pid in [os.getpid(), *descendants(os.getpid())]:
         try:
             with open(f"/proc/{pid}/maps") as f:
                 found |= {line.rsplit("/", 1)[1].strip() for line in f

@@ -209,8 +209,9 @@ cdef class Ring(RecordSink):
 
         A frame whose length runs past what the producer published (a corrupt or hostile
         producer) is never read. At tail, everything published so far is discarded and
-        RingCorruptError raised; the consumer stays inside the segment and reads on. Past tail it reads as the end (NULL): the records before it are good,
-        and the next read from tail meets it."""
+        RingCorruptError raised; the consumer stays inside the segment and reads on. Past tail
+        it reads as the end (NULL): the records before it are good, and the next read from tail
+        meets it."""
         cdef mv_frame* frame
         cdef uint64_t offset, need, dropped
         while True:
