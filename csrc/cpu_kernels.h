@@ -106,8 +106,12 @@ typedef struct {
 /* Software prefetch distance (bytes) along a thread's weight panels: decode-sized rows keep the
  * FMA units busy for a while per weight line, and the hardware prefetcher alone then lets the
  * weight stream stall the core; 4 KiB ahead took 30 layers at M = 16 from 32 to 21 ms (fp32)
- * and from 25 to 12 ms (bf16) with AVX-512. */
+ * and from 25 to 12 ms (bf16) with AVX-512. Into L2 (locality 2, prefetcht1), not L1: an L1
+ * prefetch holds one of the core's few L1 miss buffers for a whole DRAM trip, which capped the
+ * stream; SmolLM2's 121 linears at M = 16, AVX-512 bf16: 23.4-26.0 -> 22.7-23.9 ms, the LM head
+ * alone 4.6 -> 4.2 ms. */
 #define LIN_PF 4096
+#define LIN_PF_LOCALITY 2
 
 /* Elementwise kernels split rows over the threads from this many elements: at 16 decode rows
  * (9-25 K elements) the second thread took silu-and-mul from 0.70 to 0.43 ms a step in bf16
@@ -116,10 +120,15 @@ typedef struct {
 
 /* Attention: queries of a sequence per task, and keys ahead whose K and V rows the score loop
  * prefetches: contexts are scattered over the cache's blocks, which the hardware prefetcher
- * does not follow. 30 layers at 16 decodes of ~120 tokens: 10.5 -> 6.3 ms in fp32, 5.9 ->
- * 4.4 ms in bf16 (AVX-512). */
+ * does not follow. ATTN_PF keys ahead into L1 (30 layers at 16 decodes of ~120 tokens, hot
+ * caches: 10.5 -> 6.3 ms in fp32, 5.9 -> 4.4 ms in bf16, AVX-512), and ATTN_PF_L2 keys ahead
+ * into L2, which keeps enough DRAM reads in flight when the layers' caches are cold, as in a
+ * real step: 30 layers each with its own cache, AVX-512 bf16, 16 decodes of ~110 tokens
+ * 7.4-8.3 -> 4.8-5.1 ms, of ~400 tokens 27.4 -> 15.6 ms, one of ~2000 tokens 9.4 -> 4.9 ms;
+ * AVX2 bf16 16 x 110: 10.2-10.9 -> 6.5-6.6 ms. */
 #define ATTN_QB 16
 #define ATTN_PF 16
+#define ATTN_PF_L2 64
 
 /* ---- ISA-independent parts ----------------------------------------------------------------- */
 
@@ -214,7 +223,7 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #define v_hsum16 ISA_NAME(v_hsum16)
 #define v_rint ISA_NAME(v_rint)
 #define v_scale2 ISA_NAME(v_scale2)
-#define v_bf16_pairs ISA_NAME(v_bf16_pairs)
+#define v_bf16_half ISA_NAME(v_bf16_half)
 #define vq ISA_NAME(vq)
 #define v_loadi ISA_NAME(v_loadi)
 #define v_nibble ISA_NAME(v_nibble)

@@ -139,13 +139,14 @@ ALWAYS_INLINE vf v_scale2(vf y, vf n) {
     return (vf){avx2_scale2(y.lo, n.lo), avx2_scale2(y.hi, n.hi)};
 }
 
-/* 16 bf16 pairs (w[k], w[k+1]) of the packed panel layout -> w[k] and w[k+1] in fp32. */
-ALWAYS_INLINE void v_bf16_pairs(const void *p, vf *even, vf *odd) {
+/* 16 bf16 pairs (w[k], w[k+1]) of the packed panel layout -> w[k] (odd = 0) or w[k+1] in fp32. */
+ALWAYS_INLINE vf v_bf16_half(const void *p, const int odd) {
     __m256i u0 = _mm256_loadu_si256(p), u1 = _mm256_loadu_si256((const __m256i *)p + 1);
+    if (!odd)
+        return (vf){_mm256_castsi256_ps(_mm256_slli_epi32(u0, 16)),
+                    _mm256_castsi256_ps(_mm256_slli_epi32(u1, 16))};
     __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    *even = (vf){_mm256_castsi256_ps(_mm256_slli_epi32(u0, 16)),
-                 _mm256_castsi256_ps(_mm256_slli_epi32(u1, 16))};
-    *odd = (vf){_mm256_castsi256_ps(_mm256_and_si256(u0, high)),
+    return (vf){_mm256_castsi256_ps(_mm256_and_si256(u0, high)),
                 _mm256_castsi256_ps(_mm256_and_si256(u1, high))};
 }
 

@@ -110,11 +110,11 @@ ALWAYS_INLINE vf v_rint(vf x) {
 /* y * 2^n for integral n, rounded once: overflow gives inf, underflow denormals or 0. */
 ALWAYS_INLINE vf v_scale2(vf y, vf n) { return _mm512_scalef_ps(y, n); }
 
-/* 16 bf16 pairs (w[k], w[k+1]) of the packed panel layout -> w[k] and w[k+1] in fp32. */
-ALWAYS_INLINE void v_bf16_pairs(const void *p, vf *even, vf *odd) {
+/* 16 bf16 pairs (w[k], w[k+1]) of the packed panel layout -> w[k] (odd = 0) or w[k+1] in fp32. */
+ALWAYS_INLINE vf v_bf16_half(const void *p, const int odd) {
     __m512i u = _mm512_loadu_si512(p);
-    *even = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-    *odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+    return odd ? _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)))
+               : _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
 }
 
 /* acc + w[k] * x[k] + w[k+1] * x[k+1] for a bf16 pair of x (one 32-bit broadcast) and 16 pairs

@@ -111,11 +111,10 @@ ALWAYS_INLINE vf v_scale2(vf y, vf n) {
 }
 
 /* 16 bf16 pairs (w[k], w[k+1]) of the packed panel layout -> w[k] and w[k+1] in fp32. */
-ALWAYS_INLINE void v_bf16_pairs(const void *p, vf *even, vf *odd) {
+ALWAYS_INLINE vf v_bf16_half(const void *p, const int odd) {
     portable_vu u;
     memcpy(&u, p, sizeof u);
-    *even = (vf)(u << 16);
-    *odd = (vf)(u & 0xFFFF0000u);
+    return odd ? (vf)(u & 0xFFFF0000u) : (vf)(u << 16);
 }
 
 /* 16 fp16 -> fp32 (cpu_quant.h's scalar conversion: baseline x86-64 has no F16C). */
