@@ -9,8 +9,9 @@ greedy, exactly 128 new tokens (EOS ignored), prefix caching off; per engine and
 warm-up, then 3 x (prefill + 1 token) and 3 x 128 tokens, medians. One engine per process and
 one dtype per process: every (engine, dtype, threads) is a worker process that loads once and
 then runs what the driver asks over a pipe. Other work shares this CPU, so the driver
-interleaves the workers per repetition (noise then hits them alike) and records the load
-average before and after every measurement.
+interleaves the workers per repetition (noise then hits them alike), keeps every worker but the
+one measuring stopped (SIGSTOP: vLLM's idle workers spin), and records the load average before
+and after every measurement.
 
 Workers: minivllm's paths (`--kernels` cpu-avx512, cpu-avx2, cpu-portable; a path the CPU runs
 only because it also has a better one is labelled "forced"), transformers `generate` in fp32,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,7 @@ import time
 from typing import Callable, Optional
 
 from bench import records
+from bench.server_proc import descendants
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"  # apt libtcmalloc-minimal4
 MINIVLLM_PATHS = ("cpu-avx512", "cpu-avx2", "cpu-portable")
@@ -131,8 +134,6 @@ VLLM_AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 def _vllm_libraries() -> list[str]:
     """The vLLM extension modules (_C*.so) mapped by this process and its descendants (the
     engine core's workers): which build the model worker loaded."""
-    from bench.server_proc import descendants
-
     found = set()
     for pid in [os.getpid(), *descendants(os.getpid())]:
         try:
@@ -223,6 +224,7 @@ class Worker:
             time.sleep(60)
         self.info = json.loads(line) if line else self._reply()
         self.samples: dict[tuple[int, int], list[dict]] = {}
+        self.pause(True)
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
@@ -231,13 +233,28 @@ class Worker:
         return json.loads(line)
 
     def measure(self, work) -> dict:
+        """tok/s of `work`, the other workers' processes stopped meanwhile (pause)."""
+        self.pause(False)
         before = os.getloadavg()
         self.proc.stdin.write(json.dumps({"work": work}) + "\n")
         self.proc.stdin.flush()
         tok_s = self._reply()["tok_s"]
-        return {"tok_s": tok_s, "loadavg_before": before, "loadavg_after": os.getloadavg()}
+        after = os.getloadavg()
+        self.pause(True)
+        return {"tok_s": tok_s, "loadavg_before": before, "loadavg_after": after}
+
+    def pause(self, stop: bool) -> None:
+        """SIGSTOP (or SIGCONT) the worker and its descendants: an idle vLLM worker process
+        spins on its shared-memory queue at ~45% of a core, which the engine measured next
+        would otherwise share the machine with."""
+        for pid in [self.proc.pid] + descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGSTOP if stop else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def close(self) -> None:
+        self.pause(False)
         self.proc.stdin.close()
         self.proc.wait(timeout=120)
         self.log.close()

@@ -98,6 +98,7 @@ typedef struct {
                     int64_t T,
                     const int64_t *ids, const int64_t *positions, const cpu_attention_plan *a,
                     const cpu_buffers *w, void *out);
+    void (*argmax_rows)(int64_t S, int64_t V, const float *logits, int64_t ld, int64_t *out);
     cpu_linear_fn linear_q8; /* the int8 path for quantized weights; NULL where the CPU lacks it */
 } cpu_kernel_table;
 
@@ -252,6 +253,7 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #define attend_one ISA_NAME(attend_one)
 #define paged_attention ISA_NAME(paged_attention)
 #define forward ISA_NAME(forward)
+#define argmax_rows ISA_NAME(argmax_rows)
 #define kernel_table ISA_NAME(kernel_table)
 
 #if defined(__x86_64__)
@@ -287,6 +289,7 @@ static void attention_plan_free(cpu_attention_plan *a) {
 #undef silu_and_mul
 #undef paged_attention
 #undef forward
+#undef argmax_rows
 #undef linear_q8
 
 /* ---- run-time choice ----------------------------------------------------------------------- */
@@ -379,6 +382,12 @@ static void cpu_silu_and_mul(const cpu_kernel_table *t, int bf16, int64_t T, int
                              const void *gu, int64_t ldgu, void *out, int64_t ldo) {
 #pragma omp parallel if (T * F >= PAR_MIN_ELEMS)
     t->silu_and_mul(bf16, T, F, gu, ldgu, out, ldo);
+}
+
+static void cpu_argmax_rows(const cpu_kernel_table *t, int64_t S, int64_t V, const float *logits,
+                            int64_t ld, int64_t *out) {
+#pragma omp parallel if (S > 1)
+    t->argmax_rows(S, V, logits, ld, out);
 }
 
 /* Returns -1, touching nothing, if a slot or block index lies outside the cache. */

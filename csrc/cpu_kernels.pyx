@@ -82,6 +82,8 @@ cdef extern from "cpu_kernels.h" nogil:
                    int64_t ldq, int64_t nq, void *k, int64_t ldk, int64_t nk)
     void cpu_silu_and_mul(const cpu_kernel_table *t, int bf16, int64_t T, int64_t F,
                           const void *gu, int64_t ldgu, void *out, int64_t ldo)
+    void cpu_argmax_rows(const cpu_kernel_table *t, int64_t S, int64_t V, const float *logits,
+                         int64_t ld, int64_t *out)
     int cpu_paged_attention(const cpu_kernel_table *t, int bf16, const cpu_attention_plan *a,
                             const void *q, int64_t ldq, const void *k, const void *v,
                             int64_t ldkv, void *k_cache, void *v_cache, int64_t num_blocks,
@@ -405,6 +407,19 @@ cdef class CpuKernels:
         cdef uintptr_t pg = _ptr(gate_up), po = _ptr(out)
         with nogil:
             cpu_silu_and_mul(&self.t, bf, t, f, <const void *>pg, ld, <void *>po, f)
+        return out
+
+    def argmax(self, logits):
+        """torch.argmax(logits, dim=-1) of float32 logits [S, V] (rows contiguous): each row's
+        first maximum, a NaN counting as the maximum; int64 [S]."""
+        if logits.dtype != torch.float32 or logits.dim() != 2 or logits.shape[1] < 1:
+            raise ValueError(f"logits must be float32 [rows, vocab], got "
+                             f"{logits.dtype} {tuple(logits.shape)}")
+        cdef int64_t s = logits.shape[0], v = logits.shape[1], ld = _rows(logits, v)
+        out = torch.empty(s, dtype=torch.int64)
+        cdef uintptr_t pl = _ptr(logits), po = _ptr(out)
+        with nogil:
+            cpu_argmax_rows(&self.t, s, v, <const float *>pl, ld, <int64_t *>po)
         return out
 
     def paged_attention_(self, q, k, v, k_cache, v_cache, AttentionPlan plan, double scale):

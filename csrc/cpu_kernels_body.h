@@ -656,6 +656,43 @@ static void paged_attention(int bf16, const cpu_attention_plan *a, const void *q
     free(rows);
 }
 
+/* ---- greedy sampling -------------------------------------------------------------------- */
+
+/* out[s] = the index of the first maximum of row s of logits [S, V] (fp32, rows ld apart), a NaN
+ * counting as the maximum: torch.argmax's answer. Vector maxima of blocks of 256, the first
+ * block holding the largest kept, then a scan of that block for it; a row holding a NaN or an
+ * infinity (where x - x is NaN) is first scanned whole for a NaN. 16 rows of 49152 on 1
+ * thread: torch.argmax 0.65 ms, this 0.07 ms (AVX2). */
+static void argmax_rows(int64_t S, int64_t V, const float *logits, int64_t ld, int64_t *out) {
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < S; s++) {
+        const float *x = logits + s * ld;
+        float m = -INFINITY;
+        int64_t best = 0, j = 0;
+        vf odd = v_zero();
+        for (int64_t b = 0; b < V; b += 256) {
+            vf mx = v_set1(-INFINITY);
+            for (j = b; j < b + 256 && j < V; j += 16) {
+                vf v = v_load(x + j, 0, V - j);
+                mx = v_max(mx, v_tail(v, V - j, -INFINITY));
+                odd = v_add(odd, v_sub(v, v));
+            }
+            float bm = v_hmax(mx);
+            if (bm > m) {
+                m = bm;
+                best = b;
+            }
+        }
+        float o = v_hsum(odd);
+        j = 0;
+        if (o != o)
+            while (j < V && x[j] == x[j]) j++;
+        if (j == V || x[j] == x[j])
+            for (j = best; x[j] != m; j++) {}
+        out[s] = j;
+    }
+}
+
 /* ---- the decoder stack of one step, in one parallel region ----------------------------------
  *
  * The layers' kernels in the order the model's modules call them (models/llama.py), with the
@@ -708,7 +745,7 @@ static void forward(cpu_linear_fn lin, cpu_linear_fn lin_q8, int bf16, const cpu
 }
 
 static const cpu_kernel_table kernel_table = {linear, rms_norm, rotary, silu_and_mul,
-                                              paged_attention, forward};
+                                              paged_attention, forward, argmax_rows};
 
 #undef VEC_LIN_MR
 #undef VEC_ATTN_ACC

@@ -114,6 +114,27 @@ def test_silu_and_mul_matches_native(kernels, dtype):
     torch.testing.assert_close(act(gate_up), act.forward_native(gate_up), **tol)
 
 
+def test_argmax_is_torch_argmax(kernels):
+    """The greedy sampler's argmax: ties (first wins), infinities, NaNs (the first NaN wins, as
+    torch's), tails of every width, strided rows."""
+    torch.manual_seed(0)
+    rows = torch.randn(12, 49152 + 7)
+    rows[1, 100:] = rows[1, 5]  # a tie: the first
+    rows[2] = float("-inf")
+    rows[3, 9] = float("inf")
+    rows[4, 30000] = float("nan")
+    rows[5, 17] = float("inf")
+    rows[5, 40000] = float("nan")  # a NaN after an infinite maximum still wins
+    rows[6, 49152 + 6] = 1e9  # in the tail
+    rows[7, :] = -3.0
+    rows[8, 20] = float("nan")
+    rows[8, 10] = float("inf")
+    for view in (rows, rows[:, :49152], rows[:, :33], rows[:, :1]):
+        assert torch.equal(kernels.argmax(view), view.argmax(dim=-1)), view.shape
+    with pytest.raises(ValueError, match="float32"):
+        kernels.argmax(rows.bfloat16())
+
+
 # ---- attention: random ragged steps against the reference backend ---------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

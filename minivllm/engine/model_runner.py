@@ -112,8 +112,9 @@ class ModelRunner:
         self.step_model = (CpuDecoder(self.model, self.kernels.cpu_linears,
                                       config.scheduler.max_num_seqs)
                            if self.kernels.cpu_linears else self.model)
+        cpu = self.kernels.cpu_linears
         self.sampler = Sampler(config.scheduler.max_num_seqs, arch.vocab_size, self.device,
-                               seed=config.model.seed)
+                               seed=config.model.seed, argmax=cpu.argmax if cpu else None)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
                     self.kv_spec.num_blocks, self.kv_spec.block_size, self.kv_spec.num_tokens,
                     self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -220,12 +220,20 @@ def _stages(params: SamplingParams, stop_ids: Sequence[int]) -> list[str]:
     return stages
 
 
+def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
     """Samples one token per row for requests kept in req_indices 0..max_num_seqs-1."""
 
     def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device,
-                 seed: int = 0) -> None:
+                 seed: int = 0,
+                 argmax: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         self.max_num_seqs = max_num_seqs
+        # torch.argmax over the rows, or the CPU kernels' (their logits are fp32): 0.65 ms ->
+        # 0.04 ms for 16 rows of 49152 on 1 thread, 2% of a decode step.
+        self._argmax = argmax or _torch_argmax
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self._float_params = torch.zeros(max_num_seqs, 6, dtype=torch.float32, device=device)
@@ -303,7 +311,7 @@ class Sampler:
                              f"x vocab {self.vocab_size}")
         if self.plain_greedy():
             # The common benchmark case: nothing to record, nothing to convert.
-            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+            return SamplerOutput(self._argmax(logits), None, None, None)
         logits = logits.to(torch.float32, copy=True)
         raw_logprobs = logits.log_softmax(dim=-1) if self._logprobs_counts else None
         float_params = self._float_params[req_indices]
@@ -408,17 +416,17 @@ class Sampler:
     def _choose(self, logits: torch.Tensor, float_params: torch.Tensor,
                 int_params: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if _RANDOM not in self._stage_counts:
-            return logits.argmax(dim=-1)
+            return self._argmax(logits)
         temperature = float_params[:, _TEMPERATURE]
         greedy_rows = temperature == 0
-        greedy_ids = logits.argmax(dim=-1) if _GREEDY in self._stage_counts else None
+        greedy_ids = self._argmax(logits) if _GREEDY in self._stage_counts else None
         logits.div_(torch.where(greedy_rows, 1.0, temperature).unsqueeze(1))
         if _MIN_P_STAGE in self._stage_counts:
             apply_min_p(logits, float_params[:, _MIN_P])
         if _TOP_K_TOP_P in self._stage_counts:
             apply_top_k_top_p(logits, int_params[:, _TOP_K], float_params[:, _TOP_P])
         keys = row_keys(self._row_seeds(int_params), positions)
-        sampled = logits.add_(gumbel_noise(keys, self._weyl)).argmax(dim=-1)
+        sampled = self._argmax(logits.add_(gumbel_noise(keys, self._weyl)))
         return sampled if greedy_ids is None else torch.where(greedy_rows, greedy_ids, sampled)
 
     def _row_seeds(self, int_params: torch.Tensor) -> torch.Tensor:
