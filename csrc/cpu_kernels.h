@@ -233,6 +233,7 @@ static void attention_plan_free(cpu_attention_plan *a) {
 /* the body's */
 #define v_exp ISA_NAME(v_exp)
 #define lin_store ISA_NAME(lin_store)
+#define lin_prefetch ISA_NAME(lin_prefetch)
 #define lin_tile ISA_NAME(lin_tile)
 #define linear ISA_NAME(linear)
 #define lin_widen ISA_NAME(lin_widen)
