@@ -1,0 +1,114 @@
+"""The streamed response's transport: an ASGI response whose body chunks are written by the
+engine client's reader as outputs come, and the watch for the client going away.
+
+A server's hot path is one SSE chunk per stream per engine step. Here a chunk is one call of the
+HTTP server's own ASGI send, made by the caller at once (`ChunkWriter`): no task is woken per
+chunk, and none of the Python wrappers of send that the middlewares and the route add per
+message (`with_server_send`; they only watch for the response's start, which goes through
+them).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Optional
+
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from minivllm.server import metrics
+from minivllm.server.protocol import APIError
+
+# The scope key of the HTTP server's own ASGI send (with_server_send)
+SERVER_SEND = "minivllm.server_send"
+
+
+def with_server_send(app: ASGIApp) -> ASGIApp:
+    """`app` with the HTTP server's own send in every request's scope (for EventStream)."""
+    async def app_with_server_send(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await app(scope, receive, send)
+    return app_with_server_send
+
+
+def _body(data: bytes) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+class ChunkWriter:
+    """A response's body chunks through ASGI `send`, each written by the caller now. uvicorn's
+    send waits only before it writes anything, while the connection's buffer is full (flow
+    control): a send that would wait is dropped unwritten, and its chunk and the ones after it
+    go out in order from one task that awaits send until the buffer drains."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self._queued: list[bytes] = []
+        self._flusher: Optional[asyncio.Task] = None
+
+    def write(self, data: bytes) -> None:
+        if self._flusher is not None:
+            self._queued.append(data)
+            return
+        pending = self.send(_body(data))
+        try:
+            pending.send(None)
+        except StopIteration:  # written
+            return
+        pending.close()  # it waits for the buffer to drain: nothing was written
+        self._queued.append(data)
+        self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        while self._queued:
+            data = b"".join(self._queued)
+            self._queued.clear()
+            await self.send(_body(data))
+        self._flusher = None
+
+    async def drain(self) -> None:
+        """Until every chunk written is in the connection's buffer."""
+        if self._flusher is not None:
+            await self._flusher
+
+
+class EventStream(Response):
+    """The SSE response: `run(writer)` writes its body through a ChunkWriter (the engine
+    client's reader writes the chunks, see serving.py); a client's disconnect cancels it."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, run: Callable[[ChunkWriter], Awaitable[None]]) -> None:
+        self.run, self.status_code, self.background = run, 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        writer = ChunkWriter(scope.get(SERVER_SEND, send))
+        try:
+            await until_done_or_disconnect(receive, self.run(writer))
+        except APIError:  # the client has gone: there is nobody to end the response for
+            return
+        await writer.drain()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def until_done_or_disconnect(receive: Receive, work: Awaitable):
+    """`work`'s result; if the client goes away first (`receive`: the request's ASGI receive),
+    `work` is cancelled and this raises a 499."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        metrics.aborted.labels("disconnect").inc()
+        raise APIError(499, "client disconnected")
+    finally:
+        watcher.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
