@@ -497,6 +497,16 @@ class RequestStream:
             self.close()
         return out
 
+    def running_delta(self) -> Optional[tuple[str, int]]:
+        """For a request of one sequence, running, without error: its text and the number of
+        its tokens new since the last output, taken as poll() takes them (a server's common
+        chunk, without building the output); None otherwise (poll() then)."""
+        state = self.state
+        if state.error is not None or len(state.streams) != 1 or state.streams[0].finished:
+            return None
+        text, tokens = state.streams[0].delta()
+        return text, len(tokens)
+
     async def ready(self) -> None:
         """Until the request has an output (or an error, raised here), which stays to be
         taken."""

@@ -83,6 +83,8 @@ class OpenAIResponse:
         self.n = params.n
         # A chunk's event up to its choices: `data: {"id":...,"model":...,"choices":[`
         self._chunk_start = "data: " + _dumps(self._envelope(self.chunk_name, []))[:-3] + "["
+        # whether every running chunk is text_event's (one sequence per prompt, no logprobs)
+        self.plain = self.n == 1 and params.logprobs is None
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -101,6 +103,10 @@ class OpenAIResponse:
         return "".join(f"{self._chunk_start}{self.delta_json(i * self.n + c.index, c)}]}}\n\n"
                        for c in out.outputs if c.delta_text or c.delta_token_ids or c.finished)
 
+    def text_event(self, index: int, text: str) -> str:
+        """The SSE event of a plain running chunk: choice `index`'s new `text`."""
+        return f"{self._chunk_start}{self.text_json(index, text)}]}}\n\n"
+
     def usage_chunk(self, finals: list[RequestOutput]) -> dict:
         return self._envelope(self.chunk_name, [], usage=usage(finals))
 
@@ -113,6 +119,11 @@ class OpenAIResponse:
     def delta_json(self, index: int, c: CompletionOutput) -> str:
         """delta_choice(index, c) as JSON."""
         return _dumps(self.delta_choice(index, c))
+
+    def text_json(self, index: int, text: str) -> str:
+        """delta_json of a running choice without logprobs (or tool calls) whose new text is
+        `text`: a fixed template, only the text JSON-encoded."""
+        raise NotImplementedError
 
     def _token(self, token_id: int) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(
@@ -165,9 +176,12 @@ class CompletionResponse(OpenAIResponse):
 
     def delta_json(self, index: int, c: CompletionOutput) -> str:
         if c.logprobs is None and not c.finished:
-            return (f'{{"index":{index},"text":{_text(c.delta_text)},'
-                    f'"logprobs":null,"finish_reason":null,"stop_reason":null}}')
+            return self.text_json(index, c.delta_text)
         return super().delta_json(index, c)
+
+    def text_json(self, index: int, text: str) -> str:
+        return (f'{{"index":{index},"text":{_text(text)},'
+                f'"logprobs":null,"finish_reason":null,"stop_reason":null}}')
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
         ids = c.delta_token_ids
@@ -207,6 +221,7 @@ class ChatResponse(OpenAIResponse):
                  tools: Optional[ToolCalls] = None) -> None:
         super().__init__(model, tokenizer, params)
         self.tools = tools
+        self.plain = self.plain and tools is None
 
     def choice(self, index: int, c: CompletionOutput) -> dict:
         message: dict = {"role": "assistant", "content": c.text}
@@ -227,9 +242,12 @@ class ChatResponse(OpenAIResponse):
 
     def delta_json(self, index: int, c: CompletionOutput) -> str:
         if self.tools is None and c.logprobs is None and not c.finished:
-            return (f'{{"index":{index},"delta":{{"content":{_text(c.delta_text)}}},'
-                    f'"logprobs":null,"finish_reason":null}}')
+            return self.text_json(index, c.delta_text)
         return super().delta_json(index, c)
+
+    def text_json(self, index: int, text: str) -> str:
+        return (f'{{"index":{index},"delta":{{"content":{_text(text)}}},'
+                f'"logprobs":null,"finish_reason":null}}')
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
         ids = c.delta_token_ids

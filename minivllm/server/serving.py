@@ -141,11 +141,17 @@ class MetricsRecorder:
         self.last: list[Optional[float]] = [None] * n_prompts
 
     def observe(self, i: int, out: RequestOutput) -> None:
-        now = time.monotonic()
         new, finished = 0, True
         for c in out.outputs:  # (one loop: this runs per request per engine step)
             new += len(c.delta_token_ids)
             finished = finished and c.finish_reason is not None
+        now = self.tokens(i, new)
+        if finished:
+            self._finished(i, out, now)
+
+    def tokens(self, i: int, new: int) -> float:
+        """`new` tokens of prompt i streamed now (its TTFT, or their gaps); returns now."""
+        now = time.monotonic()
         if new:
             last = self.last[i]
             if last is None:
@@ -155,8 +161,7 @@ class MetricsRecorder:
             else:
                 metrics.token_tally.add(new, (now - last) / new, now)
             self.last[i] = now
-        if finished:
-            self._finished(i, out, now)
+        return now
 
     def _finished(self, i: int, out: RequestOutput, now: float) -> None:
         metrics.token_tally.flush()
@@ -174,16 +179,18 @@ class MetricsRecorder:
 class PromptStreams:
     """Every prompt's engine stream of one HTTP request, read by the engine client's reader
     itself (RequestStream.listen), without a task per request woken per engine step: each
-    output goes into the metrics and `latest`, then to `on_output(i, output)` if set. With
-    `interval`, a stream gives at most one output per `interval` s (the steps of each pause
-    come as one output: its snapshot holds every token since the last). `done` resolves once
-    every prompt has finished, or fails with the first error (on_output's included); close()
-    aborts what still runs."""
+    output goes into the metrics and `latest`, then to `on_output(i, output)` if set; with
+    `on_text` set, a running single-sequence output is not built: its new text goes to
+    `on_text(i, text)` instead. With `interval`, a stream gives at most one output per
+    `interval` s (the steps of each pause come as one output: its snapshot holds every token
+    since the last). `done` resolves once every prompt has finished, or fails with the first
+    error (the callbacks' included); close() aborts what still runs."""
 
     def __init__(self, streams: list[RequestStream], recorder: MetricsRecorder,
                  interval: float = 0.0) -> None:
         self.streams, self.recorder, self.interval = streams, recorder, interval
         self.on_output: Optional[Callable[[int, RequestOutput], None]] = None
+        self.on_text: Optional[Callable[[int, str], None]] = None
         self.latest: list[Optional[RequestOutput]] = [None] * len(streams)
         self.loop = asyncio.get_running_loop()
         self.done = self.loop.create_future()
@@ -201,22 +208,34 @@ class PromptStreams:
         if self.interval and self._next[i] > self.loop.time():
             self._timers[i] = self.loop.call_at(self._next[i], self._read_paced, i)
             return
-        stream = self.streams[i]
         try:
-            out = stream.poll()
-            self.recorder.observe(i, out)
-            self.latest[i] = out
-            if self.on_output is not None:
-                self.on_output(i, out)
+            finished = self._take(i)
         except Exception as exc:  # noqa: BLE001  (the awaiter of done gets it)
             self.done.set_exception(exc)
             return
-        if stream.state.finished:
+        if finished:
             self._running -= 1
             if not self._running:
                 self.done.set_result(None)
         elif self.interval:
             self._next[i] = self.loop.time() + self.interval
+
+    def _take(self, i: int) -> bool:
+        """Hand on stream i's news; whether it has finished."""
+        stream = self.streams[i]
+        news = stream.running_delta() if self.on_text is not None else None
+        if news is not None:
+            text, tokens = news
+            self.recorder.tokens(i, tokens)
+            if text or tokens:
+                self.on_text(i, text)
+            return False
+        out = stream.poll()
+        self.recorder.observe(i, out)
+        self.latest[i] = out
+        if self.on_output is not None:
+            self.on_output(i, out)
+        return stream.state.finished
 
     def _read_paced(self, i: int) -> None:
         del self._timers[i]
@@ -240,6 +259,8 @@ class StreamedBody:
         self.include_usage, self.release = include_usage, release
         self.writer: Optional[ChunkWriter] = None
         outputs.on_output = self._on_output
+        if response.plain:
+            outputs.on_text = self._on_text
 
     async def run(self, writer: ChunkWriter) -> None:
         self.writer = writer
@@ -262,3 +283,6 @@ class StreamedBody:
         events = self.response.stream_events(i, out)
         if events:
             self.writer.write(events.encode())
+
+    def _on_text(self, i: int, text: str) -> None:
+        self.writer.write(self.response.text_event(i, text).encode())
