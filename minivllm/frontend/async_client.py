@@ -292,8 +292,11 @@ class AsyncEngineClient:
             self._fail(state, EngineDrainingError("the engine stopped this request before it "
                                                   "finished (a shutdown, or its drain "
                                                   "deadline)", protocol.ERR_DRAINING))
-        for state in touched:
-            self._wake(state)
+        events = self._events
+        for state in touched:  # (_wake's lookup, inline: this runs per request per step)
+            event = events.get(id(state))
+            if event is not None:
+                event.set()
 
     def _on_error(self, rec: protocol.ErrorRecord) -> None:
         entry = (self.processor.streams.pop(rec.request_id, None)
@@ -502,10 +505,10 @@ class RequestStream:
         its tokens new since the last output, taken as poll() takes them (a server's common
         chunk, without building the output); None otherwise (poll() then)."""
         state = self.state
-        if state.error is not None or len(state.streams) != 1 or state.streams[0].finished:
+        if state.error is not None or len(state.streams) != 1 \
+                or state.streams[0].finish_reason is not None:
             return None
-        text, tokens = state.streams[0].delta()
-        return text, len(tokens)
+        return state.streams[0].news()
 
     async def ready(self) -> None:
         """Until the request has an output (or an error, raised here), which stays to be

@@ -56,7 +56,8 @@ def _dumps(payload: dict) -> str:
 
 def _text(text: str) -> str:
     """`text` as a JSON string for an SSE event."""
-    return encode_basestring(text).translate(_LINE_BREAKS)
+    quoted = encode_basestring(text)
+    return quoted if text.isascii() else quoted.translate(_LINE_BREAKS)
 
 
 def usage(finals: list[RequestOutput]) -> dict:
@@ -74,6 +75,8 @@ class OpenAIResponse:
     object_name = ""
     chunk_name = ""
     id_prefix = ""
+    # a plain running choice's JSON around its index and its text (text_json)
+    text_template = ("", "", "")
 
     def __init__(self, model: str, tokenizer: Optional[Tokenizer],
                  params: SamplingParams) -> None:
@@ -105,7 +108,8 @@ class OpenAIResponse:
 
     def text_event(self, index: int, text: str) -> str:
         """The SSE event of a plain running chunk: choice `index`'s new `text`."""
-        return f"{self._chunk_start}{self.text_json(index, text)}]}}\n\n"
+        start, middle, end = self.text_template
+        return f"{self._chunk_start}{start}{index}{middle}{_text(text)}{end}]}}\n\n"
 
     def usage_chunk(self, finals: list[RequestOutput]) -> dict:
         return self._envelope(self.chunk_name, [], usage=usage(finals))
@@ -122,8 +126,9 @@ class OpenAIResponse:
 
     def text_json(self, index: int, text: str) -> str:
         """delta_json of a running choice without logprobs (or tool calls) whose new text is
-        `text`: a fixed template, only the text JSON-encoded."""
-        raise NotImplementedError
+        `text`: `text_template` filled, only the text JSON-encoded."""
+        start, middle, end = self.text_template
+        return f"{start}{index}{middle}{_text(text)}{end}"
 
     def _token(self, token_id: int) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(
@@ -137,6 +142,8 @@ class OpenAIResponse:
 
 class CompletionResponse(OpenAIResponse):
     object_name, chunk_name, id_prefix = "text_completion", "text_completion", "cmpl-"
+    text_template = ('{"index":', ',"text":',
+                     ',"logprobs":null,"finish_reason":null,"stop_reason":null}')
 
     def __init__(self, model: str, tokenizer: Optional[Tokenizer], params: SamplingParams,
                  echo: bool = False, prompt_only: bool = False) -> None:
@@ -179,10 +186,6 @@ class CompletionResponse(OpenAIResponse):
             return self.text_json(index, c.delta_text)
         return super().delta_json(index, c)
 
-    def text_json(self, index: int, text: str) -> str:
-        return (f'{{"index":{index},"text":{_text(text)},'
-                f'"logprobs":null,"finish_reason":null,"stop_reason":null}}')
-
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
         ids = c.delta_token_ids
         return {"index": index, "text": c.delta_text,
@@ -216,6 +219,7 @@ class ChatResponse(OpenAIResponse):
     finishes with "tool_calls", as OpenAI's do."""
 
     object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+    text_template = ('{"index":', ',"delta":{"content":', '},"logprobs":null,"finish_reason":null}')
 
     def __init__(self, model: str, tokenizer: Optional[Tokenizer], params: SamplingParams,
                  tools: Optional[ToolCalls] = None) -> None:
@@ -244,10 +248,6 @@ class ChatResponse(OpenAIResponse):
         if self.tools is None and c.logprobs is None and not c.finished:
             return self.text_json(index, c.delta_text)
         return super().delta_json(index, c)
-
-    def text_json(self, index: int, text: str) -> str:
-        return (f'{{"index":{index},"delta":{{"content":{_text(text)}}},'
-                f'"logprobs":null,"finish_reason":null}}')
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
         ids = c.delta_token_ids

@@ -1,15 +1,17 @@
 """The streamed response's transport: an ASGI response whose body chunks are written by the
 engine client's reader as outputs come, and the watch for the client going away.
 
-A server's hot path is one SSE chunk per stream per engine step. Here a chunk is one call of the
-HTTP server's own ASGI send, made by the caller at once (`ChunkWriter`): no task is woken per
-chunk, and none of the Python wrappers of send that the middlewares and the route add per
-message (`with_server_send`; they only watch for the response's start, which goes through
-them).
+A server's hot path is one SSE chunk per stream per engine step. Here a chunk is one write to
+the connection's transport, made by the caller at once (`ChunkWriter`): no task is woken per
+chunk, no ASGI message is made, and none of the Python wrappers of send that the middlewares
+and the route add per message runs (`with_server_send` finds the HTTP server's own send; the
+wrappers only watch for the response's start, which goes through them).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from typing import Awaitable, Callable, Optional
 
 from fastapi.responses import Response
@@ -17,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minivllm.server import metrics
 from minivllm.server.protocol import APIError
+
+logger = logging.getLogger(__name__)
 
 # The scope key of the HTTP server's own ASGI send (with_server_send)
 SERVER_SEND = "minivllm.server_send"
@@ -35,28 +39,31 @@ def _body(data: bytes) -> Message:
 
 
 class ChunkWriter:
-    """A response's body chunks through ASGI `send`, each written by the caller now. uvicorn's
-    send waits only before it writes anything, while the connection's buffer is full (flow
-    control): a send that would wait is dropped unwritten, and its chunk and the ones after it
-    go out in order from one task that awaits send until the buffer drains."""
+    """A response's body chunks, each written by the caller now. Under uvicorn's httptools
+    protocol (the send of a RequestResponseCycle framing the body in chunks) a chunk goes
+    straight to the connection's transport, framed as that send would, while the connection
+    takes writes (not paused by flow control, not gone); otherwise the chunks queue behind one
+    task that awaits ASGI send, in order. The response's start and end go through send."""
 
     def __init__(self, send: Send) -> None:
         self.send = send
+        # uvicorn's cycle; the response has started, so it knows whether it frames in chunks
+        self._cycle = getattr(send, "__self__", None)
+        if getattr(self._cycle, "chunked_encoding", None) is not True:
+            self._cycle = None
+            _log_send_once()
         self._queued: list[bytes] = []
         self._flusher: Optional[asyncio.Task] = None
 
     def write(self, data: bytes) -> None:
-        if self._flusher is not None:
-            self._queued.append(data)
+        cycle = self._cycle
+        if (cycle is not None and self._flusher is None and not cycle.flow.write_paused
+                and not cycle.disconnected):
+            cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
             return
-        pending = self.send(_body(data))
-        try:
-            pending.send(None)
-        except StopIteration:  # written
-            return
-        pending.close()  # it waits for the buffer to drain: nothing was written
         self._queued.append(data)
-        self._flusher = asyncio.ensure_future(self._flush())
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
 
     async def _flush(self) -> None:
         while self._queued:
@@ -69,6 +76,12 @@ class ChunkWriter:
         """Until every chunk written is in the connection's buffer."""
         if self._flusher is not None:
             await self._flusher
+
+
+@functools.lru_cache(maxsize=None)
+def _log_send_once() -> None:
+    logger.info("the HTTP server is not uvicorn's httptools protocol: SSE chunks go through "
+                "its ASGI send, from a task")
 
 
 class EventStream(Response):
