@@ -99,8 +99,10 @@ class IncrementalDetokenizer:
         the text the pushes would have made together."""
         table = self.table
         if table is not None:
-            n = len(table)  # ids past the tokenizer's (a padded vocabulary) decode to nothing
-            data = self.pending + b"".join([table[t] if t < n else b"" for t in token_ids])
+            try:
+                data = self.pending + b"".join(map(table.__getitem__, token_ids))
+            except IndexError:  # ids past the tokenizer's (a padded vocabulary) decode to nothing
+                data = self.pending + b"".join([table[t] for t in token_ids if t < len(table)])
             text, used = _utf8_decode(data, "replace", False)
             self.pending = data[used:]
             return text

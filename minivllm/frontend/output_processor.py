@@ -108,22 +108,18 @@ class CompletionStream:
 
     def delta(self) -> tuple[str, list[int]]:
         """Text and tokens not given out yet (text held back while a stop string may start)."""
-        tokens = self.token_ids[self.sent_tokens:]
-        self.sent_tokens = len(self.token_ids)
-        return self._delta_text(), tokens
+        start = self.sent_tokens
+        text, _ = self.news()
+        return text, self.token_ids[start:]
 
     def news(self) -> tuple[str, int]:
         """delta(), with the number of new tokens instead of their list."""
-        new = len(self.token_ids) - self.sent_tokens
-        self.sent_tokens += new
-        return self._delta_text(), new
-
-    def _delta_text(self) -> str:
         text = self.text
         end = (len(text) if self.finish_reason is not None else
                max(self.sent_text, len(text) - self.holdback))
         start, self.sent_text = self.sent_text, end
-        return text[start:end]
+        new, self.sent_tokens = len(self.token_ids) - self.sent_tokens, len(self.token_ids)
+        return text[start:end], new
 
     def output(self, copy_token_ids: bool = True) -> CompletionOutput:
         """The completion so far (its text up to what delta() gave out: the whole text once
@@ -208,7 +204,7 @@ class OutputProcessor:
             row = None if logprobs is None else _row_logprobs(logprobs, i, stream, token)
             if stream.add(token, code, row):
                 stopped.append(key)
-            if stream.finished:
+            if stream.finish_reason is not None:  # (not .finished: this runs per token)
                 del self.streams[key]
             touched[id(state)] = state
         return list(touched.values()), stopped
