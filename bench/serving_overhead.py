@@ -17,8 +17,11 @@ new tokens each, all sent at once) goes through the same engine settings twice i
 With several `--tree`s the served run is repeated per code tree (each a checkout whose
 minivllm the server subprocess imports: its working directory), interleaved `--repeats`
 times, so a before/after pair shares the machine's state; `--stream-interval-ms` adds the last
-tree served with that flag. The CPU figure recorded is the lowest of the repeats (contention
-from other work only adds CPU time: cache misses, preemptions); every run is in `runs`.
+tree served with that flag. `--floor` adds, per repeat, bench/sse_floor.py's raw uvloop server
+under the same load, writing a prebuilt chunk to every stream at the last tree's inter-token
+latency: the socket + event loop part of a streamed token, which no Python server goes below.
+The CPU figure recorded is the lowest of the repeats (contention from other work only adds CPU
+time: cache misses, preemptions); every run is in `runs`.
 """
 from __future__ import annotations
 
