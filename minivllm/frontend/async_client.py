@@ -9,12 +9,12 @@
 One reader task drains the output ring into the output processor (the same one `LLM` uses); a
 consumer wakes once per engine step however many tokens arrived (`RequestState` coalesces
 them), or, one that listens (`RequestStream.listen`, the server's way), is called by the reader
-itself in the same pass. Requests go out as submit records into the request ring. The reader spins `spin_us` when the ring runs dry, then
-sleeps on the doorbell; every `ENGINE_CHECK_S` it checks that the engine process still lives.
-If it died, every request in flight fails with EngineDeadError at once, new ones are refused
-with it, the reader leaves the rings alone (they hold the dead engine's records), and the
-client re-attaches, emptying them, as soon as a (restarted) engine answers on the control
-socket.
+itself in the same pass. Requests go out as submit records into the request ring. The reader
+spins `spin_us` when the ring runs dry, then sleeps on the doorbell; every `ENGINE_CHECK_S` it
+checks that the engine process still lives. If it died, every request in flight fails with
+EngineDeadError at once, new ones are refused with it, the reader leaves the rings alone (they
+hold the dead engine's records), and the client re-attaches, emptying them, as soon as a
+(restarted) engine answers on the control socket.
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ depends on its neighbours.
 
 A byte-level tokenizer (GPT-2's, Llama 3's, Qwen's, SmolLM's: a ByteLevel decoder) decodes
 ids to the concatenation of their tokens' bytes, as UTF-8 with a U+FFFD per invalid sequence:
-its tokens' bytes are tabled once (`byte_tables`), and a stream pushes each token's bytes
-through an incremental UTF-8 decoding, which holds an incomplete character back until its last
-byte comes (well under a microsecond a token; the tokenizer's own decode costs one to three).
+its tokens' bytes are tabled once (`byte_tables`), and a stream decodes each token's bytes as
+UTF-8 incrementally, an incomplete character held back until its last byte comes (well under a
+microsecond a token; the tokenizer's own decode costs one to three).
 
 Any other tokenizer decodes a short window, tokens [prefix, end), and emits what it adds to
 the decoding of [prefix, read). A window whose text ends in U+FFFD (an incomplete character)
