@@ -17,8 +17,11 @@ new tokens each, all sent at once) goes through the same engine settings twice i
 With several `--tree`s the served run is repeated per code tree (each a checkout whose
 minivllm the server subprocess imports: its working directory), interleaved `--repeats`
 times, so a before/after pair shares the machine's state; `--stream-interval-ms` adds the last
-tree served with that flag. The CPU figure recorded is the lowest of the repeats (contention
-from other work only adds CPU time: cache misses, preemptions); every run is in `runs`.
+tree served with that flag. `--floor` adds, per repeat, bench/sse_floor.py's raw uvloop server
+under the same load, writing a prebuilt chunk to every stream at the last tree's inter-token
+latency: the socket + event loop part of a streamed token, which no Python server goes below.
+The CPU figure recorded is the lowest of the repeats (contention from other work only adds CPU
+time: cache misses, preemptions); every run is in `runs`.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ import argparse
 import asyncio
 import os
 import random
+import subprocess
+import sys
 import time
 from typing import Optional
 
@@ -126,29 +131,61 @@ def offline(work: list[Request], engine_args: dict) -> float:
     return tokens / wall
 
 
+def measure(url: str, pids: list[int], work: list[Request], procs: int) -> tuple[dict, dict]:
+    """A warm-up, `pids`' idle CPU over IDLE_S, then the load: its summary, and the CPU
+    figures of `pids` over it."""
+    asyncio.run(run_load(url, work[:4], model="default", progress=False))  # warm-up
+    idle = {p: proc_cpu_s(p) for p in pids}
+    time.sleep(IDLE_S)
+    before = {p: proc_cpu_s(p) for p in pids}
+    summary = load(url, work, procs)
+    cpu = {p: proc_cpu_s(p) - before[p] for p in pids}
+    idle_rate = sum(before[p] - idle[p] for p in pids) / IDLE_S
+    tokens, wall = summary["output_tokens"], summary["duration_s"]
+    return summary, {
+        "tok_s": summary["output_token_throughput"], "tokens": tokens,
+        "cpu_s": sum(cpu.values()), "cpu_s_per_server": sorted(cpu.values()),
+        "us_per_token": 1e6 * sum(cpu.values()) / tokens,
+        "idle_cpu_percent": 100 * idle_rate,
+        "us_per_token_less_idle": 1e6 * (sum(cpu.values()) - idle_rate * wall) / tokens,
+        "itl_p50_ms": summary["itl_ms"]["p50"]}
+
+
 def served(tree: str, work: list[Request], serve_args: list[str], procs: int = 1) -> dict:
     """One served run from code tree `tree`: throughput and each API server's CPU."""
     srv = ServeProcess(serve_args, cwd=tree)
     try:
         pids = srv.process_tree()
-        api = srv.api_server_pids()
-        asyncio.run(run_load(srv.url, work[:4], model="default", progress=False))  # warm-up
-        idle = {p: proc_cpu_s(p) for p in api}
-        time.sleep(IDLE_S)
-        before = {p: proc_cpu_s(p) for p in api}
-        summary = load(srv.url, work, procs)
-        cpu = {p: proc_cpu_s(p) - before[p] for p in api}
-        idle_rate = sum(before[p] - idle[p] for p in api) / IDLE_S
+        summary, run = measure(srv.url, srv.api_server_pids(), work, procs)
     finally:
         code = srv.stop()
     check_served(code, pids, summary, len(work))
-    tokens, wall = summary["output_tokens"], summary["duration_s"]
-    return {"tok_s": summary["output_token_throughput"], "tokens": tokens,
-            "cpu_s": sum(cpu.values()), "cpu_s_per_server": sorted(cpu.values()),
-            "us_per_token": 1e6 * sum(cpu.values()) / tokens,
-            "idle_cpu_percent": 100 * idle_rate,
-            "us_per_token_less_idle": 1e6 * (sum(cpu.values()) - idle_rate * wall) / tokens,
-            "itl_p50_ms": summary["itl_ms"]["p50"]}
+    return run
+
+
+def floor(work: list[Request], step_ms: float, procs: int = 1) -> dict:
+    """bench/sse_floor.py's raw uvloop SSE server under the same load, a chunk to every stream
+    every `step_ms` (the served run's inter-token latency): its CPU per streamed token."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.sse_floor", "--step-ms", str(step_ms)],
+                            stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        url = proc.stdout.readline().split()[-1]
+        summary, run = measure(url, [proc.pid], work, procs)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    if summary["counts"]["ok"] != len(work):
+        raise RuntimeError(f"the floor server served {summary['counts']}, not {len(work)} ok")
+    return run
+
+
+def _report(label: str, runs: dict[str, list[dict]], run: dict) -> None:
+    runs[label].append(run)
+    print(f"{label}: {run['tok_s']:.1f} tok/s served, {run['us_per_token']:.2f} us CPU per "
+          f"streamed token ({run['us_per_token_less_idle']:.2f} less idle "
+          f"{run['idle_cpu_percent']:.2f} % of a core; {run['tokens']} tokens, server CPU "
+          f"{run['cpu_s']:.2f} s, ITL p50 {run['itl_p50_ms']:.1f} ms)", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -175,6 +212,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--stream-interval-ms", type=float, default=0.0,
                     help="also serve from the last tree with this --stream-interval-ms")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run bench/sse_floor.py's raw uvloop SSE server under the same "
+                         "load, at each repeat's inter-token latency of the last tree")
     ap.add_argument("--no-offline", dest="offline", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -201,16 +241,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         configs.append((f"{trees[-1]} --stream-interval-ms {args.stream_interval_ms:g}",
                         trees[-1], ["--stream-interval-ms", str(args.stream_interval_ms)]))
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
+    floor_label = "raw uvloop SSE server, bench/sse_floor.py: the socket + event loop floor"
+    if args.floor:
+        runs[floor_label] = []
     for _ in range(args.repeats):
         for label, tree, extra in configs:
-            run = served(tree, work, serve_args + extra, args.load_procs)
+            _report(label, runs, served(tree, work, serve_args + extra, args.load_procs))
             load.append(os.getloadavg())
-            runs[label].append(run)
-            print(f"{label}: {run['tok_s']:.1f} tok/s served, {run['us_per_token']:.2f} us "
-                  f"CPU per streamed token ({run['us_per_token_less_idle']:.2f} less idle "
-                  f"{run['idle_cpu_percent']:.2f} % of a core; {run['tokens']} tokens, API "
-                  f"servers' CPU {run['cpu_s']:.2f} s, ITL p50 {run['itl_p50_ms']:.1f} ms)",
-                  flush=True)
+        if args.floor:
+            step_ms = runs[trees[-1]][-1]["itl_p50_ms"]
+            _report(floor_label, runs, floor(work, step_ms, args.load_procs) | {
+                "step_ms": step_ms})
+            load.append(os.getloadavg())
     cfg = dict(requests=args.requests, workload=args.workload, prompt_len=args.prompt_len,
                output_len=args.output_len, api_servers=args.api_servers,
                load_procs=args.load_procs, max_num_seqs=args.max_num_seqs,
@@ -225,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         records.append(record(f"API-server CPU per streamed token ({label})",
                               best["us_per_token"], "us/token", target=10.0,
                               runs=rs, **cfg))
+        if label == floor_label:
+            continue
         tok_s = sorted(r["tok_s"] for r in rs)[len(rs) // 2]
         records.append(record(f"served output tok/s ({label})", tok_s, "tokens/s",
                               peer=offline_tok_s, peer_name="offline LLM.generate, same run",

@@ -136,18 +136,39 @@ async def _connect(sup):
 
 
 def test_async_generate_streams_the_offline_greedy_text(supervisor, offline):
+    """Read by iterating (half the prompts) or by a listener the reader calls (the server's
+    way: each output's new text alone while it runs, then the whole output)."""
     expected = offline(PROMPTS, GREEDY)
+
+    async def iterated(client, prompt):
+        deltas, last = [], None
+        async for out in client.generate(prompt, GREEDY):
+            deltas.append(out.outputs[0].delta_text)
+            last = out
+        return "".join(deltas), last
+
+    async def listened(client, prompt):
+        stream, deltas = client.open(prompt, GREEDY), []
+        done = asyncio.get_running_loop().create_future()
+
+        def on_output():
+            news = stream.running_delta()
+            if news is not None:
+                deltas.append(news[0])
+                return
+            out = stream.poll()
+            deltas.append(out.outputs[0].delta_text)
+            if out.finished:
+                done.set_result(out)
+        stream.listen(on_output)
+        last = await asyncio.wait_for(done, 300)
+        return "".join(deltas), last
 
     async def go():
         client = await _connect(supervisor)
         try:
-            async def one(prompt):
-                deltas, last = [], None
-                async for out in client.generate(prompt, GREEDY):
-                    deltas.append(out.outputs[0].delta_text)
-                    last = out
-                return "".join(deltas), last
-            return await asyncio.gather(*(one(p) for p in PROMPTS))
+            return await asyncio.gather(*((iterated, listened)[i % 2](client, p)
+                                          for i, p in enumerate(PROMPTS)))
         finally:
             await client.shutdown()
 

@@ -7,13 +7,14 @@
     await client.shutdown()   # README.md, "Python async client", has the whole script
 
 One reader task drains the output ring into the output processor (the same one `LLM` uses); a
-consumer wakes once per engine step however many tokens arrived (`RequestState` coalesces them). Requests go out as
-submit records into the request ring. The reader spins `spin_us` when the ring runs dry, then
-sleeps on the doorbell; every `ENGINE_CHECK_S` it checks that the engine process still lives.
-If it died, every request in flight fails with EngineDeadError at once, new ones are refused
-with it, the reader leaves the rings alone (they hold the dead engine's records), and the
-client re-attaches, emptying them, as soon as a (restarted) engine answers on the control
-socket.
+consumer wakes once per engine step however many tokens arrived (`RequestState` coalesces
+them), or, one that listens (`RequestStream.listen`, the server's way), is called by the reader
+itself in the same pass. Requests go out as submit records into the request ring. The reader
+spins `spin_us` when the ring runs dry, then sleeps on the doorbell; every `ENGINE_CHECK_S` it
+checks that the engine process still lives. If it died, every request in flight fails with
+EngineDeadError at once, new ones are refused with it, the reader leaves the rings alone (they
+hold the dead engine's records), and the client re-attaches, emptying them, as soon as a
+(restarted) engine answers on the control socket.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional, Union
 
 import zmq
 
@@ -75,7 +76,8 @@ class AsyncEngineClient:
         self.processor = OutputProcessor(tokenizer, self.eos_token_ids)
         self._requests: dict[str, RequestState] = {}
         self._request_ids = itertools.count()
-        self._events: dict[int, Wakeup] = {}  # id(state) -> its consumer's wake-up
+        # id(state) -> its consumer's wake-up
+        self._events: dict[int, Union[Wakeup, Listener]] = {}
         self.state = "ready"  # ready | dead (the engine died; re-attaching) | closed
         self.restarts = 0     # engine restarts this client re-attached after
         self._control_lock = asyncio.Lock()
@@ -291,8 +293,11 @@ class AsyncEngineClient:
             self._fail(state, EngineDrainingError("the engine stopped this request before it "
                                                   "finished (a shutdown, or its drain "
                                                   "deadline)", protocol.ERR_DRAINING))
-        for state in touched:
-            self._wake(state)
+        events = self._events
+        for state in touched:  # (_wake's lookup, inline: this runs per request per step)
+            event = events.get(id(state))
+            if event is not None:
+                event.set()
 
     def _on_error(self, rec: protocol.ErrorRecord) -> None:
         entry = (self.processor.streams.pop(rec.request_id, None)
@@ -443,6 +448,22 @@ class Wakeup:
         self.is_set = False
 
 
+class Listener:
+    """A request's consumer that the reader calls (RequestStream.listen) where it would set a
+    Wakeup."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+    def set(self) -> None:
+        try:
+            self.callback()
+        except Exception:  # the reader serves every request: one consumer's bug must not stop it
+            logger.exception("a request's output listener failed")
+
+
 class RequestStream:
     """The outputs of one request, as an async iterator. Cancelling a wait on it, close(), or
     an error aborts what is still running in the engine and forgets the request."""
@@ -459,11 +480,19 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._closed:
             raise StopAsyncIteration
+        await self._wait()
+        return self.poll()
+
+    async def _wait(self) -> None:
         try:
             await self._event.wait()
         except BaseException:
             self.close()
             raise
+
+    def poll(self) -> RequestOutput:
+        """The request's output now (what the next iteration returns once the reader has
+        advanced it): raises the request's error; closes the stream once it has finished."""
         if self.state.error is not None:
             self.close()
             raise self.state.error
@@ -471,6 +500,38 @@ class RequestStream:
         if self.state.finished:
             self.close()
         return out
+
+    def running_delta(self) -> Optional[tuple[str, int]]:
+        """For a request of one sequence, running, without error: its text and the number of
+        its tokens new since the last output, taken as poll() takes them (a server's common
+        chunk, without building the output); None otherwise (poll() then)."""
+        state = self.state
+        if state.error is not None or len(state.streams) != 1 \
+                or state.streams[0].finish_reason is not None:
+            return None
+        return state.streams[0].news()
+
+    async def ready(self) -> None:
+        """Until the request has an output (or an error, raised here), which stays to be
+        taken."""
+        await self._wait()
+        self._event.is_set = True
+        if self.state.error is not None:
+            self.close()
+            raise self.state.error
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Have the reader itself call `callback()` after each read of engine steps that
+        advanced or ended the request (and now, if an output already waits), instead of waking
+        an iterator; the callback takes the output with poll(). A consumer that handles each
+        output at once (the server's streams) then costs no task switch per request per step:
+        one reader pass serves every request. Call it once, before any poll()."""
+        if self._closed:
+            return
+        waiting = self._event.is_set
+        self._event = self.client._events[id(self.state)] = Listener(callback)
+        if waiting:
+            self._event.set()
 
     def close(self) -> None:
         if not self._closed:

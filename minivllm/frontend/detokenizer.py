@@ -6,9 +6,9 @@ depends on its neighbours.
 
 A byte-level tokenizer (GPT-2's, Llama 3's, Qwen's, SmolLM's: a ByteLevel decoder) decodes
 ids to the concatenation of their tokens' bytes, as UTF-8 with a U+FFFD per invalid sequence:
-its tokens' bytes are tabled once (`byte_tables`), and a stream pushes each token's bytes
-through an incremental UTF-8 decoder, which holds an incomplete character back until its last
-byte comes (well under a microsecond a token; the tokenizer's own decode costs one to three).
+its tokens' bytes are tabled once (`byte_tables`), and a stream decodes each token's bytes as
+UTF-8 incrementally, an incomplete character held back until its last byte comes (well under a
+microsecond a token; the tokenizer's own decode costs one to three).
 
 Any other tokenizer decodes a short window, tokens [prefix, end), and emits what it adds to
 the decoding of [prefix, read). A window whose text ends in U+FFFD (an incomplete character)
@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 REPLACEMENT = "\ufffd"
 _CONTEXT = 5  # prompt tokens kept as left context of the first window
-_UTF8 = codecs.getincrementaldecoder("utf-8")
+# An incremental UTF-8 decoding step, as codecs' incremental decoder makes it (without its
+# Python frame per call): (text, bytes used), an incomplete last character left unused.
+_utf8_decode = codecs.utf_8_decode
 
 # ByteLevel's map of bytes to the printable characters tokens are spelled in (GPT-2's
 # bytes_to_unicode): printable Latin-1 stands for itself, the other bytes for 256 + k.
@@ -76,9 +78,9 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         tables = byte_tables(tokenizer)
-        # byte-level: each token's bytes, and the UTF-8 decoder holding incomplete characters
+        # byte-level: each token's bytes, and the bytes of an incomplete last character
         self.table = None if tables is None else tables[1 if skip_special_tokens else 0]
-        self.utf8 = _UTF8("replace")
+        self.pending = b""
         # otherwise: the decoding window
         self.ids: list[int] = list(prompt_token_ids[-_CONTEXT:])
         self.prefix = 0            # start of the decoding window
@@ -97,8 +99,13 @@ class IncrementalDetokenizer:
         the text the pushes would have made together."""
         table = self.table
         if table is not None:
-            n = len(table)  # ids past the tokenizer's (a padded vocabulary) decode to nothing
-            return self.utf8.decode(b"".join([table[t] if t < n else b"" for t in token_ids]))
+            try:
+                data = self.pending + b"".join(map(table.__getitem__, token_ids))
+            except IndexError:  # ids past the tokenizer's (a padded vocabulary) decode to nothing
+                data = self.pending + b"".join([table[t] for t in token_ids if t < len(table)])
+            text, used = _utf8_decode(data, "replace", False)
+            self.pending = data[used:]
+            return text
         # In one decoding of the window when that ends on a whole character; otherwise one
         # push at a time, as they would have held back the characters left incomplete.
         self.ids.extend(token_ids)
@@ -116,7 +123,8 @@ class IncrementalDetokenizer:
         """At the end of the output: whatever is held back (an incomplete character decodes
         to U+FFFD, as a full decode would)."""
         if self.table is not None:
-            return self.utf8.decode(b"", True)
+            text, self.pending = _utf8_decode(self.pending, "replace", True)[0], b""
+            return text
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)

@@ -108,12 +108,18 @@ class CompletionStream:
 
     def delta(self) -> tuple[str, list[int]]:
         """Text and tokens not given out yet (text held back while a stop string may start)."""
+        start = self.sent_tokens
+        text, _ = self.news()
+        return text, self.token_ids[start:]
+
+    def news(self) -> tuple[str, int]:
+        """delta(), with the number of new tokens instead of their list."""
         text = self.text
-        end = len(text) if self.finished else max(self.sent_text, len(text) - self.holdback)
-        text = text[self.sent_text:end]
-        tokens = self.token_ids[self.sent_tokens:]
-        self.sent_text, self.sent_tokens = end, len(self.token_ids)
-        return text, tokens
+        end = (len(text) if self.finish_reason is not None else
+               max(self.sent_text, len(text) - self.holdback))
+        start, self.sent_text = self.sent_text, end
+        new, self.sent_tokens = len(self.token_ids) - self.sent_tokens, len(self.token_ids)
+        return text[start:end], new
 
     def output(self, copy_token_ids: bool = True) -> CompletionOutput:
         """The completion so far (its text up to what delta() gave out: the whole text once
@@ -195,9 +201,10 @@ class OutputProcessor:
             if entry is None:
                 continue  # released, or finished by a stop string: stragglers
             stream, state = entry
-            if stream.add(token, code, _row_logprobs(logprobs, i, stream, token)):
+            row = None if logprobs is None else _row_logprobs(logprobs, i, stream, token)
+            if stream.add(token, code, row):
                 stopped.append(key)
-            if stream.finished:
+            if stream.finish_reason is not None:  # (not .finished: this runs per token)
                 del self.streams[key]
             touched[id(state)] = state
         return list(touched.values()), stopped
@@ -218,10 +225,10 @@ class OutputProcessor:
         return running
 
 
-def _row_logprobs(logprobs, i: int, stream: CompletionStream,
+def _row_logprobs(logprobs: tuple, i: int, stream: CompletionStream,
                   token: int) -> Optional[dict[int, float]]:
     """Entry i's {token: logprob} (the sampled token and the top-N asked), if it asked."""
-    if logprobs is None or stream.logprobs is None or token < 0:
+    if stream.logprobs is None or token < 0:
         return None
     sampled, top_ids, top_logprobs = logprobs
     k = stream.params.logprobs

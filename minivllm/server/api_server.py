@@ -26,7 +26,7 @@ from minivllm.config import ServerConfig, TransportConfig, shutdown_timeouts
 from minivllm.engine.supervisor import die_with_parent
 from minivllm.frontend.data_parallel_client import DataParallelClient
 from minivllm.server.app import ServerState, build_app
-from minivllm.server.serving import with_server_send
+from minivllm.server.sse import with_server_send
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,8 @@ def _dumps(payload: dict) -> str:
 
 def _text(text: str) -> str:
     """`text` as a JSON string for an SSE event."""
-    return encode_basestring(text).translate(_LINE_BREAKS)
+    quoted = encode_basestring(text)
+    return quoted if text.isascii() else quoted.translate(_LINE_BREAKS)
 
 
 def usage(finals: list[RequestOutput]) -> dict:
@@ -74,6 +75,8 @@ class OpenAIResponse:
     object_name = ""
     chunk_name = ""
     id_prefix = ""
+    # a plain running choice's JSON around its index and its text (text_json)
+    text_template = ("", "", "")
 
     def __init__(self, model: str, tokenizer: Optional[Tokenizer],
                  params: SamplingParams) -> None:
@@ -83,6 +86,8 @@ class OpenAIResponse:
         self.n = params.n
         # A chunk's event up to its choices: `data: {"id":...,"model":...,"choices":[`
         self._chunk_start = "data: " + _dumps(self._envelope(self.chunk_name, []))[:-3] + "["
+        # whether every running chunk is text_event's (one sequence per prompt, no logprobs)
+        self.plain = self.n == 1 and params.logprobs is None
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -101,6 +106,11 @@ class OpenAIResponse:
         return "".join(f"{self._chunk_start}{self.delta_json(i * self.n + c.index, c)}]}}\n\n"
                        for c in out.outputs if c.delta_text or c.delta_token_ids or c.finished)
 
+    def text_event(self, index: int, text: str) -> str:
+        """The SSE event of a plain running chunk: choice `index`'s new `text`."""
+        start, middle, end = self.text_template
+        return f"{self._chunk_start}{start}{index}{middle}{_text(text)}{end}]}}\n\n"
+
     def usage_chunk(self, finals: list[RequestOutput]) -> dict:
         return self._envelope(self.chunk_name, [], usage=usage(finals))
 
@@ -114,6 +124,12 @@ class OpenAIResponse:
         """delta_choice(index, c) as JSON."""
         return _dumps(self.delta_choice(index, c))
 
+    def text_json(self, index: int, text: str) -> str:
+        """delta_json of a running choice without logprobs (or tool calls) whose new text is
+        `text`: `text_template` filled, only the text JSON-encoded."""
+        start, middle, end = self.text_template
+        return f"{start}{index}{middle}{_text(text)}{end}"
+
     def _token(self, token_id: int) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(
             [token_id], skip_special_tokens=False)
@@ -126,6 +142,8 @@ class OpenAIResponse:
 
 class CompletionResponse(OpenAIResponse):
     object_name, chunk_name, id_prefix = "text_completion", "text_completion", "cmpl-"
+    text_template = ('{"index":', ',"text":',
+                     ',"logprobs":null,"finish_reason":null,"stop_reason":null}')
 
     def __init__(self, model: str, tokenizer: Optional[Tokenizer], params: SamplingParams,
                  echo: bool = False, prompt_only: bool = False) -> None:
@@ -165,8 +183,7 @@ class CompletionResponse(OpenAIResponse):
 
     def delta_json(self, index: int, c: CompletionOutput) -> str:
         if c.logprobs is None and not c.finished:
-            return (f'{{"index":{index},"text":{_text(c.delta_text)},'
-                    f'"logprobs":null,"finish_reason":null,"stop_reason":null}}')
+            return self.text_json(index, c.delta_text)
         return super().delta_json(index, c)
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:
@@ -202,11 +219,13 @@ class ChatResponse(OpenAIResponse):
     finishes with "tool_calls", as OpenAI's do."""
 
     object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+    text_template = ('{"index":', ',"delta":{"content":', '},"logprobs":null,"finish_reason":null}')
 
     def __init__(self, model: str, tokenizer: Optional[Tokenizer], params: SamplingParams,
                  tools: Optional[ToolCalls] = None) -> None:
         super().__init__(model, tokenizer, params)
         self.tools = tools
+        self.plain = self.plain and tools is None
 
     def choice(self, index: int, c: CompletionOutput) -> dict:
         message: dict = {"role": "assistant", "content": c.text}
@@ -227,8 +246,7 @@ class ChatResponse(OpenAIResponse):
 
     def delta_json(self, index: int, c: CompletionOutput) -> str:
         if self.tools is None and c.logprobs is None and not c.finished:
-            return (f'{{"index":{index},"delta":{{"content":{_text(c.delta_text)}}},'
-                    f'"logprobs":null,"finish_reason":null}}')
+            return self.text_json(index, c.delta_text)
         return super().delta_json(index, c)
 
     def delta_choice(self, index: int, c: CompletionOutput) -> dict:

@@ -2,30 +2,31 @@
 
 Completions and chat completions differ only in their prompts and their response shape
 (`responses.py`); the rest is one path, `serve`: the bound on sequences per request, admission,
-one engine stream per prompt (each carrying its n sequences), the streams merged as their
-outputs come, then either collected into one JSON body (a client that disconnects first has its
-requests aborted) or sent as SSE chunks as they are made (at most one per stream per
-`--stream-interval-ms` when set), with a usage chunk when asked for.
+one engine stream per prompt (each carrying its n sequences), every stream's outputs handled
+by the engine client's reader as it reads them (`PromptStreams`: one pass over the requests
+per engine step, no task woken per request), then either collected into one JSON body (a client
+that disconnects first has its requests aborted) or written as SSE chunks as they are made (at
+most one per stream per `--stream-interval-ms` when set), with a usage chunk when asked for.
 Engine errors become OpenAI errors (503 while the engine is down or draining), and every
 output's latencies and token counts go into the metrics on the way.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from typing import (TYPE_CHECKING, AsyncGenerator, AsyncIterator, Awaitable, Callable, Optional,
-                    Union)
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from fastapi import Request
-from fastapi.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from minivllm.frontend.async_client import EngineDeadError, EngineDrainingError, EngineError
+from minivllm.frontend.async_client import (EngineDeadError, EngineDrainingError, EngineError,
+                                            RequestStream)
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.server import metrics
 from minivllm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from minivllm.server.responses import ChatResponse, CompletionResponse, OpenAIResponse, event
+from minivllm.server.sse import ChunkWriter, EventStream, until_done_or_disconnect
 from minivllm.server.tool_calls import ToolCalls
 
 if TYPE_CHECKING:  # app.py imports this module
@@ -35,14 +36,11 @@ if TYPE_CHECKING:  # app.py imports this module
 # so that number needs its own bound: OpenAI's cap on n.
 MAX_SEQUENCES_PER_REQUEST = 128
 
-# (prompt index, output) pairs of every prompt's engine stream, as they come
-Merged = AsyncGenerator[tuple[int, RequestOutput], None]
-
 
 async def serve(state: ServerState, request: Request,
                 req: Union[CompletionRequest, ChatCompletionRequest], params: SamplingParams,
                 prompts: list, chat: bool, tools: Optional[ToolCalls] = None
-                ) -> Union[dict, "EventStream"]:
+                ) -> Union[dict, EventStream]:
     """Generate for every prompt of `req`; the whole response, or its SSE stream (a chat's
     tool calls taken out of its text by `tools`)."""
     start = time.monotonic()
@@ -69,19 +67,33 @@ async def serve(state: ServerState, request: Request,
         recorder = MetricsRecorder(start, len(prompts))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            merged = _merge(streams, state.config.stream_interval_s)
             if params.structured_outputs is not None:
-                merged = await _first_awaited(merged)
+                await _first_output(streams[0])
+            outputs = PromptStreams(streams, recorder, state.config.stream_interval_s)
             streams = None  # the response owns the requests and the admission slot now
-            return _sse(response, merged, recorder, include_usage, state.release)
-        finals = await _until_done_or_disconnect(request.receive,
-                                                 _collect(_merge(streams), recorder))
-        return response.body(finals)
+            return EventStream(StreamedBody(response, outputs, include_usage,
+                                            state.release).run)
+        outputs = PromptStreams(streams, recorder)
+        outputs.start()
+        try:
+            await until_done_or_disconnect(request.receive, outputs.done)
+        except EngineError as exc:
+            raise engine_error(exc) from None
+        return response.body(outputs.latest)
     finally:
         if streams is not None:
             for stream in streams:
                 stream.close()
             state.release()
+
+
+async def _first_output(stream: RequestStream) -> None:
+    """Await a stream's first output before its response starts: a grammar the engine cannot
+    compile is then a 400 (EngineError), not an error event after a 200."""
+    try:
+        await stream.ready()
+    except EngineError as exc:
+        raise engine_error(exc) from None
 
 
 async def _engine_prompt(state: ServerState, prompt: Union[str, list[int]],
@@ -129,11 +141,17 @@ class MetricsRecorder:
         self.last: list[Optional[float]] = [None] * n_prompts
 
     def observe(self, i: int, out: RequestOutput) -> None:
-        now = time.monotonic()
         new, finished = 0, True
         for c in out.outputs:  # (one loop: this runs per request per engine step)
             new += len(c.delta_token_ids)
             finished = finished and c.finish_reason is not None
+        now = self.tokens(i, new)
+        if finished:
+            self._finished(i, out, now)
+
+    def tokens(self, i: int, new: int) -> float:
+        """`new` tokens of prompt i streamed now (its TTFT, or their gaps); returns now."""
+        now = time.monotonic()
         if new:
             last = self.last[i]
             if last is None:
@@ -143,8 +161,7 @@ class MetricsRecorder:
             else:
                 metrics.token_tally.add(new, (now - last) / new, now)
             self.last[i] = now
-        if finished:
-            self._finished(i, out, now)
+        return now
 
     def _finished(self, i: int, out: RequestOutput, now: float) -> None:
         metrics.token_tally.flush()
@@ -159,167 +176,113 @@ class MetricsRecorder:
         metrics.request_max_generation_tokens.observe(max(len(c.token_ids) for c in out.outputs))
 
 
-async def _merge(streams: list, interval: float = 0.0) -> Merged:
-    """(prompt index, output) from every prompt's stream, as they come; with `interval`, at
-    most one output of a stream per `interval` s."""
-    sources = streams if not interval else [_paced(s, interval) for s in streams]
-    if len(streams) == 1:
-        try:
-            async for out in sources[0]:
-                yield 0, out
-        finally:
-            streams[0].close()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
+class PromptStreams:
+    """Every prompt's engine stream of one HTTP request, read by the engine client's reader
+    itself (RequestStream.listen), without a task per request woken per engine step: each
+    output goes into the metrics and `latest`, then to `on_output(i, output)` if set; with
+    `on_text` set, a running single-sequence output is not built: its new text goes to
+    `on_text(i, text)` instead. With `interval`, a stream gives at most one output per
+    `interval` s (the steps of each pause come as one output: its snapshot holds every token
+    since the last). `done` resolves once every prompt has finished, or fails with the first
+    error (the callbacks' included); close() aborts what still runs."""
 
-    async def pump(i, source):
-        try:
-            async for out in source:
-                await queue.put((i, out, None))
-        except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
-            await queue.put((i, None, exc))
-        await queue.put((i, None, None))
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(sources)]
-    try:
-        open_streams = len(streams)
-        while open_streams:
-            i, out, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if out is None:
-                open_streams -= 1
-                continue
-            yield i, out
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def __init__(self, streams: list[RequestStream], recorder: MetricsRecorder,
+                 interval: float = 0.0) -> None:
+        self.streams, self.recorder, self.interval = streams, recorder, interval
+        self.on_output: Optional[Callable[[int, RequestOutput], None]] = None
+        self.on_text: Optional[Callable[[int, str], None]] = None
+        self.latest: list[Optional[RequestOutput]] = [None] * len(streams)
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self._running = len(streams)
+        self._next = [0.0] * len(streams)  # when each stream may give its next output (paced)
+        self._timers: dict[int, asyncio.TimerHandle] = {}  # paced streams with output waiting
 
+    def start(self) -> None:
+        for i, stream in enumerate(self.streams):
+            stream.listen(functools.partial(self._read, i))
 
-async def _paced(stream, interval: float) -> AsyncIterator[RequestOutput]:
-    """`stream`'s outputs, `interval` s apart at least: the engine steps of each pause come
-    as one output (its snapshot holds every token since the last), so as one SSE write."""
-    async for out in stream:
-        yield out
-        if not out.finished:
-            await asyncio.sleep(interval)
-
-
-async def _first_awaited(merged: Merged) -> Merged:
-    """`merged`, its first output awaited before the response starts: a grammar the engine
-    cannot compile is then a 400 (EngineError), not an error event after a 200."""
-    try:
-        first = await merged.__anext__()
-    except EngineError as exc:
-        raise engine_error(exc) from None
-
-    async def rest() -> Merged:
-        try:
-            yield first
-            async for item in merged:
-                yield item
-        finally:
-            await merged.aclose()
-    return rest()
-
-
-# ---- whole: every prompt's final output, unless the client leaves first --------------------
-async def _collect(merged: Merged, recorder: MetricsRecorder) -> list[RequestOutput]:
-    finals: list[Optional[RequestOutput]] = [None] * len(recorder.last)
-    async for i, out in merged:
-        recorder.observe(i, out)
-        finals[i] = out
-    return finals
-
-
-async def _until_done_or_disconnect(receive: Receive, work: Awaitable):
-    """Await `work`; if the client goes away first (`receive`: the request's ASGI receive),
-    cancel it (aborting its requests)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return _result(task)
-        task.cancel()
-        metrics.aborted.labels("disconnect").inc()
-        raise APIError(499, "client disconnected")
-    finally:
-        watcher.cancel()
-
-
-def _result(task: asyncio.Task):
-    try:
-        return task.result()
-    except EngineError as exc:
-        raise engine_error(exc) from None
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-# ---- streamed: SSE chunks as outputs come, then [DONE] ---------------------------------------
-# The scope key of the HTTP server's own ASGI send (with_server_send)
-SERVER_SEND = "minivllm.server_send"
-
-
-def with_server_send(app: ASGIApp) -> ASGIApp:
-    """`app` with the HTTP server's own send in every request's scope: EventStream writes its
-    body there, past the three Python wrappers of send that the middlewares and the route add
-    per message (they only watch for the response's start, which goes through them)."""
-    async def app_with_server_send(scope: Scope, receive: Receive, send: Send) -> None:
-        scope[SERVER_SEND] = send
-        await app(scope, receive, send)
-    return app_with_server_send
-
-
-class EventStream(Response):
-    """The SSE response: `write(send)` sends its events straight to the HTTP server's ASGI
-    send, one write per engine output, in a task that a client's disconnect cancels. This is
-    the hot path of a server: StreamingResponse would add an async generator's step and a task
-    group per response, and the middlewares' wrappers of send per chunk."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, write: Callable[[Send], Awaitable[None]]) -> None:
-        self.write, self.status_code, self.background = write, 200, None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        send = scope.get(SERVER_SEND, send)
-        try:
-            await _until_done_or_disconnect(receive, self.write(send))
-        except APIError:  # the client has gone: there is nobody to end the response for
+    def _read(self, i: int) -> None:
+        if self.done.done() or i in self._timers:
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _sse(response: OpenAIResponse, merged: Merged, recorder: MetricsRecorder,
-         include_usage: bool, release: Callable[[], None]) -> EventStream:
-    async def write(send: Send) -> None:
-        def body(events: str) -> dict:
-            return {"type": "http.response.body", "body": events.encode(), "more_body": True}
-        finals: dict[int, RequestOutput] = {}
+        if self.interval and self._next[i] > self.loop.time():
+            self._timers[i] = self.loop.call_at(self._next[i], self._read_paced, i)
+            return
         try:
-            head = "".join(event(chunk) for chunk in response.stream_head())
+            finished = self._take(i)
+        except Exception as exc:  # noqa: BLE001  (the awaiter of done gets it)
+            self.done.set_exception(exc)
+            return
+        if finished:
+            self._running -= 1
+            if not self._running:
+                self.done.set_result(None)
+        elif self.interval:
+            self._next[i] = self.loop.time() + self.interval
+
+    def _take(self, i: int) -> bool:
+        """Hand on stream i's news; whether it has finished."""
+        stream = self.streams[i]
+        news = stream.running_delta() if self.on_text is not None else None
+        if news is not None:
+            text, tokens = news
+            self.recorder.tokens(i, tokens)
+            if text or tokens:
+                self.on_text(i, text)
+            return False
+        out = stream.poll()
+        self.recorder.observe(i, out)
+        self.latest[i] = out
+        if self.on_output is not None:
+            self.on_output(i, out)
+        return stream.state.finished
+
+    def _read_paced(self, i: int) -> None:
+        del self._timers[i]
+        self._read(i)
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for stream in self.streams:
+            stream.close()
+
+
+class StreamedBody:
+    """A streamed response's body: the head chunk, then a chunk per output, written as the
+    engine client's reader reads it, the usage chunk when asked for, and [DONE]."""
+
+    def __init__(self, response: OpenAIResponse, outputs: PromptStreams, include_usage: bool,
+                 release: Callable[[], None]) -> None:
+        self.response, self.outputs = response, outputs
+        self.include_usage, self.release = include_usage, release
+        self.writer: Optional[ChunkWriter] = None
+        outputs.on_output = self._on_output
+        if response.plain:
+            outputs.on_text = self._on_text
+
+    async def run(self, writer: ChunkWriter) -> None:
+        self.writer = writer
+        try:
+            head = "".join(event(chunk) for chunk in self.response.stream_head())
             if head:
-                await send(body(head))
-            async for i, out in merged:
-                recorder.observe(i, out)
-                finals[i] = out
-                events = response.stream_events(i, out)
-                if events:
-                    await send(body(events))
-            if include_usage:
-                await send(body(event(response.usage_chunk([finals[i] for i in sorted(finals)]))))
+                writer.write(head.encode())
+            self.outputs.start()
+            await self.outputs.done
+            if self.include_usage:
+                writer.write(event(self.response.usage_chunk(self.outputs.latest)).encode())
         except EngineError as exc:
-            await send(body(event(engine_error(exc).body())))
+            writer.write(event(engine_error(exc).body()).encode())
         finally:
-            await merged.aclose()
-            release()
-        await send(body("data: [DONE]\n\n"))
-    return EventStream(write)
+            self.outputs.close()
+            self.release()
+        writer.write(b"data: [DONE]\n\n")
+
+    def _on_output(self, i: int, out: RequestOutput) -> None:
+        events = self.response.stream_events(i, out)
+        if events:
+            self.writer.write(events.encode())
+
+    def _on_text(self, i: int, text: str) -> None:
+        self.writer.write(self.response.text_event(i, text).encode())
