@@ -110,7 +110,7 @@ typedef struct {
  * and from 25 to 12 ms (bf16) with AVX-512. Into L2 (locality 2, prefetcht1), not L1: an L1
  * prefetch holds one of the core's few L1 miss buffers for a whole DRAM trip, which capped the
  * stream; SmolLM2's 121 linears at M = 16, AVX-512 bf16: 23.4-26.0 -> 22.7-23.9 ms, the LM head
- * alone 4.6 -> 4.2 ms. */
+ * alone 4.6 -> 4.2 ms. Tiles of one or two rows still prefetch into L1 (lin_prefetch). */
 #define LIN_PF 4096
 #define LIN_PF_LOCALITY 2
 
