@@ -112,12 +112,8 @@ class ModelRunner:
         self.step_model = (CpuDecoder(self.model, self.kernels.cpu_linears,
                                       config.scheduler.max_num_seqs)
                            if self.kernels.cpu_linears else self.model)
-        # The CPU kernels' argmax, but torch's on the portable path: compiled for baseline
-        # x86-64 its vectors go through the stack (16 x 49152: 2.1 ms, torch 0.65, AVX2 0.05).
-        cpu = self.kernels.cpu_linears
-        fast_argmax = cpu.argmax if cpu and cpu.isa != "portable" else None
         self.sampler = Sampler(config.scheduler.max_num_seqs, arch.vocab_size, self.device,
-                               seed=config.model.seed, argmax=fast_argmax)
+                               seed=config.model.seed, argmax=self.kernels.argmax)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
                     self.kv_spec.num_blocks, self.kv_spec.block_size, self.kv_spec.num_tokens,
                     self.kv_spec.num_blocks * self.kv_spec.bytes_per_block / 2**20)
@@ -243,7 +239,8 @@ def _sharded(kernels: KernelSet, tp: TensorParallelGroup) -> KernelSet:
            if on]
     note = f"tensor parallel rank {tp.rank} of {tp.size}: per-layer path, torch linears" + \
         (f" ({' and '.join(off)} not sharded)" if off else "")
-    return dataclasses.replace(kernels, cpu_linears=None, cuda_graphs=False,
+    # (torch's linears write logits in the model's dtype: the kernels' fp32 argmax goes too)
+    return dataclasses.replace(kernels, cpu_linears=None, argmax=None, cuda_graphs=False,
                                note="; ".join(filter(None, (kernels.note, note))))
 
 
