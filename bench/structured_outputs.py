@@ -259,6 +259,40 @@ def run_throughput(llm: LLM, batch: int, tokens: int, rounds: int,
                            peer_name="unconstrained, same engine", runs=runs)]
 
 
+def run_fill_threads(llm: LLM, batch: int, steps: int = 80) -> list[dict]:
+    """xgrammar's batched mask fill by thread count on this host: `batch` matchers of the
+    nested schema walk it together (each step accepts a random allowed token per row), and
+    each step's fill is timed (the per-step host cost a constrained step adds)."""
+    import xgrammar
+
+    grammars = llm.engine.grammars
+    compiled = grammars._load().compile_json_schema(json.dumps(ORDER), any_whitespace=False)
+    vocab = llm.engine.source.arch.vocab_size
+    bitmask = xgrammar.allocate_token_bitmask(batch, vocab)
+    shifts = torch.arange(32, dtype=torch.int32)
+    results = []
+    for threads in (1, 2, 4, 8, "auto"):
+        filler = xgrammar.BatchGrammarMatcher(threads)
+        matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(batch)]
+        rng, fill_s = random.Random(0), []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            filler.batch_fill_next_token_bitmask(matchers, bitmask)
+            fill_s.append(time.perf_counter() - t0)
+            allowed = ((bitmask.unsqueeze(2) >> shifts) & 1).flatten(1)[:, :vocab]
+            for row, matcher in enumerate(matchers):
+                ids = allowed[row].nonzero().flatten().tolist()
+                if ids and not matcher.is_terminated():
+                    matcher.accept_token(ids[rng.randrange(len(ids))])
+        median = statistics.median(fill_s)
+        print(f"  mask fill, {batch} rows, threads {threads}: {median * 1e3:.3f} ms a step "
+              f"(median of {steps})")
+        results.append(records.record(f"mask fill of {batch} rows, xgrammar threads {threads}",
+                                      median * 1e3, "ms", mean_ms=statistics.mean(fill_s) * 1e3,
+                                      steps=steps, cores=os.cpu_count()))
+    return results
+
+
 def run_compile_overlap(llm: LLM, batch: int) -> list[dict]:
     """A schema of 400 properties (not in the cache) arrives while `batch` unconstrained
     requests decode: the steps taken while it compiles, and the longest of them, against the
@@ -321,6 +355,7 @@ def main() -> None:
         llm.engine.grammars.tokenizer = synthetic_tokenizer(llm.engine.source.arch.vocab_size)
     elif args.outputs:
         results += run_conformance(llm, args.outputs)
+    results += run_fill_threads(llm, args.batch)
     results += run_throughput(llm, args.batch, args.tokens, args.rounds, args.profile)
     results += run_compile_overlap(llm, args.batch)
     records.write(args.json, results)
