@@ -14,7 +14,8 @@ is in the numbers. Decode steps only: timing starts once every request has its f
   ceiling measured here (bench/roofline.py: the higher of a 4 GiB copy and a read-only stream,
   both recorded). MBU = floor / step. Any --prompt-len: the context is not capped.
 - Idle gap: the torch profiler records every kernel of a window of steps (graph replays
-  included); idle = the window's wall time not covered by any kernel, per step.
+  included); idle = the window's wall time not covered by any kernel, per step. The dozen
+  kernels that take most of the busy time are listed with their time a step.
 - Async scheduling (the engine's default on CUDA) runs the host's work for step k+1 while the
   GPU runs step k; `--no-async-scheduling` measures the synchronous loop. The host breakdown
   (which waits for the GPU inside each step) is taken for the synchronous loop only.
@@ -114,8 +115,8 @@ def main() -> None:
         for _ in range(args.profile_steps):
             engine.step()
         wall = time.perf_counter() - t0
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                     if e.device_type == DeviceType.CUDA)
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events)
     if not kernels:
         raise RuntimeError("the profiler recorded no GPU activity")
     busy, cur_start, cur_end = 0.0, None, None
@@ -130,6 +131,12 @@ def main() -> None:
     span = kernels[-1][1] - kernels[0][0]
     idle_per_step = (span - busy) / args.profile_steps / 1e3  # ms
     gpu_per_step = busy / args.profile_steps / 1e3
+    by_kernel: dict[str, float] = {}  # GPU us per step by kernel name: where the step goes
+    for e in events:
+        by_kernel[e.name] = by_kernel.get(e.name, 0.0) + (e.time_range.end - e.time_range.start)
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
+    for kernel, us in top:
+        print(f"  {us / args.profile_steps:8.1f} us a step  {kernel[:110]}")
     # After the profile: it adds a sync per step.
     host = {} if args.async_scheduling else host_breakdown(engine, args.steps)
 
@@ -155,7 +162,9 @@ def main() -> None:
                        step * 1e3 - gpu_per_step, "ms",
                        fraction=(step * 1e3 - gpu_per_step) / (step * 1e3)),
     ] + [records.record(f"{name}: host breakdown: {k}", v * 1e3, "ms")
-         for k, v in host.items()]
+         for k, v in host.items()] + [
+        records.record(f"{name}: kernel {kernel[:160]}", us / args.profile_steps, "us a step")
+        for kernel, us in top]
     records.write(args.json, recs)
 
 
