@@ -5,6 +5,7 @@ transformers with the same weights, masked by xgrammar's own logits processor bu
 Hugging Face tokenizer: greedy tokens must match."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -148,6 +149,21 @@ def test_async_scheduling_and_preemption_give_the_same_constrained_outputs(llm):
     assert got == want
     assert other.engine.scheduler.num_preemptions > 0
     assert not other.engine.grammars.matchers and other.engine.allocator.num_used_blocks == 0
+    # An abort between calls, while a masked step waits to be sampled: the others go on.
+    engine, tokens = other.engine, {}
+    for i in range(4):
+        engine.add_request(500 + i, tok.encode(prompts[i]), params[i])
+    for calls in itertools.count():
+        out = engine.step()
+        for owner, token in zip(out.owners.tolist(), out.token_ids.tolist()):
+            tokens.setdefault(owner, []).append(token)
+        if calls == 5:
+            assert engine.abort_request(501)
+        if not engine.has_unfinished():
+            break
+    assert [tokens[500], tokens[502], tokens[503]] == [want[0], want[2], want[3]]
+    assert len(tokens[501]) < len(want[1])
+    assert not engine.grammars.matchers and engine.allocator.num_used_blocks == 0
 
 
 # ---- the OpenAI server and the ZeroMQ endpoint of one `minivllm serve` ----------------------

@@ -15,8 +15,10 @@ in step k+1 (discarded).
 
 Structured outputs (structured_output.py): a constrained request waits for its grammar outside
 the scheduler, and a step with constrained rows masks their logits just before sampling; the
-mask is filled on the host while the forward runs (under async scheduling, after the previous
-step's tokens resolve, which the mask needs).
+mask is filled on a helper thread while the forward runs. Under async scheduling the mask needs
+the previous step's tokens, known only once this step's forward is launched: such a step's
+sampling waits for the top of the next call, so the fill overlaps what the caller does with the
+outputs as well as the forward.
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ class EngineCore:
             raise
         self.sampler = self.runner.sampler
         self._in_flight = None  # async scheduling: the step launched last
+        self._unsampled = None  # a masked step's (logits, req_indices, masks), sampled next call
         self.last_batch = None  # the batch the last step scheduled (the dashboard's events)
         self.max_model_len = self.runner.max_model_len
         spec = self.runner.kv_spec
@@ -182,6 +185,9 @@ class EngineCore:
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> StepOutputs:
         """One step: schedule, forward and sample, update. Returns its outputs as arrays."""
+        if self._unsampled is not None:  # before schedule() can reuse its rows' req_indices
+            self._in_flight = self.runner.in_flight(self.runner.sample(*self._unsampled))
+            self._unsampled = None
         if self.grammars.waiting:
             for req in self.grammars.take_ready():
                 self.scheduler.add_request(req)
@@ -220,16 +226,15 @@ class EngineCore:
     def _step_overlapped(self, batch, masks: Optional[StepMasks]) -> StepOutputs:
         """Launch this step, then apply the previous one's tokens while the GPU runs it. A step
         with grammar masks needs those tokens before it samples: its forward is launched, the
-        tokens are applied while it runs, then the masks are filled and the step sampled."""
+        tokens are applied while it runs, the fill starts, and the next call samples it."""
         done, outputs = self._in_flight, _NO_OUTPUTS
-        if batch is None:
-            self._in_flight = None
-        elif masks is None or done is None:
-            self._in_flight = self.runner.in_flight(self.runner.execute(batch, masks))
-        else:
+        self._in_flight = None
+        if batch is not None and masks is not None and done is not None:
             logits = self.runner.forward(batch)
             outputs, done = self._resolve(done), None
-            self._in_flight = self.runner.in_flight(self.runner.sample(*logits, masks))
+            self._unsampled = (*logits, masks.start())
+        elif batch is not None:
+            self._in_flight = self.runner.in_flight(self.runner.execute(batch, masks))
         if done is not None:
             outputs = self._resolve(done)
         if batch is not None:

@@ -8,10 +8,10 @@ A constrained request passes through its own state before the scheduler sees it:
 
 Each step the engine asks `masks()` for the batch's sampled rows: None when no row is
 constrained (requests without a grammar pay one test of an empty dict); otherwise `StepMasks`,
-whose bitmask xgrammar's batched matcher fills on the host (on a helper thread while the
-forward runs, or after the previous step's tokens resolve under async scheduling) and whose
-`apply()` writes -inf into the logits on their own device (xgrammar's CPU kernel, its Triton
-kernel on CUDA) just before sampling. Matchers advance in `accept()` on the step's accepted
+whose `start()` has the fill thread advance the matchers on the previous step's tokens and
+fill the bitmask (xgrammar's batched calls, which release the GIL: the step loop's thread runs
+on meanwhile) and whose `apply()` writes -inf into the logits on their own device (xgrammar's
+CPU kernel, its Triton kernel on CUDA) just before sampling. `accept()` queues a step's accepted
 tokens only: the token async scheduling computes after a stop is discarded before it gets here.
 A matcher whose grammar has terminated (its stop token accepted, under ignore_eos) masks nothing.
 
@@ -99,6 +99,7 @@ class StructuredOutputs:
         self._failed: list[tuple[int, str]] = []
         self.matchers: dict[int, object] = {}   # owner -> GrammarMatcher, until it finishes
         self._by_index: dict[int, object] = {}  # req_index -> matcher, while admitted
+        self._accepts: list[tuple[int, object, int]] = []  # (owner, matcher, token) to advance
         self.mask_time_s = 0.0  # host time in apply(): waiting for fills, masking (benches)
         self.fill_time_s = 0.0  # host time filling bitmasks, on whichever thread (benches)
 
@@ -225,21 +226,36 @@ class StructuredOutputs:
         return StepMasks(self, rows, matchers) if rows else None
 
     def accept(self, owners: np.ndarray, tokens: np.ndarray, finish: np.ndarray) -> None:
-        """Advance the matchers on a step's accepted tokens; finished requests drop theirs."""
+        """Queue a step's accepted tokens for their matchers (the next fill advances them, on
+        the fill thread: xgrammar releases the GIL there); finished requests drop theirs."""
         if not self.matchers:
             return
         for owner, token, code in zip(owners.tolist(), tokens.tolist(), finish.tolist()):
             matcher = self.matchers.get(owner)
             if matcher is None:
                 continue
-            if not matcher.is_terminated() and not matcher.accept_token(token):
-                logger.warning("request %d: its grammar refused token %d", owner, token)
             if code:
-                del self.matchers[owner]
+                del self.matchers[owner]  # its last token: no mask will follow it
+            else:
+                self._accepts.append((owner, matcher, token))
+
+    def _advance(self) -> None:
+        """Advance the matchers on the queued tokens, in one batched call."""
+        queued, self._accepts = self._accepts, []
+        live = [entry for entry in queued if not entry[1].is_terminated()]
+        if not live:
+            return
+        accepted = self._xgr.BatchGrammarMatcher.batch_accept_token(
+            [m for _, m, _ in live], [t for _, _, t in live])
+        for (owner, _, token), ok in zip(live, accepted):
+            if not ok:
+                logger.warning("request %d: its grammar refused token %d", owner, token)
 
     def fill(self, rows: list[int], matchers: list) -> list[int]:
-        """Fill the bitmask rows of the matchers still running; returns those rows."""
+        """Advance the matchers on the queued tokens, then fill the bitmask rows of those
+        still running; returns those rows."""
         start = time.perf_counter()
+        self._advance()
         live = [(r, m) for r, m in zip(rows, matchers) if not m.is_terminated()]
         if live:
             if self._bitmask is None:
@@ -285,8 +301,8 @@ class StructuredOutputs:
 
 
 class StepMasks:
-    """One step's grammar masks: `start()` fills them on the helper thread (the previous
-    step's tokens are accepted already), `apply(logits)` waits for the fill (filling inline
+    """One step's grammar masks: `start()` fills them on the fill thread (after the previous
+    step's tokens, queued by accept()), `apply(logits)` waits for the fill (filling inline
     when it was not started) and masks the logits."""
 
     def __init__(self, owner: StructuredOutputs, rows: list[int], matchers: list) -> None:
