@@ -17,7 +17,9 @@ exactly `--tokens` tokens each (ignore_eos), against the same requests unconstra
 same engine, runs interleaved (U C C U U C ...) because other processes share this CPU; the
 load average is recorded around each run. The schema is compiled in a warm-up, so no timed
 step waits on a compile; tokens after a grammar has ended (EOS accepted, ignored) run
-unconstrained, and the share of constrained tokens is recorded.
+unconstrained, and the share of constrained tokens is recorded. Each constrained output is
+checked: a fresh matcher must accept every token up to the grammar's end (dummy weights seldom
+end their JSON within the run), and the outputs that ended must validate.
 
 Compile overlap: a large schema not in the cache arrives while the batch decodes; the steps
 that run before it has compiled are counted (the request waits in its own state, the others
@@ -162,7 +164,7 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
     xgrammar's mask fill 1,000x slower than on a real vocabulary: every such token is checked
     against the grammar at every step.)"""
     from tokenizers import Tokenizer as Backend
-    from tokenizers import models
+    from tokenizers import decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
 
     rng = random.Random(seed)
@@ -181,6 +183,7 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
                 piece = piece.capitalize()
         pieces["Ġ" + piece if rng.random() < 0.4 else piece] = None
     backend = Backend(models.BPE({p: i for i, p in enumerate(pieces)}, []))
+    backend.decoder = decoders.ByteLevel()  # the outputs' text, to validate
     return Tokenizer(backend, {}, None)
 
 
@@ -200,12 +203,30 @@ def timed_run(llm: LLM, prompts: list, params: SamplingParams, tokens: int) -> d
     elapsed = time.perf_counter() - t0
     assert all(len(o.outputs[0].token_ids) == tokens for o in outs)
     eos = set(llm.engine.eos_token_ids)
-    constrained = sum(next((i + 1 for i, t in enumerate(o.outputs[0].token_ids) if t in eos),
-                           tokens) for o in outs)
-    return {"tok_s": len(prompts) * tokens / elapsed, "seconds": elapsed,
-            "mask_s": grammars.mask_time_s - mask_s, "fill_s": grammars.fill_time_s - fill_s,
-            "constrained_share": constrained / (len(prompts) * tokens),
-            "load_before": load_before, "load_after": os.getloadavg()[0]}
+    ends = [next((i for i, t in enumerate(o.outputs[0].token_ids) if t in eos), None)
+            for o in outs]
+    run = {"tok_s": len(prompts) * tokens / elapsed, "seconds": elapsed,
+           "mask_s": grammars.mask_time_s - mask_s, "fill_s": grammars.fill_time_s - fill_s,
+           "constrained_share": sum(tokens if e is None else e + 1 for e in ends)
+           / (len(prompts) * tokens),
+           "load_before": load_before, "load_after": os.getloadavg()[0]}
+    if params.structured_outputs is not None:
+        # Every token up to the grammar's EOS must be one a fresh matcher accepts (the masks
+        # were applied to the right rows at the right step), and the text up to EOS must
+        # validate; past EOS, ignore_eos runs free.
+        import xgrammar
+
+        compiled = grammars._load().compile_json_schema(json.dumps(ORDER), any_whitespace=False)
+        tok = llm.get_tokenizer() or grammars.tokenizer
+        run["grammar_accepts"] = sum(
+            all(map(xgrammar.GrammarMatcher(compiled).accept_token,
+                    o.outputs[0].token_ids[:tokens if e is None else e + 1]))
+            for o, e in zip(outs, ends))
+        run["ended"] = sum(e is not None for e in ends)
+        run["valid"] = sum(check(lambda text: jsonschema.validate(json.loads(text), ORDER),
+                                 tok.decode(o.outputs[0].token_ids[:e]))
+                           for o, e in zip(outs, ends) if e is not None)
+    return run
 
 
 def print_profile(llm: LLM, prompts: list, params: SamplingParams, name: str) -> None:
@@ -244,9 +265,12 @@ def run_throughput(llm: LLM, batch: int, tokens: int, rounds: int,
             run = timed_run(llm, prompts, constrained if name == "constrained" else plain,
                             tokens)
             runs[name].append(run)
+            valid = (f", grammar accepts {run['grammar_accepts']} of {len(prompts)} outputs, "
+                     f"{run['valid']} of {run['ended']} ended validate"
+                     if "valid" in run else "")
             print(f"  {name:13s} {run['tok_s']:8.1f} tok/s  (mask {run['mask_s']:.3f} s, "
                   f"fill {run['fill_s']:.3f} s, load {run['load_before']:.1f} -> "
-                  f"{run['load_after']:.1f})")
+                  f"{run['load_after']:.1f}{valid})")
     medians = {k: statistics.median(r["tok_s"] for r in v) for k, v in runs.items()}
     ratio = medians["constrained"] / medians["unconstrained"]
     print(f"throughput: constrained {medians['constrained']:.1f} / unconstrained "
