@@ -102,7 +102,9 @@ cdef class TextSink:
     calls as it leaves the sink (a finish, an abort, a release). `writer`: the response's
     ChunkWriter."""
 
-    cdef object stream, key, writer, cycle, flow, transport
+    cdef object stream, key, writer
+    cdef object send, buffered, closing  # the transport's write, its buffer's size, is_closing
+    cdef bint queued           # the writer had chunks queued behind its task, when last seen
     cdef dict registry
     cdef list given, table, last
     cdef Py_ssize_t index
@@ -122,9 +124,11 @@ cdef class TextSink:
         self.stream, self.key, self.registry = stream, stream.key, registry
         self.given, self.table = stream._given, stream.detok.table
         self.prefix, self.suffix = prefix, suffix
-        self.writer, self.cycle = writer, writer._cycle
-        if self.cycle is not None:
-            self.flow, self.transport = self.cycle.flow, self.cycle.transport
+        self.writer, self.queued = writer, writer._flusher is not None
+        if writer._cycle is not None:
+            transport = writer._cycle.transport
+            self.send = transport.write
+            self.buffered, self.closing = transport.get_write_buffer_size, transport.is_closing
         self.last, self.index, self.tally = last, index, tally
         self.last_time = last[index]
         self._append(stream.detok.pending)
@@ -151,7 +155,7 @@ cdef class TextSink:
         stream.sent_text += self.chars
         stream.detok.pending = PyBytes_FromStringAndSize(self.buf, self.size)
         self.last[self.index] = self.last_time
-        self.stream = self.writer = self.cycle = self.flow = self.transport = None
+        self.stream = self.writer = self.send = self.buffered = self.closing = None
 
     cdef int _append(self, bytes data) except -1:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data), cap = self.cap
@@ -222,13 +226,19 @@ cdef class TextSink:
         at += len(self.suffix)
         out[at] = b'\r'
         out[at + 1] = b'\n'
-        # ChunkWriter.write's test for a direct write (sse.py)
-        cycle = self.cycle
-        if (cycle is not None and self.writer._flusher is None and not self.flow.write_paused
-                and not cycle.disconnected):
-            self.transport.write(chunk)
+        # A direct write needs what ChunkWriter.write's does: no chunk queued behind its task,
+        # the connection neither paused by flow control nor gone. The transport is asked (not
+        # uvicorn's cycle and flow control: two more objects per chunk, out of cache): nothing
+        # buffered (a paused connection has its high-water mark's worth), not closing (a gone
+        # one is). Otherwise the chunk goes through the writer, which makes its own test.
+        if self.queued:
+            self.queued = self.writer._flusher is not None
+        if self.send is not None and not self.queued and self.buffered() == 0 \
+                and not self.closing():
+            self.send(chunk)
         else:
             self.writer.write(chunk[h:h + body])
+            self.queued = self.writer._flusher is not None
         return 0
 
 

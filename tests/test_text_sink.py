@@ -8,14 +8,16 @@ import random
 
 import numpy as np
 import pytest
+import uvloop
 
 from minivllm._cext import text_sink
 from minivllm.frontend.detokenizer import byte_tables
-from minivllm.frontend.output_processor import OutputProcessor
+from minivllm.frontend.output_processor import CompletionStream, OutputProcessor
 from minivllm.loader import load_tokenizer, resolve_model
 from minivllm.sampling_params import SamplingParams
 from minivllm.server.responses import ChatResponse, CompletionResponse
 from minivllm.transport.protocol import FINISH_LENGTH
+from test_sse import _serve_and_read
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +26,20 @@ def tokenizer():
 
 
 class Transport:
+    """uvloop's transport, as a TextSink uses it; `buffered` says what it reports as buffered:
+    the sink writes through the ChunkWriter while that is not 0."""
+
     def __init__(self) -> None:
-        self.data = b""
+        self.data, self.buffered = b"", 0
 
     def write(self, data: bytes) -> None:
         self.data += data
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return False
 
 
 class Cycle:
@@ -48,9 +59,8 @@ class Writer:
         self.bodies: list[bytes] = []
 
     def write(self, data: bytes) -> None:
-        if self._cycle is None:
-            self.bodies.append(data)
-        else:  # as ChunkWriter's direct write frames it
+        self.bodies.append(data)
+        if self._cycle is not None:  # as ChunkWriter's direct write frames it
             self._cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def chunks(self) -> list[bytes]:
@@ -132,6 +142,9 @@ def test_sink_chunks_and_state_equal_the_python_path(tokenizer, direct):
         tokens_a = np.array([e[1] for e in entries], np.int32)
         finish_a = np.array([e[2] for e in entries], np.uint8)
         py.process(keys_a, tokens_a, finish_a)
+        for w in writers:  # some chunks through the writer: its transport has some buffered
+            if w._cycle is not None:
+                w._cycle.transport.buffered = rng.choice([0, 0, 100])
         rest = text_sink.take(sunk.streams, sunk.sinks, keys_a, tokens_a, finish_a)
         if rest is None:  # it took nothing
             rest = np.arange(len(entries))
@@ -154,6 +167,8 @@ def test_sink_chunks_and_state_equal_the_python_path(tokenizer, direct):
                     attached[i] = len(b.token_ids)
     for i, (a, b) in enumerate(states):
         assert writers[i].chunks() == expected[i]
+        if direct:  # the writer wrote the first chunk, and those while the transport buffered
+            assert 1 < len(writers[i].bodies) < len(expected[i]) / 2
         assert (a.finish_reason, b.finish_reason) == ("length", "length") and b.sink is None
         out_a, out_b = a.output(), b.output()
         assert out_b == out_a and out_a.text == a.text == b.text
@@ -187,3 +202,33 @@ def test_release_gives_the_stream_its_state_back(tokenizer):
     streamed = text + "".join(json.loads(body[len(b"data: "):])["choices"][0]["text"]
                               for body in writer.chunks())
     assert stream.text == streamed == tokenizer.decode(ids[:-1])
+
+
+def test_a_sink_under_flow_control_keeps_its_chunks_in_order(tokenizer):
+    """A real uvicorn (httptools), a client that reads nothing until every chunk is written:
+    the sink's direct writes stop once the transport buffers, and the rest queue behind the
+    ChunkWriter's task (not in the transport: flow control holds), in order."""
+    # a long model name: 2 kB chunks, 8 MB in all (more than the kernel's socket buffers)
+    response = CompletionResponse("m" * 2000, tokenizer, SamplingParams())
+    ids = tokenizer.encode(" The quick brown fox jumps over the lazy dog, 世界." * 300)
+    expected = CompletionStream(0, response.params, tokenizer, [1], [2])
+    chunks = []
+    for t in ids:
+        expected.add(t, 0)
+        text, _ = expected.news()
+        chunks.append(response.text_event(0, text).encode())
+
+    def write(writer) -> None:
+        proc = OutputProcessor(tokenizer, [2])
+        stream = proc.add_request("r", None, [1], response.params, lambda: 3).streams[0]
+        stream.add(ids[0], 0)
+        writer.write(response.text_event(0, stream.news()[0]).encode())
+        before, after = response.text_frame(0)
+        stream.sink = text_sink.TextSink(stream, proc.sinks, before.encode(), after.encode(),
+                                         writer, [0.0], 0, Tally())
+        for t in ids[1:]:
+            text_sink.take(proc.streams, proc.sinks, np.array([3], np.uint64),
+                           np.array([t], np.int32), np.zeros(1, np.uint8))
+
+    body, paused, buffered = uvloop.run(_serve_and_read("httptools", write))
+    assert paused and buffered < 1 << 20 and body == b"".join(chunks)

@@ -36,6 +36,7 @@ from minivllm.sampling_params import SamplingParams
 from minivllm.transport import protocol
 from minivllm.transport.channel import EngineChannel
 from minivllm.transport.shm import pid_alive
+from minivllm.transport.zmq_context import readable
 
 logger = logging.getLogger(__name__)
 
@@ -387,10 +388,6 @@ class AsyncEngineClient:
             await asyncio.get_running_loop().run_in_executor(None, self.channel.close)
 
 
-# (plain ints: `int & zmq.POLLIN`, an enum.Flag, runs Python code, ~0.8 us a call)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-
-
 class BellWaiter:
     """A sleep on a BellListener's socket in the event loop: its file descriptor watched for
     the reader's life (loop.add_reader), a bare future and a timer per sleep. (zmq.asyncio's
@@ -404,18 +401,15 @@ class BellWaiter:
         self._waiter: Optional[asyncio.Future] = None
         self.loop.add_reader(self.fd, self._on_fd)
 
-    def _bell_queued(self) -> bool:
-        # ZeroMQ's descriptor says only that the socket's state may have changed; EVENTS
-        # processes the change (which clears the descriptor) and tells if a bell is queued.
-        return bool(self.socket.getsockopt(_EVENTS) & _POLLIN)
-
     def _on_fd(self) -> None:
-        if self._bell_queued() and self._waiter is not None and not self._waiter.done():
+        # ZeroMQ's descriptor says only that the socket's state may have changed: readable()
+        # processes the change (which clears the descriptor) and tells if a bell is queued.
+        if readable(self.socket) and self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(True)
 
     async def wait(self, timeout: float) -> bool:
         """Until a bell is queued (True) or `timeout` seconds pass (False)."""
-        if self._bell_queued():
+        if readable(self.socket):
             return True
         self._waiter = waiter = self.loop.create_future()
         timer = self.loop.call_later(timeout, _resolve, waiter, False)
