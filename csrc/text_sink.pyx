@@ -335,6 +335,8 @@ def take(dict streams, dict sinks, const uint64_t[:] keys, const int32_t[:] toke
     cdef PyObject* found
     cdef TextSink sink
     cdef list touched = []
+    if not sinks:
+        return None
     rest = np.empty(n, dtype=np.int64)
     cdef long long[::1] rest_view = rest
     cdef double now = _now()
