@@ -79,12 +79,13 @@ cdef class Tally:
             self._gap(tokens, gap)
         self._due(now)
 
-    cdef void _gap(self, long long tokens, double gap):
+    cdef int _gap(self, long long tokens, double gap) except -1:
         cdef Py_ssize_t k = 0
         self.gap_sum += gap * tokens
         while k < self.n_bounds - 1 and self.bounds[k] < gap:  # bisect_left (last: +inf)
             k += 1
         self.gap_counts[k] += tokens
+        return 0
 
     cdef int _due(self, double now) except -1:
         if now >= self.due:
@@ -203,8 +204,7 @@ cdef class TextSink:
 
     cdef int _write(self, str text) except -1:
         cdef const char* s
-        cdef Py_ssize_t n, i, body, at
-        cdef unsigned char c
+        cdef Py_ssize_t n, body, at
         cdef char head[24]
         if PyUnicode_IS_ASCII(text):
             s, n = <const char*>PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)
