@@ -3,7 +3,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["block_allocator", "scheduler", "cpu_kernels", "ring", "records"]
+MODULES = ["block_allocator", "scheduler", "cpu_kernels", "ring", "records", "text_sink"]
 
 extensions = [
     Extension(

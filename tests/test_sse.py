@@ -26,14 +26,21 @@ async def _read_body(reader: asyncio.StreamReader) -> bytes:
         body += data[:-2]
 
 
-async def _serve_and_read(http: str) -> tuple[bytes, bool]:
+def _write_chunks(writer) -> None:
+    for chunk in CHUNKS:
+        writer.write(chunk)
+
+
+async def _serve_and_read(http: str, write=_write_chunks) -> tuple[bytes, bool, int]:
+    """The body a client that reads nothing until `write(writer)` has made every write (no
+    await between them) gets; whether flow control had paused the connection by then, and the
+    bytes its transport held (the rest queue in the ChunkWriter)."""
     paused = []
 
     async def write_all(scope, writer):
-        for chunk in CHUNKS:  # no await: every write is made before the client reads any
-            writer.write(chunk)
+        write(writer)
         cycle = scope[SERVER_SEND].__self__
-        paused.append(cycle.flow.write_paused)
+        paused.append((cycle.flow.write_paused, cycle.transport.get_write_buffer_size()))
 
     async def app(scope, receive, send):
         await EventStream(lambda writer: write_all(scope, writer))(scope, receive, send)
@@ -57,12 +64,12 @@ async def _serve_and_read(http: str) -> tuple[bytes, bool]:
     writer.close()
     server.should_exit = True
     await serving
-    return body, paused[0]
+    return body, *paused[0]
 
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
 def test_a_client_that_stops_reading_gets_every_chunk_in_order(http):
-    body, paused = uvloop.run(_serve_and_read(http))
+    body, paused, _ = uvloop.run(_serve_and_read(http))
     assert body == b"".join(CHUNKS)
     if http == "httptools":  # straight to the transport until flow control paused it
         assert paused

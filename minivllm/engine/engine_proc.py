@@ -31,7 +31,7 @@ from minivllm.engine.events import EngineEvents
 from minivllm.engine.engine_core import EngineCore, StepOutputs
 from minivllm.transport import control, protocol, shm
 from minivllm.transport.doorbell import Bell, BellListener
-from minivllm.transport.zmq_context import process_context
+from minivllm.transport.zmq_context import process_context, readable
 from minivllm.transport.protocol import ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -67,12 +67,6 @@ def _remember(identities: OrderedDict, identity: bytes) -> None:
     identities.move_to_end(identity)
     if len(identities) > GONE_MEMORY:
         identities.popitem(last=False)
-
-
-def _readable(socket: zmq.Socket) -> bool:
-    """A message waits (ZMQ_EVENTS: no exception and no receive attempt on the step loop's
-    every pass, as recv(NOBLOCK) + zmq.Again costs)."""
-    return bool(socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
 
 class EngineProc:
@@ -162,7 +156,7 @@ class EngineProc:
         if now < self.router_paced_until:
             return
         for _ in range(ZMQ_READS_PER_INGEST):
-            if not _readable(self.router):
+            if not readable(self.router):
                 return
             frames = self.router.recv_multipart(zmq.NOBLOCK)
             identity = frames[0]
@@ -180,7 +174,7 @@ class EngineProc:
             except ProtocolError as exc:
                 client.send_error(exc.code, str(exc), exc.request_id)
             self._forget_idle_peer(client)
-        if _readable(self.router):  # a backlog: its next turn comes after the interval
+        if readable(self.router):  # a backlog: its next turn comes after the interval
             self.router_paced_until = now + ZMQ_BACKLOG_INTERVAL_S
 
     def _forget_idle_peer(self, client: Client) -> None:
@@ -407,7 +401,7 @@ class EngineProc:
 
     # ---- control --------------------------------------------------------------------------
     def _read_control(self) -> None:
-        while _readable(self.control):
+        while readable(self.control):
             try:
                 identity, *_, frame = self.control.recv_multipart(zmq.NOBLOCK)
             except ValueError:

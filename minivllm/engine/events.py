@@ -24,6 +24,7 @@ import zmq
 
 from minivllm.core.batch import ScheduledBatch
 from minivllm.transport import control, shm
+from minivllm.transport.zmq_context import readable
 
 if TYPE_CHECKING:  # engine_proc imports this module
     from minivllm.engine.engine_proc import EngineProc
@@ -140,7 +141,7 @@ class EngineEvents:
         self.num_steps = 0
 
     def _read_subscriptions(self) -> None:
-        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while readable(self.socket):
             message = self.socket.recv(zmq.NOBLOCK)
             if message[:1] == b"\x01":
                 self.listening = self._key_due = True

@@ -9,12 +9,13 @@
 One reader task drains the output ring into the output processor (the same one `LLM` uses); a
 consumer wakes once per engine step however many tokens arrived (`RequestState` coalesces
 them), or, one that listens (`RequestStream.listen`, the server's way), is called by the reader
-itself in the same pass. Requests go out as submit records into the request ring. The reader
-spins `spin_us` when the ring runs dry, then sleeps on the doorbell; every `ENGINE_CHECK_S` it
-checks that the engine process still lives. If it died, every request in flight fails with
-EngineDeadError at once, new ones are refused with it, the reader leaves the rings alone (they
-hold the dead engine's records), and the client re-attaches, emptying them, as soon as a
-(restarted) engine answers on the control socket.
+itself in the same pass, or has its running tokens taken by a TextSink in C before the rest of
+the pass (`RequestStream.sink`, the server's plain streams). Requests go out as submit records
+into the request ring. The reader spins `spin_us` when the ring runs dry, then sleeps on the
+doorbell; every `ENGINE_CHECK_S` it checks that the engine process still lives. If it died,
+every request in flight fails with EngineDeadError at once, new ones are refused with it, the
+reader leaves the rings alone (they hold the dead engine's records), and the client
+re-attaches, emptying them, as soon as a (restarted) engine answers on the control socket.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import AsyncIterator, Callable, Optional, Union
 
 import zmq
 
+from minivllm._cext import text_sink
 from minivllm.config import TransportConfig
 from minivllm.frontend.output_processor import CompletionStream, OutputProcessor, RequestState
 from minivllm.inputs import PromptType, check_prompt, parse_prompt, resolve_bad_words
@@ -34,6 +36,7 @@ from minivllm.sampling_params import SamplingParams
 from minivllm.transport import protocol
 from minivllm.transport.channel import EngineChannel
 from minivllm.transport.shm import pid_alive
+from minivllm.transport.zmq_context import readable
 
 logger = logging.getLogger(__name__)
 
@@ -285,8 +288,14 @@ class AsyncEngineClient:
         cut = [self.processor.streams[key][1] for key in
                rec.request_ids[rec.finish_reasons == protocol.FINISH_ABORT].tolist()
                if key in self.processor.streams]
-        touched, stopped = self.processor.process(rec.request_ids, rec.token_ids,
-                                                  rec.finish_reasons, logprobs)
+        keys, tokens, finish = rec.request_ids, rec.token_ids, rec.finish_reasons
+        rest = text_sink.take(self.processor.streams, self.processor.sinks, keys, tokens,
+                              finish)
+        if rest is not None:  # the streams with a TextSink took the other entries
+            keys, tokens, finish = keys[rest], tokens[rest], finish[rest]
+            if logprobs is not None:
+                logprobs = tuple(a[rest] for a in logprobs)
+        touched, stopped = self.processor.process(keys, tokens, finish, logprobs)
         for key in stopped:
             self._send_abort(key)
         for state in cut:
@@ -392,18 +401,15 @@ class BellWaiter:
         self._waiter: Optional[asyncio.Future] = None
         self.loop.add_reader(self.fd, self._on_fd)
 
-    def _bell_queued(self) -> bool:
-        # ZeroMQ's descriptor says only that the socket's state may have changed; EVENTS
-        # processes the change (which clears the descriptor) and tells if a bell is queued.
-        return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-
     def _on_fd(self) -> None:
-        if self._bell_queued() and self._waiter is not None and not self._waiter.done():
+        # ZeroMQ's descriptor says only that the socket's state may have changed: readable()
+        # processes the change (which clears the descriptor) and tells if a bell is queued.
+        if readable(self.socket) and self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(True)
 
     async def wait(self, timeout: float) -> bool:
         """Until a bell is queued (True) or `timeout` seconds pass (False)."""
-        if self._bell_queued():
+        if readable(self.socket):
             return True
         self._waiter = waiter = self.loop.create_future()
         timer = self.loop.call_later(timeout, _resolve, waiter, False)
@@ -510,6 +516,22 @@ class RequestStream:
                 or state.streams[0].finish_reason is not None:
             return None
         return state.streams[0].news()
+
+    def sink(self, prefix: bytes, suffix: bytes, writer, last: list, index: int,
+             tally: text_sink.Tally) -> bool:
+        """For a request whose running_delta() is its output: have the reader write its
+        running tokens itself from now on, without calling the listener for them (a TextSink,
+        csrc/text_sink.pyx: `prefix`, the new text as a JSON string and `suffix` as one chunk
+        to `writer` per read, gaps from `last[index]` into `tally`). Whether it could: one
+        sequence, running, no stop strings, no logprobs, a byte-level tokenizer."""
+        state = self.state
+        if state.error is not None or len(state.streams) != 1 \
+                or not state.streams[0].sinkable():
+            return False
+        stream = state.streams[0]
+        stream.sink = text_sink.TextSink(stream, self.client.processor.sinks, prefix, suffix,
+                                         writer, last, index, tally)
+        return True
 
     async def ready(self) -> None:
         """Until the request has an output (or an error, raised here), which stays to be

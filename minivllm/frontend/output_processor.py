@@ -39,15 +39,22 @@ class CompletionStream:
                       IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                              params.skip_special_tokens))
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
-        self._text = ""
+        # The text in pieces, never one string grown per token (a copy of all of it each
+        # time): what was given out, what was not yet (`held` characters), and the last
+        # `holdback` characters, where a stop string can start before the next piece.
+        self._given: list[str] = []
+        self._held: list[str] = []
+        self.held_chars = 0
+        self._recent = ""
         self._undecoded: list[int] = []  # tokens not yet in the text
+        # a TextSink (csrc/text_sink.pyx) taking this stream's running tokens, if any
+        self.sink = None
         self.token_ids: list[int] = []
         self.logprobs: Optional[list[dict[int, float]]] = [] if params.logprobs is not None \
             else None
         self.cumulative_logprob: Optional[float] = None
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[object] = None
-        self.stop_checked = 0  # characters of `text` searched for stop strings
         self.sent_text = 0     # characters of `text` already given out
         self.sent_tokens = 0   # tokens already given out
 
@@ -58,10 +65,22 @@ class CompletionStream:
     @property
     def text(self) -> str:
         """The output's text so far (before any stop string)."""
-        if self._undecoded:
-            self._text += self.detok.push_many(self._undecoded)
-            self._undecoded = []
-        return self._text
+        self._decode()
+        return "".join(self._given + self._held)
+
+    def _decode(self) -> str:
+        """Decode the tokens not yet in the text; returns the text they add."""
+        if not self._undecoded:
+            return ""
+        new = self.detok.push_many(self._undecoded)
+        self._undecoded = []
+        self._hold(new)
+        return new
+
+    def _hold(self, new: str) -> None:
+        if new:
+            self._held.append(new)
+            self.held_chars += len(new)
 
     def add(self, token_id: int, finish_code: int,
             logprobs: Optional[dict[int, float]] = None) -> bool:
@@ -77,34 +96,60 @@ class CompletionStream:
         if finish_code:
             self._finish(FINISH_REASONS[finish_code], finish_code, token_id)
             return False
-        return bool(self.params.stop) and self._match_stop()
+        return bool(self.params.stop) and self._match_stop(self._decode())
 
     def _finish(self, reason: str, code: int, token_id: int) -> None:
+        self.unsink()  # (take() has closed it before the entry came here)
+        new = ""
         if self.detok is not None:
-            self._text = self.text + self.detok.flush()
+            new = self._decode()
+            last = self.detok.flush()
+            self._hold(last)
+            new += last
         self.finish_reason = reason
         if code == FINISH_STOP and token_id not in self.eos_token_ids:
             self.stop_reason = token_id  # a stop token id, as vLLM reports it
         if self.params.stop:
-            self._match_stop()  # a stop string completed by the last token
+            self._match_stop(new)  # a stop string completed by the last token
 
-    def _match_stop(self) -> bool:
+    def _match_stop(self, new: str) -> bool:
         """The first stop string (in the order given) in the text ends the completion, cut
-        before its first occurrence. Earlier text held none, so only the new text (and the
+        before its first occurrence. Earlier text held none, so only the `new` text (and the
         len - 1 characters before it) is searched."""
-        text = self.text
-        checked, self.stop_checked = self.stop_checked, len(text)
+        if not new:
+            return False
+        window = self._recent + new
+        self._recent = window[len(window) - self.holdback:] if self.holdback else ""
         for stop in self.params.stop:
-            at = text.find(stop, max(0, checked - len(stop) + 1))
+            at = window.find(stop, max(0, len(window) - len(new) - len(stop) + 1))
             if at >= 0:
-                self._text = text[:at]
+                # Cut in the held text: stop strings start after what was given out (that
+                # kept their length - 1 characters back)
+                cut = self.held_chars - (len(window) - at)
+                held = "".join(self._held)[:cut]
+                self._held, self.held_chars = [held] if held else [], len(held)
                 self.finish_reason, self.stop_reason = "stop", stop
                 return True
         return False
 
     def fail(self, reason: str = "abort") -> None:
+        self.unsink()
         if not self.finished:
             self.finish_reason = reason
+
+    def unsink(self) -> None:
+        """Take the running tokens back from the TextSink, if one has them: its state back."""
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
+    def sinkable(self) -> bool:
+        """Whether a TextSink can take this stream's running tokens: it decodes their bytes
+        and gives all of their text out at once (no stop strings to hold text back for, no
+        logprobs to collect)."""
+        return (self.finish_reason is None and self.detok is not None
+                and self.detok.table is not None and not self.params.stop
+                and self.logprobs is None and not self._held and not self._undecoded)
 
     def delta(self) -> tuple[str, list[int]]:
         """Text and tokens not given out yet (text held back while a stop string may start)."""
@@ -114,19 +159,29 @@ class CompletionStream:
 
     def news(self) -> tuple[str, int]:
         """delta(), with the number of new tokens instead of their list."""
-        text = self.text
-        end = (len(text) if self.finish_reason is not None else
-               max(self.sent_text, len(text) - self.holdback))
-        start, self.sent_text = self.sent_text, end
+        self._decode()
+        held = self._held
+        n = self.held_chars if self.finish_reason is not None else \
+            self.held_chars - self.holdback
+        if n <= 0:
+            text = ""
+        else:
+            whole = held[0] if len(held) == 1 else "".join(held)
+            text, rest = whole[:n], whole[n:]
+            self._held, self.held_chars = [rest] if rest else [], len(rest)
+            self._given.append(text)
+            self.sent_text += n
         new, self.sent_tokens = len(self.token_ids) - self.sent_tokens, len(self.token_ids)
-        return text[start:end], new
+        return text, new
 
     def output(self, copy_token_ids: bool = True) -> CompletionOutput:
         """The completion so far (its text up to what delta() gave out: the whole text once
         finished), with what is new since the last one in delta_text / delta_token_ids; its
         token_ids a copy of this stream's unless `copy_token_ids` is False."""
         delta_text, delta_tokens = self.delta()
-        return CompletionOutput(self.index, self._text[:self.sent_text],
+        if len(self._given) > 1:
+            self._given = ["".join(self._given)]
+        return CompletionOutput(self.index, self._given[0] if self._given else "",
                                 list(self.token_ids) if copy_token_ids else self.token_ids,
                                 self.finish_reason, self.stop_reason, self.cumulative_logprob,
                                 None if self.logprobs is None else list(self.logprobs),
@@ -174,6 +229,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.streams: dict[int, tuple[CompletionStream, RequestState]] = {}
+        self.sinks: dict = {}  # key -> the TextSink of a stream that has one
         if tokenizer is not None:
             byte_tables(tokenizer)  # made now, not in the first request's latency
 
@@ -220,6 +276,7 @@ class OutputProcessor:
         """Forget a request; returns the keys of its streams still running in the engine."""
         running = []
         for stream in state.streams:
+            stream.unsink()
             if self.streams.pop(stream.key, None) is not None and not stream.finished:
                 running.append(stream.key)
         return running

@@ -14,7 +14,6 @@ renamed at scrape time rather than recorded twice.
 """
 from __future__ import annotations
 
-import bisect
 import os
 from typing import Optional
 
@@ -22,6 +21,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                Histogram, generate_latest)
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                    HistogramMetricFamily, Metric)
+
+from minivllm._cext.text_sink import Tally
 
 PREFIX = "minivllm:"
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -57,29 +58,17 @@ in_flight = Gauge(f"{PREFIX}api_requests_in_flight",
                   multiprocess_mode="livesum")
 
 
-class TokenTally:
-    """Streamed tokens and the gaps between them (generation_tokens, itl), summed here and
-    written to those metrics at most every FLUSH_S, when a request finishes and before a
-    scrape. In multiprocess mode every metric update is a locked write to a file mapping: a
-    server streaming a step's tokens would otherwise make three per request per step."""
+class TokenTally(Tally):
+    """Streamed tokens and the gaps between them (generation_tokens, itl), summed here (add(),
+    and the server streams' TextSinks in C) and written to those metrics at most every
+    FLUSH_S, when a request finishes and before a scrape. In multiprocess mode every metric
+    update is a locked write to a file mapping: a server streaming a step's tokens would
+    otherwise make three per request per step."""
 
     FLUSH_S = 0.1
 
     def __init__(self) -> None:
-        self.tokens = 0
-        self.gap_sum = 0.0
-        self.gap_counts = [0] * len(itl._upper_bounds)  # per bucket, as itl.observe counts
-        self.due = 0.0
-
-    def add(self, tokens: int, gap: Optional[float], now: float) -> None:
-        """`tokens` streamed at `now`; with `gap`, each came `gap` s after the one before."""
-        self.tokens += tokens
-        if gap is not None:
-            self.gap_sum += gap * tokens
-            self.gap_counts[bisect.bisect_left(itl._upper_bounds, gap)] += tokens
-        if now >= self.due:
-            self.flush()
-            self.due = now + self.FLUSH_S
+        super().__init__(itl._upper_bounds, self.FLUSH_S)
 
     def flush(self) -> None:
         if self.tokens:

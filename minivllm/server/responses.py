@@ -108,8 +108,14 @@ class OpenAIResponse:
 
     def text_event(self, index: int, text: str) -> str:
         """The SSE event of a plain running chunk: choice `index`'s new `text`."""
+        before, after = self.text_frame(index)
+        return f"{before}{_text(text)}{after}"
+
+    def text_frame(self, index: int) -> tuple[str, str]:
+        """The SSE event of choice `index`'s plain running chunks, before and after its text's
+        JSON string."""
         start, middle, end = self.text_template
-        return f"{self._chunk_start}{start}{index}{middle}{_text(text)}{end}]}}\n\n"
+        return f"{self._chunk_start}{start}{index}{middle}", f"{end}]}}\n\n"
 
     def usage_chunk(self, finals: list[RequestOutput]) -> dict:
         return self._envelope(self.chunk_name, [], usage=usage(finals))

@@ -6,7 +6,9 @@ one engine stream per prompt (each carrying its n sequences), every stream's out
 by the engine client's reader as it reads them (`PromptStreams`: one pass over the requests
 per engine step, no task woken per request), then either collected into one JSON body (a client
 that disconnects first has its requests aborted) or written as SSE chunks as they are made (at
-most one per stream per `--stream-interval-ms` when set), with a usage chunk when asked for.
+most one per stream per `--stream-interval-ms` when set), with a usage chunk when asked for. A
+plain stream's running chunks, after its first, are the reader's own work in C (a TextSink,
+csrc/text_sink.pyx): no Python runs per token or per stream for them.
 Engine errors become OpenAI errors (503 while the engine is down or draining), and every
 output's latencies and token counts go into the metrics on the way.
 """
@@ -237,6 +239,13 @@ class PromptStreams:
             self.on_output(i, out)
         return stream.state.finished
 
+    def sink(self, i: int, before: bytes, after: bytes, writer: ChunkWriter) -> None:
+        """Have stream i's running text written by the reader itself, between `before` and
+        `after` (RequestStream.sink), once it has streamed a token."""
+        if self.recorder.last[i] is not None:
+            self.streams[i].sink(before, after, writer, self.recorder.last, i,
+                                 metrics.token_tally)
+
     def _read_paced(self, i: int) -> None:
         del self._timers[i]
         self._read(i)
@@ -258,6 +267,7 @@ class StreamedBody:
         self.response, self.outputs = response, outputs
         self.include_usage, self.release = include_usage, release
         self.writer: Optional[ChunkWriter] = None
+        self._sunk: set[int] = set()  # prompts whose stream was offered a TextSink
         outputs.on_output = self._on_output
         if response.plain:
             outputs.on_text = self._on_text
@@ -286,3 +296,8 @@ class StreamedBody:
 
     def _on_text(self, i: int, text: str) -> None:
         self.writer.write(self.response.text_event(i, text).encode())
+        if not self.outputs.interval and i not in self._sunk:
+            # its next chunks are the same but for their text: written by the reader in C
+            self._sunk.add(i)
+            before, after = self.response.text_frame(i)
+            self.outputs.sink(i, before.encode(), after.encode(), self.writer)

@@ -56,6 +56,7 @@ class ChunkWriter:
         self._flusher: Optional[asyncio.Task] = None
 
     def write(self, data: bytes) -> None:
+        # (a TextSink, csrc/text_sink.pyx, makes a stricter test before its direct writes)
         cycle = self._cycle
         if (cycle is not None and self._flusher is None and not cycle.flow.write_paused
                 and not cycle.disconnected):

@@ -13,6 +13,7 @@ import logging
 import zmq
 
 from minivllm.transport.shm import remove_endpoint
+from minivllm.transport.zmq_context import readable
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class BellListener:
         """Call after a sleep that ended at its timeout. Data waiting with no bell queued is a
         wake-up that never came: it costs only latency (the sleep's timeout), so nothing else
         would show it. Logs the first and every 100th; returns True when one was lost."""
-        if not data_waiting or self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not data_waiting or readable(self.socket):
             return False
         self.lost_wakeups += 1
         if self.lost_wakeups % 100 == 1:
@@ -80,7 +81,7 @@ class BellListener:
     def drain(self) -> int:
         """Swallow the bells that woke us (the rings are read next); returns how many."""
         n = 0
-        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while readable(self.socket):
             self.socket.recv(zmq.NOBLOCK)
             n += 1
         return n

@@ -1,4 +1,4 @@
-"""The process's one ZeroMQ context.
+"""The process's one ZeroMQ context, and the test for a message waiting on a socket.
 
 A context caught in one garbage cycle with its sockets hangs the collector for good: the
 collector clears the weak references through which `Context.destroy()` finds the sockets, so
@@ -16,3 +16,14 @@ def process_context() -> zmq.Context:
     ctx = zmq.Context.instance()
     ctx.setsockopt(zmq.LINGER, 0)
     return ctx
+
+
+# (plain ints: `int & zmq.POLLIN`, an enum.Flag, runs Python code, ~0.8 us a call)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def readable(socket: zmq.Socket) -> bool:
+    """A message waits (ZMQ_EVENTS: no exception and no receive attempt, as recv(NOBLOCK) +
+    zmq.Again costs). It also processes the socket's pending state changes, which clears its
+    file descriptor's readiness (ZMQ_FD)."""
+    return bool(socket.getsockopt(_EVENTS) & _POLLIN)
