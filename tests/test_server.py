@@ -249,6 +249,48 @@ def test_completion_errors_in_openai_shape(server, body, status, fragment):
     assert fragment in err["message"] and err["code"] == status and "type" in err
 
 
+def test_the_api_servers_generate_routes_answer_as_fastapi_does():
+    """asgi_app serves the generating routes' POSTs itself, past FastAPI: every answer that
+    needs no engine (bad bodies, a missing key, the engine down, a bug: a 500) is FastAPI's, to
+    the byte, and the routes' other methods still go to FastAPI (405)."""
+    from types import SimpleNamespace
+
+    from minivllm.config import ServerConfig
+    from minivllm.server.app import ServerState, asgi_app, build_app
+
+    async def answers(app, state) -> list[tuple]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        out = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                for body, key in ((b"{not json", KEY), (b"[1]", KEY), (b'{"frob": 1}', KEY),
+                                  (b'{"prompt": "hi", "max_tokens": "8"}', KEY),
+                                  (b'{"messages": [{"role": "robot"}]}', KEY),
+                                  (b'{"prompt": "hi", "messages": []}', None)):
+                    resp = await http.post(path, content=body, headers={
+                        "Authorization": f"Bearer {key}"} if key else {})
+                    out.append((resp.status_code, sorted(resp.headers.items()), resp.content))
+                resp = await http.get(path)
+                out.append((resp.status_code, sorted(resp.headers.items()), resp.content))
+            state.client = SimpleNamespace(state="dead", sampling_defaults={})  # 503
+            resp = await http.post("/v1/completions", content=b'{"prompt": [1]}',
+                                   headers={"Authorization": f"Bearer {KEY}"})
+            out.append((resp.status_code, sorted(resp.headers.items()), resp.content))
+            state.client = SimpleNamespace(sampling_defaults={})  # no state: a bug, a 500
+            resp = await http.post("/v1/completions", content=b'{"prompt": [1]}',
+                                   headers={"Authorization": f"Bearer {KEY}"})
+            out.append((resp.status_code, sorted(resp.headers.items()), resp.content))
+            state.client = None
+        return out
+
+    def state() -> ServerState:
+        return ServerState(ServerConfig(api_key=KEY, dashboard=False))
+    ours, fastapis = (asyncio.run(answers(make(s), s)) for make, s in (
+        (asgi_app, state()), (build_app, state())))
+    assert ours == fastapis
+    assert [a[0] for a in ours] == [400, 400, 400, 400, 400, 401, 405] * 2 + [503, 500]
+
+
 def test_chat_errors_name_the_field(server):
     cases = [({"model": MODEL, "messages": []}, "messages must not be empty"),
              ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "role"),

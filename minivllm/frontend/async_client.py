@@ -559,6 +559,9 @@ class RequestStream:
         if not self._closed:
             self._closed = True
             self.client._release(self.state)
+            # A listener's callback holds its consumer, which holds this stream: a cycle that
+            # would leave every request's objects to the collector's full collections.
+            self._event = None
 
     async def aclose(self) -> None:
         self.close()

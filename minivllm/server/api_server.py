@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import signal
@@ -25,8 +26,7 @@ import uvicorn
 from minivllm.config import ServerConfig, TransportConfig, shutdown_timeouts
 from minivllm.engine.supervisor import die_with_parent
 from minivllm.frontend.data_parallel_client import DataParallelClient
-from minivllm.server.app import ServerState, build_app
-from minivllm.server.sse import with_server_send
+from minivllm.server.app import ServerState, asgi_app
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ async def _serve(controls: list[str], model: Optional[str], load_format: str,
             client.tokenizer.use_chat_template(f.read())
     state.model_name = config.served_model_name or client.model_name
     http = "httptools" if _installed("httptools", index, "parse HTTP with h11") else "h11"
-    server = _Server(uvicorn.Config(with_server_send(build_app(state)), log_level="warning",
+    server = _Server(uvicorn.Config(asgi_app(state), log_level="warning",
                                     access_log=False, http=http))
     loop = asyncio.get_running_loop()
 
@@ -103,6 +103,11 @@ async def _serve(controls: list[str], model: Optional[str], load_format: str,
         loop.add_signal_handler(sig, on_signal)
     sock = listening_socket(config.host, config.port)
     sock.listen(2048)
+    # Startup's objects (modules, the tokenizer, the app) out of the collector's way: each full
+    # collection would walk them all again, and a server's requests make enough cyclic garbage
+    # (the HTTP stack's) that full collections come every few hundred requests.
+    gc.collect()
+    gc.freeze()
     ready.set()
     try:
         await server.serve(sockets=[sock])

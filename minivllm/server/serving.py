@@ -196,7 +196,7 @@ class PromptStreams:
         self.latest: list[Optional[RequestOutput]] = [None] * len(streams)
         self.loop = asyncio.get_running_loop()
         self.done = self.loop.create_future()
-        self._running = len(streams)
+        self.running = len(streams)  # prompts not finished
         self._next = [0.0] * len(streams)  # when each stream may give its next output (paced)
         self._timers: dict[int, asyncio.TimerHandle] = {}  # paced streams with output waiting
 
@@ -216,8 +216,8 @@ class PromptStreams:
             self.done.set_exception(exc)
             return
         if finished:
-            self._running -= 1
-            if not self._running:
+            self.running -= 1
+            if not self.running:
                 self.done.set_result(None)
         elif self.interval:
             self._next[i] = self.loop.time() + self.interval
@@ -256,11 +256,14 @@ class PromptStreams:
         self._timers.clear()
         for stream in self.streams:
             stream.close()
+        # (the response's callbacks hold it, and it them: freed now, not by the collector)
+        self.on_output = self.on_text = None
 
 
 class StreamedBody:
     """A streamed response's body: the head chunk, then a chunk per output, written as the
-    engine client's reader reads it, the usage chunk when asked for, and [DONE]."""
+    engine client's reader reads it, the usage chunk when asked for, and [DONE]. The last
+    output's chunk, the usage chunk and [DONE] go with the response's end, in one write."""
 
     def __init__(self, response: OpenAIResponse, outputs: PromptStreams, include_usage: bool,
                  release: Callable[[], None]) -> None:
@@ -268,12 +271,15 @@ class StreamedBody:
         self.include_usage, self.release = include_usage, release
         self.writer: Optional[ChunkWriter] = None
         self._sunk: set[int] = set()  # prompts whose stream was offered a TextSink
+        self._last = b""  # the last output's chunk, held for the response's end
         outputs.on_output = self._on_output
         if response.plain:
             outputs.on_text = self._on_text
 
-    async def run(self, writer: ChunkWriter) -> None:
+    async def run(self, writer: ChunkWriter) -> bytes:
+        """Writes the body but its end, which it returns."""
         self.writer = writer
+        end = ""
         try:
             head = "".join(event(chunk) for chunk in self.response.stream_head())
             if head:
@@ -281,18 +287,20 @@ class StreamedBody:
             self.outputs.start()
             await self.outputs.done
             if self.include_usage:
-                writer.write(event(self.response.usage_chunk(self.outputs.latest)).encode())
+                end = event(self.response.usage_chunk(self.outputs.latest))
         except EngineError as exc:
-            writer.write(event(engine_error(exc).body()).encode())
+            end = event(engine_error(exc).body())
         finally:
             self.outputs.close()
             self.release()
-        writer.write(b"data: [DONE]\n\n")
+        return self._last + f"{end}data: [DONE]\n\n".encode()
 
     def _on_output(self, i: int, out: RequestOutput) -> None:
-        events = self.response.stream_events(i, out)
-        if events:
-            self.writer.write(events.encode())
+        events = self.response.stream_events(i, out).encode()
+        if out.finished and self.outputs.running == 1:
+            self._last = events  # done resolves now: run() writes it with the rest
+        elif events:
+            self.writer.write(events)
 
     def _on_text(self, i: int, text: str) -> None:
         self.writer.write(self.response.text_event(i, text).encode())

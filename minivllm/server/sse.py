@@ -87,11 +87,12 @@ def _log_send_once() -> None:
 
 class EventStream(Response):
     """The SSE response: `run(writer)` writes its body through a ChunkWriter (the engine
-    client's reader writes the chunks, see serving.py); a client's disconnect cancels it."""
+    client's reader writes the chunks, see serving.py) but for its last bytes, which it returns
+    (sent with the response's end: one write); a client's disconnect cancels it."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, run: Callable[[ChunkWriter], Awaitable[None]]) -> None:
+    def __init__(self, run: Callable[[ChunkWriter], Awaitable[Optional[bytes]]]) -> None:
         self.run, self.status_code, self.background = run, 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -100,11 +101,11 @@ class EventStream(Response):
                     "headers": self.raw_headers})
         writer = ChunkWriter(scope.get(SERVER_SEND, send))
         try:
-            await until_done_or_disconnect(receive, self.run(writer))
+            end = await until_done_or_disconnect(receive, self.run(writer))
         except APIError:  # the client has gone: there is nobody to end the response for
             return
         await writer.drain()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": end or b"", "more_body": False})
 
 
 async def until_done_or_disconnect(receive: Receive, work: Awaitable):
