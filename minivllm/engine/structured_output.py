@@ -37,9 +37,9 @@ from minivllm.sampling_params import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept (each a few hundred KB at most)
-# Threads of xgrammar's batched mask fill. Its default ("auto": half the cores) made the fill
-# slower here: 64 rows of the nested schema 0.32 ms on one thread, 1.5-1.9 ms on two
-# (bench.structured_outputs' fill sweep); the step loop's own thread is the one that waits.
+# Threads of xgrammar's batched mask fill. Its default ("auto": half the cores) makes the fill
+# slower: 64 rows of the nested schema take 0.52 ms on one thread on the H200's host, 0.93 on
+# two, 2.55 on "auto" (8); here 0.3 ms on one, 1.5-2.3 on two (bench.structured_outputs' sweep).
 FILL_THREADS = 1
 
 # xgrammar's messages start with "[hh:mm:ss] /path/file.cc:line: ": the user needs the rest.
