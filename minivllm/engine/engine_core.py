@@ -16,9 +16,9 @@ in step k+1 (discarded).
 Structured outputs (structured_output.py): a constrained request waits for its grammar outside
 the scheduler, and a step with constrained rows masks their logits just before sampling; the
 mask is filled on a helper thread while the forward runs. Under async scheduling the mask needs
-the previous step's tokens, known only once this step's forward is launched: such a step's
-sampling waits for the top of the next call, so the fill overlaps what the caller does with the
-outputs as well as the forward.
+the previous step's tokens, which that thread waits for itself (from before this step's forward
+is launched), and such a step is sampled at the top of the next call, so the fill overlaps the
+launch, the forward and what the caller does with the outputs.
 """
 from __future__ import annotations
 
@@ -186,8 +186,9 @@ class EngineCore:
     def step(self) -> StepOutputs:
         """One step: schedule, forward and sample, update. Returns its outputs as arrays."""
         if self._unsampled is not None:  # before schedule() can reuse its rows' req_indices
-            self._in_flight = self.runner.in_flight(self.runner.sample(*self._unsampled))
+            logits, req_indices, masks = self._unsampled
             self._unsampled = None
+            self._launched(self.runner.sample(logits, req_indices, masks), masks)
         if self.grammars.waiting:
             for req in self.grammars.take_ready():
                 self.scheduler.add_request(req)
@@ -212,7 +213,10 @@ class EngineCore:
                 self.grammars.wait(0.01)  # nothing runs: leave the CPU to the compile
             return _NO_OUTPUTS
         sampled = self.runner.execute(batch, masks and masks.start())
-        self.scheduler.update(sampled.token_ids.cpu().numpy())  # the step's one device->host sync
+        tokens = sampled.token_ids.cpu().numpy()  # the step's one device->host sync
+        self.scheduler.update(tokens)
+        if masks is not None:
+            self.grammars.sampled(masks, lambda: tokens)
         return self._with_prompt_logprobs(batch, self._outputs(sampled))
 
     def _with_prompt_logprobs(self, batch, outputs: StepOutputs) -> StepOutputs:
@@ -230,16 +234,24 @@ class EngineCore:
         done, outputs = self._in_flight, _NO_OUTPUTS
         self._in_flight = None
         if batch is not None and masks is not None and done is not None:
+            masks.start()  # its thread waits for the tokens it needs while the forward launches
             logits = self.runner.forward(batch)
             outputs, done = self._resolve(done), None
-            self._unsampled = (*logits, masks.start())
+            self._unsampled = (*logits, masks)
         elif batch is not None:
-            self._in_flight = self.runner.in_flight(self.runner.execute(batch, masks))
+            self._launched(self.runner.execute(batch, masks), masks)
         if done is not None:
             outputs = self._resolve(done)
         if batch is not None:
             self.scheduler.defer()
         return outputs
+
+    def _launched(self, sampled: SamplerOutput, masks: Optional[StepMasks]) -> None:
+        """Async scheduling: `sampled` is the step in flight; its constrained rows' matchers
+        advance on its tokens before the next fill."""
+        self._in_flight = self.runner.in_flight(sampled)
+        if masks is not None:
+            self.grammars.sampled(masks, self._in_flight.tokens)
 
     def _resolve(self, done) -> StepOutputs:
         self.scheduler.resolve(done.tokens())
@@ -254,5 +266,5 @@ class EngineCore:
                         sampled.top_ids[index].cpu().numpy().astype(np.int32),
                         sampled.top_logprobs[index].cpu().numpy())
         self.timings.sampled(s.out_owners, time.monotonic())
-        self.grammars.accept(s.out_owners, s.out_tokens, s.out_finish)
+        self.grammars.retire(s.out_owners, s.out_finish)
         return StepOutputs(s.out_owners, s.out_tokens, s.out_finish, logprobs)

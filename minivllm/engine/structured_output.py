@@ -11,8 +11,9 @@ constrained (requests without a grammar pay one test of an empty dict); otherwis
 whose `start()` has the fill thread advance the matchers on the previous step's tokens and
 fill the bitmask (xgrammar's batched calls, which release the GIL: the step loop's thread runs
 on meanwhile) and whose `apply()` writes -inf into the logits on their own device (xgrammar's
-CPU kernel, its Triton kernel on CUDA) just before sampling. `accept()` queues a step's accepted
-tokens only: the token async scheduling computes after a stop is discarded before it gets here.
+CPU kernel, its Triton kernel on CUDA) just before sampling. A step's matchers advance on its
+sampled tokens (`sampled()`) at the next fill, those of finished or aborted requests excepted:
+the token async scheduling computes after a stop never reaches a matcher.
 A matcher whose grammar has terminated (its stop token accepted, under ignore_eos) masks nothing.
 
 xgrammar (which imports torch and transformers) is imported on the worker thread by the first
@@ -27,7 +28,7 @@ import re
 import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -98,8 +99,10 @@ class StructuredOutputs:
         self.waiting: dict[int, tuple[object, Future]] = {}  # owner -> (request, compile)
         self._failed: list[tuple[int, str]] = []
         self.matchers: dict[int, object] = {}   # owner -> GrammarMatcher, until it finishes
-        self._by_index: dict[int, object] = {}  # req_index -> matcher, while admitted
-        self._accepts: list[tuple[int, object, int]] = []  # (owner, matcher, token) to advance
+        self._by_index: dict[int, tuple] = {}  # req_index -> (owner, matcher), while admitted
+        # The last masked step's (row, owner, matcher)s and a call giving its sampled tokens:
+        # its matchers advance on them before the next fill.
+        self._sampled: Optional[tuple[list[tuple[int, int, object]], Callable]] = None
         self.mask_time_s = 0.0  # host time in apply(): waiting for fills, masking (benches)
         self.fill_time_s = 0.0  # host time filling bitmasks, on whichever thread (benches)
 
@@ -207,7 +210,7 @@ class StructuredOutputs:
     def bind(self, req_index: int, owner: int) -> None:
         matcher = self.matchers.get(owner)
         if matcher is not None:
-            self._by_index[req_index] = matcher
+            self._by_index[req_index] = (owner, matcher)
 
     def unbind(self, req_index: int) -> None:
         self._by_index.pop(req_index, None)
@@ -217,46 +220,47 @@ class StructuredOutputs:
         of them is constrained."""
         if not self._by_index:
             return None
-        rows, matchers = [], []
-        for row, req_index in enumerate(sample_req_indices.tolist()):
-            matcher = self._by_index.get(req_index)
-            if matcher is not None:
-                rows.append(row)
-                matchers.append(matcher)
-        return StepMasks(self, rows, matchers) if rows else None
+        rows = [(row, *bound) for row, req_index in enumerate(sample_req_indices.tolist())
+                if (bound := self._by_index.get(req_index)) is not None]
+        return StepMasks(self, rows) if rows else None
 
-    def accept(self, owners: np.ndarray, tokens: np.ndarray, finish: np.ndarray) -> None:
-        """Queue a step's accepted tokens for their matchers (the next fill advances them, on
-        the fill thread: xgrammar releases the GIL there); finished requests drop theirs."""
-        if not self.matchers:
-            return
-        for owner, token, code in zip(owners.tolist(), tokens.tolist(), finish.tolist()):
-            matcher = self.matchers.get(owner)
-            if matcher is None:
-                continue
-            if code:
-                del self.matchers[owner]  # its last token: no mask will follow it
-            else:
-                self._accepts.append((owner, matcher, token))
+    def sampled(self, masks: "StepMasks", tokens: Callable[[], np.ndarray]) -> None:
+        """`masks`' step is sampled; `tokens()` gives its tokens (waiting for the device if
+        need be). Its matchers advance on them before the next fill, on the fill thread."""
+        self._sampled = (masks.rows, tokens)
 
-    def _advance(self) -> None:
-        """Advance the matchers on the queued tokens, in one batched call."""
-        queued, self._accepts = self._accepts, []
-        live = [entry for entry in queued if not entry[1].is_terminated()]
-        if not live:
-            return
+    def _take_sampled(self) -> Optional[tuple[list[tuple[int, int, object]], Callable]]:
+        """The last masked step's rows whose request is still running (those that finished
+        or were aborted since take no token), and its tokens; taken on the step loop's thread."""
+        if self._sampled is None:
+            return None
+        (rows, tokens), self._sampled = self._sampled, None
+        return [r for r in rows if self.matchers.get(r[1]) is r[2]], tokens
+
+    def retire(self, owners: np.ndarray, finish: np.ndarray) -> None:
+        """Drop the matchers of a step's finished requests."""
+        if self.matchers:
+            for owner in owners[finish != 0].tolist():
+                self.matchers.pop(owner, None)
+
+    def _advance(self, sampled) -> None:
+        """Advance the matchers on their step's sampled tokens, in one batched call."""
+        rows, tokens = sampled
+        ids = tokens()  # waited for even without rows: that step's mask copy is then done too
+        live = [(owner, m, int(ids[row])) for row, owner, m in rows if not m.is_terminated()]
         accepted = self._xgr.BatchGrammarMatcher.batch_accept_token(
             [m for _, m, _ in live], [t for _, _, t in live])
         for (owner, _, token), ok in zip(live, accepted):
             if not ok:
                 logger.warning("request %d: its grammar refused token %d", owner, token)
 
-    def fill(self, rows: list[int], matchers: list) -> list[int]:
-        """Advance the matchers on the queued tokens, then fill the bitmask rows of those
-        still running; returns those rows."""
+    def fill(self, sampled, rows: list[tuple[int, int, object]]) -> list[int]:
+        """Advance the matchers on the last masked step's tokens (`sampled`, _take_sampled's),
+        then fill the bitmask rows of those still running; returns those rows."""
         start = time.perf_counter()
-        self._advance()
-        live = [(r, m) for r, m in zip(rows, matchers) if not m.is_terminated()]
+        if sampled is not None:
+            self._advance(sampled)
+        live = [(r, m) for r, _, m in rows if not m.is_terminated()]
         if live:
             if self._bitmask is None:
                 self._batch_matcher = self._xgr.BatchGrammarMatcher(FILL_THREADS)
@@ -270,10 +274,10 @@ class StructuredOutputs:
         self.fill_time_s += time.perf_counter() - start
         return [r for r, _ in live]
 
-    def fill_async(self, rows: list[int], matchers: list) -> Future:
+    def fill_async(self, rows: list[tuple[int, int, object]]) -> Future:
         if self._fill_thread is None:
             self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
-        return self._fill_thread.submit(self.fill, rows, matchers)
+        return self._fill_thread.submit(self.fill, self._take_sampled(), rows)
 
     def refused_argmax_rows(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """The rows whose best logit is a token their grammar refuses. Greedy rows need no
@@ -301,23 +305,24 @@ class StructuredOutputs:
 
 
 class StepMasks:
-    """One step's grammar masks: `start()` fills them on the fill thread (after the previous
-    step's tokens, queued by accept()), `apply(logits)` waits for the fill (filling inline
-    when it was not started) and masks the logits."""
+    """One step's grammar masks over its (row, owner, matcher)s: `start()` fills them on the
+    fill thread (after advancing the matchers on the last masked step's tokens, which the
+    thread waits for if need be), `apply(logits)` waits for the fill (filling inline when it
+    was not started) and masks the logits."""
 
-    def __init__(self, owner: StructuredOutputs, rows: list[int], matchers: list) -> None:
-        self._so, self._rows, self._matchers = owner, rows, matchers
+    def __init__(self, owner: StructuredOutputs, rows: list[tuple[int, int, object]]) -> None:
+        self._so, self.rows = owner, rows
         self._fill: Optional[Future] = None
 
     def start(self) -> "StepMasks":
-        self._fill = self._so.fill_async(self._rows, self._matchers)
+        self._fill = self._so.fill_async(self.rows)
         return self
 
     def apply(self, logits: torch.Tensor, greedy: bool = False) -> None:
         """Mask the logits; `greedy`: the sampler takes their argmax and nothing else."""
         start = time.perf_counter()
         rows = (self._fill.result() if self._fill is not None
-                else self._so.fill(self._rows, self._matchers))
+                else self._so.fill(self._so._take_sampled(), self.rows))
         if greedy and rows and logits.device.type == "cpu":
             # Masking a row costs a pass over the vocabulary (10 ms for 64 rows on 2 cores);
             # on a GPU it is cheap, and this check would wait for the device.
