@@ -135,10 +135,12 @@ for stage in "$@"; do
         --load-format dummy --dtype bfloat16 --outputs 0 --batch 64 --tokens 256 --profile \
         --json "$RES/structured_outputs_h200.json" ;;
     serve-ragged)  # issue 23's H200 target: the ragged 256 served against offline, same engine
-      TAILN=6 run serve-ragged 420 python3 -m bench.serving_overhead --model qwen2.5-0.5b \
+      # API_SERVERS / LOAD_PROCS override the counts; the result's name then carries them
+      A=${API_SERVERS:-8} L=${LOAD_PROCS:-6}
+      TAILN=6 run serve-ragged-$A-$L 420 python3 -m bench.serving_overhead --model qwen2.5-0.5b \
         --load-format dummy --dtype bfloat16 --workload ragged --requests 256 \
-        --max-num-seqs 256 --api-servers 8 --load-procs 6 \
-        --json "$RES/serving_ragged_h200.json" ;;
+        --max-num-seqs 256 --api-servers "$A" --load-procs "$L" \
+        --json "$RES/serving_ragged${API_SERVERS:+_${A}x${L}}_h200.json" ;;
     decode)
       run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
         --json "$RES/decode_llama-3-8b_bs1.json"

@@ -83,9 +83,9 @@ def workload(n: int, prompt_len: int, output_len: int, seed: int,
 
 def _load_part(url: str, part: list[Request], out) -> None:
     """One load-generator process: its share of the requests, timed on the wall clock."""
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     summary, _ = asyncio.run(run_load(url, part, model="default", progress=False))
-    out.put((start, time.time(), summary))
+    out.put((start, time.time(), summary | {"cpu_s": time.process_time() - cpu}))
 
 
 def load(url: str, work: list[Request], procs: int) -> dict:
@@ -93,7 +93,9 @@ def load(url: str, work: list[Request], procs: int) -> dict:
     once); one process runs in this one. The summary's throughput is every process's tokens
     over the span from the first start to the last end."""
     if procs <= 1:
-        return asyncio.run(run_load(url, work, model="default", progress=False))[0]
+        cpu = time.process_time()
+        summary = asyncio.run(run_load(url, work, model="default", progress=False))[0]
+        return summary | {"load_cpu_s": [time.process_time() - cpu]}
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
@@ -111,7 +113,8 @@ def load(url: str, work: list[Request], procs: int) -> dict:
     counts = {k: sum(p[2]["counts"][k] for p in parts) for k in parts[0][2]["counts"]}
     return {"output_tokens": tokens, "duration_s": span, "output_token_throughput": tokens / span,
             "counts": counts, "errors": [e for p in parts for e in p[2]["errors"]],
-            "itl_ms": {"p50": itl[len(itl) // 2]}}  # the median of the processes' medians
+            "itl_ms": {"p50": itl[len(itl) // 2]},  # the median of the processes' medians
+            "load_cpu_s": sorted(p[2]["cpu_s"] for p in parts)}
 
 
 def offline(work: list[Request], engine_args: dict) -> float:
@@ -124,22 +127,32 @@ def offline(work: list[Request], engine_args: dict) -> float:
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in work]
     llm.generate(prompts, params, use_tqdm=False)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    t0, steps = time.perf_counter(), -1  # _steps yields once more after the last step
+    for states in llm._steps(prompts, params, use_tqdm=False):
+        steps += 1
     wall = time.perf_counter() - t0
-    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    tokens = sum(len(c.token_ids) for s in states for c in s.snapshot().outputs)
+    print(f"offline: {tokens / wall:.1f} tok/s, {steps} steps in {wall:.2f} s", flush=True)
     return tokens / wall
 
 
-def measure(url: str, pids: list[int], work: list[Request], procs: int) -> tuple[dict, dict]:
+def measure(url: str, pids: list[int], work: list[Request], procs: int,
+            srv: Optional[ServeProcess] = None) -> tuple[dict, dict]:
     """A warm-up, `pids`' idle CPU over IDLE_S, then the load: its summary, and the CPU
-    figures of `pids` over it."""
+    figures of `pids` over it (and `srv`'s engine's steps and CPU)."""
     asyncio.run(run_load(url, work[:4], model="default", progress=False))  # warm-up
     idle = {p: proc_cpu_s(p) for p in pids}
     time.sleep(IDLE_S)
     before = {p: proc_cpu_s(p) for p in pids}
+    if srv is not None:
+        engine = srv.engine_pid()
+        steps, engine_cpu = srv.engine_stats()["step"], proc_cpu_s(engine)
     summary = load(url, work, procs)
     cpu = {p: proc_cpu_s(p) - before[p] for p in pids}
+    # More steps than offline: the requests reached the engine spread out (smaller batches);
+    # its CPU near the wall time: the engine, not the servers, was busy.
+    extra = {} if srv is None else {"engine_steps": srv.engine_stats()["step"] - steps,
+                                    "engine_cpu_s": proc_cpu_s(engine) - engine_cpu}
     idle_rate = sum(before[p] - idle[p] for p in pids) / IDLE_S
     tokens, wall = summary["output_tokens"], summary["duration_s"]
     return summary, {
@@ -148,7 +161,9 @@ def measure(url: str, pids: list[int], work: list[Request], procs: int) -> tuple
         "us_per_token": 1e6 * sum(cpu.values()) / tokens,
         "idle_cpu_percent": 100 * idle_rate,
         "us_per_token_less_idle": 1e6 * (sum(cpu.values()) - idle_rate * wall) / tokens,
-        "itl_p50_ms": summary["itl_ms"]["p50"]}
+        "itl_p50_ms": summary["itl_ms"]["p50"], "wall_s": wall,
+        # a load generator busy near the whole wall time is what sets the pace, not the server
+        "load_cpu_s": summary["load_cpu_s"], **extra}
 
 
 def served(tree: str, work: list[Request], serve_args: list[str], procs: int = 1) -> dict:
@@ -156,7 +171,7 @@ def served(tree: str, work: list[Request], serve_args: list[str], procs: int = 1
     srv = ServeProcess(serve_args, cwd=tree)
     try:
         pids = srv.process_tree()
-        summary, run = measure(srv.url, srv.api_server_pids(), work, procs)
+        summary, run = measure(srv.url, srv.api_server_pids(), work, procs, srv)
     finally:
         code = srv.stop()
     check_served(code, pids, summary, len(work))
@@ -185,7 +200,10 @@ def _report(label: str, runs: dict[str, list[dict]], run: dict) -> None:
     print(f"{label}: {run['tok_s']:.1f} tok/s served, {run['us_per_token']:.2f} us CPU per "
           f"streamed token ({run['us_per_token_less_idle']:.2f} less idle "
           f"{run['idle_cpu_percent']:.2f} % of a core; {run['tokens']} tokens, server CPU "
-          f"{run['cpu_s']:.2f} s, ITL p50 {run['itl_p50_ms']:.1f} ms)", flush=True)
+          f"{run['cpu_s']:.2f} s, ITL p50 {run['itl_p50_ms']:.1f} ms; wall {run['wall_s']:.2f} s, "
+          f"load generators' CPU {sum(run['load_cpu_s']):.2f} s, engine "
+          f"{run.get('engine_steps', '-')} steps, CPU {run.get('engine_cpu_s', 0):.2f} s)",
+          flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
