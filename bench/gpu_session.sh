@@ -74,7 +74,7 @@ for stage in "$@"; do
       run parity-smollm 240 python3 -m bench.gpu_parity --model smollm2-135m --dtype bfloat16 \
         --json "$RES/gpu_parity_smollm2-135m_bf16.json" ;;
     quick)
-      TAILN=4 run quick-qwen 240 python3 -m bench.offline_throughput --model qwen2.5-0.5b $RAGGED \
+      TAILN=8 run quick-qwen 240 python3 -m bench.offline_throughput --model qwen2.5-0.5b $RAGGED \
         --peers --gpu-memory-utilization 0.5 --json "$RES/quick_qwen.json" ;;
     bench-smollm)
       TAILN=6 run bench-smollm 590 python3 -m bench.offline_throughput --model smollm2-135m $RAGGED \

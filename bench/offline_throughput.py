@@ -22,7 +22,9 @@ import argparse
 import gc
 import random
 import time
+from typing import Optional
 
+import numpy as np
 import torch
 import transformers
 
@@ -70,16 +72,54 @@ def make_workload(args, llm: LLM, n: int, seed: int = 0) -> list[tuple[list[int]
     return fixed_workload(vocab, n, args.prompt_len, args.output_len, seed)
 
 
-def run_minivllm(llm: LLM, work) -> float:
+def run_minivllm(llm: LLM, work, steps: Optional[dict] = None) -> float:
+    """Output tok/s of `work`; `steps` (a dict): filled with the run's engine steps by kind."""
     prompts = [ids for ids, _ in work]
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
+    engine, times = llm.engine, []
+    step = engine.step
+    if steps is not None:
+        def timed():
+            t = time.perf_counter()
+            out = step()
+            times.append((time.perf_counter() - t, engine.last_batch))
+            return out
+        engine.step = timed
     _sync()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        engine.__dict__.pop("step", None)
     _sync()
     elapsed = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == [o for _, o in work]
+    if steps is not None:
+        steps.update(steps_by_kind(times))
     return sum(o for _, o in work) / elapsed
+
+
+def steps_by_kind(times: list) -> dict:
+    """(wall s of a step() call, its batch) by kind: decode (one token a row), mixed (a
+    prefill chunk beside decodes), prefill (chunks alone), none. Under async scheduling a
+    call's wall time is its host work or the step before it on the GPU, whichever is longer."""
+    kinds: dict = {}
+    for wall, batch in times:
+        if batch is None:
+            kind = "none"
+        elif batch.num_tokens == batch.num_seqs:
+            kind = "decode"
+        else:
+            kind = "prefill" if (np.diff(batch.query_start_loc) > 1).all() else "mixed"
+        k = kinds.setdefault(kind, {"steps": 0, "wall_s": 0.0, "tokens": 0, "seqs": 0})
+        k["steps"] += 1
+        k["wall_s"] += wall
+        k["tokens"] += 0 if batch is None else batch.num_tokens
+        k["seqs"] += 0 if batch is None else batch.num_seqs
+    for k in kinds.values():
+        k["ms_per_step"] = 1e3 * k["wall_s"] / k["steps"]
+        k["tokens_per_step"] = k["tokens"] / k["steps"]
+    return kinds
 
 
 def hf_config(arch: ArchConfig) -> dict:
@@ -225,7 +265,11 @@ def main() -> None:
             # variants, allocator growth).
             run_minivllm(llm, chat_workload(llm, 2, 16) if args.workload == "chat"
                          else make_workload(args, llm, n, seed=1))
-            ours = run_minivllm(llm, work)
+            steps: dict = {}
+            ours = run_minivllm(llm, work, steps)
+            for kind, k in steps.items():
+                print(f"  {kind}: {k['steps']} steps, {k['wall_s']:.3f} s, "
+                      f"{k['ms_per_step']:.2f} ms a step, {k['tokens_per_step']:.0f} tokens a step")
             label = f"{name} {dtype_name} {args.workload} n={n}"
             peers = {}
             if "hf" in args.peers:
@@ -237,7 +281,8 @@ def main() -> None:
             best = max(peers.items(), key=lambda kv: kv[1]) if peers else (None, None)
             results.append(records.record(f"{label} minivllm", ours, "tok/s", peer=best[1],
                                           peer_name=best[0], num_prompts=n,
-                                          async_scheduling=llm.engine.overlap))
+                                          async_scheduling=llm.engine.overlap,
+                                          steps_by_kind=steps))
             results += [records.record(f"{label} {k}", v, "tok/s", num_prompts=n)
                         for k, v in peers.items()]
         del llm, peer
