@@ -161,6 +161,49 @@ def test_padding_rows_write_nothing_and_attend_to_nothing():
     assert torch.equal(out[:1], alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_padded_mixed_step_matches_the_reference(dtype):
+    """A mixed step as a CUDA graph of a padded token count runs it: short chunks side by side
+    (one prefill window meets several sequences), decodes between them, a long chunk; then
+    padding tokens (slot -1, no sequence) and padding sequences (no query, no context). Real
+    rows match the reference, and the padding writes nothing to the cache."""
+    rows = [(5, 2), (0, 3), (9, 1), (16, 2), (0, 40), (3, 1), (0, 2), (30, 17)]
+    heads, kv_heads, head_dim, block_size = 14, 2, 64, 16
+    need = [-(-(c + q) // block_size) for c, q in rows]
+    num_blocks = sum(need) + 4
+    blocks = random.Random(3).sample(range(num_blocks), sum(need))
+    tables = np.zeros((len(rows), max(need)), dtype=np.int32)
+    for i, n in enumerate(need):
+        tables[i, :n], blocks = blocks[:n], blocks[n:]
+    torch.manual_seed(3)
+    T, pad_tokens, pad_seqs = sum(q for _, q in rows), 13, 5
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    q = torch.randn(T + pad_tokens, heads, head_dim).to(dtype)
+    k, v = (torch.randn(T + pad_tokens, kv_heads, head_dim).to(dtype) for _ in range(2))
+    meta = step_metadata(rows, tables, block_size)
+    ref = TorchAttentionBackend()
+    ref.prepare(meta, block_size)
+    ref_cache = cache.double()
+    want = ref.forward(q[:T].double(), k[:T].double(), v[:T].double(), ref_cache[0],
+                       ref_cache[1], meta, head_dim ** -0.5)
+    t = lambda a: torch.from_numpy(np.asarray(a)).to(DEVICE)  # noqa: E731
+    starts = np.concatenate([meta.query_start_host, [T] * pad_seqs])
+    seq_lens = np.concatenate([meta.seq_lens_host, [0] * pad_seqs])
+    padded = AttentionMetadata(
+        t(np.concatenate([meta.slot_mapping.numpy(), [-1] * pad_tokens])), t(starts),
+        t(seq_lens), t(np.concatenate([tables, np.zeros((pad_seqs, tables.shape[1]),
+                                                        np.int32)])),
+        starts, seq_lens, meta.max_query_len)
+    backend = _backend()
+    backend.prepare(padded, block_size)
+    got_cache = cache.to(DEVICE)
+    got = backend.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), got_cache[0], got_cache[1],
+                          padded, head_dim ** -0.5)
+    assert torch.equal(got_cache.cpu(), ref_cache.to(dtype))  # the real keys, nothing more
+    err = _rel_err(got[:T].cpu(), want)
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-4), err
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_engine_greedy_tokens_match_the_torch_backend(tiny_token_model, architecture):
     """End to end through the engine: chunked prefills (a budget of 24 tokens), prefix-cache

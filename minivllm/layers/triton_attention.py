@@ -10,11 +10,13 @@ Four launches per layer at most, none of which reads a device value back to the 
   its run of the context through the block table in tiles with an online softmax. A long
   context is split (flash-decoding) so that a small batch still fills every SM: each split
   writes its partial output and log-sum-exp, and `_combine_kernel` merges them.
-- `_prefill_kernel`, one program per (tile of (query, head) rows, sequence, KV head): a prefill
-  chunk attends to its cached prefix and causally within itself, all straight from the cache
-  (the chunk's own keys were just written there), FlashAttention-style; a tile holds every head
-  of a GQA group, so each key tile loaded serves them all, and only tiles on the causal
-  diagonal are masked.
+- `_prefill_kernel`, one program per (window of consecutive tokens of the step, KV head): each
+  prefill chunk in the window attends to its cached prefix and causally within itself, all
+  straight from the cache (the chunk's own keys were just written there), FlashAttention-style;
+  a tile holds every head of a GQA group, so each key tile loaded serves them all, and only
+  tiles on the causal diagonal are masked. The grid is the step's token count over the window:
+  no program per (sequence, tile of the longest chunk) that finds nothing to do, and a CUDA
+  graph of a padded token count serves any mix of chunks and decodes.
 
 Rows with one query (decodes, and one-token chunks, which are the same computation) go to the
 decode kernel, the others to the prefill kernel; each kernel skips the other's rows, so a mixed
@@ -153,49 +155,80 @@ def _combine_head(out_ptr, part_out_ptr, part_lse_ptr, b, h, token, n_splits, st
     tl.store(out_ptr + token * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
-                    query_start_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_bt, GROUP: tl.constexpr, KV_HEADS: tl.constexpr,
+                    query_start_ptr, num_seqs, scale_log2, stride_qt, stride_qh, stride_ot,
+                    stride_oh, stride_bt, GROUP: tl.constexpr, KV_HEADS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
-    """One program per (row tile, sequence, KV head). A tile's BLOCK_M rows are (query, head)
-    pairs of the KV head's group, query-major, so each key/value tile loaded serves every
-    head of the group (GQA): row r is query r // GROUP, head r % GROUP."""
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
-    kvh = tl.program_id(2)
-    start = tl.load(query_start_ptr + b)
-    qlen = tl.load(query_start_ptr + b + 1) - start
-    if qlen <= 1 or tile * BLOCK_M >= qlen * GROUP:
-        return  # a decode row (the decode kernel's), or past this chunk's end
-    seq_len = tl.load(seq_lens_ptr + b)
-    prefix = seq_len - qlen  # tokens cached before this chunk
-    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    m = r // GROUP  # the row's query within the chunk
-    q_ok = m < qlen
-    q_pos = prefix + m  # absolute positions: query j sees keys 0..q_pos[j]
-    q_off = (start + m) * stride_qt + (kvh * GROUP + r % GROUP) * stride_qh
-    o_off = (start + m) * stride_ot + (kvh * GROUP + r % GROUP) * stride_oh
+    """One program per (window of BLOCK_M // GROUP consecutive tokens of the step, KV head):
+    the window's prefill queries, a run per sequence it meets (decode rows are the decode
+    kernel's). The grid depends on the step's token count alone, so a CUDA graph captured
+    for a padded token count serves any mix of chunks; tokens past the last query start
+    (padding) are nobody's."""
+    QUERIES: tl.constexpr = BLOCK_M // GROUP
+    tok = tl.program_id(0) * QUERIES
+    kvh = tl.program_id(1)
+    total = tl.load(query_start_ptr + num_seqs)
+    win_end = tl.minimum(tok + QUERIES, total)
+    lo = 0  # the sequence holding `tok`: the last one starting at or before it
+    hi = num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_ptr + mid) <= tok:
+            lo = mid
+        else:
+            hi = mid
+    b = lo
+    while tok < win_end:
+        start = tl.load(query_start_ptr + b)
+        end = tl.load(query_start_ptr + b + 1)
+        run_end = tl.minimum(end, win_end)
+        if end - start > 1 and run_end > tok:
+            _prefill_run(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr,
+                         tl.load(seq_lens_ptr + b), b, kvh, start, end, tok, run_end,
+                         scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                         GROUP, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, PRECISION,
+                         DOT)
+        tok = tl.maximum(tok, run_end)
+        b += 1
+
+
+@triton.jit
+def _prefill_run(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_len, b, kvh,
+                 start, end, first, last, scale_log2, stride_qt, stride_qh, stride_ot,
+                 stride_oh, stride_bt, GROUP: tl.constexpr, KV_HEADS: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
+    """Tokens [first, last) of sequence b's chunk [start, end): BLOCK_M rows of (query, head)
+    pairs of the KV head's group, query-major, so each key/value tile loaded serves every head
+    of the group (GQA): row r is token first + r // GROUP, head r % GROUP."""
+    prefix = seq_len - (end - start)  # tokens cached before this chunk
+    r = tl.arange(0, BLOCK_M)
+    t = first + r // GROUP
+    q_ok = (t < last) & (r < (BLOCK_M // GROUP) * GROUP)
+    q_pos = prefix + t - start  # absolute positions: a query at q_pos sees keys 0..q_pos
+    q_off = t * stride_qt + (kvh * GROUP + r % GROUP) * stride_qh
+    o_off = t * stride_ot + (kvh * GROUP + r % GROUP) * stride_oh
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=q_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Keys before the tile's first query are seen by every row of it (no mask); from there to
+    # Keys before the run's first query are seen by every row of it (no mask); from there to
     # its last query, the causal diagonal; past that, nothing. Every row sees key 0, so no
     # row's running maximum stays -inf.
-    first = prefix + (tile * BLOCK_M) // GROUP
-    end = tl.minimum(seq_len, prefix + (tile * BLOCK_M + BLOCK_M - 1) // GROUP + 1)
-    full = (first // BLOCK_N) * BLOCK_N
+    diagonal = prefix + first - start
+    stop = prefix + last - start
+    full = (diagonal // BLOCK_N) * BLOCK_N
     for n0 in range(0, full, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kvh,
-                                      n0, end, q_pos, m_i, l_i, acc, scale_log2, stride_bt,
+                                      n0, stop, q_pos, m_i, l_i, acc, scale_log2, stride_bt,
                                       KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, PRECISION, DOT,
                                       False)
-    for n0 in range(full, end, BLOCK_N):
+    for n0 in range(full, stop, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kvh,
-                                      n0, end, q_pos, m_i, l_i, acc, scale_log2, stride_bt,
+                                      n0, stop, q_pos, m_i, l_i, acc, scale_log2, stride_bt,
                                       KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, PRECISION, DOT,
                                       True)
     out = acc / l_i[:, None]
@@ -338,9 +371,9 @@ class TritonAttentionBackend(AttentionBackend):
             # fp32 tiles take twice the shared memory: the small ones (128 x 128 overflows it)
             small = head_dim <= 64 or q.element_size() > 2
             block_m, block_n, warps, stages = self.PREFILL_TILES[64 if small else 128]
-            grid = (triton.cdiv(meta.max_query_len * group, block_m), num_seqs, kv_heads)
+            grid = (triton.cdiv(T, block_m // group), kv_heads)
             _prefill_kernel[grid](
-                q, k_cache, v_cache, out, *tables, scale * _LOG2E, *strides,
+                q, k_cache, v_cache, out, *tables, num_seqs, scale * _LOG2E, *strides,
                 meta.block_tables.stride(0), GROUP=group, KV_HEADS=kv_heads,
                 HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
                 PRECISION=precision, DOT=dot, num_warps=warps, num_stages=stages)
