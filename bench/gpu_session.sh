@@ -7,7 +7,8 @@
 # both models), quick (our throughput alone), bench-smollm, bench-qwen (ragged 256 against
 # transformers static and continuous batching), decode (batch-1 llama-3-8b MBU, batch-256 idle
 # gap), decode-256, decode-ab (plain torch kernels), decode-async (batch-256 idle gap
-# with and without async scheduling, Llama-3-8B batch 1), sweep (tokens/s per batch size against
+# with and without async scheduling, Llama-3-8B batch 1), graphs-ab (the ragged 256 with CUDA
+# graphs for every step and for decode steps only, both models), sweep (tokens/s per batch size against
 # transformers), ragged-ab (the ragged 256 run, async scheduling on and off, ours alone),
 # batching (the serving batching table: a capacity probe, then bench.batching_table at 60%),
 # long-qwen / long-llama (bench.long_context: long-context decode and prefill against the
@@ -100,6 +101,14 @@ for stage in "$@"; do
         --load-format dummy --workload fixed --prompt-len 128 --output-len 128 \
         --num-prompts 1 4 16 64 128 256 --dtype bfloat16 --peers hf \
         --gpu-memory-utilization 0.4 --json "$RES/batch_sweep_h100.json" ;;
+    graphs-ab)  # issue 22: the ragged 256 with every step's graphs and with decode graphs only
+      for model in qwen2.5-0.5b smollm2-135m; do
+        for mode in full decode-only; do
+          TAILN=6 run ragged-$model-$mode 240 python3 -m bench.offline_throughput --model $model \
+            $RAGGED --peers --gpu-memory-utilization 0.5 --cuda-graph-mode $mode \
+            --json "$RES/ragged_${model}_graphs_$mode.json"
+        done
+      done ;;
     ragged-ab)
       for mode in async no-async; do
         TAILN=3 run ragged-$mode 240 python3 -m bench.offline_throughput --model qwen2.5-0.5b \

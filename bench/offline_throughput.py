@@ -30,7 +30,7 @@ import transformers
 
 from bench import records
 from minivllm import LLM, SamplingParams
-from minivllm.config import KERNEL_SETS, ArchConfig
+from minivllm.config import CUDA_GRAPH_MODES, KERNEL_SETS, ArchConfig
 from minivllm.loader import load_weights
 
 TOPICS = ["the sea", "volcanoes", "bread", "chess", "the moon", "bees", "trains", "rain",
@@ -239,6 +239,7 @@ def main() -> None:
     ap.add_argument("--kernels", default=None, choices=["auto", *KERNEL_SETS],
                     help="a kernel set other than auto ($MINIVLLM_KERNELS)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--cuda-graph-mode", default="full", choices=CUDA_GRAPH_MODES)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="default: the engine's (on for CUDA)")
     # Our KV cache takes this fraction of free GPU memory; the peers run in the same process
@@ -251,6 +252,7 @@ def main() -> None:
         llm = LLM(args.model, load_format=args.load_format, dtype=dtype_name,
                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                   kernels=args.kernels, enforce_eager=args.enforce_eager,
+                  cuda_graph_mode=args.cuda_graph_mode,
                   gpu_memory_utilization=args.gpu_memory_utilization,
                   async_scheduling=args.async_scheduling)
         dtype = llm.engine.runner.dtype
@@ -282,6 +284,7 @@ def main() -> None:
             results.append(records.record(f"{label} minivllm", ours, "tok/s", peer=best[1],
                                           peer_name=best[0], num_prompts=n,
                                           async_scheduling=llm.engine.overlap,
+                                          cuda_graph_mode=args.cuda_graph_mode,
                                           steps_by_kind=steps))
             results += [records.record(f"{label} {k}", v, "tok/s", num_prompts=n)
                         for k, v in peers.items()]

@@ -7,8 +7,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from minivllm.config import (DTYPES, KERNEL_SETS, LOAD_FORMATS, QUANTIZATIONS, ServerConfig,
-                             ZmqEndpointConfig)
+from minivllm.config import (CUDA_GRAPH_MODES, DTYPES, KERNEL_SETS, LOAD_FORMATS, QUANTIZATIONS,
+                             ServerConfig, ZmqEndpointConfig)
 
 _MODEL_HELP = ("HF directory, .gguf file, or dummy preset (default: the embedded "
                "SmolLM2-135M-Instruct)")
@@ -44,6 +44,11 @@ def _engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     p.add_argument("--kernels", default=None, choices=["auto", *KERNEL_SETS],
                    help="kernel set; a set the CPU lacks is an error at start (default: "
                         "$MINIVLLM_KERNELS, else auto: the best the machine has)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: every step launches its kernels one by one")
+    p.add_argument("--cuda-graph-mode", default="full", choices=CUDA_GRAPH_MODES,
+                   help="which steps replay CUDA graphs: full (every step up to the token "
+                        "budget) or decode-only (prefill and mixed steps eager)")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="GGUF weights on the CPU kernels: gguf-native keeps them quantized, "
                         "gguf-native-q8 also quantizes their inputs to int8 (AVX512-VNNI), "
@@ -82,6 +87,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 # The flags whose dest is an engine option's keyword (LLM(...), build_engine_config).
 _ENGINE_OPTIONS = ("load_format", "dtype", "device", "max_model_len", "seed", "kernels",
+                   "enforce_eager", "cuda_graph_mode",
                    "generation_config", "quantization", "data_parallel_size", "max_num_seqs",
                    "max_num_batched_tokens", "enable_chunked_prefill", "policy", "batch_wait_ms",
                    "async_scheduling", "block_size", "num_blocks", "cpu_kv_cache_bytes",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
+CUDA_GRAPH_MODES = ("full", "decode-only")  # which steps replay graphs (engine/cuda_graphs.py)
 # The kernel sets of layers/kernels.py, which `ModelConfig.kernels` names (or "auto").
 QUANTIZATIONS = ("auto", "gguf-native", "gguf-native-q8", "none")
 KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
@@ -162,6 +163,9 @@ class ModelConfig:
     # True: no CUDA graphs, every step runs eagerly (as vLLM's enforce_eager). Graphs need the
     # cuda-triton kernels, which read every length from device memory.
     enforce_eager: bool = False
+    # Which steps replay CUDA graphs (engine/cuda_graphs.py): full (every step up to the token
+    # budget) or decode-only (as vLLM's FULL_DECODE_ONLY: prefill and mixed steps eager).
+    cuda_graph_mode: str = "full"
     # Default sampling for requests that leave it unset (loader/generation_config.py): auto (the
     # model directory's generation_config.json), vllm (none), or a file or directory path.
     generation_config: str = "auto"
@@ -185,6 +189,7 @@ class ModelConfig:
                              f"{', '.join(KERNEL_SETS)}; got {self.kernels!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+        one_of("cuda_graph_mode", self.cuda_graph_mode, CUDA_GRAPH_MODES)
         one_of("dtype", self.dtype, ("auto", *DTYPES))
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")

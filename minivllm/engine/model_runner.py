@@ -1,8 +1,9 @@
 """ModelRunner: owns the model, its paged KV cache and the sampler; runs one step's forward.
 
 On CUDA a step's inputs go through pinned staging buffers in one asynchronous copy
-(step_inputs.py), and steps of decodes replay CUDA graphs captured at start-up (cuda_graphs.py);
-other steps (prefill chunks) run eagerly. The kernels are `ModelConfig.kernels`' set
+(step_inputs.py), and steps replay CUDA graphs captured at start-up (cuda_graphs.py): decode
+steps by batch size, the others by padded token count; a step larger than every graph runs
+eagerly. The kernels are `ModelConfig.kernels`' set
 (layers/kernels.py), selected here once and passed to the model.
 
 Under async scheduling a step is sampled `in_flight()`, not waited for: its tokens land in a
@@ -23,7 +24,7 @@ import torch
 from minivllm.config import EngineConfig
 from minivllm.core.batch import ScheduledBatch
 from minivllm.distributed.group import TensorParallelGroup
-from minivllm.engine.cuda_graphs import DecodeGraphs
+from minivllm.engine.cuda_graphs import StepGraphs
 from minivllm.engine.step_inputs import StepStaging, cpu_inputs, fill_placeholders
 from minivllm.engine.structured_output import StepMasks
 from minivllm.layers.cpu_decoder import CpuDecoder
@@ -130,9 +131,11 @@ class ModelRunner:
         self.graphs = None
         if self.kernels.cuda_graphs:
             max_blocks = -(-self.max_model_len // self.kv_spec.block_size)
-            self.graphs = DecodeGraphs(self.model, self.kernels.attention,
-                                       self.kv_spec.block_size, config.scheduler.max_num_seqs,
-                                       max_blocks, self.device, self.last_tokens)
+            self.graphs = StepGraphs(self.model, self.kernels.attention,
+                                     self.kv_spec.block_size, config.scheduler.max_num_seqs,
+                                     config.scheduler.max_num_batched_tokens, max_blocks,
+                                     self.device, self.last_tokens,
+                                     config.model.cuda_graph_mode)
 
     def _use_cpu_linears(self, source: ModelSource, quantization: str, strict: bool) -> None:
         """`quantization` (cpu_linear.quantization_mode) other than none: the linears keep the
