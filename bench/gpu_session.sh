@@ -63,6 +63,9 @@ for stage in "$@"; do
     tests-async)
       run tests-async 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
         tests/test_generate.py -k 'async or graphs' ;;
+    tests-graphs)  # the kernels against the reference, the graphs against eager
+      run tests-graphs 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
+        tests/test_triton_attention.py ;;
     tests-fused)
       run tests-fused 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_fused.py \
         tests/test_triton_attention.py ;;
@@ -102,7 +105,7 @@ for stage in "$@"; do
         --num-prompts 1 4 16 64 128 256 --dtype bfloat16 --peers hf \
         --gpu-memory-utilization 0.4 --json "$RES/batch_sweep_h100.json" ;;
     graphs-ab)  # issue 22: the ragged 256 with every step's graphs and with decode graphs only
-      for model in qwen2.5-0.5b smollm2-135m; do
+      for model in ${MODELS:-qwen2.5-0.5b smollm2-135m}; do
         for mode in full decode-only; do
           TAILN=6 run ragged-$model-$mode 240 python3 -m bench.offline_throughput --model $model \
             $RAGGED --peers --gpu-memory-utilization 0.5 --cuda-graph-mode $mode \
