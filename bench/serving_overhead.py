@@ -114,6 +114,8 @@ def load(url: str, work: list[Request], procs: int) -> dict:
     return {"output_tokens": tokens, "duration_s": span, "output_token_throughput": tokens / span,
             "counts": counts, "errors": [e for p in parts for e in p[2]["errors"]],
             "itl_ms": {"p50": itl[len(itl) // 2]},  # the median of the processes' medians
+            "ttft_ms": {"p50": sorted(p[2]["ttft_ms"]["p50"] for p in parts)[len(parts) // 2],
+                        "p99": max(p[2]["ttft_ms"]["p99"] for p in parts)},
             "load_cpu_s": sorted(p[2]["cpu_s"] for p in parts)}
 
 
@@ -162,6 +164,7 @@ def measure(url: str, pids: list[int], work: list[Request], procs: int,
         "idle_cpu_percent": 100 * idle_rate,
         "us_per_token_less_idle": 1e6 * (sum(cpu.values()) - idle_rate * wall) / tokens,
         "itl_p50_ms": summary["itl_ms"]["p50"], "wall_s": wall,
+        "ttft_p50_ms": summary["ttft_ms"]["p50"], "ttft_p99_ms": summary["ttft_ms"]["p99"],
         # a load generator busy near the whole wall time is what sets the pace, not the server
         "load_cpu_s": summary["load_cpu_s"], **extra}
 
@@ -200,7 +203,8 @@ def _report(label: str, runs: dict[str, list[dict]], run: dict) -> None:
     print(f"{label}: {run['tok_s']:.1f} tok/s served, {run['us_per_token']:.2f} us CPU per "
           f"streamed token ({run['us_per_token_less_idle']:.2f} less idle "
           f"{run['idle_cpu_percent']:.2f} % of a core; {run['tokens']} tokens, server CPU "
-          f"{run['cpu_s']:.2f} s, ITL p50 {run['itl_p50_ms']:.1f} ms; wall {run['wall_s']:.2f} s, "
+          f"{run['cpu_s']:.2f} s, ITL p50 {run['itl_p50_ms']:.1f} ms, TTFT p50 "
+          f"{run['ttft_p50_ms']:.0f} p99 {run['ttft_p99_ms']:.0f} ms; wall {run['wall_s']:.2f} s, "
           f"load generators' CPU {sum(run['load_cpu_s']):.2f} s, engine "
           f"{run.get('engine_steps', '-')} steps, CPU {run.get('engine_cpu_s', 0):.2f} s)",
           flush=True)
