@@ -14,7 +14,8 @@
 # long-qwen / long-llama (bench.long_context: long-context decode and prefill against the
 # roofline; SWEEP=1 times the attention kernels' knobs too), decode-knobs (the decode
 # kernel's knobs at batch-1 long contexts), structured (bench.structured_outputs, issue 24),
-# serve-ragged (bench.serving_overhead: the ragged 256 through serve against offline, issue 23).
+# serve-ragged (bench.serving_overhead: the ragged 256 through serve against offline, issue 23),
+# gemv (bench.gemv_bench: decode-shape linears, cuBLAS against a Triton GEMV).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -153,6 +154,8 @@ for stage in "$@"; do
         --load-format dummy --dtype bfloat16 --workload ragged --requests 256 \
         --max-num-seqs 256 --api-servers "$A" --load-procs "$L" \
         --json "$RES/serving_ragged${API_SERVERS:+_${A}x${L}}_h200.json" ;;
+    gemv)  # issue 22 item 3: the linears at decode shapes, cuBLAS against a Triton GEMV
+      TAILN=14 run gemv 420 python3 -m bench.gemv_bench --json "$RES/gemv.json" ;;
     decode)
       run decode-8b 300 python3 -m bench.decode_bench --model llama-3-8b --batch 1 \
         --json "$RES/decode_llama-3-8b_bs1.json"
