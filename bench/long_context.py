@@ -216,8 +216,8 @@ def main() -> None:
                                    splits=backend.decode_splits(batch, arch.num_key_value_heads)))
         if args.sweep:
             best = None
-            for knobs in itertools.product(((64, 512, 8), (128, 128, 4), (128, 256, 8),
-                                            (256, 128, 4)),
+            for knobs in itertools.product(((64, 512, 8), (128, 64, 4), (128, 128, 4),
+                                            (128, 256, 8), (256, 128, 4)),
                                            (64, 128), (2, 4), (1, 3), (False, True)):
                 trial = TritonAttentionBackend()
                 (trial.MIN_SPLIT, trial.MAX_SPLITS, trial.WAVES), trial.DECODE_BLOCK_N, \
