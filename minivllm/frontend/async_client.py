@@ -222,6 +222,11 @@ class AsyncEngineClient:
     async def _read_loop(self) -> None:
         ring = self.channel.output_ring
         spin_s = self.channel.config.spin_us * 1e-6
+        # Spin only while records come within spin_s of each other: an engine whose steps take
+        # milliseconds would have the reader spin spin_s per step for nothing (at a chunk per
+        # stream per step, 0.4 us of CPU per streamed token). A sleep the engine ends sooner
+        # than that turns spinning back on.
+        spinning = True
         next_check = time.monotonic() + ENGINE_CHECK_S
         bell = BellWaiter(self.channel.listener.socket)
         try:
@@ -231,13 +236,15 @@ class AsyncEngineClient:
                     continue
                 if self._drain():
                     await asyncio.sleep(0)  # let the consumers run, then read on
-                elif ring.spin(spin_s):
+                elif spinning and ring.spin(spin_s):
                     pass
                 elif ring.prepare_sleep():
+                    slept = time.monotonic()
                     try:
                         rang = await bell.wait(ENGINE_CHECK_S)
                     finally:
                         ring.awake()
+                    spinning = rang and time.monotonic() - slept < spin_s
                     if not rang:
                         self.channel.listener.check_timeout(ring.readable())
                     self.channel.listener.drain()
