@@ -33,6 +33,10 @@ from cpython.ref cimport PyObject
 
 import numpy as np
 
+cdef extern from "<sys/socket.h>" nogil:
+    Py_ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT, MSG_NOSIGNAL
+
 cdef extern from "Python.h":
     object PyUnicode_DecodeUTF8Stateful(const char* s, Py_ssize_t size, const char* errors,
                                         Py_ssize_t* consumed)
@@ -151,6 +155,7 @@ cdef class TextSink:
 
     cdef object stream, key, writer
     cdef object transport      # the connection's (its write, buffer size, is_closing)
+    cdef int fd                # its socket's, when a plain uvloop socket transport; else -1
     cdef bint queued           # the writer had chunks queued behind its task, when last seen
     cdef dict registry
     cdef list last
@@ -175,8 +180,12 @@ cdef class TextSink:
         self.table = _byte_table(stream.detok.tokenizer, stream.detok.table)
         self.prefix, self.suffix = prefix, suffix
         self.writer, self.queued = writer, writer._flusher is not None
+        self.fd = -1
         if writer._cycle is not None:
             self.transport = writer._cycle.transport
+            if type(self.transport) in _SOCKET_TRANSPORTS:  # (a plain socket's: not TLS's)
+                sock = self.transport.get_extra_info("socket")
+                self.fd = -1 if sock is None else sock.fileno()
         self.last, self.index, self.tally = last, index, tally
         self.last_time = last[index]
         data = <bytes>stream.detok.pending
@@ -246,12 +255,18 @@ cdef class TextSink:
         return 0
 
     cdef int _write(self, const char* s, Py_ssize_t n) except -1:
-        cdef Py_ssize_t body, at
+        global _chunk, _chunk_cap
+        cdef Py_ssize_t body, at, size, sent = 0
         cdef char head[24]
         body = len(self.prefix) + len(self.suffix) + 2 + _escaped_size(s, n)
         cdef int h = _hex_line(head, body)
-        chunk = PyBytes_FromStringAndSize(NULL, h + body + 2)
-        cdef char* out = PyBytes_AS_STRING(chunk)
+        size = h + body + 2
+        if size > _chunk_cap:
+            grown = <char*>realloc(_chunk, size)
+            if grown == NULL:
+                raise MemoryError()
+            _chunk, _chunk_cap = grown, size
+        cdef char* out = _chunk
         memcpy(out, head, h)
         at = h
         memcpy(out + at, PyBytes_AS_STRING(self.prefix), len(self.prefix))
@@ -268,15 +283,22 @@ cdef class TextSink:
         # the connection neither paused by flow control nor gone. The transport is asked (not
         # uvicorn's cycle and flow control: two more objects per chunk, out of cache): nothing
         # buffered (a paused connection has its high-water mark's worth), not closing (a gone
-        # one is). Otherwise the chunk goes through the writer, which makes its own test.
+        # one is). Then the chunk goes to the socket itself (what uvloop's write would do first
+        # with nothing buffered, without its Python call and bookkeeping); what the socket
+        # does not take (it is full, or failed) goes to the transport's write, which buffers
+        # it or meets the error as it would have. Otherwise the chunk goes through the writer,
+        # which makes its own test.
         if self.queued:
             self.queued = self.writer._flusher is not None
         transport = self.transport
         if transport is not None and not self.queued \
                 and transport.get_write_buffer_size() == 0 and not transport.is_closing():
-            transport.write(chunk)
+            if self.fd >= 0:
+                sent = max(0, send(self.fd, out, size, MSG_DONTWAIT | MSG_NOSIGNAL))
+            if sent < size:
+                transport.write(PyBytes_FromStringAndSize(out + sent, size - sent))
         else:
-            self.writer.write(chunk[h:h + body])
+            self.writer.write(PyBytes_FromStringAndSize(out + h, body))
             self.queued = self.writer._flusher is not None
         return 0
 
@@ -306,6 +328,16 @@ cdef inline bint _ascii(const char* s, Py_ssize_t n) noexcept:
         if <unsigned char>s[i] >= 0x80:
             return False
     return True
+
+
+# the chunk being written (one at a time: the reader's thread), its room
+cdef char* _chunk = NULL
+cdef Py_ssize_t _chunk_cap = 0
+try:
+    import uvloop.loop
+    _SOCKET_TRANSPORTS = (uvloop.loop.TCPTransport, uvloop.loop.UnixTransport)
+except ImportError:  # asyncio's event loop: every chunk goes through the transport's write
+    _SOCKET_TRANSPORTS = ()
 
 
 cdef int _hex_line(char* out, Py_ssize_t n) noexcept:
