@@ -290,18 +290,20 @@ class AsyncEngineClient:
         """Apply a batch's entries in order (the steps' boundaries do not matter here)."""
         logprobs = None if rec.logprobs is None else (rec.logprobs, rec.top_token_ids,
                                                       rec.top_logprobs)
-        # An abort this client asked for has already taken its stream out of the processor:
-        # one still there was ended by the engine (a drain deadline, a shutdown).
-        cut = [self.processor.streams[key][1] for key in
-               rec.request_ids[rec.finish_reasons == protocol.FINISH_ABORT].tolist()
-               if key in self.processor.streams]
         keys, tokens, finish = rec.request_ids, rec.token_ids, rec.finish_reasons
         rest = text_sink.take(self.processor.streams, self.processor.sinks, keys, tokens,
                               finish)
         if rest is not None:  # the streams with a TextSink took the other entries
+            if not len(rest):
+                return  # (a step of running sinks only: the common one while streaming)
             keys, tokens, finish = keys[rest], tokens[rest], finish[rest]
             if logprobs is not None:
                 logprobs = tuple(a[rest] for a in logprobs)
+        # An abort this client asked for has already taken its stream out of the processor:
+        # one still there was ended by the engine (a drain deadline, a shutdown). (A sink
+        # takes no finish: every abort is among the entries left.)
+        cut = [self.processor.streams[key][1] for key in
+               keys[finish == protocol.FINISH_ABORT].tolist() if key in self.processor.streams]
         touched, stopped = self.processor.process(keys, tokens, finish, logprobs)
         for key in stopped:
             self._send_abort(key)
