@@ -11,16 +11,20 @@ batch), gives the text out as CompletionStream.news() would, adds the inter-toke
 Tally, and writes one chunk per stream per batch: `prefix`, the text as a JSON string,
 `suffix`, framed as an HTTP/1.1 chunk, in one write to the connection's transport (through the
 ChunkWriter when that cannot take it now). No Python frame runs per token or per stream, and
-the stream's own objects are left alone until the sink closes. The entries it does not take
+the stream's own objects are left alone until the sink closes. Between two engine steps the
+other processes evict a stream's objects from the cache: per stream and batch a sink reads
+little else than its own struct (the tokens' bytes come from one shared table, the text given
+out goes to its own buffer, not a list of strings), since each object touched is a miss. The entries it does not take
 (other streams', finishes) are returned, in order, for OutputProcessor.process.
 
 tests/test_text_sink.py checks its chunks against the Python path's (responses.text_event of
 the detokenizer's text) byte for byte.
 """
 import logging
+import weakref
 
 from libc.stdint cimport int32_t, uint8_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -28,6 +32,10 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 
 import numpy as np
+
+cdef extern from "<sys/socket.h>" nogil:
+    Py_ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT, MSG_NOSIGNAL
 
 cdef extern from "Python.h":
     object PyUnicode_DecodeUTF8Stateful(const char* s, Py_ssize_t size, const char* errors,
@@ -94,6 +102,48 @@ cdef class Tally:
         return 0
 
 
+cdef class ByteTable:
+    """A detokenizer's table (bytes by token id) as one buffer and offsets: a token's bytes
+    are read from shared, read-only memory, without touching (and reference-counting) its
+    bytes object, which with random ids is a cache miss a token."""
+
+    cdef char* data
+    cdef Py_ssize_t* offsets   # token i's bytes: data[offsets[i]:offsets[i + 1]]
+    cdef Py_ssize_t n
+    cdef list table            # (kept alive: the cache is keyed by its id)
+
+    def __init__(self, list table) -> None:
+        cdef Py_ssize_t i, at = 0, size = 0
+        self.table, self.n = table, len(table)
+        for data in table:
+            size += len(<bytes>data)
+        self.data = <char*>malloc(max(size, 1))
+        self.offsets = <Py_ssize_t*>malloc((self.n + 1) * sizeof(Py_ssize_t))
+        if self.data == NULL or self.offsets == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            self.offsets[i] = at
+            memcpy(self.data + at, PyBytes_AS_STRING(table[i]), len(<bytes>table[i]))
+            at += len(<bytes>table[i])
+        self.offsets[self.n] = at
+
+    def __dealloc__(self):
+        free(self.data)
+        free(self.offsets)
+
+
+# tokenizer -> {id(table): its ByteTable} (a tokenizer has two tables: detokenizer.byte_tables)
+_byte_tables = weakref.WeakKeyDictionary()
+
+
+cdef ByteTable _byte_table(tokenizer, list table):
+    tables = _byte_tables.setdefault(tokenizer, {})
+    found = tables.get(id(table))
+    if found is None:
+        found = tables[id(table)] = ByteTable(table)
+    return <ByteTable>found
+
+
 cdef class TextSink:
     """Writes `stream`'s running tokens as chunks (see the module's docstring), registered
     under its `key` in `registry` (what take() looks sinks up in) until close(). The stream's
@@ -104,10 +154,12 @@ cdef class TextSink:
     ChunkWriter."""
 
     cdef object stream, key, writer
-    cdef object send, buffered, closing  # the transport's write, its buffer's size, is_closing
+    cdef object transport      # the connection's (its write, buffer size, is_closing)
+    cdef int fd                # its socket's, when a plain uvloop socket transport; else -1
     cdef bint queued           # the writer had chunks queued behind its task, when last seen
     cdef dict registry
-    cdef list given, table, last
+    cdef list last
+    cdef ByteTable table
     cdef Py_ssize_t index
     cdef bytes prefix, suffix
     cdef Tally tally
@@ -117,28 +169,34 @@ cdef class TextSink:
     cdef int32_t* tokens       # tokens taken, not yet in stream.token_ids
     cdef Py_ssize_t n_tokens, tokens_cap
     cdef Py_ssize_t new_tokens  # of this batch
-    cdef Py_ssize_t chars      # characters given out, not yet in stream.sent_text
+    cdef char* text            # the text given out (UTF-8), not yet in stream._given
+    cdef Py_ssize_t text_size, text_cap
+    cdef Py_ssize_t chars      # its characters, not yet in stream.sent_text
     cdef readonly bint closed
 
     def __init__(self, stream, dict registry, bytes prefix, bytes suffix, writer, list last,
                  Py_ssize_t index, Tally tally) -> None:
         self.stream, self.key, self.registry = stream, stream.key, registry
-        self.given, self.table = stream._given, stream.detok.table
+        self.table = _byte_table(stream.detok.tokenizer, stream.detok.table)
         self.prefix, self.suffix = prefix, suffix
         self.writer, self.queued = writer, writer._flusher is not None
+        self.fd = -1
         if writer._cycle is not None:
-            transport = writer._cycle.transport
-            self.send = transport.write
-            self.buffered, self.closing = transport.get_write_buffer_size, transport.is_closing
+            self.transport = writer._cycle.transport
+            if type(self.transport) in _SOCKET_TRANSPORTS:  # (a plain socket's: not TLS's)
+                sock = self.transport.get_extra_info("socket")
+                self.fd = -1 if sock is None else sock.fileno()
         self.last, self.index, self.tally = last, index, tally
         self.last_time = last[index]
-        self._append(stream.detok.pending)
+        data = <bytes>stream.detok.pending
+        _extend(&self.buf, &self.size, &self.cap, PyBytes_AS_STRING(data), len(data))
         stream.detok.pending = b""
         registry[self.key] = self
 
     def __dealloc__(self):
         free(self.buf)
         free(self.tokens)
+        free(self.text)
 
     def close(self) -> None:
         """Give the stream back its state, and leave the registry. Tokens of the batch being
@@ -153,25 +211,12 @@ cdef class TextSink:
         stream.token_ids.extend([self.tokens[i] for i in range(self.n_tokens)])
         stream.sent_tokens = len(stream.token_ids) - self.new_tokens
         self.new_tokens = 0
+        if self.text_size:  # (UTF-8 that this sink encoded: it decodes strictly)
+            stream._given.append(self.text[:self.text_size].decode("utf-8"))
         stream.sent_text += self.chars
         stream.detok.pending = PyBytes_FromStringAndSize(self.buf, self.size)
         self.last[self.index] = self.last_time
-        self.stream = self.writer = self.send = self.buffered = self.closing = None
-
-    cdef int _append(self, bytes data) except -1:
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), cap = self.cap
-        if n == 0:
-            return 0
-        if self.size + n > cap:
-            while cap < self.size + n:
-                cap = max(64, 2 * cap)
-            buf = <char*>realloc(self.buf, cap)
-            if buf == NULL:
-                raise MemoryError()
-            self.buf, self.cap = buf, cap
-        memcpy(self.buf + self.size, PyBytes_AS_STRING(data), n)
-        self.size += n
-        return 0
+        self.stream = self.writer = self.transport = None
 
     cdef int _push(self, int32_t token) except -1:
         if self.n_tokens == self.tokens_cap:
@@ -182,38 +227,46 @@ cdef class TextSink:
         self.tokens[self.n_tokens] = token
         self.n_tokens += 1
         self.new_tokens += 1
-        if token < len(self.table):  # ids past the tokenizer's decode to nothing
-            self._append(<bytes>self.table[token])
+        cdef ByteTable table = self.table
+        if 0 <= token < table.n:  # ids past the tokenizer's decode to nothing
+            _extend(&self.buf, &self.size, &self.cap, table.data + table.offsets[token],
+                    table.offsets[token + 1] - table.offsets[token])
         return 0
 
     cdef int _flush(self, double now) except -1:
         """The batch's text given out and written as a chunk; the gaps tallied."""
-        cdef Py_ssize_t used = 0, tokens = self.new_tokens
+        cdef Py_ssize_t used = 0, n, chars, tokens = self.new_tokens
+        cdef const char* s
         self.new_tokens = 0
-        text = PyUnicode_DecodeUTF8Stateful(self.buf, self.size, "replace", &used)
-        memmove(self.buf, self.buf + used, self.size - used)  # an incomplete character
-        self.size -= used
-        if PyUnicode_GET_LENGTH(text):
-            self.given.append(text)
-            self.chars += PyUnicode_GET_LENGTH(text)
+        if _ascii(self.buf, self.size):  # its own text: no str made
+            s, n, chars, used = self.buf, self.size, self.size, self.size
+        else:
+            text = PyUnicode_DecodeUTF8Stateful(self.buf, self.size, "replace", &used)
+            s = PyUnicode_AsUTF8AndSize(text, &n)
+            chars = PyUnicode_GET_LENGTH(text)
+        self.chars += chars
+        _extend(&self.text, &self.text_size, &self.text_cap, s, n)
         self.tally.tokens += tokens
         self.tally._gap(tokens, (now - self.last_time) / tokens)
         self.last_time = now
-        self._write(text)
+        self._write(s, n)
+        memmove(self.buf, self.buf + used, self.size - used)  # an incomplete character
+        self.size -= used
         return 0
 
-    cdef int _write(self, str text) except -1:
-        cdef const char* s
-        cdef Py_ssize_t n, body, at
+    cdef int _write(self, const char* s, Py_ssize_t n) except -1:
+        global _chunk, _chunk_cap
+        cdef Py_ssize_t body, at, size, sent = 0
         cdef char head[24]
-        if PyUnicode_IS_ASCII(text):
-            s, n = <const char*>PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)
-        else:
-            s = PyUnicode_AsUTF8AndSize(text, &n)
         body = len(self.prefix) + len(self.suffix) + 2 + _escaped_size(s, n)
         cdef int h = _hex_line(head, body)
-        chunk = PyBytes_FromStringAndSize(NULL, h + body + 2)
-        cdef char* out = PyBytes_AS_STRING(chunk)
+        size = h + body + 2
+        if size > _chunk_cap:
+            grown = <char*>realloc(_chunk, size)
+            if grown == NULL:
+                raise MemoryError()
+            _chunk, _chunk_cap = grown, size
+        cdef char* out = _chunk
         memcpy(out, head, h)
         at = h
         memcpy(out + at, PyBytes_AS_STRING(self.prefix), len(self.prefix))
@@ -230,16 +283,61 @@ cdef class TextSink:
         # the connection neither paused by flow control nor gone. The transport is asked (not
         # uvicorn's cycle and flow control: two more objects per chunk, out of cache): nothing
         # buffered (a paused connection has its high-water mark's worth), not closing (a gone
-        # one is). Otherwise the chunk goes through the writer, which makes its own test.
+        # one is). Then the chunk goes to the socket itself (what uvloop's write would do first
+        # with nothing buffered, without its Python call and bookkeeping); what the socket
+        # does not take (it is full, or failed) goes to the transport's write, which buffers
+        # it or meets the error as it would have. Otherwise the chunk goes through the writer,
+        # which makes its own test.
         if self.queued:
             self.queued = self.writer._flusher is not None
-        if self.send is not None and not self.queued and self.buffered() == 0 \
-                and not self.closing():
-            self.send(chunk)
+        transport = self.transport
+        if transport is not None and not self.queued \
+                and transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            if self.fd >= 0:
+                sent = max(0, send(self.fd, out, size, MSG_DONTWAIT | MSG_NOSIGNAL))
+            if sent < size:
+                transport.write(PyBytes_FromStringAndSize(out + sent, size - sent))
         else:
-            self.writer.write(chunk[h:h + body])
+            self.writer.write(PyBytes_FromStringAndSize(out + h, body))
             self.queued = self.writer._flusher is not None
         return 0
+
+
+cdef int _extend(char** buf, Py_ssize_t* size, Py_ssize_t* cap, const char* data,
+                 Py_ssize_t n) except -1:
+    """`data[:n]` appended to the growing buffer `buf` (`size` bytes used of `cap`)."""
+    cdef Py_ssize_t want = cap[0]
+    cdef char* grown
+    if n == 0:
+        return 0
+    if size[0] + n > want:
+        while want < size[0] + n:
+            want = max(64, 2 * want)
+        grown = <char*>realloc(buf[0], want)
+        if grown == NULL:
+            raise MemoryError()
+        buf[0], cap[0] = grown, want
+    memcpy(buf[0] + size[0], data, n)
+    size[0] += n
+    return 0
+
+
+cdef inline bint _ascii(const char* s, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if <unsigned char>s[i] >= 0x80:
+            return False
+    return True
+
+
+# the chunk being written (one at a time: the reader's thread), its room
+cdef char* _chunk = NULL
+cdef Py_ssize_t _chunk_cap = 0
+try:
+    import uvloop.loop
+    _SOCKET_TRANSPORTS = (uvloop.loop.TCPTransport, uvloop.loop.UnixTransport)
+except ImportError:  # asyncio's event loop: every chunk goes through the transport's write
+    _SOCKET_TRANSPORTS = ()
 
 
 cdef int _hex_line(char* out, Py_ssize_t n) noexcept:
@@ -342,8 +440,7 @@ def take(dict streams, dict sinks, const uint64_t[:] keys, const int32_t[:] toke
     cdef double now = _now()
     for i in range(n):
         key = keys[i]
-        if PyDict_GetItem(streams, key) == NULL:
-            continue  # released, or finished by a stop string: stragglers
+        # (a stream leaves `streams` only through its sink's close(): one with a sink is in)
         found = PyDict_GetItem(sinks, key)
         if found != NULL:
             sink = <TextSink>found
@@ -353,6 +450,8 @@ def take(dict streams, dict sinks, const uint64_t[:] keys, const int32_t[:] toke
                 sink._push(tokens[i])
                 continue
             sink.close()
+        elif PyDict_GetItem(streams, key) == NULL:
+            continue  # released, or finished by a stop string: stragglers
         rest_view[left] = i
         left += 1
     if not touched:

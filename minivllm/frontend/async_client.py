@@ -222,6 +222,11 @@ class AsyncEngineClient:
     async def _read_loop(self) -> None:
         ring = self.channel.output_ring
         spin_s = self.channel.config.spin_us * 1e-6
+        # Spin only while records come within spin_s of each other: an engine whose steps take
+        # milliseconds would have the reader spin spin_s per step for nothing (at a chunk per
+        # stream per step, 0.4 us of CPU per streamed token). A sleep the engine ends sooner
+        # than that turns spinning back on.
+        spinning = True
         next_check = time.monotonic() + ENGINE_CHECK_S
         bell = BellWaiter(self.channel.listener.socket)
         try:
@@ -231,13 +236,15 @@ class AsyncEngineClient:
                     continue
                 if self._drain():
                     await asyncio.sleep(0)  # let the consumers run, then read on
-                elif ring.spin(spin_s):
+                elif spinning and ring.spin(spin_s):
                     pass
                 elif ring.prepare_sleep():
+                    slept = time.monotonic()
                     try:
                         rang = await bell.wait(ENGINE_CHECK_S)
                     finally:
                         ring.awake()
+                    spinning = rang and time.monotonic() - slept < spin_s
                     if not rang:
                         self.channel.listener.check_timeout(ring.readable())
                     self.channel.listener.drain()
@@ -283,18 +290,20 @@ class AsyncEngineClient:
         """Apply a batch's entries in order (the steps' boundaries do not matter here)."""
         logprobs = None if rec.logprobs is None else (rec.logprobs, rec.top_token_ids,
                                                       rec.top_logprobs)
-        # An abort this client asked for has already taken its stream out of the processor:
-        # one still there was ended by the engine (a drain deadline, a shutdown).
-        cut = [self.processor.streams[key][1] for key in
-               rec.request_ids[rec.finish_reasons == protocol.FINISH_ABORT].tolist()
-               if key in self.processor.streams]
         keys, tokens, finish = rec.request_ids, rec.token_ids, rec.finish_reasons
         rest = text_sink.take(self.processor.streams, self.processor.sinks, keys, tokens,
                               finish)
         if rest is not None:  # the streams with a TextSink took the other entries
+            if not len(rest):
+                return  # (a step of running sinks only: the common one while streaming)
             keys, tokens, finish = keys[rest], tokens[rest], finish[rest]
             if logprobs is not None:
                 logprobs = tuple(a[rest] for a in logprobs)
+        # An abort this client asked for has already taken its stream out of the processor:
+        # one still there was ended by the engine (a drain deadline, a shutdown). (A sink
+        # takes no finish: every abort is among the entries left.)
+        cut = [self.processor.streams[key][1] for key in
+               keys[finish == protocol.FINISH_ABORT].tolist() if key in self.processor.streams]
         touched, stopped = self.processor.process(keys, tokens, finish, logprobs)
         for key in stopped:
             self._send_abort(key)

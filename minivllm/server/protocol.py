@@ -186,7 +186,9 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # (list[int] before list[str]: pydantic takes the first member that matches exactly, and
+    # trying list[str] on a prompt of ids first fails on every id, 14 us for 128 of them)
+    prompt: Union[str, list[int], list[str], list[list[int]]]
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = None
     echo: bool = False

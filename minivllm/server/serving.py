@@ -133,9 +133,9 @@ def engine_error(exc: EngineError) -> APIError:
 
 
 class MetricsRecorder:
-    """One request's outputs into the metrics, per prompt: TTFT, inter-token latency and
-    end-to-end latency into the histograms; token counts, decode time and finish counters once
-    finished."""
+    """One request's outputs into the metrics (through metrics.request_tally and token_tally),
+    per prompt: TTFT, inter-token latency and end-to-end latency into the histograms; token
+    counts, decode time and finish counters once finished."""
 
     def __init__(self, start: float, n_prompts: int) -> None:
         self.start = start
@@ -157,7 +157,7 @@ class MetricsRecorder:
         if new:
             last = self.last[i]
             if last is None:
-                metrics.ttft.observe(now - self.start)
+                metrics.request_tally.observe(metrics.ttft, now - self.start)
                 self.first[i] = now
                 metrics.token_tally.add(new, None, now)
             else:
@@ -166,16 +166,17 @@ class MetricsRecorder:
         return now
 
     def _finished(self, i: int, out: RequestOutput, now: float) -> None:
-        metrics.token_tally.flush()
-        metrics.e2e.observe(now - self.start)
+        tally = metrics.request_tally
+        tally.observe(metrics.e2e, now - self.start)
         if self.first[i] is not None:
-            metrics.decode_time.observe(self.last[i] - self.first[i])
-        metrics.prompt_tokens.inc(len(out.prompt_token_ids))
-        metrics.request_prompt_tokens.observe(len(out.prompt_token_ids))
+            tally.observe(metrics.decode_time, self.last[i] - self.first[i])
+        tally.inc(metrics.prompt_tokens, len(out.prompt_token_ids))
+        tally.observe(metrics.request_prompt_tokens, len(out.prompt_token_ids))
         for c in out.outputs:
-            metrics.requests.labels(c.finish_reason).inc()
-            metrics.request_generation_tokens.observe(len(c.token_ids))
-        metrics.request_max_generation_tokens.observe(max(len(c.token_ids) for c in out.outputs))
+            tally.inc(metrics.requests.labels(c.finish_reason))
+            tally.observe(metrics.request_generation_tokens, len(c.token_ids))
+        tally.observe(metrics.request_max_generation_tokens,
+                      max(len(c.token_ids) for c in out.outputs))
 
 
 class PromptStreams:
