@@ -34,6 +34,7 @@ import random
 import re
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import torch
@@ -295,13 +296,29 @@ def run_fill_threads(llm: LLM, batch: int, steps: int = 80) -> list[dict]:
     bitmask = xgrammar.allocate_token_bitmask(batch, vocab)
     shifts = torch.arange(32, dtype=torch.int32)
     results = []
-    for threads in (1, 2, 4, 8, "auto"):
-        filler = xgrammar.BatchGrammarMatcher(threads)
+    # "2 x 1": the rows split over two Python threads, each a one-thread batched fill
+    # (xgrammar releases the GIL while it fills): what a split would give the engine.
+    pool = ThreadPoolExecutor(2)
+    halves = [xgrammar.BatchGrammarMatcher(1) for _ in range(2)]
+    half = batch // 2
+
+    def split_fill(matchers: list) -> None:
+        parts = [(halves[0], matchers[:half], list(range(half))),
+                 (halves[1], matchers[half:], list(range(half, batch)))]
+        for f in [pool.submit(b.batch_fill_next_token_bitmask, m, bitmask, rows)
+                  for b, m, rows in parts]:
+            f.result()
+
+    for threads in (1, 2, 4, 8, "auto", "2 x 1"):
+        filler = None if threads == "2 x 1" else xgrammar.BatchGrammarMatcher(threads)
         matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(batch)]
         rng, fill_s = random.Random(0), []
         for _ in range(steps):
             t0 = time.perf_counter()
-            filler.batch_fill_next_token_bitmask(matchers, bitmask)
+            if filler is None:
+                split_fill(matchers)
+            else:
+                filler.batch_fill_next_token_bitmask(matchers, bitmask)
             fill_s.append(time.perf_counter() - t0)
             allowed = ((bitmask.unsqueeze(2) >> shifts) & 1).flatten(1)[:, :vocab]
             for row, matcher in enumerate(matchers):
