@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -40,6 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -180,70 +182,203 @@ def _token_chunk(choice: dict) -> bool:
         bool(choice.get("logprobs"))
 
 
+class _Events:
+    """A stream's SSE `data:` payloads applied to its Result, whichever client read them."""
+
+    def __init__(self, res: Result, t0: float) -> None:
+        self.res, self.t0 = res, t0
+        self.done = self.failed = False
+        self.final_at: Optional[float] = None
+
+    def data(self, data: str) -> bool:
+        """One payload; False once the stream is over ([DONE], or an error event)."""
+        res = self.res
+        if data == "[DONE]":
+            self.done = True
+            return False
+        now = time.perf_counter() - self.t0
+        chunk = json.loads(data)
+        if "error" in chunk:  # an error event mid-stream (engine died, ...)
+            err = chunk["error"]
+            code = err.get("code") if isinstance(err, dict) else None
+            res.status = "5xx" if isinstance(code, int) and code >= 500 else "error"
+            res.detail = f"stream error: {json.dumps(err)[:200]}"
+            self.failed = True
+            return False
+        if chunk.get("usage"):
+            res.output_tokens = chunk["usage"].get("completion_tokens", 0)
+            res.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
+        choices = chunk.get("choices") or ()
+        if any(_token_chunk(c) for c in choices):
+            res.chunk_times.append(now)
+        if any(c.get("finish_reason") for c in choices):
+            self.final_at = now
+        return True
+
+    def end(self) -> None:
+        """The stream closed: its status, TTFT and token count."""
+        res = self.res
+        if self.failed:
+            return
+        res.e2e_s = time.perf_counter() - self.t0
+        if not self.done:
+            res.status, res.detail = "error", "the stream ended without [DONE]"
+            return
+        if not res.chunk_times and res.output_tokens and self.final_at is not None:
+            # A server that fell behind may send a request's tokens together with its finish
+            # reason; with no visible text (a model without a tokenizer) that one chunk is
+            # the only sign of them, and the usage chunk counts them.
+            res.chunk_times.append(self.final_at)
+        if not res.chunk_times:
+            res.status, res.detail = "error", "no token in the stream"
+            return
+        res.ttft_s = res.chunk_times[0]
+        res.output_tokens = res.output_tokens or len(res.chunk_times)
+        res.status = "ok"
+
+    def refused(self, status: int, text: str) -> None:
+        res = self.res
+        res.status = "429" if status == 429 else "5xx" if status >= 500 else "error"
+        res.detail = f"HTTP {status}: {text[:200]}"
+
+
+async def _bounded(stream, res: Result, timeout: float) -> Result:
+    """Run `stream()` for at most `timeout` s; never raises: the outcome is the Result's."""
+    try:
+        await asyncio.wait_for(stream(), timeout)
+    except asyncio.TimeoutError:
+        res.status, res.detail = "timeout", f"not finished within {timeout:g} s"
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        res.status, res.detail = "error", f"{type(exc).__name__}: {exc}"[:200]
+    return res
+
+
 async def send(client: httpx.AsyncClient, path: str, body: dict, timeout: float,
                headers: dict, arrived: Optional[float] = None) -> Result:
-    """One streamed request; every chunk timestamped, latencies counted from `arrived` (the
-    request's arrival, before any client-side queueing; default now). Never raises: the
-    outcome is the Result's status (a stream not ended within `timeout` s is a timeout)."""
+    """One streamed request through httpx; every chunk timestamped, latencies counted from
+    `arrived` (the request's arrival, before any client-side queueing; default now). Never
+    raises: the outcome is the Result's status (a stream not ended within `timeout` s is a
+    timeout)."""
     res = Result()
-    t0 = time.perf_counter() if arrived is None else arrived
+    events = _Events(res, time.perf_counter() if arrived is None else arrived)
 
     async def stream() -> None:
         async with client.stream("POST", path, json=body, headers=headers) as resp:
             res.http_status = resp.status_code
             if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                res.status = "429" if resp.status_code == 429 else \
-                    "5xx" if resp.status_code >= 500 else "error"
-                res.detail = f"HTTP {resp.status_code}: {text[:200]}"
+                events.refused(resp.status_code, (await resp.aread()).decode(errors="replace"))
                 return
-            done, final_at = False, None
             async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
+                if line.startswith("data:") and not events.data(line[5:].strip()):
                     break
-                now = time.perf_counter() - t0
-                chunk = json.loads(data)
-                if "error" in chunk:  # an error event mid-stream (engine died, ...)
-                    err = chunk["error"]
-                    code = err.get("code") if isinstance(err, dict) else None
-                    res.status = "5xx" if isinstance(code, int) and code >= 500 else "error"
-                    res.detail = f"stream error: {json.dumps(err)[:200]}"
-                    return
-                if chunk.get("usage"):
-                    res.output_tokens = chunk["usage"].get("completion_tokens", 0)
-                    res.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-                choices = chunk.get("choices") or ()
-                if any(_token_chunk(c) for c in choices):
-                    res.chunk_times.append(now)
-                if any(c.get("finish_reason") for c in choices):
-                    final_at = now
-            res.e2e_s = time.perf_counter() - t0
-            if not done:
-                res.status, res.detail = "error", "the stream ended without [DONE]"
-                return
-            if not res.chunk_times and res.output_tokens and final_at is not None:
-                # A server that fell behind may send a request's tokens together with its
-                # finish reason; with no visible text (a model without a tokenizer) that one
-                # chunk is the only sign of them, and the usage chunk counts them.
-                res.chunk_times.append(final_at)
-            if not res.chunk_times:
-                res.status, res.detail = "error", "no token in the stream"
-                return
-            res.ttft_s = res.chunk_times[0]
-            res.output_tokens = res.output_tokens or len(res.chunk_times)
-            res.status = "ok"
+            events.end()
 
-    try:
-        await asyncio.wait_for(stream(), timeout)
-    except asyncio.TimeoutError:
-        res.status, res.detail = "timeout", f"not finished within {timeout:g} s"
-    except (httpx.HTTPError, OSError, json.JSONDecodeError) as exc:
-        res.status, res.detail = "error", f"{type(exc).__name__}: {exc}"[:200]
-    return res
+    return await _bounded(stream, res, timeout)
+
+
+class _RawStream(asyncio.Protocol):
+    """One streamed response read in the transport's callback: the status line and headers,
+    then HTTP/1.1 chunked framing, then SSE lines, each `data:` payload to `events`; `ended`
+    resolves when the stream is over. No coroutine step per chunk: what keeps a load generator
+    cheaper than the server it measures."""
+
+    def __init__(self, events: _Events, ended: asyncio.Future) -> None:
+        self.events, self.ended = events, ended
+        self.buf = b""
+        self.status: Optional[int] = None
+        self.length: Optional[int] = None  # a body not chunked: its length (-1: to the close)
+        self.chunk_left = 0      # bytes of the current chunk not yet read
+        self.body = b""          # the de-chunked bytes not yet split into lines
+        self.error_body = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.status is None:
+            head, sep, rest = self.buf.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            status_line, *fields = head.split(b"\r\n")
+            self.status = int(status_line.split()[1])
+            fields = dict(f.lower().split(b":", 1) for f in fields if b":" in f)
+            self.buf = rest
+            if fields.get(b"transfer-encoding", b"").strip() != b"chunked":  # an error's body
+                self.length = int(fields.get(b"content-length", b"-1"))
+        if self.length is not None:  # a plain body: its length, or up to the close
+            self._payload(self.buf)
+            self.buf = b""
+            if 0 <= self.length <= len(self.error_body) + len(self.body):
+                self._finish()
+            return
+        while not self.ended.done():
+            if self.chunk_left == 0:
+                line, sep, rest = self.buf.partition(b"\r\n")
+                if not sep:
+                    return
+                if line == b"":  # the CRLF after a chunk's data
+                    self.buf = rest
+                    continue
+                size = int(line.split(b";")[0], 16)
+                self.buf = rest
+                if size == 0:
+                    self._finish()
+                    return
+                self.chunk_left = size
+            take = self.buf[:self.chunk_left]
+            self.buf = self.buf[len(take):]
+            self.chunk_left -= len(take)
+            self._payload(take)
+            if self.chunk_left:
+                return
+
+    def _payload(self, data: bytes) -> None:
+        if self.status != 200:
+            self.error_body += data
+            return
+        self.body += data
+        *lines, self.body = self.body.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:") and not self.events.data(line[5:].strip().decode()):
+                self._finish()
+                return
+
+    def _finish(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._finish()
+
+
+async def send_raw(url: str, path: str, body: dict, timeout: float, headers: dict,
+                   arrived: Optional[float] = None) -> Result:
+    """`send` over a bare asyncio connection (_RawStream): a fraction of httpx's CPU a chunk
+    (h11's parser and anyio's streams are pure Python), for load generators that must not be
+    what sets the pace (bench/serving_overhead.py)."""
+    res = Result()
+    events = _Events(res, time.perf_counter() if arrived is None else arrived)
+    parts = urlsplit(url)
+    loop = asyncio.get_running_loop()
+
+    async def stream() -> None:
+        ended = loop.create_future()
+        transport, proto = await loop.create_connection(
+            lambda: _RawStream(events, ended), parts.hostname, parts.port or 80)
+        try:
+            payload = json.dumps(body).encode()
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            transport.write(f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                            f"Content-Type: application/json\r\nContent-Length: {len(payload)}"
+                            f"\r\n{head}\r\n".encode() + payload)
+            await ended
+        finally:
+            transport.close()
+        res.http_status = proto.status or 0
+        if proto.status != 200:
+            events.refused(res.http_status, proto.error_body.decode(errors="replace"))
+        else:
+            events.end()
+
+    return await _bounded(stream, res, timeout)
 
 
 # ---- one run at one rate --------------------------------------------------------------------
@@ -289,10 +424,12 @@ async def run_load(url: str, workload: list[Request], *, model: str, rate: float
                    ignore_eos: bool = True, api_key: Optional[str] = None, seed: int = 0,
                    progress: bool = True, slo_ttft_ms: Optional[float] = None,
                    slo_tpot_ms: Optional[float] = None,
-                   latency_from: str = "arrival") -> tuple[dict, list[Result]]:
+                   latency_from: str = "arrival",
+                   client: str = "httpx") -> tuple[dict, list[Result]]:
     """Send `workload` to `url` as configured; (summary, per-request results). Latencies
     count from each request's arrival, or from its send (`latency_from="send"`: what the
-    server alone adds, leaving out the client's queueing)."""
+    server alone adds, leaving out the client's queueing). `client`: httpx, or raw
+    (send_raw: a fraction of the CPU a token)."""
     from tqdm import tqdm
 
     chat = endpoint == "chat"
@@ -307,13 +444,15 @@ async def run_load(url: str, workload: list[Request], *, model: str, rate: float
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
-    async def one(i: int, arrived: float, client: httpx.AsyncClient) -> None:
+    async def one(i: int, arrived: float, http: Optional[httpx.AsyncClient]) -> None:
         if sem is not None:
             await sem.acquire()
         queued = time.perf_counter() - arrived
+        body = _body(workload[i], model, chat, ignore_eos)
+        since = arrived if latency_from == "arrival" else None
         try:
-            res = await send(client, path, _body(workload[i], model, chat, ignore_eos), timeout,
-                             headers, arrived if latency_from == "arrival" else None)
+            res = await (send_raw(url, path, body, timeout, headers, since) if http is None
+                         else send(http, path, body, timeout, headers, since))
         finally:
             if sem is not None:
                 sem.release()
@@ -323,13 +462,13 @@ async def run_load(url: str, workload: list[Request], *, model: str, rate: float
         bar.set_postfix(counts, refresh=False)
         bar.update()
 
-    async def arrive(i: int, at: float, t0: float, client: httpx.AsyncClient) -> None:
+    async def arrive(i: int, at: float, t0: float, http: Optional[httpx.AsyncClient]) -> None:
         delay = t0 + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        await one(i, time.perf_counter(), client)
+        await one(i, time.perf_counter(), http)
 
-    async def static_batches(times: list[float], t0: float, client) -> None:
+    async def static_batches(times: list[float], t0: float, http) -> None:
         """A static batcher in front of the server: whatever has arrived (up to B) is sent
         together, and nothing more until that whole batch has finished."""
         start = 0
@@ -341,18 +480,19 @@ async def run_load(url: str, workload: list[Request], *, model: str, rate: float
             end = start
             while end < len(times) and end - start < static_batch and times[end] <= now:
                 end += 1
-            await asyncio.gather(*(one(i, t0 + times[i], client) for i in range(start, end)))
+            await asyncio.gather(*(one(i, t0 + times[i], http) for i in range(start, end)))
             start = end
 
     rng = random.Random(seed + 1)
     times = arrival_times(len(workload), rate, arrival, burst, rng)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout),
-                                 limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        http = None if client == "raw" else await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout), limits=limits))
         t0 = time.perf_counter()
         if static_batch:
-            await static_batches(times, t0, client)
+            await static_batches(times, t0, http)
         else:
-            await asyncio.gather(*(arrive(i, at, t0, client) for i, at in enumerate(times)))
+            await asyncio.gather(*(arrive(i, at, t0, http) for i, at in enumerate(times)))
         duration = time.perf_counter() - t0
     bar.close()
     summary = summarize(results, duration, slo_ttft_ms, slo_tpot_ms)
@@ -360,6 +500,16 @@ async def run_load(url: str, workload: list[Request], *, model: str, rate: float
                    max_concurrency=max_concurrency, static_batch=static_batch,
                    latency_from=latency_from)
     return summary, results
+
+
+def run_fast(coro):
+    """asyncio.run on uvloop where it is installed (as the server's event loop): a load
+    generator's callbacks then cost it less CPU a token."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def served_model(url: str, api_key: Optional[str]) -> str:
@@ -459,6 +609,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="also write every request's timings into the JSON")
     ap.add_argument("--plot", default=None, help="PNG: latency percentiles against rate")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--client", choices=["httpx", "raw"], default="httpx",
+                    help="raw: a bare asyncio HTTP/1.1 client (a fraction of httpx's CPU a "
+                         "token, for a load generator that must keep up with a fast server)")
     args = ap.parse_args(argv)
     args.rates = [float(r) for r in args.rate.split(",")]
     if args.burst < 1 or args.num_requests < 1 or any(r <= 0 for r in args.rates):
@@ -501,7 +654,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 endpoint=args.endpoint, timeout=args.timeout, ignore_eos=args.ignore_eos,
                 api_key=args.api_key, seed=args.seed, progress=args.progress,
                 slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-                latency_from=args.latency_from))
+                latency_from=args.latency_from, client=args.client))
             if args.per_request:
                 summary["per_request"] = [asdict(r) for r in results]
             print_summary(summary)

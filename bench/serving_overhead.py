@@ -32,10 +32,11 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from bench.records import record, write
-from bench.serve_load import Request, run_load
+from bench.serve_load import Request, run_fast, run_load
 from bench.server_proc import ServeProcess, check_served
 from bench.bench_engine_overhead import proc_cpu_s
 
@@ -81,26 +82,36 @@ def workload(n: int, prompt_len: int, output_len: int, seed: int,
                     output_len) for _ in range(n)]
 
 
-def _load_part(url: str, part: list[Request], out) -> None:
+@dataclass(frozen=True)
+class Load:
+    """How the workload is sent: by `procs` load-generator processes, each through `client`
+    (serve_load.run_load's: httpx, or raw)."""
+    procs: int = 1
+    client: str = "raw"
+
+
+def _load_part(url: str, part: list[Request], client: str, out) -> None:
     """One load-generator process: its share of the requests, timed on the wall clock."""
     start, cpu = time.time(), time.process_time()
-    summary, _ = asyncio.run(run_load(url, part, model="default", progress=False))
+    summary, _ = run_fast(run_load(url, part, model="default", progress=False, client=client))
     out.put((start, time.time(), summary | {"cpu_s": time.process_time() - cpu}))
 
 
-def load(url: str, work: list[Request], procs: int) -> dict:
-    """The workload sent by `procs` load-generator processes (round-robin shares, all at
+def load(url: str, work: list[Request], how: Load) -> dict:
+    """The workload sent by `how.procs` load-generator processes (round-robin shares, all at
     once); one process runs in this one. The summary's throughput is every process's tokens
     over the span from the first start to the last end."""
+    procs = how.procs
     if procs <= 1:
         cpu = time.process_time()
-        summary = asyncio.run(run_load(url, work, model="default", progress=False))[0]
+        summary = run_fast(run_load(url, work, model="default", progress=False,
+                                    client=how.client))[0]
         return summary | {"load_cpu_s": [time.process_time() - cpu]}
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    workers = [ctx.Process(target=_load_part, args=(url, work[i::procs], out))
+    workers = [ctx.Process(target=_load_part, args=(url, work[i::procs], how.client, out))
                for i in range(procs)]
     for w in workers:
         w.start()
@@ -138,18 +149,19 @@ def offline(work: list[Request], engine_args: dict) -> float:
     return tokens / wall
 
 
-def measure(url: str, pids: list[int], work: list[Request], procs: int,
+def measure(url: str, pids: list[int], work: list[Request], how: Load,
             srv: Optional[ServeProcess] = None) -> tuple[dict, dict]:
     """A warm-up, `pids`' idle CPU over IDLE_S, then the load: its summary, and the CPU
     figures of `pids` over it (and `srv`'s engine's steps and CPU)."""
-    asyncio.run(run_load(url, work[:4], model="default", progress=False))  # warm-up
+    asyncio.run(run_load(url, work[:4], model="default", progress=False,  # warm-up
+                         client=how.client))
     idle = {p: proc_cpu_s(p) for p in pids}
     time.sleep(IDLE_S)
     before = {p: proc_cpu_s(p) for p in pids}
     if srv is not None:
         engine = srv.engine_pid()
         steps, engine_cpu = srv.engine_stats()["step"], proc_cpu_s(engine)
-    summary = load(url, work, procs)
+    summary = load(url, work, how)
     cpu = {p: proc_cpu_s(p) - before[p] for p in pids}
     # More steps than offline: the requests reached the engine spread out (smaller batches);
     # its CPU near the wall time: the engine, not the servers, was busy.
@@ -169,19 +181,19 @@ def measure(url: str, pids: list[int], work: list[Request], procs: int,
         "load_cpu_s": summary["load_cpu_s"], **extra}
 
 
-def served(tree: str, work: list[Request], serve_args: list[str], procs: int = 1) -> dict:
+def served(tree: str, work: list[Request], serve_args: list[str], how: Load) -> dict:
     """One served run from code tree `tree`: throughput and each API server's CPU."""
     srv = ServeProcess(serve_args, cwd=tree)
     try:
         pids = srv.process_tree()
-        summary, run = measure(srv.url, srv.api_server_pids(), work, procs, srv)
+        summary, run = measure(srv.url, srv.api_server_pids(), work, how, srv)
     finally:
         code = srv.stop()
     check_served(code, pids, summary, len(work))
     return run
 
 
-def floor(work: list[Request], step_ms: float, procs: int = 1) -> dict:
+def floor(work: list[Request], step_ms: float, how: Load) -> dict:
     """bench/sse_floor.py's raw uvloop SSE server under the same load, a chunk to every stream
     every `step_ms` (the served run's inter-token latency): its CPU per streamed token."""
     proc = subprocess.Popen([sys.executable, "-m", "bench.sse_floor", "--step-ms", str(step_ms)],
@@ -189,7 +201,7 @@ def floor(work: list[Request], step_ms: float, procs: int = 1) -> dict:
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         url = proc.stdout.readline().split()[-1]
-        summary, run = measure(url, [proc.pid], work, procs)
+        summary, run = measure(url, [proc.pid], work, how)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -227,6 +239,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="fixed: --prompt-len / --output-len; ragged: bench.offline_throughput's")
     ap.add_argument("--load-procs", type=int, default=1,
                     help="load-generator processes sharing the requests")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="the load generators' HTTP client (bench/serve_load.py): raw, a bare "
+                         "asyncio one, costs them a fraction of httpx's CPU a token")
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--tiny-dir", default="/tmp/minivllm-tiny-smollm2")
     ap.add_argument("--tree", action="append", default=None,
@@ -242,6 +257,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     trees = [os.path.abspath(t) for t in (args.tree or ["."])]
+    how = Load(args.load_procs, args.client)
     work = workload(args.requests, args.prompt_len, args.output_len, args.seed,
                     args.workload == "ragged")
     load = [os.getloadavg()]
@@ -268,16 +284,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         runs[floor_label] = []
     for _ in range(args.repeats):
         for label, tree, extra in configs:
-            _report(label, runs, served(tree, work, serve_args + extra, args.load_procs))
+            _report(label, runs, served(tree, work, serve_args + extra, how))
             load.append(os.getloadavg())
         if args.floor:
             step_ms = runs[trees[-1]][-1]["itl_p50_ms"]
-            _report(floor_label, runs, floor(work, step_ms, args.load_procs) | {
+            _report(floor_label, runs, floor(work, step_ms, how) | {
                 "step_ms": step_ms})
             load.append(os.getloadavg())
     cfg = dict(requests=args.requests, workload=args.workload, prompt_len=args.prompt_len,
                output_len=args.output_len, api_servers=args.api_servers,
-               load_procs=args.load_procs, max_num_seqs=args.max_num_seqs,
+               load_procs=args.load_procs, client=args.client, max_num_seqs=args.max_num_seqs,
                kernels=args.kernels, dtype=args.dtype,
                model=("2-layer Llama, hidden 64, dummy weights, SmolLM2's tokenizer"
                       if args.model == "tiny" else "embedded SmolLM2-135M-Instruct"
