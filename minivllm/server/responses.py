@@ -264,7 +264,8 @@ class ChatResponse(OpenAIResponse):
         if self.tools is None:
             delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
         else:
-            delta = self.tools.delta(index, c.delta_text, c.finished, c.text)
+            delta = self.tools.delta(index, c.delta_text, c.finished,
+                                     c.text if c.finished else "")
             if finish == "stop" and self.tools.called(index):
                 finish = "tool_calls"
         return {"index": index, "delta": delta,
