@@ -1,6 +1,7 @@
 """Host time per output token of the output path, by output length (stop strings set).
 
     python -m bench.bench_output --json bench/results/output_processor_cpu.json
+    PYTHONPATH=TREE python bench/bench_output.py --streamed 4000   (one tree's streamed cost)
 
 Recorded token streams: the embedded model's tokenizer over this repository's own docs (real
 English, code, tables and a few multi-byte characters), 16 sequences, each a different window of
@@ -8,7 +9,9 @@ that token stream. Each step hands the processor one token per sequence as array
 `EngineCore.step()` gives `LLM`, and the engine process's ring gives `AsyncEngineClient` --
 with three stop strings that never match, the worst case: every token is detokenized and
 searched. Measured at 128 and 2,048 tokens a sequence; the target (issue 15) is a flat cost,
-at most 1.2x per token between the two.
+at most 1.2x per token between the two. Streamed (`--streamed`): the same with each request's
+output taken after every step, as a server takes them (the lists shared, not copied): its cost
+per token must not grow with the output either (each output once joined all the text before).
 
 The peer is the offline path before the one output path: at every step it decoded each
 sequence's whole output again and searched all of it for the stop strings (quadratic in length).
@@ -41,21 +44,28 @@ def recorded_streams(tokenizer, length: int) -> list[list[int]]:
     return [ids[i * 97:i * 97 + length] for i in range(SEQS)]
 
 
-def time_processor(tokenizer, streams: list[list[int]]) -> float:
-    """Seconds per output token: every step through OutputProcessor.process, then the outputs."""
+def time_processor(tokenizer, streams: list[list[int]], streamed: bool = False) -> float:
+    """Seconds per output token: every step through OutputProcessor.process, then the outputs
+    (`streamed`: every request's output after each step, lists shared as the server's)."""
     proc = OutputProcessor(tokenizer, eos_token_ids=[2])
     params = SamplingParams(max_tokens=len(streams[0]), stop=STOPS)
     keys = iter(range(SEQS))
     states = [proc.add_request(str(i), None, [1], params, lambda: next(keys))
               for i in range(SEQS)]
+    for state in states:
+        state.copy_lists = False
+        state.copy_token_ids = False  # (the name before 'copy_lists': an A/B runs both trees)
     owners = np.arange(SEQS, dtype=np.int64)
     tokens = np.array(streams, dtype=np.int64).T.copy()  # [step, seq]
     running = np.full(SEQS, FINISH_NONE, np.uint8)
     last = np.full(SEQS, FINISH_LENGTH, np.uint8)
     t0 = time.perf_counter()
     for step, row in enumerate(tokens):
-        _, stopped = proc.process(owners, row, last if step == len(tokens) - 1 else running)
+        touched, stopped = proc.process(owners, row, last if step == len(tokens) - 1 else running)
         assert not stopped
+        if streamed:
+            for state in touched:
+                state.snapshot()
     outputs = [s.snapshot() for s in states]
     elapsed = time.perf_counter() - t0
     assert all(o.finished and len(o.outputs[0].token_ids) == len(tokens) for o in outputs)
@@ -79,8 +89,17 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs=2, default=[128, 2048])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--streamed", type=int, default=0, metavar="TOKENS",
+                    help="only print the streamed cost per token at 128 and TOKENS a sequence")
     args = ap.parse_args()
     tokenizer = load_tokenizer(resolve_model(None, "auto"))
+    if args.streamed:
+        for length in (128, args.streamed):
+            streams = recorded_streams(tokenizer, length)
+            us = [time_processor(tokenizer, streams, True) * 1e6 for _ in range(args.repeats)]
+            print(f"streamed, {SEQS} seqs x {length} tokens, 3 stop strings: "
+                  f"{statistics.median(us):.2f} us/token (runs {', '.join(f'{u:.2f}' for u in us)})")
+        return
     short, long = args.lengths
     us = {}
     for name, fn in (("processor", time_processor), ("full re-decode", time_full_redecode)):

@@ -19,9 +19,36 @@ class CompletionOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
 
+    # `text`, while it is the join of a stream's pieces (the list, how many) not yet made
+    _pieces = None
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def of_pieces(cls, index: int, pieces: list[str], *rest) -> "CompletionOutput":
+        """A CompletionOutput whose text is the join of `pieces` as they are now (a list that
+        may grow after), joined when first read: a stream's outputs then cost the same however
+        long its text, where joining all of it for each would copy the text once per output."""
+        out = cls(index, "", *rest)
+        out._pieces = (pieces, len(pieces))
+        return out
+
+
+def _text(out: CompletionOutput) -> str:
+    if out._pieces is not None:
+        pieces, n = out._pieces
+        out._text, out._pieces = pieces[0] if n == 1 else "".join(pieces[:n]), None
+    return out._text
+
+
+def _set_text(out: CompletionOutput, text: str) -> None:
+    out._text, out._pieces = text, None
+
+
+# (set after the dataclass is made: in its body, the property would be the field's default)
+CompletionOutput.text = property(_text, _set_text)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from minivllm._cext import records
 
 
 def _finite(name: str, value: float) -> None:
+    if type(value) is float and math.isfinite(value):
+        return  # (the common case, without the ABC's isinstance)
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
@@ -22,7 +24,7 @@ _INT32_MAX = 2**31 - 1
 
 def _is_int(value: object) -> bool:
     """Integers, numpy's included; bools are not (True as a token count is a caller's bug)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return type(value) is int or isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_token_id(value: object) -> bool:

@@ -104,6 +104,50 @@ def test_stop_token_id_is_reported_as_stop_reason(tokenizer):
     assert (eos.finish_reason, eos.stop_reason, eos.text) == ("stop", None, "")
 
 
+class _CountedPieces(list):
+    """A stream's pieces of text that count the pieces read out of them (by a join, a slice
+    or an iteration)."""
+    read = 0
+
+    def __iter__(self):
+        _CountedPieces.read += len(self)
+        return super().__iter__()
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        _CountedPieces.read += len(got) if isinstance(i, slice) else 1
+        return got
+
+
+@pytest.mark.parametrize("path", ["byte table", "windows"])
+def test_an_output_costs_the_same_however_long_the_text_before_it(tokenizer, path):
+    """A stream's output after every token (a stop string: the Python path), 2,000 tokens:
+    making an output reads none of the text given out before (each once joined all of it:
+    quadratic over the output); reading an output's text joins what it had, once."""
+    from minivllm.frontend.output_processor import RequestState
+
+    tokenizer = tokenizer if path == "byte table" else _windowed(tokenizer)
+    ids = (tokenizer.encode("Once upon a time, café 東京 🙂, there was a stream.") * 200)[:2000]
+    stream = CompletionStream(0, SamplingParams(stop=["<|never|>"], logprobs=1), tokenizer,
+                              [1], eos_token_ids=[2])
+    stream._given = pieces = _CountedPieces()
+    state = RequestState("r", None, [1], [stream])
+    state.copy_lists = False
+    _CountedPieces.read = 0
+    outputs, streamed = [], ""
+    for i, t in enumerate(ids):
+        stream.add(t, 1 if i == len(ids) - 1 else 0, {t: -1.0})
+        out = state.snapshot().outputs[0]
+        streamed += out.delta_text
+        outputs.append((out, streamed))
+        assert out.logprobs is stream.logprobs and out.token_ids is stream.token_ids
+    assert _CountedPieces.read == 0 and stream._given is pieces
+    assert outputs[-1][0].text == streamed == tokenizer.decode(ids)
+    assert _CountedPieces.read <= len(pieces)  # one join, when read
+    for out, text in outputs[::97]:  # each output's text is what was given out by then
+        assert out.text == text
+
+
 # ---- against a supervised engine ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def supervisor():

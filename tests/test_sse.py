@@ -1,6 +1,7 @@
 """The streamed response's writer (minivllm/server/sse.py) under a real uvicorn: a client that
 reads nothing for a while stops the writes (flow control), and the chunks queued meanwhile
-arrive complete and in order once it reads."""
+arrive complete and in order once it reads. And the disconnect watch: a client that goes away
+cancels the work (a 499), one that goes away after it is done cancels nothing."""
 import asyncio
 import socket
 
@@ -8,7 +9,9 @@ import pytest
 import uvicorn
 import uvloop
 
-from minivllm.server.sse import SERVER_SEND, EventStream, with_server_send
+from minivllm.server.protocol import APIError
+from minivllm.server.sse import (SERVER_SEND, EventStream, until_done_or_disconnect,
+                                 with_server_send)
 
 CHUNKS = [b"data: %d %s\n\n" % (i, b"x" * 4000) for i in range(2000)]  # 8 MB
 
@@ -73,3 +76,74 @@ def test_a_client_that_stops_reading_gets_every_chunk_in_order(http):
     assert body == b"".join(CHUNKS)
     if http == "httptools":  # straight to the transport until flow control paused it
         assert paused
+
+
+def _client() -> tuple:
+    """An ASGI receive whose client goes away when the returned event is set."""
+    gone = asyncio.Event()
+
+    async def receive() -> dict:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+    return receive, gone
+
+
+async def _work(log: list, done: asyncio.Future):
+    try:
+        return await done
+    finally:
+        log.append("work ended")
+
+
+def test_a_disconnect_cancels_the_work_with_a_499():
+    async def main() -> None:
+        receive, gone = _client()
+        log: list = []
+        for work in ("coroutine", "future"):  # (a streamed body; a JSON body's done future)
+            done = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.01, gone.set)
+            with pytest.raises(APIError) as exc:
+                await until_done_or_disconnect(
+                    receive, _work(log, done) if work == "coroutine" else done)
+            assert exc.value.status == 499 and done.cancelled()
+            caller = asyncio.current_task()  # carries on (cancelling(): Python 3.11 on)
+            assert getattr(caller, "cancelling", lambda: 0)() == 0
+            await asyncio.sleep(0.01)
+            gone.clear()
+        assert log == ["work ended"]
+    uvloop.run(main())
+
+
+def test_work_done_first_returns_and_a_later_disconnect_cancels_nothing():
+    async def main() -> None:
+        receive, gone = _client()
+        done = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, done.set_result, "body")
+        assert await until_done_or_disconnect(receive, _work([], done)) == "body"
+        gone.set()
+        await asyncio.sleep(0.02)  # (the watch is gone: no cancel lands here)
+        # and the same when the result and the disconnect come in one pass of the loop
+        done = asyncio.get_running_loop().create_future()
+        gone.clear()
+        asyncio.get_running_loop().call_later(0.01, done.set_result, "body")
+        asyncio.get_running_loop().call_later(0.01, gone.set)
+        try:
+            assert await until_done_or_disconnect(receive, done) == "body"
+        except APIError as exc:  # the disconnect was seen first: also right
+            assert exc.status == 499
+        await asyncio.sleep(0.02)
+    uvloop.run(main())
+
+
+def test_a_caller_cancelled_from_elsewhere_is_cancelled_not_a_499():
+    async def main() -> None:
+        receive, _ = _client()
+        log: list = []
+        caller = asyncio.ensure_future(until_done_or_disconnect(
+            receive, _work(log, asyncio.get_running_loop().create_future())))
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert log == ["work ended"]
+    uvloop.run(main())

@@ -133,15 +133,16 @@ class AsyncEngineClient:
             stream.close()
 
     def open(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-             request_id: Optional[str] = None, copy_token_ids: bool = True) -> "RequestStream":
+             request_id: Optional[str] = None, copy_lists: bool = True) -> "RequestStream":
         """generate(), but the request is checked and sent now (a server answers 400 before
         it starts a response); close() the stream if you stop reading before it finishes.
-        copy_token_ids=False: each output's token_ids is the sequence's own list, which later
-        tokens extend, not a copy (for a reader that needs an output's token_ids only once it
-        has finished, as the server: the copies grow with the output)."""
+        copy_lists=False: each output's token_ids and logprobs (and prompt_logprobs) are the
+        sequence's own lists, which later tokens extend, not copies (for a reader that reads an
+        output's lists as it comes or once finished, as the server: the copies grow with the
+        output)."""
         params = params or SamplingParams(**self.sampling_defaults)
         state = self._add(prompt, params, request_id)
-        state.copy_token_ids = copy_token_ids
+        state.copy_lists = copy_lists
         return RequestStream(self, state)
 
     def submit(self, prompt: PromptType, params: Optional[SamplingParams] = None,

@@ -118,9 +118,9 @@ class DataParallelClient:
         return engine
 
     def open(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-             request_id: Optional[str] = None, copy_token_ids: bool = True) -> RequestStream:
+             request_id: Optional[str] = None, copy_lists: bool = True) -> RequestStream:
         """AsyncEngineClient.open on the engine pick() chooses."""
-        return self.clients[self.pick(prompt)].open(prompt, params, request_id, copy_token_ids)
+        return self.clients[self.pick(prompt)].open(prompt, params, request_id, copy_lists)
 
     async def _poll_loads(self) -> None:
         while True:

@@ -40,8 +40,9 @@ class CompletionStream:
                                              params.skip_special_tokens))
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
         # The text in pieces, never one string grown per token (a copy of all of it each
-        # time): what was given out, what was not yet (`held` characters), and the last
-        # `holdback` characters, where a stop string can start before the next piece.
+        # time): what was given out (only appended to: outputs join these when read), what
+        # was not yet (`held` characters), and the last `holdback` characters, where a stop
+        # string can start before the next piece.
         self._given: list[str] = []
         self._held: list[str] = []
         self.held_chars = 0
@@ -174,18 +175,19 @@ class CompletionStream:
         new, self.sent_tokens = len(self.token_ids) - self.sent_tokens, len(self.token_ids)
         return text, new
 
-    def output(self, copy_token_ids: bool = True) -> CompletionOutput:
+    def output(self, copy_lists: bool = True) -> CompletionOutput:
         """The completion so far (its text up to what delta() gave out: the whole text once
-        finished), with what is new since the last one in delta_text / delta_token_ids; its
-        token_ids a copy of this stream's unless `copy_token_ids` is False."""
+        finished, joined when read), with what is new since the last one in delta_text /
+        delta_token_ids; its token_ids and logprobs copies of this stream's lists unless
+        `copy_lists` is False. Its cost does not grow with the output's length."""
         delta_text, delta_tokens = self.delta()
-        if len(self._given) > 1:
-            self._given = ["".join(self._given)]
-        return CompletionOutput(self.index, self._given[0] if self._given else "",
-                                list(self.token_ids) if copy_token_ids else self.token_ids,
-                                self.finish_reason, self.stop_reason, self.cumulative_logprob,
-                                None if self.logprobs is None else list(self.logprobs),
-                                delta_text, delta_tokens)
+        token_ids, logprobs = self.token_ids, self.logprobs
+        if copy_lists:
+            token_ids = list(token_ids)
+            logprobs = None if logprobs is None else list(logprobs)
+        return CompletionOutput.of_pieces(self.index, self._given, token_ids, self.finish_reason,
+                                          self.stop_reason, self.cumulative_logprob, logprobs,
+                                          delta_text, delta_tokens)
 
 
 class RequestState:
@@ -194,7 +196,8 @@ class RequestState:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.streams = streams
         self.error: Optional[BaseException] = None
-        self.copy_token_ids = True  # False: outputs share the streams' token_ids lists
+        # False: outputs share the streams' token_ids and logprobs lists and the prompt's
+        self.copy_lists = True
         self.num_cached_tokens = 0
         self.prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = (
             None if streams[0].params.prompt_logprobs is None else [None])
@@ -208,10 +211,12 @@ class RequestState:
 
     def snapshot(self) -> RequestOutput:
         """The request so far: cumulative text and tokens, plus what is new since last time."""
-        outputs = [s.output(self.copy_token_ids) for s in self.streams]
+        outputs = [s.output(self.copy_lists) for s in self.streams]
+        prompt_logprobs = self.prompt_logprobs
+        if self.copy_lists and prompt_logprobs is not None:
+            prompt_logprobs = list(prompt_logprobs)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
-                             self.num_cached_tokens,
-                             None if self.prompt_logprobs is None else list(self.prompt_logprobs))
+                             self.num_cached_tokens, prompt_logprobs)
 
     def add_prompt_logprobs(self, first: int, logprobs: np.ndarray, top_ids: np.ndarray,
                             top_logprobs: np.ndarray) -> None:

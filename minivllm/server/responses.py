@@ -85,7 +85,10 @@ class OpenAIResponse:
         self.created = int(time.time())
         self.n = params.n
         # A chunk's event up to its choices: `data: {"id":...,"model":...,"choices":[`
-        self._chunk_start = "data: " + _dumps(self._envelope(self.chunk_name, []))[:-3] + "["
+        # (_dumps of the envelope, written out: the id and the names need no escapes)
+        self._chunk_start = (f'data: {{"id":"{self.id}","object":"{self.chunk_name}",'
+                             f'"created":{self.created},"model":{encode_basestring(model)},'
+                             f'"choices":[')
         # whether every running chunk is text_event's (one sequence per prompt, no logprobs)
         self.plain = self.n == 1 and params.logprobs is None
 
@@ -261,7 +264,8 @@ class ChatResponse(OpenAIResponse):
         if self.tools is None:
             delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
         else:
-            delta = self.tools.delta(index, c.delta_text, c.finished, c.text)
+            delta = self.tools.delta(index, c.delta_text, c.finished,
+                                     c.text if c.finished else "")
             if finish == "stop" and self.tools.called(index):
                 finish = "tool_calls"
         return {"index": index, "delta": delta,

@@ -56,8 +56,8 @@ async def serve(state: ServerState, request: Request,
         limit, limit_field = req.completion_limit()
         inputs = [await _engine_prompt(state, p, limit, limit_field, chat) for p in prompts]
         try:
-            for prompt in inputs:  # token_ids are read once finished: no copy per output
-                streams.append(state.client.open(prompt, params, copy_token_ids=False))
+            for prompt in inputs:  # outputs are read as they come: no copies per output
+                streams.append(state.client.open(prompt, params, copy_lists=False))
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
         except EngineError as exc:

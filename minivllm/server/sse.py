@@ -92,9 +92,13 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
+    # the same for every response: made once, as Response.init_headers makes them (a tuple:
+    # nothing may add a header to every response through one's `headers`)
+    raw_headers = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+                   (b"content-type", b"text/event-stream; charset=utf-8"))
+
     def __init__(self, run: Callable[[ChunkWriter], Awaitable[Optional[bytes]]]) -> None:
         self.run, self.status_code, self.background = run, 200, None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
@@ -110,17 +114,28 @@ class EventStream(Response):
 
 async def until_done_or_disconnect(receive: Receive, work: Awaitable):
     """`work`'s result; if the client goes away first (`receive`: the request's ASGI receive),
-    `work` is cancelled and this raises a 499."""
-    task = asyncio.ensure_future(work)
+    `work` is cancelled and this raises a 499. `work` runs in the caller's task: the watch is
+    the one task made per request, which cancels the caller's on a disconnect."""
+    caller = asyncio.current_task()
     watcher = asyncio.ensure_future(_disconnected(receive))
+    watching = True  # the caller is in `await work`: a disconnect cancels it
+
+    def on_disconnect(w: asyncio.Future) -> None:
+        if watching and not w.cancelled():
+            caller.cancel()
+
+    watcher.add_done_callback(on_disconnect)
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
+        return await work
+    except asyncio.CancelledError:
+        if not watcher.done() or watcher.cancelled():
+            raise  # cancelled from elsewhere
+        if hasattr(caller, "uncancel"):  # (3.11 on: its cancel, not another's, is undone)
+            caller.uncancel()
         metrics.aborted.labels("disconnect").inc()
-        raise APIError(499, "client disconnected")
+        raise APIError(499, "client disconnected") from None
     finally:
+        watching = False
         watcher.cancel()
 
 
