@@ -26,13 +26,19 @@ from minivllm.llm import build_engine_config
 from minivllm.sampling_params import SamplingParams
 from minivllm.transport.channel import EngineChannel
 
-TICK = os.sysconf("SC_CLK_TCK")
-
 
 def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+    """CPU seconds of every thread of `pid`: the scheduler's run time in ns (schedstat), not
+    utime + stime in 10-ms ticks (a tick is ~0.3 us a token in a 32 k-token run: the size of
+    the differences bench/serving_overhead.py looks for)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that just ended
+            pass
+    return total / 1e9
 
 
 def self_cpu_s() -> float:

@@ -9,8 +9,9 @@ new tokens each, all sent at once) goes through the same engine settings twice i
 1. offline: `LLM.generate` in this process (one warm-up run first), output tok/s;
 2. served: `minivllm serve --api-servers K` in a subprocess, every request streamed (SSE, the
    load generator of bench/serve_load.py in this process); output tok/s from the first send
-   to the last [DONE], and each API server's CPU time (utime + stime from /proc, over the load
-   window, warm-up excluded) divided by the tokens streamed: the CPU per streamed token.
+   to the last [DONE], and each API server's CPU time (its threads' run time from /proc, over
+   the load window, warm-up excluded) divided by the tokens streamed: the CPU per streamed
+   token.
    Their CPU while idle (`IDLE_S` before the load: doorbell poll timeouts, uvicorn's ticks) is
    recorded too, and the figure less that rate over the load's wall time: at a few hundred
    tokens a second the idle floor alone is several us per token.
