@@ -35,13 +35,15 @@ run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, keep going on failure
   tar czf "$OUT/session.tgz" -C "$W" .
   return $rc
 }
+# The wheels setup installs: on the path of every call of this script, not only setup's (a
+# second call without it found no zmq).
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 RAGGED="--load-format dummy --workload ragged --num-prompts 256 --dtype bfloat16"
 for stage in "$@"; do
   case $stage in
     setup)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl >/dev/null 2>&1
-      export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
       # setup.py's build, skipped on a warm machine when the sources are those of the kept

@@ -167,7 +167,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
     for a padded token count serves any mix of chunks; tokens past the last query start
     (padding) are nobody's."""
     QUERIES: tl.constexpr = BLOCK_M // GROUP
-    tok = tl.program_id(0) * QUERIES
+    tok = (tl.program_id(0) * QUERIES).to(tl.int64)  # int64 as the query starts it meets
     kvh = tl.program_id(1)
     total = tl.load(query_start_ptr + num_seqs)
     win_end = tl.minimum(tok + QUERIES, total)
