@@ -22,8 +22,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
 CUDA_GRAPH_MODES = ("full", "decode-only")  # which steps replay graphs (engine/cuda_graphs.py)
-# The kernel sets of layers/kernels.py, which `ModelConfig.kernels` names (or "auto").
 QUANTIZATIONS = ("auto", "gguf-native", "gguf-native-q8", "none")
+# The kernel sets of layers/kernels.py, which `ModelConfig.kernels` names (or "auto").
 KERNEL_SETS = ("cpu-avx512", "cpu-avx2", "cpu-portable", "cuda-triton", "torch")
 
 

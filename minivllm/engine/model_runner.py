@@ -3,8 +3,8 @@
 On CUDA a step's inputs go through pinned staging buffers in one asynchronous copy
 (step_inputs.py), and steps replay CUDA graphs captured at start-up (cuda_graphs.py): decode
 steps by batch size, the others by padded token count; a step larger than every graph runs
-eagerly. The kernels are `ModelConfig.kernels`' set
-(layers/kernels.py), selected here once and passed to the model.
+eagerly. The kernels are `ModelConfig.kernels`' set (layers/kernels.py), selected here once
+and passed to the model.
 
 Under async scheduling a step is sampled `in_flight()`, not waited for: its tokens land in a
 pinned host buffer, and on the device in `last_tokens[req_index]`, where the next step, built

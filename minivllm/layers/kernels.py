@@ -44,7 +44,7 @@ class KernelSet:
     # The sampler's argmax over fp32 logit rows (the CPU kernels' LM head writes fp32); None:
     # torch's.
     argmax: Optional[Callable] = None
-    cuda_graphs: bool = False  # decode steps replay CUDA graphs
+    cuda_graphs: bool = False  # steps replay CUDA graphs (engine/cuda_graphs.py)
     note: str = ""  # what the log line must add: why auto fell back, what runs in torch
 
     def describe(self) -> str:
