@@ -65,14 +65,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, block_n: int, bloc
 
 def _graph_s(fn, calls: int) -> float:
     """Seconds per call of fn(i) for i in range(calls), replayed from one CUDA graph."""
-    for i in range(calls):  # compile and warm up outside the capture
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def all_calls() -> None:
         for i in range(calls):
             fn(i)
-    return roofline.median_s(graph.replay, repeats=10) / calls
+    all_calls()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    return roofline.graph_time_s(all_calls) / calls
 
 
 def main() -> None:
@@ -129,7 +127,7 @@ def main() -> None:
                         fraction_of_bandwidth=nbytes / best[0] / bw, peer=t_cublas * 1e6,
                         peer_name="cuBLAS", tiles=dict(zip(("BLOCK_N", "BLOCK_K", "warps",
                                                             "stages"), best[1]))))
-            del weights
+            weights.clear()
             torch.cuda.empty_cache()
         for M, t in step.items():
             print(f"{model} batch {M}: the linears of a step take {t['cublas'] * 1e3:.3f} ms "

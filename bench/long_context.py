@@ -72,14 +72,6 @@ def decode_step_s(llm: LLM, batch: int, context: float, steps: int, rng: random.
     return statistics.median(times)
 
 
-def _graph_time_s(fn, repeats: int = 10) -> float:
-    """Median time of one replay of a CUDA graph of fn() (already warmed up)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return roofline.median_s(graph.replay, repeats=repeats)
-
-
 def _caches(layers: int, rows: int, context: int, block_size: int, kv_heads: int,
             head_dim: int):
     """Per-layer K and V caches holding `rows` contexts of `context` tokens (random bf16), and
@@ -122,7 +114,7 @@ def decode_kernel_s(backend, arch, batch: int, context: int, layers: int, caches
 
     all_layers()  # compiles
     torch.cuda.synchronize()
-    return _graph_time_s(all_layers) / layers
+    return roofline.graph_time_s(all_layers) / layers
 
 
 def prefill_kernel_s(backend, arch, tokens: int, caches, order, block_size: int) -> float:

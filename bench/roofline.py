@@ -4,7 +4,8 @@
 - `read_bandwidth`: a read-only stream (a sum over 4 GiB): what a decode step does to weights
   and KV cache. The floors use the higher of the two, so a fraction is never flattered.
 - `matmul_peak`: an 8192^3 bf16 matmul, FLOP/s.
-Medians over repeats after warm-up, timed with CUDA events.
+Medians over repeats after warm-up, timed with CUDA events (`graph_time_s`: of a CUDA graph's
+replay, for kernels too short to time one launch at a time).
 """
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ def median_s(fn: Callable[[], object], repeats: int = 12, warmup: int = 2) -> fl
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
+
+
+def graph_time_s(fn: Callable[[], object], repeats: int = 10) -> float:
+    """Median time of one replay of a CUDA graph of fn() (warmed up already: compiled,
+    allocated): back-to-back kernels as a captured step runs them."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_s(graph.replay, repeats=repeats)
 
 
 def copy_bandwidth() -> float:

@@ -132,22 +132,19 @@ def load(url: str, work: list[Request], how: Load) -> dict:
 
 
 def offline(work: list[Request], engine_args: dict) -> float:
-    """LLM.generate's output tok/s on `work` (after one warm-up run of it)."""
+    """LLM.generate's output tok/s on `work` (after one warm-up run of it), as
+    bench/offline_throughput.py runs it."""
+    from bench.offline_throughput import run_minivllm
     from minivllm.llm import LLM
-    from minivllm.sampling_params import SamplingParams
 
     llm = LLM(**engine_args)
-    prompts = [r.prompt for r in work]
-    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
-              for r in work]
-    llm.generate(prompts, params, use_tqdm=False)
-    t0, steps = time.perf_counter(), -1  # _steps yields once more after the last step
-    for states in llm._steps(prompts, params, use_tqdm=False):
-        steps += 1
-    wall = time.perf_counter() - t0
-    tokens = sum(len(c.token_ids) for s in states for c in s.snapshot().outputs)
-    print(f"offline: {tokens / wall:.1f} tok/s, {steps} steps in {wall:.2f} s", flush=True)
-    return tokens / wall
+    pairs = [(r.prompt, r.output_len) for r in work]
+    run_minivllm(llm, pairs)
+    steps: dict = {}
+    tok_s = run_minivllm(llm, pairs, steps)
+    print(f"offline: {tok_s:.1f} tok/s, {sum(k['steps'] for k in steps.values())} steps",
+          flush=True)
+    return tok_s
 
 
 def measure(url: str, pids: list[int], work: list[Request], how: Load,

@@ -19,6 +19,7 @@ prefill off) runs eagerly. All graphs share one memory pool, captured largest fi
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from typing import Optional
@@ -147,10 +148,10 @@ class StepGraphs:
         None, sample request indices), as the model runner's eager path does."""
         T, B = batch.num_tokens, batch.num_seqs
         if T == B <= self._n:
-            kind, size = "decode", next(s for s in self.sizes if s >= B)
+            kind, size = "decode", self.sizes[bisect.bisect_left(self.sizes, B)]
             seqs, index = size, None if len(batch.sample_rows) == B else batch.sample_rows
         else:
-            kind, size = "mixed", next(s for s in self.token_sizes if s >= T)
+            kind, size = "mixed", self.token_sizes[bisect.bisect_left(self.token_sizes, T)]
             seqs, index = min(size, self._n), sampled_tokens(batch)
         self._copied.synchronize()  # the previous step's copies have read the host buffers
         for name, values, length, pad in (("ids", batch.input_ids, size, 0),
