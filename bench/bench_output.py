@@ -90,15 +90,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--streamed", type=int, default=0, metavar="TOKENS",
-                    help="only print the streamed cost per token at 128 and TOKENS a sequence")
+                    help="only the streamed cost per token (an output taken every step) at 128 "
+                         "and TOKENS a sequence, of the minivllm on PYTHONPATH (an A/B: one "
+                         "run per code tree, --label naming it)")
+    ap.add_argument("--label", default="", help="the code tree, in --streamed records' names")
     args = ap.parse_args()
     tokenizer = load_tokenizer(resolve_model(None, "auto"))
     if args.streamed:
+        recs = []
         for length in (128, args.streamed):
             streams = recorded_streams(tokenizer, length)
             us = [time_processor(tokenizer, streams, True) * 1e6 for _ in range(args.repeats)]
-            print(f"streamed, {SEQS} seqs x {length} tokens, 3 stop strings: "
-                  f"{statistics.median(us):.2f} us/token (runs {', '.join(f'{u:.2f}' for u in us)})")
+            name = (f"streamed output path ({args.label}), {SEQS} seqs x {length} tokens, "
+                    f"3 stop strings, an output every step")
+            print(f"{name}: {statistics.median(us):.2f} us/token "
+                  f"(runs {', '.join(f'{u:.2f}' for u in us)})")
+            recs.append(records.record(name, statistics.median(us), "us/token", runs=us))
+        records.write(args.json, recs)
         return
     short, long = args.lengths
     us = {}
