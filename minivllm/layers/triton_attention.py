@@ -332,6 +332,27 @@ class TritonAttentionBackend(AttentionBackend):
         write_kv_cache_triton(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.attend(q, k_cache, v_cache, torch.empty_like(q), meta, scale)
 
+    def decode_params(self, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                      block_size: int, splits: int) -> dict:
+        """The decode kernel's compile-time parameters, warps and stages for a shape."""
+        group = heads // kv_heads
+        return dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+                    KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                    BLOCK_N=self.DECODE_BLOCK_N, SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT,
+                    FUSED_COMBINE=self.FUSED_COMBINE and splits > 1,
+                    num_warps=self.DECODE_WARPS, num_stages=self.DECODE_STAGES,
+                    **_products(dtype))
+
+    def prefill_params(self, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                       block_size: int) -> dict:
+        """The prefill kernel's compile-time parameters, warps and stages for a shape."""
+        # fp32 tiles take twice the shared memory: the small ones (128 x 128 overflows it)
+        small = head_dim <= 64 or dtype.itemsize > 2
+        block_m, block_n, warps, stages = self.PREFILL_TILES[64 if small else 128]
+        return dict(GROUP=heads // kv_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
+                    BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                    num_stages=stages, **_products(dtype))
+
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                out: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Attention of q [T, H, D] over the caches (this step's keys already written) into
@@ -339,28 +360,18 @@ class TritonAttentionBackend(AttentionBackend):
         T, heads, head_dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
         num_seqs = meta.seq_lens.shape[0]
-        group = heads // kv_heads
-        # fp32 models get fp32 products (tf32 would cost them parity with the reference).
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        # Triton's interpreter (3.9) computes bf16 tl.dot wrongly; there the operands, already
-        # rounded to bf16, are multiplied in fp32, which is what the tensor cores do exactly.
-        dot = tl.float32 if triton.knobs.runtime.interpret else _TL_DTYPES[q.dtype]
         tables = (meta.block_tables, meta.seq_lens, meta.query_start_loc)
         strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1))
         if meta.prepared:
             splits = self.decode_splits(num_seqs, kv_heads)
             part_out = q.new_empty((num_seqs, heads, splits, head_dim), dtype=torch.float32)
             part_lse = q.new_empty((num_seqs, heads, splits), dtype=torch.float32)
-            fused = self.FUSED_COMBINE and splits > 1
+            params = self.decode_params(q.dtype, heads, kv_heads, head_dim, block_size, splits)
+            fused = params["FUSED_COMBINE"]
             _decode_kernel[(num_seqs, kv_heads, splits)](
-                q, k_cache, v_cache, out, part_out, part_lse, (self._counts(q.device) if fused else part_lse),
-                *tables, scale * _LOG2E,
-                *strides, meta.block_tables.stride(0), GROUP=group,
-                BLOCK_G=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
-                HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=self.DECODE_BLOCK_N,
-                SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT, PRECISION=precision, DOT=dot,
-                FUSED_COMBINE=fused, num_warps=self.DECODE_WARPS,
-                num_stages=self.DECODE_STAGES)
+                q, k_cache, v_cache, out, part_out, part_lse,
+                self._counts(q.device) if fused else part_lse, *tables, scale * _LOG2E,
+                *strides, meta.block_tables.stride(0), **params)
             if splits > 1 and not fused:
                 _combine_kernel[(num_seqs, heads)](
                     out, part_out, part_lse, meta.seq_lens, meta.query_start_loc,
@@ -368,13 +379,18 @@ class TritonAttentionBackend(AttentionBackend):
                     SPLITS=splits, MIN_SPLIT=self.MIN_SPLIT, BLOCK_N=self.DECODE_BLOCK_N,
                     num_warps=4)
         if meta.max_query_len > 1:  # never in a step of decodes (a CUDA-graph replay)
-            # fp32 tiles take twice the shared memory: the small ones (128 x 128 overflows it)
-            small = head_dim <= 64 or q.element_size() > 2
-            block_m, block_n, warps, stages = self.PREFILL_TILES[64 if small else 128]
-            grid = (triton.cdiv(T, block_m // group), kv_heads)
+            params = self.prefill_params(q.dtype, heads, kv_heads, head_dim, block_size)
+            grid = (triton.cdiv(T, params["BLOCK_M"] // params["GROUP"]), kv_heads)
             _prefill_kernel[grid](
                 q, k_cache, v_cache, out, *tables, num_seqs, scale * _LOG2E, *strides,
-                meta.block_tables.stride(0), GROUP=group, KV_HEADS=kv_heads,
-                HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                PRECISION=precision, DOT=dot, num_warps=warps, num_stages=stages)
+                meta.block_tables.stride(0), **params)
         return out
+
+
+def _products(dtype: torch.dtype) -> dict:
+    """How the kernels' tl.dot runs for a model dtype: fp32 models get fp32 products (tf32
+    would cost them parity with the reference). Triton's interpreter (3.9) computes bf16 tl.dot
+    wrongly; there the operands, already rounded to bf16, are multiplied in fp32, which is what
+    the tensor cores do exactly."""
+    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                DOT=tl.float32 if triton.knobs.runtime.interpret else _TL_DTYPES[dtype])
