@@ -82,6 +82,8 @@ cdef extern from "cpu_kernels.h" nogil:
                    int64_t ldq, int64_t nq, void *k, int64_t ldk, int64_t nk)
     void cpu_silu_and_mul(const cpu_kernel_table *t, int bf16, int64_t T, int64_t F,
                           const void *gu, int64_t ldgu, void *out, int64_t ldo)
+    int cpu_mask_rows(int64_t R, const int64_t *rows, int64_t S, int64_t V, float *logits,
+                      int64_t ld, const int32_t *bitmask, int64_t W)
     void cpu_argmax_rows(const cpu_kernel_table *t, int64_t S, int64_t V, const float *logits,
                          int64_t ld, int64_t *out)
     int cpu_paged_attention(const cpu_kernel_table *t, int bf16, const cpu_attention_plan *a,
@@ -421,6 +423,28 @@ cdef class CpuKernels:
         with nogil:
             cpu_argmax_rows(&self.t, s, v, <const float *>pl, ld, <int64_t *>po)
         return out
+
+    def mask_rows_(self, logits, bitmask, rows):
+        """Grammar masks, in place: each of `rows` (int64 [R]) of float32 logits [S, V] gets
+        -inf where its row of `bitmask` (int32 [S', ceil(V / 32)], xgrammar's layout: bit j of
+        word w allows token 32w + j) refuses the token."""
+        if logits.dtype != torch.float32 or logits.dim() != 2:
+            raise ValueError(f"logits must be float32 [rows, vocab], got "
+                             f"{logits.dtype} {tuple(logits.shape)}")
+        cdef int64_t s = logits.shape[0], v = logits.shape[1], ld = _rows(logits, v)
+        if bitmask.dtype != torch.int32 or bitmask.dim() != 2 or not bitmask.is_contiguous() \
+                or bitmask.shape[0] < s or bitmask.shape[1] * 32 < v:
+            raise ValueError(f"bitmask must be contiguous int32 [>= {s}, >= {(v + 31) // 32}], "
+                             f"got {bitmask.dtype} {tuple(bitmask.shape)}")
+        rows = rows.to(torch.int64).contiguous()
+        cdef int64_t r = rows.shape[0], w = bitmask.shape[1]
+        cdef uintptr_t pl = _ptr(logits), pb = _ptr(bitmask), pr = _ptr(rows)
+        cdef int rc
+        with nogil:
+            rc = cpu_mask_rows(r, <const int64_t *>pr, s, v, <float *>pl, ld,
+                               <const int32_t *>pb, w)
+        if rc:
+            raise IndexError(f"a row lies outside the logits' [0, {s})")
 
     def paged_attention_(self, q, k, v, k_cache, v_cache, AttentionPlan plan, double scale):
         """Writes k/v [T, KVH, D] into the caches [blocks, block_size, KVH, D] at the plan's

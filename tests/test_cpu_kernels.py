@@ -135,6 +135,34 @@ def test_argmax_is_torch_argmax(kernels):
         kernels.argmax(rows.bfloat16())
 
 
+def test_mask_rows_is_xgrammars_mask(kernels):
+    """Grammar masks: the same -inf as xgrammar's own kernel, on the rows asked only, for words
+    of all ones, all zeros and mixed bits, and a vocabulary that ends mid-word."""
+    xgrammar = pytest.importorskip("xgrammar")
+    torch.manual_seed(1)
+    vocab = 49152 + 7
+    logits = torch.randn(12, vocab)
+    bitmask = xgrammar.allocate_token_bitmask(16, vocab)  # more rows than the step's, as ours
+    bitmask.random_(-2**31, 2**31 - 1)
+    bitmask[:, ::3] = -1  # every token of the word allowed
+    bitmask[:, 1::5] = 0  # none
+    bitmask[7] = 0        # a row refusing everything
+    rows = [0, 3, 7, 11]
+    want = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab, indices=rows)
+    got = logits.clone()
+    kernels.mask_rows_(got, bitmask, torch.tensor(rows))
+    assert torch.equal(got, want)
+    assert torch.equal(got[1], logits[1]) and got[7].eq(float("-inf")).all()
+    with pytest.raises(IndexError, match="row"):
+        kernels.mask_rows_(got, bitmask, torch.tensor([2, 12]))
+    assert torch.equal(got, want)  # nothing touched
+    with pytest.raises(ValueError, match="float32"):
+        kernels.mask_rows_(logits.bfloat16(), bitmask, torch.tensor(rows))
+    with pytest.raises(ValueError, match="bitmask"):
+        kernels.mask_rows_(logits, bitmask[:, :-1].contiguous(), torch.tensor(rows))
+
+
 # ---- attention: random ragged steps against the reference backend ---------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

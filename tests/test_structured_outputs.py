@@ -71,6 +71,21 @@ def test_each_kind_holds_its_output(llm):
     assert not llm.engine.grammars.matchers and not llm.engine.grammars.waiting
 
 
+def test_sampled_rows_are_masked_whole(llm):
+    """Sampling draws from every token the mask leaves, so a row's whole mask must hold (greedy
+    rows are masked only where their argmax is refused): sampled outputs match the regex."""
+    pattern = r"[0-9]{3}-[0-9]{4}"
+    params = [SamplingParams(temperature=1.5, seed=seed, max_tokens=16,
+                             structured_outputs=StructuredOutputsParams(regex=pattern))
+              for seed in range(8)]
+    outs = llm.chat([ASK] * len(params), params, use_tqdm=False)
+    for out in outs:
+        completion = out.outputs[0]
+        assert completion.finish_reason == "stop", completion.text
+        assert re.fullmatch(pattern, completion.text), completion.text
+    assert len({out.outputs[0].text for out in outs}) > 1  # sampled, not all the argmax
+
+
 def test_greedy_matches_transformers_under_the_same_grammar(llm):
     """The oracle: transformers, same weights, xgrammar's own HF logits processor over a
     tokenizer info built from the Hugging Face tokenizer (not ours): the same greedy tokens."""

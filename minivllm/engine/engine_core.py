@@ -102,7 +102,8 @@ class EngineCore:
         self.eos_token_ids = tuple(sorted(eos))
         self.grammars = StructuredOutputs(self.tokenizer, self.source.arch.vocab_size,
                                           self.eos_token_ids, self.runner.device,
-                                          config.scheduler.max_num_seqs)
+                                          config.scheduler.max_num_seqs,
+                                          self.runner.kernels.mask_rows)
         self._arrivals = 0
         self.timings = RequestTimings()
         self.prompt_logprobs = PromptLogprobsTracker()

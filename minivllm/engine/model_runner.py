@@ -219,7 +219,7 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, req_indices: torch.Tensor,
                masks: Optional[StepMasks] = None) -> SamplerOutput:
         if masks is not None:
-            masks.apply(logits, greedy=self.sampler.plain_greedy())
+            masks.apply(logits, argmax=self.sampler.greedy_argmax())
         out = self.sampler.sample(logits, req_indices)
         if self.last_tokens is not None:
             self.last_tokens[req_indices] = out.token_ids
@@ -243,7 +243,8 @@ def _sharded(kernels: KernelSet, tp: TensorParallelGroup) -> KernelSet:
     note = f"tensor parallel rank {tp.rank} of {tp.size}: per-layer path, torch linears" + \
         (f" ({' and '.join(off)} not sharded)" if off else "")
     # (torch's linears write logits in the model's dtype: the kernels' fp32 argmax goes too)
-    return dataclasses.replace(kernels, cpu_linears=None, argmax=None, cuda_graphs=False,
+    return dataclasses.replace(kernels, cpu_linears=None, argmax=None, mask_rows=None,
+                               cuda_graphs=False,
                                note="; ".join(filter(None, (kernels.note, note))))
 
 

@@ -10,10 +10,12 @@ Each step the engine asks `masks()` for the batch's sampled rows: None when no r
 constrained (requests without a grammar pay one test of an empty dict); otherwise `StepMasks`,
 whose `start()` has the fill thread advance the matchers on the previous step's tokens and
 fill the bitmask (xgrammar's batched calls, which release the GIL: the step loop's thread runs
-on meanwhile) and whose `apply()` writes -inf into the logits on their own device (xgrammar's
-CPU kernel, its Triton kernel on CUDA) just before sampling. A step's matchers advance on its
-sampled tokens (`sampled()`) at the next fill, those of finished or aborted requests excepted:
-the token async scheduling computes after a stop never reaches a matcher.
+on meanwhile) and whose `apply()` writes -inf into the logits on their own device just before
+sampling: on the CPU by the CPU kernels' mask_rows_ (else xgrammar's CPU kernel, 10x slower),
+and only for greedy rows whose argmax the grammar refuses; on CUDA by xgrammar's Triton kernel.
+A step's matchers advance on its sampled tokens (`sampled()`) at the next fill, those of
+finished or aborted requests excepted: the token async scheduling computes after a stop never
+reaches a matcher.
 A matcher whose grammar has terminated (its stop token accepted, under ignore_eos) masks nothing.
 
 xgrammar (which imports torch and transformers) is imported on the worker thread by the first
@@ -84,8 +86,11 @@ def _choice_ebnf(choices: Sequence[str]) -> str:
 
 class StructuredOutputs:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
-                 device: torch.device, max_num_seqs: int) -> None:
+                 device: torch.device, max_num_seqs: int,
+                 mask_rows: Optional[Callable] = None) -> None:
+        """`mask_rows`: the kernel set's (KernelSet.mask_rows), for fp32 logits on the CPU."""
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._mask_rows = mask_rows
         self.stop_token_ids = list(stop_token_ids)
         self.device, self.max_num_seqs = device, max_num_seqs
         self._compile_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
@@ -279,17 +284,22 @@ class StructuredOutputs:
             self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
         return self._fill_thread.submit(self.fill, self._take_sampled(), rows)
 
-    def refused_argmax_rows(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """The rows whose best logit is a token their grammar refuses. Greedy rows need no
-        mask elsewhere: the argmax over the allowed tokens is the argmax itself when that is
-        allowed (ties too: the first best is allowed)."""
-        best = logits.argmax(dim=-1)[rows]
+    def refused_argmax_rows(self, logits: torch.Tensor, rows: list[int],
+                            argmax: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
+        """The rows whose best logit (by the sampler's `argmax`) is a token their grammar
+        refuses. Greedy rows need no mask elsewhere: the argmax over the allowed tokens is the
+        argmax itself when that is allowed (ties too: the first best is allowed)."""
+        best = argmax(logits)[rows]
         words = self._bitmask[rows, best >> 5]
         allowed = words.bitwise_right_shift(best & 31).bitwise_and_(1)
         return [r for r, ok in zip(rows, allowed.tolist()) if not ok]
 
     def apply(self, logits: torch.Tensor, rows: list[int]) -> None:
         if not rows:
+            return
+        if self._mask_rows is not None and logits.dtype == torch.float32 \
+                and logits.device.type == "cpu":
+            self._mask_rows(logits, self._bitmask, torch.tensor(rows))
             return
         bitmask, indices = self._bitmask[:logits.shape[0]], rows
         if bitmask.device != logits.device:
@@ -318,14 +328,16 @@ class StepMasks:
         self._fill = self._so.fill_async(self.rows)
         return self
 
-    def apply(self, logits: torch.Tensor, greedy: bool = False) -> None:
-        """Mask the logits; `greedy`: the sampler takes their argmax and nothing else."""
+    def apply(self, logits: torch.Tensor,
+              argmax: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """Mask the logits; `argmax`: the sampler takes theirs and nothing else
+        (Sampler.greedy_argmax)."""
         start = time.perf_counter()
         rows = (self._fill.result() if self._fill is not None
                 else self._so.fill(self._so._take_sampled(), self.rows))
-        if greedy and rows and logits.device.type == "cpu":
+        if argmax is not None and rows and logits.device.type == "cpu":
             # Masking a row costs a pass over the vocabulary (10 ms for 64 rows on 2 cores);
             # on a GPU it is cheap, and this check would wait for the device.
-            rows = self._so.refused_argmax_rows(logits, rows)
+            rows = self._so.refused_argmax_rows(logits, rows, argmax)
         self._so.apply(logits, rows)
         self._so.mask_time_s += time.perf_counter() - start

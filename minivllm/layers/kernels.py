@@ -44,6 +44,9 @@ class KernelSet:
     # The sampler's argmax over fp32 logit rows (the CPU kernels' LM head writes fp32); None:
     # torch's.
     argmax: Optional[Callable] = None
+    # Grammar masks applied in place to fp32 logit rows, (logits, bitmask, rows); None:
+    # xgrammar's kernel (engine/structured_output.py).
+    mask_rows: Optional[Callable] = None
     cuda_graphs: bool = False  # steps replay CUDA graphs (engine/cuda_graphs.py)
     note: str = ""  # what the log line must add: why auto fell back, what runs in torch
 
@@ -87,7 +90,7 @@ def _cpu(isa: str) -> Callable[[torch.dtype], dict]:
         # The portable argmax stays torch's: compiled for baseline x86-64 its vectors go
         # through the stack (16 x 49152: 2.1 ms, torch 0.65, AVX2 0.05).
         return dict(attention=CpuAttentionBackend(k), cpu_linears=k, fused=cpu_fused(k),
-                    argmax=None if isa == "portable" else k.argmax,
+                    argmax=None if isa == "portable" else k.argmax, mask_rows=k.mask_rows_,
                     note="bf16 linears without AVX512-BF16: widened to fp32 in registers"
                     if slow_bf16 else "")
     return build
