@@ -72,8 +72,8 @@ def test_each_kind_holds_its_output(llm):
 
 
 def test_sampled_rows_are_masked_whole(llm):
-    """Sampling draws from every token the mask leaves, so a row's whole mask must hold (greedy
-    rows are masked only where their argmax is refused): sampled outputs match the regex."""
+    """Sampling draws from every token the mask leaves, so a row's whole mask must hold:
+    sampled outputs match the regex."""
     pattern = r"[0-9]{3}-[0-9]{4}"
     params = [SamplingParams(temperature=1.5, seed=seed, max_tokens=16,
                              structured_outputs=StructuredOutputsParams(regex=pattern))

@@ -219,7 +219,7 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, req_indices: torch.Tensor,
                masks: Optional[StepMasks] = None) -> SamplerOutput:
         if masks is not None:
-            masks.apply(logits, argmax=self.sampler.greedy_argmax())
+            masks.apply(logits)
         out = self.sampler.sample(logits, req_indices)
         if self.last_tokens is not None:
             self.last_tokens[req_indices] = out.token_ids

@@ -11,8 +11,9 @@ constrained (requests without a grammar pay one test of an empty dict); otherwis
 whose `start()` has the fill thread advance the matchers on the previous step's tokens and
 fill the bitmask (xgrammar's batched calls, which release the GIL: the step loop's thread runs
 on meanwhile) and whose `apply()` writes -inf into the logits on their own device just before
-sampling: on the CPU by the CPU kernels' mask_rows_ (else xgrammar's CPU kernel, 10x slower),
-and only for greedy rows whose argmax the grammar refuses; on CUDA by xgrammar's Triton kernel.
+sampling: on the CPU by the CPU kernels' mask_rows_ (else xgrammar's CPU kernel, 10x slower:
+it tests every token, where grammars mostly allow or refuse whole words of 32), on CUDA by
+xgrammar's Triton kernel.
 A step's matchers advance on its sampled tokens (`sampled()`) at the next fill, those of
 finished or aborted requests excepted: the token async scheduling computes after a stop never
 reaches a matcher.
@@ -284,16 +285,6 @@ class StructuredOutputs:
             self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
         return self._fill_thread.submit(self.fill, self._take_sampled(), rows)
 
-    def refused_argmax_rows(self, logits: torch.Tensor, rows: list[int],
-                            argmax: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
-        """The rows whose best logit (by the sampler's `argmax`) is a token their grammar
-        refuses. Greedy rows need no mask elsewhere: the argmax over the allowed tokens is the
-        argmax itself when that is allowed (ties too: the first best is allowed)."""
-        best = argmax(logits)[rows]
-        words = self._bitmask[rows, best >> 5]
-        allowed = words.bitwise_right_shift(best & 31).bitwise_and_(1)
-        return [r for r, ok in zip(rows, allowed.tolist()) if not ok]
-
     def apply(self, logits: torch.Tensor, rows: list[int]) -> None:
         if not rows:
             return
@@ -328,16 +319,10 @@ class StepMasks:
         self._fill = self._so.fill_async(self.rows)
         return self
 
-    def apply(self, logits: torch.Tensor,
-              argmax: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
-        """Mask the logits; `argmax`: the sampler takes theirs and nothing else
-        (Sampler.greedy_argmax)."""
+    def apply(self, logits: torch.Tensor) -> None:
+        """Mask the logits."""
         start = time.perf_counter()
         rows = (self._fill.result() if self._fill is not None
                 else self._so.fill(self._so._take_sampled(), self.rows))
-        if argmax is not None and rows and logits.device.type == "cpu":
-            # Masking a row costs a pass over the vocabulary (10 ms for 64 rows on 2 cores);
-            # on a GPU it is cheap, and this check would wait for the device.
-            rows = self._so.refused_argmax_rows(logits, rows, argmax)
         self._so.apply(logits, rows)
         self._so.mask_time_s += time.perf_counter() - start

@@ -337,10 +337,6 @@ class Sampler:
         no logprobs, penalties or min_tokens."""
         return not self._logprobs_counts and self._stage_counts.keys() <= {_GREEDY}
 
-    def greedy_argmax(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        """The argmax that sample() is, when it is a bare one (plain_greedy), else None."""
-        return self._argmax if self.plain_greedy() else None
-
     # -- add_request helpers ------------------------------------------------------------------
 
     def _min_tokens_stop_ids(self, params: SamplingParams,
