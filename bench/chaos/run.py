@@ -203,12 +203,21 @@ def slow_readers(srv: ServeProcess, args) -> dict:
             r.close()
 
 
+# A slow reader's tokens: 64 of them hold ~640 of the 1,024 KV blocks (SERVE), so the load
+# beside them finds room. At 2,000 tokens (as until 2026-12-05) they needed 8x the cache and
+# the load queued behind them for blocks, first come first served, for minutes (44 of 124
+# requests past the 300-s timeout, at 24013f3 too): KV capacity, which 64 fast readers of
+# 2,000 tokens would exhaust alike, not slow reading. Their output still overflows the socket
+# buffers (150 tokens with logprobs, ~75 KB against a 2-KB receive buffer).
+SLOW_READER_TOKENS = 150
+
+
 def _slow_reader(url: str) -> socket.socket:
     host, port = url[len("http://"):].rsplit(":", 1)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     sock.connect((host, int(port)))
-    payload = json.dumps(body(2000, logprobs=5)).encode()
+    payload = json.dumps(body(SLOW_READER_TOKENS, logprobs=5)).encode()
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                  b"\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
     return sock
