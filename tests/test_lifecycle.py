@@ -123,6 +123,23 @@ def test_kill9_of_the_supervisor_takes_its_children_down_and_leaves_nothing():
     assert leftovers(pids) == NOTHING_LEFT
 
 
+def test_kill9_of_every_process_leaves_nothing_the_next_start_does_not_remove():
+    """Repro of a leak: SIGKILL of every process of `serve`, its multiprocessing resource
+    tracker included, left the launcher's Event (five named semaphores) in /dev/shm for good;
+    its flags are anonymous shared memory now. Our own segments go with the next start."""
+    ours = ("sem.mp-", "mvl_")
+    before = {n for n in os.listdir("/dev/shm") if n.startswith(ours)}
+    srv = ServeProcess([*SERVE, "--api-servers", "2"])
+    pids = srv.process_tree()
+    assert any("resource_tracker" in open(f"/proc/{p}/cmdline").read() for p in pids)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert leftovers(pids)["processes"] == []
+    shm.cleanup_stale()  # what every start does first
+    assert {n for n in os.listdir("/dev/shm") if n.startswith(ours)} <= before
+
+
 def test_a_stream_cut_by_the_drain_deadline_ends_with_an_error_event_then_done():
     """Repro of a bug: at the drain deadline the streams still running were cut with a bare
     TCP close (and whole responses never came)."""

@@ -114,7 +114,7 @@ async def _serve(controls: list[str], model: Optional[str], load_format: str,
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_ALLOCATIONS, *gc.get_threshold()[1:])
-    ready.set()
+    ready.value = 1
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -140,8 +140,8 @@ def run_api_server(controls: list[str], model: Optional[str], load_format: str,
                    parent_pid: int, ready, all_up) -> None:
     """Process main of API server `index` (spawned by `minivllm serve`, whose pid is
     `parent_pid`), a frontend of every engine (`controls`: their control endpoints, by
-    data-parallel rank): it sets `ready` once it listens, and answers /health 200 only once
-    the launcher has set `all_up` (every API server ready)."""
+    data-parallel rank): it sets `ready` (a shared flag) once it listens, and answers /health
+    200 only once the launcher has set `all_up` (every API server ready)."""
     from minivllm import logger as log_setup
 
     die_with_parent(parent_pid)

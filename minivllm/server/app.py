@@ -53,7 +53,7 @@ class ServerState:
     def __init__(self, config: ServerConfig, all_up=None) -> None:
         self.config = config
         self.client: Optional[DataParallelClient] = None
-        self.all_up = all_up  # an Event the launcher sets once every API server is up
+        self.all_up = all_up  # a shared flag the launcher sets once every API server is up
         self.draining = False
         self.in_flight = 0
         self.model_name = config.served_model_name
@@ -61,7 +61,7 @@ class ServerState:
 
     @property
     def started(self) -> bool:
-        return self.client is not None and (self.all_up is None or self.all_up.is_set())
+        return self.client is not None and (self.all_up is None or bool(self.all_up.value))
 
     @property
     def ready(self) -> bool:

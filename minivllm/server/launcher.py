@@ -110,12 +110,15 @@ class Launcher:
                             for rank in range(size)]
         self.ctx = mp.get_context("spawn")
         self.api_servers: list[Optional[mp.Process]] = [None] * server.api_servers
-        self.all_up = self.ctx.Event()
+        # Flags in anonymous shared memory (set: 1), not Events: an Event is five named
+        # semaphores in /dev/shm, which a SIGKILL of every process (the resource tracker that
+        # would unlink them included) left behind.
+        self.all_up = self.ctx.RawValue("b", 0)
         self.stop = threading.Event()
         self.metrics_dir: Optional[str] = None
 
     def _start_api_server(self, index: int) -> None:
-        ready = self.ctx.Event()
+        ready = self.ctx.RawValue("b", 0)
         model = self.engine_config.model
         proc = self.ctx.Process(target=run_api_server, name=f"minivllm-api-{index}", args=(
             [sup.control for sup in self.supervisors], model.model, model.load_format,
@@ -123,8 +126,8 @@ class Launcher:
             self.all_up))
         proc.start()
         self.api_servers[index] = proc
-        while not ready.wait(0.2):
-            if self.stop.is_set():
+        while not ready.value:
+            if self.stop.wait(0.05):
                 raise _Stopped()
             if not proc.is_alive():
                 raise RuntimeError(f"API server {index} exited with code {proc.exitcode} "
@@ -162,7 +165,7 @@ class Launcher:
                 self._start_api_server(i)
             if probe is not None:
                 probe.close()
-            self.all_up.set()
+            self.all_up.value = 1
             print(f"minivllm: serving {self.server.served_model_name or 'the model'} on "
                   f"http://{self.server.host}:{self.server.port} "
                   f"({self.server.api_servers} API server(s), {len(self.supervisors)} "
