@@ -33,6 +33,7 @@ from minivllm.layers.attention import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """The batch sizes of decode graphs: 1, 2, 4, 8, 16, 32, 48, ... and max_num_seqs."""
     sizes = {s for s in (1, 2, 4, 8) if s < max_num_seqs}

@@ -243,8 +243,7 @@ def _sharded(kernels: KernelSet, tp: TensorParallelGroup) -> KernelSet:
     note = f"tensor parallel rank {tp.rank} of {tp.size}: per-layer path, torch linears" + \
         (f" ({' and '.join(off)} not sharded)" if off else "")
     # (torch's linears write logits in the model's dtype: the kernels' fp32 argmax goes too)
-    return dataclasses.replace(kernels, cpu_linears=None, argmax=None, mask_rows=None,
-                               cuda_graphs=False,
+    return dataclasses.replace(kernels, cpu_linears=None, argmax=None, cuda_graphs=False,
                                note="; ".join(filter(None, (kernels.note, note))))
 
 

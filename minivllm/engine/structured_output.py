@@ -89,7 +89,8 @@ class StructuredOutputs:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
                  device: torch.device, max_num_seqs: int,
                  mask_rows: Optional[Callable] = None) -> None:
-        """`mask_rows`: the kernel set's (KernelSet.mask_rows), for fp32 logits on the CPU."""
+        """`mask_rows`: the kernel set's (KernelSet.mask_rows: CPU sets only), for fp32
+        logits; others take xgrammar's kernel."""
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._mask_rows = mask_rows
         self.stop_token_ids = list(stop_token_ids)
@@ -288,8 +289,7 @@ class StructuredOutputs:
     def apply(self, logits: torch.Tensor, rows: list[int]) -> None:
         if not rows:
             return
-        if self._mask_rows is not None and logits.dtype == torch.float32 \
-                and logits.device.type == "cpu":
+        if self._mask_rows is not None and logits.dtype == torch.float32:
             self._mask_rows(logits, self._bitmask, torch.tensor(rows))
             return
         bitmask, indices = self._bitmask[:logits.shape[0]], rows

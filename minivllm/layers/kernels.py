@@ -44,8 +44,8 @@ class KernelSet:
     # The sampler's argmax over fp32 logit rows (the CPU kernels' LM head writes fp32); None:
     # torch's.
     argmax: Optional[Callable] = None
-    # Grammar masks applied in place to fp32 logit rows, (logits, bitmask, rows); None:
-    # xgrammar's kernel (engine/structured_output.py).
+    # Grammar masks applied in place to fp32 logit rows on the CPU, (logits, bitmask, rows);
+    # None: xgrammar's kernel (engine/structured_output.py).
     mask_rows: Optional[Callable] = None
     cuda_graphs: bool = False  # steps replay CUDA graphs (engine/cuda_graphs.py)
     note: str = ""  # what the log line must add: why auto fell back, what runs in torch

@@ -85,10 +85,7 @@ class OpenAIResponse:
         self.created = int(time.time())
         self.n = params.n
         # A chunk's event up to its choices: `data: {"id":...,"model":...,"choices":[`
-        # (_dumps of the envelope, written out: the id and the names need no escapes)
-        self._chunk_start = (f'data: {{"id":"{self.id}","object":"{self.chunk_name}",'
-                             f'"created":{self.created},"model":{encode_basestring(model)},'
-                             f'"choices":[')
+        self._chunk_start = "data: " + _dumps(self._envelope(self.chunk_name, []))[:-3] + "["
         # whether every running chunk is text_event's (one sequence per prompt, no logprobs)
         self.plain = self.n == 1 and params.logprobs is None
 
